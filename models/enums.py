@@ -1,0 +1,85 @@
+"""Status names and other enumerations of the contract (SPEC.md). Never rename a value."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class VehicleStatus(StrEnum):
+    IN_SYNC = "in_sync"
+    PENDING = "pending"
+    UPDATING = "updating"
+    BLOCKED = "blocked"
+    FAILED = "failed"
+    OFFLINE = "offline"
+
+
+class RolloutStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_ROLLOUT_STATUSES
+
+
+TERMINAL_ROLLOUT_STATUSES = frozenset(
+    {
+        RolloutStatus.COMPLETED,
+        RolloutStatus.ROLLED_BACK,
+        RolloutStatus.ABORTED,
+        RolloutStatus.FAILED,
+    }
+)
+
+
+class TargetState(StrEnum):
+    """A vehicle's state inside one rollout (rollout_targets.state)."""
+
+    PLANNED = "planned"
+    NOTIFIED = "notified"
+    UPDATING = "updating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    ROLLED_BACK = "rolled_back"
+    SKIPPED = "skipped"
+
+
+class EventType(StrEnum):
+    DESIRED_NOTIFIED = "desired_notified"
+    APPLY_START = "apply_start"
+    READY = "ready"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    DEVICE = "device"
+    GATEWAY = "gateway"
+
+
+class AuditSource(StrEnum):
+    API = "api"
+    TEMPORAL = "temporal"
+    SYSTEM = "system"
+
+
+KNOWN_REASON_CODES = (
+    "BATTERY_LOW",
+    "NOT_STATIONARY",
+    "OUTSIDE_MAINTENANCE_WINDOW",
+    "NETWORK_UNREACHABLE",
+    "INSUFFICIENT_STORAGE",
+    "SIGNATURE_INVALID",
+    "APPLY_FAILED",
+    "APPLY_TIMEOUT",
+)

@@ -1,0 +1,294 @@
+"""The data model: SQLModel tables. The schema itself ships as Alembic migrations
+(`migrations/versions/`), never `create_all`; a test compares the two.
+
+Scale notes (see docs/data-model.md): every list filter has an index that ends in the keyset
+column; timeline events are hash-partitioned by vehicle; counters replace scans.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Computed,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlmodel import Field, SQLModel
+
+TIMEZONE = DateTime(timezone=True)
+
+
+def _now_column(**kw: Any) -> Any:
+    return Field(sa_column=Column(TIMEZONE, nullable=False, server_default=func.now(), **kw))
+
+
+def _json_column(default: str = "'{}'::jsonb", nullable: bool = False) -> Any:
+    return Field(
+        default=None,
+        sa_column=Column(JSONB, nullable=nullable, server_default=text(default)),
+    )
+
+
+class Vehicle(SQLModel, table=True):
+    __tablename__ = "vehicles"
+    __table_args__ = (
+        Index("ix_vehicles_model_id", "model", "id"),
+        Index("ix_vehicles_region_id", "region", "id"),
+        Index("ix_vehicles_ring_id", "ring", "id"),
+        Index("ix_vehicles_org_id", "org", "id"),
+        Index("ix_vehicles_status_id", "status", "id"),
+        Index("ix_vehicles_actual_release_id", "actual_release_version", "id"),
+        Index("ix_vehicles_desired_release_id", "desired_release_version", "id"),
+        Index("ix_vehicles_rollout_id", "rollout_id", "id"),
+        Index("ix_vehicles_last_seen_id", "last_seen_key", "id"),
+        Index("ix_vehicles_reason_codes", "reason_codes", postgresql_using="gin"),
+        Index("ix_vehicles_id_pattern", "id", postgresql_ops={"id": "text_pattern_ops"}),
+    )
+
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    region: str = Field(sa_column=Column(Text, nullable=False))
+    ring: str = Field(sa_column=Column(Text, nullable=False))
+    org: str = Field(sa_column=Column(Text, nullable=False, server_default="default"))
+    metadata_: dict[str, Any] | None = Field(
+        default=None,
+        sa_column=Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    )
+    desired_release_version: str | None = Field(default=None, sa_column=Column(Text))
+    desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
+    rollout_id: int | None = Field(default=None, sa_column=Column(BigInteger))
+    actual_release_version: str | None = Field(default=None, sa_column=Column(Text))
+    status: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    reason_codes: list[str] | None = Field(
+        default=None,
+        sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    )
+    last_seen_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    # last_seen_at with NULL as -infinity: a total order for keyset pagination on lastSeenAt.
+    last_seen_key: datetime | None = Field(
+        default=None,
+        sa_column=Column(
+            TIMEZONE,
+            Computed("coalesce(last_seen_at, '-infinity'::timestamptz)", persisted=True),
+            nullable=False,
+        ),
+    )
+    battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
+    stationary: bool | None = Field(default=None)
+    last_event_seq: int = Field(sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    created_at: datetime | None = _now_column()
+    updated_at: datetime | None = _now_column()
+
+
+class Release(SQLModel, table=True):
+    __tablename__ = "releases"
+    __table_args__ = (Index("ix_releases_created", "created_at", "version"),)
+
+    version: str = Field(sa_column=Column(Text, primary_key=True))
+    components: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    )
+    artifact_digest: str = Field(sa_column=Column(Text, nullable=False))
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    signing_key_id: str = Field(sa_column=Column(Text, nullable=False))
+    notes: str | None = Field(default=None, sa_column=Column(Text))
+    created_by: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime | None = _now_column()
+
+
+class DesiredState(SQLModel, table=True):
+    """A desired release for one vehicle. Target-set requests expand into one row per vehicle."""
+
+    __tablename__ = "desired_states"
+    __table_args__ = (
+        Index("ix_desired_states_vehicle_created", "vehicle_id", "created_at", "id"),
+        Index("ix_desired_states_rollout", "rollout_id", "vehicle_id"),
+        Index("ix_desired_states_created", "created_at", "id"),
+    )
+
+    id: uuid.UUID = Field(sa_column=Column(UUID, primary_key=True))
+    vehicle_id: str = Field(sa_column=Column(Text, nullable=False))
+    release_version: str = Field(sa_column=Column(Text, nullable=False))
+    rollout_id: int | None = Field(default=None, sa_column=Column(BigInteger))
+    previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    created_by: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime | None = _now_column()
+
+
+class Rollout(SQLModel, table=True):
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        Index("ix_rollouts_status_id", "status", "id"),
+        Index("ix_rollouts_release_id", "release_version", "id"),
+        Index("ix_rollouts_created", "created_at", "id"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger, Identity(start=1), primary_key=True)
+    )
+    name: str | None = Field(default=None, sa_column=Column(Text))
+    release_version: str = Field(sa_column=Column(Text, nullable=False))
+    targets: dict[str, Any] | None = _json_column()
+    strategy: dict[str, Any] | None = _json_column()
+    gates: dict[str, Any] | None = _json_column()
+    timeouts: dict[str, Any] | None = _json_column()
+    retry: dict[str, Any] | None = _json_column()
+    status: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    status_reason: str | None = Field(default=None, sa_column=Column(Text))
+    stage: str | None = Field(default=None, sa_column=Column(Text))
+    stage_index: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    stage_count: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    workflow_id: str | None = Field(default=None, sa_column=Column(Text))
+    waiting_for: str | None = Field(default=None, sa_column=Column(Text))
+    # Progress counters, kept current by the workflow's activities (never a scan per request).
+    targeted: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    notified: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    updating: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    succeeded: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    failed: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    blocked: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    pending: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    safety_acknowledgement: dict[str, Any] | None = _json_column("null", nullable=True)
+    correlation_id: str | None = Field(default=None, sa_column=Column(Text))
+    created_by: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime | None = _now_column()
+    updated_at: datetime | None = _now_column()
+    started_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+
+
+class RolloutTarget(SQLModel, table=True):
+    """One vehicle inside one rollout: its stage, attempt and state."""
+
+    __tablename__ = "rollout_targets"
+    __table_args__ = (
+        PrimaryKeyConstraint("rollout_id", "vehicle_id"),
+        Index("ix_rollout_targets_stage_state", "rollout_id", "stage", "state", "vehicle_id"),
+        Index("ix_rollout_targets_state", "rollout_id", "state", "vehicle_id"),
+        Index("ix_rollout_targets_vehicle", "vehicle_id"),
+    )
+
+    rollout_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    vehicle_id: str = Field(sa_column=Column(Text, nullable=False))
+    stage: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    # Deterministic position inside the rollout (hash of rollout and vehicle), for planning.
+    rank: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(sa_column=Column(Text, nullable=False, server_default="planned"))
+    attempt: int = Field(sa_column=Column(SmallInteger, nullable=False, server_default="0"))
+    reason_code: str | None = Field(default=None, sa_column=Column(Text))
+    desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
+    previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
+    previous_release_version: str | None = Field(default=None, sa_column=Column(Text))
+    notified_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    updated_at: datetime | None = _now_column()
+
+
+class TimelineEvent(SQLModel, table=True):
+    """Vehicle timeline events. Hash-partitioned by vehicle_id (16 partitions, created by the
+    migration): the primary key (vehicle_id, event_id) deduplicates and includes the partition
+    key, and a vehicle's timeline is read from a single partition."""
+
+    __tablename__ = "timeline_events"
+    __table_args__ = (
+        PrimaryKeyConstraint("vehicle_id", "event_id"),
+        Index("ix_timeline_vehicle_seq", "vehicle_id", "seq"),
+        {"postgresql_partition_by": "HASH (vehicle_id)"},
+    )
+
+    vehicle_id: str = Field(sa_column=Column(Text, nullable=False))
+    event_id: uuid.UUID = Field(sa_column=Column(UUID, nullable=False))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    type: str = Field(sa_column=Column(Text, nullable=False))
+    occurred_at: datetime = Field(sa_column=Column(TIMEZONE, nullable=False))
+    received_at: datetime | None = _now_column()
+    desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
+    release_version: str | None = Field(default=None, sa_column=Column(Text))
+    reason_code: str | None = Field(default=None, sa_column=Column(Text))
+    details: dict[str, Any] | None = _json_column()
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only: a trigger refuses UPDATE; rows leave only through the retention purge."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_at", "at", "id"),
+        Index("ix_audit_actor_at", "actor", "at", "id"),
+        Index("ix_audit_action_at", "action", "at", "id"),
+        Index("ix_audit_target_at", "target_type", "target_id", "at", "id"),
+        Index("ix_audit_correlation", "correlation_id"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger, Identity(start=1), primary_key=True)
+    )
+    at: datetime | None = _now_column()
+    actor: str = Field(sa_column=Column(Text, nullable=False))
+    role: str | None = Field(default=None, sa_column=Column(Text))
+    source: str = Field(sa_column=Column(Text, nullable=False))
+    action: str = Field(sa_column=Column(Text, nullable=False))
+    target_type: str = Field(sa_column=Column(Text, nullable=False))
+    target_id: str | None = Field(default=None, sa_column=Column(Text))
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    correlation_id: str | None = Field(default=None, sa_column=Column(Text))
+    payload: dict[str, Any] | None = _json_column()
+    result: str = Field(sa_column=Column(Text, nullable=False))
+    # Scope of the target, so scoped callers see only their entries.
+    regions: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text)))
+    models: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text)))
+    orgs: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text)))
+
+
+class ChangeFeed(SQLModel, table=True):
+    """The SSE change feed: written in the same transaction as the change it describes."""
+
+    __tablename__ = "change_feed"
+    __table_args__ = (
+        Index("ix_change_feed_topic_id", "topic", "id"),
+        Index("ix_change_feed_created", "created_at"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger, Identity(start=1), primary_key=True)
+    )
+    topic: str = Field(sa_column=Column(Text, nullable=False))
+    event: str = Field(sa_column=Column(Text, nullable=False))
+    entity_id: str | None = Field(default=None, sa_column=Column(Text))
+    payload: dict[str, Any] | None = _json_column()
+    region: str | None = Field(default=None, sa_column=Column(Text))
+    model: str | None = Field(default=None, sa_column=Column(Text))
+    org: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = _now_column()
+
+
+class IdempotencyKey(SQLModel, table=True):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        PrimaryKeyConstraint("caller", "key"),
+        Index("ix_idempotency_expires", "expires_at"),
+    )
+
+    caller: str = Field(sa_column=Column(Text, nullable=False))
+    key: str = Field(sa_column=Column(Text, nullable=False))
+    method: str = Field(sa_column=Column(Text, nullable=False))
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    request_hash: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(sa_column=Column(Text, nullable=False, server_default="in_flight"))
+    response_status: int | None = Field(default=None, sa_column=Column(SmallInteger))
+    response_body: dict[str, Any] | None = _json_column("null", nullable=True)
+    created_at: datetime | None = _now_column()
+    expires_at: datetime = Field(sa_column=Column(TIMEZONE, nullable=False))

