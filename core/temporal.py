@@ -8,7 +8,7 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client
-from temporalio.common import SearchAttributeKey
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
@@ -58,4 +58,18 @@ async def ensure_search_attributes(client: Client, namespace: str | None = None)
             AddSearchAttributesRequest(namespace=ns, search_attributes=missing)
         )
 
+
 ROLLOUT_WORKFLOW_TYPE = "RolloutWorkflow"
+
+
+def initial_search_attributes(
+    *, rollout_id: int, release_version: str, status: str
+) -> TypedSearchAttributes:
+    """The search attributes a rollout workflow starts with (the workflow keeps them current)."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(SA_ROLLOUT_ID, str(rollout_id)),
+            SearchAttributePair(SA_RELEASE_VERSION, release_version),
+            SearchAttributePair(SA_ROLLOUT_STATUS, status),
+        ]
+    )

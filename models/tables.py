@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlmodel import Field, SQLModel
 
 TIMEZONE = DateTime(timezone=True)
+LAST_SEEN_KEY_SQL = "coalesce(last_seen_at, '1970-01-01 00:00:00+00'::timestamptz)"
 
 
 def _now_column(**kw: Any) -> Any:
@@ -77,12 +78,14 @@ class Vehicle(SQLModel, table=True):
         sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     )
     last_seen_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
-    # last_seen_at with NULL as -infinity: a total order for keyset pagination on lastSeenAt.
+    # last_seen_at with NULL as the epoch: a total order for keyset pagination on lastSeenAt.
     last_seen_key: datetime | None = Field(
         default=None,
         sa_column=Column(
             TIMEZONE,
-            Computed("coalesce(last_seen_at, '-infinity'::timestamptz)", persisted=True),
+            Computed(
+                "coalesce(last_seen_at, '1970-01-01 00:00:00+00'::timestamptz)", persisted=True
+            ),
             nullable=False,
         ),
     )

@@ -30,12 +30,15 @@ from core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
 
 
 @pytest.fixture(scope="session")
-def database_server_url() -> str:
+def database_server_url() -> Iterator[str]:
     """A libpq URL of a PostgreSQL server on which the suite may create databases."""
     url = os.environ.get("MOTORCADE_DATABASE_URL")
     if url:
-        return url.replace("postgresql+psycopg://", "postgresql://", 1)
-    return localservers.embedded_postgres_url(localservers.STATE_DIR / "test-pgdata")
+        yield url.replace("postgresql+psycopg://", "postgresql://", 1)
+        return
+    data_dir = localservers.STATE_DIR / "test-pgdata"
+    yield localservers.embedded_postgres_url(data_dir)
+    localservers.stop_embedded_postgres(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,123 @@
+"""Dependencies: the request's session (it owns the transaction), the caller, role checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+
+from api.errors import DependencyUnavailable, Forbidden, Unauthenticated
+from core import temporal
+from core.auth import Principal, TokenError, TokenVerifier
+from core.settings import Settings
+from models.enums import Role
+from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+
+class TemporalConnection:
+    """Connects to Temporal on first use, so the API starts (and /readyz answers) without it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Client:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                try:
+                    self._client = await asyncio.wait_for(
+                        temporal.connect(
+                            self._settings.temporal_address, self._settings.temporal_namespace
+                        ),
+                        timeout=5,
+                    )
+                except Exception as exc:
+                    raise DependencyUnavailable("Temporal is not reachable") from exc
+        return self._client
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+async def get_temporal(request: Request) -> Client:
+    connection: TemporalConnection = request.app.state.temporal
+    return await connection.get()
+
+
+async def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthenticated("a bearer token is required")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("use the Authorization: Bearer <token> scheme")
+    verifier: TokenVerifier = request.app.state.verifier
+    try:
+        principal = await verifier.verify(token.strip())
+    except TokenError as exc:
+        raise Unauthenticated(str(exc)) from None
+    request.state.principal = principal
+    return principal
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+TemporalDep = Annotated[Client, Depends(get_temporal)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+READ_ROLES = frozenset({Role.VIEWER, Role.OPERATOR})
+WRITE_ROLES = frozenset({Role.OPERATOR})
+
+
+def require(
+    roles: frozenset[Role],
+) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
+    async def check(principal: PrincipalDep) -> Principal:
+        if principal.role not in roles:
+            raise Forbidden(f"the {principal.role.value} role may not do this")
+        return principal
+
+    check.allowed_roles = roles  # type: ignore[attr-defined]
+    return check
+
+
+ViewerDep = Annotated[Principal, Depends(require(READ_ROLES))]
+OperatorDep = Annotated[Principal, Depends(require(WRITE_ROLES))]
+
+LimitQuery = Annotated[
+    int, Query(ge=1, le=MAX_LIMIT, description=f"Page size (default {DEFAULT_LIMIT}).")
+]
+CursorQuery = Annotated[
+    str | None, Query(max_length=1024, description="Opaque cursor: `nextCursor` of a page.")
+]
+SortQuery = Annotated[
+    str | None, Query(max_length=64, description="`field` or `-field` (descending).")
+]
+
+
+def multi(values: list[str] | None) -> list[str]:
+    """Repeatable and comma-separated query values alike: `?a=x&a=y` or `?a=x,y`."""
+    out: list[str] = []
+    for value in values or []:
+        out.extend(v.strip() for v in value.split(",") if v.strip())
+    return out

@@ -1,0 +1,50 @@
+"""The success and error envelopes of SPEC.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi.encoders import jsonable_encoder
+from starlette.requests import Request
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def ok(request: Request, data: Any, **metadata: Any) -> dict[str, Any]:
+    """`{"data", "metadata", "timestamp"}` for one item."""
+    return {
+        "data": jsonable_encoder(data, by_alias=True),
+        "metadata": {"requestId": request_id_of(request), **metadata},
+        "timestamp": utc_now_iso(),
+    }
+
+
+def page(
+    request: Request, items: Sequence[Any], *, limit: int, next_cursor: str | None
+) -> dict[str, Any]:
+    """A list page with keyset metadata."""
+    return ok(
+        request,
+        list(items),
+        limit=limit,
+        nextCursor=next_cursor,
+        hasMore=next_cursor is not None,
+    )
+
+
+def error_body(
+    request: Request, code: str, message: str, details: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    return {
+        "error": {"code": code, "message": message, "details": jsonable_encoder(list(details))},
+        "metadata": {"requestId": request_id_of(request)},
+        "timestamp": utc_now_iso(),
+    }

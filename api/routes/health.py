@@ -1,0 +1,49 @@
+"""Probes and metrics, outside /api/v1."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.deps import ViewerDep
+from api.envelope import ok
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz(request: Request) -> dict[str, object]:
+    return ok(request, {"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: PostgreSQL and Temporal are reachable",
+    responses={503: {"description": "a dependency is not reachable"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        async with request.app.state.engine.connect() as conn:
+            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=3)
+        checks["database"] = "ok"
+    except Exception:
+        checks["database"] = "unavailable"
+    try:
+        client = await request.app.state.temporal.get()
+        await asyncio.wait_for(client.service_client.check_health(), timeout=3)
+        checks["temporal"] = "ok"
+    except Exception:
+        checks["temporal"] = "unavailable"
+    healthy = all(v == "ok" for v in checks.values())
+    body = ok(request, {"status": "ok" if healthy else "unavailable", "checks": checks})
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(_: ViewerDep) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

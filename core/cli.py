@@ -1,0 +1,222 @@
+"""The `motorcade` command: one role per subcommand (api, worker, migrate, seed, token, dev)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from core.localservers import STATE_DIR
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"configuration error: {where}: {err['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    from core.logging import configure_logging
+
+    settings = _settings()
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    try:
+        asyncio.run(run_worker(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from core import migrate
+
+    settings = _settings()
+    if args.downgrade:
+        migrate.downgrade(settings.database_url, args.revision or "-1")
+        print(f"downgraded to {args.revision or '-1'}")
+    else:
+        migrate.upgrade(settings.database_url, args.revision or "head")
+        print(f"upgraded to {args.revision or 'head'}")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from services.seed import seed_fleet
+
+    settings = _settings()
+    result = seed_fleet(
+        settings.libpq_database_url,
+        vehicles=args.vehicles,
+        state_dir=Path(args.state_dir),
+        only_if_empty=not args.force,
+    )
+    if result.skipped:
+        print("the fleet is already seeded; nothing to do (use --force to add anyway)")
+    else:
+        print(
+            f"seeded {result.vehicles_inserted:,} vehicles and {result.releases_inserted} "
+            f"releases in {result.seconds:.1f}s ({result.vehicles_per_second:,.0f} vehicles/s)"
+        )
+    return 0
+
+
+def dev_key_file(state_dir: Path) -> Path:
+    return state_dir / "dev-key"
+
+
+def load_or_create_dev_key(state_dir: Path) -> str:
+    from core.auth import generate_dev_key
+
+    path = dev_key_file(state_dir)
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = generate_dev_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from core.auth import mint_dev_token
+    from models.enums import Role
+
+    settings = _settings()
+    if settings.dev_key is not None:
+        key = settings.dev_key.get_secret_value()
+    elif dev_key_file(Path(args.state_dir)).exists():
+        key = dev_key_file(Path(args.state_dir)).read_text().strip()
+    else:
+        print("no dev key: set MOTORCADE_DEV_KEY or run `make dev` once", file=sys.stderr)
+        return 2
+    scopes: dict[str, list[str]] = {}
+    for item in args.scope or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            print(f"--scope takes NAME=VALUE, not {item!r}", file=sys.stderr)
+            return 2
+        plural = {"region": "regions", "model": "models", "org": "orgs"}.get(name, name)
+        scopes.setdefault(plural, []).extend(v for v in value.split(",") if v)
+    role = Role(args.role)
+    if role is Role.DEVICE and not args.vehicle:
+        print("a device token needs --vehicle ID", file=sys.stderr)
+        return 2
+    try:
+        token = mint_dev_token(
+            key,
+            role=role,
+            subject=args.subject,
+            audience=settings.oidc_audience,
+            vehicle_id=args.vehicle,
+            scopes=scopes,
+            ttl_seconds=args.ttl,
+        )
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from core.devstack import run_dev
+
+    return run_dev(vehicles=args.vehicles, state_dir=Path(args.state_dir))
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from core.openapi import render_openapi_yaml
+
+    text = render_openapi_yaml()
+    if args.write:
+        Path(args.write).write_text(text)
+        print(f"wrote {args.write}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="motorcade",
+        description="Motorcade: safe software rollouts to vehicle fleets. "
+        "Configuration: MOTORCADE_* environment variables (see README).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("api", help="run the HTTP API (uvicorn)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="run the Temporal worker (rollout workflows, activities)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="apply schema migrations (Alembic)")
+    p.add_argument("--downgrade", action="store_true", help="go down instead of up")
+    p.add_argument("--revision", help="target revision (default head, or -1 when down)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("seed", help="seed a sample fleet and signed releases")
+    p.add_argument("--vehicles", type=int, default=1000)
+    p.add_argument("--force", action="store_true", help="seed even if vehicles exist")
+    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("token", help="mint a dev token signed by the dev key")
+    p.add_argument("--role", required=True, choices=["viewer", "operator", "device", "gateway"])
+    p.add_argument("--vehicle", help="the vehicle id of a device token")
+    p.add_argument("--scope", action="append", help="region=eu-west, model=atlas, org=acme")
+    p.add_argument("--subject", help="the token's subject (default dev-<role>)")
+    p.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
+    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("dev", help="run the whole system locally (what `make dev` runs)")
+    p.add_argument("--vehicles", type=int, default=1000)
+    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("openapi", help="print or write the OpenAPI spec (YAML)")
+    p.add_argument("--write", help="file to write, e.g. docs/openapi.yaml")
+    p.set_defaults(func=cmd_openapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

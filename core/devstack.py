@@ -1,0 +1,216 @@
+"""`make dev`: the whole system on one machine, from nothing.
+
+PostgreSQL (MOTORCADE_DATABASE_URL, else an embedded server in .motorcade/pgdata), Temporal
+(MOTORCADE_TEMPORAL_ADDRESS, else `temporal server start-dev` with its Web UI on :8233 and a
+persistent database file), migrations, a seeded fleet (once), then the worker and the API as
+child processes. Ctrl-C stops everything this command started; a second run reuses the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from core import localservers
+from core.cli import load_or_create_dev_key
+
+TEMPORAL_PORT = 7233
+TEMPORAL_UI_PORT = 8233
+API_HOST = "127.0.0.1"
+API_PORT = int(os.environ.get("MOTORCADE_API_PORT", "8000"))
+
+
+def say(message: str) -> None:
+    print(f"[motorcade dev] {message}", flush=True)
+
+
+class Stack:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.embedded_pg: Path | None = None
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], log: Path | None = None):  # type: ignore[no-untyped-def]
+        out = open(log, "ab") if log else None
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out or None,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+        )
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                say(f"stopping {name}")
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in reversed(self.children):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                proc.kill()
+        if self.embedded_pg is not None:
+            say("stopping embedded PostgreSQL")
+            localservers.stop_embedded_postgres(self.embedded_pg)
+
+
+def _database_url(stack: Stack) -> str:
+    url = os.environ.get("MOTORCADE_DATABASE_URL")
+    if url:
+        say("PostgreSQL: MOTORCADE_DATABASE_URL")
+        return url
+    data = stack.state_dir / "pgdata"
+    say(f"PostgreSQL: starting the embedded server in {data}")
+    server_url = localservers.embedded_postgres_url(data)
+    stack.embedded_pg = data
+    return localservers.ensure_database(server_url, "motorcade")
+
+
+def _temporal_address(stack: Stack, env: dict[str, str]) -> str:
+    address = os.environ.get("MOTORCADE_TEMPORAL_ADDRESS")
+    if address:
+        say(f"Temporal: {address} (MOTORCADE_TEMPORAL_ADDRESS)")
+        return address
+    from core.temporal import dev_server_search_attribute_flags
+
+    for port in (TEMPORAL_PORT, TEMPORAL_UI_PORT):
+        if localservers.port_open("127.0.0.1", port):
+            raise SystemExit(
+                f"port {port} is taken: stop what uses it, or point MOTORCADE_TEMPORAL_ADDRESS "
+                "at a running Temporal server"
+            )
+    say(f"Temporal: starting the dev server (Web UI on :{TEMPORAL_UI_PORT})")
+    stack.spawn(
+        "temporal",
+        [
+            localservers.venv_binary("temporal"),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(TEMPORAL_PORT),
+            "--ui-port",
+            str(TEMPORAL_UI_PORT),
+            "--db-filename",
+            str(stack.state_dir / "temporal.db"),
+            "--log-level",
+            "error",
+            *dev_server_search_attribute_flags(),
+        ],
+        env,
+        log=stack.state_dir / "temporal.log",
+    )
+    localservers.wait_for_port("127.0.0.1", TEMPORAL_PORT, timeout=60)
+    localservers.wait_for_port("127.0.0.1", TEMPORAL_UI_PORT, timeout=60)
+    return f"127.0.0.1:{TEMPORAL_PORT}"
+
+
+def _wait_ready(base: str, procs: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with code {proc.returncode} during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise SystemExit("the API did not become ready within 90 s")
+
+
+def run_dev(*, vehicles: int, state_dir: Path) -> int:
+    from services.seed import seed_fleet
+
+    from core.auth import mint_dev_token
+    from core.migrate import upgrade
+    from models.enums import Role
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(state_dir)
+    interrupted = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        dev_key = load_or_create_dev_key(state_dir)
+        database_url = _database_url(stack)
+        env = {
+            **os.environ,
+            "MOTORCADE_ENV": "dev",
+            "MOTORCADE_DATABASE_URL": database_url,
+            "MOTORCADE_DEV_KEY": dev_key,
+            "MOTORCADE_LOG_FORMAT": os.environ.get("MOTORCADE_LOG_FORMAT", "console"),
+            "MOTORCADE_TRUSTED_KEYS_FILE": str(state_dir / "trusted-keys.json"),
+        }
+        env["MOTORCADE_TEMPORAL_ADDRESS"] = _temporal_address(stack, env)
+        say("migrating the schema")
+        upgrade(database_url)
+        result = seed_fleet(database_url, vehicles=vehicles, state_dir=state_dir)
+        if result.skipped:
+            say("fleet already seeded: reusing it")
+        else:
+            say(f"seeded {result.vehicles_inserted:,} vehicles in {result.seconds:.1f}s")
+        motorcade = localservers.venv_binary("motorcade")
+        worker = stack.spawn("worker", [motorcade, "worker"], env)
+        api = stack.spawn(
+            "api", [motorcade, "api", "--host", API_HOST, "--port", str(API_PORT)], env
+        )
+        base = f"http://{API_HOST}:{API_PORT}"
+        _wait_ready(base, [("worker", worker), ("api", api)])
+        viewer = mint_dev_token(dev_key, role=Role.VIEWER, subject="dev-viewer")
+        operator = mint_dev_token(dev_key, role=Role.OPERATOR, subject="dev-operator")
+        ui = "http://127.0.0.1:8233" if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ else None
+        print(
+            "\n".join(
+                [
+                    "",
+                    "Motorcade is running.",
+                    f"  API          {base}/api/v1   (ready: {base}/readyz)",
+                    f"  Temporal UI  {ui or 'your Temporal server'}",
+                    f"  Temporal     {env['MOTORCADE_TEMPORAL_ADDRESS']}",
+                    "",
+                    "Dev tokens (12 h; more with `.venv/bin/motorcade token --role ...`):",
+                    f"  export VIEWER_TOKEN={viewer}",
+                    f"  export OPERATOR_TOKEN={operator}",
+                    "",
+                    "Try:",
+                    '  curl -H "Authorization: Bearer $VIEWER_TOKEN" '
+                    f"{base}/api/v1/vehicles?limit=3",
+                    "",
+                    "Ctrl-C stops everything this command started.",
+                    "",
+                ]
+            ),
+            flush=True,
+        )
+        while True:
+            for name, proc in stack.children:
+                if proc.poll() is not None:
+                    say(f"{name} exited with code {proc.returncode}; stopping")
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        return 0
+    finally:
+        if interrupted:
+            say("interrupted")
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(run_dev(vehicles=1000, state_dir=localservers.STATE_DIR))

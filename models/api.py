@@ -1,0 +1,273 @@
+"""API schemas: camelCase on the wire (SPEC.md), snake_case in Python."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from models.enums import RolloutStatus, VehicleStatus
+
+T = TypeVar("T")
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+class StrictCamelModel(CamelModel):
+    """Request bodies: unknown fields are refused, so a typo never goes unnoticed."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# Envelopes ---------------------------------------------------------------------------------
+
+
+class ListMetadata(CamelModel):
+    request_id: str | None = None
+    limit: int
+    next_cursor: str | None = None
+    has_more: bool
+
+
+class ItemMetadata(CamelModel):
+    request_id: str | None = None
+
+
+class Envelope(CamelModel, Generic[T]):
+    data: T
+    metadata: ItemMetadata
+    timestamp: datetime
+
+
+class ListEnvelope(CamelModel, Generic[T]):
+    data: list[T]
+    metadata: ListMetadata
+    timestamp: datetime
+
+
+class ErrorDetail(CamelModel):
+    field: str | None = None
+    index: int | None = None
+    message: str
+    code: str | None = None
+
+
+class ErrorBody(CamelModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorEnvelope(CamelModel):
+    error: ErrorBody
+    metadata: ItemMetadata
+    timestamp: datetime
+
+
+# Vehicles ----------------------------------------------------------------------------------
+
+
+class VehicleDesired(CamelModel):
+    release_version: str | None = None
+    desired_state_id: str | None = None
+    rollout_id: int | None = None
+
+
+class VehicleActual(CamelModel):
+    release_version: str | None = None
+
+
+class VehicleOut(CamelModel):
+    id: str
+    model: str
+    region: str
+    ring: str
+    org: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    desired: VehicleDesired
+    actual: VehicleActual
+    status: VehicleStatus
+    reason_codes: list[str] = Field(default_factory=list)
+    last_seen_at: datetime | None = None
+    battery_percent: int | None = None
+    stationary: bool | None = None
+    updated_at: datetime | None = None
+
+
+# Releases ----------------------------------------------------------------------------------
+
+
+class ReleaseComponent(CamelModel):
+    name: str
+    version: str
+
+
+class ReleaseOut(CamelModel):
+    version: str
+    components: list[ReleaseComponent]
+    artifact_digest: str
+    signature: str
+    signing_key_id: str
+    notes: str | None = None
+    created_by: str
+    created_at: datetime | None = None
+
+
+# Rollouts ----------------------------------------------------------------------------------
+
+
+class RolloutTargets(StrictCamelModel):
+    models: list[str] = Field(default_factory=list, max_length=100)
+    regions: list[str] = Field(default_factory=list, max_length=100)
+    rings: list[str] = Field(default_factory=list, max_length=100)
+    vehicle_ids: list[str] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _something(self) -> RolloutTargets:
+        if not (self.models or self.regions or self.rings or self.vehicle_ids):
+            raise ValueError("select at least one of models, regions, rings or vehicleIds")
+        return self
+
+
+class CanarySpec(StrictCamelModel):
+    size: int | None = Field(None, ge=1, le=1_000_000)
+    percent: float | None = Field(None, gt=0, le=100)
+    bake_seconds: int = Field(3600, ge=0, le=30 * 86400)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> CanarySpec:
+        if (self.size is None) == (self.percent is None):
+            raise ValueError("give exactly one of size or percent")
+        return self
+
+
+class WaveSpec(StrictCamelModel):
+    percent: float = Field(gt=0, le=100)
+    bake_seconds: int = Field(3600, ge=0, le=30 * 86400)
+
+
+class Strategy(StrictCamelModel):
+    canary: CanarySpec
+    waves: list[WaveSpec] = Field(min_length=1, max_length=50)
+
+    @field_validator("waves")
+    @classmethod
+    def _cumulative(cls, waves: list[WaveSpec]) -> list[WaveSpec]:
+        previous = 0.0
+        for wave in waves:
+            if wave.percent <= previous:
+                raise ValueError("wave percents are cumulative and must increase")
+            previous = wave.percent
+        if waves[-1].percent != 100:
+            raise ValueError("the last wave must reach 100 percent")
+        return waves
+
+
+class CanaryHealthyGate(StrictCamelModel):
+    min_success_rate: float = Field(0.95, ge=0, le=1)
+    min_samples: int = Field(1, ge=0)
+
+
+class FailureThresholdGate(StrictCamelModel):
+    max_failure_rate: float = Field(0.05, ge=0, le=1)
+    action: Literal["pause", "rollback"] = "pause"
+
+
+class MaintenanceWindow(StrictCamelModel):
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["01:00"])
+    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["05:00"])
+    timezone: str = "UTC"
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r}") from None
+        return value
+
+
+class SafetyChecks(StrictCamelModel):
+    require_stationary: bool | None = None
+    min_battery_percent: int | None = Field(None, ge=0, le=100)
+    maintenance_window: MaintenanceWindow | None = None
+
+
+class Gates(StrictCamelModel):
+    canary_healthy: CanaryHealthyGate = Field(default_factory=CanaryHealthyGate)
+    failure_threshold: FailureThresholdGate = Field(default_factory=FailureThresholdGate)
+    safety_checks: SafetyChecks = Field(default_factory=SafetyChecks)
+
+
+class Timeouts(StrictCamelModel):
+    apply_seconds: int = Field(3600, ge=60, le=7 * 86400)
+
+
+class RetryPolicy(StrictCamelModel):
+    max_attempts: int = Field(2, ge=1, le=10)
+    backoff_seconds: int = Field(300, ge=0, le=86400)
+
+
+class RolloutCreate(StrictCamelModel):
+    name: str | None = Field(None, max_length=200)
+    release_version: str = Field(min_length=1, max_length=128)
+    targets: RolloutTargets
+    strategy: Strategy
+    gates: Gates = Field(default_factory=Gates)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    acknowledge_weakened_safety: bool = False
+    reason: str | None = Field(None, max_length=2000)
+
+
+class RolloutProgress(CamelModel):
+    targeted: int = 0
+    notified: int = 0
+    updating: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    blocked: int = 0
+    pending: int = 0
+
+
+class RolloutOut(CamelModel):
+    id: int
+    name: str | None = None
+    release_version: str
+    status: RolloutStatus
+    status_reason: str | None = None
+    stage: str | None = None
+    stage_index: int = 0
+    stage_count: int = 0
+    waiting_for: str | None = None
+    targets: dict[str, Any]
+    strategy: dict[str, Any]
+    gates: dict[str, Any]
+    timeouts: dict[str, Any]
+    retry: dict[str, Any]
+    progress: RolloutProgress
+    workflow_id: str | None = None
+    temporal_ui_url: str | None = None
+    created_by: str
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Health(CamelModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

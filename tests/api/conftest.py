@@ -1,0 +1,109 @@
+"""The real app, served by uvicorn on a loopback port, over real PostgreSQL and Temporal."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from temporalio.testing import WorkflowEnvironment
+
+from api.app import create_app
+from core.auth import mint_dev_token
+from core.localservers import free_port
+from core.settings import Settings
+from models.enums import Role
+
+
+@pytest.fixture(scope="session")
+def api_settings(settings: Settings, dev_server_env: WorkflowEnvironment) -> Settings:
+    address = dev_server_env.client.service_client.config.target_host
+    return settings.model_copy(update={"temporal_address": address})
+
+
+@pytest.fixture(scope="session")
+async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(api_settings),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def http(api_base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api_base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def token(dev_key: str) -> Callable[..., str]:
+    """token(role, **claims): a dev token for that role."""
+
+    def make(role: str | Role, **kw: Any) -> str:
+        return mint_dev_token(dev_key, role=Role(role), **kw)
+
+    return make
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def viewer(token: Callable[..., str]) -> dict[str, str]:
+    return bearer(token("viewer"))
+
+
+@pytest.fixture(scope="session")
+def operator(token: Callable[..., str]) -> dict[str, str]:
+    return bearer(token("operator"))
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A unique vehicle-id prefix for this test's rows."""
+    return f"T{secrets.token_hex(3).upper()}-"
+
+
+def insert_vehicles(
+    database_url: str, ids: list[str], *, model: str = "atlas", region: str = "eu-west",
+    ring: str = "broad", release: str | None = None,
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO vehicles (id, model, region, ring, status, desired_release_version,"
+                " actual_release_version, last_seen_at) VALUES (%s, %s, %s, %s, 'in_sync', %s,"
+                " %s, now())",
+                [(i, model, region, ring, release, release) for i in ids],
+            )
+
+
+def insert_release(database_url: str, version: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO releases (version, components, artifact_digest, signature,"
+            " signing_key_id, created_by) VALUES (%s, '[]', 'sha256:00', 'c2ln', 'k', 'test')"
+            " ON CONFLICT DO NOTHING",
+            (version,),
+        )
