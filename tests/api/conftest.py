@@ -86,8 +86,13 @@ def prefix() -> str:
 
 
 def insert_vehicles(
-    database_url: str, ids: list[str], *, model: str = "atlas", region: str = "eu-west",
-    ring: str = "broad", release: str | None = None,
+    database_url: str,
+    ids: list[str],
+    *,
+    model: str = "atlas",
+    region: str = "eu-west",
+    ring: str = "broad",
+    release: str | None = None,
 ) -> None:
     with psycopg.connect(database_url) as conn:
         with conn.cursor() as cur:

@@ -146,7 +146,10 @@ async def test_weakened_safety_needs_acknowledgement(
 
 
 async def test_scoped_operator_cannot_target_outside_scope(
-    http: httpx.AsyncClient, token, database_url: str, prefix: str  # type: ignore[no-untyped-def]
+    http: httpx.AsyncClient,
+    token,
+    database_url: str,
+    prefix: str,  # type: ignore[no-untyped-def]
 ) -> None:
     release = f"{prefix}2026.11.3"
     insert_release(database_url, release)

@@ -45,9 +45,7 @@ async def test_pagination_is_stable_under_inserts(
     rest: list[str] = []
     while cursor:
         body = (
-            await http.get(
-                f"/api/v1/vehicles?q={prefix}&limit=4&cursor={cursor}", headers=viewer
-            )
+            await http.get(f"/api/v1/vehicles?q={prefix}&limit=4&cursor={cursor}", headers=viewer)
         ).json()
         rest += [v["id"] for v in body["data"]]
         cursor = body["metadata"]["nextCursor"]
@@ -82,7 +80,10 @@ async def test_filters_and_sort(
 
 
 async def test_scoped_viewer_sees_only_its_region(
-    http: httpx.AsyncClient, token, database_url: str, prefix: str  # type: ignore[no-untyped-def]
+    http: httpx.AsyncClient,
+    token,
+    database_url: str,
+    prefix: str,  # type: ignore[no-untyped-def]
 ) -> None:
     insert_vehicles(database_url, [f"{prefix}EU"], region="eu-west")
     insert_vehicles(database_url, [f"{prefix}US"], region="us-east")

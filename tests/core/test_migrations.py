@@ -45,6 +45,7 @@ def test_migrations_match_models(database_url: str) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
     engine.dispose()
+
     # Partitions (and their indexes) are created by the migration, not in the metadata.
     def on_partition(item: object) -> bool:
         table = getattr(item, "table", item)

@@ -1,0 +1,69 @@
+"""Settings validate themselves."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import Settings
+
+KEY = "k" * 40
+
+
+def make(**kw: object) -> Settings:
+    return Settings(_env_file=None, **kw)  # type: ignore[arg-type, call-arg]
+
+
+def test_defaults_are_documented_and_sane() -> None:
+    s = make()
+    assert s.env == "dev"
+    assert s.offline_after_seconds == 300
+    assert s.cors_origins == []
+    assert s.database_url.startswith("postgresql+psycopg://")
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no description"
+
+
+def test_production_refuses_the_dev_key() -> None:
+    with pytest.raises(ValidationError, match="MOTORCADE_DEV_KEY is refused"):
+        make(env="production", dev_key=KEY, oidc_issuer="https://id.example")
+
+
+def test_production_requires_an_issuer() -> None:
+    with pytest.raises(ValidationError, match="MOTORCADE_OIDC_ISSUER is required"):
+        make(env="production")
+    assert make(env="production", oidc_issuer="https://id.example").env == "production"
+
+
+def test_short_dev_key_refused() -> None:
+    with pytest.raises(ValidationError, match="at least 32"):
+        make(dev_key="short")
+
+
+def test_symmetric_algorithms_refused_for_the_identity_provider() -> None:
+    with pytest.raises(ValidationError, match="asymmetric"):
+        make(oidc_algorithms="RS256,HS256")
+    with pytest.raises(ValidationError, match="asymmetric"):
+        make(oidc_algorithms=["none"])
+
+
+def test_database_url_forms() -> None:
+    assert make(database_url="postgres://u@h/db").database_url == "postgresql+psycopg://u@h/db"
+    with pytest.raises(ValidationError, match="postgresql://"):
+        make(database_url="mysql://u@h/db")
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOTORCADE_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("MOTORCADE_OFFLINE_AFTER_SECONDS", "120")
+    monkeypatch.setenv("MOTORCADE_ENV", "staging")
+    with pytest.raises(ValidationError, match="env"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("MOTORCADE_ENV", "dev")
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.cors_origins == ["https://a.example", "https://b.example"]
+    assert s.offline_after_seconds == 120
+
+
+def test_secrets_do_not_show_in_repr() -> None:
+    assert KEY not in repr(make(dev_key=KEY))
