@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -13,7 +12,8 @@ from models.enums import RolloutStatus, VehicleStatus
 
 T = TypeVar("T")
 
-IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class CamelModel(BaseModel):
@@ -184,9 +184,7 @@ class MaintenanceWindow(StrictCamelModel):
     start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["01:00"])
     end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", examples=["05:00"])
     timezone: str = "UTC"
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
-        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-    )
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
 
     @field_validator("timezone")
     @classmethod

@@ -63,7 +63,9 @@ class Vehicle(SQLModel, table=True):
     model: str = Field(sa_column=Column(Text, nullable=False))
     region: str = Field(sa_column=Column(Text, nullable=False))
     ring: str = Field(sa_column=Column(Text, nullable=False))
-    org: str = Field(sa_column=Column(Text, nullable=False, server_default="default"))
+    org: str = Field(
+        default="default", sa_column=Column(Text, nullable=False, server_default="default")
+    )
     metadata_: dict[str, Any] | None = Field(
         default=None,
         sa_column=Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
@@ -72,7 +74,9 @@ class Vehicle(SQLModel, table=True):
     desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     rollout_id: int | None = Field(default=None, sa_column=Column(BigInteger))
     actual_release_version: str | None = Field(default=None, sa_column=Column(Text))
-    status: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    status: str = Field(
+        default="pending", sa_column=Column(Text, nullable=False, server_default="pending")
+    )
     reason_codes: list[str] | None = Field(
         default=None,
         sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
@@ -91,7 +95,9 @@ class Vehicle(SQLModel, table=True):
     )
     battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
     stationary: bool | None = Field(default=None)
-    last_event_seq: int = Field(sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    last_event_seq: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
     created_at: datetime | None = _now_column()
     updated_at: datetime | None = _now_column()
 
@@ -150,21 +156,27 @@ class Rollout(SQLModel, table=True):
     gates: dict[str, Any] | None = _json_column()
     timeouts: dict[str, Any] | None = _json_column()
     retry: dict[str, Any] | None = _json_column()
-    status: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    status: str = Field(
+        default="pending", sa_column=Column(Text, nullable=False, server_default="pending")
+    )
     status_reason: str | None = Field(default=None, sa_column=Column(Text))
     stage: str | None = Field(default=None, sa_column=Column(Text))
-    stage_index: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    stage_count: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    stage_index: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
+    stage_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
     workflow_id: str | None = Field(default=None, sa_column=Column(Text))
     waiting_for: str | None = Field(default=None, sa_column=Column(Text))
     # Progress counters, kept current by the workflow's activities (never a scan per request).
-    targeted: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    notified: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    updating: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    succeeded: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    failed: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    blocked: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
-    pending: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    targeted: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    notified: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    updating: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    succeeded: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    failed: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    blocked: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    pending: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     safety_acknowledgement: dict[str, Any] | None = _json_column("null", nullable=True)
     correlation_id: str | None = Field(default=None, sa_column=Column(Text))
     created_by: str = Field(sa_column=Column(Text, nullable=False))
@@ -190,8 +202,12 @@ class RolloutTarget(SQLModel, table=True):
     stage: int = Field(sa_column=Column(SmallInteger, nullable=False))
     # Deterministic position inside the rollout (hash of rollout and vehicle), for planning.
     rank: int = Field(sa_column=Column(BigInteger, nullable=False))
-    state: str = Field(sa_column=Column(Text, nullable=False, server_default="planned"))
-    attempt: int = Field(sa_column=Column(SmallInteger, nullable=False, server_default="0"))
+    state: str = Field(
+        default="planned", sa_column=Column(Text, nullable=False, server_default="planned")
+    )
+    attempt: int = Field(
+        default=0, sa_column=Column(SmallInteger, nullable=False, server_default="0")
+    )
     reason_code: str | None = Field(default=None, sa_column=Column(Text))
     desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
@@ -290,7 +306,9 @@ class IdempotencyKey(SQLModel, table=True):
     method: str = Field(sa_column=Column(Text, nullable=False))
     path: str = Field(sa_column=Column(Text, nullable=False))
     request_hash: str = Field(sa_column=Column(Text, nullable=False))
-    state: str = Field(sa_column=Column(Text, nullable=False, server_default="in_flight"))
+    state: str = Field(
+        default="in_flight", sa_column=Column(Text, nullable=False, server_default="in_flight")
+    )
     response_status: int | None = Field(default=None, sa_column=Column(SmallInteger))
     response_body: dict[str, Any] | None = _json_column("null", nullable=True)
     created_at: datetime | None = _now_column()

@@ -12,12 +12,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from services.errors import InvalidInput
+
+S = TypeVar("S", bound=Select[Any])
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -86,9 +88,7 @@ def decode_cursor(cursor: str, sort: Sort) -> tuple[Any, Any]:
         ) from None
 
 
-def keyset(
-    stmt: Select[Any], *, sort: Sort, id_column: Any, cursor: str | None, limit: int
-) -> Select[Any]:
+def keyset(stmt: S, *, sort: Sort, id_column: Any, cursor: str | None, limit: int) -> S:
     """Apply the keyset condition, the order and limit+1 (one extra row says hasMore)."""
     col = sort.key.column
     if cursor:

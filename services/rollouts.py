@@ -136,7 +136,7 @@ async def create_rollout(
     await session.flush()
     assert rollout.id is not None
     rollout.workflow_id = rollout_workflow_id(rollout.id)
-    audit_scope = {
+    audit_scope: dict[str, Any] = {
         "regions": targets.get("regions") or None,
         "models": targets.get("models") or None,
         "orgs": targets.get("orgs") or None,

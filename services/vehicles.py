@@ -100,7 +100,7 @@ async def list_vehicles(
         if cond is not None:
             stmt = stmt.where(cond)
     if filters.reason_codes:
-        stmt = stmt.where(col(Vehicle.reason_codes).overlap(filters.reason_codes))
+        stmt = stmt.where(col(Vehicle.reason_codes).overlap(filters.reason_codes))  # type: ignore[attr-defined]
     if filters.q:
         stmt = stmt.where(col(Vehicle.id).like(_escape_like(filters.q) + "%", escape="\\"))
     stmt = keyset(stmt, sort=order, id_column=col(Vehicle.id), cursor=cursor, limit=limit)

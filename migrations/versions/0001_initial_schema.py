@@ -322,7 +322,9 @@ def upgrade() -> None:
         sa.Column(
             "last_seen_key",
             sa.DateTime(timezone=True),
-            sa.Computed("coalesce(last_seen_at, '1970-01-01 00:00:00+00'::timestamptz)", persisted=True),
+            sa.Computed(
+                "coalesce(last_seen_at, '1970-01-01 00:00:00+00'::timestamptz)", persisted=True
+            ),
             nullable=False,
         ),
         sa.Column("battery_percent", sa.SmallInteger(), nullable=True),

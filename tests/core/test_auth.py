@@ -135,7 +135,8 @@ def issuer() -> Iterator[str]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"  # type: ignore[index]
+            body: Any
             if self.path == "/.well-known/openid-configuration":
                 body = {"issuer": base, "jwks_uri": f"{base}/jwks"}
             elif self.path == "/jwks":
