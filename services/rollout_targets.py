@@ -1,0 +1,597 @@
+"""Every SQL statement of the rollout workflow's path: planning, target expansion, issuing
+desired states stage by stage, status changes (with their audit entry and change-feed event).
+
+Vehicle lists never leave PostgreSQL: each function is a few set-based statements whatever the
+fleet size. Functions take keyword-only arguments and an `AsyncSession`; they only flush, the
+caller (an activity, or an API request) owns the transaction. All of them are idempotent: an
+activity that runs twice leaves the same rows as one that ran once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.temporal import rollout_workflow_id
+from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+from models.workflows import RolloutCounts, StagePlan
+from workflows.policy import plan_from_strategy, stage_ends
+
+
+class RolloutNotFound(LookupError):
+    """The rollout row does not exist."""
+
+
+class TargetsChanged(RuntimeError):
+    """The matching fleet changed between counting and inserting; retry the expansion."""
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: int
+    release_version: str
+    status: str
+    targets: dict[str, Any]
+    strategy: dict[str, Any]
+    targeted: int
+    stage_count: int
+    correlation_id: str | None
+
+
+@dataclass(frozen=True)
+class Expansion:
+    targeted: int
+    stages: list[StagePlan]
+    counts_per_stage: list[int]
+    inserted: bool
+
+
+@dataclass(frozen=True)
+class IssuedBatch:
+    selected: int
+    issued: int
+    last_vehicle_id: str | None
+
+
+async def _conn(session: AsyncSession) -> AsyncConnection:
+    return await session.connection()
+
+
+_COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
+
+# The rollout's target filter, as SQL over `v` (vehicles) and `r` (rollouts): an absent or
+# empty list is no filter on that dimension.
+_MATCHES = """
+    (coalesce(jsonb_array_length(r.targets -> 'models'), 0) = 0
+        OR v.model IN (SELECT jsonb_array_elements_text(r.targets -> 'models')))
+    AND (coalesce(jsonb_array_length(r.targets -> 'regions'), 0) = 0
+        OR v.region IN (SELECT jsonb_array_elements_text(r.targets -> 'regions')))
+    AND (coalesce(jsonb_array_length(r.targets -> 'rings'), 0) = 0
+        OR v.ring IN (SELECT jsonb_array_elements_text(r.targets -> 'rings')))
+    AND (coalesce(jsonb_array_length(r.targets -> 'vehicleIds'), 0) = 0
+        OR v.id IN (SELECT jsonb_array_elements_text(r.targets -> 'vehicleIds')))
+"""
+
+
+async def load_rollout(
+    session: AsyncSession, *, rollout_id: int, for_update: bool = False
+) -> RolloutRow:
+    conn = await _conn(session)
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, release_version, status, targets, strategy, targeted, stage_count,"
+                " correlation_id FROM rollouts WHERE id = :rid"
+                + (" FOR UPDATE" if for_update else "")
+            ),
+            {"rid": rollout_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return RolloutRow(
+        id=row.id,
+        release_version=row.release_version,
+        status=row.status,
+        targets=_as_dict(row.targets),
+        strategy=_as_dict(row.strategy),
+        targeted=row.targeted,
+        stage_count=row.stage_count,
+        correlation_id=row.correlation_id,
+    )
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = json.loads(value)
+    return dict(value or {})
+
+
+async def count_matching_vehicles(session: AsyncSession, *, rollout_id: int) -> int:
+    """How many vehicles the rollout's `targets` select (for planning and `dryRun`)."""
+    conn = await _conn(session)
+    result = await conn.execute(
+        text(f"SELECT count(*) FROM vehicles v, rollouts r WHERE r.id = :rid AND {_MATCHES}"),
+        {"rid": rollout_id},
+    )
+    return int(result.scalar_one())
+
+
+async def plan_rollout(session: AsyncSession, *, rollout_id: int) -> list[StagePlan]:
+    """The stage plan of a rollout as it would be expanded now (read-only; for `dryRun`)."""
+    rollout = await load_rollout(session, rollout_id=rollout_id)
+    if rollout.stage_count > 0:
+        return plan_from_strategy(rollout.targeted, rollout.strategy)
+    targeted = await count_matching_vehicles(session, rollout_id=rollout_id)
+    return plan_from_strategy(targeted, rollout.strategy)
+
+
+async def expand_targets(
+    session: AsyncSession, *, rollout_id: int, ends: Sequence[int]
+) -> list[int]:
+    """Insert one `rollout_targets` row per matching vehicle, in one statement.
+
+    `rank` is the vehicle's deterministic position in the rollout (md5 of rollout and vehicle
+    id, ties by id), `stage` the first stage whose cumulative end rank `ends[i]` exceeds it.
+    Existing rows are kept (ON CONFLICT DO NOTHING). Sets `targeted`, `pending`, `stage_count`
+    on the rollout; returns the number of targets per stage.
+    """
+    conn = await _conn(session)
+    await conn.execute(
+        text(
+            f"""
+            WITH matched AS (
+                SELECT v.id,
+                       row_number() OVER (
+                           ORDER BY md5(r.id::text || ':' || v.id), v.id
+                       ) - 1 AS rank
+                FROM vehicles v, rollouts r
+                WHERE r.id = :rid AND {_MATCHES}
+            )
+            INSERT INTO rollout_targets (rollout_id, vehicle_id, stage, rank, state)
+            SELECT :rid, m.id,
+                   (SELECT count(*) FROM unnest(CAST(:ends AS bigint[])) AS e(end_rank)
+                     WHERE e.end_rank <= m.rank),
+                   m.rank, 'planned'
+            FROM matched m
+            ON CONFLICT (rollout_id, vehicle_id) DO NOTHING
+            """
+        ),
+        {"rid": rollout_id, "ends": list(ends)},
+    )
+    counts = [0] * len(ends)
+    rows = await conn.execute(
+        text(
+            "SELECT stage, count(*) AS n FROM rollout_targets WHERE rollout_id = :rid"
+            " GROUP BY stage"
+        ),
+        {"rid": rollout_id},
+    )
+    for stage, n in rows:
+        if 0 <= stage < len(counts):
+            counts[stage] = int(n)
+    targeted = sum(counts)
+    await conn.execute(
+        text(
+            "UPDATE rollouts SET targeted = :targeted, pending = :targeted - notified,"
+            " stage_count = :stage_count, updated_at = now() WHERE id = :rid"
+        ),
+        {"rid": rollout_id, "targeted": targeted, "stage_count": len(ends)},
+    )
+    return counts
+
+
+async def plan_and_expand(session: AsyncSession, *, rollout_id: int) -> Expansion:
+    """Plan the rollout and expand its targets, once: a second call returns the same plan.
+
+    Locks the rollout row; counts the matching vehicles, plans the stages (pure policy) and
+    inserts the targets in the same transaction. If the fleet changed between the count and
+    the insert, raises `TargetsChanged` (the caller rolls back and retries).
+    """
+    rollout = await load_rollout(session, rollout_id=rollout_id, for_update=True)
+    if rollout.stage_count > 0:  # expanded by an earlier attempt
+        stages = plan_from_strategy(rollout.targeted, rollout.strategy)
+        return Expansion(
+            targeted=rollout.targeted,
+            stages=stages,
+            counts_per_stage=[s.size for s in stages],
+            inserted=False,
+        )
+    targeted = await count_matching_vehicles(session, rollout_id=rollout_id)
+    stages = plan_from_strategy(targeted, rollout.strategy)
+    counts = await expand_targets(session, rollout_id=rollout_id, ends=stage_ends(stages))
+    if counts != [s.size for s in stages]:
+        raise TargetsChanged(
+            f"rollout {rollout_id}: planned {[s.size for s in stages]}, inserted {counts}"
+        )
+    return Expansion(targeted=targeted, stages=stages, counts_per_stage=counts, inserted=True)
+
+
+async def issue_stage_batch(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    stage_index: int,
+    release_version: str,
+    after_vehicle_id: str = "",
+    batch_size: int = 1000,
+) -> IssuedBatch:
+    """Issue the desired state to the next `batch_size` planned targets of one stage.
+
+    Keyset over vehicle id after `after_vehicle_id`; only targets still `planned` are taken,
+    so a batch re-run after it committed changes nothing. Per vehicle, in one statement: a
+    `desired_states` row (id derived from workflow id, vehicle and attempt), the vehicle's
+    desired release (its previous one kept on the target, for rollback), the target
+    `notified`. Then the rollout's counters move by the number issued.
+    """
+    created_by = rollout_workflow_id(rollout_id)
+    conn = await _conn(session)
+    row = (
+        await conn.execute(
+            text(
+                """
+                WITH todo AS (
+                    SELECT t.vehicle_id,
+                           t.attempt + 1 AS attempt,
+                           v.desired_state_id AS prev_ds,
+                           coalesce(v.desired_release_version, v.actual_release_version)
+                               AS prev_release,
+                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':'
+                               || (t.attempt + 1)::text)::uuid AS ds_id
+                    FROM rollout_targets t
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE t.rollout_id = :rid AND t.stage = :stage AND t.state = 'planned'
+                      AND t.vehicle_id > :after
+                    ORDER BY t.vehicle_id
+                    LIMIT :n
+                    FOR UPDATE OF t
+                ),
+                ins AS (
+                    INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                                previous_desired_state_id, reason, created_by)
+                    SELECT ds_id, vehicle_id, :release, :rid, prev_ds, :reason, :created_by
+                    FROM todo
+                    ON CONFLICT (id) DO NOTHING
+                ),
+                upv AS (
+                    UPDATE vehicles v
+                    SET desired_release_version = :release,
+                        desired_state_id = todo.ds_id,
+                        rollout_id = :rid,
+                        status = CASE WHEN v.status = 'offline' THEN v.status
+                                      ELSE 'pending' END,
+                        updated_at = now()
+                    FROM todo WHERE v.id = todo.vehicle_id
+                ),
+                upt AS (
+                    UPDATE rollout_targets t
+                    SET state = 'notified',
+                        attempt = todo.attempt,
+                        desired_state_id = todo.ds_id,
+                        previous_desired_state_id = todo.prev_ds,
+                        previous_release_version = todo.prev_release,
+                        notified_at = now(),
+                        updated_at = now()
+                    FROM todo
+                    WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING t.vehicle_id
+                )
+                SELECT (SELECT count(*) FROM todo) AS selected,
+                       (SELECT count(*) FROM upt) AS issued,
+                       (SELECT max(vehicle_id) FROM upt) AS last_vehicle_id
+                """
+            ),
+            {
+                "rid": rollout_id,
+                "stage": stage_index,
+                "after": after_vehicle_id,
+                "n": batch_size,
+                "release": release_version,
+                "created_by": created_by,
+                "reason": f"rollout {rollout_id}",
+            },
+        )
+    ).one()
+    issued = int(row.issued)
+    if issued:
+        await conn.execute(
+            text(
+                "UPDATE rollouts SET notified = notified + :n, pending = greatest(pending - :n, 0),"
+                " updated_at = now() WHERE id = :rid"
+            ),
+            {"rid": rollout_id, "n": issued},
+        )
+    return IssuedBatch(
+        selected=int(row.selected), issued=issued, last_vehicle_id=row.last_vehicle_id
+    )
+
+
+async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
+    """The rollout's counters, read from its row (never a scan of its targets)."""
+    conn = await _conn(session)
+    row = (
+        await conn.execute(
+            text(f"SELECT {_COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"), {"rid": rollout_id}
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return RolloutCounts.model_validate(row._asdict())
+
+
+async def _scope(conn: AsyncConnection, rollout_id: int) -> dict[str, list[str] | None]:
+    targets = (
+        await conn.execute(
+            text("SELECT targets FROM rollouts WHERE id = :rid"), {"rid": rollout_id}
+        )
+    ).scalar_one()
+    targets = _as_dict(targets)
+    return {
+        "regions": list(targets.get("regions") or []) or None,
+        "models": list(targets.get("models") or []) or None,
+    }
+
+
+async def record_rollout_event(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    action: str,
+    payload: dict[str, Any],
+    actor: str = "workflow",
+    source: str = "system",
+    reason: str | None = None,
+    correlation_id: str | None = None,
+    result: str = "ok",
+    audit: bool = True,
+) -> None:
+    """An audit entry (optional) and a `rollout.updated` change-feed event, in the caller's
+    transaction."""
+    conn = await _conn(session)
+    if audit:
+        scope = await _scope(conn, rollout_id)
+        await conn.execute(
+            text(
+                """
+                INSERT INTO audit_log (actor, role, source, action, target_type, target_id,
+                                       reason, correlation_id, payload, result, regions, models)
+                VALUES (:actor, NULL, :source, :action, 'rollout', :target_id, :reason,
+                        :correlation_id, CAST(:payload AS jsonb), :result,
+                        :regions, :models)
+                """
+            ),
+            {
+                "actor": actor,
+                "source": source,
+                "action": action,
+                "target_id": str(rollout_id),
+                "reason": reason,
+                "correlation_id": correlation_id,
+                "payload": json.dumps(payload),
+                "result": result,
+                **scope,
+            },
+        )
+    await conn.execute(
+        text(
+            "INSERT INTO change_feed (topic, event, entity_id, payload)"
+            " VALUES ('rollouts', 'rollout.updated', :entity_id, CAST(:payload AS jsonb))"
+        ),
+        {"entity_id": str(rollout_id), "payload": json.dumps(payload)},
+    )
+
+
+async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[str, Any]:
+    """The change-feed payload of a rollout: `{id, status, statusReason, stage, stageIndex,
+    stageCount, waitingFor, counts}` (camelCase, as the API renders it)."""
+    conn = await _conn(session)
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, status, status_reason, stage, stage_index, stage_count, waiting_for,"
+                f" {_COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"
+            ),
+            {"rid": rollout_id},
+        )
+    ).one()
+    data = row._asdict()
+    return {
+        "id": data["id"],
+        "status": data["status"],
+        "statusReason": data["status_reason"],
+        "stage": data["stage"],
+        "stageIndex": data["stage_index"],
+        "stageCount": data["stage_count"],
+        "waitingFor": data["waiting_for"],
+        "counts": RolloutCounts.model_validate(data).model_dump(),
+    }
+
+
+async def set_rollout_status(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    status: str,
+    action: str,
+    stage: str | None = None,
+    stage_index: int | None = None,
+    status_reason: str | None = None,
+    waiting_for: str | None = None,
+    actor: str = "workflow",
+    source: str = "system",
+    reason: str | None = None,
+    correlation_id: str | None = None,
+    audit: bool = True,
+) -> bool:
+    """Write the rollout's status (and stage, reason, what it waits for); when anything
+    changed, add the audit entry `action` and a `rollout.updated` event. Returns whether it
+    changed (False for a re-run of the same change: idempotent).
+
+    `stage`/`stage_index` None keep the current ones. `started_at` is set on the first
+    `running`, `finished_at` on a terminal status.
+    """
+    RolloutStatus(status)  # refuses an unknown status
+    conn = await _conn(session)
+    current = (
+        await conn.execute(
+            text(
+                "SELECT status, status_reason, stage, stage_index, waiting_for FROM rollouts"
+                " WHERE id = :rid FOR UPDATE"
+            ),
+            {"rid": rollout_id},
+        )
+    ).one_or_none()
+    if current is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    new_stage = current.stage if stage is None else stage
+    new_index = current.stage_index if stage_index is None else stage_index
+    if (current.status, current.status_reason, current.stage, current.stage_index) == (
+        status,
+        status_reason,
+        new_stage,
+        new_index,
+    ) and current.waiting_for == waiting_for:
+        return False
+    terminal = RolloutStatus(status) in TERMINAL_ROLLOUT_STATUSES
+    await conn.execute(
+        text(
+            """
+            UPDATE rollouts
+            SET status = :status, status_reason = :status_reason, stage = :stage,
+                stage_index = :stage_index, waiting_for = :waiting_for, updated_at = now(),
+                started_at = CASE WHEN :status = 'running' THEN coalesce(started_at, now())
+                                  ELSE started_at END,
+                finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now())
+                                   ELSE finished_at END
+            WHERE id = :rid
+            """
+        ),
+        {
+            "rid": rollout_id,
+            "status": status,
+            "status_reason": status_reason,
+            "stage": new_stage,
+            "stage_index": new_index,
+            "waiting_for": waiting_for,
+            "terminal": terminal,
+        },
+    )
+    snapshot = await rollout_snapshot(session, rollout_id=rollout_id)
+    # An audit entry for a real transition; a change of what it waits for is only an event.
+    transition = (current.status, current.stage) != (status, new_stage)
+    await record_rollout_event(
+        session,
+        rollout_id=rollout_id,
+        action=action,
+        payload=snapshot,
+        actor=actor,
+        source=source,
+        reason=reason,
+        correlation_id=correlation_id,
+        audit=audit and transition,
+    )
+    return True
+
+
+async def skip_planned_targets(session: AsyncSession, *, rollout_id: int) -> int:
+    """Mark the targets never issued as `skipped` (abort, rollback); returns how many."""
+    conn = await _conn(session)
+    skipped = (
+        await conn.execute(
+            text(
+                """
+                WITH s AS (
+                    UPDATE rollout_targets SET state = 'skipped', updated_at = now()
+                    WHERE rollout_id = :rid AND state = 'planned'
+                    RETURNING 1
+                )
+                SELECT count(*) FROM s
+                """
+            ),
+            {"rid": rollout_id},
+        )
+    ).scalar_one()
+    if skipped:
+        await conn.execute(
+            text(
+                "UPDATE rollouts SET pending = greatest(pending - :n, 0), updated_at = now()"
+                " WHERE id = :rid"
+            ),
+            {"rid": rollout_id, "n": skipped},
+        )
+    return int(skipped)
+
+
+async def rollback_batch(session: AsyncSession, *, rollout_id: int, batch_size: int = 1000) -> int:
+    """Return the next `batch_size` issued targets to the desired release they had before.
+
+    Declarative: a new `desired_states` row per vehicle (id derived from workflow id and
+    vehicle), whose release is the target's `previous_release_version`. A vehicle whose desired
+    state has moved on since (another rollout or an operator) is left alone. A vehicle that had
+    no known release before gets its desired state cleared. Targets end `rolled_back`; returns
+    how many were processed (0 when none is left).
+    """
+    created_by = rollout_workflow_id(rollout_id)
+    conn = await _conn(session)
+    processed = (
+        await conn.execute(
+            text(
+                """
+                WITH todo AS (
+                    SELECT t.vehicle_id, t.desired_state_id AS our_ds,
+                           t.previous_release_version AS prev_release,
+                           (v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id)
+                               AS still_ours,
+                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id
+                               || ':' || 'rollback')::uuid AS ds_id
+                    FROM rollout_targets t
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE t.rollout_id = :rid
+                      AND t.state IN ('notified', 'updating', 'succeeded', 'failed', 'blocked')
+                    ORDER BY t.vehicle_id
+                    LIMIT :n
+                    FOR UPDATE OF t
+                ),
+                ins AS (
+                    INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                                previous_desired_state_id, reason, created_by)
+                    SELECT ds_id, vehicle_id, prev_release, :rid, our_ds, :reason, :created_by
+                    FROM todo WHERE still_ours AND prev_release IS NOT NULL
+                    ON CONFLICT (id) DO NOTHING
+                ),
+                upv AS (
+                    UPDATE vehicles v
+                    SET desired_release_version = todo.prev_release,
+                        desired_state_id = CASE WHEN todo.prev_release IS NULL THEN NULL
+                                                ELSE todo.ds_id END,
+                        status = CASE WHEN v.status = 'offline' THEN v.status
+                                      WHEN v.actual_release_version
+                                           IS NOT DISTINCT FROM todo.prev_release
+                                      THEN 'in_sync'
+                                      ELSE 'pending' END,
+                        updated_at = now()
+                    FROM todo WHERE v.id = todo.vehicle_id AND todo.still_ours
+                ),
+                upt AS (
+                    UPDATE rollout_targets t SET state = 'rolled_back', updated_at = now()
+                    FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING 1
+                )
+                SELECT count(*) FROM upt
+                """
+            ),
+            {
+                "rid": rollout_id,
+                "n": batch_size,
+                "created_by": created_by,
+                "reason": f"rollback of rollout {rollout_id}",
+            },
+        )
+    ).scalar_one()
+    return int(processed)
