@@ -21,8 +21,9 @@ import httpx
 from core import localservers
 from core.cli import load_or_create_dev_key
 
-TEMPORAL_PORT = 7233
-TEMPORAL_UI_PORT = 8233
+# Ports of what `make dev` starts; the variables exist so that a test can run a second stack.
+TEMPORAL_PORT = int(os.environ.get("MOTORCADE_DEV_TEMPORAL_PORT", "7233"))
+TEMPORAL_UI_PORT = int(os.environ.get("MOTORCADE_DEV_TEMPORAL_UI_PORT", "8233"))
 API_HOST = "127.0.0.1"
 API_PORT = int(os.environ.get("MOTORCADE_API_PORT", "8000"))
 
@@ -157,6 +158,8 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
             "MOTORCADE_TRUSTED_KEYS_FILE": str(state_dir / "trusted-keys.json"),
         }
         env["MOTORCADE_TEMPORAL_ADDRESS"] = _temporal_address(stack, env)
+        if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ:
+            env["MOTORCADE_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{TEMPORAL_UI_PORT}"
         say("migrating the schema")
         upgrade(database_url)
         result = seed_fleet(database_url, vehicles=vehicles, state_dir=state_dir)
@@ -173,7 +176,11 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
         _wait_ready(base, [("worker", worker), ("api", api)])
         viewer = mint_dev_token(dev_key, role=Role.VIEWER, subject="dev-viewer")
         operator = mint_dev_token(dev_key, role=Role.OPERATOR, subject="dev-operator")
-        ui = "http://127.0.0.1:8233" if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ else None
+        ui = (
+            env.get("MOTORCADE_TEMPORAL_UI_URL")
+            if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ
+            else None
+        )
         print(
             "\n".join(
                 [

@@ -1,0 +1,140 @@
+"""`motorcade dev` (what `make dev` runs), end to end, as a new user would use it.
+
+It starts its own Temporal dev server (on free ports, so it does not collide with a running
+`make dev`), migrates and seeds a fresh database, runs the worker and the API, and prints
+tokens. Then: /readyz is 200, the Temporal UI answers, the viewer token lists the seeded
+vehicles, the operator token creates a rollout whose workflow the `temporal` CLI lists, and
+Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core import localservers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dev_database(database_server_url: str) -> Iterator[str]:
+    name = f"motorcade_dev_{secrets.token_hex(4)}"
+    yield localservers.ensure_database(database_server_url, name)
+    localservers.drop_database(database_server_url, name)
+
+
+def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) -> None:
+    api_port, temporal_port, ui_port = (localservers.free_port() for _ in range(3))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTORCADE_")} | {
+        "MOTORCADE_DATABASE_URL": dev_database,
+        "MOTORCADE_API_PORT": str(api_port),
+        "MOTORCADE_DEV_TEMPORAL_PORT": str(temporal_port),
+        "MOTORCADE_DEV_TEMPORAL_UI_PORT": str(ui_port),
+    }
+    proc = subprocess.Popen(
+        [
+            localservers.venv_binary("motorcade"),
+            "dev",
+            "--vehicles",
+            "300",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert ready.wait(180), "motorcade dev did not come up:\n" + "".join(lines[-40:])
+        output = "".join(lines)
+        viewer = re.search(r"VIEWER_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
+        operator = re.search(r"OPERATOR_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{ui_port}" in output
+
+        base = f"http://127.0.0.1:{api_port}"
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{ui_port}/").status_code == 200
+
+        auth = {"Authorization": f"Bearer {viewer}"}
+        vehicles = httpx.get(f"{base}/api/v1/vehicles?limit=500", headers=auth).json()
+        assert len(vehicles["data"]) == 300
+        assert {v["status"] for v in vehicles["data"]} == {"in_sync"}
+        assert len({v["model"] for v in vehicles["data"]}) > 1
+        releases = httpx.get(f"{base}/api/v1/releases", headers=auth).json()["data"]
+        newest = releases[0]["version"]
+        assert newest != vehicles["data"][0]["actual"]["releaseVersion"]
+
+        created = httpx.post(
+            f"{base}/api/v1/rollouts",
+            headers={"Authorization": f"Bearer {operator}"},
+            json={
+                "releaseVersion": newest,
+                "targets": {"rings": ["canary"]},
+                "strategy": {
+                    "canary": {"size": 1, "bakeSeconds": 3600},
+                    "waves": [{"percent": 100, "bakeSeconds": 0}],
+                },
+            },
+        )
+        assert created.status_code == 201, created.text
+        workflow_id = created.json()["data"]["workflowId"]
+
+        listed: list[dict] = []
+        for _ in range(30):
+            result = subprocess.run(
+                [
+                    localservers.venv_binary("temporal"),
+                    "workflow",
+                    "list",
+                    "--address",
+                    f"127.0.0.1:{temporal_port}",
+                    "--query",
+                    f"WorkflowId = '{workflow_id}'",
+                    "--output",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            listed = json.loads(result.stdout or "[]")
+            if listed:
+                break
+            time.sleep(1)
+        assert listed and listed[0]["execution"]["workflowId"] == workflow_id
+        assert listed[0]["taskQueue"] == "motorcade-rollouts"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, "".join(lines[-30:])
+    for port in (api_port, temporal_port, ui_port):
+        assert not localservers.port_open("127.0.0.1", port), f"port {port} still open"
