@@ -65,18 +65,28 @@ async def _conn(session: AsyncSession) -> AsyncConnection:
 
 _COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
 
-# The rollout's target filter, as SQL over `v` (vehicles) and `r` (rollouts): an absent or
-# empty list is no filter on that dimension.
-_MATCHES = """
-    (coalesce(jsonb_array_length(r.targets -> 'models'), 0) = 0
-        OR v.model IN (SELECT jsonb_array_elements_text(r.targets -> 'models')))
-    AND (coalesce(jsonb_array_length(r.targets -> 'regions'), 0) = 0
-        OR v.region IN (SELECT jsonb_array_elements_text(r.targets -> 'regions')))
-    AND (coalesce(jsonb_array_length(r.targets -> 'rings'), 0) = 0
-        OR v.ring IN (SELECT jsonb_array_elements_text(r.targets -> 'rings')))
-    AND (coalesce(jsonb_array_length(r.targets -> 'vehicleIds'), 0) = 0
-        OR v.id IN (SELECT jsonb_array_elements_text(r.targets -> 'vehicleIds')))
-"""
+
+# The rollout's target filter, as SQL over `v` (vehicles) and `r` (rollouts): an absent, null
+# or empty list is no filter on that dimension.
+def _dimension(key: str, column: str) -> str:
+    array = (
+        f"(CASE WHEN jsonb_typeof(r.targets -> '{key}') = 'array' THEN r.targets -> '{key}' END)"
+    )
+    return (
+        f"(coalesce(jsonb_array_length({array}), 0) = 0"
+        f" OR {column} IN (SELECT jsonb_array_elements_text({array})))"
+    )
+
+
+_MATCHES = " AND ".join(
+    _dimension(key, column)
+    for key, column in (
+        ("models", "v.model"),
+        ("regions", "v.region"),
+        ("rings", "v.ring"),
+        ("vehicleIds", "v.id"),
+    )
+)
 
 
 async def load_rollout(

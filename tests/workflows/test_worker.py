@@ -1,0 +1,55 @@
+"""`run_worker` against the local dev server: connects, registers the search attributes, runs
+a rollout, stops on cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.testing import WorkflowEnvironment
+
+from core.settings import Settings
+from core.temporal import ROLLOUT_TASK_QUEUE, ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
+from models.workflows import RolloutInput, RolloutResult
+from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
+from worker.main import run_worker
+
+RELEASE = "2026.2.0-worker"
+
+
+async def test_run_worker_runs_a_rollout_on_the_dev_server(
+    dev_server_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    prefix = unique_prefix("wk")
+    await make_fleet(sessions, prefix=prefix, count=12)
+    await make_release(sessions, version=RELEASE)
+    rollout_id = await make_rollout(
+        sessions,
+        release_version=RELEASE,
+        targets={"models": [prefix + "m1"]},
+        strategy={
+            "canary": {"size": 1, "bakeSeconds": 0},
+            "waves": [{"percent": 100, "bakeSeconds": 0}],
+        },
+    )
+    config = settings.model_copy(
+        update={"temporal_address": dev_server_env.client.service_client.config.target_host}
+    )
+    task = asyncio.create_task(run_worker(config))
+    try:
+        result = await dev_server_env.client.execute_workflow(
+            ROLLOUT_WORKFLOW_TYPE,
+            RolloutInput(rollout_id=rollout_id, release_version=RELEASE),
+            id=rollout_workflow_id(rollout_id) + "-" + prefix,
+            task_queue=ROLLOUT_TASK_QUEUE,
+            result_type=RolloutResult,
+        )
+        assert result.status == "completed" and result.counts.notified == 6
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
