@@ -24,7 +24,7 @@ def unique_prefix(name: str) -> str:
 async def make_fleet(
     sessions: async_sessionmaker[AsyncSession], *, prefix: str, count: int
 ) -> None:
-    """`count` vehicles `{prefix}00000`... spread over models, regions and rings, in sync on an
+    """`count` vehicles `{prefix}0000000`... spread over models, regions and rings, in sync on an
     older release; their model/region names carry the prefix so tests can target them alone."""
     async with sessions() as session:
         conn = await session.connection()
@@ -33,7 +33,7 @@ async def make_fleet(
                 """
                 INSERT INTO vehicles (id, model, region, ring, desired_release_version,
                                       actual_release_version, status)
-                SELECT CAST(:prefix AS text) || lpad(i::text, 5, '0'),
+                SELECT CAST(:prefix AS text) || lpad(i::text, 7, '0'),
                        CAST(:prefix AS text) || (ARRAY['m1','m2'])[1 + i % 2],
                        CAST(:prefix AS text) || (ARRAY['eu-west','us-east','ap-south'])[1 + i % 3],
                        (ARRAY['internal','beta','ga'])[1 + i % 3],

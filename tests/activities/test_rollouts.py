@@ -111,7 +111,7 @@ async def test_expand_targets_plans_deterministically_and_once(
 async def test_expand_targets_by_vehicle_ids_and_rings(
     sessions: Sessions, fleet: str, acts: RolloutActivities
 ) -> None:
-    ids = [f"{fleet}{i:05d}" for i in (1, 2, 3, 4, 5, 6)] + ["no-such-vehicle"]
+    ids = [f"{fleet}{i:07d}" for i in (1, 2, 3, 4, 5, 6)] + ["no-such-vehicle"]
     rollout_id = await _rollout(
         sessions,
         fleet,
