@@ -10,6 +10,7 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
 
@@ -43,20 +44,31 @@ async def connect(address: str, namespace: str = "default") -> Client:
 
 
 async def ensure_search_attributes(client: Client, namespace: str | None = None) -> None:
-    """Register the custom search attributes if missing (idempotent)."""
+    """Register the custom search attributes if missing (idempotent).
+
+    The time-skipping test server does not implement ListSearchAttributes; there, and
+    wherever listing is refused, every attribute is added and "already exists" is fine.
+    """
     ns = namespace or client.namespace
-    existing = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=ns)
-    )
-    missing = {
-        key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
-        for key in SEARCH_ATTRIBUTES
-        if key.name not in existing.custom_attributes
-    }
-    if missing:
+    wanted = {key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in SEARCH_ATTRIBUTES}
+    try:
+        existing = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=ns)
+        )
+        missing = {k: v for k, v in wanted.items() if k not in existing.custom_attributes}
+    except RPCError as err:
+        if err.status != RPCStatusCode.UNIMPLEMENTED:
+            raise
+        missing = wanted
+    if not missing:
+        return
+    try:
         await client.operator_service.add_search_attributes(
             AddSearchAttributesRequest(namespace=ns, search_attributes=missing)
         )
+    except RPCError as err:
+        if err.status != RPCStatusCode.ALREADY_EXISTS:
+            raise
 
 
 ROLLOUT_WORKFLOW_TYPE = "RolloutWorkflow"
