@@ -14,6 +14,7 @@ from temporalio.client import Client
 from api.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core import temporal
 from core.auth import Principal, TokenError, TokenVerifier
+from core.db import session_scope
 from core.settings import Settings
 from models.enums import Role
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -49,14 +50,10 @@ def get_settings(request: Request) -> Settings:
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request owns the transaction: committed at its end, rolled back on error."""
     factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    async with session_scope(factory) as session:
+        yield session
 
 
 async def get_temporal(request: Request) -> Client:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from models.enums import RolloutStatus, VehicleStatus
+from models.workflows import RolloutCounts
 
 T = TypeVar("T")
 
@@ -231,16 +232,6 @@ class RolloutCreate(StrictCamelModel):
     reason: str | None = Field(None, max_length=2000)
 
 
-class RolloutProgress(CamelModel):
-    targeted: int = 0
-    notified: int = 0
-    updating: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    blocked: int = 0
-    pending: int = 0
-
-
 class RolloutOut(CamelModel):
     id: int
     name: str | None = None
@@ -256,7 +247,7 @@ class RolloutOut(CamelModel):
     gates: dict[str, Any]
     timeouts: dict[str, Any]
     retry: dict[str, Any]
-    progress: RolloutProgress
+    progress: RolloutCounts
     workflow_id: str | None = None
     temporal_ui_url: str | None = None
     created_by: str

@@ -19,8 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
 from models.workflows import RolloutCounts, StagePlan
+from services import audit as audit_log
+from services import change_feed
+from services.rollouts import AuditScope, audit_scope
 from workflows.policy import plan_from_strategy, stage_ends
 
 
@@ -335,17 +338,13 @@ async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
     return RolloutCounts.model_validate(row._asdict())
 
 
-async def _scope(conn: AsyncConnection, rollout_id: int) -> dict[str, list[str] | None]:
+async def _scope(conn: AsyncConnection, rollout_id: int) -> AuditScope:
     targets = (
         await conn.execute(
             text("SELECT targets FROM rollouts WHERE id = :rid"), {"rid": rollout_id}
         )
     ).scalar_one()
-    targets = _as_dict(targets)
-    return {
-        "regions": list(targets.get("regions") or []) or None,
-        "models": list(targets.get("models") or []) or None,
-    }
+    return audit_scope(_as_dict(targets))
 
 
 async def record_rollout_event(
@@ -363,37 +362,27 @@ async def record_rollout_event(
 ) -> None:
     """An audit entry (optional) and a `rollout.updated` change-feed event, in the caller's
     transaction."""
-    conn = await _conn(session)
     if audit:
-        scope = await _scope(conn, rollout_id)
-        await conn.execute(
-            text(
-                """
-                INSERT INTO audit_log (actor, role, source, action, target_type, target_id,
-                                       reason, correlation_id, payload, result, regions, models)
-                VALUES (:actor, NULL, :source, :action, 'rollout', :target_id, :reason,
-                        :correlation_id, CAST(:payload AS jsonb), :result,
-                        :regions, :models)
-                """
-            ),
-            {
-                "actor": actor,
-                "source": source,
-                "action": action,
-                "target_id": str(rollout_id),
-                "reason": reason,
-                "correlation_id": correlation_id,
-                "payload": json.dumps(payload),
-                "result": result,
-                **scope,
-            },
+        await audit_log.record(
+            session,
+            actor=actor,
+            role=None,
+            source=AuditSource(source),
+            action=action,
+            target_type="rollout",
+            target_id=str(rollout_id),
+            reason=reason,
+            correlation_id=correlation_id,
+            payload=payload,
+            result=result,
+            **await _scope(await _conn(session), rollout_id),
         )
-    await conn.execute(
-        text(
-            "INSERT INTO change_feed (topic, event, entity_id, payload)"
-            " VALUES ('rollouts', 'rollout.updated', :entity_id, CAST(:payload AS jsonb))"
-        ),
-        {"entity_id": str(rollout_id), "payload": json.dumps(payload)},
+    await change_feed.publish(
+        session,
+        topic="rollouts",
+        event="rollout.updated",
+        entity_id=str(rollout_id),
+        payload=payload,
     )
 
 

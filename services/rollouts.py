@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import func, literal
 from sqlalchemy.dialects.postgresql import JSONB
@@ -15,8 +15,8 @@ from core.temporal import rollout_workflow_id
 from models.api import RolloutCreate
 from models.enums import AuditSource, RolloutStatus
 from models.scope import Scope
-from models.tables import ChangeFeed, Release, Rollout
-from services import audit
+from models.tables import Release, Rollout
+from services import audit, change_feed
 from services.errors import InvalidInput, NotFoundError, OutOfScope, SafetyWeakened
 from services.pagination import SortKey, any_of, keyset, parse_sort, split_page, timestamp_key
 from services.safety import SafetyDefaults, effective_safety
@@ -37,6 +37,21 @@ class Actor:
     role: str | None
     source: AuditSource
     correlation_id: str | None = None
+
+
+class AuditScope(TypedDict):
+    regions: list[str] | None
+    models: list[str] | None
+    orgs: list[str] | None
+
+
+def audit_scope(targets: dict[str, Any]) -> AuditScope:
+    """The scope an audit entry about a rollout carries: its targets' regions, models, orgs."""
+    return AuditScope(
+        regions=list(targets.get("regions") or []) or None,
+        models=list(targets.get("models") or []) or None,
+        orgs=list(targets.get("orgs") or []) or None,
+    )
 
 
 def _scope_problems(targets: dict[str, Any], scope: Scope) -> list[str]:
@@ -136,47 +151,30 @@ async def create_rollout(
     await session.flush()
     assert rollout.id is not None
     rollout.workflow_id = rollout_workflow_id(rollout.id)
-    audit_scope: dict[str, Any] = {
-        "regions": targets.get("regions") or None,
-        "models": targets.get("models") or None,
-        "orgs": targets.get("orgs") or None,
-    }
-    await audit.record(
-        session,
-        actor=actor.subject,
-        role=actor.role,
-        source=actor.source,
-        action="rollout.created",
-        target_type="rollout",
-        target_id=str(rollout.id),
-        reason=body.reason,
-        correlation_id=actor.correlation_id,
-        payload=body.model_dump(by_alias=True, mode="json"),
-        **audit_scope,
-    )
+    entries = [("rollout.created", body.model_dump(by_alias=True, mode="json"))]
     if acknowledgement:
+        entries.append(("rollout.safety_weakened", acknowledgement))
+    for action, payload in entries:
         await audit.record(
             session,
             actor=actor.subject,
             role=actor.role,
             source=actor.source,
-            action="rollout.safety_weakened",
+            action=action,
             target_type="rollout",
             target_id=str(rollout.id),
             reason=body.reason,
             correlation_id=actor.correlation_id,
-            payload=acknowledgement,
-            **audit_scope,
+            payload=payload,
+            **audit_scope(targets),
         )
-    session.add(
-        ChangeFeed(
-            topic="rollouts",
-            event="rollout.updated",
-            entity_id=str(rollout.id),
-            payload={"id": rollout.id, "status": rollout.status, "stage": None},
-        )
+    await change_feed.publish(
+        session,
+        topic="rollouts",
+        event="rollout.updated",
+        entity_id=str(rollout.id),
+        payload={"id": rollout.id, "status": rollout.status, "stage": None},
     )
-    await session.flush()
     return rollout
 
 

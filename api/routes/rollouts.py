@@ -25,10 +25,10 @@ from api.errors import DependencyUnavailable, ErrorResponses
 from core import temporal
 from core.db import session_scope
 from core.settings import Settings
-from models.api import Envelope, ListEnvelope, RolloutCreate, RolloutOut, RolloutProgress
+from models.api import Envelope, ListEnvelope, RolloutCreate, RolloutOut
 from models.enums import AuditSource, RolloutStatus
 from models.tables import Rollout
-from models.workflows import RolloutInput
+from models.workflows import RolloutCounts, RolloutInput
 from services import rollouts as service
 from services.safety import SafetyDefaults
 
@@ -53,7 +53,7 @@ def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
         gates=r.gates or {},
         timeouts=r.timeouts or {},
         retry=r.retry or {},
-        progress=RolloutProgress(
+        progress=RolloutCounts(
             targeted=r.targeted,
             notified=r.notified,
             updating=r.updating,
