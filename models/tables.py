@@ -22,6 +22,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     SmallInteger,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -313,3 +314,49 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: dict[str, Any] | None = _json_column("null", nullable=True)
     created_at: datetime | None = _now_column()
     expires_at: datetime = Field(sa_column=Column(TIMEZONE, nullable=False))
+
+
+class ReconcileRun(SQLModel, table=True):
+    """One run of the reconcile workflow (idempotent by `run_key`, the schedule's slot)."""
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (
+        UniqueConstraint("run_key", name="uq_reconcile_runs_run_key"),
+        Index("ix_reconcile_runs_started", "started_at", "id"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInteger, Identity(start=1), primary_key=True)
+    )
+    run_key: str = Field(sa_column=Column(Text, nullable=False))
+    started_at: datetime | None = _now_column()
+    finished_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    marked_offline: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
+    drifted: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    summary: dict[str, Any] | None = _json_column()
+
+
+class ReconcileDrift(SQLModel, table=True):
+    """Desired-vs-actual drift counted by one reconcile run, by release pair, status and place."""
+
+    __tablename__ = "reconcile_drift"
+    __table_args__ = (
+        PrimaryKeyConstraint(
+            "run_id",
+            "desired_release_version",
+            "actual_release_version",
+            "status",
+            "region",
+            "model",
+        ),
+    )
+
+    run_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    desired_release_version: str = Field(sa_column=Column(Text, nullable=False))
+    actual_release_version: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(sa_column=Column(Text, nullable=False))
+    region: str = Field(sa_column=Column(Text, nullable=False))
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    vehicles: int = Field(sa_column=Column(Integer, nullable=False))
