@@ -3,6 +3,8 @@ workflows pass ids, counts, stage numbers and cursors; vehicles stay in PostgreS
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -61,6 +63,27 @@ class RolloutSignal(BaseModel):
 
 
 # --- Workflow state and result -------------------------------------------------------------
+
+
+class ControlRequest(BaseModel):
+    """Input of the `control` Update, the API's way to steer a running rollout. Its validator
+    refuses an invalid transition at once (resume of a rollout that is not paused, anything
+    on a finished one); the API answers that with 409 INVALID_STATE_TRANSITION. The API has
+    audited the request itself, so `source="api"` tells the workflow not to audit it again."""
+
+    action: Literal["pause", "resume", "rollback", "abort"]
+    reason: str
+    actor: str | None = None
+    source: str = "api"
+    correlation_id: str | None = None
+
+
+class ControlResult(BaseModel):
+    """What the `control` Update answers: the rollout's status once the action is accepted."""
+
+    action: str
+    status: str
+    paused: bool
 
 
 class OperatorAction(BaseModel):
