@@ -1,0 +1,135 @@
+"""Operators steer rollouts with the real `temporal` CLI: a pause signal with the JSON body of
+SPEC.md pauses the rollout in PostgreSQL and leaves an audit entry with source `temporal`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.testing import WorkflowEnvironment
+
+from core import localservers
+from core.temporal import ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
+from models.workflows import RolloutInput
+from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
+from worker.main import build_worker
+
+RELEASE = "2026.3.0-cli"
+
+
+async def temporal_cli(env: WorkflowEnvironment, *args: str) -> str:
+    address = env.client.service_client.config.target_host
+    proc = await asyncio.create_subprocess_exec(
+        localservers.venv_binary("temporal"),
+        *args,
+        "--address",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def wait_for_row(
+    sessions: async_sessionmaker[AsyncSession], sql: str, params: dict[str, Any], want: Any
+) -> Any:
+    row = None
+    for _ in range(100):
+        async with sessions() as session:
+            row = (await (await session.connection()).execute(text(sql), params)).first()
+        if row is not None and tuple(row) == want:
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{sql} gave {row}, not {want}")
+
+
+async def test_pause_and_resume_with_the_temporal_cli(
+    dev_server_env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    task_queue: str,
+) -> None:
+    prefix = unique_prefix("cli")
+    await make_fleet(sessions, prefix=prefix, count=20)
+    await make_release(sessions, version=RELEASE)
+    rollout_id = await make_rollout(
+        sessions,
+        release_version=RELEASE,
+        targets={"models": [prefix + "m1"]},
+        strategy={
+            "canary": {"size": 1, "bakeSeconds": 3600},
+            "waves": [{"percent": 100, "bakeSeconds": 0}],
+        },
+    )
+    workflow_id = rollout_workflow_id(rollout_id)
+    async with build_worker(dev_server_env.client, sessions, task_queue=task_queue):
+        handle = await dev_server_env.client.start_workflow(
+            ROLLOUT_WORKFLOW_TYPE,
+            RolloutInput(rollout_id=rollout_id, release_version=RELEASE),
+            id=workflow_id,
+            task_queue=task_queue,
+        )
+        try:
+            status_sql = "SELECT status, status_reason FROM rollouts WHERE id = :id"
+            await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
+
+            body = {"reason": "investigating", "actor": "alice"}
+            await temporal_cli(
+                dev_server_env,
+                "workflow",
+                "signal",
+                "--workflow-id",
+                workflow_id,
+                "--name",
+                "pause",
+                "--input",
+                json.dumps(body),
+            )
+            await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("paused", "OPERATOR"))
+            await wait_for_row(
+                sessions,
+                "SELECT actor, source, reason FROM audit_log"
+                " WHERE target_type = 'rollout' AND target_id = :id AND action = 'rollout.paused'",
+                {"id": str(rollout_id)},
+                ("alice", "temporal", "investigating"),
+            )
+
+            await temporal_cli(
+                dev_server_env,
+                "workflow",
+                "signal",
+                "--workflow-id",
+                workflow_id,
+                "--name",
+                "resume",
+                "--input",
+                '{"reason": "fixed", "actor": "bob"}',
+            )
+            await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
+            await wait_for_row(
+                sessions,
+                "SELECT actor, source, reason FROM audit_log"
+                " WHERE target_type = 'rollout' AND target_id = :id AND action = 'rollout.resumed'",
+                {"id": str(rollout_id)},
+                ("bob", "temporal", "fixed"),
+            )
+            # The query answers the operator too.
+            progress = await temporal_cli(
+                dev_server_env,
+                "workflow",
+                "query",
+                "--workflow-id",
+                workflow_id,
+                "--name",
+                "progress",
+                "--output",
+                "json",
+            )
+            assert '"paused":false' in progress.replace(" ", "")
+        finally:
+            await handle.terminate("test over")
