@@ -3,17 +3,23 @@ workflows pass ids, counts, stage numbers and cursors; vehicles stay in PostgreS
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class RolloutInput(BaseModel):
-    """What starts `RolloutWorkflow`: the rollout row is the source of truth for the rest."""
+    """What starts `RolloutWorkflow`: the rollout row is the source of truth for the rest.
+
+    `state` is set only by continue-as-new (the run resumes from it). `gate_interval_seconds`
+    overrides how often gates are evaluated while a stage bakes (default: min(60, bake))."""
 
     rollout_id: int
     release_version: str
     correlation_id: str | None = None
+    gate_interval_seconds: int | None = None
+    state: RolloutState | None = None
 
 
 class StagePlan(BaseModel):
@@ -58,6 +64,8 @@ class RolloutSignal(BaseModel):
     actor: str | None = None
     source: str | None = None
     correlation_id: str | None = Field(default=None, alias="correlationId")
+    # resume only: pass a canary that is still unhealthy (the operator takes responsibility).
+    force: bool = False
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -76,6 +84,8 @@ class ControlRequest(BaseModel):
     actor: str | None = None
     source: str = "api"
     correlation_id: str | None = None
+    # resume only: pass a canary that is still unhealthy (the operator takes responsibility).
+    force: bool = False
 
 
 class ControlResult(BaseModel):
@@ -94,6 +104,67 @@ class OperatorAction(BaseModel):
     actor: str | None = None
     source: str = "temporal"
     correlation_id: str | None = None
+    force: bool = False
+
+
+# --- Gates and policy ----------------------------------------------------------------------
+
+
+class GateCounts(BaseModel):
+    """Targets per state (one stage or the whole rollout), from `rollout_targets`."""
+
+    notified: int = 0
+    updating: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    blocked: int = 0
+    # failed with a retryable reason and attempts left (work for retry_failed_targets)
+    retryable: int = 0
+
+    @property
+    def issued(self) -> int:
+        """Targets whose desired state went out (the denominator of the failure threshold)."""
+        return self.notified + self.updating + self.succeeded + self.failed + self.blocked
+
+
+class GatePolicy(BaseModel):
+    min_success_rate: float = 0.95
+    min_samples: int = 1
+    max_failure_rate: float = 0.05
+    failure_action: Literal["pause", "rollback"] = "pause"
+
+
+class GateDecision(BaseModel):
+    """What `policy.decide` answers: proceed, wait, pause(reason) or rollback(reason)."""
+
+    action: Literal["proceed", "wait", "pause", "rollback"]
+    reason: str | None = None  # statusReason: FAILURE_THRESHOLD, CANARY_UNHEALTHY
+    detail: str | None = None
+
+
+class MaintenanceWindowSpec(BaseModel):
+    """`gates.safetyChecks.maintenanceWindow`: local wall-clock start/end ("HH:MM"), zone,
+    days ("mon".."sun", the day the window opens)."""
+
+    start: str
+    end: str
+    timezone: str = "UTC"
+    days: list[str] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    )
+
+
+class RolloutPolicy(BaseModel):
+    """A rollout's gates, safety checks, timeouts and retry settings, as the workflow and its
+    activities use them (parsed from the rollout row by `policy.rollout_policy`)."""
+
+    gates: GatePolicy = Field(default_factory=GatePolicy)
+    window: MaintenanceWindowSpec | None = None
+    require_stationary: bool = True
+    min_battery_percent: int = 30
+    apply_seconds: int = 3600
+    max_attempts: int = 2
+    backoff_seconds: int = 300
 
 
 class RolloutState(BaseModel):
@@ -116,6 +187,23 @@ class RolloutState(BaseModel):
     waiting_for: str | None = None
     counts: RolloutCounts = Field(default_factory=RolloutCounts)
     pending_actions: list[OperatorAction] = Field(default_factory=list)
+    # --- execution (v2) ---
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    # Where the current stage is: window -> issue -> bake -> done.
+    phase: str = "window"
+    bake_until: datetime | None = None
+    first_issued_at: datetime | None = None
+    stop_action: OperatorAction | None = None
+    paused_by: str | None = None
+    pause_note: str | None = None
+    # Failures an operator accepted by resuming after FAILURE_THRESHOLD (not counted again).
+    acknowledged_failed: int = 0
+    # Stage whose unhealthy canary an operator passed with resume(force=True).
+    canary_forced_stage: int | None = None
+    last_total: GateCounts = Field(default_factory=GateCounts)
+    # Rollback: the next stage (descending) to return; None before a rollback starts.
+    rollback_next: int | None = None
+    runs: int = 1
 
 
 class RolloutResult(BaseModel):
@@ -140,6 +228,7 @@ class ExpandTargetsResult(BaseModel):
     stages: list[StagePlan]
     # True when this call inserted the targets, False when an earlier attempt had.
     inserted: bool
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
 
 
 class IssueStageInput(BaseModel):
@@ -148,6 +237,8 @@ class IssueStageInput(BaseModel):
     stage_index: int
     stage: str
     batch_size: int = 1000
+    # Workflow time of the issue (the start of each vehicle's apply timeout); None: now().
+    issued_at: datetime | None = None
 
 
 class IssueStageProgress(BaseModel):
@@ -190,9 +281,43 @@ class UpdateRolloutStatusResult(BaseModel):
 class RollbackTargetsInput(BaseModel):
     rollout_id: int
     batch_size: int = 1000
+    # One stage (a staged rollback, last stage first); None: every touched target.
+    stage_index: int | None = None
 
 
 class RollbackTargetsResult(BaseModel):
     reverted: int
     skipped: int
     counts: RolloutCounts
+
+
+class EvaluateGatesInput(BaseModel):
+    rollout_id: int
+    stage_index: int
+    is_canary: bool
+    bake_done: bool
+    acknowledged_failed: int = 0
+    canary_forced: bool = False
+
+
+class EvaluateGatesResult(BaseModel):
+    total: GateCounts
+    stage: GateCounts
+    decision: GateDecision
+    counts: RolloutCounts
+
+
+class TargetSweepInput(BaseModel):
+    """Input of expire_apply_timeouts, retry_failed_targets and recheck_blocked: the settings
+    come from the rollout row; `now` is the workflow's time (deterministic, time-skipping)."""
+
+    rollout_id: int
+    now: datetime
+
+
+class TargetSweepResult(BaseModel):
+    changed: int
+    counts: RolloutCounts
+
+
+RolloutInput.model_rebuild()

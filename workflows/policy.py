@@ -1,4 +1,5 @@
-"""Pure rollout rules: stage planning and strategy validation. No I/O, deterministic.
+"""Pure rollout rules: stage planning, strategy validation, gate decisions, maintenance
+windows and retry rules. No I/O, deterministic.
 
 Called by the activities (planning a rollout), by the API (validating a request, `dryRun`)
 and by the workflow (safe inside the sandbox: only the standard library and pydantic models).
@@ -8,11 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from models.workflows import StagePlan
+from models.workflows import (
+    GateCounts,
+    GateDecision,
+    GatePolicy,
+    MaintenanceWindowSpec,
+    RolloutPolicy,
+    StagePlan,
+)
 
 CANARY = "canary"
 
@@ -197,3 +207,227 @@ def validate_strategy(strategy: Any) -> list[str]:
     if last_ok and previous is not None and previous != 100:
         problems.append(f"waves[{len(waves) - 1}].percent: the last wave must be 100")
     return problems
+
+
+# --- Gates ---------------------------------------------------------------------------------
+#
+# Counts come from `rollout_targets` (one GROUP BY state, see services.rollout_targets
+# .gate_counts). A target is "issued" once its desired state went out (notified, updating,
+# succeeded, failed, blocked); `failed` includes APPLY_TIMEOUT (a timed-out target *is* failed).
+#
+# - canaryHealthy, after the canary's bake: reported = succeeded + failed among the canary
+#   (blocked and still-applying vehicles have not reported an outcome). Healthy when
+#   reported >= minSamples and succeeded / reported >= minSuccessRate. With nothing reported,
+#   healthy only when minSamples is 0 (an empty canary cannot prove anything else).
+# - failureThreshold, at any time: failed / issued over the whole rollout so far (every stage
+#   issued up to now) > maxFailureRate, with issued > 0. A vehicle retried after a retryable
+#   failure is back to notified and no longer counts as failed.
+
+PROCEED = "proceed"
+WAIT = "wait"
+PAUSE = "pause"
+ROLLBACK = "rollback"
+
+CANARY_UNHEALTHY = "CANARY_UNHEALTHY"
+FAILURE_THRESHOLD = "FAILURE_THRESHOLD"
+
+
+def _rate(value: Any, default: float) -> float:
+    return float(value) if _is_number(value) else default
+
+
+def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
+    """The gate settings of a rollout as stored (camelCase JSON), with SPEC's defaults."""
+    gates = gates or {}
+    canary = gates.get("canaryHealthy") or {}
+    threshold = gates.get("failureThreshold") or {}
+    action = threshold.get("action") or PAUSE
+    samples = canary.get("minSamples")
+    return GatePolicy(
+        min_success_rate=_rate(canary.get("minSuccessRate"), 0.95),
+        min_samples=samples if _is_int(samples) else 1,
+        max_failure_rate=_rate(threshold.get("maxFailureRate"), 0.05),
+        failure_action=ROLLBACK if action == ROLLBACK else PAUSE,
+    )
+
+
+def canary_healthy(counts: GateCounts, *, min_success_rate: float, min_samples: int) -> bool:
+    reported = counts.succeeded + counts.failed
+    if reported == 0:
+        return min_samples <= 0
+    if reported < min_samples:
+        return False
+    return Fraction(counts.succeeded, reported) >= _exact(min_success_rate)
+
+
+def failure_threshold_breached(counts: GateCounts, *, max_failure_rate: float) -> bool:
+    issued = counts.issued
+    if issued <= 0:
+        return False
+    return Fraction(counts.failed, issued) > _exact(max_failure_rate)
+
+
+def decide(
+    *,
+    policy: GatePolicy,
+    total: GateCounts,
+    stage: GateCounts,
+    is_canary: bool,
+    bake_done: bool,
+    acknowledged_failed: int = 0,
+    canary_forced: bool = False,
+) -> GateDecision:
+    """One gate decision for a stage being baked (airbyte-style: pure, table-tested).
+
+    Order: the failure threshold first (at any time); then, once the bake is over, the canary
+    check (canary stage only); then proceed. Before the bake is over: wait.
+
+    `acknowledged_failed`: failures an operator accepted by resuming after a FAILURE_THRESHOLD
+    pause; they stay in the denominator but no longer count as failures. `canary_forced`: an
+    operator resumed with `force` past an unhealthy canary.
+    """
+    if acknowledged_failed:
+        total = total.model_copy(
+            update={
+                "failed": max(0, total.failed - acknowledged_failed),
+                "succeeded": total.succeeded + min(total.failed, acknowledged_failed),
+            }
+        )
+    if failure_threshold_breached(total, max_failure_rate=policy.max_failure_rate):
+        return GateDecision(
+            action=policy.failure_action,
+            reason=FAILURE_THRESHOLD,
+            detail=(
+                f"{total.failed} of {total.issued} notified vehicles failed"
+                f" (more than {policy.max_failure_rate:.0%})"
+            ),
+        )
+    if not bake_done:
+        return GateDecision(action=WAIT)
+    if (
+        is_canary
+        and not canary_forced
+        and not canary_healthy(
+            stage, min_success_rate=policy.min_success_rate, min_samples=policy.min_samples
+        )
+    ):
+        reported = stage.succeeded + stage.failed
+        return GateDecision(
+            action=PAUSE,
+            reason=CANARY_UNHEALTHY,
+            detail=(
+                f"canary: {stage.succeeded} of {reported} reported vehicles ready"
+                f" (needs {policy.min_success_rate:.0%} of at least {policy.min_samples})"
+            ),
+        )
+    return GateDecision(action=PROCEED)
+
+
+# --- Maintenance window --------------------------------------------------------------------
+#
+# A window opens at `start` (local wall time in `timezone`) on each of its `days` and closes at
+# `end`; when end <= start it closes the next day (a window that crosses midnight belongs to
+# the day it starts on); start == end is a whole day. No window: always open.
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _hhmm(value: str) -> time:
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def _occurrences(
+    now_utc: datetime, window: MaintenanceWindowSpec
+) -> list[tuple[datetime, datetime]]:
+    """The window's (start, end) in UTC for local days from yesterday to a week ahead."""
+    zone = ZoneInfo(window.timezone or "UTC")
+    days = {d.lower()[:3] for d in window.days}
+    start_t, end_t = _hhmm(window.start), _hhmm(window.end)
+    today = now_utc.astimezone(zone).date()
+    spans = []
+    for offset in range(-1, 9):
+        day = today + timedelta(days=offset)
+        if _DAYS[day.weekday()] not in days:
+            continue
+        start = datetime.combine(day, start_t, tzinfo=zone)
+        end_day = day if end_t > start_t else day + timedelta(days=1)
+        end = datetime.combine(end_day, end_t, tzinfo=zone)
+        spans.append((start.astimezone(UTC), end.astimezone(UTC)))
+    return spans
+
+
+def window_open(now_utc: datetime, window: MaintenanceWindowSpec | None) -> bool:
+    if window is None:
+        return True
+    return any(start <= now_utc < end for start, end in _occurrences(now_utc, window))
+
+
+def next_window_start(now_utc: datetime, window: MaintenanceWindowSpec | None) -> datetime | None:
+    """`now_utc` when the window is open, else when it next opens (UTC); None when it never
+    opens (no days)."""
+    if window_open(now_utc, window):
+        return now_utc
+    assert window is not None
+    starts = [start for start, _ in _occurrences(now_utc, window) if start > now_utc]
+    return min(starts) if starts else None
+
+
+def window_end(now_utc: datetime, window: MaintenanceWindowSpec | None) -> datetime | None:
+    """When the window open at `now_utc` closes (None when there is no window or it is shut)."""
+    if window is None:
+        return None
+    ends = [end for start, end in _occurrences(now_utc, window) if start <= now_utc < end]
+    return max(ends) if ends else None
+
+
+# --- Retries -------------------------------------------------------------------------------
+
+RETRYABLE_REASONS = frozenset({"NETWORK_UNREACHABLE", "APPLY_FAILED", "APPLY_TIMEOUT"})
+NEVER_RETRIED_REASONS = frozenset({"SIGNATURE_INVALID", "INSUFFICIENT_STORAGE"})
+MAX_BACKOFF_SECONDS = 6 * 3600
+
+
+def is_retryable(reason_code: str | None) -> bool:
+    """Only the known transient reasons are retried; unknown codes are not (an operator
+    decides), and SIGNATURE_INVALID / INSUFFICIENT_STORAGE never are."""
+    return reason_code in RETRYABLE_REASONS
+
+
+def should_retry(reason_code: str | None, *, attempt: int, max_attempts: int) -> bool:
+    """`attempt` is how many times the desired state was issued (1 after the first issue)."""
+    return is_retryable(reason_code) and attempt < max_attempts
+
+
+def retry_backoff_seconds(attempt: int, *, base_seconds: int) -> int:
+    """Wait before issuing attempt `attempt + 1`: base, 2x base, 4x base, ... capped at 6 h."""
+    if base_seconds <= 0:
+        return 0
+    cap = max(base_seconds, MAX_BACKOFF_SECONDS)
+    return int(min(cap, base_seconds * 2 ** max(0, attempt - 1)))
+
+
+def rollout_policy(
+    gates: Mapping[str, Any] | None,
+    timeouts: Mapping[str, Any] | None,
+    retry: Mapping[str, Any] | None,
+) -> RolloutPolicy:
+    """The execution settings of a rollout row (camelCase JSON as the API stores it)."""
+    gates = gates or {}
+    checks = gates.get("safetyChecks") or {}
+    window = checks.get("maintenanceWindow")
+    timeouts = timeouts or {}
+    retry = retry or {}
+
+    def _int(value: Any, default: int) -> int:
+        return int(value) if _is_int(value) else default
+
+    return RolloutPolicy(
+        gates=gate_policy(gates),
+        window=MaintenanceWindowSpec.model_validate(window) if window else None,
+        require_stationary=bool(checks.get("requireStationary", True)),
+        min_battery_percent=_int(checks.get("minBatteryPercent"), 30),
+        apply_seconds=_int(timeouts.get("applySeconds"), 3600),
+        max_attempts=_int(retry.get("maxAttempts"), 2),
+        backoff_seconds=_int(retry.get("backoffSeconds"), 300),
+    )

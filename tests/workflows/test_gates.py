@@ -1,0 +1,294 @@
+"""Gate arithmetic, maintenance windows and retry rules: pure, table-driven."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from models.workflows import GateCounts, GatePolicy, MaintenanceWindowSpec
+from workflows.policy import (
+    canary_healthy,
+    decide,
+    failure_threshold_breached,
+    gate_policy,
+    is_retryable,
+    next_window_start,
+    retry_backoff_seconds,
+    rollout_policy,
+    should_retry,
+    window_end,
+    window_open,
+)
+
+
+def c(**kw: int) -> GateCounts:
+    return GateCounts(**kw)
+
+
+@pytest.mark.parametrize(
+    ("counts", "rate", "samples", "healthy"),
+    [
+        (c(succeeded=5), 0.95, 1, True),
+        (c(succeeded=19, failed=1), 0.95, 1, True),  # exactly 95%
+        (c(succeeded=18, failed=2), 0.95, 1, False),
+        (c(succeeded=2, notified=3), 0.95, 3, False),  # too few reported
+        (c(succeeded=3, notified=2), 0.95, 3, True),
+        (c(notified=5), 0.95, 1, False),  # nobody reported
+        (c(notified=5), 0.95, 0, True),  # minSamples 0: nothing to prove
+        (c(succeeded=1, failed=1, blocked=10), 0.5, 2, True),  # blocked are not reported
+        (c(succeeded=0, failed=3), 0.0, 1, True),
+    ],
+)
+def test_canary_healthy(counts: GateCounts, rate: float, samples: int, healthy: bool) -> None:
+    assert canary_healthy(counts, min_success_rate=rate, min_samples=samples) is healthy
+
+
+@pytest.mark.parametrize(
+    ("counts", "rate", "breached"),
+    [
+        (c(), 0.05, False),  # nothing notified
+        (c(notified=100, failed=5), 0.05, False),  # 5/105 < 5%
+        (c(notified=95, failed=5), 0.05, False),  # exactly 5%: not more
+        (c(notified=94, failed=6), 0.05, True),
+        (c(failed=1), 0.99, True),
+        (c(failed=1), 1.0, False),
+        (c(notified=10, blocked=10, updating=10, succeeded=10, failed=2), 0.04, True),
+    ],
+)
+def test_failure_threshold(counts: GateCounts, rate: float, breached: bool) -> None:
+    assert failure_threshold_breached(counts, max_failure_rate=rate) is breached
+
+
+PAUSE_POLICY = GatePolicy(min_success_rate=0.9, min_samples=2, max_failure_rate=0.2)
+ROLLBACK_POLICY = PAUSE_POLICY.model_copy(update={"failure_action": "rollback"})
+
+
+@pytest.mark.parametrize(
+    ("policy", "total", "stage", "is_canary", "bake_done", "acked", "forced", "expected"),
+    [
+        # baking, healthy so far
+        (PAUSE_POLICY, c(notified=10), c(notified=10), True, False, 0, False, ("wait", None)),
+        # canary bake over, healthy
+        (PAUSE_POLICY, c(succeeded=10), c(succeeded=10), True, True, 0, False, ("proceed", None)),
+        # canary bake over, too few samples
+        (
+            PAUSE_POLICY,
+            c(succeeded=1, notified=9),
+            c(succeeded=1, notified=9),
+            True,
+            True,
+            0,
+            False,
+            ("pause", "CANARY_UNHEALTHY"),
+        ),
+        # an unhealthy canary forced by an operator
+        (
+            PAUSE_POLICY,
+            c(succeeded=1, notified=9),
+            c(succeeded=1, notified=9),
+            True,
+            True,
+            0,
+            True,
+            ("proceed", None),
+        ),
+        # a wave is not held to the canary rule
+        (PAUSE_POLICY, c(notified=10), c(notified=10), False, True, 0, False, ("proceed", None)),
+        # failure threshold mid-bake: pause...
+        (
+            PAUSE_POLICY,
+            c(notified=7, failed=3),
+            c(failed=3),
+            False,
+            False,
+            0,
+            False,
+            ("pause", "FAILURE_THRESHOLD"),
+        ),
+        # ...or rollback, as the gate's action says
+        (
+            ROLLBACK_POLICY,
+            c(notified=7, failed=3),
+            c(failed=3),
+            False,
+            False,
+            0,
+            False,
+            ("rollback", "FAILURE_THRESHOLD"),
+        ),
+        # the threshold wins over an unhealthy canary
+        (
+            PAUSE_POLICY,
+            c(notified=7, failed=3),
+            c(notified=7, failed=3),
+            True,
+            True,
+            0,
+            False,
+            ("pause", "FAILURE_THRESHOLD"),
+        ),
+        # failures an operator acknowledged (resume) are not counted again
+        (PAUSE_POLICY, c(notified=7, failed=3), c(), False, False, 3, False, ("wait", None)),
+        (
+            PAUSE_POLICY,
+            c(notified=4, failed=6),
+            c(),
+            False,
+            False,
+            3,
+            False,
+            ("pause", "FAILURE_THRESHOLD"),
+        ),
+    ],
+)
+def test_decide(
+    policy: GatePolicy,
+    total: GateCounts,
+    stage: GateCounts,
+    is_canary: bool,
+    bake_done: bool,
+    acked: int,
+    forced: bool,
+    expected: tuple[str, str | None],
+) -> None:
+    decision = decide(
+        policy=policy,
+        total=total,
+        stage=stage,
+        is_canary=is_canary,
+        bake_done=bake_done,
+        acknowledged_failed=acked,
+        canary_forced=forced,
+    )
+    assert (decision.action, decision.reason) == expected
+    if decision.reason:
+        assert decision.detail
+
+
+def test_gate_policy_defaults_and_values() -> None:
+    assert gate_policy(None) == GatePolicy()
+    assert gate_policy(
+        {
+            "canaryHealthy": {"minSuccessRate": 0.8, "minSamples": 4},
+            "failureThreshold": {"maxFailureRate": 0.1, "action": "rollback"},
+        }
+    ) == GatePolicy(
+        min_success_rate=0.8, min_samples=4, max_failure_rate=0.1, failure_action="rollback"
+    )
+    policy = rollout_policy(
+        {
+            "safetyChecks": {
+                "requireStationary": False,
+                "minBatteryPercent": 50,
+                "maintenanceWindow": {
+                    "start": "22:00",
+                    "end": "04:00",
+                    "timezone": "Europe/Berlin",
+                    "days": ["sat"],
+                },
+            }
+        },
+        {"applySeconds": 600},
+        {"maxAttempts": 3, "backoffSeconds": 60},
+    )
+    assert policy.window is not None and policy.window.days == ["sat"]
+    assert (policy.require_stationary, policy.min_battery_percent) == (False, 50)
+    assert (policy.apply_seconds, policy.max_attempts, policy.backoff_seconds) == (600, 3, 60)
+
+
+def utc(s: str) -> datetime:
+    return datetime.fromisoformat(s).replace(tzinfo=UTC)
+
+
+NIGHT_BERLIN = MaintenanceWindowSpec(
+    start="22:00", end="04:00", timezone="Europe/Berlin", days=["fri", "sat"]
+)
+DAY_UTC = MaintenanceWindowSpec(
+    start="09:00", end="17:00", days=["mon", "tue", "wed", "thu", "fri"]
+)
+ALL_DAY = MaintenanceWindowSpec(start="00:00", end="00:00", days=["sun"])
+
+# 2026-11-27 is a Friday; Berlin is UTC+1 in winter, UTC+2 in summer.
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "is_open", "next_start", "end"),
+    [
+        (None, "2026-11-27T12:00:00", True, "2026-11-27T12:00:00", None),
+        # weekday office hours
+        (DAY_UTC, "2026-11-27T08:59:00", False, "2026-11-27T09:00:00", None),
+        (DAY_UTC, "2026-11-27T09:00:00", True, "2026-11-27T09:00:00", "2026-11-27T17:00:00"),
+        (DAY_UTC, "2026-11-27T17:00:00", False, "2026-11-30T09:00:00", None),  # Fri -> Mon
+        # crosses midnight, local zone: Fri 22:00 Berlin = 21:00 UTC
+        (NIGHT_BERLIN, "2026-11-27T20:59:00", False, "2026-11-27T21:00:00", None),
+        (
+            NIGHT_BERLIN,
+            "2026-11-27T23:30:00",
+            True,
+            "2026-11-27T23:30:00",
+            "2026-11-28T03:00:00",
+        ),
+        # Saturday 02:00 Berlin: still Friday's window
+        (
+            NIGHT_BERLIN,
+            "2026-11-28T01:00:00",
+            True,
+            "2026-11-28T01:00:00",
+            "2026-11-28T03:00:00",
+        ),
+        # Sunday 02:00 Berlin: Saturday's window; Sunday 04:00 Berlin closed until next Friday
+        (NIGHT_BERLIN, "2026-11-29T01:00:00", True, "2026-11-29T01:00:00", "2026-11-29T03:00:00"),
+        (NIGHT_BERLIN, "2026-11-29T03:00:00", False, "2026-12-04T21:00:00", None),
+        # summer time: Fri 22:00 Berlin = 20:00 UTC
+        (NIGHT_BERLIN, "2026-07-03T19:00:00", False, "2026-07-03T20:00:00", None),
+        # start == end: the whole day
+        (ALL_DAY, "2026-11-29T13:00:00", True, "2026-11-29T13:00:00", "2026-11-30T00:00:00"),
+        (ALL_DAY, "2026-11-28T13:00:00", False, "2026-11-29T00:00:00", None),
+    ],
+)
+def test_maintenance_window(
+    window: MaintenanceWindowSpec | None,
+    now: str,
+    is_open: bool,
+    next_start: str,
+    end: str | None,
+) -> None:
+    assert window_open(utc(now), window) is is_open
+    assert next_window_start(utc(now), window) == utc(next_start)
+    assert window_end(utc(now), window) == (utc(end) if end else None)
+
+
+def test_a_window_without_days_never_opens() -> None:
+    never = MaintenanceWindowSpec(start="01:00", end="02:00", days=[])
+    assert not window_open(utc("2026-11-27T01:30:00"), never)
+    assert next_window_start(utc("2026-11-27T01:30:00"), never) is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "attempt", "max_attempts", "retry"),
+    [
+        ("NETWORK_UNREACHABLE", 1, 2, True),
+        ("APPLY_FAILED", 1, 2, True),
+        ("APPLY_TIMEOUT", 1, 3, True),
+        ("APPLY_TIMEOUT", 2, 2, False),  # attempts used up
+        ("SIGNATURE_INVALID", 1, 5, False),
+        ("INSUFFICIENT_STORAGE", 1, 5, False),
+        ("BATTERY_LOW", 1, 5, False),  # a safety block, not a failure to retry
+        ("SOMETHING_NEW", 1, 5, False),  # unknown: an operator decides
+        (None, 1, 5, False),
+    ],
+)
+def test_should_retry(reason: str | None, attempt: int, max_attempts: int, retry: bool) -> None:
+    assert should_retry(reason, attempt=attempt, max_attempts=max_attempts) is retry
+    assert is_retryable(reason) is (
+        reason in {"NETWORK_UNREACHABLE", "APPLY_FAILED", "APPLY_TIMEOUT"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "wait"),
+    [(1, 300, 300), (2, 300, 600), (3, 300, 1200), (10, 300, 21600), (1, 0, 0), (3, 86400, 86400)],
+)
+def test_backoff(attempt: int, base: int, wait: int) -> None:
+    assert retry_backoff_seconds(attempt, base_seconds=base) == wait
