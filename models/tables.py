@@ -339,7 +339,8 @@ class ReconcileRun(SQLModel, table=True):
 
 
 class ReconcileDrift(SQLModel, table=True):
-    """Desired-vs-actual drift counted by one reconcile run, by release pair, status and place."""
+    """Desired-vs-actual drift counted by one reconcile run, by release pair, status and place
+    (region, model, org: a scoped caller sees only its rows). A NULL release is stored as ''."""
 
     __tablename__ = "reconcile_drift"
     __table_args__ = (
@@ -350,6 +351,7 @@ class ReconcileDrift(SQLModel, table=True):
             "status",
             "region",
             "model",
+            "org",
         ),
     )
 
@@ -359,4 +361,5 @@ class ReconcileDrift(SQLModel, table=True):
     status: str = Field(sa_column=Column(Text, nullable=False))
     region: str = Field(sa_column=Column(Text, nullable=False))
     model: str = Field(sa_column=Column(Text, nullable=False))
+    org: str = Field(sa_column=Column(Text, nullable=False))
     vehicles: int = Field(sa_column=Column(Integer, nullable=False))

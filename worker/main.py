@@ -1,8 +1,10 @@
-"""The rollout worker: `RolloutWorkflow` and its activities on `motorcade-rollouts`.
+"""The worker: `RolloutWorkflow`, `ReconcileWorkflow` and their activities on
+`motorcade-rollouts`.
 
 `build_worker` wires a worker for any client and session factory (the tests use it with the
 time-skipping server); `run_worker` is `motorcade worker`: connect, register the search
-attributes, run until SIGINT/SIGTERM or cancellation, then shut down gracefully.
+attributes, ensure the reconcile schedule, run until SIGINT/SIGTERM or cancellation, then shut
+down gracefully.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.reconcile import ReconcileActivities
 from activities.rollouts import RolloutActivities
 from core.db import create_engine, session_factory
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect, ensure_search_attributes
+from worker.schedules import ensure_reconcile_schedule
+from workflows.reconcile import ReconcileWorkflow
 from workflows.rollout import RolloutWorkflow
 
 log = structlog.get_logger(__name__)
@@ -35,20 +40,26 @@ def build_worker(
     *,
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> Worker:
-    activities = RolloutActivities(sessions)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[RolloutWorkflow],
-        activities=activities.all(),
+        workflows=[RolloutWorkflow, ReconcileWorkflow],
+        activities=[*RolloutActivities(sessions).all(), *ReconcileActivities(sessions).all()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 
 
-async def run_worker(settings: Settings) -> None:
-    """Run the rollout worker until SIGINT/SIGTERM (or cancellation)."""
+async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = None) -> None:
+    """Run the worker until SIGINT/SIGTERM (or cancellation).
+
+    `reconcile_schedule`: create or update the reconcile Schedule first; by default everywhere
+    but `MOTORCADE_ENV=test`, so a test's worker never leaves a schedule behind that would mark
+    the other tests' vehicles offline.
+    """
     client = await connect(settings.temporal_address, settings.temporal_namespace)
     await ensure_search_attributes(client, settings.temporal_namespace)
+    if reconcile_schedule if reconcile_schedule is not None else settings.env != "test":
+        await ensure_reconcile_schedule(client, settings)
     engine = create_engine(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("status", sa.Text(), nullable=False),
         sa.Column("region", sa.Text(), nullable=False),
         sa.Column("model", sa.Text(), nullable=False),
+        sa.Column("org", sa.Text(), nullable=False),
         sa.Column("vehicles", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint(
             "run_id",
@@ -56,6 +57,7 @@ def upgrade() -> None:
             "status",
             "region",
             "model",
+            "org",
         ),
     )
 

@@ -1,0 +1,110 @@
+"""`ReconcileWorkflow` on the time-skipping server with the real worker, and the reconcile
+Schedule on the dev server."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
+from temporalio.testing import WorkflowEnvironment
+
+from core.settings import Settings
+from models.reconcile import ReconcileInput, ReconcileResult
+from tests.reconcile.fleet import LONG_AGO, add_vehicles, statuses, unique_prefix
+from worker.main import build_worker
+from worker.schedules import RECONCILE_INTERVAL, ensure_reconcile_schedule
+from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
+
+
+async def test_reconcile_workflow_marks_offline_and_records_a_run(
+    time_skipping_env: WorkflowEnvironment,
+    sessions: async_sessionmaker[AsyncSession],
+    task_queue: str,
+) -> None:
+    prefix = unique_prefix("wf")
+    async with sessions() as session:
+        conn = await session.connection()
+        stale = await add_vehicles(
+            conn, prefix=prefix, tag="S", count=12, last_seen_at=LONG_AGO, created_at=LONG_AGO
+        )
+        fresh = await add_vehicles(
+            conn,
+            prefix=prefix,
+            tag="F",
+            count=3,
+            last_seen_at=datetime.now(UTC),
+            desired="2026.2.0",
+        )
+        await session.commit()
+    # A cutoff around 2000-01-01: only vehicles last seen in the last century are stale.
+    offline_after = int((datetime.now(UTC) - datetime(2000, 1, 1, tzinfo=UTC)).total_seconds())
+    workflow_id = f"reconcile-{prefix}"
+    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
+        result = await time_skipping_env.client.execute_workflow(
+            RECONCILE_WORKFLOW_TYPE,
+            ReconcileInput(offline_after_seconds=offline_after, batch_size=5),
+            id=workflow_id,
+            task_queue=task_queue,
+            result_type=ReconcileResult,
+        )
+    assert result.run_key.startswith(workflow_id + "@")
+    assert result.marked_offline >= len(stale) and result.drifted >= len(fresh)
+    async with sessions() as session:
+        conn = await session.connection()
+        got = await statuses(conn, prefix)
+        assert {v for v, s in got.items() if s == "offline"} == set(stale)
+        run = (
+            await conn.execute(
+                text(
+                    "SELECT id, marked_offline, drifted, finished_at FROM reconcile_runs"
+                    " WHERE run_key = :k"
+                ),
+                {"k": result.run_key},
+            )
+        ).one()
+        assert run.id == result.run_id and run.finished_at is not None
+        assert run.marked_offline == result.marked_offline and run.drifted == result.drifted
+        mine = await conn.execute(
+            text("SELECT sum(vehicles) FROM reconcile_drift WHERE run_id = :id AND region LIKE :p"),
+            {"id": run.id, "p": prefix + "%"},
+        )
+        assert mine.scalar_one() == len(fresh)
+
+
+async def test_ensure_reconcile_schedule_creates_then_updates(
+    dev_server_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    client = dev_server_env.client
+    schedule_id = f"test-reconcile-{secrets.token_hex(4)}"
+    # A task queue no worker polls: the schedule's runs never touch the test database.
+    queue = f"test-none-{secrets.token_hex(4)}"
+    await ensure_reconcile_schedule(client, settings, schedule_id=schedule_id, task_queue=queue)
+    handle = client.get_schedule_handle(schedule_id)
+    try:
+        described = await handle.describe()
+        spec = described.schedule.spec
+        assert [i.every for i in spec.intervals] == [RECONCILE_INTERVAL]
+        assert described.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+        action = described.schedule.action
+        assert isinstance(action, ScheduleActionStartWorkflow)
+        assert action.workflow == RECONCILE_WORKFLOW_TYPE and action.task_queue == queue
+
+        # An operator pauses it; a second call (a worker restart, a new interval) updates the
+        # schedule without failing and keeps it paused.
+        await handle.pause(note="maintenance")
+        await ensure_reconcile_schedule(
+            client,
+            settings,
+            schedule_id=schedule_id,
+            task_queue=queue,
+            interval=timedelta(seconds=120),
+        )
+        described = await handle.describe()
+        assert [i.every for i in described.schedule.spec.intervals] == [timedelta(seconds=120)]
+        assert described.schedule.state.paused
+    finally:
+        await handle.delete()

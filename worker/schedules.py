@@ -1,0 +1,97 @@
+"""Temporal Schedules the worker keeps in place at start: today one, `motorcade-reconcile`,
+which runs `ReconcileWorkflow` every `RECONCILE_INTERVAL` on `motorcade-rollouts`.
+
+`ensure_reconcile_schedule` creates the schedule, or updates it when it exists (a new interval
+or input after a deploy), keeping its state: a schedule an operator paused stays paused.
+Overlap policy SKIP: a slow run is never joined by a second one; catch-up is limited to one
+interval, so a worker back from a long outage runs one reconcile, not a backlog.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+
+from core.settings import Settings
+from core.temporal import ROLLOUT_TASK_QUEUE
+from models.reconcile import ReconcileInput
+from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
+
+log = structlog.get_logger(__name__)
+
+RECONCILE_SCHEDULE_ID = "motorcade-reconcile"
+# How often the reconcile runs. A constant until core/settings.py gains
+# MOTORCADE_RECONCILE_INTERVAL_SECONDS.
+RECONCILE_INTERVAL = timedelta(seconds=60)
+# A run that has not finished by then is abandoned (the next slot starts a fresh one).
+RECONCILE_RUN_TIMEOUT = timedelta(minutes=30)
+
+
+def reconcile_schedule(
+    settings: Settings,
+    *,
+    interval: timedelta = RECONCILE_INTERVAL,
+    task_queue: str = ROLLOUT_TASK_QUEUE,
+    workflow_id: str = RECONCILE_SCHEDULE_ID,
+) -> Schedule:
+    """The reconcile schedule. Temporal appends each slot's time to `workflow_id`, so every run
+    has a distinct workflow id (the run's idempotency key)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            RECONCILE_WORKFLOW_TYPE,
+            ReconcileInput(offline_after_seconds=settings.offline_after_seconds),
+            id=workflow_id,
+            task_queue=task_queue,
+            execution_timeout=RECONCILE_RUN_TIMEOUT,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=max(interval, timedelta(seconds=10)),
+        ),
+        state=ScheduleState(
+            note="Marks vehicles offline and records desired-vs-actual drift (Motorcade)."
+        ),
+    )
+
+
+async def ensure_reconcile_schedule(
+    client: Client,
+    settings: Settings,
+    *,
+    schedule_id: str = RECONCILE_SCHEDULE_ID,
+    interval: timedelta = RECONCILE_INTERVAL,
+    task_queue: str = ROLLOUT_TASK_QUEUE,
+) -> None:
+    """Create the reconcile schedule, or bring an existing one up to date (idempotent)."""
+    desired = reconcile_schedule(
+        settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
+    )
+    try:
+        await client.create_schedule(schedule_id, desired)
+        log.info("schedule.created", schedule_id=schedule_id, every=interval.total_seconds())
+        return
+    except ScheduleAlreadyRunningError:
+        pass
+
+    def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
+        # Keep the live state (paused by an operator, its note); replace the rest.
+        desired.state = current.description.schedule.state
+        return ScheduleUpdate(schedule=desired)
+
+    await client.get_schedule_handle(schedule_id).update(update)
+    log.info("schedule.updated", schedule_id=schedule_id, every=interval.total_seconds())

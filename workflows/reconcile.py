@@ -1,0 +1,78 @@
+"""`ReconcileWorkflow`: the periodic reconcile (SPEC.md, Temporal), started by the Temporal
+Schedule `motorcade-reconcile` (worker/schedules.py) on `motorcade-rollouts`.
+
+Marks vehicles offline that sent no heartbeat for `offline_after_seconds`, then records the
+fleet's desired-vs-actual drift as one reconcile run. Both activities work in PostgreSQL and
+return counts; the history is a handful of events per run.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from models.reconcile import (
+        MarkOfflineInput,
+        MarkOfflineResult,
+        ReconcileInput,
+        ReconcileResult,
+        RecordDriftInput,
+        RecordDriftResult,
+    )
+
+RECONCILE_WORKFLOW_TYPE = "ReconcileWorkflow"
+MARK_OFFLINE_TIMEOUT = timedelta(minutes=10)
+MARK_OFFLINE_HEARTBEAT = timedelta(minutes=1)
+RECORD_DRIFT_TIMEOUT = timedelta(minutes=5)
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=10,
+)
+
+
+def run_key_of(info: workflow.Info, input: ReconcileInput) -> str:
+    """The run's idempotency key: given, or the workflow id (the schedule makes it distinct per
+    slot) with the workflow's start time (so an ad-hoc run that reuses an id is a new run)."""
+    if input.run_key:
+        return input.run_key
+    started = info.workflow_start_time.isoformat().replace("+00:00", "Z")
+    return f"{info.workflow_id}@{started}"
+
+
+@workflow.defn(name=RECONCILE_WORKFLOW_TYPE)
+class ReconcileWorkflow:
+    @workflow.run
+    async def run(self, input: ReconcileInput) -> ReconcileResult:
+        run_key = run_key_of(workflow.info(), input)
+        cutoff = workflow.now() - timedelta(seconds=input.offline_after_seconds)
+        workflow.set_current_details(f"marking vehicles unseen since {cutoff.isoformat()}")
+        offline = await workflow.execute_activity(
+            "mark_offline_vehicles",
+            MarkOfflineInput(cutoff=cutoff, batch_size=input.batch_size),
+            result_type=MarkOfflineResult,
+            start_to_close_timeout=MARK_OFFLINE_TIMEOUT,
+            heartbeat_timeout=MARK_OFFLINE_HEARTBEAT,
+            retry_policy=DB_RETRY,
+        )
+        workflow.set_current_details(f"recording drift ({offline.marked} marked offline)")
+        drift = await workflow.execute_activity(
+            "record_reconcile_drift",
+            RecordDriftInput(run_key=run_key, marked_offline=offline.marked, cutoff=cutoff),
+            result_type=RecordDriftResult,
+            start_to_close_timeout=RECORD_DRIFT_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        workflow.set_current_details(
+            f"done: {offline.marked} marked offline, {drift.drifted} vehicles drifted"
+        )
+        return ReconcileResult(
+            run_id=drift.run_id,
+            run_key=drift.run_key,
+            marked_offline=offline.marked,
+            drifted=drift.drifted,
+        )
