@@ -15,6 +15,7 @@ from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.middleware import RequestContextMiddleware
 from api.routes import health, releases, rollouts, vehicles
+from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
 from core.logging import configure_logging
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (vehicles.router, releases.router, rollouts.router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(reports_router, prefix=API_PREFIX)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_json(_: ViewerDep) -> JSONResponse:
