@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.middleware import RequestContextMiddleware
-from api.routes import health, releases, rollouts, vehicles
+from api.routes import desired_states, health, releases, rollouts, vehicles
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
@@ -22,7 +22,7 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.0.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.1.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
 
     app.include_router(health.router)
-    for router in (vehicles.router, releases.router, rollouts.router):
+    for router in (vehicles.router, releases.router, rollouts.router, desired_states.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(reports_router, prefix=API_PREFIX)
 

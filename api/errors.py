@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.envelope import error_body
 from models.api import ErrorEnvelope
 from services import errors as domain
+from services import rollouts as rollout_errors
 
 log = structlog.stdlib.get_logger("motorcade.api")
 
@@ -199,6 +200,9 @@ DOMAIN_ERRORS: dict[type[domain.DomainError], type[AppError]] = {
     domain.NotFoundError: NotFound,
     domain.OutOfScope: Forbidden,
     domain.SafetyWeakened: SafetyPolicyWeakened,
+    rollout_errors.ReleaseSignatureRejected: ReleaseSignatureInvalid,
+    rollout_errors.OverlapConflict: Conflict,
+    rollout_errors.InvalidTransition: InvalidStateTransition,
 }
 
 
@@ -239,5 +243,22 @@ class ErrorResponses:
         ValidationFailed,
         Conflict,
         SafetyPolicyWeakened,
+        DependencyUnavailable,
+    )
+    create = _responses(
+        Unauthenticated,
+        Forbidden,
+        ValidationFailed,
+        Conflict,
+        SafetyPolicyWeakened,
+        ReleaseSignatureInvalid,
+        DependencyUnavailable,
+    )
+    control = _responses(
+        Unauthenticated,
+        Forbidden,
+        NotFound,
+        ValidationFailed,
+        InvalidStateTransition,
         DependencyUnavailable,
     )

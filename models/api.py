@@ -257,6 +257,123 @@ class RolloutOut(CamelModel):
     finished_at: datetime | None = None
 
 
+class PlannedStage(CamelModel):
+    index: int
+    name: str
+    vehicles: int
+    bake_seconds: int
+
+
+class SafetyNow(CamelModel):
+    """How many targeted vehicles the safety checks would block right now (vehicles columns)."""
+
+    require_stationary: bool
+    min_battery_percent: int
+    blocked: int = Field(description="Vehicles failing at least one check now.")
+    battery_low: int
+    not_stationary: int
+    unknown: int = Field(description="Vehicles with no battery or stationary report yet.")
+    offline: int
+
+
+class Overlap(CamelModel):
+    """Targeted vehicles already inside another active rollout."""
+
+    vehicles: int = 0
+    sample_vehicle_ids: list[str] = Field(default_factory=list)
+    rollout_ids: list[int] = Field(default_factory=list)
+
+
+class RolloutPlanOut(CamelModel):
+    """`POST /rollouts?dryRun=true`: what creating the rollout would do now; nothing stored."""
+
+    release_version: str
+    targeted: int
+    stages: list[PlannedStage]
+    safety: SafetyNow
+    weakened_safety: list[str] = Field(default_factory=list)
+    maintenance_window: dict[str, Any] | None = None
+    overlap: Overlap
+    can_start: bool = Field(description="False when creating it now would be refused.")
+    problems: list[str] = Field(default_factory=list)
+
+
+class ControlBody(StrictCamelModel):
+    reason: str = Field(min_length=1, max_length=2000, description="Why (required, audited).")
+
+    @field_validator("reason")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("give a reason")
+        return value.strip()
+
+
+class ControlOutcome(CamelModel):
+    action: str
+    status: str
+    paused: bool
+
+
+class RolloutControlOut(CamelModel):
+    """The rollout as PostgreSQL has it now, and what the workflow answered."""
+
+    rollout: RolloutOut
+    control: ControlOutcome
+
+
+class RolloutVehicleOut(CamelModel):
+    vehicle_id: str
+    stage: str
+    stage_index: int
+    state: str
+    attempt: int
+    reason_code: str | None = None
+    desired_state_id: str | None = None
+    notified_at: datetime | None = None
+    updated_at: datetime | None = None
+    model: str
+    region: str
+    ring: str
+    vehicle_status: str
+
+
+# Desired states ----------------------------------------------------------------------------
+
+
+class DesiredStateCreate(StrictCamelModel):
+    release_version: str = Field(min_length=1, max_length=128)
+    targets: RolloutTargets
+    safety_checks: SafetyChecks = Field(default_factory=SafetyChecks)
+    acknowledge_weakened_safety: bool = False
+    reason: str | None = Field(None, max_length=2000)
+
+
+class DesiredStateOut(CamelModel):
+    id: str
+    vehicle_id: str
+    release_version: str
+    rollout_id: int | None = None
+    previous_desired_state_id: str | None = None
+    reason: str | None = None
+    created_by: str
+    created_at: datetime | None = None
+
+
+class IssuedDesiredState(CamelModel):
+    vehicle_id: str
+    desired_state_id: str
+
+
+class DesiredStatesCreated(CamelModel):
+    release_version: str
+    count: int
+    sample: list[IssuedDesiredState] = Field(
+        default_factory=list, description="Up to 10 of the desired states written."
+    )
+    safety_checks: dict[str, Any]
+
+
 class Health(CamelModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)

@@ -6,20 +6,39 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import func, literal
+from sqlalchemy import func, literal, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from models.api import RolloutCreate
-from models.enums import AuditSource, RolloutStatus
+from models.api import (
+    Overlap,
+    PlannedStage,
+    RolloutCreate,
+    RolloutPlanOut,
+    SafetyChecks,
+    SafetyNow,
+)
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, TargetState
 from models.scope import Scope
-from models.tables import Release, Rollout
+from models.tables import Release, Rollout, RolloutTarget, Vehicle
+from models.workflows import StagePlan
 from services import audit, change_feed
-from services.errors import InvalidInput, NotFoundError, OutOfScope, SafetyWeakened
-from services.pagination import SortKey, any_of, keyset, parse_sort, split_page, timestamp_key
-from services.safety import SafetyDefaults, effective_safety
+from services.errors import DomainError, InvalidInput, NotFoundError, OutOfScope, SafetyWeakened
+from services.pagination import (
+    Sort,
+    SortKey,
+    any_of,
+    decode_cursor,
+    keyset,
+    parse_sort,
+    split_page,
+    timestamp_key,
+)
+from services.safety import EffectiveSafety, SafetyDefaults, effective_safety
+from services.signing import SignatureInvalid, TrustedKeys, verify_release
+from workflows.policy import plan_from_strategy
 
 ROLLOUT_SORTS = (
     SortKey("id", col(Rollout.id)),
@@ -27,6 +46,35 @@ ROLLOUT_SORTS = (
     SortKey("status", col(Rollout.status)),
 )
 SCOPE_DIMENSIONS = (("regions", "regions"), ("models", "models"), ("orgs", "orgs"))
+
+# A rollout in one of these statuses holds its vehicles (see docs/rollouts.md, "Overlap").
+ACTIVE_ROLLOUT_STATUSES = tuple(
+    s.value for s in RolloutStatus if s not in TERMINAL_ROLLOUT_STATUSES
+)
+# A vehicle whose target row is in one of these states is still inside its rollout.
+HOLDING_TARGET_STATES = tuple(
+    s.value
+    for s in (
+        TargetState.PLANNED,
+        TargetState.NOTIFIED,
+        TargetState.UPDATING,
+        TargetState.BLOCKED,
+        TargetState.FAILED,
+    )
+)
+OVERLAP_SAMPLE = 10
+
+
+class ReleaseSignatureRejected(DomainError):
+    """The release's signature does not verify against the trusted keys (or none are set)."""
+
+
+class OverlapConflict(DomainError):
+    """Some targeted vehicles are already inside another active rollout."""
+
+
+class InvalidTransition(DomainError):
+    """A control action that the rollout's current status does not allow."""
 
 
 @dataclass(frozen=True)
@@ -54,21 +102,6 @@ def audit_scope(targets: dict[str, Any]) -> AuditScope:
     )
 
 
-def _scope_problems(targets: dict[str, Any], scope: Scope) -> list[str]:
-    problems = []
-    for dimension, attr in SCOPE_DIMENSIONS:
-        allowed = getattr(scope, attr)
-        if allowed is None:
-            continue
-        chosen = targets.get(dimension) or []
-        if dimension == "orgs":
-            # Targets do not select by org: an org-scoped caller's rollouts carry its orgs.
-            continue
-        if not chosen or not set(chosen) <= set(allowed):
-            problems.append(dimension)
-    return problems
-
-
 def in_scope_condition(scope: Scope):  # type: ignore[no-untyped-def]
     """SQL: the rollout's targets stay inside the caller's scope on every scoped dimension."""
     conds = []
@@ -82,6 +115,362 @@ def in_scope_condition(scope: Scope):  # type: ignore[no-untyped-def]
     return conds
 
 
+# --- validation shared by create, dry run and direct desired states ------------------------
+
+# One fleet-assignment writer at a time (rollout creation, direct desired states), so two
+# concurrent requests cannot both pass the overlap check for the same vehicles.
+FLEET_ASSIGNMENT_LOCK = 0x6D6F746F72636164  # "motorcad"
+
+# Vehicles selected by request targets (bound arrays; an empty list is no filter).
+_REQUEST_MATCH = " AND ".join(
+    f"(cardinality(CAST(:{key} AS text[])) = 0 OR {column} = ANY(CAST(:{key} AS text[])))"
+    for key, column in (
+        ("models", "v.model"),
+        ("regions", "v.region"),
+        ("rings", "v.ring"),
+        ("vehicle_ids", "v.id"),
+    )
+)
+
+
+def _stored_dimension(key: str, column: str) -> str:
+    array = (
+        f"(CASE WHEN jsonb_typeof(r.targets -> '{key}') = 'array' THEN r.targets -> '{key}' END)"
+    )
+    return (
+        f"(coalesce(jsonb_array_length({array}), 0) = 0"
+        f" OR {column} IN (SELECT jsonb_array_elements_text({array})))"
+    )
+
+
+# Vehicles selected by a stored rollout `r` (the same rule as its target expansion).
+_STORED_MATCH = " AND ".join(
+    _stored_dimension(key, column)
+    for key, column in (
+        ("models", "v.model"),
+        ("regions", "v.region"),
+        ("rings", "v.ring"),
+        ("vehicleIds", "v.id"),
+    )
+)
+
+
+def match_params(targets: dict[str, Any]) -> dict[str, list[str]]:
+    return {
+        "models": list(targets.get("models") or []),
+        "regions": list(targets.get("regions") or []),
+        "rings": list(targets.get("rings") or []),
+        "vehicle_ids": list(targets.get("vehicleIds") or []),
+    }
+
+
+def check_targets_in_scope(targets: dict[str, Any], scope: Scope) -> None:
+    """Refuse (403) targets that reach outside the caller's scope."""
+    problems = []
+    for dimension, attr in SCOPE_DIMENSIONS:
+        allowed = getattr(scope, attr)
+        if allowed is None:
+            continue
+        chosen = targets.get(dimension) or []
+        if dimension == "orgs":
+            # Targets do not select by org: an org-scoped caller's rollouts carry its orgs.
+            continue
+        if not chosen or not set(chosen) <= set(allowed):
+            problems.append(dimension)
+    if problems:
+        raise OutOfScope(
+            "the targets reach outside your scope",
+            details=[
+                {"field": f"targets.{d}", "message": "must stay inside your scope"}
+                for d in problems
+            ],
+        )
+
+
+async def load_verified_release(
+    session: AsyncSession, *, version: str, trusted_keys: TrustedKeys | None
+) -> Release:
+    """The release, once its stored signature verifies against the trusted keys."""
+    release = await session.get(Release, version)
+    if release is None:
+        raise InvalidInput(
+            f"release {version!r} does not exist",
+            details=[{"field": "releaseVersion", "message": "register the release first"}],
+        )
+    if trusted_keys is None:
+        raise ReleaseSignatureRejected(
+            "no trusted release-signing keys are configured (MOTORCADE_TRUSTED_KEYS_FILE); "
+            "no release can be rolled out",
+            details=[{"field": "releaseVersion", "message": "no trusted keys", "code": "no_keys"}],
+        )
+    try:
+        verify_release(
+            trusted_keys,
+            version=release.version,
+            artifact_digest=release.artifact_digest,
+            components=list(release.components or []),
+            signature=release.signature,
+            key_id=release.signing_key_id,
+        )
+    except SignatureInvalid as exc:
+        raise ReleaseSignatureRejected(
+            f"release {version!r} fails signature verification: {exc}",
+            details=[{"field": "releaseVersion", "message": str(exc), "code": exc.reason}],
+        ) from None
+    return release
+
+
+def resolve_safety(
+    *,
+    checks: SafetyChecks,
+    defaults: SafetyDefaults,
+    acknowledged: bool,
+    reason: str | None,
+    actor: Actor,
+    field_prefix: str,
+    refuse: bool = True,
+) -> tuple[EffectiveSafety, dict[str, Any] | None]:
+    """The effective safety checks and, when they weaken the fleet default, the
+    acknowledgement to audit. Unacknowledged weakening raises `SafetyWeakened` (unless
+    `refuse` is False, for the dry run, which reports it)."""
+    safety = effective_safety(
+        defaults=defaults,
+        require_stationary=checks.require_stationary,
+        min_battery_percent=checks.min_battery_percent,
+    )
+    if not safety.weakened:
+        return safety, None
+    if not (acknowledged and (reason or "").strip()):
+        if not refuse:
+            return safety, None
+        raise SafetyWeakened(
+            "the safety checks are weaker than the fleet default; set "
+            "acknowledgeWeakenedSafety to true and give a reason",
+            details=[
+                {"field": f"{field_prefix}.{name}", "message": "weaker than default"}
+                for name in safety.weakened
+            ],
+        )
+    return safety, {
+        "weakened": list(safety.weakened),
+        "reason": reason,
+        "by": actor.subject,
+        "at": datetime.now(UTC).isoformat(),
+    }
+
+
+async def lock_fleet_assignment(session: AsyncSession) -> None:
+    """Serialize writers that assign vehicles (held until the transaction ends)."""
+    await session.exec(  # type: ignore[call-overload]
+        text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=FLEET_ASSIGNMENT_LOCK)
+    )
+
+
+async def find_overlap(
+    session: AsyncSession, *, targets: dict[str, Any], exclude_rollout_id: int | None = None
+) -> Overlap:
+    """Vehicles selected by `targets` that are already inside another active rollout: one
+    whose status is not terminal and that holds them (a target row not yet finished, or,
+    before its expansion, a match of its stored targets)."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                f"""
+                WITH matched AS (SELECT v.id FROM vehicles v WHERE {_REQUEST_MATCH}),
+                held AS (
+                    SELECT m.id AS vehicle_id, r.id AS rollout_id
+                    FROM matched m
+                    JOIN rollout_targets t ON t.vehicle_id = m.id
+                    JOIN rollouts r ON r.id = t.rollout_id
+                    WHERE t.state = ANY(CAST(:holding AS text[]))
+                      AND r.status = ANY(CAST(:active AS text[])) AND r.id <> :exclude
+                    UNION ALL
+                    SELECT v.id, r.id
+                    FROM rollouts r
+                    JOIN vehicles v ON {_STORED_MATCH}
+                    JOIN matched m ON m.id = v.id
+                    WHERE r.status = ANY(CAST(:active AS text[])) AND r.stage_count = 0
+                      AND r.id <> :exclude
+                )
+                SELECT count(DISTINCT vehicle_id) AS vehicles,
+                       (array_agg(DISTINCT vehicle_id ORDER BY vehicle_id))[1:{OVERLAP_SAMPLE}]
+                           AS sample,
+                       array_agg(DISTINCT rollout_id ORDER BY rollout_id) AS rollouts
+                FROM held
+                """
+            ),
+            {
+                **match_params(targets),
+                "holding": list(HOLDING_TARGET_STATES),
+                "active": list(ACTIVE_ROLLOUT_STATUSES),
+                "exclude": exclude_rollout_id or 0,
+            },
+        )
+    ).one()
+    return Overlap(
+        vehicles=int(row.vehicles),
+        sample_vehicle_ids=list(row.sample or []),
+        rollout_ids=[int(r) for r in row.rollouts or []],
+    )
+
+
+def overlap_conflict(overlap: Overlap, *, what: str) -> OverlapConflict:
+    return OverlapConflict(
+        f"{overlap.vehicles} targeted vehicle(s) are already inside active rollout(s) "
+        f"{', '.join(str(r) for r in overlap.rollout_ids)}; {what} would take them twice. "
+        "Narrow the targets, or wait for (or abort) the other rollout(s)",
+        details=[
+            {
+                "field": "targets",
+                "message": f"vehicle {vid} is inside another active rollout",
+                "code": "VEHICLE_IN_ACTIVE_ROLLOUT",
+            }
+            for vid in overlap.sample_vehicle_ids
+        ]
+        + [
+            {
+                "field": "targets",
+                "message": f"{overlap.vehicles} vehicle(s) in rollout(s) {overlap.rollout_ids}",
+                "code": "OVERLAP_SUMMARY",
+            }
+        ],
+    )
+
+
+async def safety_now(
+    session: AsyncSession, *, targets: dict[str, Any], safety: EffectiveSafety
+) -> tuple[int, SafetyNow]:
+    """How many vehicles `targets` select, and how many the safety checks would block now."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                f"""
+                SELECT count(*) AS targeted,
+                       count(*) FILTER (WHERE v.battery_percent < :min_battery) AS battery_low,
+                       count(*) FILTER (WHERE :stationary AND v.stationary IS FALSE)
+                           AS not_stationary,
+                       count(*) FILTER (WHERE v.battery_percent < :min_battery
+                                          OR (:stationary AND v.stationary IS FALSE))
+                           AS blocked,
+                       count(*) FILTER (WHERE v.battery_percent IS NULL
+                                          OR (:stationary AND v.stationary IS NULL)) AS unknown,
+                       count(*) FILTER (WHERE v.status = 'offline') AS offline
+                FROM vehicles v WHERE {_REQUEST_MATCH}
+                """
+            ),
+            {
+                **match_params(targets),
+                "min_battery": safety.min_battery_percent,
+                "stationary": safety.require_stationary,
+            },
+        )
+    ).one()
+    return int(row.targeted), SafetyNow(
+        require_stationary=safety.require_stationary,
+        min_battery_percent=safety.min_battery_percent,
+        blocked=int(row.blocked),
+        battery_low=int(row.battery_low),
+        not_stationary=int(row.not_stationary),
+        unknown=int(row.unknown),
+        offline=int(row.offline),
+    )
+
+
+@dataclass(frozen=True)
+class ValidatedRollout:
+    release: Release
+    targets: dict[str, Any]
+    gates: dict[str, Any]
+    safety: EffectiveSafety
+    acknowledgement: dict[str, Any] | None
+
+
+async def validate_rollout(
+    session: AsyncSession,
+    *,
+    body: RolloutCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+    refuse_weakened: bool = True,
+) -> ValidatedRollout:
+    """Everything create checks before it writes: release exists and verifies, targets in
+    scope, safety policy (not weaker than the fleet default unless acknowledged)."""
+    release = await load_verified_release(
+        session, version=body.release_version, trusted_keys=trusted_keys
+    )
+    targets = body.targets.model_dump(by_alias=True)
+    if scope.orgs is not None:
+        targets["orgs"] = list(scope.orgs)
+    check_targets_in_scope(targets, scope)
+    safety, acknowledgement = resolve_safety(
+        checks=body.gates.safety_checks,
+        defaults=safety_defaults,
+        acknowledged=body.acknowledge_weakened_safety,
+        reason=body.reason,
+        actor=actor,
+        field_prefix="gates.safetyChecks",
+        refuse=refuse_weakened,
+    )
+    gates = body.gates.model_dump(by_alias=True)
+    gates["safetyChecks"]["requireStationary"] = safety.require_stationary
+    gates["safetyChecks"]["minBatteryPercent"] = safety.min_battery_percent
+    return ValidatedRollout(release, targets, gates, safety, acknowledgement)
+
+
+async def plan_rollout_request(
+    session: AsyncSession,
+    *,
+    body: RolloutCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+) -> RolloutPlanOut:
+    """The dry run: validate like create (a bad release, signature or scope is refused the
+    same way), then plan without writing anything. An unacknowledged weakening and an
+    overlap are reported (`canStart: false`, `problems`) rather than refused, so the
+    operator sees the whole picture in one answer."""
+    v = await validate_rollout(
+        session,
+        body=body,
+        actor=actor,
+        scope=scope,
+        safety_defaults=safety_defaults,
+        trusted_keys=trusted_keys,
+        refuse_weakened=False,
+    )
+    targeted, blocked = await safety_now(session, targets=v.targets, safety=v.safety)
+    stages: list[StagePlan] = plan_from_strategy(targeted, body.strategy.model_dump(by_alias=True))
+    overlap = await find_overlap(session, targets=v.targets)
+    problems = []
+    if v.safety.weakened and v.acknowledgement is None:
+        problems.append(
+            "SAFETY_POLICY_WEAKENED: " + ", ".join(v.safety.weakened) + " weaker than default"
+        )
+    if overlap.vehicles:
+        problems.append(f"CONFLICT: {overlap.vehicles} vehicle(s) inside another active rollout")
+    if targeted == 0:
+        problems.append("NO_VEHICLES: the targets select no vehicle")
+    return RolloutPlanOut(
+        release_version=v.release.version,
+        targeted=targeted,
+        stages=[
+            PlannedStage(index=s.index, name=s.name, vehicles=s.size, bake_seconds=s.bake_seconds)
+            for s in stages
+        ],
+        safety=blocked,
+        weakened_safety=list(v.safety.weakened),
+        maintenance_window=v.gates["safetyChecks"].get("maintenanceWindow"),
+        overlap=overlap,
+        can_start=not (overlap.vehicles or (v.safety.weakened and v.acknowledgement is None)),
+        problems=problems,
+    )
+
+
 async def create_rollout(
     session: AsyncSession,
     *,
@@ -89,50 +478,21 @@ async def create_rollout(
     actor: Actor,
     scope: Scope,
     safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
 ) -> Rollout:
-    release = await session.get(Release, body.release_version)
-    if release is None:
-        raise InvalidInput(
-            f"release {body.release_version!r} does not exist",
-            details=[{"field": "releaseVersion", "message": "register the release first"}],
-        )
-    targets = body.targets.model_dump(by_alias=True)
-    if scope.orgs is not None:
-        targets["orgs"] = list(scope.orgs)
-    outside = _scope_problems(targets, scope)
-    if outside:
-        raise OutOfScope(
-            "the targets reach outside your scope",
-            details=[
-                {"field": f"targets.{d}", "message": "must stay inside your scope"} for d in outside
-            ],
-        )
-    checks = body.gates.safety_checks
-    safety = effective_safety(
-        defaults=safety_defaults,
-        require_stationary=checks.require_stationary,
-        min_battery_percent=checks.min_battery_percent,
+    v = await validate_rollout(
+        session,
+        body=body,
+        actor=actor,
+        scope=scope,
+        safety_defaults=safety_defaults,
+        trusted_keys=trusted_keys,
     )
-    acknowledgement = None
-    if safety.weakened:
-        if not (body.acknowledge_weakened_safety and (body.reason or "").strip()):
-            raise SafetyWeakened(
-                "the safety checks are weaker than the fleet default; set "
-                "acknowledgeWeakenedSafety to true and give a reason",
-                details=[
-                    {"field": f"gates.safetyChecks.{name}", "message": "weaker than default"}
-                    for name in safety.weakened
-                ],
-            )
-        acknowledgement = {
-            "weakened": list(safety.weakened),
-            "reason": body.reason,
-            "by": actor.subject,
-            "at": datetime.now(UTC).isoformat(),
-        }
-    gates = body.gates.model_dump(by_alias=True)
-    gates["safetyChecks"]["requireStationary"] = safety.require_stationary
-    gates["safetyChecks"]["minBatteryPercent"] = safety.min_battery_percent
+    await lock_fleet_assignment(session)
+    overlap = await find_overlap(session, targets=v.targets)
+    if overlap.vehicles:
+        raise overlap_conflict(overlap, what="this rollout")
+    targets, gates, acknowledgement = v.targets, v.gates, v.acknowledgement
 
     rollout = Rollout(
         name=body.name,
@@ -239,3 +599,152 @@ async def get_rollout(session: AsyncSession, *, scope: Scope, rollout_id: int) -
     if rollout is None:
         raise NotFoundError(f"rollout {rollout_id} not found")
     return rollout
+
+
+# --- control (pause, resume, rollback, abort) ---------------------------------------------
+
+CONTROL_ACTIONS = ("pause", "resume", "rollback", "abort")
+
+
+async def record_control(
+    session: AsyncSession,
+    *,
+    rollout: Rollout,
+    action: str,
+    outcome: str,
+    reason: str,
+    actor: Actor,
+    result: str = "ok",
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """The audit entry `rollout.{action}_{outcome}` (requested, rejected, failed) for an
+    operator's control request, in the caller's transaction."""
+    await audit.record(
+        session,
+        actor=actor.subject,
+        role=actor.role,
+        source=actor.source,
+        action=f"rollout.{action}_{outcome}",
+        target_type="rollout",
+        target_id=str(rollout.id),
+        reason=reason,
+        correlation_id=actor.correlation_id,
+        payload={"action": action, "statusBefore": rollout.status, **(detail or {})},
+        result=result,
+        **audit_scope(rollout.targets or {}),
+    )
+
+
+async def request_control(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    rollout_id: int,
+    action: str,
+    reason: str,
+    actor: Actor,
+) -> tuple[Rollout, str | None]:
+    """Audit an operator's control request. Returns the rollout and, when its status is
+    terminal (so no workflow could accept it), the refusal message; the refusal is audited
+    too (`rollout.{action}_rejected`, result `rejected`). The caller commits either way."""
+    if action not in CONTROL_ACTIONS:
+        raise InvalidInput(f"unknown action {action!r}")
+    rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
+    if RolloutStatus(rollout.status) in TERMINAL_ROLLOUT_STATUSES:
+        message = f"cannot {action} rollout {rollout_id}: it is {rollout.status}"
+        await record_control(
+            session,
+            rollout=rollout,
+            action=action,
+            outcome="rejected",
+            reason=reason,
+            actor=actor,
+            result="rejected",
+            detail={"message": message},
+        )
+        return rollout, message
+    await record_control(
+        session, rollout=rollout, action=action, outcome="requested", reason=reason, actor=actor
+    )
+    return rollout, None
+
+
+# --- a rollout's vehicles -----------------------------------------------------------------
+
+ROLLOUT_VEHICLE_SORT = Sort(SortKey("vehicleId", col(RolloutTarget.vehicle_id)), False)
+
+
+@dataclass(frozen=True)
+class RolloutVehicleRow:
+    target: RolloutTarget
+    vehicle: Vehicle
+    stage_name: str
+
+
+def stage_names(rollout: Rollout) -> list[str]:
+    return [s.name for s in plan_from_strategy(0, rollout.strategy or {})]
+
+
+async def list_rollout_vehicles(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    rollout_id: int,
+    states: list[str],
+    stages: list[str],
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[RolloutVehicleRow], str | None]:
+    """Per-vehicle state inside one rollout, keyset on vehicle id; filters state and stage
+    (by name: `canary`, `wave-1`, ...)."""
+    from services.vehicles import scoped
+
+    rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
+    allowed = {s.value for s in TargetState}
+    for state in states:
+        if state not in allowed:
+            raise InvalidInput(
+                f"unknown state {state!r}",
+                details=[{"field": "state", "message": f"one of {sorted(allowed)}"}],
+            )
+    names = stage_names(rollout)
+    indexes = []
+    for stage in stages:
+        if stage not in names:
+            raise InvalidInput(
+                f"unknown stage {stage!r}",
+                details=[{"field": "stage", "message": f"one of {names}"}],
+            )
+        indexes.append(names.index(stage))
+    stmt = scoped(
+        select(RolloutTarget, Vehicle)
+        .join(Vehicle, col(Vehicle.id) == col(RolloutTarget.vehicle_id))
+        .where(col(RolloutTarget.rollout_id) == rollout_id),
+        scope,
+    )
+    for column, values in (
+        (col(RolloutTarget.state), states),
+        (col(RolloutTarget.stage), indexes),
+    ):
+        cond = any_of(column, values)
+        if cond is not None:
+            stmt = stmt.where(cond)
+    if cursor:
+        _, after = decode_cursor(cursor, ROLLOUT_VEHICLE_SORT)
+        stmt = stmt.where(col(RolloutTarget.vehicle_id) > str(after))
+    stmt = stmt.order_by(col(RolloutTarget.vehicle_id)).limit(limit + 1)
+    rows = [
+        RolloutVehicleRow(
+            target=t,
+            vehicle=v,
+            stage_name=names[t.stage] if 0 <= t.stage < len(names) else str(t.stage),
+        )
+        for t, v in (await session.exec(stmt)).all()
+    ]
+    return split_page(
+        rows,
+        sort=ROLLOUT_VEHICLE_SORT,
+        limit=limit,
+        value_of=lambda r: r.target.vehicle_id,
+        id_of=lambda r: r.target.vehicle_id,
+    )

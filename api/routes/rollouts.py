@@ -1,13 +1,18 @@
-"""Rollouts: create and start, list, one rollout."""
+"""Rollouts: create and start (or plan: `dryRun`), list, one rollout, its vehicles, and the
+operator's controls (pause, resume, rollback, abort) through the workflow's `control` Update."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import (
     CursorQuery,
@@ -21,19 +26,65 @@ from api.deps import (
     multi,
 )
 from api.envelope import ok, page
-from api.errors import DependencyUnavailable, ErrorResponses
+from api.errors import DependencyUnavailable, ErrorResponses, InvalidStateTransition
 from core import temporal
+from core.auth import Principal
 from core.db import session_scope
 from core.settings import Settings
-from models.api import Envelope, ListEnvelope, RolloutCreate, RolloutOut
+from models.api import (
+    ControlBody,
+    ControlOutcome,
+    Envelope,
+    ListEnvelope,
+    RolloutControlOut,
+    RolloutCreate,
+    RolloutOut,
+    RolloutPlanOut,
+    RolloutVehicleOut,
+)
 from models.enums import AuditSource, RolloutStatus
 from models.tables import Rollout
-from models.workflows import RolloutCounts, RolloutInput
+from models.workflows import ControlRequest, ControlResult, RolloutCounts, RolloutInput
 from services import rollouts as service
 from services.safety import SafetyDefaults
+from services.signing import KeysFileTrustedKeys, TrustedKeys
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 log = structlog.stdlib.get_logger("motorcade.api.rollouts")
+
+RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# How long the API waits for the workflow to accept or refuse a control Update.
+CONTROL_TIMEOUT = timedelta(seconds=20)
+
+_trusted_keys: dict[str, KeysFileTrustedKeys] = {}
+
+
+def trusted_keys_of(settings: Settings) -> TrustedKeys | None:
+    """The artifact registry's trusted keys (`MOTORCADE_TRUSTED_KEYS_FILE`), or None when unset
+    (then no release verifies: rollouts and desired states are refused)."""
+    path = settings.trusted_keys_file
+    if not path:
+        return None
+    keys = _trusted_keys.get(path)
+    if keys is None:
+        keys = _trusted_keys[path] = KeysFileTrustedKeys(path)
+    return keys
+
+
+def safety_defaults_of(settings: Settings) -> SafetyDefaults:
+    return SafetyDefaults(
+        require_stationary=settings.safety_require_stationary,
+        min_battery_percent=settings.safety_min_battery_percent,
+    )
+
+
+def actor_of(request: Request, principal: Principal) -> service.Actor:
+    return service.Actor(
+        subject=principal.subject,
+        role=principal.role.value,
+        source=AuditSource.API,
+        correlation_id=request.state.request_id,
+    )
 
 
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
@@ -82,8 +133,11 @@ def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
     "",
     status_code=201,
     response_model=Envelope[RolloutOut],
-    summary="Create a rollout and start its workflow",
-    responses=ErrorResponses.write,
+    summary="Create a rollout and start its workflow (or, with dryRun=true, only plan it)",
+    responses={
+        200: {"model": Envelope[RolloutPlanOut], "description": "dryRun=true: the plan"},
+        **ErrorResponses.create,
+    },
 )
 async def create_rollout(
     request: Request,
@@ -91,25 +145,43 @@ async def create_rollout(
     principal: OperatorDep,
     session: SessionDep,
     settings: SettingsDep,
+    dry_run: Annotated[
+        bool,
+        Query(
+            alias="dryRun",
+            description="Validate and return the plan (200); store and start nothing.",
+        ),
+    ] = False,
 ) -> Any:
-    """Stores the rollout, commits, then starts workflow `rollout-{id}` on task queue
+    """Validates (the release exists and its signature verifies against the trusted keys,
+    targets inside the caller's scope, safety policy not weaker than the fleet default unless
+    acknowledged, no targeted vehicle inside another active rollout: else 409 `CONFLICT`),
+    stores the rollout, commits, then starts workflow `rollout-{id}` on task queue
     `motorcade-rollouts`. If Temporal cannot be reached the rollout is marked `failed`
-    (`WORKFLOW_START_FAILED`) and the answer is 503 with `Retry-After`."""
-    actor = service.Actor(
-        subject=principal.subject,
-        role=principal.role.value,
-        source=AuditSource.API,
-        correlation_id=request.state.request_id,
-    )
+    (`WORKFLOW_START_FAILED`) and the answer is 503 with `Retry-After`.
+
+    `?dryRun=true` validates the same way, then answers 200 with the plan: vehicles per
+    stage, how many the safety checks would block now, the overlap with active rollouts and
+    `canStart`. Nothing is written (no row, no audit entry, no workflow)."""
+    actor = actor_of(request, principal)
+    if dry_run:
+        plan = await service.plan_rollout_request(
+            session,
+            body=body,
+            actor=actor,
+            scope=principal.scope,
+            safety_defaults=safety_defaults_of(settings),
+            trusted_keys=trusted_keys_of(settings),
+        )
+        await session.rollback()  # read-only: nothing to commit
+        return JSONResponse(ok(request, plan, dryRun=True), status_code=200)
     rollout = await service.create_rollout(
         session,
         body=body,
         actor=actor,
         scope=principal.scope,
-        safety_defaults=SafetyDefaults(
-            require_stationary=settings.safety_require_stationary,
-            min_battery_percent=settings.safety_min_battery_percent,
-        ),
+        safety_defaults=safety_defaults_of(settings),
+        trusted_keys=trusted_keys_of(settings),
     )
     await session.commit()  # the workflow starts only once the row it refers to is durable
     await session.refresh(rollout)
@@ -195,7 +267,191 @@ async def get_rollout(
     principal: ViewerDep,
     session: SessionDep,
     settings: SettingsDep,
-    rollout_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    rollout_id: RolloutId,
 ) -> Any:
     rollout = await service.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
     return ok(request, rollout_out(rollout, settings))
+
+
+@router.get(
+    "/{rollout_id}/vehicles",
+    response_model=ListEnvelope[RolloutVehicleOut],
+    summary="Per-vehicle state inside a rollout (keyset on vehicle id)",
+    responses=ErrorResponses.read_one,
+)
+async def list_rollout_vehicles(
+    request: Request,
+    principal: ViewerDep,
+    session: SessionDep,
+    rollout_id: RolloutId,
+    state: Annotated[
+        list[str] | None,
+        Query(description="planned, notified, updating, succeeded, failed, blocked, ..."),
+    ] = None,
+    stage: Annotated[list[str] | None, Query(description="canary, wave-1, ...")] = None,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> Any:
+    """Filters are repeatable or comma-separated. Ordered by vehicle id."""
+    rows, next_cursor = await service.list_rollout_vehicles(
+        session,
+        scope=principal.scope,
+        rollout_id=rollout_id,
+        states=multi(state),
+        stages=multi(stage),
+        cursor=cursor,
+        limit=limit,
+    )
+    items = [
+        RolloutVehicleOut(
+            vehicle_id=r.target.vehicle_id,
+            stage=r.stage_name,
+            stage_index=r.target.stage,
+            state=r.target.state,
+            attempt=r.target.attempt,
+            reason_code=r.target.reason_code,
+            desired_state_id=str(r.target.desired_state_id) if r.target.desired_state_id else None,
+            notified_at=r.target.notified_at,
+            updated_at=r.target.updated_at,
+            model=r.vehicle.model,
+            region=r.vehicle.region,
+            ring=r.vehicle.ring,
+            vehicle_status=r.vehicle.status,
+        )
+        for r in rows
+    ]
+    return page(request, items, limit=limit, next_cursor=next_cursor)
+
+
+def _update_refusal(exc: BaseException) -> str:
+    cause = exc.cause if isinstance(exc, WorkflowUpdateFailedError) else None
+    message = str(getattr(cause, "message", "") or cause or exc)
+    return message[:500] or "the rollout refused this action in its current state"
+
+
+async def _control(
+    request: Request,
+    principal: Principal,
+    session: Any,
+    settings: Settings,
+    rollout_id: int,
+    action: str,
+    body: ControlBody,
+) -> JSONResponse:
+    """Audit the request (committed), then ask the workflow through its `control` Update;
+    a refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too."""
+    actor = actor_of(request, principal)
+    rollout, refusal = await service.request_control(
+        session,
+        scope=principal.scope,
+        rollout_id=rollout_id,
+        action=action,
+        reason=body.reason,
+        actor=actor,
+    )
+    await session.commit()  # the request is on record whatever happens next
+    if refusal is not None:
+        raise InvalidStateTransition(refusal)
+    assert rollout.workflow_id is not None
+
+    async def outcome(kind: str, result: str, message: str) -> None:
+        await service.record_control(
+            session,
+            rollout=rollout,
+            action=action,
+            outcome=kind,
+            reason=body.reason,
+            actor=actor,
+            result=result,
+            detail={"message": message},
+        )
+        await session.commit()
+
+    try:
+        client = await get_temporal(request)
+        handle = client.get_workflow_handle(rollout.workflow_id)
+        answer: ControlResult = await asyncio.wait_for(
+            handle.execute_update(
+                "control",
+                ControlRequest(
+                    action=action,  # type: ignore[arg-type]
+                    reason=body.reason,
+                    actor=principal.subject,
+                    source="api",
+                    correlation_id=actor.correlation_id,
+                ),
+                result_type=ControlResult,
+                rpc_timeout=CONTROL_TIMEOUT,
+            ),
+            timeout=CONTROL_TIMEOUT.total_seconds() + 5,
+        )
+    except WorkflowUpdateFailedError as exc:
+        message = _update_refusal(exc)
+        await outcome("rejected", "rejected", message)
+        raise InvalidStateTransition(message) from None
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            message = f"cannot {action} rollout {rollout_id}: its workflow is no longer running"
+            await outcome("rejected", "rejected", message)
+            raise InvalidStateTransition(message) from None
+        log.warning("control update failed", rollout_id=rollout_id, error=repr(exc)[:300])
+        await outcome("failed", "error", "Temporal did not answer")
+        raise DependencyUnavailable(
+            f"the {action} request is recorded but Temporal did not answer; retry"
+        ) from None
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, DependencyUnavailable):
+        log.warning("control update timed out", rollout_id=rollout_id, action=action)
+        await outcome("failed", "error", "no answer from the rollout's workflow in time")
+        raise DependencyUnavailable(
+            f"the {action} request is recorded but the rollout's workflow did not answer in "
+            "time (is a worker running?); retry"
+        ) from None
+    session.expire_all()
+    current = await service.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
+    data = RolloutControlOut(
+        rollout=rollout_out(current, settings),
+        control=ControlOutcome(action=answer.action, status=answer.status, paused=answer.paused),
+    )
+    return JSONResponse(ok(request, data), status_code=202)
+
+
+def _control_route(action: str, summary: str) -> None:
+    async def endpoint(
+        request: Request,
+        body: ControlBody,
+        principal: OperatorDep,
+        session: SessionDep,
+        settings: SettingsDep,
+        rollout_id: RolloutId,
+    ) -> Any:
+        return await _control(request, principal, session, settings, rollout_id, action, body)
+
+    endpoint.__name__ = f"{action}_rollout"
+    endpoint.__doc__ = (
+        f'Body `{{"reason": "..."}}` (required). The request is audited '
+        f"(`rollout.{action}_requested`, source `api`, the caller, the reason, the request id), "
+        "then sent to the workflow as its `control` Update. 202 with the rollout and the "
+        "workflow's answer once the workflow accepted it; 409 `INVALID_STATE_TRANSITION` at "
+        "once when the rollout is finished or the workflow refuses the transition (audited "
+        f"as `rollout.{action}_rejected`); 503 when Temporal does not answer. "
+        f"CLI equivalent: `temporal workflow signal --workflow-id rollout-ID --name {action} "
+        '--input \'{"reason": "...", "actor": "..."}\'`.'
+    )
+    router.add_api_route(
+        f"/{{rollout_id}}/{action}",
+        endpoint,
+        methods=["POST"],
+        status_code=202,
+        response_model=Envelope[RolloutControlOut],
+        summary=summary,
+        responses=ErrorResponses.control,
+        name=f"{action}_rollout",
+    )
+
+
+_control_route("pause", "Pause a rollout: no new vehicles are notified until it resumes")
+_control_route("resume", "Resume a paused rollout")
+_control_route(
+    "rollback", "Roll a rollout back: every touched vehicle returns to its previous state"
+)
+_control_route("abort", "Abort a rollout: stop issuing; vehicles already notified keep it")

@@ -1,22 +1,67 @@
-"""Releases list; POST /rollouts stores the rollout and starts workflow rollout-{id}."""
+"""Releases list; POST /rollouts validates (signature, safety, overlap), plans (`dryRun`),
+stores the rollout and starts workflow rollout-{id}.
+
+Also the signed-release helpers the other rollout API tests import: `signing_key` (a session
+key whose public half the running app trusts) and `insert_signed_release`.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from core.settings import Settings
 from core.temporal import (
     ROLLOUT_TASK_QUEUE,
     SA_RELEASE_VERSION,
     SA_ROLLOUT_ID,
     rollout_workflow_id,
 )
+from services.signing import generate_signing_key, sign_release, write_trusted_keys_file
 from tests.api.conftest import bearer, insert_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
+
+COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
+
+
+@pytest.fixture(scope="session")
+def signing_key(api_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A release-signing key the running app trusts: its public key is written to the app's
+    trusted-keys file (the app reads `settings.trusted_keys_file` on each request, and the
+    file again whenever it changes)."""
+    key = generate_signing_key()
+    path = api_settings.trusted_keys_file
+    if not path:
+        path = str(tmp_path_factory.mktemp("trusted") / "trusted-keys.json")
+    write_trusted_keys_file(Path(path), [key.public_key()])
+    api_settings.trusted_keys_file = path
+    return key
+
+
+def insert_signed_release(
+    database_url: str,
+    key: Ed25519PrivateKey,
+    version: str,
+    *,
+    digest: str = "sha256:" + "ab" * 32,
+    signed_digest: str | None = None,
+) -> None:
+    """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
+    signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO releases (version, components, artifact_digest, signature,"
+            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
+            (version, json.dumps(COMPONENTS), digest, signature, kid),
+        )
 
 
 def rollout_body(release: str, **overrides: Any) -> dict[str, Any]:
@@ -31,6 +76,12 @@ def rollout_body(release: str, **overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def own_targets(prefix: str, n: int, **vehicle_kw: Any) -> dict[str, Any]:
+    """Insert n vehicles of this test and return targets that select only them."""
+    ids = [f"{prefix}{i}" for i in range(n)]
+    return {"vehicleIds": ids, "regions": [vehicle_kw.get("region", "eu-west")]}
 
 
 async def test_releases_list_and_get(
@@ -51,15 +102,16 @@ async def test_create_rollout_starts_its_workflow(
     viewer: dict,
     database_url: str,
     prefix: str,
+    signing_key: Ed25519PrivateKey,
     dev_server_env: WorkflowEnvironment,
 ) -> None:
     release = f"{prefix}2026.11.0"
-    insert_release(database_url, release)
+    insert_signed_release(database_url, signing_key, release)
     insert_vehicles(database_url, [f"{prefix}{i}" for i in range(4)])
     response = await http.post(
         "/api/v1/rollouts",
         headers={**operator, "X-Request-ID": f"req-{prefix}"},
-        json=rollout_body(release),
+        json=rollout_body(release, targets=own_targets(prefix, 4)),
     )
     assert response.status_code == 201, response.text
     rollout = response.json()["data"]
@@ -97,10 +149,14 @@ async def test_create_rollout_starts_its_workflow(
 
 
 async def test_rollout_validation(
-    http: httpx.AsyncClient, operator: dict, database_url: str, prefix: str
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2026.11.1"
-    insert_release(database_url, release)
+    insert_signed_release(database_url, signing_key, release)
     missing = await http.post("/api/v1/rollouts", headers=operator, json=rollout_body("nope"))
     body = assert_error(missing, 422, "VALIDATION_ERROR")
     assert body["error"]["details"][0]["field"] == "releaseVersion"
@@ -120,12 +176,53 @@ async def test_rollout_validation(
     assert body["error"]["details"][0]["field"] == "colour"
 
 
+async def test_bad_signature_is_refused(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    insert_vehicles(database_url, [f"{prefix}{i}" for i in range(2)])
+    targets = own_targets(prefix, 2)
+    tampered = f"{prefix}tampered"
+    insert_signed_release(database_url, signing_key, tampered, signed_digest="sha256:" + "cd" * 32)
+    unknown_key = f"{prefix}unknown-key"
+    insert_signed_release(database_url, generate_signing_key(), unknown_key)
+    unsigned = f"{prefix}unsigned"
+    insert_release(database_url, unsigned)  # signature "c2ln" by key "k"
+    for version, reason in ((tampered, "mismatch"), (unknown_key, "unknown_key"), (unsigned, "")):
+        for path in ("/api/v1/rollouts", "/api/v1/rollouts?dryRun=true"):
+            response = await http.post(
+                path, headers=operator, json=rollout_body(version, targets=targets)
+            )
+            body = assert_error(response, 422, "RELEASE_SIGNATURE_INVALID")
+            assert body["error"]["details"][0]["field"] == "releaseVersion"
+            if reason:
+                assert body["error"]["details"][0]["code"] == reason
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT count(*) FROM rollouts WHERE release_version = ANY(%s)",
+            ([tampered, unknown_key, unsigned],),
+        ).fetchone()
+    assert stored == (0,)
+
+
 async def test_weakened_safety_needs_acknowledgement(
-    http: httpx.AsyncClient, operator: dict, database_url: str, prefix: str
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2026.11.2"
-    insert_release(database_url, release)
-    weak = rollout_body(release, gates={"safetyChecks": {"minBatteryPercent": 5}})
+    insert_signed_release(database_url, signing_key, release)
+    insert_vehicles(database_url, [f"{prefix}{i}" for i in range(2)])
+    weak = rollout_body(
+        release,
+        targets=own_targets(prefix, 2),
+        gates={"safetyChecks": {"minBatteryPercent": 5}},
+    )
     body = assert_error(
         await http.post("/api/v1/rollouts", headers=operator, json=weak),
         422,
@@ -147,19 +244,157 @@ async def test_weakened_safety_needs_acknowledgement(
 
 async def test_scoped_operator_cannot_target_outside_scope(
     http: httpx.AsyncClient,
-    token,
+    token: Any,
     database_url: str,
-    prefix: str,  # type: ignore[no-untyped-def]
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2026.11.3"
-    insert_release(database_url, release)
+    insert_signed_release(database_url, signing_key, release)
+    insert_vehicles(database_url, [f"{prefix}{i}" for i in range(2)], region="us-east")
     scoped = bearer(token("operator", scopes={"regions": ["us-east"]}))
     response = await http.post("/api/v1/rollouts", headers=scoped, json=rollout_body(release))
     assert_error(response, 403, "FORBIDDEN")
-    inside = rollout_body(release, targets={"regions": ["us-east"]})
+    inside = rollout_body(release, targets=own_targets(prefix, 2, region="us-east"))
     created = await http.post("/api/v1/rollouts", headers=scoped, json=inside)
     assert created.status_code == 201, created.text
     # A viewer scoped elsewhere does not see it.
     other = bearer(token("viewer", scopes={"regions": ["eu-west"]}))
     rid = created.json()["data"]["id"]
     assert_error(await http.get(f"/api/v1/rollouts/{rid}", headers=other), 404, "NOT_FOUND")
+
+
+def _set_telemetry(database_url: str, rows: list[tuple[str, int | None, bool | None]]) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.cursor().executemany(
+            "UPDATE vehicles SET battery_percent = %s, stationary = %s WHERE id = %s",
+            [(battery, stationary, vid) for vid, battery, stationary in rows],
+        )
+
+
+async def test_dry_run_returns_the_plan_and_creates_nothing(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    dev_server_env: WorkflowEnvironment,
+) -> None:
+    release = f"{prefix}2026.12.0"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{i}" for i in range(10)]
+    insert_vehicles(database_url, ids)
+    _set_telemetry(
+        database_url,
+        [(vid, 80, True) for vid in ids[:6]]
+        + [(ids[6], 10, True), (ids[7], 80, False), (ids[8], 5, False), (ids[9], None, None)],
+    )
+    body = rollout_body(
+        release,
+        targets=own_targets(prefix, 10),
+        strategy={
+            "canary": {"size": 2, "bakeSeconds": 600},
+            "waves": [{"percent": 50, "bakeSeconds": 300}, {"percent": 100, "bakeSeconds": 0}],
+        },
+    )
+    request_id = f"dry-{prefix}"
+    response = await http.post(
+        "/api/v1/rollouts?dryRun=true",
+        headers={**operator, "X-Request-ID": request_id},
+        json=body,
+    )
+    assert response.status_code == 200, response.text
+    envelope = response.json()
+    assert envelope["metadata"]["dryRun"] is True
+    plan = envelope["data"]
+    assert plan["releaseVersion"] == release
+    assert plan["targeted"] == 10
+    assert [(s["name"], s["vehicles"], s["bakeSeconds"]) for s in plan["stages"]] == [
+        ("canary", 2, 600),
+        ("wave-1", 3, 300),
+        ("wave-2", 5, 0),
+    ]
+    assert plan["safety"] == {
+        "requireStationary": True,
+        "minBatteryPercent": 30,
+        "blocked": 3,
+        "batteryLow": 2,
+        "notStationary": 2,
+        "unknown": 1,
+        "offline": 0,
+    }
+    assert plan["overlap"] == {"vehicles": 0, "sampleVehicleIds": [], "rolloutIds": []}
+    assert plan["canStart"] is True and plan["problems"] == []
+
+    # Weakened without acknowledgement: reported, not refused, in a dry run.
+    weak = {**body, "gates": {"safetyChecks": {"minBatteryPercent": 5}}}
+    weak_plan = (
+        await http.post("/api/v1/rollouts?dryRun=true", headers=operator, json=weak)
+    ).json()["data"]
+    assert weak_plan["weakenedSafety"] == ["minBatteryPercent"]
+    assert weak_plan["canStart"] is False
+    assert weak_plan["safety"]["batteryLow"] == 0
+
+    with psycopg.connect(database_url) as conn:
+        rollouts = conn.execute(
+            "SELECT count(*) FROM rollouts WHERE release_version = %s", (release,)
+        ).fetchone()
+        audits = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE correlation_id = %s", (request_id,)
+        ).fetchone()
+        desired = conn.execute(
+            "SELECT count(*) FROM vehicles WHERE id = ANY(%s) AND desired_release_version = %s",
+            (ids, release),
+        ).fetchone()
+    assert (rollouts, audits, desired) == ((0,), (0,), (0,))
+    running = await dev_server_env.client.count_workflows(f"ReleaseVersion = '{release}'")
+    assert running.count == 0
+
+
+async def test_overlap_with_an_active_rollout_is_refused(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    release = f"{prefix}2026.12.1"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{i}" for i in range(6)]
+    insert_vehicles(database_url, ids)
+    first = await http.post(
+        "/api/v1/rollouts",
+        headers=operator,
+        json=rollout_body(release, targets={"vehicleIds": ids[:4]}),
+    )
+    assert first.status_code == 201, first.text
+    first_id = first.json()["data"]["id"]
+
+    overlapping = rollout_body(release, targets={"vehicleIds": ids[2:]})
+    plan = (
+        await http.post("/api/v1/rollouts?dryRun=true", headers=operator, json=overlapping)
+    ).json()["data"]
+    assert plan["overlap"] == {
+        "vehicles": 2,
+        "sampleVehicleIds": ids[2:4],
+        "rolloutIds": [first_id],
+    }
+    assert plan["canStart"] is False
+
+    body = assert_error(
+        await http.post("/api/v1/rollouts", headers=operator, json=overlapping), 409, "CONFLICT"
+    )
+    assert str(first_id) in body["error"]["message"]
+    flagged = [d["message"] for d in body["error"]["details"]]
+    assert any(ids[2] in m for m in flagged) and any(ids[3] in m for m in flagged)
+
+    # Disjoint targets are fine.
+    disjoint = rollout_body(release, targets={"vehicleIds": ids[4:]})
+    created = await http.post("/api/v1/rollouts", headers=operator, json=disjoint)
+    assert created.status_code == 201, created.text
+
+    # Once the first rollout is finished, its vehicles are free again.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (first_id,))
+    again = rollout_body(release, targets={"vehicleIds": ids[:2]})
+    assert (await http.post("/api/v1/rollouts", headers=operator, json=again)).status_code == 201

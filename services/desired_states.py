@@ -1,0 +1,278 @@
+"""Direct desired states: an operator sets the release a target set of vehicles should run,
+outside any rollout. The same rules as a rollout apply: the release exists and verifies, the
+targets stay inside the caller's scope, the safety policy is not weaker than the fleet
+default unless acknowledged with a reason, and no vehicle inside an active rollout is taken
+(see docs/rollouts.md, "Overlap"). Set-based: one statement writes every row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text, tuple_
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredState
+from models.scope import Scope
+from models.tables import DesiredState, Vehicle
+from services import audit
+from services.errors import InvalidInput
+from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
+from services.rollouts import (
+    Actor,
+    audit_scope,
+    check_targets_in_scope,
+    find_overlap,
+    load_verified_release,
+    lock_fleet_assignment,
+    match_params,
+    overlap_conflict,
+    resolve_safety,
+)
+from services.safety import SafetyDefaults
+from services.signing import TrustedKeys
+from services.vehicles import scoped
+
+# Above this, a direct desired state is refused: a rollout stages, gates and can roll back.
+MAX_DIRECT_VEHICLES = 10_000
+SAMPLE = 10
+
+DESIRED_STATE_SORT = Sort(timestamp_key("createdAt", col(DesiredState.created_at)), True)
+
+
+@dataclass(frozen=True)
+class DesiredStateFilters:
+    vehicle_ids: list[str]
+    rollout_ids: list[str]
+    release_versions: list[str]
+
+    def validate(self) -> None:
+        for rid in self.rollout_ids:
+            if not rid.isdigit():
+                raise InvalidInput(
+                    f"rolloutId {rid!r} is not a rollout id",
+                    details=[{"field": "rolloutId", "message": "a positive integer"}],
+                )
+
+
+async def list_desired_states(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    filters: DesiredStateFilters,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[DesiredState], str | None]:
+    """Newest first, keyset on (created_at, id); only vehicles inside the caller's scope."""
+    filters.validate()
+    stmt = select(DesiredState)
+    if not scope.unrestricted:
+        stmt = stmt.where(col(DesiredState.vehicle_id).in_(scoped(select(col(Vehicle.id)), scope)))
+    for column, values in (
+        (col(DesiredState.vehicle_id), filters.vehicle_ids),
+        (col(DesiredState.rollout_id), [int(r) for r in filters.rollout_ids]),
+        (col(DesiredState.release_version), filters.release_versions),
+    ):
+        cond = any_of(column, values)
+        if cond is not None:
+            stmt = stmt.where(cond)
+    if cursor:
+        at, ident = decode_cursor(cursor, DESIRED_STATE_SORT)
+        try:
+            after_id = uuid.UUID(str(ident))
+        except ValueError:
+            raise InvalidInput(
+                "the cursor is not valid for this list and sort",
+                details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
+            ) from None
+        stmt = stmt.where(
+            tuple_(col(DesiredState.created_at), col(DesiredState.id)) < tuple_(at, after_id)
+        )
+    stmt = stmt.order_by(col(DesiredState.created_at).desc(), col(DesiredState.id).desc())
+    rows = list((await session.exec(stmt.limit(limit + 1))).all())
+    return split_page(
+        rows,
+        sort=DESIRED_STATE_SORT,
+        limit=limit,
+        value_of=lambda d: d.created_at,
+        id_of=lambda d: str(d.id),
+    )
+
+
+async def _matching_count(session: AsyncSession, *, targets: dict[str, Any], scope: Scope) -> int:
+    conn = await session.connection()
+    result = await conn.execute(
+        text(f"SELECT count(*) FROM vehicles v WHERE {_MATCH_IN_SCOPE}"),
+        {**match_params(targets), **_scope_params(scope)},
+    )
+    return int(result.scalar_one())
+
+
+def _scope_params(scope: Scope) -> dict[str, list[str] | None]:
+    return {
+        "scope_regions": list(scope.regions) if scope.regions is not None else None,
+        "scope_models": list(scope.models) if scope.models is not None else None,
+        "scope_orgs": list(scope.orgs) if scope.orgs is not None else None,
+    }
+
+
+_MATCH_IN_SCOPE = (
+    " AND ".join(
+        f"(cardinality(CAST(:{key} AS text[])) = 0 OR {column} = ANY(CAST(:{key} AS text[])))"
+        for key, column in (
+            ("models", "v.model"),
+            ("regions", "v.region"),
+            ("rings", "v.ring"),
+            ("vehicle_ids", "v.id"),
+        )
+    )
+    + " AND "
+    + " AND ".join(
+        f"(CAST(:{key} AS text[]) IS NULL OR {column} = ANY(CAST(:{key} AS text[])))"
+        for key, column in (
+            ("scope_regions", "v.region"),
+            ("scope_models", "v.model"),
+            ("scope_orgs", "v.org"),
+        )
+    )
+)
+
+
+async def create_desired_states(
+    session: AsyncSession,
+    *,
+    body: DesiredStateCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+    max_vehicles: int = MAX_DIRECT_VEHICLES,
+) -> DesiredStatesCreated:
+    """One `desired_states` row per matching vehicle (its previous desired state linked), the
+    vehicles' desired release set and their status `pending` (`offline` stays), one
+    `vehicle.updated` change-feed event per vehicle and one audit entry, in the caller's
+    transaction."""
+    release = await load_verified_release(
+        session, version=body.release_version, trusted_keys=trusted_keys
+    )
+    targets = body.targets.model_dump(by_alias=True)
+    check_targets_in_scope(targets, scope)
+    safety, acknowledgement = resolve_safety(
+        checks=body.safety_checks,
+        defaults=safety_defaults,
+        acknowledged=body.acknowledge_weakened_safety,
+        reason=body.reason,
+        actor=actor,
+        field_prefix="safetyChecks",
+    )
+    await lock_fleet_assignment(session)
+    count = await _matching_count(session, targets=targets, scope=scope)
+    if count == 0:
+        raise InvalidInput(
+            "the targets select no vehicle",
+            details=[{"field": "targets", "message": "no vehicle matches"}],
+        )
+    if count > max_vehicles:
+        raise InvalidInput(
+            f"the targets select {count} vehicles; a direct desired state may set at most "
+            f"{max_vehicles}: use a rollout (POST /api/v1/rollouts), which stages and gates",
+            details=[{"field": "targets", "message": f"at most {max_vehicles} vehicles"}],
+        )
+    overlap = await find_overlap(session, targets=targets)
+    if overlap.vehicles:
+        raise overlap_conflict(overlap, what="this desired state")
+
+    safety_checks = body.safety_checks.model_dump(by_alias=True, mode="json")
+    safety_checks["requireStationary"] = safety.require_stationary
+    safety_checks["minBatteryPercent"] = safety.min_battery_percent
+    conn = await session.connection()
+    rows = (
+        await conn.execute(
+            text(
+                f"""
+                WITH todo AS (
+                    SELECT v.id AS vehicle_id, v.desired_state_id AS prev_ds,
+                           gen_random_uuid() AS ds_id
+                    FROM vehicles v
+                    WHERE {_MATCH_IN_SCOPE}
+                    ORDER BY v.id
+                    FOR UPDATE OF v
+                ),
+                ins AS (
+                    INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                                previous_desired_state_id, reason, created_by)
+                    SELECT ds_id, vehicle_id, :release, NULL, prev_ds, :reason, :created_by
+                    FROM todo
+                ),
+                upv AS (
+                    UPDATE vehicles v
+                    SET desired_release_version = :release,
+                        desired_state_id = todo.ds_id,
+                        rollout_id = NULL,
+                        status = CASE WHEN v.status = 'offline' THEN v.status
+                                      ELSE 'pending' END,
+                        updated_at = now()
+                    FROM todo WHERE v.id = todo.vehicle_id
+                    RETURNING v.id, v.status, v.region, v.model, v.org, todo.ds_id
+                ),
+                feed AS (
+                    INSERT INTO change_feed (topic, event, entity_id, payload, region, model, org)
+                    SELECT 'vehicles', 'vehicle.updated', upv.id,
+                           jsonb_build_object(
+                               'id', upv.id, 'status', upv.status,
+                               'desired', jsonb_build_object(
+                                   'releaseVersion', CAST(:release AS text),
+                                   'desiredStateId', upv.ds_id::text,
+                                   'rolloutId', NULL)),
+                           upv.region, upv.model, upv.org
+                    FROM upv
+                )
+                SELECT id, ds_id FROM upv ORDER BY id
+                """
+            ),
+            {
+                **match_params(targets),
+                **_scope_params(scope),
+                "release": release.version,
+                "reason": body.reason,
+                "created_by": actor.subject,
+            },
+        )
+    ).all()
+    sample = [IssuedDesiredState(vehicle_id=r.id, desired_state_id=str(r.ds_id)) for r in rows]
+    entries: list[tuple[str, dict[str, Any]]] = [
+        (
+            "desired_states.created",
+            {
+                **body.model_dump(by_alias=True, mode="json"),
+                "count": len(rows),
+                "effectiveSafetyChecks": safety_checks,
+                "sample": [s.model_dump(by_alias=True) for s in sample[:SAMPLE]],
+            },
+        )
+    ]
+    if acknowledgement:
+        entries.append(("desired_states.safety_weakened", acknowledgement))
+    for action, payload in entries:
+        await audit.record(
+            session,
+            actor=actor.subject,
+            role=actor.role,
+            source=actor.source,
+            action=action,
+            target_type="release",
+            target_id=release.version,
+            reason=body.reason,
+            correlation_id=actor.correlation_id,
+            payload=payload,
+            **audit_scope(targets),
+        )
+    return DesiredStatesCreated(
+        release_version=release.version,
+        count=len(rows),
+        sample=sample[:SAMPLE],
+        safety_checks=safety_checks,
+    )
