@@ -5,7 +5,7 @@ non-retryable `ApplicationError`s."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -16,6 +16,8 @@ from temporalio.exceptions import ApplicationError
 
 from core.db import session_scope
 from models.workflows import (
+    EvaluateGatesInput,
+    EvaluateGatesResult,
     ExpandTargetsInput,
     ExpandTargetsResult,
     IssueStageInput,
@@ -23,10 +25,14 @@ from models.workflows import (
     IssueStageResult,
     RollbackTargetsInput,
     RollbackTargetsResult,
+    RolloutPolicy,
+    TargetSweepInput,
+    TargetSweepResult,
     UpdateRolloutStatusInput,
     UpdateRolloutStatusResult,
 )
 from services import rollout_targets as svc
+from workflows.policy import decide
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +54,10 @@ class RolloutActivities:
             self.issue_stage,
             self.update_rollout_status,
             self.rollback_targets,
+            self.evaluate_gates,
+            self.expire_apply_timeouts,
+            self.retry_failed_targets,
+            self.recheck_blocked,
         ]
 
     @activity.defn(name="expand_targets")
@@ -58,6 +68,7 @@ class RolloutActivities:
             async with session_scope(self._sessions) as session:
                 rollout = await svc.load_rollout(session, rollout_id=input.rollout_id)
                 expansion = await svc.plan_and_expand(session, rollout_id=input.rollout_id)
+                policy = await svc.load_policy(session, rollout_id=input.rollout_id)
         except svc.RolloutNotFound as exc:
             raise ApplicationError(str(exc), type=ROLLOUT_NOT_FOUND, non_retryable=True) from exc
         except (KeyError, TypeError, ValueError) as exc:
@@ -79,6 +90,7 @@ class RolloutActivities:
             targeted=expansion.targeted,
             stages=expansion.stages,
             inserted=expansion.inserted,
+            policy=policy,
         )
 
     @activity.defn(name="issue_stage")
@@ -107,6 +119,7 @@ class RolloutActivities:
                         release_version=input.release_version,
                         after_vehicle_id=progress.last_vehicle_id,
                         batch_size=input.batch_size,
+                        issued_at=input.issued_at,
                     )
                     if batch.issued:
                         snapshot = await svc.rollout_snapshot(session, rollout_id=input.rollout_id)
@@ -191,7 +204,10 @@ class RolloutActivities:
             while True:
                 async with session_scope(self._sessions) as session:
                     n = await svc.rollback_batch(
-                        session, rollout_id=input.rollout_id, batch_size=input.batch_size
+                        session,
+                        rollout_id=input.rollout_id,
+                        batch_size=input.batch_size,
+                        stage_index=input.stage_index,
                     )
                 reverted += n
                 activity.heartbeat(reverted)
@@ -203,3 +219,129 @@ class RolloutActivities:
             raise ApplicationError(str(exc), type=ROLLOUT_NOT_FOUND, non_retryable=True) from exc
         log.info("rollout.rolled_back", rollout_id=input.rollout_id, reverted=reverted)
         return RollbackTargetsResult(reverted=reverted, skipped=skipped, counts=counts)
+
+    @activity.defn(name="evaluate_gates")
+    async def evaluate_gates(self, input: EvaluateGatesInput) -> EvaluateGatesResult:
+        """Gate counts (the whole rollout and the stage, one GROUP BY each) and the pure
+        decision of `policy.decide`. Read-only."""
+        try:
+            async with session_scope(self._sessions) as session:
+                policy = await svc.load_policy(session, rollout_id=input.rollout_id)
+                total = await svc.gate_counts(
+                    session,
+                    rollout_id=input.rollout_id,
+                    stage_index=None,
+                    max_attempts=policy.max_attempts,
+                )
+                stage = await svc.gate_counts(
+                    session,
+                    rollout_id=input.rollout_id,
+                    stage_index=input.stage_index,
+                    max_attempts=policy.max_attempts,
+                )
+                counts = await svc.progress(session, rollout_id=input.rollout_id)
+        except svc.RolloutNotFound as exc:
+            raise ApplicationError(str(exc), type=ROLLOUT_NOT_FOUND, non_retryable=True) from exc
+        decision = decide(
+            policy=policy.gates,
+            total=total,
+            stage=stage,
+            is_canary=input.is_canary,
+            bake_done=input.bake_done,
+            acknowledged_failed=input.acknowledged_failed,
+            canary_forced=input.canary_forced,
+        )
+        if decision.action not in ("wait", "proceed"):
+            log.info(
+                "rollout.gate",
+                rollout_id=input.rollout_id,
+                stage_index=input.stage_index,
+                action=decision.action,
+                reason=decision.reason,
+                detail=decision.detail,
+            )
+        return EvaluateGatesResult(total=total, stage=stage, decision=decision, counts=counts)
+
+    async def _sweep(
+        self,
+        name: str,
+        input: TargetSweepInput,
+        batch: Callable[[AsyncSession, RolloutPolicy], Awaitable[int]],
+    ) -> TargetSweepResult:
+        """Run a set-based sweep batch by batch (one transaction each, heartbeating), then
+        publish the rollout's counters once if anything moved."""
+        changed = 0
+        try:
+            async with session_scope(self._sessions) as session:
+                policy = await svc.load_policy(session, rollout_id=input.rollout_id)
+            while True:
+                async with session_scope(self._sessions) as session:
+                    n = await batch(session, policy)
+                changed += n
+                activity.heartbeat(changed)
+                if n < svc.SWEEP_BATCH:
+                    break
+            async with session_scope(self._sessions) as session:
+                if changed:
+                    snapshot = await svc.rollout_snapshot(session, rollout_id=input.rollout_id)
+                    await svc.record_rollout_event(
+                        session,
+                        rollout_id=input.rollout_id,
+                        action=f"rollout.{name}",
+                        payload=snapshot,
+                        audit=False,
+                    )
+                counts = await svc.progress(session, rollout_id=input.rollout_id)
+        except svc.RolloutNotFound as exc:
+            raise ApplicationError(str(exc), type=ROLLOUT_NOT_FOUND, non_retryable=True) from exc
+        if changed:
+            log.info(f"rollout.{name}", rollout_id=input.rollout_id, changed=changed)
+        return TargetSweepResult(changed=changed, counts=counts)
+
+    @activity.defn(name="expire_apply_timeouts")
+    async def expire_apply_timeouts(self, input: TargetSweepInput) -> TargetSweepResult:
+        """Targets notified/updating for longer than `timeouts.applySeconds` -> failed,
+        APPLY_TIMEOUT."""
+
+        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+            return await svc.expire_apply_timeouts(
+                session,
+                rollout_id=input.rollout_id,
+                now=input.now,
+                apply_seconds=policy.apply_seconds,
+            )
+
+        return await self._sweep("apply_timeouts_expired", input, batch)
+
+    @activity.defn(name="retry_failed_targets")
+    async def retry_failed_targets(self, input: TargetSweepInput) -> TargetSweepResult:
+        """Re-issue a new desired state to targets failed for a retryable reason, attempts left
+        and backoff over (idempotent: keyed by rollout, vehicle and attempt)."""
+
+        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+            rollout = await svc.load_rollout(session, rollout_id=input.rollout_id)
+            return await svc.retry_failed_targets(
+                session,
+                rollout_id=input.rollout_id,
+                release_version=rollout.release_version,
+                now=input.now,
+                max_attempts=policy.max_attempts,
+                backoff_seconds=policy.backoff_seconds,
+            )
+
+        return await self._sweep("targets_retried", input, batch)
+
+    @activity.defn(name="recheck_blocked")
+    async def recheck_blocked(self, input: TargetSweepInput) -> TargetSweepResult:
+        """Blocked targets whose latest heartbeat passes the safety checks -> notified."""
+
+        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+            return await svc.recheck_blocked(
+                session,
+                rollout_id=input.rollout_id,
+                now=input.now,
+                require_stationary=policy.require_stationary,
+                min_battery_percent=policy.min_battery_percent,
+            )
+
+        return await self._sweep("blocked_rechecked", input, batch)

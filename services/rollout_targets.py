@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -20,11 +21,17 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
-from models.workflows import RolloutCounts, StagePlan
+from models.workflows import GateCounts, RolloutCounts, RolloutPolicy, StagePlan
 from services import audit as audit_log
 from services import change_feed
 from services.rollouts import AuditScope, audit_scope
-from workflows.policy import plan_from_strategy, stage_ends
+from workflows.policy import (
+    MAX_BACKOFF_SECONDS,
+    RETRYABLE_REASONS,
+    plan_from_strategy,
+    rollout_policy,
+    stage_ends,
+)
 
 
 class RolloutNotFound(LookupError):
@@ -67,6 +74,35 @@ async def _conn(session: AsyncSession) -> AsyncConnection:
 
 
 _COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
+
+# The tail of a statement whose CTE `moved` returns (old_state, new_state) per target it moved:
+# moves the rollout's current-state counters (updating, succeeded, failed, blocked) by the
+# difference, in the same statement, and answers how many targets moved. Counters, not scans.
+_COUNTER_DELTAS = """
+    d AS (
+        SELECT count(*) AS n,
+               count(*) FILTER (WHERE new_state = 'updating')
+                 - count(*) FILTER (WHERE old_state = 'updating') AS d_updating,
+               count(*) FILTER (WHERE new_state = 'succeeded')
+                 - count(*) FILTER (WHERE old_state = 'succeeded') AS d_succeeded,
+               count(*) FILTER (WHERE new_state = 'failed')
+                 - count(*) FILTER (WHERE old_state = 'failed') AS d_failed,
+               count(*) FILTER (WHERE new_state = 'blocked')
+                 - count(*) FILTER (WHERE old_state = 'blocked') AS d_blocked
+        FROM moved
+    ),
+    upr AS (
+        UPDATE rollouts r
+        SET updating = greatest(r.updating + d.d_updating, 0),
+            succeeded = greatest(r.succeeded + d.d_succeeded, 0),
+            failed = greatest(r.failed + d.d_failed, 0),
+            blocked = greatest(r.blocked + d.d_blocked, 0),
+            updated_at = now()
+        FROM d WHERE r.id = :rid AND d.n > 0
+        RETURNING 1
+    )
+    SELECT n FROM d
+"""
 
 
 # The rollout's target filter, as SQL over `v` (vehicles) and `r` (rollouts): an absent, null
@@ -234,6 +270,7 @@ async def issue_stage_batch(
     release_version: str,
     after_vehicle_id: str = "",
     batch_size: int = 1000,
+    issued_at: datetime | None = None,
 ) -> IssuedBatch:
     """Issue the desired state to the next `batch_size` planned targets of one stage.
 
@@ -241,7 +278,8 @@ async def issue_stage_batch(
     so a batch re-run after it committed changes nothing. Per vehicle, in one statement: a
     `desired_states` row (id derived from workflow id, vehicle and attempt), the vehicle's
     desired release (its previous one kept on the target, for rollback), the target
-    `notified`. Then the rollout's counters move by the number issued.
+    `notified` at `issued_at` (the workflow's time; default now(): the start of its apply
+    timeout). Then the rollout's counters move by the number issued.
     """
     created_by = rollout_workflow_id(rollout_id)
     conn = await _conn(session)
@@ -289,7 +327,7 @@ async def issue_stage_batch(
                         desired_state_id = todo.ds_id,
                         previous_desired_state_id = todo.prev_ds,
                         previous_release_version = todo.prev_release,
-                        notified_at = now(),
+                        notified_at = coalesce(CAST(:issued_at AS timestamptz), now()),
                         updated_at = now()
                     FROM todo
                     WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
@@ -308,6 +346,7 @@ async def issue_stage_batch(
                 "release": release_version,
                 "created_by": created_by,
                 "reason": f"rollout {rollout_id}",
+                "issued_at": issued_at,
             },
         )
     ).one()
@@ -527,14 +566,21 @@ async def skip_planned_targets(session: AsyncSession, *, rollout_id: int) -> int
     return int(skipped)
 
 
-async def rollback_batch(session: AsyncSession, *, rollout_id: int, batch_size: int = 1000) -> int:
+async def rollback_batch(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    batch_size: int = 1000,
+    stage_index: int | None = None,
+) -> int:
     """Return the next `batch_size` issued targets to the desired release they had before.
 
     Declarative: a new `desired_states` row per vehicle (id derived from workflow id and
     vehicle), whose release is the target's `previous_release_version`. A vehicle whose desired
     state has moved on since (another rollout or an operator) is left alone. A vehicle that had
     no known release before gets its desired state cleared. Targets end `rolled_back`; returns
-    how many were processed (0 when none is left).
+    how many were processed (0 when none is left). `stage_index` limits it to one stage (a
+    staged rollback); the counters of the states left move accordingly.
     """
     created_by = rollout_workflow_id(rollout_id)
     conn = await _conn(session)
@@ -543,7 +589,7 @@ async def rollback_batch(session: AsyncSession, *, rollout_id: int, batch_size: 
             text(
                 """
                 WITH todo AS (
-                    SELECT t.vehicle_id, t.desired_state_id AS our_ds,
+                    SELECT t.vehicle_id, t.state AS old_state, t.desired_state_id AS our_ds,
                            t.previous_release_version AS prev_release,
                            (v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id)
                                AS still_ours,
@@ -552,6 +598,7 @@ async def rollback_batch(session: AsyncSession, *, rollout_id: int, batch_size: 
                     FROM rollout_targets t
                     JOIN vehicles v ON v.id = t.vehicle_id
                     WHERE t.rollout_id = :rid
+                      AND (CAST(:stage AS integer) IS NULL OR t.stage = :stage)
                       AND t.state IN ('notified', 'updating', 'succeeded', 'failed', 'blocked')
                     ORDER BY t.vehicle_id
                     LIMIT :n
@@ -577,20 +624,329 @@ async def rollback_batch(session: AsyncSession, *, rollout_id: int, batch_size: 
                         updated_at = now()
                     FROM todo WHERE v.id = todo.vehicle_id AND todo.still_ours
                 ),
-                upt AS (
+                moved AS (
                     UPDATE rollout_targets t SET state = 'rolled_back', updated_at = now()
                     FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-                    RETURNING 1
-                )
-                SELECT count(*) FROM upt
+                    RETURNING todo.old_state, t.state AS new_state
+                ),
                 """
+                + _COUNTER_DELTAS
             ),
             {
                 "rid": rollout_id,
                 "n": batch_size,
                 "created_by": created_by,
                 "reason": f"rollback of rollout {rollout_id}",
+                "stage": stage_index,
             },
         )
     ).scalar_one()
     return int(processed)
+
+
+# --- Execution: per-vehicle outcomes, gates, timeouts, retries, blocked rechecks -------------
+
+OUTCOME_STATES = frozenset({"updating", "succeeded", "failed", "blocked"})
+# Targets whose outcome may still change (succeeded is final for the rollout's desired state;
+# planned, skipped and rolled_back are outside the rollout's live set).
+_LIVE_STATES = "('notified', 'updating', 'failed', 'blocked')"
+SWEEP_BATCH = 1000
+
+
+async def load_policy(session: AsyncSession, *, rollout_id: int) -> RolloutPolicy:
+    """The rollout's gates, safety checks, timeouts and retry settings (pure parsing in
+    `workflows.policy.rollout_policy`)."""
+    conn = await _conn(session)
+    row = (
+        await conn.execute(
+            text("SELECT gates, timeouts, retry FROM rollouts WHERE id = :rid"),
+            {"rid": rollout_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return rollout_policy(_as_dict(row.gates), _as_dict(row.timeouts), _as_dict(row.retry))
+
+
+async def record_target_outcomes(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    outcomes: Sequence[tuple[str, str, str | None]],
+    at: datetime | None = None,
+) -> int:
+    """Record vehicles' outcomes inside one rollout, set-based: `(vehicle_id, state,
+    reason_code)` with state `updating`, `succeeded`, `failed` or `blocked`; returns how many
+    targets changed.
+
+    The caller (the telemetry path) passes `succeeded` only for a `ready` on this rollout's own
+    desired state. Only live targets move (notified, updating, failed, blocked): `succeeded` is
+    final, and planned/skipped/rolled_back targets are left alone; the same state and reason
+    again is a no-op. reason_code is kept for failed and blocked, cleared otherwise. The
+    rollout's counters (updating, succeeded, failed, blocked) move in the same statement; the
+    last outcome of a vehicle listed twice wins. `at` (default now()) is when it happened,
+    the start of a retry's backoff.
+    """
+    latest: dict[str, tuple[str, str | None]] = {}
+    for vehicle_id, state, reason_code in outcomes:
+        if state not in OUTCOME_STATES:
+            raise ValueError(f"unknown outcome state {state!r} for vehicle {vehicle_id}")
+        latest[vehicle_id] = (state, reason_code if state in ("failed", "blocked") else None)
+    if not latest:
+        return 0
+    conn = await _conn(session)
+    moved = (
+        await conn.execute(
+            text(
+                f"""
+                WITH todo AS (
+                    SELECT t.vehicle_id, t.state AS old_state, o.state AS new_state,
+                           o.reason_code
+                    FROM unnest(CAST(:vids AS text[]), CAST(:states AS text[]),
+                                CAST(:reasons AS text[])) AS o(vehicle_id, state, reason_code)
+                    JOIN rollout_targets t
+                      ON t.rollout_id = :rid AND t.vehicle_id = o.vehicle_id
+                    WHERE t.state IN {_LIVE_STATES}
+                      AND (t.state <> o.state OR t.reason_code IS DISTINCT FROM o.reason_code)
+                    ORDER BY t.vehicle_id
+                    FOR UPDATE OF t
+                ),
+                moved AS (
+                    UPDATE rollout_targets t
+                    SET state = todo.new_state, reason_code = todo.reason_code,
+                        updated_at = coalesce(CAST(:at AS timestamptz), now())
+                    FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING todo.old_state, t.state AS new_state
+                ),
+                """
+                + _COUNTER_DELTAS
+            ),
+            {
+                "rid": rollout_id,
+                "vids": list(latest),
+                "states": [v[0] for v in latest.values()],
+                "reasons": [v[1] for v in latest.values()],
+                "at": at,
+            },
+        )
+    ).scalar_one()
+    return int(moved)
+
+
+async def gate_counts(
+    session: AsyncSession, *, rollout_id: int, stage_index: int | None, max_attempts: int = 2
+) -> GateCounts:
+    """Targets per state of one stage (or the whole rollout, `stage_index` None): one GROUP BY
+    over the (rollout_id, stage, state) index, never the event table. `retryable`: failed
+    with a retryable reason and fewer than `max_attempts` issues."""
+    conn = await _conn(session)
+    rows = await conn.execute(
+        text(
+            """
+            SELECT state, count(*) AS n,
+                   count(*) FILTER (WHERE reason_code = ANY(CAST(:retryable AS text[]))
+                                      AND attempt < :max) AS retryable
+            FROM rollout_targets
+            WHERE rollout_id = :rid AND (CAST(:stage AS integer) IS NULL OR stage = :stage)
+            GROUP BY state
+            """
+        ),
+        {
+            "rid": rollout_id,
+            "stage": stage_index,
+            "retryable": sorted(RETRYABLE_REASONS),
+            "max": max_attempts,
+        },
+    )
+    counts = GateCounts()
+    for row in rows:
+        if row.state in ("notified", "updating", "succeeded", "failed", "blocked"):
+            setattr(counts, row.state, int(row.n))
+        if row.state == "failed":
+            counts.retryable = int(row.retryable)
+    return counts
+
+
+async def expire_apply_timeouts(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    now: datetime,
+    apply_seconds: int,
+    batch_size: int = SWEEP_BATCH,
+) -> int:
+    """Targets notified or updating for longer than `apply_seconds` (since `notified_at`, by
+    `now`) become failed with APPLY_TIMEOUT, at most `batch_size` of them; returns how many."""
+    conn = await _conn(session)
+    moved = (
+        await conn.execute(
+            text(
+                """
+                WITH todo AS (
+                    SELECT t.vehicle_id, t.state AS old_state
+                    FROM rollout_targets t
+                    WHERE t.rollout_id = :rid AND t.state IN ('notified', 'updating')
+                      AND t.notified_at <= CAST(:now AS timestamptz)
+                                           - make_interval(secs => :apply)
+                    ORDER BY t.vehicle_id
+                    LIMIT :n
+                    FOR UPDATE OF t
+                ),
+                moved AS (
+                    UPDATE rollout_targets t
+                    SET state = 'failed', reason_code = 'APPLY_TIMEOUT', updated_at = :now
+                    FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING todo.old_state, t.state AS new_state
+                ),
+                """
+                + _COUNTER_DELTAS
+            ),
+            {"rid": rollout_id, "now": now, "apply": apply_seconds, "n": batch_size},
+        )
+    ).scalar_one()
+    return int(moved)
+
+
+async def retry_failed_targets(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    release_version: str,
+    now: datetime,
+    max_attempts: int,
+    backoff_seconds: int,
+    batch_size: int = SWEEP_BATCH,
+) -> int:
+    """Re-issue the desired state to targets that failed for a retryable reason, with
+    attempts left, once their backoff (`policy.retry_backoff_seconds`, from the failure's
+    `updated_at`) is over by `now`; at most `batch_size`; returns how many.
+
+    Declarative and idempotent: a NEW `desired_states` row per vehicle whose id derives from
+    the workflow id, vehicle and attempt (the same key as `issue_stage_batch`), the target back
+    to `notified` (attempt + 1, apply clock restarted at `now`). A vehicle whose desired state
+    is no longer this rollout's (another rollout or an operator moved it) is not retried.
+    """
+    created_by = rollout_workflow_id(rollout_id)
+    conn = await _conn(session)
+    moved = (
+        await conn.execute(
+            text(
+                """
+                WITH todo AS (
+                    SELECT t.vehicle_id, t.state AS old_state, t.attempt + 1 AS attempt,
+                           t.desired_state_id AS prev_ds,
+                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':'
+                               || (t.attempt + 1)::text)::uuid AS ds_id
+                    FROM rollout_targets t
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE t.rollout_id = :rid AND t.state = 'failed'
+                      AND t.reason_code = ANY(CAST(:retryable AS text[]))
+                      AND t.attempt < :max
+                      AND v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id
+                      AND t.updated_at <= CAST(:now AS timestamptz) - make_interval(
+                          secs => least(greatest(:base, :cap),
+                                        :base * power(2, greatest(t.attempt - 1, 0))))
+                    ORDER BY t.vehicle_id
+                    LIMIT :n
+                    FOR UPDATE OF t
+                ),
+                ins AS (
+                    INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                                previous_desired_state_id, reason, created_by)
+                    SELECT ds_id, vehicle_id, :release, :rid, prev_ds,
+                           'retry ' || attempt::text || ' of rollout ' || CAST(:rid AS text),
+                           :created_by
+                    FROM todo
+                    ON CONFLICT (id) DO NOTHING
+                ),
+                upv AS (
+                    UPDATE vehicles v
+                    SET desired_state_id = todo.ds_id, desired_release_version = :release,
+                        status = CASE WHEN v.status = 'offline' THEN v.status
+                                      ELSE 'pending' END,
+                        updated_at = now()
+                    FROM todo WHERE v.id = todo.vehicle_id
+                ),
+                moved AS (
+                    UPDATE rollout_targets t
+                    SET state = 'notified', attempt = todo.attempt, reason_code = NULL,
+                        desired_state_id = todo.ds_id, notified_at = :now, updated_at = :now
+                    FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING todo.old_state, t.state AS new_state
+                ),
+                """
+                + _COUNTER_DELTAS
+            ),
+            {
+                "rid": rollout_id,
+                "created_by": created_by,
+                "release": release_version,
+                "retryable": sorted(RETRYABLE_REASONS),
+                "max": max_attempts,
+                "now": now,
+                "base": backoff_seconds,
+                "cap": MAX_BACKOFF_SECONDS,
+                "n": batch_size,
+            },
+        )
+    ).scalar_one()
+    return int(moved)
+
+
+async def recheck_blocked(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    now: datetime,
+    require_stationary: bool,
+    min_battery_percent: int,
+    batch_size: int = SWEEP_BATCH,
+) -> int:
+    """Blocked targets whose vehicle's latest heartbeat (after the block) passes the safety
+    checks again (battery >= min, stationary when required) go back to `notified`, their
+    apply clock restarted at `now`; at most `batch_size`; returns how many.
+
+    The vehicle still holds this rollout's desired state (a block is not a failure and uses no
+    attempt): it proceeds on its next poll; its status returns from blocked to pending.
+    """
+    conn = await _conn(session)
+    moved = (
+        await conn.execute(
+            text(
+                """
+                WITH todo AS (
+                    SELECT t.vehicle_id, t.state AS old_state
+                    FROM rollout_targets t
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE t.rollout_id = :rid AND t.state = 'blocked'
+                      AND v.last_seen_at >= t.updated_at
+                      AND coalesce(v.battery_percent, -1) >= :min_battery
+                      AND (NOT :stationary OR v.stationary IS TRUE)
+                    ORDER BY t.vehicle_id
+                    LIMIT :n
+                    FOR UPDATE OF t
+                ),
+                upv AS (
+                    UPDATE vehicles v SET status = 'pending', updated_at = now()
+                    FROM todo WHERE v.id = todo.vehicle_id AND v.status = 'blocked'
+                ),
+                moved AS (
+                    UPDATE rollout_targets t
+                    SET state = 'notified', reason_code = NULL, notified_at = :now,
+                        updated_at = :now
+                    FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+                    RETURNING todo.old_state, t.state AS new_state
+                ),
+                """
+                + _COUNTER_DELTAS
+            ),
+            {
+                "rid": rollout_id,
+                "now": now,
+                "min_battery": min_battery_percent,
+                "stationary": require_stationary,
+                "n": batch_size,
+            },
+        )
+    ).scalar_one()
+    return int(moved)

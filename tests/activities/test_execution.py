@@ -1,0 +1,339 @@
+"""Per-vehicle outcomes, gate counts, apply timeouts, retries and blocked rechecks: the
+services and activities against real PostgreSQL (ActivityEnvironment)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.testing import ActivityEnvironment
+
+from activities.rollouts import RolloutActivities
+from core.db import session_scope
+from models.workflows import (
+    EvaluateGatesInput,
+    ExpandTargetsInput,
+    IssueStageInput,
+    RollbackTargetsInput,
+    TargetSweepInput,
+)
+from services import rollout_targets as svc
+from tests.activities.fleet import (
+    OLD_RELEASE,
+    fetch_all,
+    fetch_one,
+    make_fleet,
+    make_release,
+    make_rollout,
+    strategy,
+    unique_prefix,
+)
+
+NEW_RELEASE = "2026.2.0-exec"
+Sessions = async_sessionmaker[AsyncSession]
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+COUNTERS = (
+    "SELECT notified, updating, succeeded, failed, blocked, pending FROM rollouts WHERE id = :r"
+)
+
+
+async def _set_json(sessions: Sessions, rollout_id: int, column: str, value: Any) -> None:
+    async with session_scope(sessions) as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(f"UPDATE rollouts SET {column} = CAST(:v AS jsonb) WHERE id = :r"),
+            {"v": json.dumps(value), "r": rollout_id},
+        )
+
+
+@pytest.fixture
+async def issued(sessions: Sessions) -> tuple[int, list[str]]:
+    """A rollout over 20 vehicles, canary of 10 issued at T0; returns its id and canary ids."""
+    prefix = unique_prefix("ex")
+    await make_fleet(sessions, prefix=prefix, count=40)
+    await make_release(sessions, version=NEW_RELEASE)
+    rollout_id = await make_rollout(
+        sessions,
+        release_version=NEW_RELEASE,
+        targets={"models": [prefix + "m1"]},
+        strategy=strategy(canary_size=10, waves=[{"percent": 100, "bakeSeconds": 60}]),
+    )
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    await env.run(acts.expand_targets, ExpandTargetsInput(rollout_id=rollout_id))
+    await env.run(
+        acts.issue_stage,
+        IssueStageInput(
+            rollout_id=rollout_id,
+            release_version=NEW_RELEASE,
+            stage_index=0,
+            stage="canary",
+            issued_at=T0,
+        ),
+    )
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = 0"
+        " ORDER BY vehicle_id",
+        r=rollout_id,
+    )
+    return rollout_id, [r["vehicle_id"] for r in rows]
+
+
+async def _record(sessions: Sessions, rollout_id: int, outcomes: Any, at: Any = None) -> int:
+    async with session_scope(sessions) as session:
+        return await svc.record_target_outcomes(
+            session, rollout_id=rollout_id, outcomes=outcomes, at=at
+        )
+
+
+async def _targets(sessions: Sessions, rollout_id: int) -> dict[str, tuple[str, Any, int]]:
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id, state, reason_code, attempt FROM rollout_targets"
+        " WHERE rollout_id = :r AND stage = 0",
+        r=rollout_id,
+    )
+    return {r["vehicle_id"]: (r["state"], r["reason_code"], r["attempt"]) for r in rows}
+
+
+async def test_outcomes_move_states_and_counters(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    rollout_id, v = issued
+    moved = await _record(
+        sessions,
+        rollout_id,
+        [
+            (v[0], "updating", None),
+            (v[1], "succeeded", None),
+            (v[2], "failed", "APPLY_FAILED"),
+            (v[3], "blocked", "BATTERY_LOW"),
+            (v[4], "updating", None),
+            (v[4], "succeeded", None),  # the last outcome of a vehicle wins
+            ("not-in-rollout", "succeeded", None),
+        ],
+    )
+    assert moved == 5
+    assert await fetch_one(sessions, COUNTERS, r=rollout_id) == {
+        "notified": 10,
+        "updating": 1,
+        "succeeded": 2,
+        "failed": 1,
+        "blocked": 1,
+        "pending": 10,
+    }
+    # Same again: nothing moves. Succeeded is final. Updating -> succeeded moves counters.
+    assert await _record(sessions, rollout_id, [(v[2], "failed", "APPLY_FAILED")]) == 0
+    assert await _record(sessions, rollout_id, [(v[1], "failed", "APPLY_FAILED")]) == 0
+    assert (
+        await _record(
+            sessions,
+            rollout_id,
+            [(v[0], "succeeded", "IGNORED"), (v[3], "updating", None), (v[2], "failed", "X")],
+        )
+        == 3
+    )
+    targets = await _targets(sessions, rollout_id)
+    assert targets[v[0]] == ("succeeded", None, 1)
+    assert targets[v[2]] == ("failed", "X", 1)
+    assert await fetch_one(sessions, COUNTERS, r=rollout_id) == {
+        "notified": 10,
+        "updating": 1,
+        "succeeded": 3,
+        "failed": 1,
+        "blocked": 0,
+        "pending": 10,
+    }
+    # Counters equal a recount.
+    recount = await fetch_all(
+        sessions,
+        "SELECT state, count(*) AS n FROM rollout_targets WHERE rollout_id = :r GROUP BY state",
+        r=rollout_id,
+    )
+    assert {r["state"]: r["n"] for r in recount} == {
+        "notified": 5,
+        "updating": 1,
+        "succeeded": 3,
+        "failed": 1,
+        "planned": 10,
+    }
+    with pytest.raises(ValueError, match="unknown outcome state"):
+        await _record(sessions, rollout_id, [(v[0], "ready", None)])
+
+
+async def test_evaluate_gates_counts_and_decides(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    rollout_id, v = issued
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    gate = EvaluateGatesInput(rollout_id=rollout_id, stage_index=0, is_canary=True, bake_done=True)
+    # Nobody reported: the canary is unhealthy (minSamples 1 by default).
+    result = await env.run(acts.evaluate_gates, gate)
+    assert result.stage.notified == 10 and result.total.issued == 10
+    assert (result.decision.action, result.decision.reason) == ("pause", "CANARY_UNHEALTHY")
+    await _record(sessions, rollout_id, [(x, "succeeded", None) for x in v[1:]])
+    result = await env.run(acts.evaluate_gates, gate)
+    assert result.decision.action == "proceed" and result.stage.succeeded == 9
+    assert result.counts.succeeded == 9
+    # One failure out of 10 breaches the default 5%: pause, or rollback when configured.
+    await _record(sessions, rollout_id, [(v[0], "failed", "APPLY_FAILED")])
+    await _set_json(
+        sessions,
+        rollout_id,
+        "gates",
+        {"failureThreshold": {"maxFailureRate": 0.05, "action": "rollback"}},
+    )
+    result = await env.run(acts.evaluate_gates, gate.model_copy(update={"bake_done": False}))
+    assert (result.decision.action, result.decision.reason) == ("rollback", "FAILURE_THRESHOLD")
+    assert result.total.failed == 1 and result.total.retryable == 1
+    # ...unless an operator acknowledged that failure.
+    acked = gate.model_copy(update={"bake_done": False, "acknowledged_failed": 1})
+    assert (await env.run(acts.evaluate_gates, acked)).decision.action == "wait"
+
+
+async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    rollout_id, v = issued
+    await _set_json(sessions, rollout_id, "timeouts", {"applySeconds": 600})
+    await _set_json(sessions, rollout_id, "retry", {"maxAttempts": 2, "backoffSeconds": 60})
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    await _record(
+        sessions,
+        rollout_id,
+        [
+            (v[0], "succeeded", None),
+            (v[1], "updating", None),
+            (v[2], "failed", "SIGNATURE_INVALID"),
+            (v[3], "failed", "NETWORK_UNREACHABLE"),
+        ],
+        at=T0 + timedelta(seconds=30),
+    )
+    # Not yet: 599 s after the issue.
+    early = await env.run(
+        acts.expire_apply_timeouts,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=599)),
+    )
+    assert early.changed == 0
+    expired = await env.run(
+        acts.expire_apply_timeouts,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=600)),
+    )
+    # notified (6) and updating (1) time out; succeeded and failed do not.
+    assert expired.changed == 7
+    assert expired.counts.failed == 9 and expired.counts.updating == 0
+    targets = await _targets(sessions, rollout_id)
+    assert targets[v[1]] == ("failed", "APPLY_TIMEOUT", 1)
+
+    # Retry: backoff from the failure (60 s for attempt 1). NETWORK_UNREACHABLE failed at
+    # T0+30 s -> due at T0+90 s; the timeouts failed at T0+600 s -> due at T0+660 s.
+    first = await env.run(
+        acts.retry_failed_targets,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=100)),
+    )
+    assert first.changed == 1
+    second = await env.run(
+        acts.retry_failed_targets,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=700)),
+    )
+    assert second.changed == 7 and second.counts.failed == 1  # SIGNATURE_INVALID stays
+    again = await env.run(
+        acts.retry_failed_targets,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=700)),
+    )
+    assert again.changed == 0  # idempotent
+    targets = await _targets(sessions, rollout_id)
+    assert targets[v[2]] == ("failed", "SIGNATURE_INVALID", 1)
+    assert targets[v[3]] == ("notified", None, 2)
+    retried = await fetch_one(
+        sessions,
+        """
+        SELECT t.desired_state_id = v.desired_state_id AS current, d.release_version,
+               d.previous_desired_state_id IS NOT NULL AS links_back,
+               t.previous_release_version, t.notified_at
+        FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id
+        JOIN desired_states d ON d.id = t.desired_state_id
+        WHERE t.rollout_id = :r AND t.vehicle_id = :v
+        """,
+        r=rollout_id,
+        v=v[3],
+    )
+    assert retried == {
+        "current": True,
+        "release_version": NEW_RELEASE,
+        "links_back": True,
+        "previous_release_version": OLD_RELEASE,
+        "notified_at": T0 + timedelta(seconds=100),
+    }
+    # Attempt 2 of 2 fails again: no third issue.
+    await _record(sessions, rollout_id, [(v[3], "failed", "APPLY_FAILED")], at=T0)
+    last = await env.run(
+        acts.retry_failed_targets,
+        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(days=1)),
+    )
+    assert last.changed == 0
+
+
+async def test_blocked_vehicle_is_reissued_when_it_passes_the_checks(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    rollout_id, v = issued
+    await _set_json(
+        sessions,
+        rollout_id,
+        "gates",
+        {"safetyChecks": {"requireStationary": True, "minBatteryPercent": 40}},
+    )
+    await _record(
+        sessions,
+        rollout_id,
+        [(v[0], "blocked", "BATTERY_LOW"), (v[1], "blocked", "NOT_STATIONARY")],
+    )
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    now = datetime.now(UTC) + timedelta(minutes=1)
+    assert (
+        await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
+    ).changed == 0
+    async with session_scope(sessions) as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                "UPDATE vehicles SET battery_percent = :b, stationary = :s,"
+                " last_seen_at = now() + interval '1 second' WHERE id = :v"
+            ),
+            [{"v": v[0], "b": 80, "s": True}, {"v": v[1], "b": 80, "s": False}],
+        )
+    result = await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
+    assert result.changed == 1 and result.counts.blocked == 1
+    targets = await _targets(sessions, rollout_id)
+    assert targets[v[0]] == ("notified", None, 1)
+    assert targets[v[1]] == ("blocked", "NOT_STATIONARY", 1)
+
+
+async def test_staged_rollback_moves_counters(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    rollout_id, v = issued
+    await _record(
+        sessions, rollout_id, [(v[0], "failed", "APPLY_FAILED"), (v[1], "succeeded", None)]
+    )
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    wave = await env.run(
+        acts.rollback_targets, RollbackTargetsInput(rollout_id=rollout_id, stage_index=1)
+    )
+    assert wave.reverted == 0 and wave.skipped == 10
+    canary = await env.run(
+        acts.rollback_targets, RollbackTargetsInput(rollout_id=rollout_id, stage_index=0)
+    )
+    assert canary.reverted == 10
+    assert canary.counts.failed == 0 and canary.counts.succeeded == 0
