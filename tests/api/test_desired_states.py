@@ -1,0 +1,220 @@
+"""GET/POST /desired-states: direct desired states for a target set, under the same release
+verification, safety policy and overlap rule as rollouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.api.conftest import bearer, insert_vehicles
+from tests.api.test_envelopes import assert_error
+from tests.api.test_releases_and_rollouts import (  # noqa: F401  (signing_key is a fixture)
+    insert_signed_release,
+    rollout_body,
+    signing_key,
+)
+
+URL = "/api/v1/desired-states"
+
+
+def body(release: str, targets: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    return {"releaseVersion": release, "targets": targets, "reason": "hotfix", **overrides}
+
+
+async def test_create_and_list_desired_states(
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,  # noqa: F811
+) -> None:
+    release = f"{prefix}2027.2.0"
+    insert_signed_release(database_url, signing_key, release)
+    model = f"{prefix}m"
+    ids = [f"{prefix}{i}" for i in range(5)]
+    insert_vehicles(database_url, ids[:3], model=model, release="old")
+    insert_vehicles(database_url, ids[3:], model=model, region="us-east", release="old")
+
+    response = await http.post(
+        URL,
+        headers={**operator, "X-Request-ID": f"ds-{prefix}"},
+        json=body(release, {"models": [model], "regions": ["eu-west"]}),
+    )
+    assert response.status_code == 201, response.text
+    created = response.json()["data"]
+    assert created["releaseVersion"] == release and created["count"] == 3
+    assert [s["vehicleId"] for s in created["sample"]] == ids[:3]
+    assert created["safetyChecks"]["minBatteryPercent"] == 30
+
+    with psycopg.connect(database_url) as conn:
+        vehicles = conn.execute(
+            "SELECT id, desired_release_version, status, desired_state_id::text FROM vehicles"
+            " WHERE id = ANY(%s) ORDER BY id",
+            (ids,),
+        ).fetchall()
+        audit = conn.execute(
+            "SELECT actor, role, source, reason, target_type, target_id, payload->>'count'"
+            " FROM audit_log WHERE action = 'desired_states.created' AND correlation_id = %s",
+            (f"ds-{prefix}",),
+        ).fetchall()
+        feed = conn.execute(
+            "SELECT count(*) FROM change_feed WHERE event = 'vehicle.updated'"
+            " AND entity_id = ANY(%s)",
+            (ids,),
+        ).fetchone()
+    assert [(v[1], v[2]) for v in vehicles[:3]] == [(release, "pending")] * 3
+    assert [(v[1], v[2]) for v in vehicles[3:]] == [("old", "in_sync")] * 2
+    assert [v[3] for v in vehicles[:3]] == [s["desiredStateId"] for s in created["sample"]]
+    assert audit == [("dev-operator", "operator", "api", "hotfix", "release", release, "3")]
+    assert feed == (3,)
+
+    # A second desired state links the first as its previous one.
+    again = await http.post(URL, headers=operator, json=body(release, {"vehicleIds": ids[:1]}))
+    assert again.status_code == 201, again.text
+
+    listed = await http.get(URL, headers=viewer, params={"vehicleId": ids[0]})
+    assert listed.status_code == 200, listed.text
+    states = listed.json()["data"]
+    assert len(states) == 2
+    newest, oldest = states
+    assert (
+        newest["previousDesiredStateId"] == oldest["id"] == created["sample"][0]["desiredStateId"]
+    )
+    assert newest["createdBy"] == "dev-operator" and newest["rolloutId"] is None
+
+    # Keyset pages over the release's desired states, newest first.
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        params: dict[str, Any] = {"releaseVersion": release, "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await http.get(URL, headers=viewer, params=params)).json()
+        seen.extend(d["id"] for d in page["data"])
+        cursor = page["metadata"]["nextCursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 4
+
+    # Scoped viewers see only their vehicles' desired states.
+    us = bearer(token("viewer", scopes={"regions": ["us-east"]}))
+    assert (await http.get(URL, headers=us, params={"releaseVersion": release})).json()[
+        "data"
+    ] == []
+    assert_error(
+        await http.get(URL, headers=viewer, params={"cursor": "bad"}), 422, "VALIDATION_ERROR"
+    )
+
+
+async def test_desired_states_weakened_safety_signature_and_roles(
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,  # noqa: F811
+) -> None:
+    release = f"{prefix}2027.2.1"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{i}" for i in range(2)]
+    insert_vehicles(database_url, ids)
+    targets = {"vehicleIds": ids}
+
+    weak = body(release, targets, safetyChecks={"requireStationary": False}, reason=None)
+    refused = assert_error(
+        await http.post(URL, headers=operator, json=weak), 422, "SAFETY_POLICY_WEAKENED"
+    )
+    assert refused["error"]["details"][0]["field"] == "safetyChecks.requireStationary"
+    acknowledged = {**weak, "acknowledgeWeakenedSafety": True, "reason": "parked in depot"}
+    response = await http.post(
+        URL, headers={**operator, "X-Request-ID": f"weak-{prefix}"}, json=acknowledged
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["safetyChecks"]["requireStationary"] is False
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT reason, payload->'weakened' FROM audit_log"
+            " WHERE action = 'desired_states.safety_weakened' AND correlation_id = %s",
+            (f"weak-{prefix}",),
+        ).fetchone()
+    assert row == ("parked in depot", ["requireStationary"])
+
+    tampered = f"{prefix}tampered"
+    insert_signed_release(database_url, signing_key, tampered, signed_digest="sha256:ff")
+    assert_error(
+        await http.post(URL, headers=operator, json=body(tampered, targets)),
+        422,
+        "RELEASE_SIGNATURE_INVALID",
+    )
+    assert_error(
+        await http.post(URL, headers=operator, json=body("no-such-release", targets)),
+        422,
+        "VALIDATION_ERROR",
+    )
+    assert_error(
+        await http.post(URL, headers=operator, json=body(release, {})), 422, "VALIDATION_ERROR"
+    )
+    nothing = body(release, {"vehicleIds": [f"{prefix}absent"]})
+    assert_error(await http.post(URL, headers=operator, json=nothing), 422, "VALIDATION_ERROR")
+    assert_error(
+        await http.post(URL, headers=viewer, json=body(release, targets)), 403, "FORBIDDEN"
+    )
+    scoped = bearer(token("operator", scopes={"regions": ["us-east"]}))
+    assert_error(
+        await http.post(URL, headers=scoped, json=body(release, targets)), 403, "FORBIDDEN"
+    )
+
+
+async def test_desired_states_respect_active_rollouts_and_the_cap(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,  # noqa: F811
+) -> None:
+    release = f"{prefix}2027.2.2"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{i}" for i in range(4)]
+    insert_vehicles(database_url, ids)
+    rollout = await http.post(
+        "/api/v1/rollouts",
+        headers=operator,
+        json=rollout_body(release, targets={"vehicleIds": ids[:2]}),
+    )
+    assert rollout.status_code == 201, rollout.text
+    rid = rollout.json()["data"]["id"]
+
+    conflict = assert_error(
+        await http.post(URL, headers=operator, json=body(release, {"vehicleIds": ids[1:]})),
+        409,
+        "CONFLICT",
+    )
+    assert str(rid) in conflict["error"]["message"]
+    with psycopg.connect(database_url) as conn:
+        untouched = conn.execute(
+            "SELECT count(*) FROM desired_states WHERE vehicle_id = ANY(%s)", (ids,)
+        ).fetchone()
+    assert untouched == (0,)
+    free = await http.post(URL, headers=operator, json=body(release, {"vehicleIds": ids[2:]}))
+    assert free.status_code == 201 and free.json()["data"]["count"] == 2
+
+    model = f"{prefix}big"
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO vehicles (id, model, region, ring, status)"
+            " SELECT %s || lpad(g::text, 6, '0'), %s, 'eu-west', 'broad', 'in_sync'"
+            " FROM generate_series(1, 10001) g",
+            (f"{prefix}B", model),
+        )
+    too_many = assert_error(
+        await http.post(URL, headers=operator, json=body(release, {"models": [model]})),
+        422,
+        "VALIDATION_ERROR",
+    )
+    assert "rollout" in too_many["error"]["message"]
