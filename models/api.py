@@ -300,6 +300,11 @@ class RolloutPlanOut(CamelModel):
 
 class ControlBody(StrictCamelModel):
     reason: str = Field(min_length=1, max_length=2000, description="Why (required, audited).")
+    force: bool = Field(
+        False,
+        description="`resume` only: continue past a canary that is still unhealthy "
+        "(the operator takes responsibility; audited).",
+    )
 
     @field_validator("reason")
     @classmethod

@@ -643,13 +643,20 @@ async def request_control(
     action: str,
     reason: str,
     actor: Actor,
+    force: bool = False,
 ) -> tuple[Rollout, str | None]:
     """Audit an operator's control request. Returns the rollout and, when its status is
     terminal (so no workflow could accept it), the refusal message; the refusal is audited
     too (`rollout.{action}_rejected`, result `rejected`). The caller commits either way."""
     if action not in CONTROL_ACTIONS:
         raise InvalidInput(f"unknown action {action!r}")
+    if force and action != "resume":
+        raise InvalidInput(
+            "force applies to resume only",
+            details=[{"field": "force", "message": "only with resume"}],
+        )
     rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
+    detail = {"force": True} if force else {}
     if RolloutStatus(rollout.status) in TERMINAL_ROLLOUT_STATUSES:
         message = f"cannot {action} rollout {rollout_id}: it is {rollout.status}"
         await record_control(
@@ -660,11 +667,17 @@ async def request_control(
             reason=reason,
             actor=actor,
             result="rejected",
-            detail={"message": message},
+            detail={"message": message, **detail},
         )
         return rollout, message
     await record_control(
-        session, rollout=rollout, action=action, outcome="requested", reason=reason, actor=actor
+        session,
+        rollout=rollout,
+        action=action,
+        outcome="requested",
+        reason=reason,
+        actor=actor,
+        detail=detail,
     )
     return rollout, None
 

@@ -348,6 +348,7 @@ async def _control(
         action=action,
         reason=body.reason,
         actor=actor,
+        force=body.force,
     )
     await session.commit()  # the request is on record whatever happens next
     if refusal is not None:
@@ -379,6 +380,7 @@ async def _control(
                     actor=principal.subject,
                     source="api",
                     correlation_id=actor.correlation_id,
+                    force=body.force,
                 ),
                 result_type=ControlResult,
                 rpc_timeout=CONTROL_TIMEOUT,

@@ -183,6 +183,8 @@ async def test_control_validation_roles_and_scope(
     assert_error(
         await http.post(url, headers=operator, json={"reason": "   "}), 422, "VALIDATION_ERROR"
     )
+    forced = await http.post(url, headers=operator, json={"reason": "x", "force": True})
+    assert assert_error(forced, 422, "VALIDATION_ERROR")["error"]["details"][0]["field"] == "force"
     assert_error(await http.post(url, headers=viewer, json={"reason": "x"}), 403, "FORBIDDEN")
     scoped = bearer(token("operator", scopes={"regions": ["us-east"]}))
     assert_error(await http.post(url, headers=scoped, json={"reason": "x"}), 404, "NOT_FOUND")
