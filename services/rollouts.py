@@ -38,6 +38,7 @@ from services.pagination import (
 )
 from services.safety import EffectiveSafety, SafetyDefaults, effective_safety
 from services.signing import SignatureInvalid, TrustedKeys, verify_release
+from services.vehicles import scoped
 from workflows.policy import plan_from_strategy
 
 ROLLOUT_SORTS = (
@@ -710,8 +711,6 @@ async def list_rollout_vehicles(
 ) -> tuple[list[RolloutVehicleRow], str | None]:
     """Per-vehicle state inside one rollout, keyset on vehicle id; filters state and stage
     (by name: `canary`, `wave-1`, ...)."""
-    from services.vehicles import scoped
-
     rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
     allowed = {s.value for s in TargetState}
     for state in states:
