@@ -134,25 +134,26 @@ _REQUEST_MATCH = " AND ".join(
 )
 
 
-def _stored_dimension(key: str, column: str) -> str:
-    array = (
-        f"(CASE WHEN jsonb_typeof(r.targets -> '{key}') = 'array' THEN r.targets -> '{key}' END)"
-    )
-    return (
-        f"(coalesce(jsonb_array_length({array}), 0) = 0"
-        f" OR {column} IN (SELECT jsonb_array_elements_text({array})))"
-    )
+_DIMENSIONS = (
+    ("models", "v.model"),
+    ("regions", "v.region"),
+    ("rings", "v.ring"),
+    ("vehicleIds", "v.id"),
+)
 
+# A stored rollout's target lists as text arrays (absent, null or not a list: empty), once
+# per rollout rather than once per vehicle.
+_STORED_ARRAYS = ",\n".join(
+    f"ARRAY(SELECT jsonb_array_elements_text(CASE WHEN jsonb_typeof(r.targets -> '{key}')"
+    f" = 'array' THEN r.targets -> '{key}' END)) AS t_{key.lower()}"
+    for key, _ in _DIMENSIONS
+)
 
-# Vehicles selected by a stored rollout `r` (the same rule as its target expansion).
-_STORED_MATCH = " AND ".join(
-    _stored_dimension(key, column)
-    for key, column in (
-        ("models", "v.model"),
-        ("regions", "v.region"),
-        ("rings", "v.ring"),
-        ("vehicleIds", "v.id"),
-    )
+# Vehicles selected by an active rollout `a` from those arrays (the rule of its expansion:
+# an empty list does not filter).
+_STORED_ARRAY_MATCH = " AND ".join(
+    f"(cardinality(a.t_{key.lower()}) = 0 OR {column} = ANY(a.t_{key.lower()}))"
+    for key, column in _DIMENSIONS
 )
 
 
@@ -278,27 +279,31 @@ async def find_overlap(
         await conn.execute(
             text(
                 f"""
-                WITH matched AS (SELECT v.id FROM vehicles v WHERE {_REQUEST_MATCH}),
-                held AS (
-                    SELECT m.id AS vehicle_id, r.id AS rollout_id
-                    FROM matched m
-                    JOIN rollout_targets t ON t.vehicle_id = m.id
-                    JOIN rollouts r ON r.id = t.rollout_id
-                    WHERE t.state = ANY(CAST(:holding AS text[]))
-                      AND r.status = ANY(CAST(:active AS text[])) AND r.id <> :exclude
-                    UNION ALL
-                    SELECT v.id, r.id
+                WITH active AS MATERIALIZED (
+                    SELECT r.id, r.stage_count,
+                           {_STORED_ARRAYS}
                     FROM rollouts r
-                    JOIN vehicles v ON {_STORED_MATCH}
-                    JOIN matched m ON m.id = v.id
-                    WHERE r.status = ANY(CAST(:active AS text[])) AND r.stage_count = 0
-                      AND r.id <> :exclude
+                    WHERE r.status = ANY(CAST(:active AS text[])) AND r.id <> :exclude
+                ),
+                held AS MATERIALIZED (
+                    SELECT v.id AS vehicle_id, a.id AS rollout_id
+                    FROM active a
+                    JOIN rollout_targets t ON t.rollout_id = a.id
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE a.stage_count > 0 AND t.state = ANY(CAST(:holding AS text[]))
+                      AND {_REQUEST_MATCH}
+                    UNION ALL
+                    SELECT v.id, a.id
+                    FROM active a
+                    JOIN vehicles v ON {_STORED_ARRAY_MATCH}
+                    WHERE a.stage_count = 0 AND {_REQUEST_MATCH}
                 )
-                SELECT count(DISTINCT vehicle_id) AS vehicles,
-                       (array_agg(DISTINCT vehicle_id ORDER BY vehicle_id))[1:{OVERLAP_SAMPLE}]
-                           AS sample,
-                       array_agg(DISTINCT rollout_id ORDER BY rollout_id) AS rollouts
-                FROM held
+                SELECT (SELECT count(*) FROM (SELECT DISTINCT vehicle_id FROM held) d)
+                           AS vehicles,
+                       ARRAY(SELECT DISTINCT vehicle_id FROM held
+                             ORDER BY vehicle_id LIMIT {OVERLAP_SAMPLE}) AS sample,
+                       ARRAY(SELECT DISTINCT rollout_id FROM held ORDER BY rollout_id)
+                           AS rollouts
                 """
             ),
             {
