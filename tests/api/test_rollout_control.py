@@ -10,11 +10,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
+from api.app import create_app
+from core.localservers import free_port
+from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE
 from tests.api.conftest import bearer, insert_vehicles
 from tests.api.test_envelopes import assert_error
@@ -276,3 +280,50 @@ async def test_rollout_vehicles_pages_and_filters(
     assert_error(
         await http.get("/api/v1/rollouts/999999999/vehicles", headers=viewer), 404, "NOT_FOUND"
     )
+
+
+@pytest.fixture
+async def api_without_temporal(api_settings: Settings) -> AsyncIterator[str]:
+    """The app over the same database, pointed at a Temporal address where nothing listens."""
+    settings = api_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=free_port(),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    await task
+
+
+async def test_control_when_temporal_is_unreachable_is_503_and_audited(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,  # noqa: F811
+    api_without_temporal: str,
+) -> None:
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
+    async with httpx.AsyncClient(base_url=api_without_temporal, timeout=30) as other:
+        response = await other.post(
+            f"/api/v1/rollouts/{rid}/pause",
+            headers={**operator, "X-Request-ID": f"down-{prefix}"},
+            json={"reason": "maintenance"},
+        )
+    body = assert_error(response, 503, "UNAVAILABLE")
+    assert "recorded" in body["error"]["message"]
+    assert response.headers["retry-after"]
+    assert [r[-1] for r in audit_rows(database_url, rid, "rollout.pause_requested")] == ["ok"]
+    assert [r[-1] for r in audit_rows(database_url, rid, "rollout.pause_failed")] == ["error"]
