@@ -19,6 +19,9 @@ class RolloutInput(BaseModel):
     release_version: str
     correlation_id: str | None = None
     gate_interval_seconds: int | None = None
+    # Continue-as-new once a run's history reaches this many events (tests); None: only when
+    # Temporal suggests it.
+    continue_as_new_after_events: int | None = None
     state: RolloutState | None = None
 
 
@@ -203,6 +206,11 @@ class RolloutState(BaseModel):
     last_total: GateCounts = Field(default_factory=GateCounts)
     # Rollback: the next stage (descending) to return; None before a rollback starts.
     rollback_next: int | None = None
+    # statusReason of the stop: OPERATOR, or FAILURE_THRESHOLD for a gate's rollback.
+    stop_reason: str = "OPERATOR"
+    # The stage in progress (its phase above); equals len(stages) once all are done.
+    current_stage: int = 0
+    # Runs of this workflow so far (1 + continue-as-new count).
     runs: int = 1
 
 

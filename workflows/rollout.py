@@ -1,17 +1,37 @@
-"""`RolloutWorkflow` (v1): one workflow per rollout, id `rollout-{id}`.
+"""`RolloutWorkflow`: one workflow per rollout, id `rollout-{id}`.
 
-Sequencing only: mark running, expand the targets (in PostgreSQL), then per stage issue the
-desired state and bake, honoring `pause` / `resume` / `abort` / `rollback` signals; completed.
-Vehicle lists never enter the history: activities return counts and the stage plan.
+Sequencing only; every rule is a pure function of `workflows.policy`, every read and write an
+activity. Vehicle lists never enter the history: activities return counts and the stage plan.
 
-Not yet in v1 (a later issue): gates (canary health, failure threshold), safety checks and
-maintenance windows, per-vehicle timeouts and retries, Updates with validators,
-continue-as-new (the state model is ready for it).
+Per stage: wait for the maintenance window (a durable timer until it opens; statusReason
+OUTSIDE_MAINTENANCE_WINDOW meanwhile), issue the desired state (batched, idempotent), then bake
+(a durable deadline) while a gate tick runs every `min(60, bake)` seconds: expire apply
+timeouts, retry retryable failures, recheck blocked vehicles, evaluate the gates. The failure
+threshold is checked at every tick (pause, or rollback as its `action` says); after the canary's
+bake the canary must be healthy, else the rollout pauses with CANARY_UNHEALTHY and never
+progresses on its own.
+
+Operators: the `control` Update (the API; a validator refuses an invalid transition at once)
+and the `pause` / `resume` / `rollback` / `abort` signals (the `temporal` CLI, SPEC's JSON body)
+go through one path: `_refusal` decides whether the action is valid now, `_apply` records it in
+the state; the main flow persists it (status row, audit entry for `source != "api"`, search
+attributes, current details). Handlers never await, so they need no lock.
+
+Resume after a gate pause: FAILURE_THRESHOLD - the failures seen so far are acknowledged (they
+no longer count; new failures beyond the threshold pause again). CANARY_UNHEALTHY - the canary
+is evaluated again (more vehicles may have reported since); still unhealthy, the rollout pauses
+again, unless the operator resumes with `force: true` (audited with its reason).
+
+Rollback: staged, last issued stage first, each touched vehicle back to its previous desired
+state (declarative: new desired states). Abort: stops; never-issued targets are skipped.
+
+History stays bounded: continue-as-new when Temporal suggests it, carrying `RolloutState`;
+the run resumes from the stage and phase it was in.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -20,8 +40,13 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from core.temporal import ROLLOUT_WORKFLOW_TYPE, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
     from models.workflows import (
+        ControlRequest,
+        ControlResult,
+        EvaluateGatesInput,
+        EvaluateGatesResult,
         ExpandTargetsInput,
         ExpandTargetsResult,
+        GateDecision,
         IssueStageInput,
         IssueStageResult,
         OperatorAction,
@@ -32,8 +57,16 @@ with workflow.unsafe.imports_passed_through():
         RolloutSignal,
         RolloutState,
         StagePlan,
+        TargetSweepInput,
+        TargetSweepResult,
         UpdateRolloutStatusInput,
         UpdateRolloutStatusResult,
+    )
+    from workflows.policy import (
+        CANARY,
+        CANARY_UNHEALTHY,
+        FAILURE_THRESHOLD,
+        next_window_start,
     )
 
 SHORT_ACTIVITY = timedelta(seconds=60)
@@ -46,71 +79,134 @@ DB_RETRY = RetryPolicy(
     maximum_attempts=30,
 )
 ISSUE_BATCH_SIZE = 1000
+MAX_GATE_INTERVAL = 60
 OPERATOR = "OPERATOR"
+OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
+FINISHED = ("completed", "rolled_back", "aborted", "failed")
+WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
 class RolloutWorkflow:
     @workflow.init
     def __init__(self, input: RolloutInput) -> None:
-        self._state = RolloutState(
-            rollout_id=input.rollout_id,
-            release_version=input.release_version,
-            correlation_id=input.correlation_id,
-        )
+        if input.state is not None:  # continue-as-new: resume where the last run stopped
+            self._state = input.state.model_copy(deep=True)
+            self._state.runs += 1
+        else:
+            self._state = RolloutState(
+                rollout_id=input.rollout_id,
+                release_version=input.release_version,
+                correlation_id=input.correlation_id,
+            )
+        self._input = input
         # What the main flow waits for while running (restored on resume).
-        self._flow_waiting: str | None = None
-        self._stop_action: OperatorAction | None = None
+        self._flow_waiting: str | None = self._state.waiting_for
 
-    # --- Signals and query ------------------------------------------------------------------
+    # --- Control: one path for the Update and the signals -----------------------------------
 
-    def _accept(self, name: str, body: RolloutSignal | None) -> OperatorAction | None:
+    def _projected_status(self) -> str:
+        """The status the rollout is in, or moving to once accepted actions are persisted."""
         s = self._state
+        if s.status in FINISHED:
+            return s.status
+        if s.stop_requested == "abort":
+            return "aborted"
+        if s.stop_requested == "rollback":
+            return "rolling_back"
+        if s.paused:
+            return "paused"
+        return "running" if s.status in ("paused", "running") else s.status
+
+    def _refusal(self, action: str) -> str | None:
+        """Why `action` is not a valid transition now (None: it is)."""
+        s = self._state
+        status = self._projected_status()
+        if status in FINISHED:
+            return f"cannot {action}: rollout is {status}"
+        if status == "aborted" or s.stop_requested == "abort":
+            return f"cannot {action}: rollout is being aborted"
+        if status == "rolling_back":
+            if action == "rollback":
+                return "cannot rollback: rollout is already rolling back"
+            return f"cannot {action}: rollout is rolling back"
+        if action == "pause" and s.paused:
+            return "cannot pause: rollout is already paused"
+        if action == "resume" and not s.paused:
+            return f"cannot resume: rollout is {status}, not paused"
+        return None
+
+    def _apply(self, action: OperatorAction) -> None:
+        s = self._state
+        if action.action == "pause":
+            s.paused = True
+            s.pending_actions.append(action)
+        elif action.action == "resume":
+            s.paused = False
+            s.pending_actions.append(action)
+        else:  # abort | rollback
+            s.stop_requested = action.action
+            s.stop_action = action
+            s.stop_reason = OPERATOR
+
+    def _signal(self, name: str, body: RolloutSignal | None) -> None:
         body = body or RolloutSignal()
-        action = OperatorAction(
-            action=name,
-            reason=body.reason,
-            actor=body.actor or "temporal",
-            source=body.source or "temporal",
-            correlation_id=body.correlation_id or s.correlation_id,
+        refusal = self._refusal(name)
+        if refusal is not None:
+            workflow.logger.warning("signal ignored: %s", refusal)
+            return
+        self._apply(
+            OperatorAction(
+                action=name,
+                reason=body.reason,
+                actor=body.actor or "temporal",
+                source=body.source or "temporal",
+                correlation_id=body.correlation_id or self._state.correlation_id,
+                force=body.force,
+            )
         )
-        finished = s.status in ("completed", "rolled_back", "aborted", "failed")
-        if finished or s.stop_requested is not None:
-            workflow.logger.warning("signal %s ignored: rollout is %s", name, s.status)
-            return None
-        return action
 
     @workflow.signal(name="pause")
     def pause(self, body: RolloutSignal | None = None) -> None:
-        action = self._accept("pause", body)
-        if action is None or self._state.paused:
-            return
-        self._state.paused = True
-        self._state.pending_actions.append(action)
+        self._signal("pause", body)
 
     @workflow.signal(name="resume")
     def resume(self, body: RolloutSignal | None = None) -> None:
-        action = self._accept("resume", body)
-        if action is None or not self._state.paused:
-            return
-        self._state.paused = False
-        self._state.pending_actions.append(action)
+        self._signal("resume", body)
 
     @workflow.signal(name="abort")
     def abort(self, body: RolloutSignal | None = None) -> None:
-        action = self._accept("abort", body)
-        if action is None:
-            return
-        self._state.stop_requested = "abort"
-        self._stop_action = action
+        self._signal("abort", body)
 
     @workflow.signal(name="rollback")
     def rollback(self, body: RolloutSignal | None = None) -> None:
-        action = self._accept("rollback", body)
-        if action is None:
-            return
-        self._state.stop_requested = "rollback"
-        self._stop_action = action
+        self._signal("rollback", body)
+
+    @workflow.update(name="control")
+    def control(self, request: ControlRequest) -> ControlResult:
+        """Accept a valid action (the validator ran first) and answer the status it leads to;
+        the main flow persists it (row, audit for non-API sources, search attributes)."""
+        self._apply(
+            OperatorAction(
+                action=request.action,
+                reason=request.reason,
+                actor=request.actor or "api",
+                source=request.source,
+                correlation_id=request.correlation_id or self._state.correlation_id,
+                force=request.force,
+            )
+        )
+        return ControlResult(
+            action=request.action,
+            status=self._projected_status(),
+            paused=self._state.paused,
+        )
+
+    @control.validator
+    def validate_control(self, request: ControlRequest) -> None:
+        refusal = self._refusal(request.action)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     @workflow.query(name="progress")
     def progress(self) -> RolloutState:
@@ -122,27 +218,30 @@ class RolloutWorkflow:
     async def run(self, input: RolloutInput) -> RolloutResult:
         s = self._state
         try:
-            await self._set_status("running", action="rollout.started", waiting_for="targets")
-            expansion = await workflow.execute_activity(
-                "expand_targets",
-                ExpandTargetsInput(rollout_id=s.rollout_id),
-                result_type=ExpandTargetsResult,
-                start_to_close_timeout=LONG_ACTIVITY,
-                retry_policy=DB_RETRY,
-            )
-            s.stages = expansion.stages
-            s.stage_count = len(expansion.stages)
-            s.expanded = True
-            s.counts.targeted = expansion.targeted
+            if not s.expanded:
+                await self._set_status("running", action="rollout.started", waiting_for="targets")
+                expansion = await workflow.execute_activity(
+                    "expand_targets",
+                    ExpandTargetsInput(rollout_id=s.rollout_id),
+                    result_type=ExpandTargetsResult,
+                    start_to_close_timeout=LONG_ACTIVITY,
+                    retry_policy=DB_RETRY,
+                )
+                s.stages = expansion.stages
+                s.stage_count = len(expansion.stages)
+                s.policy = expansion.policy
+                s.expanded = True
+                s.counts.targeted = expansion.targeted
+            else:
+                workflow.set_current_details(self._details())
 
-            for stage in s.stages[s.next_stage :]:
-                if await self._checkpoint():
-                    break
-                await self._run_stage(stage)
+            while s.stop_requested is None and s.current_stage < len(s.stages):
+                await self._run_stage(s.stages[s.current_stage])
+                if s.stop_requested is None and s.phase == "done":
+                    s.current_stage += 1
+                    s.phase = "window"
+                self._maybe_continue_as_new()
 
-            if s.stop_requested is None:
-                # Paused during the last bake: hold (an operator may still roll back).
-                await self._checkpoint()
             if s.stop_requested == "abort":
                 await self._abort()
             elif s.stop_requested == "rollback":
@@ -166,11 +265,53 @@ class RolloutWorkflow:
     async def _run_stage(self, stage: StagePlan) -> None:
         s = self._state
         s.stage, s.stage_index = stage.name, stage.index
+        if s.phase == "window":
+            if not await self._wait_for_window():
+                return
+            s.phase = "issue"
+        if s.phase == "issue":
+            await self._issue(stage)
+            s.phase = "bake"
+        if s.phase == "bake":
+            await self._bake(stage)
+
+    async def _wait_for_window(self) -> bool:
+        """Hold until the maintenance window is open and the rollout not paused. False when a
+        stop (abort, rollback) was requested meanwhile."""
+        s = self._state
+        while True:
+            await self._drain_actions()
+            if s.stop_requested is not None:
+                return False
+            if s.paused:
+                await self._wait_for_operator()
+                continue
+            now = workflow.now()
+            opens = next_window_start(now, s.policy.window)
+            if opens is not None and opens <= now:
+                return True
+            waiting = (
+                f"the maintenance window, opening at {_iso(opens)}"
+                if opens is not None
+                else "a maintenance window (none is configured to open)"
+            )
+            await self._set_status(
+                "running",
+                action="rollout.waiting_for_window",
+                status_reason=OUTSIDE_MAINTENANCE_WINDOW,
+                waiting_for=waiting,
+            )
+            await self._sleep_until(opens)
+            self._maybe_continue_as_new()
+
+    async def _issue(self, stage: StagePlan) -> None:
+        s = self._state
         await self._set_status(
             "running",
             action="rollout.stage_started",
             waiting_for=f"issuing {stage.name} ({stage.size} vehicles)",
         )
+        now = workflow.now()
         if stage.size > 0:
             issued = await workflow.execute_activity(
                 "issue_stage",
@@ -180,6 +321,7 @@ class RolloutWorkflow:
                     stage_index=stage.index,
                     stage=stage.name,
                     batch_size=ISSUE_BATCH_SIZE,
+                    issued_at=now,
                 ),
                 result_type=IssueStageResult,
                 start_to_close_timeout=LONG_ACTIVITY,
@@ -187,54 +329,145 @@ class RolloutWorkflow:
                 retry_policy=DB_RETRY,
             )
             s.counts = issued.counts
+            if s.first_issued_at is None:
+                s.first_issued_at = now
         s.next_stage = stage.index + 1
-        if stage.size > 0 and stage.bake_seconds > 0:
-            await self._bake(stage)
+        s.bake_until = workflow.now() + timedelta(seconds=stage.bake_seconds)
 
     async def _bake(self, stage: StagePlan) -> None:
-        """Wait `bake_seconds` (a durable timer), persisting pause/resume as they arrive and
-        returning early on abort or rollback. A pause does not stop the bake clock; the next
-        stage waits for resume."""
+        """Bake until `bake_until` (a durable deadline that survives continue-as-new), with a
+        gate tick every interval. Sets the phase to done when the gates let the rollout
+        proceed; returns early on abort or rollback. A pause holds the ticks (nothing is
+        issued or retried while paused) but not the bake clock."""
         s = self._state
-        deadline = workflow.now() + timedelta(seconds=stage.bake_seconds)
-        await self._set_status(
-            "running",
-            action="rollout.baking",
-            waiting_for=f"bake of {stage.name} until {deadline.isoformat()}",
+        assert s.bake_until is not None
+        interval = self._input.gate_interval_seconds or min(
+            MAX_GATE_INTERVAL, max(1, stage.bake_seconds)
         )
+        baking = f"bake of {stage.name} until {_iso(s.bake_until)}"
+        if not s.paused:
+            await self._set_status("running", action="rollout.baking", waiting_for=baking)
         while True:
             await self._drain_actions()
             if s.stop_requested is not None:
                 return
-            remaining = (deadline - workflow.now()).total_seconds()
-            if remaining <= 0:
+            if s.paused:
+                await self._wait_for_operator()
+                continue
+            now = workflow.now()
+            bake_done = now >= s.bake_until
+            if stage.size == 0:
+                decision = GateDecision(action="proceed" if bake_done else "wait")
+            else:
+                decision = await self._gate_tick(stage, bake_done)
+            if decision.action == "proceed":
+                s.phase = "done"
                 return
-            try:
-                await workflow.wait_condition(
-                    lambda: bool(s.pending_actions) or s.stop_requested is not None,
-                    timeout=timedelta(seconds=remaining),
+            if decision.action == "rollback":
+                s.stop_requested = "rollback"
+                s.stop_reason = decision.reason or FAILURE_THRESHOLD
+                s.stop_action = OperatorAction(
+                    action="rollback",
+                    reason=decision.detail,
+                    actor="workflow",
+                    source="system",
+                    correlation_id=s.correlation_id,
                 )
-            except TimeoutError:
                 return
+            if decision.action == "pause":
+                s.paused = True
+                s.paused_by, s.pause_note = "workflow", decision.detail
+                self._flow_waiting = baking
+                await self._set_status(
+                    "paused",
+                    action="rollout.gate_failed",
+                    status_reason=decision.reason,
+                    waiting_for=WAITING_FOR_OPERATOR,
+                    reason=decision.detail,
+                    keep_flow_waiting=True,
+                )
+                continue
+            if s.waiting_for != baking:
+                await self._set_status("running", action="rollout.baking", waiting_for=baking)
+            self._maybe_continue_as_new()
+            await self._sleep_until(min(now + timedelta(seconds=interval), s.bake_until))
 
-    async def _checkpoint(self) -> bool:
-        """Between stages: persist operator actions, wait while paused. True to stop."""
+    async def _gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
+        """Per-vehicle housekeeping (each only when there is work for it, judged by the last
+        counts), then the gate decision."""
         s = self._state
-        while True:
-            await self._drain_actions()
-            if s.stop_requested is not None:
-                return True
-            if not s.paused:
-                return False
-            await workflow.wait_condition(
-                lambda: bool(s.pending_actions) or s.stop_requested is not None or not s.paused
-            )
+        now = workflow.now()
+        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
+        last = s.last_total
+        apply_due = s.first_issued_at is not None and now >= s.first_issued_at + timedelta(
+            seconds=s.policy.apply_seconds
+        )
+        if apply_due and last.notified + last.updating > 0:
+            await self._sweep("expire_apply_timeouts", sweep)
+        if last.retryable > 0:
+            await self._sweep("retry_failed_targets", sweep)
+        if last.blocked > 0:
+            await self._sweep("recheck_blocked", sweep)
+        result = await workflow.execute_activity(
+            "evaluate_gates",
+            EvaluateGatesInput(
+                rollout_id=s.rollout_id,
+                stage_index=stage.index,
+                is_canary=stage.name == CANARY,
+                bake_done=bake_done,
+                acknowledged_failed=s.acknowledged_failed,
+                canary_forced=s.canary_forced_stage == stage.index,
+            ),
+            result_type=EvaluateGatesResult,
+            start_to_close_timeout=SHORT_ACTIVITY,
+            retry_policy=DB_RETRY,
+        )
+        s.last_total = result.total
+        s.counts = result.counts
+        return result.decision
+
+    async def _sweep(self, activity: str, sweep: TargetSweepInput) -> None:
+        result = await workflow.execute_activity(
+            activity,
+            sweep,
+            result_type=TargetSweepResult,
+            start_to_close_timeout=LONG_ACTIVITY,
+            heartbeat_timeout=LONG_HEARTBEAT,
+            retry_policy=DB_RETRY,
+        )
+        self._state.counts = result.counts
+
+    async def _sleep_until(self, deadline: datetime | None) -> None:
+        """A durable timer that an operator action cuts short (None: until an action)."""
+        s = self._state
+
+        def woken() -> bool:
+            return bool(s.pending_actions) or s.stop_requested is not None
+
+        if deadline is None:
+            await workflow.wait_condition(woken)
+            return
+        remaining = (deadline - workflow.now()).total_seconds()
+        if remaining <= 0:
+            return
+        try:
+            await workflow.wait_condition(woken, timeout=timedelta(seconds=remaining))
+        except TimeoutError:
+            pass
+
+    async def _wait_for_operator(self) -> None:
+        s = self._state
+        await workflow.wait_condition(
+            lambda: bool(s.pending_actions) or s.stop_requested is not None
+        )
 
     async def _drain_actions(self) -> None:
+        """Persist accepted pause/resume actions, in order."""
         s = self._state
         while s.pending_actions:
             action = s.pending_actions.pop(0)
             if action.action == "pause":
+                s.paused_by, s.pause_note = action.actor, action.reason
                 await self._set_status(
                     "paused",
                     action="rollout.paused",
@@ -244,6 +477,11 @@ class RolloutWorkflow:
                     keep_flow_waiting=True,
                 )
             elif action.action == "resume":
+                if s.status_reason == FAILURE_THRESHOLD:
+                    s.acknowledged_failed = s.last_total.failed
+                elif s.status_reason == CANARY_UNHEALTHY and action.force:
+                    s.canary_forced_stage = s.stage_index
+                s.paused_by = s.pause_note = None
                 await self._set_status(
                     "running",
                     action="rollout.resumed",
@@ -251,35 +489,77 @@ class RolloutWorkflow:
                     operator=action,
                 )
 
+    def _maybe_continue_as_new(self) -> None:
+        info = workflow.info()
+        limit = self._input.continue_as_new_after_events
+        if not (
+            info.is_continue_as_new_suggested()
+            or (limit is not None and info.get_current_history_length() >= limit)
+        ):
+            return
+        if not workflow.all_handlers_finished():
+            return  # handlers never await: they will be done by the next check
+        workflow.continue_as_new(
+            self._input.model_copy(update={"state": self._state}),
+            search_attributes=info.typed_search_attributes,
+        )
+
     async def _abort(self) -> None:
         await self._set_status(
             "aborted",
             action="rollout.aborted",
             status_reason=OPERATOR,
             waiting_for=None,
-            operator=self._stop_action,
+            operator=self._state.stop_action,
         )
 
     async def _rollback(self) -> None:
+        """Staged rollback: the last issued stage first, down to the canary."""
         s = self._state
+        operator = s.stop_action if s.stop_reason == OPERATOR else None
+        if s.rollback_next is None:
+            s.rollback_next = s.next_stage - 1
+            await self._set_status(
+                "rolling_back",
+                action="rollout.rollback_started",
+                status_reason=s.stop_reason,
+                waiting_for="vehicles to be returned to their previous desired state",
+                operator=operator,
+                reason=None if operator else (s.stop_action.reason if s.stop_action else None),
+            )
+        while s.rollback_next is not None and s.rollback_next >= 0:
+            stage = s.stages[s.rollback_next]
+            await self._set_status(
+                "rolling_back",
+                action="rollout.rollback_stage",
+                status_reason=s.stop_reason,
+                waiting_for=f"returning {stage.name} to the previous desired state",
+            )
+            result = await self._rollback_targets(stage.index)
+            s.counts = result.counts
+            s.rollback_next -= 1
+            self._maybe_continue_as_new()
+        # Whatever is left (targets never issued are skipped).
+        s.counts = (await self._rollback_targets(None)).counts
         await self._set_status(
-            "rolling_back",
-            action="rollout.rollback_started",
-            status_reason=OPERATOR,
-            waiting_for="vehicles to be returned to their previous desired state",
-            operator=self._stop_action,
+            "rolled_back",
+            action="rollout.rolled_back",
+            status_reason=s.stop_reason,
+            waiting_for=None,
         )
-        result = await workflow.execute_activity(
+
+    async def _rollback_targets(self, stage_index: int | None) -> RollbackTargetsResult:
+        return await workflow.execute_activity(
             "rollback_targets",
-            RollbackTargetsInput(rollout_id=s.rollout_id, batch_size=ISSUE_BATCH_SIZE),
+            RollbackTargetsInput(
+                rollout_id=self._state.rollout_id,
+                batch_size=ISSUE_BATCH_SIZE,
+                stage_index=stage_index,
+            ),
             result_type=RollbackTargetsResult,
             start_to_close_timeout=LONG_ACTIVITY,
             heartbeat_timeout=LONG_HEARTBEAT,
             retry_policy=DB_RETRY,
-        )
-        s.counts = result.counts
-        await self._set_status(
-            "rolled_back", action="rollout.rolled_back", status_reason=OPERATOR, waiting_for=None
         )
 
     async def _fail(self, err: ActivityError) -> None:
@@ -347,12 +627,22 @@ class RolloutWorkflow:
             workflow.upsert_search_attributes(updates)
 
     def _details(self) -> str:
+        """The Web UI's current details: status, stage, what it waits for and why."""
         s = self._state
         stage = f"{s.stage} ({s.stage_index + 1}/{s.stage_count})" if s.stage else "-"
         waiting = f"waiting for {s.waiting_for}" if s.waiting_for else "not waiting"
+        reason = f" ({s.status_reason})" if s.status_reason else ""
+        paused = ""
+        if s.status == "paused":
+            paused = f" Paused by {s.paused_by or 'unknown'}: {s.pause_note or 'no reason given'}."
         c = s.counts
         return (
-            f"**{s.status}**, stage {stage}: {waiting}. "
-            f"Targeted {c.targeted}, notified {c.notified}, succeeded {c.succeeded}, "
-            f"failed {c.failed}, pending {c.pending}."
+            f"**{s.status}**{reason}, stage {stage}: {waiting}.{paused} "
+            f"Targeted {c.targeted}, notified {c.notified}, updating {c.updating}, "
+            f"succeeded {c.succeeded}, failed {c.failed}, blocked {c.blocked}, "
+            f"pending {c.pending}."
         )
+
+
+def _iso(moment: datetime | None) -> str:
+    return moment.isoformat().replace("+00:00", "Z") if moment else "-"

@@ -76,6 +76,9 @@ async def make_rollout(
     release_version: str,
     targets: dict[str, Any],
     strategy: dict[str, Any],
+    gates: dict[str, Any] | None = None,
+    timeouts: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> int:
     async with sessions() as session:
         conn = await session.connection()
@@ -83,10 +86,11 @@ async def make_rollout(
             await conn.execute(
                 text(
                     """
-                    INSERT INTO rollouts (release_version, targets, strategy, status, created_by,
-                                          correlation_id)
+                    INSERT INTO rollouts (release_version, targets, strategy, gates, timeouts,
+                                          retry, status, created_by, correlation_id)
                     VALUES (:release, CAST(:targets AS jsonb), CAST(:strategy AS jsonb),
-                            'pending', 'tests', 'corr-test')
+                            CAST(:gates AS jsonb), CAST(:timeouts AS jsonb),
+                            CAST(:retry AS jsonb), 'pending', 'tests', 'corr-test')
                     RETURNING id
                     """
                 ),
@@ -94,6 +98,9 @@ async def make_rollout(
                     "release": release_version,
                     "targets": json.dumps(targets),
                     "strategy": json.dumps(strategy),
+                    "gates": json.dumps(gates or {}),
+                    "timeouts": json.dumps(timeouts or {}),
+                    "retry": json.dumps(retry or {}),
                 },
             )
         ).scalar_one()

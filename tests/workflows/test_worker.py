@@ -35,6 +35,8 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
             "canary": {"size": 1, "bakeSeconds": 0},
             "waves": [{"percent": 100, "bakeSeconds": 0}],
         },
+        # nobody reports here: a canary gate that needs no samples
+        gates={"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}},
     )
     config = settings.model_copy(
         update={"temporal_address": dev_server_env.client.service_client.config.target_host}
