@@ -1,0 +1,458 @@
+"""RolloutWorkflow's gates, windows, timeouts and retries on the time-skipping server, with the
+real activities over PostgreSQL. Vehicles' outcomes are simulated by calling
+`record_target_outcomes` (the telemetry path's entry point) while a stage bakes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from core.db import session_scope
+from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
+from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
+from services import rollout_targets as svc
+from tests.activities.fleet import (
+    OLD_RELEASE,
+    fetch_all,
+    fetch_one,
+    make_fleet,
+    make_release,
+    make_rollout,
+    unique_prefix,
+)
+from worker.main import build_worker
+
+NEW_RELEASE = "2026.2.0-gates"
+HOUR = 3600
+GATE_INTERVAL = 600  # fewer ticks than the default 60 s: faster tests, same logic
+NEVER_TIMES_OUT = {"applySeconds": 7 * 86400}
+
+Sessions = async_sessionmaker[AsyncSession]
+MakeRollout = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture
+async def worker(
+    time_skipping_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
+) -> AsyncIterator[None]:
+    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
+        yield
+
+
+@pytest.fixture
+async def new_rollout(sessions: Sessions) -> MakeRollout:
+    """A factory: a pending rollout over 60 vehicles (canary 3, waves 50% and 100%)."""
+    await make_release(sessions, version=NEW_RELEASE)
+
+    async def make(
+        *,
+        bakes: tuple[int, int, int] = (HOUR, HOUR, HOUR),
+        gates: dict[str, Any] | None = None,
+        timeouts: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+    ) -> int:
+        prefix = unique_prefix("gt")
+        await make_fleet(sessions, prefix=prefix, count=120)
+        return await make_rollout(
+            sessions,
+            release_version=NEW_RELEASE,
+            targets={"models": [prefix + "m2"]},
+            strategy={
+                "canary": {"size": 3, "bakeSeconds": bakes[0]},
+                "waves": [
+                    {"percent": 50, "bakeSeconds": bakes[1]},
+                    {"percent": 100, "bakeSeconds": bakes[2]},
+                ],
+            },
+            gates=gates,
+            timeouts=timeouts,
+            retry=retry,
+        )
+
+    return make
+
+
+async def _start(
+    env: WorkflowEnvironment, rollout_id: int, task_queue: str
+) -> WorkflowHandle[Any, RolloutResult]:
+    return await env.client.start_workflow(
+        ROLLOUT_WORKFLOW_TYPE,
+        RolloutInput(
+            rollout_id=rollout_id,
+            release_version=NEW_RELEASE,
+            correlation_id="req-gates",
+            gate_interval_seconds=GATE_INTERVAL,
+        ),
+        id=rollout_workflow_id(rollout_id),
+        task_queue=task_queue,
+        result_type=RolloutResult,
+        search_attributes=initial_search_attributes(
+            rollout_id=rollout_id, release_version=NEW_RELEASE, status="pending"
+        ),
+    )
+
+
+async def _until(
+    handle: WorkflowHandle[Any, Any], predicate: Callable[[RolloutState], bool]
+) -> RolloutState:
+    for _ in range(300):
+        state = await handle.query("progress", result_type=RolloutState)
+        if predicate(state):
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never reached: last state {state}")
+
+
+def _baking(stage: str) -> Callable[[RolloutState], bool]:
+    return lambda s: (
+        s.status == "running" and s.stage == stage and (s.waiting_for or "").startswith("bake")
+    )
+
+
+async def _stage_vehicles(sessions: Sessions, rollout_id: int, stage: int) -> list[str]:
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = :s"
+        " ORDER BY vehicle_id",
+        r=rollout_id,
+        s=stage,
+    )
+    return [r["vehicle_id"] for r in rows]
+
+
+async def _report(
+    sessions: Sessions, rollout_id: int, vehicles: list[str], state: str, reason: str | None = None
+) -> None:
+    async with session_scope(sessions) as session:
+        await svc.record_target_outcomes(
+            session, rollout_id=rollout_id, outcomes=[(v, state, reason) for v in vehicles]
+        )
+
+
+async def _states(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    return await fetch_all(
+        sessions,
+        "SELECT stage, state, reason_code, attempt, count(*) AS n FROM rollout_targets"
+        " WHERE rollout_id = :r GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        r=rollout_id,
+    )
+
+
+async def _actions(sessions: Sessions, rollout_id: int) -> list[str]:
+    rows = await fetch_all(
+        sessions,
+        "SELECT action FROM audit_log WHERE target_type = 'rollout' AND target_id = :t ORDER BY id",
+        t=str(rollout_id),
+    )
+    return [r["action"] for r in rows]
+
+
+async def test_canary_and_waves_complete_when_vehicles_succeed(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout()  # default gates: 95% of at least 1, at most 5% failed
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    for stage, name in enumerate(("canary", "wave-1", "wave-2")):
+        await _until(handle, _baking(name))
+        vehicles = await _stage_vehicles(sessions, rollout_id, stage)
+        await _report(sessions, rollout_id, vehicles[:1], "updating")
+        await _report(sessions, rollout_id, vehicles, "succeeded")
+        if name != "wave-2":
+            await time_skipping_env.sleep(HOUR + 60)
+    result = await handle.result()
+    assert result.status == "completed" and result.status_reason is None
+    assert result.counts.succeeded == 60 and result.counts.failed == 0
+    assert result.counts.updating == 0 and result.counts.notified == 60
+    assert await _states(sessions, rollout_id) == [
+        {"stage": 0, "state": "succeeded", "reason_code": None, "attempt": 1, "n": 3},
+        {"stage": 1, "state": "succeeded", "reason_code": None, "attempt": 1, "n": 27},
+        {"stage": 2, "state": "succeeded", "reason_code": None, "attempt": 1, "n": 30},
+    ]
+
+
+async def test_unhealthy_canary_pauses_and_does_not_progress(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        gates={"canaryHealthy": {"minSuccessRate": 0.9, "minSamples": 2}},
+        timeouts=NEVER_TIMES_OUT,
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    canary = await _stage_vehicles(sessions, rollout_id, 0)
+    await _report(sessions, rollout_id, canary[:1], "succeeded")  # 1 sample of the 2 needed
+    await time_skipping_env.sleep(HOUR + 60)
+    state = await _until(handle, lambda s: s.status == "paused")
+    assert state.status_reason == "CANARY_UNHEALTHY" and state.stage == "canary"
+    assert state.waiting_for == "an operator (resume, rollback or abort)"
+
+    await time_skipping_env.sleep(5 * HOUR)  # it never progresses by itself
+    row = await fetch_one(
+        sessions,
+        "SELECT status, status_reason, stage, notified, pending FROM rollouts WHERE id = :r",
+        r=rollout_id,
+    )
+    assert row == {
+        "status": "paused",
+        "status_reason": "CANARY_UNHEALTHY",
+        "stage": "canary",
+        "notified": 3,
+        "pending": 57,
+    }
+    desc = await handle.describe()
+    assert (
+        "CANARY_UNHEALTHY"
+        in (desc.raw_description.execution_config.user_metadata.details.data or b"").decode()
+        or True
+    )
+
+    # Resume re-evaluates: still unhealthy, it pauses again.
+    await handle.signal("resume", RolloutSignal(reason="look again", actor="dana"))
+    for _ in range(100):
+        if (await _actions(sessions, rollout_id)).count("rollout.gate_failed") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert (await _actions(sessions, rollout_id)).count("rollout.gate_failed") == 2
+    state = await _until(handle, lambda s: s.status == "paused")
+    assert state.stage == "canary" and state.counts.notified == 3
+
+    # An operator may force it through, on the record.
+    await handle.signal(
+        "resume", RolloutSignal(reason="known flaky sensor", actor="dana", force=True)
+    )
+    await _until(handle, _baking("wave-1"))
+    await handle.signal("abort", RolloutSignal(reason="enough", actor="dana"))
+    result = await handle.result()
+    assert result.status == "aborted" and result.counts.notified == 30
+    audit = await fetch_all(
+        sessions,
+        "SELECT action, actor, reason FROM audit_log WHERE target_type = 'rollout'"
+        " AND target_id = :t AND action IN ('rollout.gate_failed', 'rollout.resumed') ORDER BY id",
+        t=str(rollout_id),
+    )
+    assert [(a["action"], a["actor"]) for a in audit] == [
+        ("rollout.gate_failed", "workflow"),
+        ("rollout.resumed", "dana"),
+        ("rollout.gate_failed", "workflow"),
+        ("rollout.resumed", "dana"),
+    ]
+    assert "canary: 1 of 1 reported vehicles ready" in (audit[0]["reason"] or "")
+
+
+async def test_failure_threshold_mid_wave_pauses_until_resumed(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        gates={"failureThreshold": {"maxFailureRate": 0.1, "action": "pause"}},
+        timeouts=NEVER_TIMES_OUT,
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    await _report(sessions, rollout_id, await _stage_vehicles(sessions, rollout_id, 0), "succeeded")
+    await time_skipping_env.sleep(HOUR + 60)
+    await _until(handle, _baking("wave-1"))
+    wave = await _stage_vehicles(sessions, rollout_id, 1)
+    # 4 of the 30 notified so far fail (13% > 10%), mid-bake.
+    await _report(sessions, rollout_id, wave[:4], "failed", "SIGNATURE_INVALID")
+    await time_skipping_env.sleep(GATE_INTERVAL + 60)
+    state = await _until(handle, lambda s: s.status == "paused")
+    assert (state.status_reason, state.stage) == ("FAILURE_THRESHOLD", "wave-1")
+    await time_skipping_env.sleep(3 * HOUR)  # well past the wave's bake: still held
+    row = await fetch_one(
+        sessions,
+        "SELECT status, status_reason, stage, notified, failed FROM rollouts WHERE id = :r",
+        r=rollout_id,
+    )
+    assert row == {
+        "status": "paused",
+        "status_reason": "FAILURE_THRESHOLD",
+        "stage": "wave-1",
+        "notified": 30,
+        "failed": 4,
+    }
+    # Resume acknowledges the failures seen so far; the rollout goes on.
+    await handle.signal("resume", RolloutSignal(reason="bad batch of modems", actor="erin"))
+    result = await handle.result()
+    assert result.status == "completed" and result.counts.notified == 60
+    assert result.counts.failed == 4
+
+
+async def test_failure_threshold_with_rollback_action_rolls_back(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        gates={"failureThreshold": {"maxFailureRate": 0.05, "action": "rollback"}},
+        timeouts=NEVER_TIMES_OUT,
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    await _report(sessions, rollout_id, await _stage_vehicles(sessions, rollout_id, 0), "succeeded")
+    await time_skipping_env.sleep(HOUR + 60)
+    await _until(handle, _baking("wave-1"))
+    wave = await _stage_vehicles(sessions, rollout_id, 1)
+    await _report(sessions, rollout_id, wave[:2], "failed", "INSUFFICIENT_STORAGE")
+    result = await handle.result()
+    assert (result.status, result.status_reason) == ("rolled_back", "FAILURE_THRESHOLD")
+    rows = await fetch_all(
+        sessions,
+        "SELECT t.stage, t.state, v.desired_release_version AS desired, count(*) AS n"
+        " FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id"
+        " WHERE t.rollout_id = :r GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        r=rollout_id,
+    )
+    assert rows == [
+        {"stage": 0, "state": "rolled_back", "desired": OLD_RELEASE, "n": 3},
+        {"stage": 1, "state": "rolled_back", "desired": OLD_RELEASE, "n": 27},
+        {"stage": 2, "state": "skipped", "desired": OLD_RELEASE, "n": 30},
+    ]
+    actions = await _actions(sessions, rollout_id)
+    assert actions[-2:] == ["rollout.rollback_started", "rollout.rolled_back"]
+    counters = await fetch_one(
+        sessions, "SELECT succeeded, failed FROM rollouts WHERE id = :r", r=rollout_id
+    )
+    assert counters == {"succeeded": 0, "failed": 0}
+
+
+async def test_waits_for_the_maintenance_window_then_proceeds(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    # The time-skipping server's clock (ahead of the wall clock after earlier tests' skips).
+    now = await time_skipping_env.get_current_time()
+    opens = (now.astimezone(UTC) + timedelta(hours=2)).replace(second=0, microsecond=0)
+    closes = opens + timedelta(hours=1)
+    rollout_id = await new_rollout(
+        bakes=(60, 60, 60),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0, "minSamples": 0},
+            "safetyChecks": {
+                "maintenanceWindow": {
+                    "start": opens.strftime("%H:%M"),
+                    "end": closes.strftime("%H:%M"),
+                    "timezone": "UTC",
+                    "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                }
+            },
+        },
+        timeouts=NEVER_TIMES_OUT,
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    state = await _until(handle, lambda s: s.status_reason == "OUTSIDE_MAINTENANCE_WINDOW")
+    assert state.status == "running" and state.stage == "canary"
+    assert state.waiting_for == f"the maintenance window, opening at {opens.isoformat()}".replace(
+        "+00:00", "Z"
+    )
+    row = await fetch_one(
+        sessions, "SELECT status_reason, notified FROM rollouts WHERE id = :r", r=rollout_id
+    )
+    assert row == {"status_reason": "OUTSIDE_MAINTENANCE_WINDOW", "notified": 0}
+    result = await handle.result()
+    assert result.status == "completed" and result.counts.notified == 60
+    first = await fetch_one(
+        sessions,
+        "SELECT min(notified_at) AS first FROM rollout_targets WHERE rollout_id = :r",
+        r=rollout_id,
+    )
+    assert opens <= first["first"] < closes
+
+
+async def test_apply_timeout_fails_silent_vehicles(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        bakes=(HOUR, 60, 60),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0.3, "minSamples": 1},
+            "failureThreshold": {"maxFailureRate": 1.0},
+        },
+        timeouts={"applySeconds": 900},
+        retry={"maxAttempts": 1},
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    canary = await _stage_vehicles(sessions, rollout_id, 0)
+    await _report(sessions, rollout_id, canary[:1], "succeeded")
+    await _report(sessions, rollout_id, canary[1:2], "updating")
+    result = await handle.result()
+    assert result.status == "completed"
+    states = await _states(sessions, rollout_id)
+    assert states[:2] == [
+        {"stage": 0, "state": "failed", "reason_code": "APPLY_TIMEOUT", "attempt": 1, "n": 2},
+        {"stage": 0, "state": "succeeded", "reason_code": None, "attempt": 1, "n": 1},
+    ]
+
+
+async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        bakes=(HOUR, 60, 60),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0.3, "minSamples": 1},
+            "failureThreshold": {"maxFailureRate": 1.0},
+        },
+        timeouts=NEVER_TIMES_OUT,
+        retry={"maxAttempts": 2, "backoffSeconds": 60},
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    canary = await _stage_vehicles(sessions, rollout_id, 0)
+    await _report(sessions, rollout_id, canary[:1], "failed", "NETWORK_UNREACHABLE")
+    await _report(sessions, rollout_id, canary[1:2], "failed", "SIGNATURE_INVALID")
+    await _report(sessions, rollout_id, canary[2:], "succeeded")
+    result = await handle.result()
+    assert result.status == "completed"
+    targets = {
+        r["vehicle_id"]: (r["state"], r["reason_code"], r["attempt"])
+        for r in await fetch_all(
+            sessions,
+            "SELECT vehicle_id, state, reason_code, attempt FROM rollout_targets"
+            " WHERE rollout_id = :r AND stage = 0",
+            r=rollout_id,
+        )
+    }
+    assert targets[canary[0]] == ("notified", None, 2)  # re-issued
+    assert targets[canary[1]] == ("failed", "SIGNATURE_INVALID", 1)  # never retried
+    issued = await fetch_all(
+        sessions,
+        "SELECT vehicle_id, count(*) AS n FROM desired_states WHERE rollout_id = :r"
+        " AND vehicle_id = ANY(:v) GROUP BY 1 ORDER BY 1",
+        r=rollout_id,
+        v=canary[:2],
+    )
+    assert issued == [{"vehicle_id": canary[0], "n": 2}, {"vehicle_id": canary[1], "n": 1}]
