@@ -1,0 +1,180 @@
+"""Bounded history: a 10,000-vehicle rollout's history is as long as a 100-vehicle one's, and
+continue-as-new carries the state; saved histories of real runs replay with the current code
+(a change that would break running workflows fails here first).
+
+Record the saved histories again (after an intended, versioned change) with
+`MOTORCADE_RECORD_HISTORIES=1 pytest tests/workflows/test_history.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import WorkflowHandle, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from core.temporal import (
+    ROLLOUT_WORKFLOW_TYPE,
+    SA_ROLLOUT_STATUS,
+    initial_search_attributes,
+    rollout_workflow_id,
+)
+from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
+from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
+from worker.main import build_worker
+from workflows.rollout import RolloutWorkflow
+
+RELEASE = "2026.2.0-hist"
+HOUR = 3600
+HISTORIES = Path(__file__).parent / "histories"
+LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+async def worker(
+    time_skipping_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
+) -> AsyncIterator[None]:
+    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
+        yield
+
+
+async def _run(
+    env: WorkflowEnvironment,
+    sessions: Sessions,
+    task_queue: str,
+    *,
+    vehicles: int,
+    can_after: int | None = None,
+    gate_interval: int | None = None,
+    during: Callable[[WorkflowHandle[Any, RolloutResult]], Awaitable[None]] | None = None,
+) -> tuple[WorkflowHandle[Any, RolloutResult], RolloutResult, int]:
+    prefix = unique_prefix("hs")
+    await make_fleet(sessions, prefix=prefix, count=vehicles)
+    await make_release(sessions, version=RELEASE)
+    rollout_id = await make_rollout(
+        sessions,
+        release_version=RELEASE,
+        targets={"models": [prefix + "m1", prefix + "m2"]},
+        strategy={
+            "canary": {"percent": 1, "bakeSeconds": HOUR},
+            "waves": [
+                {"percent": 10, "bakeSeconds": HOUR},
+                {"percent": 50, "bakeSeconds": HOUR},
+                {"percent": 100, "bakeSeconds": HOUR},
+            ],
+        },
+        gates=LENIENT_GATES,
+        timeouts={"applySeconds": 7 * 86400},
+    )
+    handle = await env.client.start_workflow(
+        ROLLOUT_WORKFLOW_TYPE,
+        RolloutInput(
+            rollout_id=rollout_id,
+            release_version=RELEASE,
+            continue_as_new_after_events=can_after,
+            gate_interval_seconds=gate_interval,
+        ),
+        id=rollout_workflow_id(rollout_id),
+        task_queue=task_queue,
+        result_type=RolloutResult,
+        search_attributes=initial_search_attributes(
+            rollout_id=rollout_id, release_version=RELEASE, status="pending"
+        ),
+    )
+    if during is not None:
+        await during(handle)
+    result = await handle.result()
+    history = await handle.fetch_history()
+    return handle, result, len(history.events)
+
+
+async def test_history_length_does_not_grow_with_the_fleet(
+    time_skipping_env: WorkflowEnvironment, worker: None, sessions: Sessions, task_queue: str
+) -> None:
+    _, small, small_events = await _run(
+        time_skipping_env, sessions, task_queue, vehicles=100, gate_interval=300
+    )
+    _, large, large_events = await _run(
+        time_skipping_env, sessions, task_queue, vehicles=10_000, gate_interval=300
+    )
+    assert small.status == large.status == "completed"
+    assert (small.counts.notified, large.counts.notified) == (100, 10_000)
+    # Same order of length (the large one issues in more batches inside one activity).
+    assert large_events <= small_events * 1.2, (small_events, large_events)
+    assert large_events < 10_240
+
+
+async def test_continue_as_new_carries_the_state(
+    time_skipping_env: WorkflowEnvironment, worker: None, sessions: Sessions, task_queue: str
+) -> None:
+    handle, result, last_run_events = await _run(
+        time_skipping_env, sessions, task_queue, vehicles=200, can_after=60, gate_interval=600
+    )
+    assert result.status == "completed" and result.counts.notified == 200
+    assert result.stages_issued == 4
+    state = await handle.query("progress", result_type=RolloutState)
+    assert state.runs > 2 and state.current_stage == 4
+    desc = await handle.describe()
+    assert desc.typed_search_attributes.get(SA_ROLLOUT_STATUS) == "completed"
+    assert last_run_events < 100
+    if os.environ.get("MOTORCADE_RECORD_HISTORIES"):
+        HISTORIES.mkdir(exist_ok=True)
+        history = await handle.fetch_history()
+        (HISTORIES / "rollout_continued_as_new.json").write_text(history.to_json())
+
+
+async def test_a_run_with_signals_replays_and_is_saved(
+    time_skipping_env: WorkflowEnvironment, worker: None, sessions: Sessions, task_queue: str
+) -> None:
+    """A real run (pause and resume by signal while the canary bakes) replays with the current
+    code; with MOTORCADE_RECORD_HISTORIES=1 it is saved for test_saved_histories_replay."""
+
+    async def pause_and_resume(handle: WorkflowHandle[Any, RolloutResult]) -> None:
+        for _ in range(200):
+            state = await handle.query("progress", result_type=RolloutState)
+            if (state.waiting_for or "").startswith("bake"):
+                break
+            await asyncio.sleep(0.05)
+        await handle.signal("pause", RolloutSignal(reason="replay test", actor="alice"))
+        for _ in range(200):
+            if (await handle.query("progress", result_type=RolloutState)).status == "paused":
+                break
+            await asyncio.sleep(0.05)
+        await handle.signal("resume", RolloutSignal(reason="go on", actor="alice"))
+
+    handle, result, _ = await _run(
+        time_skipping_env,
+        sessions,
+        task_queue,
+        vehicles=100,
+        gate_interval=1800,
+        during=pause_and_resume,
+    )
+    assert result.status == "completed"
+    history = await handle.fetch_history()
+    replayer = Replayer(workflows=[RolloutWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+    if os.environ.get("MOTORCADE_RECORD_HISTORIES"):
+        HISTORIES.mkdir(exist_ok=True)
+        (HISTORIES / "rollout_paused_resumed.json").write_text(history.to_json())
+
+
+# Read at collection time (plain files, small).
+SAVED = {path.name: path.read_text() for path in sorted(HISTORIES.glob("*.json"))}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+async def test_saved_histories_replay(name: str) -> None:
+    replayer = Replayer(workflows=[RolloutWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(WorkflowHistory.from_json(name, SAVED[name]))
