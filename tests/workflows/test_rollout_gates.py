@@ -10,6 +10,7 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle
@@ -456,3 +457,48 @@ async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
         v=canary[:2],
     )
     assert issued == [{"vehicle_id": canary[0], "n": 2}, {"vehicle_id": canary[1], "n": 1}]
+
+
+async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
+    time_skipping_env: WorkflowEnvironment,
+    worker: None,
+    new_rollout: MakeRollout,
+    task_queue: str,
+    sessions: Sessions,
+) -> None:
+    rollout_id = await new_rollout(
+        bakes=(HOUR, 60, 60),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0.5, "minSamples": 1},
+            "safetyChecks": {"requireStationary": True, "minBatteryPercent": 40},
+        },
+        timeouts=NEVER_TIMES_OUT,
+    )
+    handle = await _start(time_skipping_env, rollout_id, task_queue)
+    await _until(handle, _baking("canary"))
+    canary = await _stage_vehicles(sessions, rollout_id, 0)
+    await _report(sessions, rollout_id, canary[:2], "blocked", "BATTERY_LOW")
+    await _report(sessions, rollout_id, canary[2:], "succeeded")
+    await time_skipping_env.sleep(GATE_INTERVAL + 60)  # a tick sees them blocked
+    async with session_scope(sessions) as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                "UPDATE vehicles SET battery_percent = 85, stationary = true,"
+                " last_seen_at = now() + interval '1 second' WHERE id = :v"
+            ),
+            {"v": canary[0]},
+        )
+    result = await handle.result()
+    assert result.status == "completed"
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id, state, reason_code FROM rollout_targets"
+        " WHERE rollout_id = :r AND vehicle_id = ANY(:v) ORDER BY vehicle_id",
+        r=rollout_id,
+        v=canary[:2],
+    )
+    assert [(r["state"], r["reason_code"]) for r in rows] == [
+        ("notified", None),  # passes the checks now: back in the rollout
+        ("blocked", "BATTERY_LOW"),  # no heartbeat since: still blocked
+    ]
