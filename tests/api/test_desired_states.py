@@ -207,8 +207,8 @@ async def test_desired_states_respect_active_rollouts_and_the_cap(
     model = f"{prefix}big"
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "INSERT INTO vehicles (id, model, region, ring, status)"
-            " SELECT %s || lpad(g::text, 6, '0'), %s, 'eu-west', 'broad', 'in_sync'"
+            "INSERT INTO vehicles (id, model, region, ring, status, last_seen_at)"
+            " SELECT %s || lpad(g::text, 6, '0'), %s, 'eu-west', 'broad', 'in_sync', now()"
             " FROM generate_series(1, 10001) g",
             (f"{prefix}B", model),
         )
