@@ -128,12 +128,13 @@ class RolloutTargets(StrictCamelModel):
     models: list[str] = Field(default_factory=list, max_length=100)
     regions: list[str] = Field(default_factory=list, max_length=100)
     rings: list[str] = Field(default_factory=list, max_length=100)
+    orgs: list[str] = Field(default_factory=list, max_length=100)
     vehicle_ids: list[str] = Field(default_factory=list, max_length=10_000)
 
     @model_validator(mode="after")
     def _something(self) -> RolloutTargets:
-        if not (self.models or self.regions or self.rings or self.vehicle_ids):
-            raise ValueError("select at least one of models, regions, rings or vehicleIds")
+        if not (self.models or self.regions or self.rings or self.orgs or self.vehicle_ids):
+            raise ValueError("select at least one of models, regions, rings, orgs or vehicleIds")
         return self
 
 

@@ -28,12 +28,12 @@ from services.rollouts import (
     find_overlap,
     load_verified_release,
     lock_fleet_assignment,
-    match_params,
     overlap_conflict,
     resolve_safety,
 )
 from services.safety import SafetyDefaults
 from services.signing import TrustedKeys
+from services.targets import REQUEST_MATCH, match_params
 from services.vehicles import scoped
 
 # Above this, a direct desired state is refused: a rollout stages, gates and can roll back.
@@ -120,15 +120,7 @@ def _scope_params(scope: Scope) -> dict[str, list[str] | None]:
 
 
 _MATCH_IN_SCOPE = (
-    " AND ".join(
-        f"(cardinality(CAST(:{key} AS text[])) = 0 OR {column} = ANY(CAST(:{key} AS text[])))"
-        for key, column in (
-            ("models", "v.model"),
-            ("regions", "v.region"),
-            ("rings", "v.ring"),
-            ("vehicle_ids", "v.id"),
-        )
-    )
+    REQUEST_MATCH
     + " AND "
     + " AND ".join(
         f"(CAST(:{key} AS text[]) IS NULL OR {column} = ANY(CAST(:{key} AS text[])))"

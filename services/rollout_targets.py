@@ -25,6 +25,7 @@ from models.workflows import GateCounts, RolloutCounts, RolloutPolicy, StagePlan
 from services import audit as audit_log
 from services import change_feed
 from services.rollouts import AuditScope, audit_scope
+from services.targets import stored_match
 from workflows.policy import (
     MAX_BACKOFF_SECONDS,
     RETRYABLE_REASONS,
@@ -105,27 +106,7 @@ _COUNTER_DELTAS = """
 """
 
 
-# The rollout's target filter, as SQL over `v` (vehicles) and `r` (rollouts): an absent, null
-# or empty list is no filter on that dimension.
-def _dimension(key: str, column: str) -> str:
-    array = (
-        f"(CASE WHEN jsonb_typeof(r.targets -> '{key}') = 'array' THEN r.targets -> '{key}' END)"
-    )
-    return (
-        f"(coalesce(jsonb_array_length({array}), 0) = 0"
-        f" OR {column} IN (SELECT jsonb_array_elements_text({array})))"
-    )
-
-
-_MATCHES = " AND ".join(
-    _dimension(key, column)
-    for key, column in (
-        ("models", "v.model"),
-        ("regions", "v.region"),
-        ("rings", "v.ring"),
-        ("vehicleIds", "v.id"),
-    )
-)
+_MATCHES = stored_match("r")
 
 
 async def load_rollout(

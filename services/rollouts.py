@@ -38,6 +38,7 @@ from services.pagination import (
 )
 from services.safety import EffectiveSafety, SafetyDefaults, effective_safety
 from services.signing import SignatureInvalid, TrustedKeys, verify_release
+from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 from services.vehicles import scoped
 from workflows.policy import plan_from_strategy
 
@@ -122,61 +123,18 @@ def in_scope_condition(scope: Scope):  # type: ignore[no-untyped-def]
 # concurrent requests cannot both pass the overlap check for the same vehicles.
 FLEET_ASSIGNMENT_LOCK = 0x6D6F746F72636164  # "motorcad"
 
-# Vehicles selected by request targets (bound arrays; an empty list is no filter).
-_REQUEST_MATCH = " AND ".join(
-    f"(cardinality(CAST(:{key} AS text[])) = 0 OR {column} = ANY(CAST(:{key} AS text[])))"
-    for key, column in (
-        ("models", "v.model"),
-        ("regions", "v.region"),
-        ("rings", "v.ring"),
-        ("vehicle_ids", "v.id"),
-    )
-)
-
-
-_DIMENSIONS = (
-    ("models", "v.model"),
-    ("regions", "v.region"),
-    ("rings", "v.ring"),
-    ("vehicleIds", "v.id"),
-)
-
-# A stored rollout's target lists as text arrays (absent, null or not a list: empty), once
-# per rollout rather than once per vehicle.
-_STORED_ARRAYS = ",\n".join(
-    f"ARRAY(SELECT jsonb_array_elements_text(CASE WHEN jsonb_typeof(r.targets -> '{key}')"
-    f" = 'array' THEN r.targets -> '{key}' END)) AS t_{key.lower()}"
-    for key, _ in _DIMENSIONS
-)
-
-# Vehicles selected by an active rollout `a` from those arrays (the rule of its expansion:
-# an empty list does not filter).
-_STORED_ARRAY_MATCH = " AND ".join(
-    f"(cardinality(a.t_{key.lower()}) = 0 OR {column} = ANY(a.t_{key.lower()}))"
-    for key, column in _DIMENSIONS
-)
-
-
-def match_params(targets: dict[str, Any]) -> dict[str, list[str]]:
-    return {
-        "models": list(targets.get("models") or []),
-        "regions": list(targets.get("regions") or []),
-        "rings": list(targets.get("rings") or []),
-        "vehicle_ids": list(targets.get("vehicleIds") or []),
-    }
-
 
 def check_targets_in_scope(targets: dict[str, Any], scope: Scope) -> None:
-    """Refuse (403) targets that reach outside the caller's scope."""
+    """Refuse (403) targets that reach outside the caller's scope. An org-scoped caller that
+    names no orgs targets its own (filled in here, so expansion honours it)."""
+    if scope.orgs is not None and not targets.get("orgs"):
+        targets["orgs"] = list(scope.orgs)
     problems = []
     for dimension, attr in SCOPE_DIMENSIONS:
         allowed = getattr(scope, attr)
         if allowed is None:
             continue
         chosen = targets.get(dimension) or []
-        if dimension == "orgs":
-            # Targets do not select by org: an org-scoped caller's rollouts carry its orgs.
-            continue
         if not chosen or not set(chosen) <= set(allowed):
             problems.append(dimension)
     if problems:
@@ -281,7 +239,7 @@ async def find_overlap(
                 f"""
                 WITH active AS MATERIALIZED (
                     SELECT r.id, r.stage_count,
-                           {_STORED_ARRAYS}
+                           {stored_arrays()}
                     FROM rollouts r
                     WHERE r.status = ANY(CAST(:active AS text[])) AND r.id <> :exclude
                 ),
@@ -291,12 +249,12 @@ async def find_overlap(
                     JOIN rollout_targets t ON t.rollout_id = a.id
                     JOIN vehicles v ON v.id = t.vehicle_id
                     WHERE a.stage_count > 0 AND t.state = ANY(CAST(:holding AS text[]))
-                      AND {_REQUEST_MATCH}
+                      AND {REQUEST_MATCH}
                     UNION ALL
                     SELECT v.id, a.id
                     FROM active a
-                    JOIN vehicles v ON {_STORED_ARRAY_MATCH}
-                    WHERE a.stage_count = 0 AND {_REQUEST_MATCH}
+                    JOIN vehicles v ON {stored_array_match()}
+                    WHERE a.stage_count = 0 AND {REQUEST_MATCH}
                 )
                 SELECT (SELECT count(*) FROM (SELECT DISTINCT vehicle_id FROM held) d)
                            AS vehicles,
@@ -363,7 +321,7 @@ async def safety_now(
                        count(*) FILTER (WHERE v.battery_percent IS NULL
                                           OR (:stationary AND v.stationary IS NULL)) AS unknown,
                        count(*) FILTER (WHERE v.status = 'offline') AS offline
-                FROM vehicles v WHERE {_REQUEST_MATCH}
+                FROM vehicles v WHERE {REQUEST_MATCH}
                 """
             ),
             {
@@ -409,8 +367,6 @@ async def validate_rollout(
         session, version=body.release_version, trusted_keys=trusted_keys
     )
     targets = body.targets.model_dump(by_alias=True)
-    if scope.orgs is not None:
-        targets["orgs"] = list(scope.orgs)
     check_targets_in_scope(targets, scope)
     safety, acknowledgement = resolve_safety(
         checks=body.gates.safety_checks,
