@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,6 +12,7 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
@@ -18,12 +20,30 @@ from core.auth import mint_dev_token
 from core.localservers import free_port
 from core.settings import Settings
 from models.enums import Role
+from services.signing import generate_signing_key, sign_release, write_trusted_keys_file
+
+COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
 
 
 @pytest.fixture(scope="session")
-def api_settings(settings: Settings, dev_server_env: WorkflowEnvironment) -> Settings:
+def signing_key() -> Ed25519PrivateKey:
+    """The release-signing key the app under test trusts (see api_settings)."""
+    return generate_signing_key()
+
+
+@pytest.fixture(scope="session")
+def api_settings(
+    settings: Settings,
+    dev_server_env: WorkflowEnvironment,
+    signing_key: Ed25519PrivateKey,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Settings:
+    keys_file = tmp_path_factory.mktemp("trusted") / "trusted-keys.json"
+    write_trusted_keys_file(keys_file, [signing_key.public_key()])
     address = dev_server_env.client.service_client.config.target_host
-    return settings.model_copy(update={"temporal_address": address})
+    return settings.model_copy(
+        update={"temporal_address": address, "trusted_keys_file": str(keys_file)}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +122,24 @@ def insert_vehicles(
                 " %s, now())",
                 [(i, model, region, ring, release, release) for i in ids],
             )
+
+
+def insert_signed_release(
+    database_url: str,
+    key: Ed25519PrivateKey,
+    version: str,
+    *,
+    digest: str = "sha256:" + "ab" * 32,
+    signed_digest: str | None = None,
+) -> None:
+    """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
+    signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO releases (version, components, artifact_digest, signature,"
+            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
+            (version, json.dumps(COMPONENTS), digest, signature, kid),
+        )
 
 
 def insert_release(database_url: str, version: str) -> None:

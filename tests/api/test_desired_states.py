@@ -9,13 +9,9 @@ import httpx
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
-from tests.api.test_releases_and_rollouts import (  # noqa: F401  (signing_key is a fixture)
-    insert_signed_release,
-    rollout_body,
-    signing_key,
-)
+from tests.api.test_releases_and_rollouts import rollout_body
 
 URL = "/api/v1/desired-states"
 
@@ -31,7 +27,7 @@ async def test_create_and_list_desired_states(
     token: Any,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2027.2.0"
     insert_signed_release(database_url, signing_key, release)
@@ -118,7 +114,7 @@ async def test_desired_states_weakened_safety_signature_and_roles(
     token: Any,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2027.2.1"
     insert_signed_release(database_url, signing_key, release)
@@ -176,7 +172,7 @@ async def test_desired_states_respect_active_rollouts_and_the_cap(
     operator: dict,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     release = f"{prefix}2027.2.2"
     insert_signed_release(database_url, signing_key, release)

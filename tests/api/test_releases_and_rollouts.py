@@ -1,67 +1,25 @@
 """Releases list; POST /rollouts validates (signature, safety, overlap), plans (`dryRun`),
-stores the rollout and starts workflow rollout-{id}.
-
-Also the signed-release helpers the other rollout API tests import: `signing_key` (a session
-key whose public half the running app trusts) and `insert_signed_release`.
-"""
+stores the rollout and starts workflow rollout-{id}."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from core.settings import Settings
 from core.temporal import (
     ROLLOUT_TASK_QUEUE,
     SA_RELEASE_VERSION,
     SA_ROLLOUT_ID,
     rollout_workflow_id,
 )
-from services.signing import generate_signing_key, sign_release, write_trusted_keys_file
-from tests.api.conftest import bearer, insert_release, insert_vehicles
+from services.signing import generate_signing_key
+from tests.api.conftest import bearer, insert_release, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
-
-COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
-
-
-@pytest.fixture(scope="session")
-def signing_key(api_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A release-signing key the running app trusts: its public key is written to the app's
-    trusted-keys file (the app reads `settings.trusted_keys_file` on each request, and the
-    file again whenever it changes)."""
-    key = generate_signing_key()
-    path = api_settings.trusted_keys_file
-    if not path:
-        path = str(tmp_path_factory.mktemp("trusted") / "trusted-keys.json")
-    write_trusted_keys_file(Path(path), [key.public_key()])
-    api_settings.trusted_keys_file = path
-    return key
-
-
-def insert_signed_release(
-    database_url: str,
-    key: Ed25519PrivateKey,
-    version: str,
-    *,
-    digest: str = "sha256:" + "ab" * 32,
-    signed_digest: str | None = None,
-) -> None:
-    """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
-    signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO releases (version, components, artifact_digest, signature,"
-            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
-            (version, json.dumps(COMPONENTS), digest, signature, kid),
-        )
 
 
 def rollout_body(release: str, **overrides: Any) -> dict[str, Any]:

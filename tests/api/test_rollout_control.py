@@ -20,13 +20,9 @@ from api.app import create_app
 from core.localservers import free_port
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
-from tests.api.test_releases_and_rollouts import (  # noqa: F401  (signing_key is a fixture)
-    insert_signed_release,
-    rollout_body,
-    signing_key,
-)
+from tests.api.test_releases_and_rollouts import rollout_body
 from worker.main import build_worker
 
 
@@ -99,7 +95,7 @@ async def test_control_a_running_rollout(
     viewer: dict,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
     worker: None,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
@@ -152,7 +148,7 @@ async def test_control_of_a_finished_rollout_is_refused_at_once(
     operator: dict,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
     with psycopg.connect(database_url) as conn:
@@ -178,7 +174,7 @@ async def test_control_validation_roles_and_scope(
     token: Any,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
     url = f"/api/v1/rollouts/{rid}/pause"
@@ -212,7 +208,7 @@ async def test_rollout_vehicles_pages_and_filters(
     token: Any,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix, n=7)
     ids = [f"{prefix}{i:03d}" for i in range(7)]
@@ -312,7 +308,7 @@ async def test_control_when_temporal_is_unreachable_is_503_and_audited(
     operator: dict,
     database_url: str,
     prefix: str,
-    signing_key: Ed25519PrivateKey,  # noqa: F811
+    signing_key: Ed25519PrivateKey,
     api_without_temporal: str,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
