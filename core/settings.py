@@ -79,6 +79,9 @@ class Settings(BaseSettings):
 
     # Rollout and fleet behaviour.
     offline_after_seconds: int = Field(300, ge=10, description="No heartbeat this long: offline.")
+    reconcile_interval_seconds: int = Field(
+        60, ge=5, le=86400, description="How often the reconcile Schedule runs."
+    )
     trusted_keys_file: str | None = Field(
         None, description="JSON file of trusted ed25519 release-signing public keys."
     )

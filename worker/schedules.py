@@ -1,5 +1,5 @@
 """Temporal Schedules the worker keeps in place at start: today one, `motorcade-reconcile`,
-which runs `ReconcileWorkflow` every `RECONCILE_INTERVAL` on `motorcade-rollouts`.
+which runs `ReconcileWorkflow` every MOTORCADE_RECONCILE_INTERVAL_SECONDS on `motorcade-rollouts`.
 
 `ensure_reconcile_schedule` creates the schedule, or updates it when it exists (a new interval
 or input after a deploy), keeping its state: a schedule an operator paused stays paused.
@@ -34,9 +34,6 @@ from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
 log = structlog.get_logger(__name__)
 
 RECONCILE_SCHEDULE_ID = "motorcade-reconcile"
-# How often the reconcile runs. A constant until core/settings.py gains
-# MOTORCADE_RECONCILE_INTERVAL_SECONDS.
-RECONCILE_INTERVAL = timedelta(seconds=60)
 # A run that has not finished by then is abandoned (the next slot starts a fresh one).
 RECONCILE_RUN_TIMEOUT = timedelta(minutes=30)
 
@@ -44,12 +41,14 @@ RECONCILE_RUN_TIMEOUT = timedelta(minutes=30)
 def reconcile_schedule(
     settings: Settings,
     *,
-    interval: timedelta = RECONCILE_INTERVAL,
+    interval: timedelta | None = None,
     task_queue: str = ROLLOUT_TASK_QUEUE,
     workflow_id: str = RECONCILE_SCHEDULE_ID,
 ) -> Schedule:
     """The reconcile schedule. Temporal appends each slot's time to `workflow_id`, so every run
-    has a distinct workflow id (the run's idempotency key)."""
+    has a distinct workflow id (the run's idempotency key). The interval defaults to
+    MOTORCADE_RECONCILE_INTERVAL_SECONDS."""
+    interval = interval or timedelta(seconds=settings.reconcile_interval_seconds)
     return Schedule(
         action=ScheduleActionStartWorkflow(
             RECONCILE_WORKFLOW_TYPE,
@@ -74,10 +73,11 @@ async def ensure_reconcile_schedule(
     settings: Settings,
     *,
     schedule_id: str = RECONCILE_SCHEDULE_ID,
-    interval: timedelta = RECONCILE_INTERVAL,
+    interval: timedelta | None = None,
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> None:
     """Create the reconcile schedule, or bring an existing one up to date (idempotent)."""
+    interval = interval or timedelta(seconds=settings.reconcile_interval_seconds)
     desired = reconcile_schedule(
         settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
     )

@@ -16,7 +16,7 @@ from core.settings import Settings
 from models.reconcile import ReconcileInput, ReconcileResult
 from tests.reconcile.fleet import LONG_AGO, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
-from worker.schedules import RECONCILE_INTERVAL, ensure_reconcile_schedule
+from worker.schedules import ensure_reconcile_schedule
 from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
 
 
@@ -82,12 +82,13 @@ async def test_ensure_reconcile_schedule_creates_then_updates(
     schedule_id = f"test-reconcile-{secrets.token_hex(4)}"
     # A task queue no worker polls: the schedule's runs never touch the test database.
     queue = f"test-none-{secrets.token_hex(4)}"
+    settings = settings.model_copy(update={"reconcile_interval_seconds": 45})
     await ensure_reconcile_schedule(client, settings, schedule_id=schedule_id, task_queue=queue)
     handle = client.get_schedule_handle(schedule_id)
     try:
         described = await handle.describe()
         spec = described.schedule.spec
-        assert [i.every for i in spec.intervals] == [RECONCILE_INTERVAL]
+        assert [i.every for i in spec.intervals] == [timedelta(seconds=45)]
         assert described.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
         action = described.schedule.action
         assert isinstance(action, ScheduleActionStartWorkflow)
