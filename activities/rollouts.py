@@ -208,6 +208,7 @@ class RolloutActivities:
                         rollout_id=input.rollout_id,
                         batch_size=input.batch_size,
                         stage_index=input.stage_index,
+                        now=input.now,
                     )
                 reverted += n
                 activity.heartbeat(reverted)
@@ -223,22 +224,31 @@ class RolloutActivities:
     @activity.defn(name="evaluate_gates")
     async def evaluate_gates(self, input: EvaluateGatesInput) -> EvaluateGatesResult:
         """Gate counts (the whole rollout and the stage, one GROUP BY each) and the pure
-        decision of `policy.decide`. Read-only."""
+        decision of `policy.decide`. Read-only. `rollback`: the rollback's own outcomes
+        (`rollback_gate_counts`), gated by the same failure threshold."""
         try:
             async with session_scope(self._sessions) as session:
                 policy = await svc.load_policy(session, rollout_id=input.rollout_id)
-                total = await svc.gate_counts(
-                    session,
-                    rollout_id=input.rollout_id,
-                    stage_index=None,
-                    max_attempts=policy.max_attempts,
-                )
-                stage = await svc.gate_counts(
-                    session,
-                    rollout_id=input.rollout_id,
-                    stage_index=input.stage_index,
-                    max_attempts=policy.max_attempts,
-                )
+                if input.rollback:
+                    total = await svc.rollback_gate_counts(
+                        session, rollout_id=input.rollout_id, stage_index=None
+                    )
+                    stage = await svc.rollback_gate_counts(
+                        session, rollout_id=input.rollout_id, stage_index=input.stage_index
+                    )
+                else:
+                    total = await svc.gate_counts(
+                        session,
+                        rollout_id=input.rollout_id,
+                        stage_index=None,
+                        max_attempts=policy.max_attempts,
+                    )
+                    stage = await svc.gate_counts(
+                        session,
+                        rollout_id=input.rollout_id,
+                        stage_index=input.stage_index,
+                        max_attempts=policy.max_attempts,
+                    )
                 counts = await svc.progress(session, rollout_id=input.rollout_id)
         except svc.RolloutNotFound as exc:
             raise ApplicationError(str(exc), type=ROLLOUT_NOT_FOUND, non_retryable=True) from exc

@@ -206,6 +206,13 @@ class RolloutState(BaseModel):
     last_total: GateCounts = Field(default_factory=GateCounts)
     # Rollback: the next stage (descending) to return; None before a rollback starts.
     rollback_next: int | None = None
+    # Where the rollback of stage `rollback_next` is: issue -> bake (then the next stage).
+    rollback_phase: str = "issue"
+    rollback_bake_until: datetime | None = None
+    # The rollback's own gate counts (rollback_gate_counts) and the rollback failures an
+    # operator accepted by resuming after a FAILURE_THRESHOLD pause of the rollback.
+    rollback_total: GateCounts = Field(default_factory=GateCounts)
+    rollback_acknowledged_failed: int = 0
     # statusReason of the stop: OPERATOR, or FAILURE_THRESHOLD for a gate's rollback.
     stop_reason: str = "OPERATOR"
     # The stage in progress (its phase above); equals len(stages) once all are done.
@@ -291,6 +298,8 @@ class RollbackTargetsInput(BaseModel):
     batch_size: int = 1000
     # One stage (a staged rollback, last stage first); None: every touched target.
     stage_index: int | None = None
+    # When the rollback desired states go out (the rollback targets' notified_at).
+    now: datetime | None = None
 
 
 class RollbackTargetsResult(BaseModel):
@@ -306,6 +315,8 @@ class EvaluateGatesInput(BaseModel):
     bake_done: bool
     acknowledged_failed: int = 0
     canary_forced: bool = False
+    # Gate the rollback: the rollback's own outcomes (rollback_gate_counts), no canary check.
+    rollback: bool = False
 
 
 class EvaluateGatesResult(BaseModel):

@@ -79,6 +79,10 @@ _COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pen
 # The tail of a statement whose CTE `moved` returns (old_state, new_state) per target it moved:
 # moves the rollout's current-state counters (updating, succeeded, failed, blocked) by the
 # difference, in the same statement, and answers how many targets moved. Counters, not scans.
+# The rollback desired state of a target (same id as rollback_batch writes): a target whose
+# desired_state_id is this one is in the rollback phase.
+_ROLLBACK_DS = "md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':' || 'rollback')::uuid"
+
 _COUNTER_DELTAS = """
     d AS (
         SELECT count(*) AS n,
@@ -553,27 +557,37 @@ async def rollback_batch(
     rollout_id: int,
     batch_size: int = 1000,
     stage_index: int | None = None,
+    now: datetime | None = None,
 ) -> int:
     """Return the next `batch_size` issued targets to the desired release they had before.
 
     Declarative: a new `desired_states` row per vehicle (id derived from workflow id and
     vehicle), whose release is the target's `previous_release_version`. A vehicle whose desired
     state has moved on since (another rollout or an operator) is left alone. A vehicle that had
-    no known release before gets its desired state cleared. Targets end `rolled_back`; returns
-    how many were processed (0 when none is left). `stage_index` limits it to one stage (a
-    staged rollback); the counters of the states left move accordingly.
+    no known release before gets its desired state cleared. Those two, and a vehicle that
+    already runs its previous release, end `rolled_back` at once; the others become `notified`
+    again for the rollback desired state (the target's `desired_state_id` is the rollback one:
+    that is the rollback marker; `notified_at` = `now`, so apply timeouts apply) and reach
+    `rolled_back` when the vehicle reports `ready` for it (`record_target_outcomes`).
+    Returns how many were processed (0 when none is left).
+    `stage_index` limits it to one stage (a staged rollback); the counters of the states left
+    move accordingly.
     """
     created_by = rollout_workflow_id(rollout_id)
     conn = await _conn(session)
     processed = (
         await conn.execute(
             text(
-                """
+                f"""
                 WITH todo AS (
                     SELECT t.vehicle_id, t.state AS old_state, t.desired_state_id AS our_ds,
                            t.previous_release_version AS prev_release,
                            (v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id)
                                AS still_ours,
+                           (v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id
+                            AND t.previous_release_version IS NOT NULL
+                            AND v.actual_release_version
+                                IS DISTINCT FROM t.previous_release_version) AS must_report,
                            md5(CAST(:created_by AS text) || ':' || t.vehicle_id
                                || ':' || 'rollback')::uuid AS ds_id
                     FROM rollout_targets t
@@ -581,6 +595,7 @@ async def rollback_batch(
                     WHERE t.rollout_id = :rid
                       AND (CAST(:stage AS integer) IS NULL OR t.stage = :stage)
                       AND t.state IN ('notified', 'updating', 'succeeded', 'failed', 'blocked')
+                      AND t.desired_state_id IS DISTINCT FROM {_ROLLBACK_DS}
                     ORDER BY t.vehicle_id
                     LIMIT :n
                     FOR UPDATE OF t
@@ -606,7 +621,14 @@ async def rollback_batch(
                     FROM todo WHERE v.id = todo.vehicle_id AND todo.still_ours
                 ),
                 moved AS (
-                    UPDATE rollout_targets t SET state = 'rolled_back', updated_at = now()
+                    UPDATE rollout_targets t
+                    SET state = CASE WHEN todo.must_report
+                                     THEN 'notified' ELSE 'rolled_back' END,
+                        desired_state_id = CASE WHEN todo.must_report
+                                                THEN todo.ds_id ELSE t.desired_state_id END,
+                        reason_code = NULL,
+                        notified_at = coalesce(CAST(:now AS timestamptz), now()),
+                        updated_at = now()
                     FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
                     RETURNING todo.old_state, t.state AS new_state
                 ),
@@ -619,6 +641,7 @@ async def rollback_batch(
                 "created_by": created_by,
                 "reason": f"rollback of rollout {rollout_id}",
                 "stage": stage_index,
+                "now": now,
             },
         )
     ).scalar_one()
@@ -681,7 +704,10 @@ async def record_target_outcomes(
             text(
                 f"""
                 WITH todo AS (
-                    SELECT t.vehicle_id, t.state AS old_state, o.state AS new_state,
+                    SELECT t.vehicle_id, t.state AS old_state,
+                           CASE WHEN o.state = 'succeeded'
+                                 AND t.desired_state_id IS NOT DISTINCT FROM {_ROLLBACK_DS}
+                                THEN 'rolled_back' ELSE o.state END AS new_state,
                            o.reason_code
                     FROM unnest(CAST(:vids AS text[]), CAST(:states AS text[]),
                                 CAST(:reasons AS text[])) AS o(vehicle_id, state, reason_code)
@@ -708,6 +734,7 @@ async def record_target_outcomes(
                 "states": [v[0] for v in latest.values()],
                 "reasons": [v[1] for v in latest.values()],
                 "at": at,
+                "created_by": rollout_workflow_id(rollout_id),
             },
         )
     ).scalar_one()
@@ -745,6 +772,35 @@ async def gate_counts(
             setattr(counts, row.state, int(row.n))
         if row.state == "failed":
             counts.retryable = int(row.retryable)
+    return counts
+
+
+async def rollback_gate_counts(
+    session: AsyncSession, *, rollout_id: int, stage_index: int | None
+) -> GateCounts:
+    """The rollback's own outcomes (one stage or all): only targets in the rollback phase
+    (desired_state_id the rollback one) or done with it (`rolled_back`, counted as
+    succeeded). Forward outcomes are not mixed in: a rolled-back target's forward state was
+    overwritten when it was sent back."""
+    conn = await _conn(session)
+    rows = await conn.execute(
+        text(
+            f"""
+            SELECT t.state, count(*) AS n
+            FROM rollout_targets t
+            WHERE t.rollout_id = :rid
+              AND (CAST(:stage AS integer) IS NULL OR t.stage = :stage)
+              AND (t.state = 'rolled_back' OR t.desired_state_id = {_ROLLBACK_DS})
+            GROUP BY t.state
+            """
+        ),
+        {"rid": rollout_id, "stage": stage_index, "created_by": rollout_workflow_id(rollout_id)},
+    )
+    counts = GateCounts()
+    for row in rows:
+        state = "succeeded" if row.state == "rolled_back" else row.state
+        if state in ("notified", "updating", "succeeded", "failed", "blocked"):
+            setattr(counts, state, getattr(counts, state) + int(row.n))
     return counts
 
 

@@ -23,7 +23,10 @@ is evaluated again (more vehicles may have reported since); still unhealthy, the
 again, unless the operator resumes with `force: true` (audited with its reason).
 
 Rollback: staged, last issued stage first, each touched vehicle back to its previous desired
-state (declarative: new desired states). Abort: stops; never-issued targets are skipped.
+state (declarative: new desired states); each returned stage bakes min(its bake, 300 s) under
+the failure threshold over the rollback's own outcomes, and a breach pauses the rollback
+(FAILURE_THRESHOLD) before the next stage (resume continues it, abort stops it).
+Abort: stops; never-issued targets are skipped.
 
 History stays bounded: continue-as-new when Temporal suggests it, carrying `RolloutState`;
 the run resumes from the stage and phase it was in.
@@ -84,6 +87,8 @@ OPERATOR = "OPERATOR"
 OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
 FINISHED = ("completed", "rolled_back", "aborted", "failed")
 WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
+# A rollback stage bakes min(its bake, this) before the next stage is returned.
+ROLLBACK_MAX_BAKE = 300
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
@@ -113,7 +118,7 @@ class RolloutWorkflow:
         if s.stop_requested == "abort":
             return "aborted"
         if s.stop_requested == "rollback":
-            return "rolling_back"
+            return "paused" if s.paused else "rolling_back"
         if s.paused:
             return "paused"
         return "running" if s.status in ("paused", "running") else s.status
@@ -126,10 +131,15 @@ class RolloutWorkflow:
             return f"cannot {action}: rollout is {status}"
         if status == "aborted" or s.stop_requested == "abort":
             return f"cannot {action}: rollout is being aborted"
-        if status == "rolling_back":
+        if s.stop_requested == "rollback":
+            # A rollback can be paused (by its gate or an operator), resumed and aborted.
             if action == "rollback":
                 return "cannot rollback: rollout is already rolling back"
-            return f"cannot {action}: rollout is rolling back"
+            if action == "pause" and s.paused:
+                return "cannot pause: rollout is already paused"
+            if action == "resume" and not s.paused:
+                return "cannot resume: rollout is rolling back, not paused"
+            return None
         if action == "pause" and s.paused:
             return "cannot pause: rollout is already paused"
         if action == "resume" and not s.paused:
@@ -442,7 +452,7 @@ class RolloutWorkflow:
         s = self._state
 
         def woken() -> bool:
-            return bool(s.pending_actions) or s.stop_requested is not None
+            return bool(s.pending_actions) or self._stop_pending()
 
         if deadline is None:
             await workflow.wait_condition(woken)
@@ -457,9 +467,14 @@ class RolloutWorkflow:
 
     async def _wait_for_operator(self) -> None:
         s = self._state
-        await workflow.wait_condition(
-            lambda: bool(s.pending_actions) or s.stop_requested is not None
-        )
+        await workflow.wait_condition(lambda: bool(s.pending_actions) or self._stop_pending())
+
+    def _stop_pending(self) -> bool:
+        """A stop the flow has yet to act on (once rolling back, only an abort)."""
+        s = self._state
+        if s.rollback_next is not None and s.stop_requested == "rollback":
+            return False
+        return s.stop_requested is not None
 
     async def _drain_actions(self) -> None:
         """Persist accepted pause/resume actions, in order."""
@@ -477,6 +492,19 @@ class RolloutWorkflow:
                     keep_flow_waiting=True,
                 )
             elif action.action == "resume":
+                rolling_back = s.stop_requested == "rollback" and s.rollback_next is not None
+                if rolling_back and s.status == "paused":
+                    if s.status_reason == FAILURE_THRESHOLD:
+                        s.rollback_acknowledged_failed = s.rollback_total.failed
+                    s.paused_by = s.pause_note = None
+                    await self._set_status(
+                        "rolling_back",
+                        action="rollout.resumed",
+                        status_reason=s.stop_reason,
+                        waiting_for=self._flow_waiting,
+                        operator=action,
+                    )
+                    continue
                 if s.status_reason == FAILURE_THRESHOLD:
                     s.acknowledged_failed = s.last_total.failed
                 elif s.status_reason == CANARY_UNHEALTHY and action.force:
@@ -514,11 +542,18 @@ class RolloutWorkflow:
         )
 
     async def _rollback(self) -> None:
-        """Staged rollback: the last issued stage first, down to the canary."""
+        """Staged rollback: the last issued stage first, down to the canary. Each stage's
+        targets get the rollback desired state, then a bake of min(stage bake, 300 s) gated by
+        the failure threshold over the rollback's own outcomes: a breach pauses the rollback
+        (FAILURE_THRESHOLD) before the next stage goes out; resume continues it, abort stops
+        it. Targets that never report fail with APPLY_TIMEOUT (a rollback failure)."""
         s = self._state
         operator = s.stop_action if s.stop_reason == OPERATOR else None
         if s.rollback_next is None:
             s.rollback_next = s.next_stage - 1
+            s.rollback_phase = "issue"
+            s.paused = False  # a forward pause ends here: the rollback is the flow now
+            s.pending_actions = [a for a in s.pending_actions if a.action != "resume"]
             await self._set_status(
                 "rolling_back",
                 action="rollout.rollback_started",
@@ -529,15 +564,25 @@ class RolloutWorkflow:
             )
         while s.rollback_next is not None and s.rollback_next >= 0:
             stage = s.stages[s.rollback_next]
-            await self._set_status(
-                "rolling_back",
-                action="rollout.rollback_stage",
-                status_reason=s.stop_reason,
-                waiting_for=f"returning {stage.name} to the previous desired state",
-            )
-            result = await self._rollback_targets(stage.index)
-            s.counts = result.counts
+            s.stage, s.stage_index = stage.name, stage.index
+            if s.rollback_phase == "issue":
+                await self._set_status(
+                    "rolling_back",
+                    action="rollout.rollback_stage",
+                    status_reason=s.stop_reason,
+                    waiting_for=f"returning {stage.name} to the previous desired state",
+                )
+                result = await self._rollback_targets(stage.index)
+                s.counts = result.counts
+                s.rollback_bake_until = workflow.now() + timedelta(
+                    seconds=min(stage.bake_seconds, ROLLBACK_MAX_BAKE)
+                )
+                s.rollback_phase = "bake"
+            if not await self._rollback_bake(stage):
+                await self._abort()
+                return
             s.rollback_next -= 1
+            s.rollback_phase = "issue"
             self._maybe_continue_as_new()
         # Whatever is left (targets never issued are skipped).
         s.counts = (await self._rollback_targets(None)).counts
@@ -548,6 +593,73 @@ class RolloutWorkflow:
             waiting_for=None,
         )
 
+    async def _rollback_bake(self, stage: StagePlan) -> bool:
+        """Bake one rollback stage with failure-threshold ticks; False on abort."""
+        s = self._state
+        assert s.rollback_bake_until is not None
+        interval = self._input.gate_interval_seconds or min(
+            MAX_GATE_INTERVAL, max(1, stage.bake_seconds)
+        )
+        baking = f"rollback bake of {stage.name} until {_iso(s.rollback_bake_until)}"
+        if s.waiting_for != baking and not s.paused:
+            self._flow_waiting = baking
+        while True:
+            await self._drain_actions()
+            if s.stop_requested == "abort":
+                return False
+            if s.paused:
+                await self._wait_for_operator()
+                continue
+            now = workflow.now()
+            bake_done = now >= s.rollback_bake_until
+            if stage.size == 0:
+                decision = GateDecision(action="proceed" if bake_done else "wait")
+            else:
+                sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
+                if s.rollback_total.notified + s.rollback_total.updating > 0:
+                    await self._sweep("expire_apply_timeouts", sweep)
+                result = await workflow.execute_activity(
+                    "evaluate_gates",
+                    EvaluateGatesInput(
+                        rollout_id=s.rollout_id,
+                        stage_index=stage.index,
+                        is_canary=False,
+                        bake_done=bake_done,
+                        acknowledged_failed=s.rollback_acknowledged_failed,
+                        rollback=True,
+                    ),
+                    result_type=EvaluateGatesResult,
+                    start_to_close_timeout=SHORT_ACTIVITY,
+                    retry_policy=DB_RETRY,
+                )
+                s.rollback_total = result.total
+                s.counts = result.counts
+                decision = result.decision
+            if decision.action == "proceed":
+                return True
+            if decision.action in ("pause", "rollback"):  # a failing rollback pauses itself
+                s.paused = True
+                s.paused_by, s.pause_note = "workflow", decision.detail
+                self._flow_waiting = baking
+                await self._set_status(
+                    "paused",
+                    action="rollout.rollback_gate_failed",
+                    status_reason=decision.reason,
+                    waiting_for="an operator (resume or abort)",
+                    reason=decision.detail,
+                    keep_flow_waiting=True,
+                )
+                continue
+            if s.waiting_for != baking:
+                await self._set_status(
+                    "rolling_back",
+                    action="rollout.rollback_baking",
+                    status_reason=s.stop_reason,
+                    waiting_for=baking,
+                )
+            self._maybe_continue_as_new()
+            await self._sleep_until(min(now + timedelta(seconds=interval), s.rollback_bake_until))
+
     async def _rollback_targets(self, stage_index: int | None) -> RollbackTargetsResult:
         return await workflow.execute_activity(
             "rollback_targets",
@@ -555,6 +667,7 @@ class RolloutWorkflow:
                 rollout_id=self._state.rollout_id,
                 batch_size=ISSUE_BATCH_SIZE,
                 stage_index=stage_index,
+                now=workflow.now(),
             ),
             result_type=RollbackTargetsResult,
             start_to_close_timeout=LONG_ACTIVITY,
