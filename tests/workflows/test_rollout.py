@@ -107,7 +107,8 @@ async def _until(
 
 
 def _baking(stage: str) -> Callable[[RolloutState], bool]:
-    return lambda s: s.stage == stage and (s.waiting_for or "").startswith("bake")
+    # Its own bake: the workflow names the next stage before it has issued it.
+    return lambda s: s.stage == stage and (s.waiting_for or "").startswith(f"bake of {stage} ")
 
 
 async def test_canary_and_two_waves_complete(

@@ -114,7 +114,9 @@ async def _until(
 
 def _baking(stage: str) -> Callable[[RolloutState], bool]:
     return lambda s: (
-        s.status == "running" and s.stage == stage and (s.waiting_for or "").startswith("bake")
+        s.status == "running"
+        and s.stage == stage
+        and (s.waiting_for or "").startswith(f"bake of {stage} ")
     )
 
 
@@ -520,10 +522,12 @@ async def _applied(sessions: Sessions, rollout_id: int, vehicles: list[str]) -> 
 
 
 def _rollback_baking(stage: str) -> Callable[[RolloutState], bool]:
+    # The stage's own bake (the workflow names the stage before it has issued it, so a stale
+    # "rollback bake of <previous stage>" must not count).
     return lambda s: (
         s.status == "rolling_back"
         and s.stage == stage
-        and (s.waiting_for or "").startswith("rollback bake")
+        and (s.waiting_for or "").startswith(f"rollback bake of {stage} ")
     )
 
 
