@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 from joserfc import jws, jwt
-from joserfc.errors import JoseError
+from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet, OctKey
 from joserfc.jwt import JWTClaimsRegistry
 
@@ -182,12 +182,11 @@ class TokenVerifier:
 
 
 def _describe(exc: Exception) -> str:
-    name = type(exc).__name__
-    if name == "ExpiredTokenError":
+    if isinstance(exc, ExpiredTokenError):
         return "token has expired"
-    if name == "BadSignatureError":
+    if isinstance(exc, BadSignatureError):
         return "token signature is invalid"
-    if name in {"InvalidClaimError", "MissingClaimError"}:
+    if isinstance(exc, ClaimError):
         return f"token claims are not acceptable ({exc})"
     return "token is invalid"
 

@@ -18,17 +18,16 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredState
 from models.scope import Scope
 from models.tables import DesiredState, Vehicle
-from services import audit
 from services.errors import InvalidInput
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
 from services.rollouts import (
     Actor,
-    audit_scope,
     check_targets_in_scope,
     find_overlap,
     load_verified_release,
     lock_fleet_assignment,
     overlap_conflict,
+    record_write,
     resolve_safety,
 )
 from services.safety import SafetyDefaults
@@ -235,33 +234,22 @@ async def create_desired_states(
         )
     ).all()
     sample = [IssuedDesiredState(vehicle_id=r.id, desired_state_id=str(r.ds_id)) for r in rows]
-    entries: list[tuple[str, dict[str, Any]]] = [
-        (
-            "desired_states.created",
-            {
-                **body.model_dump(by_alias=True, mode="json"),
-                "count": len(rows),
-                "effectiveSafetyChecks": safety_checks,
-                "sample": [s.model_dump(by_alias=True) for s in sample[:SAMPLE]],
-            },
-        )
-    ]
-    if acknowledgement:
-        entries.append(("desired_states.safety_weakened", acknowledgement))
-    for action, payload in entries:
-        await audit.record(
-            session,
-            actor=actor.subject,
-            role=actor.role,
-            source=actor.source,
-            action=action,
-            target_type="release",
-            target_id=release.version,
-            reason=body.reason,
-            correlation_id=actor.correlation_id,
-            payload=payload,
-            **audit_scope(targets),
-        )
+    await record_write(
+        session,
+        actor=actor,
+        action="desired_states.created",
+        target_type="release",
+        target_id=release.version,
+        reason=body.reason,
+        payload={
+            **body.model_dump(by_alias=True, mode="json"),
+            "count": len(rows),
+            "effectiveSafetyChecks": safety_checks,
+            "sample": [s.model_dump(by_alias=True) for s in sample[:SAMPLE]],
+        },
+        acknowledgement=acknowledgement,
+        targets=targets,
+    )
     return DesiredStatesCreated(
         release_version=release.version,
         count=len(rows),

@@ -219,6 +219,39 @@ def resolve_safety(
     }
 
 
+async def record_write(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    action: str,
+    target_type: str,
+    target_id: str,
+    reason: str | None,
+    payload: dict[str, Any],
+    acknowledgement: dict[str, Any] | None,
+    targets: dict[str, Any],
+) -> None:
+    """The audit entry of a write and, when it weakened the safety policy, the audited
+    acknowledgement (`<noun>.safety_weakened`), both scoped like its targets."""
+    entries = [(action, payload)]
+    if acknowledgement:
+        entries.append((action.split(".")[0] + ".safety_weakened", acknowledgement))
+    for entry_action, entry_payload in entries:
+        await audit.record(
+            session,
+            actor=actor.subject,
+            role=actor.role,
+            source=actor.source,
+            action=entry_action,
+            target_type=target_type,
+            target_id=target_id,
+            reason=reason,
+            correlation_id=actor.correlation_id,
+            payload=entry_payload,
+            **audit_scope(targets),
+        )
+
+
 async def lock_fleet_assignment(session: AsyncSession) -> None:
     """Serialize writers that assign vehicles (held until the transaction ends)."""
     await session.exec(  # type: ignore[call-overload]
@@ -473,23 +506,17 @@ async def create_rollout(
     await session.flush()
     assert rollout.id is not None
     rollout.workflow_id = rollout_workflow_id(rollout.id)
-    entries = [("rollout.created", body.model_dump(by_alias=True, mode="json"))]
-    if acknowledgement:
-        entries.append(("rollout.safety_weakened", acknowledgement))
-    for action, payload in entries:
-        await audit.record(
-            session,
-            actor=actor.subject,
-            role=actor.role,
-            source=actor.source,
-            action=action,
-            target_type="rollout",
-            target_id=str(rollout.id),
-            reason=body.reason,
-            correlation_id=actor.correlation_id,
-            payload=payload,
-            **audit_scope(targets),
-        )
+    await record_write(
+        session,
+        actor=actor,
+        action="rollout.created",
+        target_type="rollout",
+        target_id=str(rollout.id),
+        reason=body.reason,
+        payload=body.model_dump(by_alias=True, mode="json"),
+        acknowledgement=acknowledgement,
+        targets=targets,
+    )
     await change_feed.publish(
         session,
         topic="rollouts",

@@ -100,6 +100,4 @@ async def create_desired_states(
         safety_defaults=safety_defaults_of(settings),
         trusted_keys=trusted_keys_of(settings),
     )
-    # Durable before the client hears 201 (a yield dependency's exit runs after the response).
-    await session.commit()
     return JSONResponse(ok(request, created), status_code=201)
