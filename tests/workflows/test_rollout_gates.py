@@ -258,6 +258,20 @@ async def test_unhealthy_canary_pauses_and_does_not_progress(
     assert "canary: 1 of 1 reported vehicles ready" in (audit[0]["reason"] or "")
 
 
+async def _through_healthy_canary(
+    env: WorkflowEnvironment,
+    handle: WorkflowHandle[Any, RolloutResult],
+    sessions: Sessions,
+    rollout_id: int,
+) -> list[str]:
+    """The canary reports ready and bakes out; returns wave-1's vehicles once it bakes."""
+    await _until(handle, _baking("canary"))
+    await _report(sessions, rollout_id, await _stage_vehicles(sessions, rollout_id, 0), "succeeded")
+    await env.sleep(HOUR + 60)
+    await _until(handle, _baking("wave-1"))
+    return await _stage_vehicles(sessions, rollout_id, 1)
+
+
 async def test_failure_threshold_mid_wave_pauses_until_resumed(
     time_skipping_env: WorkflowEnvironment,
     worker: None,
@@ -270,11 +284,7 @@ async def test_failure_threshold_mid_wave_pauses_until_resumed(
         timeouts=NEVER_TIMES_OUT,
     )
     handle = await _start(time_skipping_env, rollout_id, task_queue)
-    await _until(handle, _baking("canary"))
-    await _report(sessions, rollout_id, await _stage_vehicles(sessions, rollout_id, 0), "succeeded")
-    await time_skipping_env.sleep(HOUR + 60)
-    await _until(handle, _baking("wave-1"))
-    wave = await _stage_vehicles(sessions, rollout_id, 1)
+    wave = await _through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
     # 4 of the 30 notified so far fail (13% > 10%), mid-bake.
     await _report(sessions, rollout_id, wave[:4], "failed", "SIGNATURE_INVALID")
     await time_skipping_env.sleep(GATE_INTERVAL + 60)
@@ -312,11 +322,7 @@ async def test_failure_threshold_with_rollback_action_rolls_back(
         timeouts=NEVER_TIMES_OUT,
     )
     handle = await _start(time_skipping_env, rollout_id, task_queue)
-    await _until(handle, _baking("canary"))
-    await _report(sessions, rollout_id, await _stage_vehicles(sessions, rollout_id, 0), "succeeded")
-    await time_skipping_env.sleep(HOUR + 60)
-    await _until(handle, _baking("wave-1"))
-    wave = await _stage_vehicles(sessions, rollout_id, 1)
+    wave = await _through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
     await _report(sessions, rollout_id, wave[:2], "failed", "INSUFFICIENT_STORAGE")
     result = await handle.result()
     assert (result.status, result.status_reason) == ("rolled_back", "FAILURE_THRESHOLD")
