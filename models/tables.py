@@ -51,13 +51,13 @@ class Vehicle(SQLModel, table=True):
         Index("ix_vehicles_region_id", "region", "id"),
         Index("ix_vehicles_ring_id", "ring", "id"),
         Index("ix_vehicles_org_id", "org", "id"),
-        Index("ix_vehicles_status_id", "status", "id"),
         Index("ix_vehicles_actual_release_id", "actual_release_version", "id"),
-        Index("ix_vehicles_desired_release_id", "desired_release_version", "id"),
-        Index("ix_vehicles_rollout_id", "rollout_id", "id"),
         Index("ix_vehicles_last_seen_id", "last_seen_key", "id"),
         Index("ix_vehicles_reason_codes", "reason_codes", postgresql_using="gin"),
         Index("ix_vehicles_id_pattern", "id", postgresql_ops={"id": "text_pattern_ops"}),
+        # Room on each page for heap-only (HOT) updates: issuing a desired state changes only
+        # unindexed columns (status, desired release, rollout id), so it writes no index entry.
+        {"postgresql_with": {"fillfactor": "70"}},
     )
 
     id: str = Field(sa_column=Column(Text, primary_key=True))
@@ -120,7 +120,9 @@ class Release(SQLModel, table=True):
 
 
 class DesiredState(SQLModel, table=True):
-    """A desired release for one vehicle. Target-set requests expand into one row per vehicle."""
+    """A desired release for one vehicle (`vehicle_id` set: the API's direct desired states) or
+    for a target set (`vehicle_id` NULL: a rollout's stage, retry attempt or rollback, which
+    every vehicle of the set points to through `vehicles.desired_state_id`)."""
 
     __tablename__ = "desired_states"
     __table_args__ = (
@@ -130,7 +132,7 @@ class DesiredState(SQLModel, table=True):
     )
 
     id: uuid.UUID = Field(sa_column=Column(UUID, primary_key=True))
-    vehicle_id: str = Field(sa_column=Column(Text, nullable=False))
+    vehicle_id: str | None = Field(default=None, sa_column=Column(Text))
     release_version: str = Field(sa_column=Column(Text, nullable=False))
     rollout_id: int | None = Field(default=None, sa_column=Column(BigInteger))
     previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
@@ -193,9 +195,9 @@ class RolloutTarget(SQLModel, table=True):
     __tablename__ = "rollout_targets"
     __table_args__ = (
         PrimaryKeyConstraint("rollout_id", "vehicle_id"),
-        Index("ix_rollout_targets_stage_state", "rollout_id", "stage", "state", "vehicle_id"),
-        Index("ix_rollout_targets_state", "rollout_id", "state", "vehicle_id"),
-        Index("ix_rollout_targets_vehicle", "vehicle_id"),
+        # One index, without `state`: issuing (planned -> notified) is a HOT update.
+        Index("ix_rollout_targets_stage", "rollout_id", "stage", "vehicle_id"),
+        {"postgresql_with": {"fillfactor": "70"}},
     )
 
     rollout_id: int = Field(sa_column=Column(BigInteger, nullable=False))

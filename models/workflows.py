@@ -251,7 +251,7 @@ class IssueStageInput(BaseModel):
     release_version: str
     stage_index: int
     stage: str
-    batch_size: int = 1000
+    batch_size: int = 5000
     # Workflow time of the issue (the start of each vehicle's apply timeout); None: now().
     issued_at: datetime | None = None
 

@@ -11,19 +11,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text, tuple_
+from sqlalchemy import and_, or_, text, tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredState
 from models.scope import Scope
-from models.tables import DesiredState, Vehicle
+from models.tables import DesiredState, Rollout, Vehicle
 from services.errors import InvalidInput
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
 from services.rollouts import (
     Actor,
     check_targets_in_scope,
     find_overlap,
+    in_scope_condition,
     load_verified_release,
     lock_fleet_assignment,
     overlap_conflict,
@@ -65,13 +66,35 @@ async def list_desired_states(
     cursor: str | None,
     limit: int,
 ) -> tuple[list[DesiredState], str | None]:
-    """Newest first, keyset on (created_at, id); only vehicles inside the caller's scope."""
+    """Newest first, keyset on (created_at, id); only what is inside the caller's scope (a
+    vehicle's desired state: the vehicle; a target set's: its rollout). `vehicleId` matches
+    the desired states addressed to the vehicle and the target-set one it now points to."""
     filters.validate()
     stmt = select(DesiredState)
     if not scope.unrestricted:
-        stmt = stmt.where(col(DesiredState.vehicle_id).in_(scoped(select(col(Vehicle.id)), scope)))
+        stmt = stmt.where(
+            or_(
+                col(DesiredState.vehicle_id).in_(scoped(select(col(Vehicle.id)), scope)),
+                and_(
+                    col(DesiredState.vehicle_id).is_(None),
+                    col(DesiredState.rollout_id).in_(
+                        select(col(Rollout.id)).where(*in_scope_condition(scope))
+                    ),
+                ),
+            )
+        )
+    if filters.vehicle_ids:
+        stmt = stmt.where(
+            or_(
+                col(DesiredState.vehicle_id).in_(filters.vehicle_ids),
+                col(DesiredState.id).in_(
+                    select(col(Vehicle.desired_state_id)).where(
+                        col(Vehicle.id).in_(filters.vehicle_ids)
+                    )
+                ),
+            )
+        )
     for column, values in (
-        (col(DesiredState.vehicle_id), filters.vehicle_ids),
         (col(DesiredState.rollout_id), [int(r) for r in filters.rollout_ids]),
         (col(DesiredState.release_version), filters.release_versions),
     ):

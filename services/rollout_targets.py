@@ -9,7 +9,9 @@ activity that runs twice leaves the same rows as one that ran once.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +27,7 @@ from models.workflows import GateCounts, RolloutCounts, RolloutPolicy, StagePlan
 from services import audit as audit_log
 from services import change_feed
 from services.rollouts import AuditScope, audit_scope
-from services.targets import stored_match
+from services.targets import REQUEST_MATCH, match_params
 from workflows.policy import (
     MAX_BACKOFF_SECONDS,
     RETRYABLE_REASONS,
@@ -33,6 +35,8 @@ from workflows.policy import (
     rollout_policy,
     stage_ends,
 )
+
+SWEEP_BATCH = 1000
 
 
 class RolloutNotFound(LookupError):
@@ -70,6 +74,16 @@ class IssuedBatch:
     last_vehicle_id: str | None
 
 
+@dataclass(frozen=True)
+class SweepBatch:
+    """One keyset batch of a sweep over a rollout's targets: how many targets it changed,
+    whether it reached the end, and the vehicle id where the next batch starts."""
+
+    changed: int
+    done: bool
+    last_vehicle_id: str
+
+
 async def _conn(session: AsyncSession) -> AsyncConnection:
     return await session.connection()
 
@@ -79,9 +93,22 @@ _COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pen
 # The tail of a statement whose CTE `moved` returns (old_state, new_state) per target it moved:
 # moves the rollout's current-state counters (updating, succeeded, failed, blocked) by the
 # difference, in the same statement, and answers how many targets moved. Counters, not scans.
-# The rollback desired state of a target (same id as rollback_batch writes): a target whose
-# desired_state_id is this one is in the rollback phase.
-_ROLLBACK_DS = "md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':' || 'rollback')::uuid"
+# Desired states a rollout writes are shared by a target set, their ids derived (md5 as a
+# uuid) from the workflow id and the set: `stage:<i>` (a stage's first issue), `retry:<k>`
+# (every vehicle's k-th attempt), `rollback:<release>` (every vehicle returning to that
+# release). The rollback desired state of a target: a target whose desired_state_id is this one
+# is in the rollback phase.
+_ROLLBACK_DS = (
+    "md5(CAST(:created_by AS text) || ':rollback:'"
+    " || coalesce(t.previous_release_version, ''))::uuid"
+)
+
+
+def target_set_desired_state_id(rollout_id: int, target_set: str) -> uuid.UUID:
+    """The id of the desired state a rollout writes for a target set (see `_ROLLBACK_DS`)."""
+    key = f"{rollout_workflow_id(rollout_id)}:{target_set}"
+    return uuid.UUID(hashlib.md5(key.encode()).hexdigest())
+
 
 _COUNTER_DELTAS = """
     d AS (
@@ -109,8 +136,24 @@ _COUNTER_DELTAS = """
     SELECT n FROM d
 """
 
+# The same tail for a keyset sweep over `todo` (ordered by vehicle id, LIMIT :n): also how many
+# targets the batch selected and the last vehicle id, where the next batch starts.
+_COUNTER_DELTAS_KEYSET = (
+    _COUNTER_DELTAS.removesuffix("    SELECT n FROM d\n")
+    + """    SELECT (SELECT n FROM d) AS changed,
+           (SELECT count(*) FROM todo) AS selected,
+           (SELECT max(vehicle_id) FROM todo) AS last_vehicle_id
+"""
+)
 
-_MATCHES = stored_match("r")
+
+def _sweep_batch(row: Any, batch_size: int, after_vehicle_id: str) -> SweepBatch:
+    selected = int(row.selected)
+    return SweepBatch(
+        changed=int(row.changed),
+        done=selected < batch_size,
+        last_vehicle_id=row.last_vehicle_id or after_vehicle_id,
+    )
 
 
 async def load_rollout(
@@ -147,12 +190,15 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-async def count_matching_vehicles(session: AsyncSession, *, rollout_id: int) -> int:
+async def count_matching_vehicles(
+    session: AsyncSession, *, rollout_id: int, targets: dict[str, Any] | None = None
+) -> int:
     """How many vehicles the rollout's `targets` select (for planning and `dryRun`)."""
+    if targets is None:
+        targets = (await load_rollout(session, rollout_id=rollout_id)).targets
     conn = await _conn(session)
     result = await conn.execute(
-        text(f"SELECT count(*) FROM vehicles v, rollouts r WHERE r.id = :rid AND {_MATCHES}"),
-        {"rid": rollout_id},
+        text(f"SELECT count(*) FROM vehicles v WHERE {REQUEST_MATCH}"), match_params(targets)
     )
     return int(result.scalar_one())
 
@@ -162,42 +208,56 @@ async def plan_rollout(session: AsyncSession, *, rollout_id: int) -> list[StageP
     rollout = await load_rollout(session, rollout_id=rollout_id)
     if rollout.stage_count > 0:
         return plan_from_strategy(rollout.targeted, rollout.strategy)
-    targeted = await count_matching_vehicles(session, rollout_id=rollout_id)
+    targeted = await count_matching_vehicles(
+        session, rollout_id=rollout_id, targets=rollout.targets
+    )
     return plan_from_strategy(targeted, rollout.strategy)
 
 
 async def expand_targets(
-    session: AsyncSession, *, rollout_id: int, ends: Sequence[int]
+    session: AsyncSession, *, rollout_id: int, ends: Sequence[int], targets: dict[str, Any]
 ) -> list[int]:
     """Insert one `rollout_targets` row per matching vehicle, in one statement.
 
     `rank` is the vehicle's deterministic position in the rollout (md5 of rollout and vehicle
-    id, ties by id), `stage` the first stage whose cumulative end rank `ends[i]` exceeds it.
-    Existing rows are kept (ON CONFLICT DO NOTHING). Sets `targeted`, `pending`, `stage_count`
+    id, ties by id), `stage` the first stage whose cumulative end rank `ends[i]` exceeds it
+    (`width_bucket`: how many ends are <= rank). Each target keeps the vehicle's desired state
+    and release of now, what a rollback returns it to: no other rollout and no direct desired
+    state can change them while this rollout is active (the overlap rule), so they are still
+    the vehicle's when its stage is issued.
+    Sets `targeted`, `pending`, `stage_count`
     on the rollout; returns the number of targets per stage.
     """
     conn = await _conn(session)
+    # The rank sort of a million ids stays in memory; inserted in vehicle id order, the rows
+    # fill the primary key and the stage index front to back instead of at random. Both sorts
+    # compare bytes (COLLATE "C": the hex digest and ids sort the same, much faster); the
+    # target lists are bound parameters, so an empty one is folded away when planning.
+    # A plain INSERT: the caller holds the rollout's row lock and expands only once.
+    await conn.execute(text("SET LOCAL work_mem = '256MB'"))
     await conn.execute(
         text(
             f"""
             WITH matched AS (
-                SELECT v.id,
+                SELECT v.id, v.desired_state_id,
+                       coalesce(v.desired_release_version, v.actual_release_version)
+                           AS previous_release,
                        row_number() OVER (
-                           ORDER BY md5(r.id::text || ':' || v.id), v.id
+                           ORDER BY md5(CAST(:rid AS text) || ':' || v.id) COLLATE "C",
+                                    v.id COLLATE "C"
                        ) - 1 AS rank
-                FROM vehicles v, rollouts r
-                WHERE r.id = :rid AND {_MATCHES}
+                FROM vehicles v
+                WHERE {REQUEST_MATCH}
             )
-            INSERT INTO rollout_targets (rollout_id, vehicle_id, stage, rank, state)
-            SELECT :rid, m.id,
-                   (SELECT count(*) FROM unnest(CAST(:ends AS bigint[])) AS e(end_rank)
-                     WHERE e.end_rank <= m.rank),
-                   m.rank, 'planned'
+            INSERT INTO rollout_targets (rollout_id, vehicle_id, stage, rank, state,
+                                         previous_desired_state_id, previous_release_version)
+            SELECT :rid, m.id, width_bucket(m.rank, CAST(:ends AS bigint[])), m.rank, 'planned',
+                   m.desired_state_id, m.previous_release
             FROM matched m
-            ON CONFLICT (rollout_id, vehicle_id) DO NOTHING
+            ORDER BY m.id COLLATE "C"
             """
         ),
-        {"rid": rollout_id, "ends": list(ends)},
+        {"rid": rollout_id, "ends": list(ends), **match_params(targets)},
     )
     counts = [0] * len(ends)
     rows = await conn.execute(
@@ -237,9 +297,16 @@ async def plan_and_expand(session: AsyncSession, *, rollout_id: int) -> Expansio
             counts_per_stage=[s.size for s in stages],
             inserted=False,
         )
-    targeted = await count_matching_vehicles(session, rollout_id=rollout_id)
+    targeted = await count_matching_vehicles(
+        session, rollout_id=rollout_id, targets=rollout.targets
+    )
     stages = plan_from_strategy(targeted, rollout.strategy)
-    counts = await expand_targets(session, rollout_id=rollout_id, ends=stage_ends(stages))
+    counts = await expand_targets(
+        session, rollout_id=rollout_id, ends=stage_ends(stages), targets=rollout.targets
+    )
+    # Fresh statistics for the rows just inserted: the issue batches' plans depend on them
+    # (autovacuum's analyze may come much later, or never where it is off).
+    await (await _conn(session)).execute(text("ANALYZE rollout_targets"))
     if counts != [s.size for s in stages]:
         raise TargetsChanged(
             f"rollout {rollout_id}: planned {[s.size for s in stages]}, inserted {counts}"
@@ -254,88 +321,92 @@ async def issue_stage_batch(
     stage_index: int,
     release_version: str,
     after_vehicle_id: str = "",
-    batch_size: int = 1000,
+    batch_size: int = 5000,
     issued_at: datetime | None = None,
 ) -> IssuedBatch:
-    """Issue the desired state to the next `batch_size` planned targets of one stage.
+    """Issue the desired state to the next `batch_size` targets of one stage.
 
-    Keyset over vehicle id after `after_vehicle_id`; only targets still `planned` are taken,
-    so a batch re-run after it committed changes nothing. Per vehicle, in one statement: a
-    `desired_states` row (id derived from workflow id, vehicle and attempt), the vehicle's
-    desired release (its previous one kept on the target, for rollback), the target
-    `notified` at `issued_at` (the workflow's time; default now(): the start of its apply
-    timeout). Then the rollout's counters move by the number issued.
+    Keyset over vehicle id after `after_vehicle_id` (the stage index gives the batch's upper
+    bound); only targets still `planned` inside it are issued, so a batch re-run after it
+    committed changes nothing. One desired state for the whole stage (a target set, id from
+    workflow id and stage), written once; per vehicle, in one statement: the vehicle's desired
+    release, desired state and rollout (its previous ones were kept on the target when it was
+    planned), and the target `notified` at `issued_at` (the workflow's time; default now():
+    the start of its apply timeout). Both updates change no indexed column: heap-only (HOT)
+    updates. Then the rollout's counters move by the number issued.
     """
     created_by = rollout_workflow_id(rollout_id)
+    ds_id = target_set_desired_state_id(rollout_id, f"stage:{stage_index}")
     conn = await _conn(session)
-    row = (
+    # The batch's bounds first, as values: the planner then sees a range of `batch_size` rows
+    # on both tables (a CTE's bound would look like a third of the fleet: a sequential scan).
+    bound = (
         await conn.execute(
             text(
                 """
-                WITH todo AS (
-                    SELECT t.vehicle_id,
-                           t.attempt + 1 AS attempt,
-                           v.desired_state_id AS prev_ds,
-                           coalesce(v.desired_release_version, v.actual_release_version)
-                               AS prev_release,
-                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':'
-                               || (t.attempt + 1)::text)::uuid AS ds_id
-                    FROM rollout_targets t
-                    JOIN vehicles v ON v.id = t.vehicle_id
-                    WHERE t.rollout_id = :rid AND t.stage = :stage AND t.state = 'planned'
-                      AND t.vehicle_id > :after
-                    ORDER BY t.vehicle_id
+                SELECT count(*) AS selected, max(vehicle_id) AS last
+                FROM (
+                    SELECT vehicle_id FROM rollout_targets
+                    WHERE rollout_id = :rid AND stage = :stage AND vehicle_id > :after
+                    ORDER BY vehicle_id
                     LIMIT :n
-                    FOR UPDATE OF t
+                ) b
+                """
+            ),
+            {"rid": rollout_id, "stage": stage_index, "after": after_vehicle_id, "n": batch_size},
+        )
+    ).one()
+    if not bound.selected:
+        return IssuedBatch(selected=0, issued=0, last_vehicle_id=None)
+    issued = (
+        await conn.execute(
+            text(
+                """
+                WITH upt AS (
+                    UPDATE rollout_targets t
+                    SET state = 'notified',
+                        attempt = t.attempt + 1,
+                        desired_state_id = CAST(:ds_id AS uuid),
+                        notified_at = coalesce(CAST(:issued_at AS timestamptz), now()),
+                        updated_at = now()
+                    WHERE t.rollout_id = :rid AND t.stage = :stage AND t.state = 'planned'
+                      AND t.vehicle_id > :after AND t.vehicle_id <= :last
+                    RETURNING t.vehicle_id
                 ),
                 ins AS (
                     INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                                previous_desired_state_id, reason, created_by)
-                    SELECT ds_id, vehicle_id, :release, :rid, prev_ds, :reason, :created_by
-                    FROM todo
+                                                reason, created_by)
+                    SELECT CAST(:ds_id AS uuid), NULL, :release, :rid, :reason, :created_by
+                    WHERE EXISTS (SELECT 1 FROM upt)
                     ON CONFLICT (id) DO NOTHING
                 ),
                 upv AS (
                     UPDATE vehicles v
                     SET desired_release_version = :release,
-                        desired_state_id = todo.ds_id,
+                        desired_state_id = CAST(:ds_id AS uuid),
                         rollout_id = :rid,
                         status = CASE WHEN v.status = 'offline' THEN v.status
                                       ELSE 'pending' END,
                         updated_at = now()
-                    FROM todo WHERE v.id = todo.vehicle_id
-                ),
-                upt AS (
-                    UPDATE rollout_targets t
-                    SET state = 'notified',
-                        attempt = todo.attempt,
-                        desired_state_id = todo.ds_id,
-                        previous_desired_state_id = todo.prev_ds,
-                        previous_release_version = todo.prev_release,
-                        notified_at = coalesce(CAST(:issued_at AS timestamptz), now()),
-                        updated_at = now()
-                    FROM todo
-                    WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-                    RETURNING t.vehicle_id
+                    FROM upt
+                    WHERE v.id = upt.vehicle_id AND v.id > :after AND v.id <= :last
                 )
-                SELECT (SELECT count(*) FROM todo) AS selected,
-                       (SELECT count(*) FROM upt) AS issued,
-                       (SELECT max(vehicle_id) FROM upt) AS last_vehicle_id
+                SELECT count(*) FROM upt
                 """
             ),
             {
                 "rid": rollout_id,
                 "stage": stage_index,
                 "after": after_vehicle_id,
-                "n": batch_size,
+                "last": bound.last,
                 "release": release_version,
+                "ds_id": str(ds_id),
                 "created_by": created_by,
-                "reason": f"rollout {rollout_id}",
+                "reason": f"rollout {rollout_id}, stage {stage_index}",
                 "issued_at": issued_at,
             },
         )
-    ).one()
-    issued = int(row.issued)
+    ).scalar_one()
     if issued:
         await conn.execute(
             text(
@@ -344,9 +415,7 @@ async def issue_stage_batch(
             ),
             {"rid": rollout_id, "n": issued},
         )
-    return IssuedBatch(
-        selected=int(row.selected), issued=issued, last_vehicle_id=row.last_vehicle_id
-    )
+    return IssuedBatch(selected=int(bound.selected), issued=int(issued), last_vehicle_id=bound.last)
 
 
 async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
@@ -555,31 +624,32 @@ async def rollback_batch(
     session: AsyncSession,
     *,
     rollout_id: int,
-    batch_size: int = 1000,
+    batch_size: int = SWEEP_BATCH,
     stage_index: int | None = None,
     now: datetime | None = None,
-) -> int:
-    """Return the next `batch_size` issued targets to the desired release they had before.
+    after_vehicle_id: str = "",
+) -> SweepBatch:
+    """Return the next `batch_size` issued targets (keyset after `after_vehicle_id`) to the
+    desired release they had before.
 
-    Declarative: a new `desired_states` row per vehicle (id derived from workflow id and
-    vehicle), whose release is the target's `previous_release_version`. A vehicle whose desired
-    state has moved on since (another rollout or an operator) is left alone. A vehicle that had
-    no known release before gets its desired state cleared. Those two, and a vehicle that
-    already runs its previous release, end `rolled_back` at once; the others become `notified`
-    again for the rollback desired state (the target's `desired_state_id` is the rollback one:
-    that is the rollback marker; `notified_at` = `now`, so apply timeouts apply) and reach
-    `rolled_back` when the vehicle reports `ready` for it (`record_target_outcomes`).
-    Returns how many were processed (0 when none is left).
-    `stage_index` limits it to one stage (a staged rollback); the counters of the states left
-    move accordingly.
+    Declarative: a new desired state per release returned to (a target set: the id derives
+    from the workflow id and that release), which each such vehicle points to. A vehicle whose
+    desired state has moved on since (another rollout or an operator) is left alone. A
+    vehicle that had no known release before gets its desired state cleared. Those two, and a
+    vehicle that already runs its previous release, end `rolled_back` at once; the others
+    become `notified` again for the rollback desired state (the target's `desired_state_id` is
+    the rollback one: that is the rollback marker; `notified_at` = `now`, so apply timeouts
+    apply) and reach `rolled_back` when the vehicle reports `ready` for it
+    (`record_target_outcomes`). `stage_index` limits it to one stage (a staged rollback); the
+    counters of the states left move accordingly.
     """
     created_by = rollout_workflow_id(rollout_id)
     conn = await _conn(session)
-    processed = (
+    row = (
         await conn.execute(
             text(
                 f"""
-                WITH todo AS (
+                WITH todo AS MATERIALIZED (
                     SELECT t.vehicle_id, t.state AS old_state, t.desired_state_id AS our_ds,
                            t.previous_release_version AS prev_release,
                            (v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id)
@@ -588,11 +658,10 @@ async def rollback_batch(
                             AND t.previous_release_version IS NOT NULL
                             AND v.actual_release_version
                                 IS DISTINCT FROM t.previous_release_version) AS must_report,
-                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id
-                               || ':' || 'rollback')::uuid AS ds_id
+                           {_ROLLBACK_DS} AS ds_id
                     FROM rollout_targets t
                     JOIN vehicles v ON v.id = t.vehicle_id
-                    WHERE t.rollout_id = :rid
+                    WHERE t.rollout_id = :rid AND t.vehicle_id > :after
                       AND (CAST(:stage AS integer) IS NULL OR t.stage = :stage)
                       AND t.state IN ('notified', 'updating', 'succeeded', 'failed', 'blocked')
                       AND t.desired_state_id IS DISTINCT FROM {_ROLLBACK_DS}
@@ -602,8 +671,8 @@ async def rollback_batch(
                 ),
                 ins AS (
                     INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                                previous_desired_state_id, reason, created_by)
-                    SELECT ds_id, vehicle_id, prev_release, :rid, our_ds, :reason, :created_by
+                                                reason, created_by)
+                    SELECT DISTINCT ds_id, NULL::text, prev_release, :rid, :reason, :created_by
                     FROM todo WHERE still_ours AND prev_release IS NOT NULL
                     ON CONFLICT (id) DO NOTHING
                 ),
@@ -633,19 +702,20 @@ async def rollback_batch(
                     RETURNING todo.old_state, t.state AS new_state
                 ),
                 """
-                + _COUNTER_DELTAS
+                + _COUNTER_DELTAS_KEYSET
             ),
             {
                 "rid": rollout_id,
                 "n": batch_size,
+                "after": after_vehicle_id,
                 "created_by": created_by,
                 "reason": f"rollback of rollout {rollout_id}",
                 "stage": stage_index,
                 "now": now,
             },
         )
-    ).scalar_one()
-    return int(processed)
+    ).one()
+    return _sweep_batch(row, batch_size, after_vehicle_id)
 
 
 # --- Execution: per-vehicle outcomes, gates, timeouts, retries, blocked rechecks -------------
@@ -654,7 +724,6 @@ OUTCOME_STATES = frozenset({"updating", "succeeded", "failed", "blocked"})
 # Targets whose outcome may still change (succeeded is final for the rollout's desired state;
 # planned, skipped and rolled_back are outside the rollout's live set).
 _LIVE_STATES = "('notified', 'updating', 'failed', 'blocked')"
-SWEEP_BATCH = 1000
 
 
 async def load_policy(session: AsyncSession, *, rollout_id: int) -> RolloutPolicy:
@@ -811,18 +880,21 @@ async def expire_apply_timeouts(
     now: datetime,
     apply_seconds: int,
     batch_size: int = SWEEP_BATCH,
-) -> int:
+    after_vehicle_id: str = "",
+) -> SweepBatch:
     """Targets notified or updating for longer than `apply_seconds` (since `notified_at`, by
-    `now`) become failed with APPLY_TIMEOUT, at most `batch_size` of them; returns how many."""
+    `now`) become failed with APPLY_TIMEOUT: the next `batch_size` of them after
+    `after_vehicle_id` (a keyset pass over the rollout's primary key)."""
     conn = await _conn(session)
-    moved = (
+    row = (
         await conn.execute(
             text(
                 """
                 WITH todo AS (
                     SELECT t.vehicle_id, t.state AS old_state
                     FROM rollout_targets t
-                    WHERE t.rollout_id = :rid AND t.state IN ('notified', 'updating')
+                    WHERE t.rollout_id = :rid AND t.vehicle_id > :after
+                      AND t.state IN ('notified', 'updating')
                       AND t.notified_at <= CAST(:now AS timestamptz)
                                            - make_interval(secs => :apply)
                     ORDER BY t.vehicle_id
@@ -836,12 +908,18 @@ async def expire_apply_timeouts(
                     RETURNING todo.old_state, t.state AS new_state
                 ),
                 """
-                + _COUNTER_DELTAS
+                + _COUNTER_DELTAS_KEYSET
             ),
-            {"rid": rollout_id, "now": now, "apply": apply_seconds, "n": batch_size},
+            {
+                "rid": rollout_id,
+                "now": now,
+                "apply": apply_seconds,
+                "n": batch_size,
+                "after": after_vehicle_id,
+            },
         )
-    ).scalar_one()
-    return int(moved)
+    ).one()
+    return _sweep_batch(row, batch_size, after_vehicle_id)
 
 
 async def retry_failed_targets(
@@ -853,30 +931,32 @@ async def retry_failed_targets(
     max_attempts: int,
     backoff_seconds: int,
     batch_size: int = SWEEP_BATCH,
-) -> int:
+    after_vehicle_id: str = "",
+) -> SweepBatch:
     """Re-issue the desired state to targets that failed for a retryable reason, with
     attempts left, once their backoff (`policy.retry_backoff_seconds`, from the failure's
-    `updated_at`) is over by `now`; at most `batch_size`; returns how many.
+    `updated_at`) is over by `now`; the next `batch_size` after `after_vehicle_id`.
 
-    Declarative and idempotent: a NEW `desired_states` row per vehicle whose id derives from
-    the workflow id, vehicle and attempt (the same key as `issue_stage_batch`), the target back
-    to `notified` (attempt + 1, apply clock restarted at `now`). A vehicle whose desired state
-    is no longer this rollout's (another rollout or an operator moved it) is not retried.
+    Declarative and idempotent: a NEW desired state per attempt (a target set: every vehicle
+    on its k-th attempt points to the one whose id derives from the workflow id and k), the
+    target back to `notified` (attempt + 1, apply clock restarted at `now`). A vehicle whose
+    desired state is no longer this rollout's (another rollout or an operator moved it) is not
+    retried.
     """
     created_by = rollout_workflow_id(rollout_id)
     conn = await _conn(session)
-    moved = (
+    row = (
         await conn.execute(
             text(
                 """
-                WITH todo AS (
+                WITH todo AS MATERIALIZED (
                     SELECT t.vehicle_id, t.state AS old_state, t.attempt + 1 AS attempt,
-                           t.desired_state_id AS prev_ds,
-                           md5(CAST(:created_by AS text) || ':' || t.vehicle_id || ':'
+                           md5(CAST(:created_by AS text) || ':retry:'
                                || (t.attempt + 1)::text)::uuid AS ds_id
                     FROM rollout_targets t
                     JOIN vehicles v ON v.id = t.vehicle_id
-                    WHERE t.rollout_id = :rid AND t.state = 'failed'
+                    WHERE t.rollout_id = :rid AND t.vehicle_id > :after
+                      AND t.state = 'failed'
                       AND t.reason_code = ANY(CAST(:retryable AS text[]))
                       AND t.attempt < :max
                       AND v.desired_state_id IS NOT DISTINCT FROM t.desired_state_id
@@ -889,8 +969,8 @@ async def retry_failed_targets(
                 ),
                 ins AS (
                     INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                                previous_desired_state_id, reason, created_by)
-                    SELECT ds_id, vehicle_id, :release, :rid, prev_ds,
+                                                reason, created_by)
+                    SELECT DISTINCT ds_id, NULL::text, :release, :rid,
                            'retry ' || attempt::text || ' of rollout ' || CAST(:rid AS text),
                            :created_by
                     FROM todo
@@ -912,7 +992,7 @@ async def retry_failed_targets(
                     RETURNING todo.old_state, t.state AS new_state
                 ),
                 """
-                + _COUNTER_DELTAS
+                + _COUNTER_DELTAS_KEYSET
             ),
             {
                 "rid": rollout_id,
@@ -924,10 +1004,11 @@ async def retry_failed_targets(
                 "base": backoff_seconds,
                 "cap": MAX_BACKOFF_SECONDS,
                 "n": batch_size,
+                "after": after_vehicle_id,
             },
         )
-    ).scalar_one()
-    return int(moved)
+    ).one()
+    return _sweep_batch(row, batch_size, after_vehicle_id)
 
 
 async def recheck_blocked(
@@ -938,24 +1019,26 @@ async def recheck_blocked(
     require_stationary: bool,
     min_battery_percent: int,
     batch_size: int = SWEEP_BATCH,
-) -> int:
+    after_vehicle_id: str = "",
+) -> SweepBatch:
     """Blocked targets whose vehicle's latest heartbeat (after the block) passes the safety
     checks again (battery >= min, stationary when required) go back to `notified`, their
-    apply clock restarted at `now`; at most `batch_size`; returns how many.
+    apply clock restarted at `now`; the next `batch_size` after `after_vehicle_id`.
 
     The vehicle still holds this rollout's desired state (a block is not a failure and uses no
     attempt): it proceeds on its next poll; its status returns from blocked to pending.
     """
     conn = await _conn(session)
-    moved = (
+    row = (
         await conn.execute(
             text(
                 """
-                WITH todo AS (
+                WITH todo AS MATERIALIZED (
                     SELECT t.vehicle_id, t.state AS old_state
                     FROM rollout_targets t
                     JOIN vehicles v ON v.id = t.vehicle_id
-                    WHERE t.rollout_id = :rid AND t.state = 'blocked'
+                    WHERE t.rollout_id = :rid AND t.vehicle_id > :after
+                      AND t.state = 'blocked'
                       AND v.last_seen_at >= t.updated_at
                       AND coalesce(v.battery_percent, -1) >= :min_battery
                       AND (NOT :stationary OR v.stationary IS TRUE)
@@ -975,7 +1058,7 @@ async def recheck_blocked(
                     RETURNING todo.old_state, t.state AS new_state
                 ),
                 """
-                + _COUNTER_DELTAS
+                + _COUNTER_DELTAS_KEYSET
             ),
             {
                 "rid": rollout_id,
@@ -983,7 +1066,8 @@ async def recheck_blocked(
                 "min_battery": min_battery_percent,
                 "stationary": require_stationary,
                 "n": batch_size,
+                "after": after_vehicle_id,
             },
         )
-    ).scalar_one()
-    return int(moved)
+    ).one()
+    return _sweep_batch(row, batch_size, after_vehicle_id)

@@ -57,12 +57,3 @@ def stored_array_match(alias: str = "a") -> str:
         f"(cardinality({alias}.{_name(key)}) = 0 OR {column} = ANY({alias}.{_name(key)}))"
         for key, column in TARGET_DIMENSIONS
     )
-
-
-def stored_match(rollout: str = "r") -> str:
-    """Vehicles selected by a stored rollout's targets (JSONB), directly."""
-    return " AND ".join(
-        f"(cardinality({_stored_array(key, rollout)}) = 0"
-        f" OR {column} = ANY({_stored_array(key, rollout)}))"
-        for key, column in TARGET_DIMENSIONS
-    )

@@ -10,7 +10,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.enums import VehicleStatus
 from models.scope import Scope
-from models.tables import Vehicle
+from models.tables import RolloutTarget, Vehicle
 from services.errors import InvalidInput, NotFoundError
 from services.pagination import SortKey, any_of, keyset, parse_sort, split_page, timestamp_key
 
@@ -94,11 +94,22 @@ async def list_vehicles(
         (col(Vehicle.ring), filters.rings),
         (col(Vehicle.status), filters.statuses),
         (col(Vehicle.actual_release_version), filters.release_versions),
-        (col(Vehicle.rollout_id), [int(r) for r in filters.rollout_ids]),
     ):
         cond = any_of(column, values)
         if cond is not None:
             stmt = stmt.where(cond)
+    if filters.rollout_ids:
+        # vehicles.rollout_id has no index (a rollout's issue must stay a HOT update): the
+        # rollout's targets (primary key rollout_id, vehicle_id) give the vehicles in id order.
+        rollout_ids = [int(r) for r in filters.rollout_ids]
+        stmt = stmt.where(
+            col(Vehicle.rollout_id).in_(rollout_ids),
+            col(Vehicle.id).in_(
+                select(col(RolloutTarget.vehicle_id)).where(
+                    col(RolloutTarget.rollout_id).in_(rollout_ids)
+                )
+            ),
+        )
     if filters.reason_codes:
         stmt = stmt.where(col(Vehicle.reason_codes).overlap(filters.reason_codes))  # type: ignore[attr-defined]
     if filters.q:

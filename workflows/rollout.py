@@ -81,7 +81,7 @@ DB_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=30,
 )
-ISSUE_BATCH_SIZE = 1000
+ISSUE_BATCH_SIZE = 5000
 MAX_GATE_INTERVAL = 60
 OPERATOR = "OPERATOR"
 OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"

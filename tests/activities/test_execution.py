@@ -257,7 +257,7 @@ async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
         sessions,
         """
         SELECT t.desired_state_id = v.desired_state_id AS current, d.release_version,
-               d.previous_desired_state_id IS NOT NULL AS links_back,
+               d.vehicle_id IS NULL AS target_set, d.reason,
                t.previous_release_version, t.notified_at
         FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id
         JOIN desired_states d ON d.id = t.desired_state_id
@@ -269,7 +269,9 @@ async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
     assert retried == {
         "current": True,
         "release_version": NEW_RELEASE,
-        "links_back": True,
+        # a new desired state for every vehicle's 2nd attempt, not the stage's first one
+        "target_set": True,
+        "reason": f"retry 2 of rollout {rollout_id}",
         "previous_release_version": OLD_RELEASE,
         "notified_at": T0 + timedelta(seconds=100),
     }

@@ -193,10 +193,20 @@ async def test_issue_stage_issues_exactly_the_stage_and_is_idempotent(
     # Re-running the stage (a retry after it committed) is a no-op.
     again = await env.run(acts.issue_stage, canary)
     assert again.issued == 0 and again.counts.notified == 5
-    ds_count = await fetch_one(
-        sessions, "SELECT count(*) AS n FROM desired_states WHERE rollout_id = :r", r=rollout_id
+    # One desired state for the stage's target set, every notified vehicle pointing to it.
+    ds = await fetch_all(
+        sessions,
+        "SELECT id::text AS id, vehicle_id FROM desired_states WHERE rollout_id = :r",
+        r=rollout_id,
     )
-    assert ds_count["n"] == 5
+    assert len(ds) == 1 and ds[0]["vehicle_id"] is None
+    shared = await fetch_one(
+        sessions,
+        "SELECT count(DISTINCT desired_state_id::text) AS n, min(desired_state_id::text) AS id"
+        " FROM vehicles WHERE rollout_id = :r",
+        r=rollout_id,
+    )
+    assert shared == {"n": 1, "id": ds[0]["id"]}
 
     # A retry resuming from a heartbeat cursor finishes the stage without duplicates.
     wave1 = IssueStageInput(
@@ -343,14 +353,17 @@ async def test_rollback_returns_vehicles_to_their_previous_release(
             rollout_id=rollout_id, release_version=NEW_RELEASE, stage_index=0, stage="canary"
         ),
     )
-    result = await env.run(acts.rollback_targets, RollbackTargetsInput(rollout_id=rollout_id))
+    # Batches of 2: a keyset pass over the targets (2 + 2 + 1).
+    result = await env.run(
+        acts.rollback_targets, RollbackTargetsInput(rollout_id=rollout_id, batch_size=2)
+    )
     assert (result.reverted, result.skipped) == (5, 95)
     again = await env.run(acts.rollback_targets, RollbackTargetsInput(rollout_id=rollout_id))
     assert (again.reverted, again.skipped) == (0, 0)
     vehicles = await fetch_all(
         sessions,
         "SELECT v.desired_release_version, v.status, t.state, d.release_version AS ds_release,"
-        " d.previous_desired_state_id = t.desired_state_id AS links_back"
+        " d.vehicle_id IS NULL AS target_set, d.reason"
         " FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id"
         " LEFT JOIN desired_states d ON d.id = v.desired_state_id"
         " WHERE t.rollout_id = :r AND t.stage = 0",
@@ -364,7 +377,9 @@ async def test_rollback_returns_vehicles_to_their_previous_release(
                 "status": "in_sync",
                 "state": "rolled_back",
                 "ds_release": OLD_RELEASE,
-                "links_back": True,
+                # one desired state for every vehicle returning to OLD_RELEASE
+                "target_set": True,
+                "reason": f"rollback of rollout {rollout_id}",
             }
         ]
         * 5

@@ -14,7 +14,7 @@ from core.settings import normalize_database_url
 from models.scope import Scope
 from services.errors import OutOfScope
 from services.rollouts import check_targets_in_scope
-from services.targets import REQUEST_MATCH, match_params, stored_match
+from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,10 @@ def test_request_and_stored_forms_agree(
         ).fetchall()
         stored = conn.execute(
             text(
-                "SELECT v.id FROM vehicles v, (SELECT CAST(:targets AS jsonb) AS targets) r"
-                f" WHERE v.id LIKE :prefix AND {stored_match('r')} ORDER BY v.id"
+                f"WITH sel AS (SELECT {stored_arrays('r')}"
+                " FROM (SELECT CAST(:targets AS jsonb) AS targets) r)"
+                " SELECT v.id FROM vehicles v, sel"
+                f" WHERE v.id LIKE :prefix AND {stored_array_match('sel')} ORDER BY v.id"
             ),
             {"targets": json.dumps(targets), "prefix": fleet + "%"},
         ).fetchall()

@@ -459,14 +459,19 @@ async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
     }
     assert targets[canary[0]] == ("notified", None, 2)  # re-issued
     assert targets[canary[1]] == ("failed", "SIGNATURE_INVALID", 1)  # never retried
-    issued = await fetch_all(
+    # Desired states are per target set: the retried vehicle points to the one of attempt 2,
+    # the SIGNATURE_INVALID one still to the canary's.
+    pointing = await fetch_all(
         sessions,
-        "SELECT vehicle_id, count(*) AS n FROM desired_states WHERE rollout_id = :r"
-        " AND vehicle_id = ANY(:v) GROUP BY 1 ORDER BY 1",
-        r=rollout_id,
+        "SELECT v.id AS vehicle_id, d.reason, d.vehicle_id IS NULL AS target_set"
+        " FROM vehicles v JOIN desired_states d ON d.id = v.desired_state_id"
+        " WHERE v.id = ANY(:v) ORDER BY v.id",
         v=canary[:2],
     )
-    assert issued == [{"vehicle_id": canary[0], "n": 2}, {"vehicle_id": canary[1], "n": 1}]
+    assert pointing == [
+        {"vehicle_id": canary[0], "reason": f"retry 2 of rollout {rollout_id}", "target_set": True},
+        {"vehicle_id": canary[1], "reason": f"rollout {rollout_id}, stage 0", "target_set": True},
+    ]
 
 
 async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
