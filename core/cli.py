@@ -1,4 +1,5 @@
-"""The `motorcade` command: one role per subcommand (api, worker, migrate, seed, token, dev)."""
+"""The `motorcade` command: one role per subcommand (api, ingest, worker, migrate, seed, token,
+dev, simulate)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,28 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import run_worker
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """The ingestion role alone: POST /telemetry (group commit) and the devices' desired
+    state, on its own port (default API port + 1)."""
+    import uvicorn
 
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings, role="ingest"),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port + 1,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
     from core.logging import configure_logging
+    from worker.main import run_worker
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -178,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser(
+        "ingest", help="run the telemetry ingestion role alone (default port: API port + 1)"
+    )
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("worker", help="run the Temporal worker (rollout workflows, activities)")
     p.set_defaults(func=cmd_worker)

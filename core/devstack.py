@@ -132,11 +132,10 @@ def _wait_ready(base: str, procs: list[tuple[str, subprocess.Popen[bytes]]]) -> 
 
 
 def run_dev(*, vehicles: int, state_dir: Path) -> int:
-    from services.seed import seed_fleet
-
     from core.auth import mint_dev_token
     from core.migrate import upgrade
     from models.enums import Role
+    from services.seed import seed_fleet
 
     state_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(state_dir)
