@@ -140,6 +140,20 @@ async def get_vehicle(session: AsyncSession, *, scope: Scope, vehicle_id: str) -
     return vehicle
 
 
+async def latest_telemetry(session: AsyncSession, *, vehicle_id: str) -> Any | None:
+    """The narrow telemetry row (always current; the wide row may lag on lastSeenAt)."""
+    conn = await session.connection()
+    return (
+        await conn.execute(
+            text(
+                "SELECT last_seen_at, battery_percent, stationary, actual_release_version"
+                " FROM vehicle_telemetry WHERE vehicle_id = :id"
+            ),
+            {"id": vehicle_id},
+        )
+    ).first()
+
+
 # --- One vehicle's desired state (for the vehicle itself) and its timeline -----------------
 
 

@@ -102,7 +102,18 @@ async def get_vehicle(
     vehicle_id: Annotated[str, Path(max_length=128)],
 ) -> Any:
     vehicle = await service.get_vehicle(session, scope=principal.scope, vehicle_id=vehicle_id)
-    return ok(request, vehicle_out(vehicle))
+    out = vehicle_out(vehicle)
+    fresh = await service.latest_telemetry(session, vehicle_id=vehicle_id)
+    if (
+        fresh is not None
+        and fresh.last_seen_at is not None
+        and (out.last_seen_at is None or fresh.last_seen_at > out.last_seen_at)
+    ):
+        out.last_seen_at = fresh.last_seen_at
+        out.battery_percent = fresh.battery_percent
+        out.stationary = fresh.stationary
+        out.actual.release_version = fresh.actual_release_version
+    return ok(request, out)
 
 
 @device_router.get(

@@ -414,3 +414,62 @@ async def test_overload_is_503_with_retry_after(
         retried = await client.post(URL, json=second, headers=gateway)
         assert retried.status_code == 202 and retried.json()["data"]["accepted"] == 500
     assert event_count(database_url, prefix) == 1000
+
+
+async def test_heartbeats_coalesce_and_the_wide_row_lags_only_on_last_seen(
+    http: httpx.AsyncClient,
+    gateway: dict,
+    viewer: dict,
+    database_url: str,
+    prefix: str,
+    sessions: Any,
+) -> None:
+    """Latest heartbeat per vehicle wins; a heartbeat that changes nothing visible refreshes
+    only the narrow row, and GET /vehicles/{id} and the offline marking read the fresh one."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    start = vehicle_row(database_url, vid)["last_seen_at"]
+    first = heartbeat(vid, sent_at=(start + timedelta(seconds=5)).isoformat(), battery=80)
+    assert (await http.post(URL, json={"heartbeats": [first]}, headers=gateway)).status_code == 202
+    base = vehicle_row(database_url, vid)["last_seen_at"]  # battery was unknown: written
+    assert base == start + timedelta(seconds=5)
+    newer = (base + timedelta(seconds=20)).isoformat()
+    older = (base + timedelta(seconds=10)).isoformat()
+    body = {
+        "heartbeats": [
+            heartbeat(vid, sent_at=newer, battery=81),
+            heartbeat(vid, sent_at=older, battery=20),  # older: loses
+        ]
+    }
+    r = await http.post(URL, json=body, headers=gateway)
+    assert r.status_code == 202
+    wide = vehicle_row(database_url, vid)
+    assert wide["last_seen_at"] == base  # nothing visible changed: the wide row is untouched
+    with psycopg.connect(database_url) as conn:
+        narrow = conn.execute(
+            "SELECT last_seen_at, battery_percent FROM vehicle_telemetry WHERE vehicle_id = %s",
+            (vid,),
+        ).fetchone()
+    assert narrow == (base + timedelta(seconds=20), 81)
+    one = (await http.get(f"/api/v1/vehicles/{vid}", headers=viewer)).json()["data"]
+    assert one["batteryPercent"] == 81
+    assert datetime.fromisoformat(one["lastSeenAt"].replace("Z", "+00:00")) == narrow[0]
+    # A visible change (stationary flips) is written to the wide row at once.
+    later = (base + timedelta(seconds=30)).isoformat()
+    r = await http.post(
+        URL, json={"heartbeats": [heartbeat(vid, sent_at=later, stationary=False)]}, headers=gateway
+    )
+    wide = vehicle_row(database_url, vid)
+    assert wide["stationary"] is False and wide["last_seen_at"] == base + timedelta(seconds=30)
+    # The offline marking trusts the narrow row: a cutoff between the two keeps it online.
+    from services.reconcile import mark_offline
+
+    async with sessions() as session:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "UPDATE vehicle_telemetry SET last_seen_at = %s WHERE vehicle_id = %s",
+                (base + timedelta(seconds=100), vid),
+            )
+        await mark_offline(session, cutoff=base + timedelta(seconds=60))
+        await session.commit()
+    assert vehicle_row(database_url, vid)["status"] != "offline"
