@@ -41,8 +41,8 @@ def start_ingest(database_url: str, dev_key: str, port: int) -> subprocess.Popen
     )
 
 
-async def wait_ready(base: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_ready(base: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
     async with httpx.AsyncClient(base_url=base, timeout=2) as client:
         while time.monotonic() < deadline:
             try:
