@@ -223,6 +223,7 @@ class TelemetryIngestor:
             heartbeats=result.heartbeats,
             vehicles_written=result.vehicles_written,
             ms=round(elapsed * 1000, 1),
+            **{k: round(v * 1000, 1) for k, v in result.stats.items()},
         )
         for p in group:
             if not p.future.done():

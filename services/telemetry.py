@@ -21,7 +21,7 @@ rollout targets, each sorted by vehicle id):
 
 from __future__ import annotations
 
-import json
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -52,7 +52,7 @@ class WideWritePolicy:
     """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md)."""
 
     offline_after_seconds: int = 300
-    refresh_seconds: int = 240
+    refresh_seconds: int = 600
     battery_step: int = 5
 
 
@@ -78,31 +78,37 @@ class GroupResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def _in_scope(scope: Scope, row: Any) -> bool:
-    return all(
-        allowed is None or value in allowed
-        for allowed, value in (
-            (scope.regions, row.region),
-            (scope.models, row.model),
-            (scope.orgs, row.org),
-        )
-    )
-
-
 async def _resolve(session: AsyncSession, requests: list[GroupRequest]) -> None:
-    """Refuse (whole) each request that names an unknown or out-of-scope vehicle."""
+    """Refuse (whole) each request that names an unknown or out-of-scope vehicle.
+
+    One anti-join over the group's distinct ids (staged by COPY) returns only the unknown
+    ones; the vehicles' region, model and org are read only for scoped callers."""
     ids = sorted(
         {h.vehicle_id for r in requests for h in r.batch.heartbeats}
         | {e.vehicle_id for r in requests for e in r.batch.events}
     )
     if not ids:
         return
-    conn = await session.connection()
-    rows = await conn.execute(
-        text("SELECT id, region, model, org FROM vehicles WHERE id = ANY(CAST(:ids AS text[]))"),
-        {"ids": ids},
+    driver = await _driver(session)
+    await _copy(driver, "ingest_ids", ["text"], [(i,) for i in ids])
+    cur = await driver.execute(
+        "SELECT u.id FROM ingest_ids u"
+        " WHERE NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.id = u.id)"
     )
-    known = {row.id: row for row in rows}
+    unknown = {r[0] for r in await cur.fetchall()}
+    scoped = [r for r in requests if not r.scope.unrestricted]
+    places: dict[str, Any] = {}
+    if scoped:
+        wanted = sorted(
+            {h.vehicle_id for r in scoped for h in r.batch.heartbeats}
+            | {e.vehicle_id for r in scoped for e in r.batch.events}
+        )
+        cur = await driver.execute(
+            "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (wanted,)
+        )
+        places = {row[0]: row for row in await cur.fetchall()}
+    if not unknown and not scoped:
+        return
     for req in requests:
         details: list[dict[str, Any]] = []
         named: list[tuple[str, Sequence[HeartbeatIn | EventIn]]] = [
@@ -111,19 +117,76 @@ async def _resolve(session: AsyncSession, requests: list[GroupRequest]) -> None:
         ]
         for kind, items in named:
             for index, item in enumerate(items):
-                row = known.get(item.vehicle_id)
-                if row is None or not _in_scope(req.scope, row):
+                vid = item.vehicle_id
+                if vid in unknown or (
+                    not req.scope.unrestricted
+                    and not (
+                        vid in places
+                        and req.scope.allows(
+                            region=places[vid][1], model=places[vid][2], org=places[vid][3]
+                        )
+                    )
+                ):
                     details.append(
                         {
                             "field": f"{kind}.{index}.vehicleId",
                             "index": index,
-                            "message": f"vehicle {item.vehicle_id!r} not found",
+                            "message": f"vehicle {vid!r} not found",
                         }
                     )
                     if len(details) >= 20:
                         break
         if details:
             req.refused = details
+
+
+_STAGING = (
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_events (
+        vehicle_id text, event_id uuid, seq bigint, type text, occurred_at timestamptz,
+        desired_state_id uuid, release_version text, reason_code text, details jsonb
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_touch (
+        vid text, has_hb boolean, seen timestamptz, battery smallint, stationary boolean,
+        actual text, seq bigint, typ text, ds uuid, rel text, reason text
+    ) ON COMMIT DELETE ROWS
+    """,
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_ids (id text) ON COMMIT DELETE ROWS",
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
+        id text, status text, codes text[], seen timestamptz, battery smallint,
+        stationary boolean, actual text, seq bigint, ds uuid, changed boolean
+    ) ON COMMIT DELETE ROWS
+    """,
+)
+_EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "jsonb"]
+_TOUCH_TYPES = ["text", "bool", "timestamptz", "int2", "bool", "text", "int8", "text", "uuid"]
+_TOUCH_TYPES += ["text", "text"]
+_WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8", "uuid"]
+_WIDE_TYPES += ["bool"]
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The psycopg connection under the session (same transaction), for binary COPY."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    if not getattr(driver, "_motorcade_staging", False):
+        for ddl in _STAGING:
+            await driver.execute(ddl)
+        driver._motorcade_staging = True
+    return driver
+
+
+async def _copy(driver: Any, table: str, types: list[str], rows: Sequence[Sequence[Any]]) -> None:
+    async with driver.cursor() as cur:
+        async with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for row in rows:
+                await copy.write_row(row)
 
 
 async def write_group(
@@ -133,15 +196,28 @@ async def write_group(
     policy: WideWritePolicy,
     now: datetime | None = None,
 ) -> GroupResult:
-    """Write one group (the caller commits). Fills each request's accepted/duplicates/refused."""
+    """Write one group (the caller commits). Fills each request's accepted/duplicates/refused.
+
+    Bulk data goes in by binary COPY into session-local staging tables (emptied at commit),
+    then moves with set-based statements: no row-by-row statement, no per-value text
+    escaping in Python."""
     now = now or datetime.now(UTC)
     result = GroupResult()
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        t = time.perf_counter()
+        result.stats[name] = result.stats.get(name, 0.0) + t - clock
+        clock = t
+
     await _resolve(session, requests)
+    lap("resolve")
     live = [r for r in requests if r.refused is None]
     result.refused_requests = len(requests) - len(live)
-    conn = await session.connection()
+    driver = await _driver(session)
 
-    # -- events: dedupe inside the group (first wins), then one array insert ---------------
+    # -- events: dedupe inside the group (first wins), then COPY + one insert --------------
     owner: dict[tuple[str, uuid.UUID], GroupRequest] = {}
     events: list[EventIn] = []
     for req in live:
@@ -154,34 +230,47 @@ async def write_group(
             events.append(ev)
     inserted: set[tuple[str, uuid.UUID]] = set()
     if events:
-        rows = await conn.execute(
-            text(
-                """
-                INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
-                    desired_state_id, release_version, reason_code, details)
-                SELECT vid, eid, seq, typ, occ, ds, rel, reason, CAST(det AS jsonb)
-                FROM unnest(CAST(:vid AS text[]), CAST(:eid AS uuid[]), CAST(:seq AS bigint[]),
-                            CAST(:typ AS text[]), CAST(:occ AS timestamptz[]),
-                            CAST(:ds AS uuid[]), CAST(:rel AS text[]),
-                            CAST(:reason AS text[]), CAST(:det AS text[]))
-                     AS u(vid, eid, seq, typ, occ, ds, rel, reason, det)
-                ON CONFLICT (vehicle_id, event_id) DO NOTHING
-                RETURNING vehicle_id, event_id
-                """
-            ),
-            {
-                "vid": [e.vehicle_id for e in events],
-                "eid": [e.event_id for e in events],
-                "seq": [e.seq for e in events],
-                "typ": [e.type.value for e in events],
-                "occ": [e.occurred_at for e in events],
-                "ds": [e.desired_state_id for e in events],
-                "rel": [e.release_version for e in events],
-                "reason": [e.reason_code for e in events],
-                "det": [json.dumps(e.details, separators=(",", ":")) for e in events],
-            },
+        await _copy(
+            driver,
+            "ingest_events",
+            _EVENT_TYPES,
+            [
+                (
+                    e.vehicle_id,
+                    e.event_id,
+                    e.seq,
+                    e.type.value,
+                    e.occurred_at,
+                    e.desired_state_id,
+                    e.release_version,
+                    e.reason_code,
+                    e.details,
+                )
+                for e in events
+            ],
         )
-        inserted = {(r.vehicle_id, r.event_id) for r in rows}
+        cur = await driver.execute(
+            """
+            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
+                desired_state_id, release_version, reason_code, details)
+            SELECT * FROM ingest_events
+            ON CONFLICT (vehicle_id, event_id) DO NOTHING
+            """
+        )
+        if cur.rowcount == len(events):  # the common case: no duplicate at all
+            inserted = set(owner)
+        else:  # which ones this transaction wrote (the others were there already)
+            cur = await driver.execute(
+                """
+                SELECT te.vehicle_id, te.event_id
+                FROM ingest_events s
+                JOIN timeline_events te
+                  ON te.vehicle_id = s.vehicle_id AND te.event_id = s.event_id
+                WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
+                """
+            )
+            inserted = {(r[0], r[1]) for r in await cur.fetchall()}
+    lap("events")
     for key, req in owner.items():
         if key in inserted:
             req.accepted += 1
@@ -207,226 +296,212 @@ async def write_group(
     vids = sorted(set(beats) | set(top))
     if not vids:
         return result
-
-    def hb_of(v: str) -> HeartbeatIn | None:
-        return beats.get(v)
-
-    def ev_of(v: str) -> EventIn | None:
-        return top.get(v)
-
-    rows = await conn.execute(
-        text(
-            """
-            WITH u AS (
-                SELECT * FROM unnest(
-                    CAST(:vid AS text[]), CAST(:has_hb AS boolean[]),
-                    CAST(:seen AS timestamptz[]), CAST(:battery AS smallint[]),
-                    CAST(:stationary AS boolean[]), CAST(:actual AS text[]),
-                    CAST(:seq AS bigint[]), CAST(:typ AS text[]), CAST(:ds AS uuid[]),
-                    CAST(:rel AS text[]), CAST(:reason AS text[]))
-                AS u(vid, has_hb, seen, battery, stationary, actual, seq, typ, ds, rel, reason)
-            ),
-            up AS (
-                INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
-                    stationary, actual_release_version, last_event_seq, last_event_type,
-                    last_event_desired_state_id, last_event_release_version,
-                    last_event_reason_code)
-                SELECT u.vid,
-                       CASE WHEN u.has_hb THEN greatest(u.seen, v.last_seen_at)
-                            ELSE v.last_seen_at END,
-                       CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                            THEN coalesce(u.battery, v.battery_percent)
-                            ELSE v.battery_percent END,
-                       CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                            THEN coalesce(u.stationary, v.stationary)
-                            ELSE v.stationary END,
-                       CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                            THEN coalesce(u.actual, v.actual_release_version)
-                            ELSE v.actual_release_version END,
-                       CASE WHEN u.seq > v.last_event_seq THEN u.seq ELSE v.last_event_seq END,
-                       CASE WHEN u.seq > v.last_event_seq THEN u.typ END,
-                       CASE WHEN u.seq > v.last_event_seq THEN u.ds END,
-                       CASE WHEN u.seq > v.last_event_seq THEN u.rel END,
-                       CASE WHEN u.seq > v.last_event_seq THEN u.reason END
-                FROM u JOIN vehicles v ON v.id = u.vid
-                ORDER BY u.vid
-                ON CONFLICT (vehicle_id) DO UPDATE SET
-                    last_seen_at = CASE
-                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                        THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
-                    battery_percent = CASE
-                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                        THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
-                    stationary = CASE
-                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                        THEN EXCLUDED.stationary ELSE t.stationary END,
-                    actual_release_version = CASE
-                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                        THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END,
-                    last_event_seq = greatest(t.last_event_seq, EXCLUDED.last_event_seq),
-                    last_event_type = CASE WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                        THEN EXCLUDED.last_event_type ELSE t.last_event_type END,
-                    last_event_desired_state_id = CASE
-                        WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                        THEN EXCLUDED.last_event_desired_state_id
-                        ELSE t.last_event_desired_state_id END,
-                    last_event_release_version = CASE
-                        WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                        THEN EXCLUDED.last_event_release_version
-                        ELSE t.last_event_release_version END,
-                    last_event_reason_code = CASE
-                        WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                        THEN EXCLUDED.last_event_reason_code ELSE t.last_event_reason_code END
-                RETURNING t.*
+    touch = []
+    for v in vids:
+        h = beats.get(v)
+        e = top.get(v)
+        touch.append(
+            (
+                v,
+                h is not None,
+                h.sent_at if h else None,
+                h.battery_percent if h else None,
+                h.stationary if h else None,
+                h.actual_release_version if h else None,
+                e.seq if e else -1,
+                e.type.value if e else None,
+                e.desired_state_id if e else None,
+                e.release_version if e else None,
+                e.reason_code if e else None,
             )
-            SELECT up.*, v.status, v.reason_codes, v.desired_release_version,
-                   v.desired_state_id, v.rollout_id, v.created_at,
-                   v.last_seen_at AS wide_seen, v.battery_percent AS wide_battery,
-                   v.stationary AS wide_stationary, v.actual_release_version AS wide_actual,
-                   v.region, v.model, v.org
-            FROM up JOIN vehicles v ON v.id = up.vehicle_id
-            ORDER BY up.vehicle_id
-            """
-        ),
-        {
-            "vid": vids,
-            "has_hb": [hb_of(v) is not None for v in vids],
-            "seen": [_h.sent_at if (_h := hb_of(v)) else None for v in vids],
-            "battery": [_h.battery_percent if (_h := hb_of(v)) else None for v in vids],
-            "stationary": [_h.stationary if (_h := hb_of(v)) else None for v in vids],
-            "actual": [_h.actual_release_version if (_h := hb_of(v)) else None for v in vids],
-            "seq": [_e.seq if (_e := ev_of(v)) else -1 for v in vids],
-            "typ": [_e.type.value if (_e := ev_of(v)) else None for v in vids],
-            "ds": [_e.desired_state_id if (_e := ev_of(v)) else None for v in vids],
-            "rel": [_e.release_version if (_e := ev_of(v)) else None for v in vids],
-            "reason": [_e.reason_code if (_e := ev_of(v)) else None for v in vids],
-        },
-    )
-
-    wide: list[dict[str, Any]] = []
-    outcomes_by_rollout: dict[int, list[tuple[str, str, str | None, uuid.UUID]]] = defaultdict(list)
-    refresh = timedelta(seconds=policy.refresh_seconds)
-    for row in rows:
-        latest = (
-            LatestEvent(
-                type=row.last_event_type,
-                desired_state_id=str(row.last_event_desired_state_id)
-                if row.last_event_desired_state_id
-                else None,
-                release_version=row.last_event_release_version,
-                reason_code=row.last_event_reason_code,
-            )
-            if row.last_event_type
-            else None
         )
+    await _copy(driver, "ingest_touch", _TOUCH_TYPES, touch)
+    lap("stage")
+
+    # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
+    # whose wide row may change: a new latest event, a visible heartbeat change, an offline
+    # vehicle heard again, or last seen older than the refresh interval. For the others the
+    # status cannot change (desired state, latest event and actual release are unchanged).
+    cur = await driver.execute(
+        """
+        WITH up AS (
+            INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
+                stationary, actual_release_version, last_event_seq, last_event_type,
+                last_event_desired_state_id, last_event_release_version,
+                last_event_reason_code)
+            SELECT u.vid,
+                   CASE WHEN u.has_hb THEN greatest(u.seen, v.last_seen_at)
+                        ELSE v.last_seen_at END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.battery, v.battery_percent)
+                        ELSE v.battery_percent END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.stationary, v.stationary)
+                        ELSE v.stationary END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.actual, v.actual_release_version)
+                        ELSE v.actual_release_version END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.seq ELSE v.last_event_seq END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.typ END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.ds END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.rel END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.reason END
+            FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
+            ORDER BY u.vid
+            ON CONFLICT (vehicle_id) DO UPDATE SET
+                last_seen_at = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
+                battery_percent = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
+                stationary = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.stationary ELSE t.stationary END,
+                actual_release_version = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END,
+                last_event_seq = greatest(t.last_event_seq, EXCLUDED.last_event_seq),
+                last_event_type = CASE WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_type ELSE t.last_event_type END,
+                last_event_desired_state_id = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_desired_state_id
+                    ELSE t.last_event_desired_state_id END,
+                last_event_release_version = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_release_version
+                    ELSE t.last_event_release_version END,
+                last_event_reason_code = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_reason_code ELSE t.last_event_reason_code END
+            RETURNING t.*
+        )
+        SELECT up.vehicle_id, up.last_seen_at, up.battery_percent, up.stationary,
+               up.actual_release_version, up.last_event_seq, up.last_event_type,
+               up.last_event_desired_state_id, up.last_event_release_version,
+               up.last_event_reason_code,
+               v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
+               v.rollout_id, v.created_at
+        FROM up JOIN vehicles v ON v.id = up.vehicle_id
+        WHERE up.last_event_seq > v.last_event_seq
+           OR v.status IN ('offline', 'blocked')
+           OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+           OR up.stationary IS DISTINCT FROM v.stationary
+           OR (up.battery_percent IS NULL) <> (v.battery_percent IS NULL)
+           OR abs(up.battery_percent - v.battery_percent) >= %(step)s
+           OR (up.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
+               OR up.last_seen_at - v.last_seen_at >= %(refresh)s))
+        ORDER BY up.vehicle_id
+        """,
+        {"step": policy.battery_step, "refresh": timedelta(seconds=policy.refresh_seconds)},
+    )
+    rows = await cur.fetchall()
+    lap("telemetry")
+
+    wide: list[tuple[Any, ...]] = []
+    changed_any = False
+    outcomes_by_rollout: dict[int, list[tuple[str, str, str | None, uuid.UUID]]] = defaultdict(list)
+    for (
+        vid,
+        seen_at,
+        battery,
+        stationary,
+        actual,
+        last_seq,
+        ev_type,
+        ev_ds,
+        ev_rel,
+        ev_reason,
+        status,
+        reason_codes,
+        desired_release,
+        desired_ds,
+        rollout_id,
+        created_at,
+    ) in rows:
         derived = derive_status(
-            desired_release=row.desired_release_version,
-            desired_state_id=str(row.desired_state_id) if row.desired_state_id else None,
-            actual_release=row.actual_release_version,
-            latest_event=latest,
-            last_seen_at=row.last_seen_at,
-            registered_at=row.created_at,
+            desired_release=desired_release,
+            desired_state_id=str(desired_ds) if desired_ds else None,
+            actual_release=actual,
+            latest_event=LatestEvent(
+                type=ev_type,
+                desired_state_id=str(ev_ds) if ev_ds else None,
+                release_version=ev_rel,
+                reason_code=ev_reason,
+            )
+            if ev_type
+            else None,
+            last_seen_at=seen_at,
+            registered_at=created_at,
             now=now,
             offline_after_seconds=policy.offline_after_seconds,
         )
         codes = list(derived.reason_codes)
-        status_changed = derived.status.value != row.status or codes != list(row.reason_codes or [])
-        visible = (
-            status_changed
-            or row.actual_release_version != row.wide_actual
-            or row.stationary != row.wide_stationary
-            or (row.battery_percent is None) != (row.wide_battery is None)
-            or (
-                row.battery_percent is not None
-                and row.wide_battery is not None
-                and abs(row.battery_percent - row.wide_battery) >= policy.battery_step
-            )
-            or (
-                row.last_seen_at is not None
-                and (row.wide_seen is None or row.last_seen_at - row.wide_seen >= refresh)
+        changed = derived.status.value != status or codes != list(reason_codes or [])
+        changed_any = changed_any or changed
+        wide.append(
+            (
+                vid,
+                derived.status.value,
+                codes,
+                seen_at,
+                battery,
+                stationary,
+                actual,
+                last_seq,
+                desired_ds,
+                changed,
             )
         )
-        if visible:
-            wide.append(
-                {
-                    "id": row.vehicle_id,
-                    "status": derived.status.value,
-                    "codes": "{" + ",".join(codes) + "}",
-                    "seen": row.last_seen_at,
-                    "battery": row.battery_percent,
-                    "stationary": row.stationary,
-                    "actual": row.actual_release_version,
-                    "seq": row.last_event_seq,
-                    "ds": row.desired_state_id,
-                    "changed": status_changed,
-                }
-            )
-        latest_new = top.get(row.vehicle_id)
+        latest_new = top.get(vid)
         if (
             latest_new is not None
-            and row.last_event_seq == latest_new.seq
-            and row.rollout_id is not None
+            and last_seq == latest_new.seq
+            and rollout_id is not None
             and latest_new.desired_state_id is not None
         ):
-            outcome = OUTCOME_OF_EVENT[latest_new.type]
-            outcomes_by_rollout[int(row.rollout_id)].append(
-                (row.vehicle_id, outcome, latest_new.reason_code, latest_new.desired_state_id)
+            outcomes_by_rollout[int(rollout_id)].append(
+                (
+                    vid,
+                    OUTCOME_OF_EVENT[latest_new.type],
+                    latest_new.reason_code,
+                    latest_new.desired_state_id,
+                )
             )
+    lap("derive")
 
     if wide:
-        written = await conn.execute(
-            text(
-                """
-                WITH u AS (
-                    SELECT * FROM unnest(
-                        CAST(:id AS text[]), CAST(:status AS text[]), CAST(:codes AS text[]),
-                        CAST(:seen AS timestamptz[]), CAST(:battery AS smallint[]),
-                        CAST(:stationary AS boolean[]), CAST(:actual AS text[]),
-                        CAST(:seq AS bigint[]), CAST(:ds AS uuid[]), CAST(:changed AS boolean[]))
-                    AS u(id, status, codes, seen, battery, stationary, actual, seq, ds, changed)
-                ),
-                w AS (
-                    UPDATE vehicles v
-                    SET status = u.status, reason_codes = CAST(u.codes AS text[]),
-                        last_seen_at = u.seen, battery_percent = u.battery,
-                        stationary = u.stationary, actual_release_version = u.actual,
-                        last_event_seq = u.seq,
-                        updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
-                    FROM u
-                    WHERE v.id = u.id AND v.desired_state_id IS NOT DISTINCT FROM u.ds
-                    RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org,
-                              u.changed
-                ),
-                feed AS (
-                    INSERT INTO change_feed (topic, event, entity_id, payload, region, model,
-                                             org)
-                    SELECT 'vehicles', 'vehicle.updated', w.id,
-                           jsonb_build_object('id', w.id, 'status', w.status,
-                                              'reasonCodes', to_jsonb(w.reason_codes)),
-                           w.region, w.model, w.org
-                    FROM w WHERE w.changed
-                )
-                SELECT count(*) FROM w
-                """
+        await _copy(driver, "ingest_wide", _WIDE_TYPES, wide)
+        cur = await driver.execute(
+            """
+            WITH w AS (
+                UPDATE vehicles v
+                SET status = u.status, reason_codes = u.codes,
+                    last_seen_at = u.seen, battery_percent = u.battery,
+                    stationary = u.stationary, actual_release_version = u.actual,
+                    last_event_seq = u.seq,
+                    updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
+                FROM ingest_wide u
+                WHERE v.id = u.id AND v.desired_state_id IS NOT DISTINCT FROM u.ds
+                RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, u.changed
             ),
-            {
-                key: [w[key] for w in wide]
-                for key in (
-                    "id",
-                    "status",
-                    "codes",
-                    "seen",
-                    "battery",
-                    "stationary",
-                    "actual",
-                    "seq",
-                    "ds",
-                    "changed",
-                )
-            },
+            feed AS (
+                INSERT INTO change_feed (topic, event, entity_id, payload, region, model, org)
+                SELECT 'vehicles', 'vehicle.updated', w.id,
+                       jsonb_build_object('id', w.id, 'status', w.status,
+                                          'reasonCodes', to_jsonb(w.reason_codes)),
+                       w.region, w.model, w.org
+                FROM w WHERE w.changed
+            )
+            SELECT count(*) FROM w
+            """
         )
-        result.vehicles_written = int(written.scalar_one())
+        one = await cur.fetchone()
+        result.vehicles_written = int(one[0]) if one else 0
+    lap("wide")
 
+    conn = await session.connection()
     for rollout_id, items in sorted(outcomes_by_rollout.items()):
         current = await conn.execute(
             text(
@@ -445,6 +520,7 @@ async def write_group(
             result.outcomes += await record_target_outcomes(
                 session, rollout_id=rollout_id, outcomes=outcomes, at=now
             )
+    lap("outcomes")
     return result
 
 

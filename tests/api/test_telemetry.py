@@ -268,7 +268,9 @@ async def test_timeline_keyset_newest_first(
     vid = f"{prefix}0"
     insert_vehicles(database_url, [vid], release="1.0")
     r = await http.post(
-        URL, json={"events": [event(vid, s, "apply_start") for s in range(1, 13)]}, headers=gateway
+        URL,
+        json={"events": [event(vid, s, "apply_start", details={"n": s}) for s in range(1, 13)]},
+        headers=gateway,
     )
     assert r.status_code == 202
     seqs: list[int] = []
@@ -277,6 +279,7 @@ async def test_timeline_keyset_newest_first(
         q = f"/api/v1/vehicles/{vid}/timeline?limit=5" + (f"&cursor={cursor}" if cursor else "")
         body = (await http.get(q, headers=viewer)).json()
         seqs += [e["seq"] for e in body["data"]]
+        assert all(e["details"] == {"n": e["seq"]} for e in body["data"])
         cursor = body["metadata"]["nextCursor"]
         if not cursor:
             break
