@@ -3,7 +3,8 @@
 PostgreSQL (MOTORCADE_DATABASE_URL, else an embedded server in .motorcade/pgdata), Temporal
 (MOTORCADE_TEMPORAL_ADDRESS, else `temporal server start-dev` with its Web UI on :8233 and a
 persistent database file), migrations, a seeded fleet (once), then the worker, the API and a
-simulated fleet (`motorcade simulate`, unless MOTORCADE_DEV_SIMULATE=0) as child processes. Ctrl-C stops everything this command started; a second run reuses the data.
+simulated fleet (`motorcade simulate`, unless MOTORCADE_DEV_SIMULATE=0) as child processes.
+Ctrl-C stops everything this command started; a second run reuses the data.
 """
 
 from __future__ import annotations
