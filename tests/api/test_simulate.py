@@ -43,7 +43,7 @@ async def test_simulated_vehicles_update_and_report(
     stats = await simulate(config, key)
     assert stats.overloaded == 0 and stats.errors == 0
     with psycopg.connect(database_url) as conn:
-        rows = dict(
+        rows: dict[str, str] = dict(
             conn.execute(
                 "SELECT id, status || '/' || coalesce(actual_release_version, '-')"
                 " || '/' || array_to_string(reason_codes, ',')"
