@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -36,6 +37,23 @@ from services.telemetry import GroupRequest, WideWritePolicy, write_group
 log = structlog.stdlib.get_logger("motorcade.ingest")
 
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+
+QUEUED_ITEMS = Gauge(
+    "motorcade_ingest_queued_items", "Telemetry items queued or being written (this process)."
+)
+INGESTED = Counter(
+    "motorcade_ingest_items_total",
+    "Telemetry items committed, by kind (events inserted, duplicates, heartbeats).",
+    ["kind"],
+)
+OVERLOADED = Counter(
+    "motorcade_ingest_overloaded_total", "Requests refused with 503 OVERLOADED (queue full)."
+)
+GROUP_SECONDS = Histogram(
+    "motorcade_ingest_group_seconds",
+    "Time to write and commit one group of telemetry requests.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 
 class IngestOverloaded(DomainError):
@@ -124,6 +142,7 @@ class TelemetryIngestor:
             raise IngestOverloaded("telemetry ingestion is shutting down", retry_after=1)
         if self._items + items > self.config.queue_max_items:
             self.stats.overloaded += 1
+            OVERLOADED.inc()
             raise IngestOverloaded(
                 f"the telemetry queue is full ({self._items:,} items waiting)",
                 retry_after=self.retry_after(),
@@ -131,6 +150,7 @@ class TelemetryIngestor:
         loop = asyncio.get_running_loop()
         pending = _Pending(GroupRequest(batch=batch, scope=scope), items, loop.create_future())
         self._items += items
+        QUEUED_ITEMS.inc(items)
         self._queue.append(pending)
         self._wake.set()
         try:
@@ -180,7 +200,9 @@ class TelemetryIngestor:
                 if not isinstance(exc, Exception):
                     raise
             finally:
-                self._items -= sum(p.items for p in group)
+                done = sum(p.items for p in group)
+                self._items -= done
+                QUEUED_ITEMS.dec(done)
 
     async def _write(self, group: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -210,6 +232,10 @@ class TelemetryIngestor:
                 log.error("telemetry group failed", error=type(exc).__name__, sqlstate=sqlstate)
                 raise
         elapsed = time.perf_counter() - started
+        GROUP_SECONDS.observe(elapsed)
+        INGESTED.labels("event").inc(result.events_inserted)
+        INGESTED.labels("duplicate").inc(result.duplicates)
+        INGESTED.labels("heartbeat").inc(result.heartbeats)
         self.stats.groups += 1
         self.stats.requests += len(group)
         self.stats.events += sum(len(p.request.batch.events) for p in group)

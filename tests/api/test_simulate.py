@@ -3,11 +3,17 @@ report desired_notified, apply_start and ready (or failed), and heartbeat the ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import psycopg
 
 from core.settings import Settings
 from core.simulate import SimConfig, simulate
-from tests.api.conftest import insert_vehicles
+from tests.api.conftest import insert_signed_release, insert_vehicles
+from tests.api.test_releases_and_rollouts import rollout_body
+from tests.api.test_rollout_control import wait_for_status, worker  # noqa: F401
 from tests.api.test_telemetry import set_desired
 
 
@@ -58,3 +64,61 @@ async def test_simulated_vehicles_update_and_report(
     assert {rows[v] for v in ok} == {"in_sync/2.0/"}
     assert {rows[v] for v in bad} == {"failed/1.0/APPLY_FAILED"}
     assert dict(kinds) == {"desired_notified": 9, "apply_start": 9, "ready": 6, "failed": 3}
+
+
+async def test_a_rollout_progresses_with_the_simulated_fleet(
+    http: Any,
+    operator: dict,
+    viewer: dict,
+    api_base_url: str,
+    api_settings: Settings,
+    database_url: str,
+    prefix: str,
+    signing_key: Any,
+    worker: None,
+) -> None:
+    """The real workflow and worker, the real API, and simulated vehicles: the canary
+    reports ready through POST /telemetry, the gate passes, the wave goes out, completed."""
+    n = 6
+    ids = [f"{prefix}{i:03d}" for i in range(n)]
+    insert_vehicles(database_url, ids, release="1.0")
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE vehicles SET battery_percent = 90, stationary = true WHERE id = ANY(%s)",
+            (ids,),
+        )
+    release = f"{prefix}2027.2.0"
+    insert_signed_release(database_url, signing_key, release)
+    body = rollout_body(
+        release,
+        targets={"vehicleIds": ids},
+        strategy={
+            "canary": {"size": 2, "bakeSeconds": 2},
+            "waves": [{"percent": 100, "bakeSeconds": 1}],
+        },
+        gates={"canaryHealthy": {"minSuccessRate": 1.0, "minSamples": 2}},
+    )
+    created = await http.post("/api/v1/rollouts", headers=operator, json=body)
+    assert created.status_code == 201, created.text
+    rid = int(created.json()["data"]["id"])
+    key = api_settings.dev_key.get_secret_value()  # type: ignore[union-attr]
+    config = _config(api_base_url, prefix, duration=25.0)
+    sim = asyncio.create_task(simulate(config, key))
+    try:
+        await wait_for_status(http, viewer, rid, "completed", within=25)
+    finally:
+        sim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sim
+    with psycopg.connect(database_url) as conn:
+        states = conn.execute(
+            "SELECT state, count(*) FROM rollout_targets WHERE rollout_id = %s GROUP BY state",
+            (rid,),
+        ).fetchall()
+        statuses = conn.execute(
+            "SELECT status, actual_release_version, count(*) FROM vehicles WHERE id = ANY(%s)"
+            " GROUP BY 1, 2",
+            (ids,),
+        ).fetchall()
+    assert states == [("succeeded", n)]
+    assert statuses == [("in_sync", release, n)]
