@@ -78,25 +78,52 @@ class GroupResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-async def _resolve(session: AsyncSession, requests: list[GroupRequest]) -> None:
-    """Refuse (whole) each request that names an unknown or out-of-scope vehicle.
+def _merge(
+    live: list[GroupRequest],
+) -> tuple[
+    dict[tuple[str, uuid.UUID], GroupRequest],
+    list[EventIn],
+    dict[str, HeartbeatIn],
+    dict[str, EventIn],
+]:
+    """The group as one batch: events deduplicated (first wins), the newest heartbeat and
+    the highest-`seq` event per vehicle. (An event already stored cannot be the vehicle's new
+    latest: its seq was merged when it was stored, in the same transaction.)"""
+    owner: dict[tuple[str, uuid.UUID], GroupRequest] = {}
+    events: list[EventIn] = []
+    beats: dict[str, HeartbeatIn] = {}
+    top: dict[str, EventIn] = {}
+    for req in live:
+        req.accepted = req.duplicates = 0
+        for ev in req.batch.events:
+            key = (ev.vehicle_id, ev.event_id)
+            if key in owner:
+                req.duplicates += 1
+                continue
+            owner[key] = req
+            events.append(ev)
+            best = top.get(ev.vehicle_id)
+            if best is None or ev.seq > best.seq:
+                top[ev.vehicle_id] = ev
+        for hb in req.batch.heartbeats:
+            seen = beats.get(hb.vehicle_id)
+            if seen is None or hb.sent_at >= seen.sent_at:
+                beats[hb.vehicle_id] = hb
+    return owner, events, beats, top
 
-    One anti-join over the group's distinct ids (staged by COPY) returns only the unknown
-    ones; the vehicles' region, model and org are read only for scoped callers."""
-    ids = sorted(
-        {h.vehicle_id for r in requests for h in r.batch.heartbeats}
-        | {e.vehicle_id for r in requests for e in r.batch.events}
-    )
-    if not ids:
-        return
-    driver = await _driver(session)
-    await _copy(driver, "ingest_ids", ["text"], [(i,) for i in ids])
+
+async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
+    """Mark refused (whole) each request naming a vehicle that is unknown (one anti-join over
+    the staged ids) or outside its caller's scope (region, model, org read for scoped callers
+    only). Returns whether any request was newly refused."""
     cur = await driver.execute(
-        "SELECT u.id FROM ingest_ids u"
-        " WHERE NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.id = u.id)"
+        "SELECT u.vid FROM ingest_touch u"
+        " WHERE NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.id = u.vid)"
     )
     unknown = {r[0] for r in await cur.fetchall()}
-    scoped = [r for r in requests if not r.scope.unrestricted]
+    scoped = [r for r in requests if not r.scope.unrestricted and r.refused is None]
+    if not unknown and not scoped:
+        return False
     places: dict[str, Any] = {}
     if scoped:
         wanted = sorted(
@@ -107,9 +134,10 @@ async def _resolve(session: AsyncSession, requests: list[GroupRequest]) -> None:
             "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (wanted,)
         )
         places = {row[0]: row for row in await cur.fetchall()}
-    if not unknown and not scoped:
-        return
+    refused_any = False
     for req in requests:
+        if req.refused is not None:
+            continue
         details: list[dict[str, Any]] = []
         named: list[tuple[str, Sequence[HeartbeatIn | EventIn]]] = [
             ("heartbeats", req.batch.heartbeats),
@@ -138,6 +166,8 @@ async def _resolve(session: AsyncSession, requests: list[GroupRequest]) -> None:
                         break
         if details:
             req.refused = details
+            refused_any = True
+    return refused_any
 
 
 _STAGING = (
@@ -153,7 +183,6 @@ _STAGING = (
         actual text, seq bigint, typ text, ds uuid, rel text, reason text
     ) ON COMMIT DELETE ROWS
     """,
-    "CREATE TEMP TABLE IF NOT EXISTS ingest_ids (id text) ON COMMIT DELETE ROWS",
     """
     CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
         id text, status text, codes text[], seen timestamptz, battery smallint,
@@ -211,23 +240,42 @@ async def write_group(
         result.stats[name] = result.stats.get(name, 0.0) + t - clock
         clock = t
 
-    await _resolve(session, requests)
-    lap("resolve")
-    live = [r for r in requests if r.refused is None]
-    result.refused_requests = len(requests) - len(live)
     driver = await _driver(session)
+    live = list(requests)
+    while True:
+        owner, events, beats, top = _merge(live)
+        vids = sorted(set(beats) | set(top))
+        if not vids:
+            return result
+        touch = []
+        for v in vids:
+            h = beats.get(v)
+            e = top.get(v)
+            touch.append(
+                (
+                    v,
+                    h is not None,
+                    h.sent_at if h else None,
+                    h.battery_percent if h else None,
+                    h.stationary if h else None,
+                    h.actual_release_version if h else None,
+                    e.seq if e else -1,
+                    e.type.value if e else None,
+                    e.desired_state_id if e else None,
+                    e.release_version if e else None,
+                    e.reason_code if e else None,
+                )
+            )
+        await _copy(driver, "ingest_touch", _TOUCH_TYPES, touch)
+        if not await _refuse(driver, live):
+            break
+        # Rare: some request names an unknown vehicle. Stage the group again without it.
+        live = [r for r in live if r.refused is None]
+        result.refused_requests = len(requests) - len(live)
+        await driver.execute("DELETE FROM ingest_touch")
+    lap("stage")
 
-    # -- events: dedupe inside the group (first wins), then COPY + one insert --------------
-    owner: dict[tuple[str, uuid.UUID], GroupRequest] = {}
-    events: list[EventIn] = []
-    for req in live:
-        for ev in req.batch.events:
-            key = (ev.vehicle_id, ev.event_id)
-            if key in owner:
-                req.duplicates += 1
-                continue
-            owner[key] = req
-            events.append(ev)
+    # -- events: COPY + one insert; duplicates found by the row count, and then by xmin ----
     inserted: set[tuple[str, uuid.UUID]] = set()
     if events:
         await _copy(
@@ -278,45 +326,7 @@ async def write_group(
             req.duplicates += 1
     result.events_inserted = len(inserted)
     result.duplicates = sum(r.duplicates for r in live)
-
-    # -- per vehicle: the newest heartbeat and the highest-seq new event -------------------
-    beats: dict[str, HeartbeatIn] = {}
-    for req in live:
-        for hb in req.batch.heartbeats:
-            seen = beats.get(hb.vehicle_id)
-            if seen is None or hb.sent_at >= seen.sent_at:
-                beats[hb.vehicle_id] = hb
-    top: dict[str, EventIn] = {}
-    for ev in events:
-        if (ev.vehicle_id, ev.event_id) in inserted:
-            best = top.get(ev.vehicle_id)
-            if best is None or ev.seq > best.seq:
-                top[ev.vehicle_id] = ev
     result.heartbeats = len(beats)
-    vids = sorted(set(beats) | set(top))
-    if not vids:
-        return result
-    touch = []
-    for v in vids:
-        h = beats.get(v)
-        e = top.get(v)
-        touch.append(
-            (
-                v,
-                h is not None,
-                h.sent_at if h else None,
-                h.battery_percent if h else None,
-                h.stationary if h else None,
-                h.actual_release_version if h else None,
-                e.seq if e else -1,
-                e.type.value if e else None,
-                e.desired_state_id if e else None,
-                e.release_version if e else None,
-                e.reason_code if e else None,
-            )
-        )
-    await _copy(driver, "ingest_touch", _TOUCH_TYPES, touch)
-    lap("stage")
 
     # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
     # whose wide row may change: a new latest event, a visible heartbeat change, an offline
@@ -457,6 +467,7 @@ async def write_group(
         latest_new = top.get(vid)
         if (
             latest_new is not None
+            and (vid, latest_new.event_id) in inserted
             and last_seq == latest_new.seq
             and rollout_id is not None
             and latest_new.desired_state_id is not None

@@ -5,6 +5,7 @@ rejection, size limits, overload, rollout outcomes and status consistency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -299,9 +300,12 @@ async def test_events_feed_rollout_outcomes(
             " signing_key_id, created_by) VALUES ('9.9', '[]', 'sha256:00', 'c2ln', 'k', 't')"
             " ON CONFLICT DO NOTHING"
         )
+        # Its targets name only this test's vehicles (an active rollout's targets take
+        # part in other tests' overlap checks).
         rid = conn.execute(
-            "INSERT INTO rollouts (release_version, created_by, status, targeted, notified)"
-            " VALUES ('9.9', 'test', 'running', 4, 4) RETURNING id"
+            "INSERT INTO rollouts (release_version, created_by, status, targeted, notified,"
+            " targets) VALUES ('9.9', 'test', 'running', 4, 4, %s) RETURNING id",
+            (json.dumps({"vehicleIds": ids}),),
         ).fetchone()[0]  # type: ignore[index]
     dss = {}
     for v in ids:
@@ -343,6 +347,7 @@ async def test_events_feed_rollout_outcomes(
             "SELECT state FROM rollout_targets WHERE rollout_id = %s AND vehicle_id = %s",
             (rid, b),
         ).fetchone() == ("succeeded",)
+        conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (rid,))
 
 
 async def test_stored_status_matches_a_recomputation(
