@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         2, ge=1, le=32, description="Concurrent group-commit writers per process."
     )
     telemetry_refresh_seconds: int = Field(
-        600,
+        240,
         ge=0,
         description="Heartbeats refresh the wide vehicles row's lastSeenAt at most this often "
         "(the narrow vehicle_telemetry row always); visible changes are written at once.",
