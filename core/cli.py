@@ -207,10 +207,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         duration=args.duration,
         seed=args.seed,
     )
+    import httpx
+
     try:
         asyncio.run(simulate(config, key, audience=settings.oidc_audience))
     except KeyboardInterrupt:
         pass
+    except httpx.HTTPError as exc:
+        print(f"cannot list the fleet at {config.api}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
