@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -14,15 +14,18 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.middleware import RequestContextMiddleware
-from api.routes import desired_states, health, releases, rollouts, vehicles
+from api.routes import desired_states, health, releases, rollouts, telemetry, vehicles
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
+from models.telemetry import TelemetryBatch
+from services.ingest import IngestConfig, TelemetryIngestor
+from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.1.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.2.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -33,9 +36,28 @@ Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <tok
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def ingest_config(settings: Settings) -> IngestConfig:
+    return IngestConfig(
+        queue_max_items=settings.ingest_queue_max_items,
+        group_max_items=settings.ingest_group_max_items,
+        group_wait_ms=settings.ingest_group_wait_ms,
+        writers=settings.ingest_writers,
+        policy=WideWritePolicy(
+            offline_after_seconds=settings.offline_after_seconds,
+            refresh_seconds=settings.telemetry_refresh_seconds,
+            battery_step=settings.telemetry_battery_step,
+        ),
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, role: Literal["api", "ingest"] = "api"
+) -> FastAPI:
+    """The API (`motorcade api`) or the ingestion role alone (`motorcade ingest`: telemetry,
+    the devices' desired state, probes and metrics)."""
     settings = settings or get_settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    serves_ingest = role == "ingest" or settings.api_ingest
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,9 +66,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = session_factory(engine)
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
+        app.state.ingestor = None
+        if serves_ingest:
+            app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
+            await app.state.ingestor.start()
         try:
             yield
         finally:
+            if app.state.ingestor is not None:
+                await app.state.ingestor.stop()
             await app.state.verifier.aclose()
             await engine.dispose()
 
@@ -60,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.role = role
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -87,9 +116,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
 
     app.include_router(health.router)
-    for router in (vehicles.router, releases.router, rollouts.router, desired_states.router):
-        app.include_router(router, prefix=API_PREFIX)
-    app.include_router(reports_router, prefix=API_PREFIX)
+    if role == "ingest":
+        app.include_router(telemetry.router, prefix=API_PREFIX)
+        app.include_router(vehicles.device_router, prefix=API_PREFIX)
+    else:
+        routers = [vehicles.router, releases.router, rollouts.router, desired_states.router]
+        if serves_ingest:
+            routers[1:1] = [vehicles.device_router, telemetry.router]
+        for router in routers:
+            app.include_router(router, prefix=API_PREFIX)
+        app.include_router(reports_router, prefix=API_PREFIX)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_json(_: ViewerDep) -> JSONResponse:
@@ -111,7 +147,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    schema.setdefault("components", {})["securitySchemes"] = {
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    body = TelemetryBatch.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(body.pop("$defs", {}))
+    schemas["TelemetryBatch"] = body
+    schema["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     }
     schema["security"] = [{"bearer": []}]

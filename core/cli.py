@@ -1,4 +1,5 @@
-"""The `motorcade` command: one role per subcommand (api, worker, migrate, seed, token, dev)."""
+"""The `motorcade` command: one role per subcommand (api, ingest, worker, migrate, seed, token,
+dev, simulate)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ def cmd_api(args: argparse.Namespace) -> int:
         create_app(settings),
         host=args.host or settings.api_host,
         port=args.port or settings.api_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """The ingestion role alone: POST /telemetry (group commit) and the devices' desired
+    state, on its own port (default API port + 1)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings, role="ingest"),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port + 1,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -147,6 +167,58 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untyped-def]
+    if settings.dev_key is not None:
+        return str(settings.dev_key.get_secret_value())
+    if dev_key_file(state_dir).exists():
+        return dev_key_file(state_dir).read_text().strip()
+    return None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from core.simulate import SimConfig, simulate
+
+    settings = _settings()
+    key = _dev_key(settings, Path(args.state_dir))
+    if key is None:
+        print("no dev key: set MOTORCADE_DEV_KEY or run `make dev` once", file=sys.stderr)
+        return 2
+    rates: dict[str, float] = {}
+    for item in args.release_failure_rate or []:
+        version, sep, rate = item.partition("=")
+        if not sep:
+            print(f"--release-failure-rate takes VERSION=RATE, not {item!r}", file=sys.stderr)
+            return 2
+        rates[version] = float(rate)
+    config = SimConfig(
+        api=args.api or f"http://{settings.api_host}:{settings.api_port}",
+        vehicles=args.vehicles,
+        id_prefix=args.prefix,
+        failure_rate=args.failure_rate,
+        release_failure_rates=rates,
+        low_battery_rate=args.low_battery_rate,
+        moving_rate=args.moving_rate,
+        network_loss_rate=args.network_loss_rate,
+        offline_rate=args.offline_rate,
+        heartbeat_seconds=args.heartbeat_seconds,
+        poll_seconds=args.poll_seconds,
+        apply_seconds=args.apply_seconds,
+        min_battery_percent=settings.safety_min_battery_percent,
+        duration=args.duration,
+        seed=args.seed,
+    )
+    import httpx
+
+    try:
+        asyncio.run(simulate(config, key, audience=settings.oidc_audience))
+    except KeyboardInterrupt:
+        pass
+    except httpx.HTTPError as exc:
+        print(f"cannot list the fleet at {config.api}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from core.devstack import run_dev
 
@@ -178,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_api)
 
+    p = sub.add_parser(
+        "ingest", help="run the telemetry ingestion role alone (default port: API port + 1)"
+    )
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_ingest)
+
     p = sub.add_parser("worker", help="run the Temporal worker (rollout workflows, activities)")
     p.set_defaults(func=cmd_worker)
 
@@ -205,6 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, default=1000)
     p.add_argument("--state-dir", default=str(STATE_DIR))
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser(
+        "simulate", help="a fleet of simulated vehicles that poll desired state and report"
+    )
+    p.add_argument("--vehicles", type=int, help="how many (default: every listed vehicle)")
+    p.add_argument("--api", help="API base URL (default http://MOTORCADE_API_HOST:PORT)")
+    p.add_argument("--prefix", help="only vehicles whose id starts with this")
+    p.add_argument("--failure-rate", type=float, default=0.05, help="share of applies failing")
+    p.add_argument(
+        "--release-failure-rate",
+        action="append",
+        metavar="VERSION=RATE",
+        help="failure rate for one release (repeatable)",
+    )
+    p.add_argument("--low-battery-rate", type=float, default=0.03)
+    p.add_argument("--moving-rate", type=float, default=0.05)
+    p.add_argument("--network-loss-rate", type=float, default=0.01)
+    p.add_argument(
+        "--offline-rate", type=float, default=0.002, help="chance per heartbeat to go offline"
+    )
+    p.add_argument("--heartbeat-seconds", type=float, default=60.0)
+    p.add_argument("--poll-seconds", type=float, default=30.0)
+    p.add_argument("--apply-seconds", type=float, default=20.0)
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, help="random seed (reproducible fleets)")
+    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("openapi", help="print or write the OpenAPI spec (YAML)")
     p.add_argument("--write", help="file to write, e.g. docs/openapi.yaml")

@@ -2,8 +2,9 @@
 
 PostgreSQL (MOTORCADE_DATABASE_URL, else an embedded server in .motorcade/pgdata), Temporal
 (MOTORCADE_TEMPORAL_ADDRESS, else `temporal server start-dev` with its Web UI on :8233 and a
-persistent database file), migrations, a seeded fleet (once), then the worker and the API as
-child processes. Ctrl-C stops everything this command started; a second run reuses the data.
+persistent database file), migrations, a seeded fleet (once), then the worker, the API and a
+simulated fleet (`motorcade simulate`, unless MOTORCADE_DEV_SIMULATE=0) as child processes.
+Ctrl-C stops everything this command started; a second run reuses the data.
 """
 
 from __future__ import annotations
@@ -173,6 +174,14 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
         )
         base = f"http://{API_HOST}:{API_PORT}"
         _wait_ready(base, [("worker", worker), ("api", api)])
+        if os.environ.get("MOTORCADE_DEV_SIMULATE", "1") != "0":
+            say(f"simulated fleet: `motorcade simulate` (log: {state_dir / 'simulate.log'})")
+            stack.spawn(
+                "simulate",
+                [motorcade, "simulate", "--api", base, "--state-dir", str(state_dir)],
+                env,
+                log=state_dir / "simulate.log",
+            )
         viewer = mint_dev_token(dev_key, role=Role.VIEWER, subject="dev-viewer")
         operator = mint_dev_token(dev_key, role=Role.OPERATOR, subject="dev-operator")
         ui = (

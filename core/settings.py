@@ -82,6 +82,34 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = Field(
         60, ge=5, le=86400, description="How often the reconcile Schedule runs."
     )
+    # Telemetry ingestion (docs/telemetry.md).
+    ingest_queue_max_items: int = Field(
+        50_000,
+        ge=1,
+        description="Telemetry items (events + heartbeats) queued or being written per "
+        "process; past it POST /telemetry answers 503 OVERLOADED with Retry-After.",
+    )
+    ingest_group_max_items: int = Field(
+        10_000, ge=1, description="Most telemetry items written in one transaction."
+    )
+    ingest_group_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a group waits for more requests to join."
+    )
+    ingest_writers: int = Field(
+        2, ge=1, le=32, description="Concurrent group-commit writers per process."
+    )
+    telemetry_refresh_seconds: int = Field(
+        240,
+        ge=0,
+        description="Heartbeats refresh the wide vehicles row's lastSeenAt at most this often "
+        "(the narrow vehicle_telemetry row always); visible changes are written at once.",
+    )
+    telemetry_battery_step: int = Field(
+        5, ge=1, le=100, description="Battery change (points) written to the vehicles row at once."
+    )
+    api_ingest: bool = Field(
+        True, description="`motorcade api` also serves POST /telemetry and desired states."
+    )
     trusted_keys_file: str | None = Field(
         None, description="JSON file of trusted ed25519 release-signing public keys."
     )

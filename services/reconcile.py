@@ -7,6 +7,9 @@ All set-based, whatever the fleet size: no per-vehicle Python loop. Functions ta
 
 - Offline: a vehicle with no heartbeat since `cutoff` (`last_seen_at < cutoff`), or never
   seen and registered before `cutoff`, becomes `offline` (which wins over every other status).
+  The wide row's `last_seen_at` may lag the latest heartbeat by up to
+  `MOTORCADE_TELEMETRY_REFRESH_SECONDS` (docs/data-model.md), so the index finds candidates
+  and the narrow `vehicle_telemetry` row, always current, has the last word.
   Marked in batches walking the `(last_seen_key, id)` index with a keyset cursor, each batch one
   statement, so the activity commits batch by batch and never locks the whole fleet at once.
   No per-vehicle `vehicle.updated` event is published (a million events at once would swamp
@@ -104,6 +107,9 @@ async def mark_offline_batch(
                       AND v.status <> :offline
                       AND v.last_seen_key < :cutoff
                       AND (v.last_seen_at IS NOT NULL OR v.created_at < :cutoff)
+                      AND NOT EXISTS (
+                          SELECT 1 FROM vehicle_telemetry p
+                          WHERE p.vehicle_id = v.id AND p.last_seen_at >= :cutoff)
                     RETURNING v.id
                 ),
                 tail AS (

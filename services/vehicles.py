@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
+from sqlalchemy import text, tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.enums import VehicleStatus
 from models.scope import Scope
-from models.tables import RolloutTarget, Vehicle
+from models.tables import RolloutTarget, TimelineEvent, Vehicle
 from services.errors import InvalidInput, NotFoundError
-from services.pagination import SortKey, any_of, keyset, parse_sort, split_page, timestamp_key
+from services.pagination import (
+    Sort,
+    SortKey,
+    any_of,
+    decode_cursor,
+    keyset,
+    parse_sort,
+    split_page,
+    timestamp_key,
+)
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
@@ -135,3 +149,109 @@ async def get_vehicle(session: AsyncSession, *, scope: Scope, vehicle_id: str) -
     if vehicle is None:
         raise NotFoundError(f"vehicle {vehicle_id!r} not found")
     return vehicle
+
+
+async def latest_telemetry(session: AsyncSession, *, vehicle_id: str) -> Any | None:
+    """The narrow telemetry row (always current; the wide row may lag on lastSeenAt)."""
+    conn = await session.connection()
+    return (
+        await conn.execute(
+            text(
+                "SELECT last_seen_at, battery_percent, stationary, actual_release_version"
+                " FROM vehicle_telemetry WHERE vehicle_id = :id"
+            ),
+            {"id": vehicle_id},
+        )
+    ).first()
+
+
+# --- One vehicle's desired state (for the vehicle itself) and its timeline -----------------
+
+
+@dataclass(frozen=True)
+class DesiredStateView:
+    vehicle_id: str
+    desired_state_id: str | None
+    release_version: str | None
+    rollout_id: int | None
+    components: list[dict[str, Any]]
+    artifact_digest: str | None
+    signature: str | None
+    signing_key_id: str | None
+    created_at: datetime | None
+
+    @property
+    def etag(self) -> str:
+        """Strong ETag: changes whenever the desired state does."""
+        digest = hashlib.sha256(
+            f"{self.desired_state_id}|{self.release_version}|{self.rollout_id}".encode()
+        ).hexdigest()[:32]
+        return f'"{digest}"'
+
+
+async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> DesiredStateView:
+    """What the vehicle should run: its current desired state (kept on the vehicle row by the
+    rollout path) with the release's components and signature to verify before applying."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                """
+                SELECT v.id, v.desired_state_id, v.desired_release_version, v.rollout_id,
+                       ds.created_at, r.components, r.artifact_digest, r.signature,
+                       r.signing_key_id
+                FROM vehicles v
+                LEFT JOIN desired_states ds ON ds.id = v.desired_state_id
+                LEFT JOIN releases r ON r.version = v.desired_release_version
+                WHERE v.id = :id
+                """
+            ),
+            {"id": vehicle_id},
+        )
+    ).first()
+    if row is None:
+        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+    return DesiredStateView(
+        vehicle_id=row.id,
+        desired_state_id=str(row.desired_state_id) if row.desired_state_id else None,
+        release_version=row.desired_release_version,
+        rollout_id=row.rollout_id,
+        components=list(row.components or []),
+        artifact_digest=row.artifact_digest,
+        signature=row.signature,
+        signing_key_id=row.signing_key_id,
+        created_at=row.created_at,
+    )
+
+
+TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq)), descending=True)
+
+
+async def list_timeline(
+    session: AsyncSession, *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
+) -> tuple[list[TimelineEvent], str | None]:
+    """A vehicle's timeline, newest first (`seq` descending, then event id): keyset over the
+    `(vehicle_id, seq)` index of one partition."""
+    await get_vehicle(session, scope=scope, vehicle_id=vehicle_id)
+    stmt = select(TimelineEvent).where(col(TimelineEvent.vehicle_id) == vehicle_id)
+    if cursor:
+        seq, ident = decode_cursor(cursor, TIMELINE_SORT)
+        try:
+            after = (int(seq), uuid.UUID(str(ident)))
+        except (TypeError, ValueError):
+            raise InvalidInput(
+                "the cursor is not valid for this list and sort",
+                details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
+            ) from None
+        stmt = stmt.where(
+            tuple_(col(TimelineEvent.seq), col(TimelineEvent.event_id)) < tuple_(*after)
+        )
+    stmt = stmt.order_by(col(TimelineEvent.seq).desc(), col(TimelineEvent.event_id).desc())
+    rows = list((await session.exec(stmt.limit(limit + 1))).all())
+    return split_page(
+        rows,
+        sort=TIMELINE_SORT,
+        limit=limit,
+        value_of=lambda e: e.seq,
+        id_of=lambda e: str(e.event_id),
+    )

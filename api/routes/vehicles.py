@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 
-from api.deps import CursorQuery, LimitQuery, SessionDep, SortQuery, ViewerDep, multi
+from api.deps import CursorQuery, LimitQuery, SessionDep, SortQuery, ViewerDep, multi, require
 from api.envelope import ok, page
-from api.errors import ErrorResponses
+from api.errors import ErrorResponses, Forbidden
+from core.auth import Principal
 from models.api import Envelope, ListEnvelope, VehicleOut
-from models.tables import Vehicle
+from models.enums import Role
+from models.tables import TimelineEvent, Vehicle
+from models.telemetry import DesiredStateOut, TimelineEventOut
 from services import vehicles as service
 
 router = APIRouter(prefix="/vehicles", tags=["vehicles"])
+# The devices' side (served by `motorcade ingest` too): their desired state.
+device_router = APIRouter(prefix="/vehicles", tags=["vehicles"])
 
 Multi = Annotated[list[str] | None, Query()]
+DeviceDep = Annotated[Principal, Depends(require(frozenset({Role.DEVICE})))]
+VehicleIdPath = Annotated[str, Path(max_length=128)]
 
 
 def vehicle_out(v: Vehicle) -> VehicleOut:
@@ -94,4 +102,92 @@ async def get_vehicle(
     vehicle_id: Annotated[str, Path(max_length=128)],
 ) -> Any:
     vehicle = await service.get_vehicle(session, scope=principal.scope, vehicle_id=vehicle_id)
-    return ok(request, vehicle_out(vehicle))
+    out = vehicle_out(vehicle)
+    fresh = await service.latest_telemetry(session, vehicle_id=vehicle_id)
+    if (
+        fresh is not None
+        and fresh.last_seen_at is not None
+        and (out.last_seen_at is None or fresh.last_seen_at > out.last_seen_at)
+    ):
+        out.last_seen_at = fresh.last_seen_at
+        out.battery_percent = fresh.battery_percent
+        out.stationary = fresh.stationary
+        out.actual.release_version = fresh.actual_release_version
+    return ok(request, out)
+
+
+@device_router.get(
+    "/{vehicle_id}/desired-state",
+    response_model=Envelope[DesiredStateOut],
+    summary="What this vehicle should run (device token of that vehicle); ETag and 304",
+    responses={**ErrorResponses.read_one, 304: {"description": "Not modified (If-None-Match)"}},
+)
+async def get_desired_state(
+    request: Request,
+    principal: DeviceDep,
+    session: SessionDep,
+    vehicle_id: VehicleIdPath,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Any:
+    """A device reads its own vehicle's desired state only (another vehicle: 403). Poll with
+    `If-None-Match: <ETag>`: `304` with no body while the desired state is unchanged."""
+    if principal.vehicle_id != vehicle_id:
+        raise Forbidden("a device may only read its own vehicle's desired state")
+    view = await service.get_desired_state(session, vehicle_id=vehicle_id)
+    headers = {"ETag": view.etag, "Cache-Control": "no-cache"}
+    if if_none_match is not None and (
+        if_none_match.strip() == "*"
+        or view.etag in [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    ):
+        return Response(status_code=304, headers=headers)
+    body = ok(
+        request,
+        DesiredStateOut(
+            vehicle_id=view.vehicle_id,
+            desired_state_id=view.desired_state_id,
+            release_version=view.release_version,
+            rollout_id=view.rollout_id,
+            components=view.components,
+            artifact_digest=view.artifact_digest,
+            signature=view.signature,
+            signing_key_id=view.signing_key_id,
+            created_at=view.created_at,
+        ),
+    )
+    return JSONResponse(body, headers=headers)
+
+
+def timeline_out(e: TimelineEvent) -> TimelineEventOut:
+    return TimelineEventOut(
+        event_id=str(e.event_id),
+        vehicle_id=e.vehicle_id,
+        seq=e.seq,
+        type=e.type,
+        occurred_at=e.occurred_at,
+        received_at=e.received_at,
+        desired_state_id=str(e.desired_state_id) if e.desired_state_id else None,
+        release_version=e.release_version,
+        reason_code=e.reason_code,
+        details=e.details or {},
+    )
+
+
+@router.get(
+    "/{vehicle_id}/timeline",
+    response_model=ListEnvelope[TimelineEventOut],
+    summary="The vehicle's timeline events, newest first (keyset pagination)",
+    responses=ErrorResponses.read_one,
+)
+async def get_timeline(
+    request: Request,
+    principal: ViewerDep,
+    session: SessionDep,
+    vehicle_id: VehicleIdPath,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> Any:
+    """Ordered by `seq` descending (a late event appears in its place), then event id."""
+    rows, next_cursor = await service.list_timeline(
+        session, scope=principal.scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
+    )
+    return page(request, [timeline_out(e) for e in rows], limit=limit, next_cursor=next_cursor)

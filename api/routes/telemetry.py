@@ -1,0 +1,155 @@
+"""Telemetry: `POST /api/v1/telemetry` for devices (their own vehicle) and gateways.
+
+The route parses (size limits first, then strict validation of the whole batch), authorizes,
+and hands the batch to the process's group committer (services/ingest.py); it answers 202
+only once the group holding its events has committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from api.deps import require
+from api.envelope import ok
+from api.errors import (
+    ErrorResponses,
+    Forbidden,
+    Overloaded,
+    PayloadTooLarge,
+    ValidationFailed,
+    _responses,
+    validation_details,
+)
+from core.auth import Principal
+from models.api import Envelope
+from models.enums import Role
+from models.telemetry import (
+    MAX_BODY_BYTES,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_HEARTBEATS_PER_REQUEST,
+    EventIn,
+    HeartbeatIn,
+    TelemetryAccepted,
+    TelemetryBatch,
+)
+from services.ingest import IngestOverloaded, TelemetryIngestor
+
+router = APIRouter(tags=["telemetry"])
+
+TELEMETRY_ROLES = frozenset({Role.DEVICE, Role.GATEWAY})
+
+_BODY_SCHEMA = {"$ref": "#/components/schemas/TelemetryBatch"}
+DESCRIPTION = (
+    f"At most {MAX_EVENTS_PER_REQUEST} events, {MAX_HEARTBEATS_PER_REQUEST} heartbeats and "
+    f"{MAX_BODY_BYTES} bytes per request (else 413 `PAYLOAD_TOO_LARGE`). One invalid item "
+    "rejects the whole batch (422, `details` naming its index and field) and nothing of it is "
+    "stored; a vehicle that is unknown or outside the caller's scope is 404. A device may "
+    "post only for its own vehicle (403). `202` with `{accepted, duplicates}` is sent only "
+    "once the events are committed. Events deduplicate on (`vehicleId`, `eventId`) and order "
+    "by `seq` (from 1): a late event enters the timeline but never moves the status "
+    "backwards. Heartbeats coalesce per vehicle (latest `sentAt` wins). Past the ingest "
+    "queue's bound: 503 `OVERLOADED` with `Retry-After`."
+)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (declared or sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_batch(body: bytes) -> TelemetryBatch:
+    try:
+        return TelemetryBatch.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e.get("type") == "json_invalid" for e in errors):
+            raise ValidationFailed(
+                "the request body is not valid JSON",
+                details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
+            ) from None
+        too_many = [e for e in errors if e.get("type") == "too_long" and len(e["loc"]) == 1]
+        if too_many:
+            raise PayloadTooLarge(
+                f"at most {MAX_EVENTS_PER_REQUEST} events and {MAX_HEARTBEATS_PER_REQUEST} "
+                "heartbeats per request",
+                details=[{"field": str(e["loc"][0]), "message": e["msg"]} for e in too_many],
+            ) from None
+        details = validation_details([{**e, "loc": ("body", *e["loc"])} for e in errors])
+        first = details[0]["field"] if details else None
+        raise ValidationFailed(
+            f"invalid value for {first}; the whole batch is rejected", details=details
+        ) from None
+
+
+def check_device(principal: Principal, batch: TelemetryBatch) -> None:
+    """A device posts for its own vehicle only: anything else refuses the whole batch."""
+    if principal.role is not Role.DEVICE:
+        return
+    details: list[dict[str, Any]] = []
+    named: list[tuple[str, Sequence[HeartbeatIn | EventIn]]] = [
+        ("heartbeats", batch.heartbeats),
+        ("events", batch.events),
+    ]
+    for kind, items in named:
+        for index, item in enumerate(items):
+            if item.vehicle_id != principal.vehicle_id:
+                details.append(
+                    {
+                        "field": f"{kind}.{index}.vehicleId",
+                        "index": index,
+                        "message": "a device token may only post for its own vehicle",
+                    }
+                )
+    if details:
+        raise Forbidden("a device may only post telemetry for its own vehicle", details=details)
+
+
+@router.post(
+    "/telemetry",
+    status_code=202,
+    response_model=Envelope[TelemetryAccepted],
+    summary="Heartbeats and timeline events, batched (device: own vehicle; gateway: many)",
+    description=DESCRIPTION,
+    responses={
+        **ErrorResponses.write,
+        **_responses(PayloadTooLarge, Overloaded),
+    },
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}
+    },
+)
+async def post_telemetry(
+    request: Request,
+    principal: Principal = Depends(require(TELEMETRY_ROLES)),
+) -> Any:
+    batch = parse_batch(await read_body(request))
+    check_device(principal, batch)
+    ingestor: TelemetryIngestor = request.app.state.ingestor
+    try:
+        done = await ingestor.submit(batch=batch, scope=principal.scope)
+    except IngestOverloaded as exc:
+        raise Overloaded(exc.message, retry_after=exc.retry_after) from None
+    body = ok(
+        request,
+        TelemetryAccepted(
+            accepted=done.accepted,
+            duplicates=done.duplicates,
+            heartbeats=len(batch.heartbeats),
+        ),
+    )
+    return JSONResponse(body, status_code=202)

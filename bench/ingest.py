@@ -1,0 +1,416 @@
+"""Telemetry ingestion on this machine: the public endpoint against a COPY ceiling, and a
+million vehicles' heartbeats.
+
+    .venv/bin/python bench/ingest.py [--vehicles 1000000] [--events 300000] [--clients 8]
+
+A fresh, migrated database (on the server at MOTORCADE_DATABASE_URL, else an embedded one
+under .motorcade/bench-pgdata), seeded with `--vehicles` vehicles (binary COPY); dropped at
+the end unless `--keep`. The endpoint is the real `motorcade ingest` process (uvicorn, group
+commit) on a loopback port; the clients are asyncio + httpx in this process, sending
+pre-serialized bodies with a gateway token. Before the events, the first `--events / 3`
+vehicles get a new desired state (as a rollout would), so their events move real statuses:
+each sends `desired_notified`, `apply_start`, `ready` (seq 1, 2, 3) on that desired state.
+
+Prints events per second for:
+
+1. ceiling: binary COPY of the same events straight into `timeline_events` (then emptied);
+2. the endpoint, batches of 500 events from `--clients` concurrent clients (dedupe, ordering,
+   status derivation, wide-row writes, change feed: everything), in two layouts: each
+   vehicle's three events in three different batches (the worst case: two status changes per
+   three events, each a rewrite of the wide `vehicles` row), and each vehicle's three events
+   in one batch (a buffering gateway: one wide-row write per vehicle);
+3. the endpoint, single-event requests (a smaller sample) from 64 concurrent clients;
+
+with each one's ratio to the ceiling (goal: at least 30,000 events/s through the endpoint and
+at least 1/4 of the ceiling). Then heartbeats for every vehicle, batches of 500:
+
+4. first contact (each vehicle's narrow `vehicle_telemetry` row is created);
+5. steady state, nothing visible changed (a HOT update of the narrow row only);
+6. every heartbeat rewrites the wide `vehicles` row (what happens every
+   `MOTORCADE_TELEMETRY_REFRESH_SECONDS`, and what a design without the narrow table does on
+   every heartbeat);
+
+and the sustained rate at one heartbeat a minute per vehicle with the default refresh of 240 s
+(3 narrow-only heartbeats for 1 wide), against the goal: vehicles / 60 per second.
+No figure here is asserted: these machines are noisy; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+import psycopg
+
+from core import localservers
+from core.auth import generate_dev_key, mint_dev_token
+from core.migrate import upgrade
+from core.settings import libpq_url, normalize_database_url
+from models.enums import Role
+from services.seed import SAMPLE_RELEASES, seed_fleet
+
+BATCH = 500
+GOAL_EVENTS_PER_SECOND = 30_000
+KINDS = ("desired_notified", "apply_start", "ready")
+
+
+def server_url() -> str:
+    url = os.environ.get("MOTORCADE_DATABASE_URL")
+    if url:
+        return libpq_url(normalize_database_url(url))
+    return localservers.embedded_postgres_url(localservers.STATE_DIR / "bench-pgdata")
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+# --- Fixtures ------------------------------------------------------------------------------
+
+
+def new_desired_states(url: str, count: int, release: str) -> list[tuple[str, str]]:
+    """Give the first `count` vehicles a new desired state (set-based, as a rollout would)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            WITH v AS (SELECT id FROM vehicles ORDER BY id LIMIT %(n)s),
+            ds AS (
+                INSERT INTO desired_states (id, vehicle_id, release_version, created_by)
+                SELECT gen_random_uuid(), v.id, %(rel)s, 'bench' FROM v
+                RETURNING id, vehicle_id
+            ),
+            up AS (
+                UPDATE vehicles SET desired_release_version = %(rel)s, desired_state_id = ds.id,
+                       status = 'pending'
+                FROM ds WHERE vehicles.id = ds.vehicle_id
+                RETURNING vehicles.id, ds.id AS ds
+            )
+            SELECT id, ds::text FROM up ORDER BY id
+            """,
+            {"n": count, "rel": release},
+        ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def make_events(targets: list[tuple[str, str]], release: str) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    events = []
+    for seq, kind in enumerate(KINDS, start=1):
+        for vid, ds in targets:
+            events.append(
+                {
+                    "eventId": str(uuid.uuid4()),
+                    "vehicleId": vid,
+                    "seq": seq,
+                    "type": kind,
+                    "occurredAt": iso(now + timedelta(milliseconds=seq)),
+                    "desiredStateId": ds,
+                    "releaseVersion": release,
+                    "details": {"stage": kind},
+                }
+            )
+    return events
+
+
+def copy_ceiling(url: str, events: list[dict[str, Any]]) -> float:
+    """Binary COPY of the same events into timeline_events; returns seconds; empties it."""
+    rows = [
+        (
+            e["vehicleId"],
+            uuid.UUID(e["eventId"]),
+            e["seq"],
+            e["type"],
+            datetime.fromisoformat(e["occurredAt"].replace("Z", "+00:00")),
+            uuid.UUID(e["desiredStateId"]),
+            e["releaseVersion"],
+            e["details"],
+        )
+        for e in events
+    ]
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY timeline_events (vehicle_id, event_id, seq, type, occurred_at,"
+                " desired_state_id, release_version, details) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(
+                    ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "jsonb"]
+                )
+                for row in rows:
+                    copy.write_row(row)
+        conn.commit()
+        seconds = time.perf_counter() - started
+        conn.execute("TRUNCATE timeline_events")
+        conn.commit()
+    return seconds
+
+
+# --- The endpoint --------------------------------------------------------------------------
+
+
+def start_ingest(url: str, dev_key: str, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "MOTORCADE_DATABASE_URL": url,
+        "MOTORCADE_DEV_KEY": dev_key,
+        "MOTORCADE_ENV": "test",
+        "MOTORCADE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        "MOTORCADE_LOG_FORMAT": "json",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "ingest", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+
+
+async def wait_ready(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=2) as client:
+        for _ in range(300):
+            try:
+                if (await client.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("motorcade ingest did not start")
+
+
+async def send_all(
+    base: str, token: str, bodies: list[bytes], clients: int
+) -> tuple[float, int, int]:
+    """POST every body with `clients` concurrent clients; retries 503 after Retry-After.
+    Returns seconds, accepted, 503s."""
+    queue = list(reversed(bodies))
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    accepted = 0
+    overloaded = 0
+
+    async def worker() -> None:
+        nonlocal accepted, overloaded
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            while queue:
+                body = queue.pop()
+                while True:
+                    r = await client.post("/api/v1/telemetry", content=body, headers=headers)
+                    if r.status_code == 503:
+                        overloaded += 1
+                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                        continue
+                    if r.status_code != 202:
+                        raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+                    accepted += r.json()["data"]["accepted"]
+                    break
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - started, accepted, overloaded
+
+
+def event_bodies(events: list[dict[str, Any]], size: int) -> list[bytes]:
+    return [
+        json.dumps({"events": events[i : i + size]}).encode() for i in range(0, len(events), size)
+    ]
+
+
+def heartbeat_bodies(
+    fleet: list[tuple[str, int | None, bool | None, str | None]], sent_at: datetime
+) -> list[bytes]:
+    stamp = iso(sent_at)
+    bodies = []
+    for i in range(0, len(fleet), BATCH):
+        beats = [
+            {
+                "vehicleId": vid,
+                "sentAt": stamp,
+                "batteryPercent": battery,
+                "stationary": stationary,
+                "actualReleaseVersion": actual,
+            }
+            for vid, battery, stationary, actual in fleet[i : i + BATCH]
+        ]
+        bodies.append(json.dumps({"heartbeats": beats}).encode())
+    return bodies
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    release = SAMPLE_RELEASES[-1].version
+    targets = new_desired_states(url, args.events // len(KINDS), release)
+    events = make_events(targets, release)
+    figures["events"] = len(events)
+    figures["ceiling_seconds"] = copy_ceiling(url, events)
+
+    dev_key = generate_dev_key()
+    token = mint_dev_token(dev_key, role=Role.GATEWAY)
+    port = localservers.free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_ingest(url, dev_key, port)
+    try:
+        await wait_ready(base)
+        # Batches of 500, each vehicle's events in different batches (all seq 1 first,
+        # then 2, then 3): every event that moves a status rewrites its wide row.
+        seconds, accepted, busy = await send_all(
+            base, token, event_bodies(events, BATCH), args.clients
+        )
+        figures.update(batch_seconds=seconds, batch_accepted=accepted, batch_503=busy)
+        # The same volume with each vehicle's three events inside one batch (a gateway that
+        # buffers): one wide-row write per vehicle.
+        grouped_targets = new_desired_states_after(url, len(targets), len(targets), release)
+        grouped = make_events(grouped_targets, release)
+        grouped.sort(key=lambda e: (e["vehicleId"], e["seq"]))
+        seconds, accepted, busy = await send_all(
+            base, token, event_bodies(grouped, BATCH), args.clients
+        )
+        figures.update(grouped_seconds=seconds, grouped_accepted=accepted, grouped_503=busy)
+        # Single-event requests: a sample on other vehicles' fresh events.
+        sample_targets = new_desired_states_after(url, 2 * len(targets), args.single // 3, release)
+        singles = make_events(sample_targets, release)
+        seconds, accepted, busy = await send_all(base, token, event_bodies(singles, 1), 64)
+        figures.update(
+            single_events=len(singles),
+            single_seconds=seconds,
+            single_accepted=accepted,
+            single_503=busy,
+        )
+        # Heartbeats for every vehicle.
+        with psycopg.connect(url) as conn:
+            fleet = conn.execute(
+                "SELECT id, battery_percent, stationary, actual_release_version FROM vehicles"
+                " ORDER BY id"
+            ).fetchall()
+        figures["fleet"] = len(fleet)
+        t0 = datetime.now(UTC)
+        rounds = [
+            ("hb_first", t0 + timedelta(seconds=1)),
+            ("hb_narrow", t0 + timedelta(seconds=61)),
+            ("hb_wide", t0 + timedelta(seconds=61 + 700)),
+        ]
+        for name, sent_at in rounds:
+            bodies = heartbeat_bodies(fleet, sent_at)  # type: ignore[arg-type]
+            seconds, _, busy = await send_all(base, token, bodies, args.clients)
+            figures[f"{name}_seconds"] = seconds
+            figures[f"{name}_503"] = busy
+            print(f"  {name}: {len(fleet) / seconds:,.0f} heartbeats/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    with psycopg.connect(url) as conn:
+        stored = conn.execute("SELECT count(*) FROM timeline_events").fetchone()
+    figures["stored_events"] = float(stored[0]) if stored else 0.0
+    return figures
+
+
+def new_desired_states_after(
+    url: str, skip: int, count: int, release: str
+) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            WITH v AS (SELECT id FROM vehicles ORDER BY id OFFSET %(skip)s LIMIT %(n)s),
+            ds AS (
+                INSERT INTO desired_states (id, vehicle_id, release_version, created_by)
+                SELECT gen_random_uuid(), v.id, %(rel)s, 'bench' FROM v
+                RETURNING id, vehicle_id
+            ),
+            up AS (
+                UPDATE vehicles SET desired_release_version = %(rel)s, desired_state_id = ds.id,
+                       status = 'pending'
+                FROM ds WHERE vehicles.id = ds.vehicle_id
+                RETURNING vehicles.id, ds.id AS ds
+            )
+            SELECT id, ds::text FROM up ORDER BY id
+            """,
+            {"skip": skip, "n": count, "rel": release},
+        ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def report(f: dict[str, float], vehicles: int) -> None:
+    ceiling = f["events"] / f["ceiling_seconds"]
+    batch = f["batch_accepted"] / f["batch_seconds"]
+    single = f["single_accepted"] / f["single_seconds"]
+    print(f"\nevents: {int(f['events']):,} (stored after the run: {int(f['stored_events']):,})")
+    print(f"  ceiling (binary COPY into timeline_events): {ceiling:>10,.0f} events/s")
+    print(
+        f"  endpoint, batches of {BATCH}:                  {batch:>10,.0f} events/s"
+        f"  ratio {batch / ceiling:.2f}  (503s: {int(f['batch_503'])})"
+        f"  goal >= {GOAL_EVENTS_PER_SECOND:,} and >= 0.25:"
+        f" {'met' if batch >= GOAL_EVENTS_PER_SECOND and batch >= ceiling / 4 else 'NOT met'}"
+    )
+    grouped = f["grouped_accepted"] / f["grouped_seconds"]
+    print(
+        f"  endpoint, batches of {BATCH}, a vehicle's 3 events in one batch:"
+        f" {grouped:>8,.0f} events/s  ratio {grouped / ceiling:.2f}"
+        f"  (503s: {int(f['grouped_503'])})"
+    )
+    print(
+        f"  endpoint, single-event requests ({int(f['single_events']):,}): {single:>7,.0f}"
+        f" events/s  ratio {single / ceiling:.3f}  (503s: {int(f['single_503'])})"
+    )
+    fleet = f["fleet"]
+    first = fleet / f["hb_first_seconds"]
+    narrow = fleet / f["hb_narrow_seconds"]
+    wide = fleet / f["hb_wide_seconds"]
+    sustained = 1 / (0.75 / narrow + 0.25 / wide)
+    goal = vehicles / 60
+    print(f"\nheartbeats: {int(fleet):,} vehicles, batches of {BATCH}")
+    print(f"  first contact (narrow row created):      {first:>10,.0f} heartbeats/s")
+    print(f"  steady, narrow row only (HOT update):    {narrow:>10,.0f} heartbeats/s")
+    print(f"  every heartbeat rewrites the wide row:   {wide:>10,.0f} heartbeats/s")
+    print(
+        f"  one a minute, wide refresh every 240 s (3 narrow : 1 wide): {sustained:,.0f}/s"
+        f" vs needed {goal:,.0f}/s: {'met' if sustained >= goal else 'NOT met'}"
+        f"  (ratio {sustained / goal:.2f}; without the narrow table: {wide / goal:.2f})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--vehicles", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--single", type=int, default=6_000, help="single-event requests")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--keep", action="store_true", help="keep the bench database")
+    args = parser.parse_args(argv)
+    server = server_url()
+    name = f"motorcade_bench_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(server, name)
+    print(f"== ingest bench: database {name}, {args.vehicles:,} vehicles", flush=True)
+    try:
+        upgrade(url)
+        seeded = seed_fleet(
+            url,
+            vehicles=args.vehicles,
+            state_dir=localservers.STATE_DIR / "bench-ingest",
+            only_if_empty=False,
+        )
+        print(f"  seeded in {seeded.seconds:.1f}s", flush=True)
+        figures = asyncio.run(measure(url, args))
+        report(figures, args.vehicles)
+    finally:
+        if not args.keep:
+            localservers.drop_database(server, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The in-process group committer of telemetry: many concurrent requests, one transaction.
+
+Each `POST /telemetry` request, once validated, is handed to `TelemetryIngestor.submit`,
+which queues it and waits. Writer tasks (`writers`, default 2) each take everything queued
+(up to `group_max_items` items), write it with `services.telemetry.write_group` in one
+transaction, commit, and only then wake the waiting requests with their own counts: the
+`202` is sent after the events are durable in PostgreSQL. While one group commits, the next
+one fills, so the number of transactions per second stays flat as load grows.
+
+Backpressure: the queue is bounded by items (events + heartbeats, queued or being written).
+A request that does not fit raises `IngestOverloaded` at once (503 `OVERLOADED` with
+`Retry-After`); nothing is dropped silently and memory stays bounded. A group that fails on
+a deadlock or serialization error is retried whole (its transaction rolled back); another
+failure fails the requests of that group (500), never half of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models.scope import Scope
+from models.telemetry import TelemetryBatch
+from services.errors import DomainError, NotFoundError
+from services.telemetry import GroupRequest, WideWritePolicy, write_group
+
+log = structlog.stdlib.get_logger("motorcade.ingest")
+
+RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+
+QUEUED_ITEMS = Gauge(
+    "motorcade_ingest_queued_items", "Telemetry items queued or being written (this process)."
+)
+INGESTED = Counter(
+    "motorcade_ingest_items_total",
+    "Telemetry items committed, by kind (events inserted, duplicates, heartbeats).",
+    ["kind"],
+)
+OVERLOADED = Counter(
+    "motorcade_ingest_overloaded_total", "Requests refused with 503 OVERLOADED (queue full)."
+)
+GROUP_SECONDS = Histogram(
+    "motorcade_ingest_group_seconds",
+    "Time to write and commit one group of telemetry requests.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class IngestOverloaded(DomainError):
+    """The ingest queue is full: retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IngestRefused(NotFoundError):
+    """The request names a vehicle that is unknown or outside the caller's scope."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    queue_max_items: int = 50_000
+    group_max_items: int = 10_000
+    group_wait_ms: float = 2.0
+    writers: int = 2
+    policy: WideWritePolicy = field(default_factory=WideWritePolicy)
+
+
+@dataclass
+class _Pending:
+    request: GroupRequest
+    items: int
+    future: asyncio.Future[GroupRequest]
+
+
+@dataclass
+class IngestStats:
+    groups: int = 0
+    requests: int = 0
+    events: int = 0
+    heartbeats: int = 0
+    overloaded: int = 0
+    retries: int = 0
+    write_seconds: float = 0.0
+
+
+class TelemetryIngestor:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], config: IngestConfig | None = None
+    ) -> None:
+        self._sessions = sessions
+        self.config = config or IngestConfig()
+        self._queue: deque[_Pending] = deque()
+        self._items = 0  # queued + being written
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.stats = IngestStats()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._closing = False
+        for n in range(self.config.writers):
+            self._tasks.append(asyncio.create_task(self._writer(), name=f"ingest-writer-{n}"))
+
+    async def stop(self) -> None:
+        """Finish what was queued (every waiting request gets its answer), then stop."""
+        self._closing = True
+        self._wake.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    @property
+    def queued_items(self) -> int:
+        return self._items
+
+    # -- submit --------------------------------------------------------------------------
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one queue's worth of writing."""
+        rate = self.stats.events + self.stats.heartbeats
+        if self.stats.write_seconds <= 0 or rate <= 0:
+            return 1
+        per_second = rate / self.stats.write_seconds
+        return max(1, min(30, round(self._items / per_second)))
+
+    async def submit(self, *, batch: TelemetryBatch, scope: Scope) -> GroupRequest:
+        items = max(1, len(batch.events) + len(batch.heartbeats))
+        if self._closing or not self._tasks:
+            raise IngestOverloaded("telemetry ingestion is shutting down", retry_after=1)
+        if self._items + items > self.config.queue_max_items:
+            self.stats.overloaded += 1
+            OVERLOADED.inc()
+            raise IngestOverloaded(
+                f"the telemetry queue is full ({self._items:,} items waiting)",
+                retry_after=self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(GroupRequest(batch=batch, scope=scope), items, loop.create_future())
+        self._items += items
+        QUEUED_ITEMS.inc(items)
+        self._queue.append(pending)
+        self._wake.set()
+        try:
+            # Shielded: a client that disconnects does not cancel the group it is part of.
+            done = await asyncio.shield(pending.future)
+        finally:
+            if not pending.future.done():
+                pending.future.add_done_callback(lambda f: f.exception())
+        if done.refused is not None:
+            raise IngestRefused("the batch names an unknown vehicle", details=done.refused)
+        return done
+
+    # -- writers -------------------------------------------------------------------------
+    def _take_group(self) -> list[_Pending]:
+        group: list[_Pending] = []
+        size = 0
+        while self._queue and (not group or size + self._queue[0].items <= self._max_group()):
+            item = self._queue.popleft()
+            group.append(item)
+            size += item.items
+        return group
+
+    def _max_group(self) -> int:
+        return self.config.group_max_items
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            if self.config.group_wait_ms > 0 and not self._closing:
+                # Let concurrent requests join this group.
+                await asyncio.sleep(self.config.group_wait_ms / 1000)
+            group = self._take_group()
+            if not group:
+                continue
+            try:
+                await self._write(group)
+            except BaseException as exc:
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(
+                            exc if isinstance(exc, Exception) else RuntimeError("stopped")
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                done = sum(p.items for p in group)
+                self._items -= done
+                QUEUED_ITEMS.dec(done)
+
+    async def _write(self, group: list[_Pending]) -> None:
+        started = time.perf_counter()
+        for attempt in range(4):
+            for p in group:
+                p.request.accepted = p.request.duplicates = 0
+                p.request.refused = None
+            try:
+                async with self._sessions() as session:
+                    try:
+                        result = await write_group(
+                            session,
+                            requests=[p.request for p in group],
+                            policy=self.config.policy,
+                        )
+                        await session.commit()
+                    except BaseException:
+                        await session.rollback()
+                        raise
+                break
+            except (OperationalError, DBAPIError) as exc:
+                sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                if sqlstate in RETRYABLE_SQLSTATES and attempt < 3:
+                    self.stats.retries += 1
+                    await asyncio.sleep(0.01 * (attempt + 1))
+                    continue
+                log.error("telemetry group failed", error=type(exc).__name__, sqlstate=sqlstate)
+                raise
+        elapsed = time.perf_counter() - started
+        GROUP_SECONDS.observe(elapsed)
+        INGESTED.labels("event").inc(result.events_inserted)
+        INGESTED.labels("duplicate").inc(result.duplicates)
+        INGESTED.labels("heartbeat").inc(result.heartbeats)
+        self.stats.groups += 1
+        self.stats.requests += len(group)
+        self.stats.events += sum(len(p.request.batch.events) for p in group)
+        self.stats.heartbeats += sum(len(p.request.batch.heartbeats) for p in group)
+        self.stats.write_seconds += elapsed
+        log.debug(
+            "telemetry group committed",
+            requests=len(group),
+            inserted=result.events_inserted,
+            duplicates=result.duplicates,
+            heartbeats=result.heartbeats,
+            vehicles_written=result.vehicles_written,
+            ms=round(elapsed * 1000, 1),
+            **{k: round(v * 1000, 1) for k, v in result.stats.items()},
+        )
+        for p in group:
+            if not p.future.done():
+                p.future.set_result(p.request)
+
+
+def describe(stats: IngestStats) -> dict[str, Any]:
+    return {
+        "groups": stats.groups,
+        "requests": stats.requests,
+        "events": stats.events,
+        "heartbeats": stats.heartbeats,
+        "overloaded": stats.overloaded,
+        "retries": stats.retries,
+    }

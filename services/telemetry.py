@@ -1,0 +1,618 @@
+"""Every SQL statement of telemetry ingestion: one group of requests written in one transaction.
+
+A group is the merge of many concurrent `POST /telemetry` requests (see services/ingest.py).
+`write_group` does, set-based and in a fixed lock order (telemetry rows, then vehicles, then
+rollout targets, each sorted by vehicle id):
+
+1. Resolves the vehicles named by the group (existence and the caller's scope); a request
+   naming an unknown or out-of-scope vehicle is refused whole and nothing of it is written.
+2. Inserts the events with one `unnest` array insert, `ON CONFLICT DO NOTHING` on the primary
+   key (vehicle_id, event_id): what comes back was new, the rest are duplicates.
+3. Upserts the narrow `vehicle_telemetry` row of every vehicle touched: the latest heartbeat
+   wins (by `sentAt`), the event with the highest `seq` becomes the latest event only when it
+   is above the stored one (a late event enters the timeline but moves nothing).
+4. Derives each touched vehicle's status with the pure `derive_status`, and rewrites the wide
+   `vehicles` row only when something visible changed: status or reason codes, actual release,
+   stationary, battery by `battery_step` points or more, or last seen by `refresh_seconds` or
+   more. Status changes go to the change feed (`vehicle.updated`).
+5. Feeds rollout outcomes through `record_target_outcomes`: the latest event of a vehicle,
+   when it is about its rollout target's own desired state.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models.enums import EventType
+from models.scope import Scope
+from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
+from models.vehicle_status import LatestEvent, derive_status
+from services.rollout_targets import record_target_outcomes
+
+OUTCOME_OF_EVENT = {
+    EventType.DESIRED_NOTIFIED: "updating",
+    EventType.APPLY_START: "updating",
+    EventType.READY: "succeeded",
+    EventType.FAILED: "failed",
+    EventType.BLOCKED: "blocked",
+}
+
+
+@dataclass(frozen=True)
+class WideWritePolicy:
+    """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md)."""
+
+    offline_after_seconds: int = 300
+    refresh_seconds: int = 240
+    battery_step: int = 5
+
+
+@dataclass
+class GroupRequest:
+    """One request inside a group, and what the group did for it."""
+
+    batch: TelemetryBatch
+    scope: Scope
+    accepted: int = 0
+    duplicates: int = 0
+    refused: list[dict[str, Any]] | None = None  # NOT_FOUND details when refused
+
+
+@dataclass
+class GroupResult:
+    events_inserted: int = 0
+    duplicates: int = 0
+    heartbeats: int = 0
+    vehicles_written: int = 0
+    outcomes: int = 0
+    refused_requests: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _merge(
+    live: list[GroupRequest],
+) -> tuple[
+    dict[tuple[str, uuid.UUID], GroupRequest],
+    list[EventIn],
+    dict[str, HeartbeatIn],
+    dict[str, EventIn],
+]:
+    """The group as one batch: events deduplicated (first wins), the newest heartbeat and
+    the highest-`seq` event per vehicle. (An event already stored cannot be the vehicle's new
+    latest: its seq was merged when it was stored, in the same transaction.)"""
+    owner: dict[tuple[str, uuid.UUID], GroupRequest] = {}
+    events: list[EventIn] = []
+    beats: dict[str, HeartbeatIn] = {}
+    top: dict[str, EventIn] = {}
+    for req in live:
+        req.accepted = req.duplicates = 0
+        for ev in req.batch.events:
+            key = (ev.vehicle_id, ev.event_id)
+            if key in owner:
+                req.duplicates += 1
+                continue
+            owner[key] = req
+            events.append(ev)
+            best = top.get(ev.vehicle_id)
+            if best is None or ev.seq > best.seq:
+                top[ev.vehicle_id] = ev
+        for hb in req.batch.heartbeats:
+            seen = beats.get(hb.vehicle_id)
+            if seen is None or hb.sent_at >= seen.sent_at:
+                beats[hb.vehicle_id] = hb
+    return owner, events, beats, top
+
+
+async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
+    """Mark refused (whole) each request naming a vehicle that is unknown (one anti-join over
+    the staged ids) or outside its caller's scope (region, model, org read for scoped callers
+    only). Returns whether any request was newly refused."""
+    cur = await driver.execute(
+        "SELECT u.vid FROM ingest_touch u"
+        " WHERE NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.id = u.vid)"
+    )
+    unknown = {r[0] for r in await cur.fetchall()}
+    scoped = [r for r in requests if not r.scope.unrestricted and r.refused is None]
+    if not unknown and not scoped:
+        return False
+    places: dict[str, Any] = {}
+    if scoped:
+        wanted = sorted(
+            {h.vehicle_id for r in scoped for h in r.batch.heartbeats}
+            | {e.vehicle_id for r in scoped for e in r.batch.events}
+        )
+        cur = await driver.execute(
+            "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (wanted,)
+        )
+        places = {row[0]: row for row in await cur.fetchall()}
+    refused_any = False
+    for req in requests:
+        if req.refused is not None:
+            continue
+        details: list[dict[str, Any]] = []
+        named: list[tuple[str, Sequence[HeartbeatIn | EventIn]]] = [
+            ("heartbeats", req.batch.heartbeats),
+            ("events", req.batch.events),
+        ]
+        for kind, items in named:
+            for index, item in enumerate(items):
+                vid = item.vehicle_id
+                if vid in unknown or (
+                    not req.scope.unrestricted
+                    and not (
+                        vid in places
+                        and req.scope.allows(
+                            region=places[vid][1], model=places[vid][2], org=places[vid][3]
+                        )
+                    )
+                ):
+                    details.append(
+                        {
+                            "field": f"{kind}.{index}.vehicleId",
+                            "index": index,
+                            "message": f"vehicle {vid!r} not found",
+                        }
+                    )
+                    if len(details) >= 20:
+                        break
+        if details:
+            req.refused = details
+            refused_any = True
+    return refused_any
+
+
+_STAGING = (
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_events (
+        vehicle_id text, event_id uuid, seq bigint, type text, occurred_at timestamptz,
+        desired_state_id uuid, release_version text, reason_code text, details jsonb
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_touch (
+        vid text, has_hb boolean, seen timestamptz, battery smallint, stationary boolean,
+        actual text, seq bigint, typ text, ds uuid, rel text, reason text
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
+        id text, status text, codes text[], seen timestamptz, battery smallint,
+        stationary boolean, actual text, seq bigint, ds uuid, changed boolean
+    ) ON COMMIT DELETE ROWS
+    """,
+)
+_EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "jsonb"]
+_TOUCH_TYPES = ["text", "bool", "timestamptz", "int2", "bool", "text", "int8", "text", "uuid"]
+_TOUCH_TYPES += ["text", "text"]
+_WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8", "uuid"]
+_WIDE_TYPES += ["bool"]
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The psycopg connection under the session (same transaction), for binary COPY."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    if not getattr(driver, "_motorcade_staging", False):
+        for ddl in _STAGING:
+            await driver.execute(ddl)
+        driver._motorcade_staging = True
+    return driver
+
+
+async def _copy(driver: Any, table: str, types: list[str], rows: Sequence[Sequence[Any]]) -> None:
+    async with driver.cursor() as cur:
+        async with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for row in rows:
+                await copy.write_row(row)
+
+
+async def write_group(
+    session: AsyncSession,
+    *,
+    requests: list[GroupRequest],
+    policy: WideWritePolicy,
+    now: datetime | None = None,
+) -> GroupResult:
+    """Write one group (the caller commits). Fills each request's accepted/duplicates/refused.
+
+    Bulk data goes in by binary COPY into session-local staging tables (emptied at commit),
+    then moves with set-based statements: no row-by-row statement, no per-value text
+    escaping in Python."""
+    now = now or datetime.now(UTC)
+    result = GroupResult()
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        t = time.perf_counter()
+        result.stats[name] = result.stats.get(name, 0.0) + t - clock
+        clock = t
+
+    driver = await _driver(session)
+    live = list(requests)
+    while True:
+        owner, events, beats, top = _merge(live)
+        vids = sorted(set(beats) | set(top))
+        if not vids:
+            return result
+        touch = []
+        for v in vids:
+            h = beats.get(v)
+            e = top.get(v)
+            touch.append(
+                (
+                    v,
+                    h is not None,
+                    h.sent_at if h else None,
+                    h.battery_percent if h else None,
+                    h.stationary if h else None,
+                    h.actual_release_version if h else None,
+                    e.seq if e else -1,
+                    e.type.value if e else None,
+                    e.desired_state_id if e else None,
+                    e.release_version if e else None,
+                    e.reason_code if e else None,
+                )
+            )
+        await _copy(driver, "ingest_touch", _TOUCH_TYPES, touch)
+        if not await _refuse(driver, live):
+            break
+        # Rare: some request names an unknown vehicle. Stage the group again without it.
+        live = [r for r in live if r.refused is None]
+        result.refused_requests = len(requests) - len(live)
+        await driver.execute("DELETE FROM ingest_touch")
+    lap("stage")
+
+    # -- events: COPY + one insert; duplicates found by the row count, and then by xmin ----
+    inserted: set[tuple[str, uuid.UUID]] = set()
+    if events:
+        await _copy(
+            driver,
+            "ingest_events",
+            _EVENT_TYPES,
+            [
+                (
+                    e.vehicle_id,
+                    e.event_id,
+                    e.seq,
+                    e.type.value,
+                    e.occurred_at,
+                    e.desired_state_id,
+                    e.release_version,
+                    e.reason_code,
+                    e.details,
+                )
+                for e in events
+            ],
+        )
+        cur = await driver.execute(
+            """
+            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
+                desired_state_id, release_version, reason_code, details)
+            SELECT * FROM ingest_events
+            ON CONFLICT (vehicle_id, event_id) DO NOTHING
+            """
+        )
+        if cur.rowcount == len(events):  # the common case: no duplicate at all
+            inserted = set(owner)
+        else:  # which ones this transaction wrote (the others were there already)
+            cur = await driver.execute(
+                """
+                SELECT te.vehicle_id, te.event_id
+                FROM ingest_events s
+                JOIN timeline_events te
+                  ON te.vehicle_id = s.vehicle_id AND te.event_id = s.event_id
+                WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
+                """
+            )
+            inserted = {(r[0], r[1]) for r in await cur.fetchall()}
+    lap("events")
+    for key, req in owner.items():
+        if key in inserted:
+            req.accepted += 1
+        else:
+            req.duplicates += 1
+    result.events_inserted = len(inserted)
+    result.duplicates = sum(r.duplicates for r in live)
+    result.heartbeats = len(beats)
+
+    # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
+    # whose wide row may change: a new latest event, a visible heartbeat change, an offline
+    # vehicle heard again, or last seen older than the refresh interval. For the others the
+    # status cannot change (desired state, latest event and actual release are unchanged).
+    cur = await driver.execute(
+        """
+        WITH up AS (
+            INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
+                stationary, actual_release_version, last_event_seq, last_event_type,
+                last_event_desired_state_id, last_event_release_version,
+                last_event_reason_code)
+            SELECT u.vid,
+                   CASE WHEN u.has_hb THEN greatest(u.seen, v.last_seen_at)
+                        ELSE v.last_seen_at END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.battery, v.battery_percent)
+                        ELSE v.battery_percent END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.stationary, v.stationary)
+                        ELSE v.stationary END,
+                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
+                        THEN coalesce(u.actual, v.actual_release_version)
+                        ELSE v.actual_release_version END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.seq ELSE v.last_event_seq END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.typ END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.ds END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.rel END,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.reason END
+            FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
+            ORDER BY u.vid
+            ON CONFLICT (vehicle_id) DO UPDATE SET
+                last_seen_at = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
+                battery_percent = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
+                stationary = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.stationary ELSE t.stationary END,
+                actual_release_version = CASE
+                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                    THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END,
+                last_event_seq = greatest(t.last_event_seq, EXCLUDED.last_event_seq),
+                last_event_type = CASE WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_type ELSE t.last_event_type END,
+                last_event_desired_state_id = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_desired_state_id
+                    ELSE t.last_event_desired_state_id END,
+                last_event_release_version = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_release_version
+                    ELSE t.last_event_release_version END,
+                last_event_reason_code = CASE
+                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
+                    THEN EXCLUDED.last_event_reason_code ELSE t.last_event_reason_code END
+            RETURNING t.*
+        )
+        SELECT up.vehicle_id, up.last_seen_at, up.battery_percent, up.stationary,
+               up.actual_release_version, up.last_event_seq, up.last_event_type,
+               up.last_event_desired_state_id, up.last_event_release_version,
+               up.last_event_reason_code,
+               v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
+               v.rollout_id, v.created_at
+        FROM up JOIN vehicles v ON v.id = up.vehicle_id
+        WHERE up.last_event_seq > v.last_event_seq
+           OR v.status = 'offline'
+           OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+        ORDER BY up.vehicle_id
+        """
+    )
+    rows = await cur.fetchall()
+    lap("telemetry")
+    # The status of the others cannot change (it depends on none of battery, stationary or
+    # last seen unless the vehicle is offline): their visible heartbeat values go to the wide
+    # row in one statement, without a trip through Python.
+    cur = await driver.execute(
+        """
+        UPDATE vehicles v
+        SET last_seen_at = t.last_seen_at, battery_percent = t.battery_percent,
+            stationary = t.stationary
+        FROM ingest_touch u JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
+        WHERE v.id = u.vid AND u.has_hb
+          AND t.last_event_seq <= v.last_event_seq
+          AND v.status <> 'offline'
+          AND t.actual_release_version IS NOT DISTINCT FROM v.actual_release_version
+          AND (v.status = 'blocked'
+               OR t.stationary IS DISTINCT FROM v.stationary
+               OR (t.battery_percent IS NULL) <> (v.battery_percent IS NULL)
+               OR abs(t.battery_percent - v.battery_percent) >= %(step)s
+               OR (t.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
+                   OR t.last_seen_at - v.last_seen_at >= %(refresh)s)))
+        """,
+        {"step": policy.battery_step, "refresh": timedelta(seconds=policy.refresh_seconds)},
+    )
+    result.vehicles_written += max(cur.rowcount, 0)
+    lap("refresh")
+
+    wide: list[tuple[Any, ...]] = []
+    changed_any = False
+    outcomes_by_rollout: dict[int, list[tuple[str, str, str | None, uuid.UUID]]] = defaultdict(list)
+    for (
+        vid,
+        seen_at,
+        battery,
+        stationary,
+        actual,
+        last_seq,
+        ev_type,
+        ev_ds,
+        ev_rel,
+        ev_reason,
+        status,
+        reason_codes,
+        desired_release,
+        desired_ds,
+        rollout_id,
+        created_at,
+    ) in rows:
+        derived = derive_status(
+            desired_release=desired_release,
+            desired_state_id=str(desired_ds) if desired_ds else None,
+            actual_release=actual,
+            latest_event=LatestEvent(
+                type=ev_type,
+                desired_state_id=str(ev_ds) if ev_ds else None,
+                release_version=ev_rel,
+                reason_code=ev_reason,
+            )
+            if ev_type
+            else None,
+            last_seen_at=seen_at,
+            registered_at=created_at,
+            now=now,
+            offline_after_seconds=policy.offline_after_seconds,
+        )
+        codes = list(derived.reason_codes)
+        changed = derived.status.value != status or codes != list(reason_codes or [])
+        changed_any = changed_any or changed
+        wide.append(
+            (
+                vid,
+                derived.status.value,
+                codes,
+                seen_at,
+                battery,
+                stationary,
+                actual,
+                last_seq,
+                desired_ds,
+                changed,
+            )
+        )
+        latest_new = top.get(vid)
+        if (
+            latest_new is not None
+            and (vid, latest_new.event_id) in inserted
+            and last_seq == latest_new.seq
+            and rollout_id is not None
+            and latest_new.desired_state_id is not None
+        ):
+            outcomes_by_rollout[int(rollout_id)].append(
+                (
+                    vid,
+                    OUTCOME_OF_EVENT[latest_new.type],
+                    latest_new.reason_code,
+                    latest_new.desired_state_id,
+                )
+            )
+    lap("derive")
+
+    if wide:
+        await _copy(driver, "ingest_wide", _WIDE_TYPES, wide)
+        cur = await driver.execute(
+            """
+            WITH w AS (
+                UPDATE vehicles v
+                SET status = u.status, reason_codes = u.codes,
+                    last_seen_at = u.seen, battery_percent = u.battery,
+                    stationary = u.stationary, actual_release_version = u.actual,
+                    last_event_seq = u.seq,
+                    updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
+                FROM ingest_wide u
+                WHERE v.id = u.id AND v.desired_state_id IS NOT DISTINCT FROM u.ds
+                RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, u.changed
+            ),
+            feed AS (
+                INSERT INTO change_feed (topic, event, entity_id, payload, region, model, org)
+                SELECT 'vehicles', 'vehicle.updated', w.id,
+                       jsonb_build_object('id', w.id, 'status', w.status,
+                                          'reasonCodes', to_jsonb(w.reason_codes)),
+                       w.region, w.model, w.org
+                FROM w WHERE w.changed
+            )
+            SELECT count(*) FROM w
+            """
+        )
+        one = await cur.fetchone()
+        result.vehicles_written += int(one[0]) if one else 0
+    lap("wide")
+
+    conn = await session.connection()
+    for rollout_id, items in sorted(outcomes_by_rollout.items()):
+        current = await conn.execute(
+            text(
+                "SELECT vehicle_id, desired_state_id FROM rollout_targets"
+                " WHERE rollout_id = :rid AND vehicle_id = ANY(CAST(:vids AS text[]))"
+            ),
+            {"rid": rollout_id, "vids": [i[0] for i in items]},
+        )
+        target_ds = {r.vehicle_id: r.desired_state_id for r in current}
+        outcomes = [
+            (vid, state, reason)
+            for vid, state, reason, ds in items
+            if target_ds.get(vid) is not None and str(target_ds[vid]) == str(ds)
+        ]
+        if outcomes:
+            result.outcomes += await record_target_outcomes(
+                session, rollout_id=rollout_id, outcomes=outcomes, at=now
+            )
+    lap("outcomes")
+    return result
+
+
+async def recompute_statuses(
+    session: AsyncSession,
+    *,
+    vehicle_ids: list[str],
+    offline_after_seconds: int,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Recompute the status of these vehicles from scratch (their desired state, the latest
+    event of their timeline by `seq`, their latest heartbeat) and return every vehicle whose
+    stored status or reason codes differ. The consistency check of the telemetry path."""
+    now = now or datetime.now(UTC)
+    conn = await session.connection()
+    rows = await conn.execute(
+        text(
+            """
+            SELECT v.id, v.status, v.reason_codes, v.desired_release_version,
+                   v.desired_state_id, v.created_at,
+                   coalesce(t.actual_release_version, v.actual_release_version) AS actual,
+                   greatest(t.last_seen_at, v.last_seen_at) AS seen,
+                   e.type, e.desired_state_id AS event_ds, e.release_version AS event_release,
+                   e.reason_code
+            FROM vehicles v
+            LEFT JOIN vehicle_telemetry t ON t.vehicle_id = v.id
+            LEFT JOIN LATERAL (
+                SELECT type, desired_state_id, release_version, reason_code
+                FROM timeline_events te WHERE te.vehicle_id = v.id
+                ORDER BY seq DESC LIMIT 1
+            ) e ON true
+            WHERE v.id = ANY(CAST(:ids AS text[]))
+            ORDER BY v.id
+            """
+        ),
+        {"ids": vehicle_ids},
+    )
+    mismatches = []
+    for row in rows:
+        derived = derive_status(
+            desired_release=row.desired_release_version,
+            desired_state_id=str(row.desired_state_id) if row.desired_state_id else None,
+            actual_release=row.actual,
+            latest_event=LatestEvent(
+                type=row.type,
+                desired_state_id=str(row.event_ds) if row.event_ds else None,
+                release_version=row.event_release,
+                reason_code=row.reason_code,
+            )
+            if row.type
+            else None,
+            last_seen_at=row.seen,
+            registered_at=row.created_at,
+            now=now,
+            offline_after_seconds=offline_after_seconds,
+        )
+        stored = (row.status, list(row.reason_codes or []))
+        if stored != (derived.status.value, list(derived.reason_codes)):
+            mismatches.append(
+                {
+                    "id": row.id,
+                    "stored": stored,
+                    "derived": (derived.status.value, list(derived.reason_codes)),
+                }
+            )
+    return mismatches
