@@ -60,20 +60,12 @@ import psycopg
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
 from core.migrate import upgrade
-from core.settings import libpq_url, normalize_database_url
 from models.enums import Role
 from services.seed import SAMPLE_RELEASES, seed_fleet
 
 BATCH = 500
 GOAL_EVENTS_PER_SECOND = 30_000
 KINDS = ("desired_notified", "apply_start", "ready")
-
-
-def server_url() -> str:
-    url = os.environ.get("MOTORCADE_DATABASE_URL")
-    if url:
-        return libpq_url(normalize_database_url(url))
-    return localservers.embedded_postgres_url(localservers.STATE_DIR / "bench-pgdata")
 
 
 def iso(t: datetime) -> str:
@@ -392,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
     args = parser.parse_args(argv)
-    server = server_url()
+    server = localservers.bench_server_url()
+    print(localservers.describe_server(server), flush=True)
     name = f"motorcade_bench_{secrets.token_hex(4)}"
     url = localservers.ensure_database(server, name)
     print(f"== ingest bench: database {name}, {args.vehicles:,} vehicles", flush=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -62,7 +61,6 @@ from temporalio.worker import (
 from core import localservers
 from core.db import create_engine, session_factory, session_scope
 from core.migrate import upgrade
-from core.settings import libpq_url, normalize_database_url
 from core.temporal import (
     ROLLOUT_WORKFLOW_TYPE,
     ensure_search_attributes,
@@ -87,25 +85,6 @@ STRATEGY = {
 HISTORY_WARNING = 10_240
 GOAL_SECONDS = 60.0
 OUTCOME_CHUNK = 50_000
-
-
-def server_url() -> str:
-    url = os.environ.get("MOTORCADE_DATABASE_URL")
-    if url:
-        return libpq_url(normalize_database_url(url))
-    return localservers.embedded_postgres_url(
-        localservers.STATE_DIR / "bench-pgdata", settings=localservers.FLEET_SCALE_SETTINGS
-    )
-
-
-def describe_server(url: str) -> str:
-    """The server's version and the settings that shape these figures, for the report."""
-    names = ("shared_buffers", "max_wal_size", "wal_compression", "work_mem", "autovacuum")
-    with psycopg.connect(url) as conn:
-        version = conn.execute("SHOW server_version").fetchone()
-        values = [f"{n} {conn.execute(f'SHOW {n}').fetchone()[0]}" for n in names]  # type: ignore[index]
-    source = "MOTORCADE_DATABASE_URL" if os.environ.get("MOTORCADE_DATABASE_URL") else "embedded"
-    return f"PostgreSQL {version[0] if version else '?'} ({source}): " + ", ".join(values)
 
 
 # --- Timing every activity, and simulating outcomes after each stage ------------------------
@@ -441,8 +420,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = args.vehicles or [100_000]
 
-    server = server_url()
-    print(describe_server(server), flush=True)
+    server = localservers.bench_server_url()
+    print(localservers.describe_server(server), flush=True)
     for vehicles in sizes:
         name = f"motorcade_bench_{secrets.token_hex(4)}"
         url = localservers.ensure_database(server, name)

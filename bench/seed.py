@@ -10,7 +10,6 @@ dropped at the end. Prints figures; asserts nothing about timings.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import secrets
 import sys
@@ -30,16 +29,9 @@ from sqlmodel import Session
 
 from core import localservers
 from core.migrate import upgrade
-from core.settings import libpq_url, normalize_database_url
+from core.settings import normalize_database_url
 from models.tables import DesiredState, Vehicle
 from services.seed import BASELINE_RELEASE, MODELS, REGIONS, seed_fleet
-
-
-def server_url() -> str:
-    url = os.environ.get("MOTORCADE_DATABASE_URL")
-    if url:
-        return libpq_url(normalize_database_url(url))
-    return localservers.embedded_postgres_url(localservers.STATE_DIR / "bench-pgdata")
 
 
 def _rows(count: int) -> list[tuple[str, str, str, str, dict, uuid.UUID, int]]:
@@ -138,7 +130,8 @@ def main() -> None:
     parser.add_argument("--baseline-vehicles", type=int, default=2_000)
     args = parser.parse_args()
 
-    server = server_url()
+    server = localservers.bench_server_url()
+    print(localservers.describe_server(server), flush=True)
     created: list[str] = []
 
     def fresh() -> str:

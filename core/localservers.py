@@ -72,6 +72,32 @@ def embedded_postgres_url(data_dir: Path, *, settings: dict[str, str] | None = N
     return url
 
 
+def bench_server_url() -> str:
+    """The server the benchmarks create their databases on: MOTORCADE_DATABASE_URL as it is
+    configured, else the embedded one under .motorcade/bench-pgdata with
+    FLEET_SCALE_SETTINGS."""
+    from core.settings import libpq_url, normalize_database_url
+
+    url = os.environ.get("MOTORCADE_DATABASE_URL")
+    if url:
+        return libpq_url(normalize_database_url(url))
+    return embedded_postgres_url(STATE_DIR / "bench-pgdata", settings=FLEET_SCALE_SETTINGS)
+
+
+def describe_server(url: str) -> str:
+    """The server's version and the settings that shape benchmark figures (a report's first
+    line)."""
+    names = ("shared_buffers", "max_wal_size", "wal_compression", "work_mem", "autovacuum")
+    with psycopg.connect(url) as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        values = []
+        for name in names:
+            row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+            values.append(f"{name} {row[0] if row else '?'}")
+    source = "MOTORCADE_DATABASE_URL" if os.environ.get("MOTORCADE_DATABASE_URL") else "embedded"
+    return f"PostgreSQL {version[0] if version else '?'} ({source}): " + ", ".join(values)
+
+
 def _apply_settings(url: str, settings: dict[str, str]) -> bool:
     """ALTER SYSTEM SET each setting the configuration files do not hold yet; True when the
     server must restart (a setting changed, or one is still waiting for a restart)."""
