@@ -507,7 +507,15 @@ async def write_group(
             WITH w AS (
                 UPDATE vehicles v
                 SET status = u.status, reason_codes = u.codes,
-                    last_seen_at = u.seen, battery_percent = u.battery,
+                    -- lastSeenAt only by the refresh interval (as for plain heartbeats):
+                    -- it feeds an index, so leaving it alone keeps a status change a
+                    -- heap-only update (status itself has no index, migration 0003).
+                    last_seen_at = CASE
+                        WHEN u.seen IS NOT NULL
+                             AND (v.last_seen_at IS NULL OR v.status = 'offline'
+                                  OR u.seen - v.last_seen_at >= %(refresh)s)
+                        THEN u.seen ELSE v.last_seen_at END,
+                    battery_percent = u.battery,
                     stationary = u.stationary, actual_release_version = u.actual,
                     last_event_seq = u.seq,
                     updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
@@ -524,7 +532,8 @@ async def write_group(
                 FROM w WHERE w.changed
             )
             SELECT count(*) FROM w
-            """
+            """,
+            {"refresh": timedelta(seconds=policy.refresh_seconds)},
         )
         one = await cur.fetchone()
         result.vehicles_written += int(one[0]) if one else 0
