@@ -75,12 +75,13 @@ def iso(t: datetime) -> str:
 # --- Fixtures ------------------------------------------------------------------------------
 
 
-def new_desired_states(url: str, count: int, release: str) -> list[tuple[str, str]]:
-    """Give the first `count` vehicles a new desired state (set-based, as a rollout would)."""
+def new_desired_states(url: str, count: int, release: str, skip: int = 0) -> list[tuple[str, str]]:
+    """Give `count` vehicles (after the first `skip`, in id order) a new desired state
+    (set-based, as a rollout would)."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             """
-            WITH v AS (SELECT id FROM vehicles ORDER BY id LIMIT %(n)s),
+            WITH v AS (SELECT id FROM vehicles ORDER BY id OFFSET %(skip)s LIMIT %(n)s),
             ds AS (
                 INSERT INTO desired_states (id, vehicle_id, release_version, created_by)
                 SELECT gen_random_uuid(), v.id, %(rel)s, 'bench' FROM v
@@ -94,7 +95,7 @@ def new_desired_states(url: str, count: int, release: str) -> list[tuple[str, st
             )
             SELECT id, ds::text FROM up ORDER BY id
             """,
-            {"n": count, "rel": release},
+            {"skip": skip, "n": count, "rel": release},
         ).fetchall()
     return [(r[0], r[1]) for r in rows]
 
@@ -264,7 +265,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         figures.update(batch_seconds=seconds, batch_accepted=accepted, batch_503=busy)
         # The same volume with each vehicle's three events inside one batch (a gateway that
         # buffers): one wide-row write per vehicle.
-        grouped_targets = new_desired_states_after(url, len(targets), len(targets), release)
+        grouped_targets = new_desired_states(url, len(targets), release, skip=len(targets))
         grouped = make_events(grouped_targets, release)
         grouped.sort(key=lambda e: (e["vehicleId"], e["seq"]))
         seconds, accepted, busy = await send_all(
@@ -272,7 +273,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         )
         figures.update(grouped_seconds=seconds, grouped_accepted=accepted, grouped_503=busy)
         # Single-event requests: a sample on other vehicles' fresh events.
-        sample_targets = new_desired_states_after(url, 2 * len(targets), args.single // 3, release)
+        sample_targets = new_desired_states(url, args.single // 3, release, skip=2 * len(targets))
         singles = make_events(sample_targets, release)
         seconds, accepted, busy = await send_all(base, token, event_bodies(singles, 1), 64)
         figures.update(
@@ -310,31 +311,6 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         stored = conn.execute("SELECT count(*) FROM timeline_events").fetchone()
     figures["stored_events"] = float(stored[0]) if stored else 0.0
     return figures
-
-
-def new_desired_states_after(
-    url: str, skip: int, count: int, release: str
-) -> list[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            """
-            WITH v AS (SELECT id FROM vehicles ORDER BY id OFFSET %(skip)s LIMIT %(n)s),
-            ds AS (
-                INSERT INTO desired_states (id, vehicle_id, release_version, created_by)
-                SELECT gen_random_uuid(), v.id, %(rel)s, 'bench' FROM v
-                RETURNING id, vehicle_id
-            ),
-            up AS (
-                UPDATE vehicles SET desired_release_version = %(rel)s, desired_state_id = ds.id,
-                       status = 'pending'
-                FROM ds WHERE vehicles.id = ds.vehicle_id
-                RETURNING vehicles.id, ds.id AS ds
-            )
-            SELECT id, ds::text FROM up ORDER BY id
-            """,
-            {"skip": skip, "n": count, "rel": release},
-        ).fetchall()
-    return [(r[0], r[1]) for r in rows]
 
 
 def report(f: dict[str, float], vehicles: int) -> None:
