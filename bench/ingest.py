@@ -173,18 +173,6 @@ def start_ingest(url: str, dev_key: str, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-async def wait_ready(base: str) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=2) as client:
-        for _ in range(300):
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("motorcade ingest did not start")
-
-
 async def send_all(
     base: str, token: str, bodies: list[bytes], clients: int
 ) -> tuple[float, int, int]:
@@ -256,7 +244,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
     base = f"http://127.0.0.1:{port}"
     proc = start_ingest(url, dev_key, port)
     try:
-        await wait_ready(base)
+        await localservers.wait_http_ready(base)
         # Batches of 500, each vehicle's events in different batches (all seq 1 first,
         # then 2, then 3): every event that moves a status rewrites its wide row.
         seconds, accepted, busy = await send_all(

@@ -98,6 +98,24 @@ def describe_server(url: str) -> str:
     return f"PostgreSQL {version[0] if version else '?'} ({source}): " + ", ".join(values)
 
 
+async def wait_http_ready(base: str, *, within: float = 30.0) -> None:
+    """Poll `base`/readyz until it answers 200; TimeoutError after `within` seconds."""
+    import asyncio
+
+    import httpx
+
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(base_url=base, timeout=2) as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{base}/readyz did not answer 200 within {within:.0f} s")
+
+
 def _apply_settings(url: str, settings: dict[str, str]) -> bool:
     """ALTER SYSTEM SET each setting the configuration files do not hold yet; True when the
     server must restart (a setting changed, or one is still waiting for a restart)."""

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from core.localservers import free_port
+from core.localservers import free_port, wait_http_ready
 from tests.api.conftest import bearer, insert_vehicles
 from tests.api.test_telemetry import now_iso
 
@@ -39,19 +38,6 @@ def start_ingest(database_url: str, dev_key: str, port: int) -> subprocess.Popen
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-async def wait_ready(base: str, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    async with httpx.AsyncClient(base_url=base, timeout=2) as client:
-        while time.monotonic() < deadline:
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("motorcade ingest did not become ready")
 
 
 async def test_every_acknowledged_event_survives_a_kill(
@@ -100,7 +86,7 @@ async def test_every_acknowledged_event_survives_a_kill(
 
     proc = start_ingest(database_url, dev_key, port)
     try:
-        await wait_ready(base)
+        await wait_http_ready(base)
         clients = [asyncio.create_task(client_loop()) for _ in range(4)]
         await asyncio.sleep(1.5)
         before_kill = len(acked)
@@ -108,7 +94,7 @@ async def test_every_acknowledged_event_survives_a_kill(
         proc.wait(timeout=10)
         await asyncio.sleep(0.5)  # clients keep sending into the void
         proc = start_ingest(database_url, dev_key, port)
-        await wait_ready(base)
+        await wait_http_ready(base)
         await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*clients)
