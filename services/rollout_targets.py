@@ -190,12 +190,8 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-async def count_matching_vehicles(
-    session: AsyncSession, *, rollout_id: int, targets: dict[str, Any] | None = None
-) -> int:
-    """How many vehicles the rollout's `targets` select (for planning and `dryRun`)."""
-    if targets is None:
-        targets = (await load_rollout(session, rollout_id=rollout_id)).targets
+async def count_matching_vehicles(session: AsyncSession, *, targets: dict[str, Any]) -> int:
+    """How many vehicles a rollout's `targets` select (for planning and `dryRun`)."""
     conn = await _conn(session)
     result = await conn.execute(
         text(f"SELECT count(*) FROM vehicles v WHERE {REQUEST_MATCH}"), match_params(targets)
@@ -208,9 +204,7 @@ async def plan_rollout(session: AsyncSession, *, rollout_id: int) -> list[StageP
     rollout = await load_rollout(session, rollout_id=rollout_id)
     if rollout.stage_count > 0:
         return plan_from_strategy(rollout.targeted, rollout.strategy)
-    targeted = await count_matching_vehicles(
-        session, rollout_id=rollout_id, targets=rollout.targets
-    )
+    targeted = await count_matching_vehicles(session, targets=rollout.targets)
     return plan_from_strategy(targeted, rollout.strategy)
 
 
@@ -297,9 +291,7 @@ async def plan_and_expand(session: AsyncSession, *, rollout_id: int) -> Expansio
             counts_per_stage=[s.size for s in stages],
             inserted=False,
         )
-    targeted = await count_matching_vehicles(
-        session, rollout_id=rollout_id, targets=rollout.targets
-    )
+    targeted = await count_matching_vehicles(session, targets=rollout.targets)
     stages = plan_from_strategy(targeted, rollout.strategy)
     counts = await expand_targets(
         session, rollout_id=rollout_id, ends=stage_ends(stages), targets=rollout.targets
