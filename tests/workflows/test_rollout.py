@@ -282,7 +282,10 @@ async def test_rollback_returns_the_touched_vehicles(
 ) -> None:
     handle = await _start(time_skipping_env, rollout_id, task_queue)
     await _until(handle, _baking("canary"))
-    await time_skipping_env.sleep(HOUR + 60)  # time skips only when asked while nobody waits
+    # Time skips only when asked while nobody waits. Half a gate tick past the canary's bake:
+    # the signal below must not land on the instant a tick timer fires (a signal and a timer
+    # at the same virtual instant have been seen to wedge the time-skipping test server).
+    await time_skipping_env.sleep(HOUR + 30)
     await _until(handle, _baking("wave-1"))
     await handle.signal("rollback", RolloutSignal(reason="regression", actor="carol"))
     result = await handle.result()
