@@ -87,8 +87,9 @@ def _merge(
     dict[str, EventIn],
 ]:
     """The group as one batch: events deduplicated (first wins), the newest heartbeat and
-    the highest-`seq` event per vehicle. (An event already stored cannot be the vehicle's new
-    latest: its seq was merged when it was stored, in the same transaction.)"""
+    the highest-`seq` event per vehicle (ties: the lowest `eventId`, as the SQL that stages
+    the group picks it). (An event already stored cannot be the vehicle's new latest: its seq
+    was merged when it was stored, in the same transaction.)"""
     owner: dict[tuple[str, uuid.UUID], GroupRequest] = {}
     events: list[EventIn] = []
     beats: dict[str, HeartbeatIn] = {}
@@ -103,7 +104,11 @@ def _merge(
             owner[key] = req
             events.append(ev)
             best = top.get(ev.vehicle_id)
-            if best is None or ev.seq > best.seq:
+            if (
+                best is None
+                or ev.seq > best.seq
+                or (ev.seq == best.seq and ev.event_id < best.event_id)
+            ):
                 top[ev.vehicle_id] = ev
         for hb in req.batch.heartbeats:
             seen = beats.get(hb.vehicle_id)
@@ -112,28 +117,21 @@ def _merge(
     return owner, events, beats, top
 
 
+class _UnknownVehicle(Exception):
+    """The optimistic pass found a vehicle it could not resolve: redo the group, checked."""
+
+
 async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
-    """Mark refused (whole) each request naming a vehicle that is unknown (one anti-join over
-    the staged ids) or outside its caller's scope (region, model, org read for scoped callers
-    only). Returns whether any request was newly refused."""
-    cur = await driver.execute(
-        "SELECT u.vid FROM ingest_touch u"
-        " WHERE NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.id = u.vid)"
+    """Mark refused (whole) each request naming a vehicle that is unknown or outside its
+    caller's scope (region, model, org). Returns whether any request was refused."""
+    wanted = sorted(
+        {h.vehicle_id for r in requests for h in r.batch.heartbeats}
+        | {e.vehicle_id for r in requests for e in r.batch.events}
     )
-    unknown = {r[0] for r in await cur.fetchall()}
-    scoped = [r for r in requests if not r.scope.unrestricted and r.refused is None]
-    if not unknown and not scoped:
-        return False
-    places: dict[str, Any] = {}
-    if scoped:
-        wanted = sorted(
-            {h.vehicle_id for r in scoped for h in r.batch.heartbeats}
-            | {e.vehicle_id for r in scoped for e in r.batch.events}
-        )
-        cur = await driver.execute(
-            "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (wanted,)
-        )
-        places = {row[0]: row for row in await cur.fetchall()}
+    cur = await driver.execute(
+        "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (wanted,)
+    )
+    places = {row[0]: row for row in await cur.fetchall()}
     refused_any = False
     for req in requests:
         if req.refused is not None:
@@ -145,21 +143,15 @@ async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
         ]
         for kind, items in named:
             for index, item in enumerate(items):
-                vid = item.vehicle_id
-                if vid in unknown or (
-                    not req.scope.unrestricted
-                    and not (
-                        vid in places
-                        and req.scope.allows(
-                            region=places[vid][1], model=places[vid][2], org=places[vid][3]
-                        )
-                    )
+                place = places.get(item.vehicle_id)
+                if place is None or not req.scope.allows(
+                    region=place[1], model=place[2], org=place[3]
                 ):
                     details.append(
                         {
                             "field": f"{kind}.{index}.vehicleId",
                             "index": index,
-                            "message": f"vehicle {vid!r} not found",
+                            "message": f"vehicle {item.vehicle_id!r} not found",
                         }
                     )
                     if len(details) >= 20:
@@ -178,6 +170,11 @@ _STAGING = (
     ) ON COMMIT DELETE ROWS
     """,
     """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_beats (
+        vid text, seen timestamptz, battery smallint, stationary boolean, actual text
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
     CREATE TEMP TABLE IF NOT EXISTS ingest_touch (
         vid text, has_hb boolean, seen timestamptz, battery smallint, stationary boolean,
         actual text, seq bigint, typ text, ds uuid, rel text, reason text
@@ -191,8 +188,7 @@ _STAGING = (
     """,
 )
 _EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "jsonb"]
-_TOUCH_TYPES = ["text", "bool", "timestamptz", "int2", "bool", "text", "int8", "text", "uuid"]
-_TOUCH_TYPES += ["text", "text"]
+_BEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
 _WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8", "uuid"]
 _WIDE_TYPES += ["bool"]
 
@@ -229,54 +225,70 @@ async def write_group(
 
     Bulk data goes in by binary COPY into session-local staging tables (emptied at commit),
     then moves with set-based statements: no row-by-row statement, no per-value text
-    escaping in Python."""
+    escaping in Python. Groups of unrestricted callers naming only known vehicles (the
+    common case) are written optimistically, without a separate existence check: the narrow
+    upsert joins `vehicles` and counts what it matched; a shortfall rolls the transaction
+    back and writes the group again after refusing the requests that name unknown
+    vehicles."""
     now = now or datetime.now(UTC)
+    checked = any(not r.scope.unrestricted for r in requests)
+    if not checked:
+        try:
+            return await _write_group(session, requests, policy, now, checked=False)
+        except _UnknownVehicle:
+            await session.rollback()
+            driver = await _driver_of(session)
+            driver._motorcade_staging = False  # created in the transaction just undone?
+    return await _write_group(session, requests, policy, now, checked=True)
+
+
+async def _driver_of(session: AsyncSession) -> Any:
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection
+
+
+async def _write_group(
+    session: AsyncSession,
+    requests: list[GroupRequest],
+    policy: WideWritePolicy,
+    now: datetime,
+    *,
+    checked: bool,
+) -> GroupResult:
     result = GroupResult()
     clock = time.perf_counter()
+    cpu = time.process_time()
 
     def lap(name: str) -> None:
-        nonlocal clock
+        nonlocal clock, cpu
         t = time.perf_counter()
+        c = time.process_time()
         result.stats[name] = result.stats.get(name, 0.0) + t - clock
+        result.stats["cpu:" + name] = result.stats.get("cpu:" + name, 0.0) + c - cpu
         clock = t
+        cpu = c
 
+    for req in requests:
+        req.refused = None
     driver = await _driver(session)
     live = list(requests)
-    while True:
-        owner, events, beats, top = _merge(live)
-        vids = sorted(set(beats) | set(top))
-        if not vids:
-            return result
-        touch = []
-        for v in vids:
-            h = beats.get(v)
-            e = top.get(v)
-            touch.append(
-                (
-                    v,
-                    h is not None,
-                    h.sent_at if h else None,
-                    h.battery_percent if h else None,
-                    h.stationary if h else None,
-                    h.actual_release_version if h else None,
-                    e.seq if e else -1,
-                    e.type.value if e else None,
-                    e.desired_state_id if e else None,
-                    e.release_version if e else None,
-                    e.reason_code if e else None,
-                )
-            )
-        await _copy(driver, "ingest_touch", _TOUCH_TYPES, touch)
-        if not await _refuse(driver, live):
-            break
-        # Rare: some request names an unknown vehicle. Stage the group again without it.
+    if checked and await _refuse(driver, live):
         live = [r for r in live if r.refused is None]
         result.refused_requests = len(requests) - len(live)
-        await driver.execute("DELETE FROM ingest_touch")
-    lap("stage")
-
-    # -- events: COPY + one insert; duplicates found by the row count, and then by xmin ----
-    inserted: set[tuple[str, uuid.UUID]] = set()
+    owner, events, beats, top = _merge(live)
+    if not beats and not top:
+        return result
+    if beats:
+        await _copy(
+            driver,
+            "ingest_beats",
+            _BEAT_TYPES,
+            [
+                (v, h.sent_at, h.battery_percent, h.stationary, h.actual_release_version)
+                for v, h in beats.items()
+            ],
+        )
     if events:
         await _copy(
             driver,
@@ -297,36 +309,23 @@ async def write_group(
                 for e in events
             ],
         )
-        cur = await driver.execute(
-            """
-            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
-                desired_state_id, release_version, reason_code, details)
-            SELECT * FROM ingest_events
-            ON CONFLICT (vehicle_id, event_id) DO NOTHING
-            """
-        )
-        if cur.rowcount == len(events):  # the common case: no duplicate at all
-            inserted = set(owner)
-        else:  # which ones this transaction wrote (the others were there already)
-            cur = await driver.execute(
-                """
-                SELECT te.vehicle_id, te.event_id
-                FROM ingest_events s
-                JOIN timeline_events te
-                  ON te.vehicle_id = s.vehicle_id AND te.event_id = s.event_id
-                WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
-                """
-            )
-            inserted = {(r[0], r[1]) for r in await cur.fetchall()}
-    lap("events")
-    for key, req in owner.items():
-        if key in inserted:
-            req.accepted += 1
-        else:
-            req.duplicates += 1
-    result.events_inserted = len(inserted)
-    result.duplicates = sum(r.duplicates for r in live)
-    result.heartbeats = len(beats)
+    # One row per vehicle touched: its newest heartbeat and its highest-seq event.
+    await driver.execute(
+        """
+        INSERT INTO ingest_touch
+        SELECT coalesce(b.vid, e.vehicle_id), b.vid IS NOT NULL, b.seen, b.battery,
+               b.stationary, b.actual, coalesce(e.seq, -1), e.type, e.desired_state_id,
+               e.release_version, e.reason_code
+        FROM ingest_beats b
+        FULL JOIN (
+            SELECT DISTINCT ON (vehicle_id) vehicle_id, seq, type, desired_state_id,
+                   release_version, reason_code
+            FROM ingest_events ORDER BY vehicle_id, seq DESC, event_id
+        ) e ON e.vehicle_id = b.vid
+        """
+    )
+    touched = len(set(beats) | set(top))
+    lap("stage")
 
     # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
     # whose wide row may change: a new latest event, a visible heartbeat change, an offline
@@ -386,22 +385,64 @@ async def write_group(
                     WHEN EXCLUDED.last_event_seq > t.last_event_seq
                     THEN EXCLUDED.last_event_reason_code ELSE t.last_event_reason_code END
             RETURNING t.*
+        ),
+        hit AS (SELECT count(*) AS n FROM up),
+        sel AS (
+            SELECT up.vehicle_id, up.last_seen_at, up.battery_percent, up.stationary,
+                   up.actual_release_version, up.last_event_seq, up.last_event_type,
+                   up.last_event_desired_state_id, up.last_event_release_version,
+                   up.last_event_reason_code,
+                   v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
+                   v.rollout_id, v.created_at
+            FROM up JOIN vehicles v ON v.id = up.vehicle_id
+            WHERE up.last_event_seq > v.last_event_seq
+               OR v.status = 'offline'
+               OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
         )
-        SELECT up.vehicle_id, up.last_seen_at, up.battery_percent, up.stationary,
-               up.actual_release_version, up.last_event_seq, up.last_event_type,
-               up.last_event_desired_state_id, up.last_event_release_version,
-               up.last_event_reason_code,
-               v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
-               v.rollout_id, v.created_at
-        FROM up JOIN vehicles v ON v.id = up.vehicle_id
-        WHERE up.last_event_seq > v.last_event_seq
-           OR v.status = 'offline'
-           OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
-        ORDER BY up.vehicle_id
+        SELECT hit.n, sel.* FROM hit LEFT JOIN sel ON true ORDER BY sel.vehicle_id
         """
     )
-    rows = await cur.fetchall()
+    lap("telemetry-exec")
+    fetched = await cur.fetchall()
+    lap("telemetry-fetch")
+    if fetched[0][0] < touched:  # some vehicle is unknown: refuse its requests, redo
+        raise _UnknownVehicle
+    rows = [r[1:] for r in fetched if r[1] is not None]
     lap("telemetry")
+
+    # -- events: one insert; duplicates found by the row count, and then by xmin ----------
+    inserted: set[tuple[str, uuid.UUID]] = set()
+    if events:
+        cur = await driver.execute(
+            """
+            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
+                desired_state_id, release_version, reason_code, details)
+            SELECT * FROM ingest_events
+            ON CONFLICT (vehicle_id, event_id) DO NOTHING
+            """
+        )
+        if cur.rowcount == len(events):  # the common case: no duplicate at all
+            inserted = set(owner)
+        else:  # which ones this transaction wrote (the others were there already)
+            cur = await driver.execute(
+                """
+                SELECT te.vehicle_id, te.event_id
+                FROM ingest_events s
+                JOIN timeline_events te
+                  ON te.vehicle_id = s.vehicle_id AND te.event_id = s.event_id
+                WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
+                """
+            )
+            inserted = {(r[0], r[1]) for r in await cur.fetchall()}
+    lap("events")
+    for key, req in owner.items():
+        if key in inserted:
+            req.accepted += 1
+        else:
+            req.duplicates += 1
+    result.events_inserted = len(inserted)
+    result.duplicates = sum(r.duplicates for r in live)
+    result.heartbeats = len(beats)
     # The status of the others cannot change (it depends on none of battery, stationary or
     # last seen unless the vehicle is offline): their visible heartbeat values go to the wide
     # row in one statement, without a trip through Python.

@@ -481,3 +481,51 @@ async def test_heartbeats_coalesce_and_the_wide_row_lags_only_on_last_seen(
         await mark_offline(session, cutoff=base + timedelta(seconds=60))
         await session.commit()
     assert vehicle_row(database_url, vid)["status"] != "offline"
+
+
+@pytest.mark.parametrize("first_group_on_connection", [True, False])
+async def test_a_group_refuses_only_its_bad_requests(
+    database_url: str, prefix: str, sessions: Any, first_group_on_connection: bool
+) -> None:
+    """One group (as the committer merges concurrent requests): a request naming an unknown
+    vehicle and one outside its caller's scope are refused whole; the others are written,
+    whether the group was written optimistically (unrestricted callers: the shortfall is
+    found by the upsert and the group redone) or checked first (a scoped caller)."""
+    from models.scope import Scope
+    from models.telemetry import TelemetryBatch
+    from services.telemetry import GroupRequest, WideWritePolicy, write_group
+
+    good, other = f"{prefix}good", f"{prefix}north"
+    insert_vehicles(database_url, [good], release="1.0")
+    insert_vehicles(database_url, [other], release="1.0", region="eu-north")
+
+    def request(scope: Scope, *items: dict[str, Any]) -> GroupRequest:
+        return GroupRequest(
+            batch=TelemetryBatch.model_validate_json(json.dumps({"events": items})), scope=scope
+        )
+
+    for scoped in (False, True):
+        ok = request(Scope(), event(good, 1 + 2 * scoped, "apply_start"))
+        ghost = request(
+            Scope(), event(good, 2 + 2 * scoped, "ready"), event(f"{prefix}x", 1, "ready")
+        )
+        outside = request(
+            Scope(regions=("eu-west",)) if scoped else Scope(), event(other, 1 + scoped, "ready")
+        )
+        group = [ok, ghost, outside]
+        async with sessions() as session:
+            if not first_group_on_connection:
+                await write_group(session, requests=[], policy=WideWritePolicy())
+            result = await write_group(session, requests=group, policy=WideWritePolicy())
+            await session.commit()
+        assert ok.refused is None and ok.accepted == 1
+        assert ghost.refused is not None and ghost.refused[0]["field"] == "events.1.vehicleId"
+        assert ghost.accepted == 0
+        if scoped:
+            assert outside.refused is not None and outside.accepted == 0
+        else:
+            assert outside.refused is None and outside.accepted == 1
+        assert result.refused_requests == 1 + scoped
+    # Stored: the good vehicle's two accepted events and the other's first, nothing else.
+    assert event_count(database_url, prefix) == 3
+    assert vehicle_row(database_url, good)["last_event_seq"] == 3
