@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     ingest_writers: int = Field(
         2, ge=1, le=32, description="Concurrent group-commit writers per process."
     )
+    ingest_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes `motorcade ingest` runs on its port (one per core is the rule "
+        "for a machine given to ingestion); each has its own queue and writers.",
+    )
     telemetry_refresh_seconds: int = Field(
         240,
         ge=0,

@@ -1,9 +1,11 @@
-"""`motorcade ingest` as its own process: killed abruptly (SIGKILL) while clients send, then
-restarted; every event it acknowledged (202) is in PostgreSQL exactly once."""
+"""`motorcade ingest` as its own process (or several sharing the port): killed abruptly
+(SIGKILL) while clients send, then restarted; every event it acknowledged (202) is in
+PostgreSQL exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +25,9 @@ from tests.api.test_telemetry import now_iso
 pytestmark = pytest.mark.slow
 
 
-def start_ingest(database_url: str, dev_key: str, port: int) -> subprocess.Popen[bytes]:
+def start_ingest(
+    database_url: str, dev_key: str, port: int, processes: int = 1
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "MOTORCADE_DATABASE_URL": database_url,
@@ -33,15 +37,28 @@ def start_ingest(database_url: str, dev_key: str, port: int) -> subprocess.Popen
         "MOTORCADE_LOG_FORMAT": "console",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "ingest", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "ingest",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--processes",
+            str(processes),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes every process
     )
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 async def test_every_acknowledged_event_survives_a_kill(
-    database_url: str, dev_key: str, token: Callable[..., str], prefix: str
+    database_url: str, dev_key: str, token: Callable[..., str], prefix: str, processes: int
 ) -> None:
     vids = [f"{prefix}{i:02d}" for i in range(20)]
     insert_vehicles(database_url, vids, release="1.0")
@@ -84,16 +101,16 @@ async def test_every_acknowledged_event_survives_a_kill(
                 else:
                     unacked.append(body)
 
-    proc = start_ingest(database_url, dev_key, port)
+    proc = start_ingest(database_url, dev_key, port, processes)
     try:
         await wait_http_ready(base)
         clients = [asyncio.create_task(client_loop()) for _ in range(4)]
         await asyncio.sleep(1.5)
         before_kill = len(acked)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # every process of it, at once
         proc.wait(timeout=10)
         await asyncio.sleep(0.5)  # clients keep sending into the void
-        proc = start_ingest(database_url, dev_key, port)
+        proc = start_ingest(database_url, dev_key, port, processes)
         await wait_http_ready(base)
         await asyncio.sleep(1.0)
         stop.set()
@@ -126,3 +143,90 @@ async def test_every_acknowledged_event_survives_a_kill(
         ).fetchone()
     assert rows == (len(acked), len(acked))  # every acknowledged event, exactly once
     assert total == (len(acked),)  # and nothing else
+
+
+async def test_processes_share_the_port_and_stop_with_their_parent(
+    database_url: str, dev_key: str, token: Callable[..., str], prefix: str
+) -> None:
+    """`--processes 2`: both processes answer on the one port (each has its own group
+    committer), SIGTERM stops them all, and a supervisor killed outright takes its
+    children with it (no orphan keeps the port)."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    gateway = bearer(token("gateway"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_ingest(database_url, dev_key, port, processes=2)
+    try:
+        await wait_http_ready(base)
+        children = {int(p) for p in _children(proc.pid)}
+        assert len(children) == 2
+        answered_by: set[int] = set()
+        for _ in range(40):  # new connections, spread by the kernel over both processes
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                beat = {"vehicleId": vid, "sentAt": now_iso(), "batteryPercent": 50}
+                r = await client.post(
+                    "/api/v1/telemetry", json={"heartbeats": [beat]}, headers=gateway
+                )
+                assert r.status_code == 202
+                answered_by.update(_connected_pids(port) & children)
+        assert answered_by == children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not any(_alive(pid) for pid in children)
+        # Again, and now the supervisor is killed outright: the children follow it.
+        proc = start_ingest(database_url, dev_key, port, processes=2)
+        await wait_http_ready(base)
+        children = {int(p) for p in _children(proc.pid)}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        for _ in range(100):
+            if not any(_alive(pid) for pid in children):
+                break
+            await asyncio.sleep(0.1)
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [p for p in f.read().split() if "spawn_main" in _cmdline(int(p))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _connected_pids(port: int) -> set[int]:
+    """The processes holding an established connection on `port` right now (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01":
+                    inodes.add(cols[9])
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:[") and target[8:-1] in inodes:
+                        pids.add(int(pid))
+    return pids
