@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -76,12 +77,14 @@ def iso(t: datetime) -> str:
 
 
 def new_desired_states(url: str, count: int, release: str, skip: int = 0) -> list[tuple[str, str]]:
-    """Give `count` vehicles (after the first `skip`, in id order) a new desired state
-    (set-based, as a rollout would)."""
+    """Give `count` vehicles a new desired state (set-based, as a rollout would). They are
+    picked as a rollout picks a stage, by an md5 rank (after the first `skip` of that order),
+    so they are spread over the whole fleet, not a run of neighbouring ids."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             """
-            WITH v AS (SELECT id FROM vehicles ORDER BY id OFFSET %(skip)s LIMIT %(n)s),
+            WITH v AS (SELECT id FROM vehicles ORDER BY md5('bench:' || id), id
+                       OFFSET %(skip)s LIMIT %(n)s),
             ds AS (
                 INSERT INTO desired_states (id, vehicle_id, release_version, created_by)
                 SELECT gen_random_uuid(), v.id, %(rel)s, 'bench' FROM v
@@ -101,10 +104,16 @@ def new_desired_states(url: str, count: int, release: str, skip: int = 0) -> lis
 
 
 def make_events(targets: list[tuple[str, str]], release: str) -> list[dict[str, Any]]:
+    """Each target's `desired_notified`, `apply_start`, `ready` (seq 1, 2, 3): all the first
+    events, then all the second, then the third, each round in its own random order (a fleet's
+    events arrive in no particular order of vehicle id)."""
     now = datetime.now(UTC)
     events = []
+    shuffle = random.Random(len(targets))
     for seq, kind in enumerate(KINDS, start=1):
-        for vid, ds in targets:
+        order = list(targets)
+        shuffle.shuffle(order)
+        for vid, ds in order:
             events.append(
                 {
                     "eventId": str(uuid.uuid4()),
@@ -157,7 +166,7 @@ def copy_ceiling(url: str, events: list[dict[str, Any]]) -> float:
 # --- The endpoint --------------------------------------------------------------------------
 
 
-def start_ingest(url: str, dev_key: str, port: int) -> subprocess.Popen[bytes]:
+def start_ingest(url: str, dev_key: str, port: int, processes: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "MOTORCADE_DATABASE_URL": url,
@@ -167,7 +176,18 @@ def start_ingest(url: str, dev_key: str, port: int) -> subprocess.Popen[bytes]:
         "MOTORCADE_LOG_FORMAT": "json",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "ingest", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "ingest",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--processes",
+            str(processes),
+        ],
         env=env,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
@@ -242,7 +262,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
     token = mint_dev_token(dev_key, role=Role.GATEWAY)
     port = localservers.free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_ingest(url, dev_key, port)
+    proc = start_ingest(url, dev_key, port, args.processes)
     try:
         await localservers.wait_http_ready(base)
         # Batches of 500, each vehicle's events in different batches (all seq 1 first,
@@ -255,7 +275,9 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         # buffers): one wide-row write per vehicle.
         grouped_targets = new_desired_states(url, len(targets), release, skip=len(targets))
         grouped = make_events(grouped_targets, release)
-        grouped.sort(key=lambda e: (e["vehicleId"], e["seq"]))
+        random.Random(1).shuffle(grouped_targets)
+        place = {vid: n for n, (vid, _) in enumerate(grouped_targets)}
+        grouped.sort(key=lambda e: (place[e["vehicleId"]], e["seq"]))
         seconds, accepted, busy = await send_all(
             base, token, event_bodies(grouped, BATCH), args.clients
         )
@@ -345,14 +367,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vehicles", type=int, default=1_000_000)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--single", type=int, default=6_000, help="single-event requests")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="`motorcade ingest --processes` (default: one per core)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
     args = parser.parse_args(argv)
     server = localservers.bench_server_url()
     print(localservers.describe_server(server), flush=True)
     name = f"motorcade_bench_{secrets.token_hex(4)}"
     url = localservers.ensure_database(server, name)
-    print(f"== ingest bench: database {name}, {args.vehicles:,} vehicles", flush=True)
+    print(
+        f"== ingest bench: database {name}, {args.vehicles:,} vehicles;"
+        f" motorcade ingest: {args.processes} process(es); {args.clients} clients",
+        flush=True,
+    )
     try:
         upgrade(url)
         seeded = seed_fleet(
