@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -13,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
+from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware
 from api.routes import desired_states, health, releases, rollouts, telemetry, vehicles
 from api.routes.reports import router as reports_router
@@ -25,7 +28,7 @@ from services.ingest import IngestConfig, TelemetryIngestor
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.2.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.3.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -67,12 +70,23 @@ def create_app(
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
         app.state.ingestor = None
+        purge = (
+            asyncio.create_task(
+                purge_loop(app.state.sessions, settings.idempotency_purge_interval_seconds)
+            )
+            if role == "api"
+            else None
+        )
         if serves_ingest:
             app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
             await app.state.ingestor.start()
         try:
             yield
         finally:
+            if purge is not None:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
             if app.state.ingestor is not None:
                 await app.state.ingestor.stop()
             await app.state.verifier.aclose()
@@ -90,6 +104,8 @@ def create_app(
     app.state.settings = settings
     app.state.role = role
     install_error_handlers(app)
+    # Outermost last: request context, CORS, then the write policies closest to the routes.
+    app.add_middleware(IdempotencyMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -110,6 +126,8 @@ def create_app(
                 "Location",
                 "Deprecation",
                 "Sunset",
+                "Link",
+                "Idempotent-Replayed",
             ],
             max_age=600,
         )
@@ -157,6 +175,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     }
     schema["security"] = [{"bearer": []}]
+    document_idempotency(schema)
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []

@@ -114,6 +114,23 @@ class Settings(BaseSettings):
         None, description="JSON file of trusted ed25519 release-signing public keys."
     )
 
+    # Idempotency keys on POST (docs/api.md).
+    idempotency_retention_hours: int = Field(
+        24,
+        ge=24,
+        description="How long a POST's Idempotency-Key and its first response are kept "
+        "(at least 24 h, SPEC.md); expired keys are purged and may be reused.",
+    )
+    idempotency_in_flight_timeout_seconds: int = Field(
+        120,
+        ge=30,
+        description="A request still in flight under its key after this long (its process "
+        "died) no longer blocks the key: a retry with the same body takes it over.",
+    )
+    idempotency_purge_interval_seconds: int = Field(
+        3600, ge=10, description="How often each API process deletes expired idempotency keys."
+    )
+
     # Fleet default safety policy (MOTORCADE_SAFETY_*).
     safety_require_stationary: bool = Field(True, description="Default: vehicle must be parked.")
     safety_min_battery_percent: int = Field(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -46,11 +47,12 @@ def api_settings(
     )
 
 
-@pytest.fixture(scope="session")
-async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
+@asynccontextmanager
+async def serve_app(settings: Settings) -> AsyncIterator[str]:
+    """The real app for these settings, served by uvicorn on a free loopback port."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(api_settings),
+        create_app(settings),
         host="127.0.0.1",
         port=port,
         log_config=None,
@@ -64,9 +66,17 @@ async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
             break
         await asyncio.sleep(0.05)
     assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
+    async with serve_app(api_settings) as url:
+        yield url
 
 
 @pytest.fixture
