@@ -17,6 +17,7 @@ from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware
+from api.ratelimit import RateLimitMiddleware, document_rate_limits
 from api.routes import desired_states, health, releases, rollouts, telemetry, vehicles
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
@@ -106,6 +107,11 @@ def create_app(
     install_error_handlers(app)
     # Outermost last: request context, CORS, then the write policies closest to the routes.
     app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(
+        RateLimitMiddleware,
+        per_minute=settings.rate_limit_writes_per_minute,
+        burst=settings.rate_limit_write_burst,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -176,6 +182,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     }
     schema["security"] = [{"bearer": []}]
     document_idempotency(schema)
+    document_rate_limits(schema)
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []

@@ -43,7 +43,14 @@ def api_settings(
     write_trusted_keys_file(keys_file, [signing_key.public_key()])
     address = dev_server_env.client.service_client.config.target_host
     return settings.model_copy(
-        update={"temporal_address": address, "trusted_keys_file": str(keys_file)}
+        update={
+            "temporal_address": address,
+            "trusted_keys_file": str(keys_file),
+            # The suite shares one app and one operator subject: a limit the suite never
+            # reaches (tests/api/test_rate_limits.py serves an app with a small one).
+            "rate_limit_write_burst": 100_000,
+            "rate_limit_writes_per_minute": 100_000,
+        }
     )
 
 
