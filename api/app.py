@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
@@ -112,6 +113,7 @@ def create_app(
         per_minute=settings.rate_limit_writes_per_minute,
         burst=settings.rate_limit_write_burst,
     )
+    app.add_middleware(DeprecationMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -183,6 +185,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema["security"] = [{"bearer": []}]
     document_idempotency(schema)
     document_rate_limits(schema)
+    document_deprecations(schema)
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []
