@@ -325,3 +325,33 @@ async def test_an_expired_key_is_taken_over(
         assert (await service.claim(session, request_hash="a", **args)).outcome == "mismatch"
         assert (await service.claim(session, request_hash="b", **args)).outcome == "new"
         await session.rollback()
+
+
+async def test_the_api_purges_expired_keys_in_the_background(
+    api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    now = datetime.now(UTC)
+    with psycopg.connect(database_url) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO idempotency_keys (caller, key, method, path, request_hash,"
+            " created_at, expires_at) VALUES (%s, 'k', 'POST', '/api/v1/x', 'h', %s, %s)",
+            [
+                (f"{prefix}expired", now - timedelta(hours=25), now - timedelta(hours=1)),
+                (f"{prefix}kept", now, now + timedelta(hours=24)),
+            ],
+        )
+
+    def left() -> list[str]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT caller FROM idempotency_keys WHERE caller LIKE %s ORDER BY caller",
+                (f"{prefix}%",),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    async with serve_app(api_settings):  # its lifespan purges at start, then every interval
+        for _ in range(400):  # bounded wait for the background task, not a timing assertion
+            if left() == [f"{prefix}kept"]:
+                break
+            await asyncio.sleep(0.05)
+    assert left() == [f"{prefix}kept"]
