@@ -107,12 +107,13 @@ def create_app(
     app.state.role = role
     install_error_handlers(app)
     # Outermost last: request context, CORS, then the write policies closest to the routes.
-    app.add_middleware(IdempotencyMiddleware)
-    app.add_middleware(
-        RateLimitMiddleware,
-        per_minute=settings.rate_limit_writes_per_minute,
-        burst=settings.rate_limit_write_burst,
-    )
+    if role == "api":  # the ingest role serves no write they apply to (telemetry is exempt)
+        app.add_middleware(IdempotencyMiddleware)
+        app.add_middleware(
+            RateLimitMiddleware,
+            per_minute=settings.rate_limit_writes_per_minute,
+            burst=settings.rate_limit_write_burst,
+        )
     app.add_middleware(DeprecationMiddleware)
     if settings.cors_origins:
         app.add_middleware(
