@@ -355,3 +355,40 @@ async def test_the_api_purges_expired_keys_in_the_background(
                 break
             await asyncio.sleep(0.05)
     assert left() == [f"{prefix}kept"]
+
+
+async def test_creating_a_rollout_and_controlling_it_replay_too(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    """One mechanism for every POST: a rollout is created once (one row, one workflow), and a
+    refused control request is refused once (one audit entry)."""
+    release, ids = fleet
+    name = f"idempotent {uuid.uuid4()}"
+    body = rollout_body(release, name=name, targets={"vehicleIds": ids})
+    key = str(uuid.uuid4())
+    first = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert first.status_code == 201, first.text
+    again = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert again.headers["location"] == first.headers["location"]
+    rid = first.json()["data"]["id"]
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rid,))
+        created = conn.execute("SELECT count(*) FROM rollouts WHERE name = %s", (name,)).fetchone()
+    assert created == (1,)
+
+    key = str(uuid.uuid4())
+    url = f"/api/v1/rollouts/{rid}/pause"
+    refused = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
+    assert_error(refused, 409, "INVALID_STATE_TRANSITION")
+    replay = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
+    assert replay.status_code == 409 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == refused.json()
+    with psycopg.connect(database_url) as conn:
+        audited = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
+            " AND action = 'rollout.pause_rejected'",
+            (str(rid),),
+        ).fetchone()
+    assert audited == (1,)
