@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -11,9 +13,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
+from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware
+from api.ratelimit import RateLimitMiddleware, document_rate_limits
 from api.routes import desired_states, health, releases, rollouts, telemetry, vehicles
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
@@ -25,7 +30,7 @@ from services.ingest import IngestConfig, TelemetryIngestor
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.2.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.3.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -67,12 +72,23 @@ def create_app(
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
         app.state.ingestor = None
+        purge = (
+            asyncio.create_task(
+                purge_loop(app.state.sessions, settings.idempotency_purge_interval_seconds)
+            )
+            if role == "api"
+            else None
+        )
         if serves_ingest:
             app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
             await app.state.ingestor.start()
         try:
             yield
         finally:
+            if purge is not None:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
             if app.state.ingestor is not None:
                 await app.state.ingestor.stop()
             await app.state.verifier.aclose()
@@ -90,6 +106,15 @@ def create_app(
     app.state.settings = settings
     app.state.role = role
     install_error_handlers(app)
+    # Outermost last: request context, CORS, then the write policies closest to the routes.
+    if role == "api":  # the ingest role serves no write they apply to (telemetry is exempt)
+        app.add_middleware(IdempotencyMiddleware)
+        app.add_middleware(
+            RateLimitMiddleware,
+            per_minute=settings.rate_limit_writes_per_minute,
+            burst=settings.rate_limit_write_burst,
+        )
+    app.add_middleware(DeprecationMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -110,6 +135,8 @@ def create_app(
                 "Location",
                 "Deprecation",
                 "Sunset",
+                "Link",
+                "Idempotent-Replayed",
             ],
             max_age=600,
         )
@@ -157,6 +184,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     }
     schema["security"] = [{"bearer": []}]
+    document_idempotency(schema)
+    document_rate_limits(schema)
+    document_deprecations(schema)
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []

@@ -121,6 +121,37 @@ class Settings(BaseSettings):
         None, description="JSON file of trusted ed25519 release-signing public keys."
     )
 
+    # Idempotency keys on POST (docs/api.md).
+    idempotency_retention_hours: int = Field(
+        24,
+        ge=24,
+        description="How long a POST's Idempotency-Key and its first response are kept "
+        "(at least 24 h, SPEC.md); expired keys are purged and may be reused.",
+    )
+    idempotency_in_flight_timeout_seconds: int = Field(
+        120,
+        ge=30,
+        description="A request still in flight under its key after this long (its process "
+        "died) no longer blocks the key: a retry with the same body takes it over.",
+    )
+    idempotency_purge_interval_seconds: int = Field(
+        3600, ge=10, description="How often each API process deletes expired idempotency keys."
+    )
+
+    # Rate limits on writes (MOTORCADE_RATE_LIMIT_*; docs/api.md).
+    rate_limit_writes_per_minute: float = Field(
+        60,
+        ge=0,
+        description="Sustained writes (POST, PUT, PATCH, DELETE under /api/) per caller (token "
+        "subject; client address without a valid token) per API process: a token bucket "
+        "refilled at this rate. 0 turns the limit off. Past it: 429 RATE_LIMITED with "
+        "Retry-After. POST /api/v1/telemetry is not limited here (its own backpressure: 503 "
+        "OVERLOADED).",
+    )
+    rate_limit_write_burst: int = Field(
+        20, ge=1, description="Writes a caller may make at once before the rate applies."
+    )
+
     # Fleet default safety policy (MOTORCADE_SAFETY_*).
     safety_require_stationary: bool = Field(True, description="Default: vehicle must be parked.")
     safety_min_battery_percent: int = Field(

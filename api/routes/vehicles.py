@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from api.deprecation import Deprecation
 from api.deps import CursorQuery, LimitQuery, SessionDep, SortQuery, ViewerDep, multi, require
 from api.envelope import ok, page
 from api.errors import ErrorResponses, Forbidden
@@ -191,3 +193,35 @@ async def get_timeline(
         session, scope=principal.scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
     )
     return page(request, [timeline_out(e) for e in rows], limit=limit, next_cursor=next_cursor)
+
+
+# The timeline under its older name: `events` (SPEC.md calls them "timeline events").
+# Kept for clients written against that name; deprecated, answers with Deprecation, Sunset
+# and a successor Link (docs/api.md, Versioning and deprecation).
+LEGACY_EVENTS = Deprecation(
+    since=datetime(2026, 11, 28, tzinfo=UTC),
+    sunset=datetime(2027, 5, 31, tzinfo=UTC),
+    successor="/api/v1/vehicles/{vehicle_id}/timeline",
+)
+
+
+@router.get(
+    "/{vehicle_id}/events",
+    response_model=ListEnvelope[TimelineEventOut],
+    summary="Deprecated alias of GET /vehicles/{vehicle_id}/timeline",
+    responses=ErrorResponses.read_one,
+    **LEGACY_EVENTS.route_kwargs(),
+)
+async def get_timeline_legacy(
+    request: Request,
+    principal: ViewerDep,
+    session: SessionDep,
+    vehicle_id: VehicleIdPath,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> Any:
+    """The same as `GET /vehicles/{vehicle_id}/timeline`; removed after its sunset
+    (2027-05-31). Use the timeline."""
+    return await get_timeline(
+        request, principal, session, vehicle_id=vehicle_id, cursor=cursor, limit=limit
+    )

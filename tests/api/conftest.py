@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -42,15 +43,23 @@ def api_settings(
     write_trusted_keys_file(keys_file, [signing_key.public_key()])
     address = dev_server_env.client.service_client.config.target_host
     return settings.model_copy(
-        update={"temporal_address": address, "trusted_keys_file": str(keys_file)}
+        update={
+            "temporal_address": address,
+            "trusted_keys_file": str(keys_file),
+            # The suite shares one app and one operator subject: a limit the suite never
+            # reaches (tests/api/test_rate_limits.py serves an app with a small one).
+            "rate_limit_write_burst": 100_000,
+            "rate_limit_writes_per_minute": 100_000,
+        }
     )
 
 
-@pytest.fixture(scope="session")
-async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
+@asynccontextmanager
+async def serve_app(settings: Settings) -> AsyncIterator[str]:
+    """The real app for these settings, served by uvicorn on a free loopback port."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(api_settings),
+        create_app(settings),
         host="127.0.0.1",
         port=port,
         log_config=None,
@@ -64,9 +73,17 @@ async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
             break
         await asyncio.sleep(0.05)
     assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+async def api_base_url(api_settings: Settings) -> AsyncIterator[str]:
+    async with serve_app(api_settings) as url:
+        yield url
 
 
 @pytest.fixture

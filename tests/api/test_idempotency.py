@@ -1,0 +1,394 @@
+"""Idempotency-Key on POST, through the real app over real PostgreSQL: replay, mismatch,
+a concurrent duplicate, per-caller keys, failures not stored, the telemetry exception, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.localservers import free_port
+from core.settings import Settings
+from services import idempotency as service
+from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
+from tests.api.test_envelopes import assert_error
+from tests.api.test_releases_and_rollouts import rollout_body
+
+URL = "/api/v1/desired-states"
+
+
+def ds_body(release: str, ids: list[str], reason: str = "hotfix") -> dict[str, Any]:
+    return {"releaseVersion": release, "targets": {"vehicleIds": ids}, "reason": reason}
+
+
+def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
+    return {**headers, "Idempotency-Key": key}
+
+
+def counts(database_url: str, release: str, ids: list[str]) -> tuple[int, int]:
+    """(desired states for these vehicles, audit entries `desired_states.created`) of a test."""
+    with psycopg.connect(database_url) as conn:
+        states = conn.execute(
+            "SELECT count(*) FROM desired_states WHERE vehicle_id = ANY(%s)", (ids,)
+        ).fetchone()
+        audit = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'desired_states.created'"
+            " AND target_id = %s",
+            (release,),
+        ).fetchone()
+    assert states is not None and audit is not None
+    return int(states[0]), int(audit[0])
+
+
+def key_row(database_url: str, caller: str, key: str) -> tuple | None:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT state, response_status, request_hash, expires_at - created_at"
+            " FROM idempotency_keys WHERE caller = %s AND key = %s",
+            (caller, key),
+        ).fetchone()
+
+
+@pytest.fixture
+def fleet(database_url: str, prefix: str, signing_key: Ed25519PrivateKey) -> tuple[str, list[str]]:
+    release = f"{prefix}2027.5.0"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{i}" for i in range(3)]
+    insert_vehicles(database_url, ids, release="old")
+    return release, ids
+
+
+async def test_replay_returns_the_first_response_and_writes_once(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    release, ids = fleet
+    key = str(uuid.uuid4())
+    first = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    assert counts(database_url, release, ids) == (3, 1)
+
+    # The same request (keys in another order: the same JSON) under the same key.
+    reordered = dict(reversed(list(ds_body(release, ids).items())))
+    again = await http.post(URL, headers=keyed(operator, key), json=reordered)
+    assert again.status_code == 201, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()  # the original body, its request id included
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
+    assert counts(database_url, release, ids) == (3, 1)  # no second write, no second audit
+
+    row = key_row(database_url, "dev-operator", key)
+    assert row is not None
+    state, status, request_hash, kept = row
+    assert (state, status) == ("completed", 201)
+    assert len(request_hash) == 64 and kept >= timedelta(hours=24)
+
+    # Without a key, the same request is simply done again.
+    plain = await http.post(URL, headers=operator, json=ds_body(release, ids))
+    assert plain.status_code == 201 and "idempotent-replayed" not in plain.headers
+    assert counts(database_url, release, ids) == (6, 2)
+
+
+async def test_an_error_response_is_replayed_too(
+    http: httpx.AsyncClient, operator: dict, prefix: str
+) -> None:
+    key = str(uuid.uuid4())
+    body = ds_body(f"{prefix}no-such-release", [f"{prefix}0"])
+    first = await http.post(URL, headers=keyed(operator, key), json=body)
+    assert first.status_code in (404, 422), first.text
+    again = await http.post(URL, headers=keyed(operator, key), json=body)
+    assert again.status_code == first.status_code
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+
+
+async def test_same_key_with_another_body_is_a_mismatch(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    release, ids = fleet
+    key = str(uuid.uuid4())
+    first = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+    assert first.status_code == 201, first.text
+    other = await http.post(
+        URL, headers=keyed(operator, key), json=ds_body(release, ids, reason="other")
+    )
+    assert_error(other, 422, "IDEMPOTENCY_KEY_MISMATCH")
+    # Another path under the same key is another request too.
+    dry = await http.post(
+        "/api/v1/rollouts?dryRun=true", headers=keyed(operator, key), json=ds_body(release, ids)
+    )
+    assert_error(dry, 422, "IDEMPOTENCY_KEY_MISMATCH")
+    assert counts(database_url, release, ids) == (3, 1)
+
+
+async def test_a_concurrent_duplicate_is_in_use(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    """The first request is held inside its transaction (a vehicle it must update is locked
+    here), so the duplicate certainly arrives while the first is in flight."""
+    release, ids = fleet
+    key = str(uuid.uuid4())
+    lock = psycopg.connect(database_url)
+    try:
+        lock.execute("SELECT id FROM vehicles WHERE id = %s FOR UPDATE", (ids[0],))
+        first = asyncio.create_task(
+            http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+        )
+        for _ in range(600):  # until the first request holds the key (bounded, not timed)
+            row = key_row(database_url, "dev-operator", key)
+            if row is not None or first.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not first.done(), first.result().text
+        assert row is not None and row[0] == "in_flight"
+
+        duplicate = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+        assert_error(duplicate, 409, "IDEMPOTENCY_KEY_IN_USE")
+        assert duplicate.headers["retry-after"]
+        assert not first.done()
+    finally:
+        lock.rollback()
+        lock.close()
+    response = await first
+    assert response.status_code == 201, response.text
+    replay = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+    assert replay.status_code == 201 and replay.json() == response.json()
+    assert counts(database_url, release, ids) == (3, 1)
+
+
+async def test_keys_are_scoped_to_the_caller(
+    http: httpx.AsyncClient,
+    operator: dict,
+    token: Any,
+    database_url: str,
+    fleet: tuple[str, list[str]],
+) -> None:
+    release, ids = fleet
+    key = str(uuid.uuid4())
+    alice = bearer(token("operator", subject=f"alice-{key}"))
+    first = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
+    assert first.status_code == 201, first.text
+    # Another caller, same key, another body: independent (neither a replay nor a mismatch).
+    theirs = await http.post(
+        URL, headers=keyed(alice, key), json=ds_body(release, ids[:1], reason="theirs")
+    )
+    assert theirs.status_code == 201, theirs.text
+    assert "idempotent-replayed" not in theirs.headers
+    assert theirs.json()["data"]["count"] == 1
+    assert counts(database_url, release, ids) == (4, 2)
+    assert key_row(database_url, f"alice-{key}", key) is not None
+
+
+async def test_invalid_keys_and_unauthenticated_requests(
+    http: httpx.AsyncClient, operator: dict, viewer: dict, database_url: str
+) -> None:
+    for bad in ("", "x" * 256, "with space", "é"):
+        response = await http.post(
+            URL, headers={**operator, "Idempotency-Key": bad.encode()}, json={}
+        )
+        body = assert_error(response, 422, "VALIDATION_ERROR")
+        assert body["error"]["details"][0]["field"] == "Idempotency-Key"
+    # A key does not change what an unauthenticated or forbidden caller gets.
+    key = str(uuid.uuid4())
+    assert_error(
+        await http.post(URL, headers={"Idempotency-Key": key}, json={}), 401, "UNAUTHENTICATED"
+    )
+    assert_error(await http.post(URL, headers=keyed(viewer, key), json={}), 403, "FORBIDDEN")
+    # The longest valid key works.
+    longest = "k" * 255
+    ok = await http.post(URL, headers=keyed(operator, longest), json={})
+    assert_error(ok, 422, "VALIDATION_ERROR")
+    assert key_row(database_url, "dev-operator", longest) is not None
+
+
+async def test_telemetry_does_not_use_idempotency_keys(
+    http: httpx.AsyncClient, token: Any, database_url: str, prefix: str
+) -> None:
+    """POST /telemetry deduplicates per event (vehicleId, eventId): a key changes nothing."""
+    vehicle = f"{prefix}tele"
+    insert_vehicles(database_url, [vehicle])
+    device = bearer(token("device", vehicle_id=vehicle))
+    key = str(uuid.uuid4())
+    batch = {
+        "events": [
+            {
+                "eventId": str(uuid.uuid4()),
+                "vehicleId": vehicle,
+                "seq": 1,
+                "type": "desired_notified",
+                "occurredAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        ]
+    }
+    first = await http.post("/api/v1/telemetry", headers=keyed(device, key), json=batch)
+    assert first.status_code == 202, first.text
+    again = await http.post("/api/v1/telemetry", headers=keyed(device, key), json=batch)
+    assert again.status_code == 202, again.text
+    assert "idempotent-replayed" not in again.headers
+    assert again.json()["data"]["duplicates"] == 1  # its own deduplication answered
+    assert key_row(database_url, f"device:{vehicle}", key) is None
+
+
+async def test_a_5xx_is_not_stored(
+    api_settings: Settings,
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    fleet: tuple[str, list[str]],
+) -> None:
+    """A rollout whose workflow cannot start answers 503: the key is released, so the
+    client's retry runs again instead of replaying the failure."""
+    release, ids = fleet
+    key = str(uuid.uuid4())
+    body = rollout_body(release, targets={"vehicleIds": ids})
+    down = api_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    async with serve_app(down) as url, httpx.AsyncClient(base_url=url, timeout=30) as other:
+        response = await other.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert_error(response, 503, "UNAVAILABLE")
+    assert key_row(database_url, "dev-operator", key) is None
+    retry = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert retry.status_code == 201, retry.text
+    assert "idempotent-replayed" not in retry.headers
+
+
+async def test_purge_removes_expired_keys_only(
+    sessions: async_sessionmaker[AsyncSession], database_url: str, prefix: str
+) -> None:
+    now = datetime.now(UTC)
+    rows = [
+        (f"{prefix}old", now - timedelta(hours=30), now - timedelta(hours=6)),
+        (f"{prefix}just-expired", now - timedelta(hours=24, seconds=1), now - timedelta(seconds=1)),
+        (f"{prefix}fresh", now - timedelta(hours=23), now + timedelta(hours=1)),
+        (f"{prefix}new", now, now + timedelta(hours=24)),
+    ]
+    with psycopg.connect(database_url) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO idempotency_keys (caller, key, method, path, request_hash, state,"
+            " response_status, response_body, created_at, expires_at)"
+            " VALUES (%s, 'k', 'POST', '/api/v1/x', 'h', 'completed', 201, '{}', %s, %s)",
+            rows,
+        )
+    async with sessions() as session:
+        deleted = await service.purge_expired(session, now=now, batch=1)
+        await session.commit()
+    assert deleted >= 2
+    with psycopg.connect(database_url) as conn:
+        left = conn.execute(
+            "SELECT caller FROM idempotency_keys WHERE caller LIKE %s ORDER BY caller",
+            (f"{prefix}%",),
+        ).fetchall()
+    assert [r[0] for r in left] == [f"{prefix}fresh", f"{prefix}new"]
+
+
+async def test_an_expired_key_is_taken_over(
+    sessions: async_sessionmaker[AsyncSession], prefix: str
+) -> None:
+    """Until the purge runs, an expired key counts as absent (even with another request)."""
+    args: dict[str, Any] = {
+        "caller": f"{prefix}c",
+        "key": "k",
+        "method": "POST",
+        "path": "/api/v1/x",
+        "retention": timedelta(hours=24),
+        "stale_after": timedelta(seconds=120),
+    }
+    async with sessions() as session:
+        assert (await service.claim(session, request_hash="a", **args)).outcome == "new"
+        assert (await service.claim(session, request_hash="a", **args)).outcome == "in_flight"
+        assert (await service.claim(session, request_hash="b", **args)).outcome == "mismatch"
+        await (await session.connection()).execute(
+            text(
+                "UPDATE idempotency_keys SET expires_at = now() - interval '1 second'"
+                " WHERE caller = :c"
+            ),
+            {"c": f"{prefix}c"},
+        )
+        assert (await service.claim(session, request_hash="b", **args)).outcome == "new"
+        # An in-flight key left by a dead process is taken over by the same request only.
+        await (await session.connection()).execute(
+            text(
+                "UPDATE idempotency_keys SET created_at = now() - interval '10 minutes'"
+                " WHERE caller = :c"
+            ),
+            {"c": f"{prefix}c"},
+        )
+        assert (await service.claim(session, request_hash="a", **args)).outcome == "mismatch"
+        assert (await service.claim(session, request_hash="b", **args)).outcome == "new"
+        await session.rollback()
+
+
+async def test_the_api_purges_expired_keys_in_the_background(
+    api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    now = datetime.now(UTC)
+    with psycopg.connect(database_url) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO idempotency_keys (caller, key, method, path, request_hash,"
+            " created_at, expires_at) VALUES (%s, 'k', 'POST', '/api/v1/x', 'h', %s, %s)",
+            [
+                (f"{prefix}expired", now - timedelta(hours=25), now - timedelta(hours=1)),
+                (f"{prefix}kept", now, now + timedelta(hours=24)),
+            ],
+        )
+
+    def left() -> list[str]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT caller FROM idempotency_keys WHERE caller LIKE %s ORDER BY caller",
+                (f"{prefix}%",),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    async with serve_app(api_settings):  # its lifespan purges at start, then every interval
+        for _ in range(400):  # bounded wait for the background task, not a timing assertion
+            if left() == [f"{prefix}kept"]:
+                break
+            await asyncio.sleep(0.05)
+    assert left() == [f"{prefix}kept"]
+
+
+async def test_creating_a_rollout_and_controlling_it_replay_too(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    """One mechanism for every POST: a rollout is created once (one row, one workflow), and a
+    refused control request is refused once (one audit entry)."""
+    release, ids = fleet
+    name = f"idempotent {uuid.uuid4()}"
+    body = rollout_body(release, name=name, targets={"vehicleIds": ids})
+    key = str(uuid.uuid4())
+    first = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert first.status_code == 201, first.text
+    again = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert again.headers["location"] == first.headers["location"]
+    rid = first.json()["data"]["id"]
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rid,))
+        created = conn.execute("SELECT count(*) FROM rollouts WHERE name = %s", (name,)).fetchone()
+    assert created == (1,)
+
+    key = str(uuid.uuid4())
+    url = f"/api/v1/rollouts/{rid}/pause"
+    refused = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
+    assert_error(refused, 409, "INVALID_STATE_TRANSITION")
+    replay = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
+    assert replay.status_code == 409 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == refused.json()
+    with psycopg.connect(database_url) as conn:
+        audited = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
+            " AND action = 'rollout.pause_rejected'",
+            (str(rid),),
+        ).fetchone()
+    assert audited == (1,)

@@ -1,0 +1,150 @@
+"""Every route of the app, for every kind of caller, answers the status code written below.
+
+The routes come from the app itself (`app.routes`): a route without a row in MATRIX fails the
+test, and so does a row whose route no longer exists. Path parameters are real rows of this
+test (a vehicle, a release, a rollout), so 404 (not there, or outside the caller's scope) and
+403 (the role may not) mean what they say.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.routing import iter_route_contexts
+
+from api.app import create_app
+from core.settings import Settings
+from tests.api.conftest import bearer
+from tests.api.test_envelopes import assert_error
+from tests.api.test_releases_and_rollouts import rollout_body
+from tests.api.test_rollout_control import create_rollout
+
+ROLES = ("none", "viewer", "operator", "device", "gateway", "scoped")
+
+# (method, path template) -> expected status for ("none", "viewer", "operator", "device",
+# "gateway", "scoped"). `device` is the device token of the test's own vehicle; `scoped` a
+# viewer whose regions do not include that vehicle's.
+READ = (401, 200, 200, 403, 403, 200)  # a list or report: a scoped caller sees its part
+READ_ONE = (401, 200, 200, 403, 403, 404)  # one scoped row: out of scope is NOT_FOUND
+UNSCOPED_ONE = (401, 200, 200, 403, 403, 200)  # releases are not scoped
+PROBE = (200, 200, 200, 200, 200, 200)
+MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
+    ("GET", "/healthz"): PROBE,
+    ("GET", "/readyz"): PROBE,
+    ("GET", "/metrics"): READ,
+    ("GET", "/openapi.json"): READ,
+    ("GET", "/docs"): READ,
+    ("GET", "/api/v1/vehicles"): READ,
+    ("GET", "/api/v1/vehicles/{vehicle_id}"): READ_ONE,
+    ("GET", "/api/v1/vehicles/{vehicle_id}/timeline"): READ_ONE,
+    ("GET", "/api/v1/vehicles/{vehicle_id}/events"): READ_ONE,
+    ("GET", "/api/v1/vehicles/{vehicle_id}/desired-state"): (401, 403, 403, 200, 403, 403),
+    ("POST", "/api/v1/telemetry"): (401, 403, 403, 202, 202, 403),
+    ("GET", "/api/v1/releases"): READ,
+    ("GET", "/api/v1/releases/{version}"): UNSCOPED_ONE,
+    # dryRun=true: the plan, nothing stored
+    ("POST", "/api/v1/rollouts"): (401, 403, 200, 403, 403, 403),
+    ("GET", "/api/v1/rollouts"): READ,
+    ("GET", "/api/v1/rollouts/{rollout_id}"): READ_ONE,
+    ("GET", "/api/v1/rollouts/{rollout_id}/vehicles"): READ_ONE,
+    # the rollout is completed: the operator may ask, the rollout refuses (409)
+    ("POST", "/api/v1/rollouts/{rollout_id}/pause"): (401, 403, 409, 403, 403, 403),
+    ("POST", "/api/v1/rollouts/{rollout_id}/resume"): (401, 403, 409, 403, 403, 403),
+    ("POST", "/api/v1/rollouts/{rollout_id}/rollback"): (401, 403, 409, 403, 403, 403),
+    ("POST", "/api/v1/rollouts/{rollout_id}/abort"): (401, 403, 409, 403, 403, 403),
+    ("GET", "/api/v1/desired-states"): READ,
+    ("POST", "/api/v1/desired-states"): (401, 403, 201, 403, 403, 403),
+    ("GET", "/api/v1/reports/reconcile"): READ,
+    ("GET", "/api/v1/reports/health"): READ,
+}
+ERROR_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND"}
+
+
+def app_routes(settings: Settings) -> set[tuple[str, str]]:
+    """(method, path template) of every route the app serves (HEAD and OPTIONS aside)."""
+    app = create_app(settings)
+    routes = set()
+    for context in iter_route_contexts(app.routes):
+        methods = getattr(context.original_route, "methods", None) or set()
+        for method in methods - {"HEAD", "OPTIONS"}:
+            assert context.path is not None
+            routes.add((method, context.path))
+    return routes
+
+
+def test_every_route_has_a_row(api_settings: Settings) -> None:
+    routes = app_routes(api_settings)
+    missing = sorted(routes - set(MATRIX))
+    stale = sorted(set(MATRIX) - routes)
+    assert not missing, f"routes without a row in MATRIX: {missing}"
+    assert not stale, f"rows in MATRIX for routes that do not exist: {stale}"
+
+
+async def test_role_matrix(
+    http: httpx.AsyncClient,
+    api_settings: Settings,
+    operator: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    rollout_id = await create_rollout(http, operator, database_url, signing_key, prefix, n=2)
+    vehicle = f"{prefix}000"  # a vehicle of that rollout, in eu-west
+    release = f"{prefix}2027.1.0"
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rollout_id,))
+    desired_body = {"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "m"}
+    # The vehicle has a desired state of its own, so its device reads one.
+    first = await http.post("/api/v1/desired-states", headers=operator, json=desired_body)
+    assert first.status_code == 201, first.text
+
+    callers: dict[str, dict[str, str]] = {
+        "none": {},
+        "viewer": bearer(token("viewer")),
+        "operator": operator,
+        "device": bearer(token("device", vehicle_id=vehicle)),
+        "gateway": bearer(token("gateway")),
+        "scoped": bearer(token("viewer", scopes={"regions": [f"{prefix}elsewhere"]})),
+    }
+    params = {"vehicle_id": vehicle, "version": release, "rollout_id": str(rollout_id)}
+
+    def body_for(method: str, path: str) -> dict[str, Any] | None:
+        if method != "POST":
+            return None
+        if path == "/api/v1/telemetry":
+            now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            return {"heartbeats": [{"vehicleId": vehicle, "sentAt": now, "batteryPercent": 80}]}
+        if path == "/api/v1/rollouts":
+            return rollout_body(release, targets={"vehicleIds": [vehicle]})
+        if path == "/api/v1/desired-states":
+            return desired_body
+        return {"reason": "role matrix"}
+
+    mismatches = []
+    for (method, template), expected in sorted(MATRIX.items()):
+        path = template.format(**params)
+        query = {"dryRun": "true"} if template == "/api/v1/rollouts" and method == "POST" else {}
+        for role, status in zip(ROLES, expected, strict=True):
+            response = await http.request(
+                method,
+                path,
+                params=query,
+                headers={**callers[role], "X-Request-ID": f"matrix-{uuid.uuid4()}"},
+                json=body_for(method, template),
+            )
+            if response.status_code != status:
+                mismatches.append((method, template, role, status, response.status_code))
+                continue
+            if status in ERROR_CODES:
+                assert_error(response, status, ERROR_CODES[status])
+            elif status == 409:
+                assert_error(response, 409, "INVALID_STATE_TRANSITION")
+    assert not mismatches, "\n".join(
+        f"{m} {t} as {r}: expected {e}, got {g}" for m, t, r, e, g in mismatches
+    )
