@@ -96,7 +96,11 @@ class Settings(BaseSettings):
         2.0, ge=0, le=1000, description="How long a group waits for more requests to join."
     )
     ingest_writers: int = Field(
-        2, ge=1, le=32, description="Concurrent group-commit writers per process."
+        1,
+        ge=1,
+        le=32,
+        description="Concurrent group-commit writers per process (more processes, not more "
+        "writers, is what scales: docs/telemetry.md).",
     )
     ingest_processes: int = Field(
         1,

@@ -73,7 +73,7 @@ class IngestConfig:
     queue_max_items: int = 50_000
     group_max_items: int = 10_000
     group_wait_ms: float = 2.0
-    writers: int = 2
+    writers: int = 1
     policy: WideWritePolicy = field(default_factory=WideWritePolicy)
 
 
