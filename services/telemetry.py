@@ -261,11 +261,13 @@ async def _write_group(
     cpu = time.process_time()
 
     def lap(name: str) -> None:
+        """Time since the last lap (`name`) and this process's CPU in it (`name_cpu`): the
+        difference is time spent waiting for PostgreSQL (debug log of each group)."""
         nonlocal clock, cpu
         t = time.perf_counter()
         c = time.process_time()
         result.stats[name] = result.stats.get(name, 0.0) + t - clock
-        result.stats["cpu:" + name] = result.stats.get("cpu:" + name, 0.0) + c - cpu
+        result.stats[f"{name}_cpu"] = result.stats.get(f"{name}_cpu", 0.0) + c - cpu
         clock = t
         cpu = c
 
@@ -402,9 +404,7 @@ async def _write_group(
         SELECT hit.n, sel.* FROM hit LEFT JOIN sel ON true ORDER BY sel.vehicle_id
         """
     )
-    lap("telemetry-exec")
     fetched = await cur.fetchall()
-    lap("telemetry-fetch")
     if fetched[0][0] < touched:  # some vehicle is unknown: refuse its requests, redo
         raise _UnknownVehicle
     rows = [r[1:] for r in fetched if r[1] is not None]
