@@ -173,33 +173,6 @@ def copy_ceiling(url: str, events: list[dict[str, Any]]) -> float:
 # --- The endpoint --------------------------------------------------------------------------
 
 
-def start_ingest(url: str, dev_key: str, port: int, processes: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "MOTORCADE_DATABASE_URL": url,
-        "MOTORCADE_DEV_KEY": dev_key,
-        "MOTORCADE_ENV": "test",
-        "MOTORCADE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-        "MOTORCADE_LOG_FORMAT": "json",
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "core.cli",
-            "ingest",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--processes",
-            str(processes),
-        ],
-        env=env,
-        cwd=str(Path(__file__).resolve().parent.parent),
-    )
-
-
 class Http11:
     """A minimal HTTP/1.1 keep-alive client for the benchmark: one connection, one request at
     a time, the request written in one piece, the response read by its Content-Length. The
@@ -312,7 +285,13 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
     token = mint_dev_token(dev_key, role=Role.GATEWAY)
     port = localservers.free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_ingest(url, dev_key, port, args.processes)
+    proc = localservers.start_ingest_process(
+        url,
+        dev_key,
+        port,
+        processes=args.processes,
+        log_level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+    )
     try:
         await localservers.wait_http_ready(base)
         rates: dict[str, list[float]] = {"batch": [], "grouped": []}

@@ -207,3 +207,36 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_ingest_process(
+    database_url: str,
+    dev_key: str,
+    port: int,
+    *,
+    processes: int = 1,
+    log_level: str = "WARNING",
+    quiet: bool = False,
+) -> subprocess.Popen[bytes]:
+    """`motorcade ingest` on 127.0.0.1:`port` as a child process in its own process group
+    (so `os.killpg` reaches every process of it), with a dev key and a test environment: what
+    the ingest benchmark and the kill-and-restart tests run."""
+    env = {
+        **os.environ,
+        "MOTORCADE_DATABASE_URL": database_url,
+        "MOTORCADE_DEV_KEY": dev_key,
+        "MOTORCADE_ENV": "test",
+        "MOTORCADE_LOG_LEVEL": log_level,
+        "MOTORCADE_LOG_FORMAT": "json",
+    }
+    command = [sys.executable, "-m", "core.cli", "ingest", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--processes", str(processes)]
+    output = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+    )

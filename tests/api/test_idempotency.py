@@ -306,22 +306,17 @@ async def test_an_expired_key_is_taken_over(
         assert (await service.claim(session, request_hash="a", **args)).outcome == "new"
         assert (await service.claim(session, request_hash="a", **args)).outcome == "in_flight"
         assert (await service.claim(session, request_hash="b", **args)).outcome == "mismatch"
-        await (await session.connection()).execute(
-            text(
-                "UPDATE idempotency_keys SET expires_at = now() - interval '1 second'"
-                " WHERE caller = :c"
-            ),
-            {"c": f"{prefix}c"},
-        )
+
+        async def backdate(assignment: str) -> None:
+            await (await session.connection()).execute(
+                text(f"UPDATE idempotency_keys SET {assignment} WHERE caller = :c"),
+                {"c": f"{prefix}c"},
+            )
+
+        await backdate("expires_at = now() - interval '1 second'")
         assert (await service.claim(session, request_hash="b", **args)).outcome == "new"
         # An in-flight key left by a dead process is taken over by the same request only.
-        await (await session.connection()).execute(
-            text(
-                "UPDATE idempotency_keys SET created_at = now() - interval '10 minutes'"
-                " WHERE caller = :c"
-            ),
-            {"c": f"{prefix}c"},
-        )
+        await backdate("created_at = now() - interval '10 minutes'")
         assert (await service.claim(session, request_hash="a", **args)).outcome == "mismatch"
         assert (await service.claim(session, request_hash="b", **args)).outcome == "new"
         await session.rollback()

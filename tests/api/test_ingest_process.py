@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from core.localservers import free_port, wait_http_ready
+from core.localservers import free_port, start_ingest_process, wait_http_ready
 from tests.api.conftest import bearer, insert_vehicles
 from tests.api.test_telemetry import now_iso
 
@@ -28,32 +27,7 @@ pytestmark = pytest.mark.slow
 def start_ingest(
     database_url: str, dev_key: str, port: int, processes: int = 1
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "MOTORCADE_DATABASE_URL": database_url,
-        "MOTORCADE_DEV_KEY": dev_key,
-        "MOTORCADE_ENV": "test",
-        "MOTORCADE_LOG_LEVEL": "WARNING",
-        "MOTORCADE_LOG_FORMAT": "console",
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "core.cli",
-            "ingest",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--processes",
-            str(processes),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes every process
-    )
+    return start_ingest_process(database_url, dev_key, port, processes=processes, quiet=True)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
