@@ -19,7 +19,7 @@ from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware
 from api.ratelimit import RateLimitMiddleware, document_rate_limits
-from api.routes import desired_states, health, releases, rollouts, telemetry, vehicles
+from api.routes import audit, desired_states, health, releases, rollouts, telemetry, vehicles
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
@@ -30,7 +30,7 @@ from services.ingest import IngestConfig, TelemetryIngestor
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.3.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.4.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -74,7 +74,11 @@ def create_app(
         app.state.ingestor = None
         purge = (
             asyncio.create_task(
-                purge_loop(app.state.sessions, settings.idempotency_purge_interval_seconds)
+                purge_loop(
+                    app.state.sessions,
+                    settings.idempotency_purge_interval_seconds,
+                    audit_retention_days=settings.audit_retention_days,
+                )
             )
             if role == "api"
             else None
@@ -147,7 +151,13 @@ def create_app(
         app.include_router(telemetry.router, prefix=API_PREFIX)
         app.include_router(vehicles.device_router, prefix=API_PREFIX)
     else:
-        routers = [vehicles.router, releases.router, rollouts.router, desired_states.router]
+        routers = [
+            vehicles.router,
+            releases.router,
+            rollouts.router,
+            desired_states.router,
+            audit.router,
+        ]
         if serves_ingest:
             routers[1:1] = [vehicles.device_router, telemetry.router]
         for router in routers:

@@ -40,6 +40,7 @@ from api.errors import (
 )
 from core.db import session_scope
 from core.settings import Settings
+from services import audit
 from services import idempotency as service
 
 log = structlog.stdlib.get_logger("motorcade.api.idempotency")
@@ -255,17 +256,27 @@ async def _send_stored(send: Send, response: service.StoredResponse) -> None:
     await send({"type": "http.response.body", "body": content})
 
 
-async def purge_loop(sessions: async_sessionmaker[AsyncSession], interval_seconds: float) -> None:
-    """Delete expired keys now and then every `interval_seconds` (each API process; the
-    delete is idempotent, so replicas may overlap). Runs until cancelled."""
+async def purge_loop(
+    sessions: async_sessionmaker[AsyncSession],
+    interval_seconds: float,
+    *,
+    audit_retention_days: int = 0,
+) -> None:
+    """Housekeeping of each API process, now and then every `interval_seconds` until
+    cancelled: delete expired idempotency keys, and audit entries past their retention (when
+    one is set). Both deletes are idempotent, so replicas may overlap; a failure is logged and
+    retried at the next round."""
     while True:
         try:
             async with session_scope(sessions) as session:
                 deleted = await service.purge_expired(session)
             if deleted:
                 log.info("idempotency keys purged", deleted=deleted)
+            expired = await audit.purge_expired(sessions, retention_days=audit_retention_days)
+            if expired:
+                log.info("audit entries past their retention purged", deleted=expired)
         except Exception:
-            log.warning("idempotency: purge failed", exc_info=True)
+            log.warning("housekeeping: purge failed", exc_info=True)
         await asyncio.sleep(interval_seconds)
 
 

@@ -139,7 +139,17 @@ class Settings(BaseSettings):
         "died) no longer blocks the key: a retry with the same body takes it over.",
     )
     idempotency_purge_interval_seconds: int = Field(
-        3600, ge=10, description="How often each API process deletes expired idempotency keys."
+        3600,
+        ge=10,
+        description="How often each API process deletes expired idempotency keys (and audit "
+        "entries past MOTORCADE_AUDIT_RETENTION_DAYS).",
+    )
+    audit_retention_days: int = Field(
+        0,
+        ge=0,
+        description="Audit entries older than this many days are deleted (oldest first, in "
+        "batches); 0, the default, keeps them forever. Set it to what your compliance regime "
+        "requires (docs/audit_log.md); nothing else ever deletes or changes an entry.",
     )
 
     # Rate limits on writes (MOTORCADE_RATE_LIMIT_*; docs/api.md).

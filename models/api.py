@@ -355,6 +355,23 @@ class DesiredStateCreate(StrictCamelModel):
     reason: str | None = Field(None, max_length=2000)
 
 
+class AuditEntryOut(CamelModel):
+    """One audit entry (SPEC.md, Audit); secrets in `payload` are redacted when written."""
+
+    id: int
+    at: datetime | None = None
+    actor: str
+    role: str | None = None
+    source: str = Field(description="`api`, `temporal` or `system`.")
+    action: str
+    target_type: str
+    target_id: str | None = None
+    reason: str | None = None
+    correlation_id: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    result: str
+
+
 class DesiredStateOut(CamelModel):
     id: str
     vehicle_id: str | None = Field(

@@ -1,14 +1,32 @@
-"""The audit log: every write adds an entry in the same transaction as the write."""
+"""The audit log: every write adds an entry in the same transaction as the write; reading
+(list, export) inside the caller's scope; retention (the only delete)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Text, cast, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.logging import redact
 from models.enums import AuditSource
+from models.scope import Scope
 from models.tables import AuditEntry
+from services.errors import InvalidInput
+from services.pagination import (
+    Sort,
+    any_of,
+    decode_cursor,
+    keyset,
+    split_page,
+    timestamp_key,
+)
 
 
 async def record(
@@ -35,7 +53,7 @@ async def record(
         action=action,
         target_type=target_type,
         target_id=target_id,
-        reason=reason,
+        reason=redact(reason),
         correlation_id=correlation_id,
         payload=redact(payload or {}),
         result=result,
@@ -46,3 +64,148 @@ async def record(
     session.add(entry)
     await session.flush()
     return entry
+
+
+# --- Reading -------------------------------------------------------------------------------
+
+AUDIT_SORT = Sort(timestamp_key("at", col(AuditEntry.at)), descending=True)
+
+
+@dataclass(frozen=True)
+class AuditFilters:
+    """SPEC.md filters of `GET /audit-log` (each list: any of its values)."""
+
+    actors: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    target_types: list[str] = field(default_factory=list)
+    target_ids: list[str] = field(default_factory=list)
+    since: datetime | None = None  # `from`, inclusive
+    until: datetime | None = None  # `to`, exclusive
+
+    def validate(self) -> None:
+        for name, value in (("from", self.since), ("to", self.until)):
+            if value is not None and value.tzinfo is None:
+                raise InvalidInput(
+                    f"{name} needs a time zone (for example 2026-11-28T10:00:00Z)",
+                    details=[{"field": name, "message": "an RFC 3339 time with a zone"}],
+                )
+        if self.since and self.until and self.since >= self.until:
+            raise InvalidInput(
+                "from must be before to",
+                details=[{"field": "from", "message": "earlier than to"}],
+            )
+
+
+def _select(scope: Scope, filters: AuditFilters) -> Any:
+    """Entries inside the caller's scope matching the filters. An entry carries the regions,
+    models and orgs of its target; a scoped caller sees an entry only when, for each dimension
+    it is scoped on, the entry names one of its values (an entry about nothing scoped, such as
+    a release, is outside every scope)."""
+    filters.validate()
+    stmt = select(AuditEntry)
+    scoped: tuple[tuple[Any, tuple[str, ...] | None], ...] = (
+        (col(AuditEntry.regions), scope.regions),
+        (col(AuditEntry.models), scope.models),
+        (col(AuditEntry.orgs), scope.orgs),
+    )
+    for dimension, allowed in scoped:
+        if allowed is not None:
+            stmt = stmt.where(dimension.op("&&")(cast(list(allowed), ARRAY(Text))))
+    for column, values in (
+        (col(AuditEntry.actor), filters.actors),
+        (col(AuditEntry.action), filters.actions),
+        (col(AuditEntry.target_type), filters.target_types),
+        (col(AuditEntry.target_id), filters.target_ids),
+    ):
+        cond = any_of(column, values)
+        if cond is not None:
+            stmt = stmt.where(cond)
+    if filters.since is not None:
+        stmt = stmt.where(col(AuditEntry.at) >= filters.since)
+    if filters.until is not None:
+        stmt = stmt.where(col(AuditEntry.at) < filters.until)
+    return stmt
+
+
+async def list_entries(
+    session: AsyncSession, *, scope: Scope, filters: AuditFilters, cursor: str | None, limit: int
+) -> tuple[list[AuditEntry], str | None]:
+    """Newest first, keyset on (at, id): each filter narrows an (x, at, id) index range."""
+    stmt = keyset(
+        _select(scope, filters),
+        sort=AUDIT_SORT,
+        id_column=col(AuditEntry.id),
+        cursor=_checked_cursor(cursor),
+        limit=limit,
+    )
+    rows = list((await session.exec(stmt)).all())
+    return split_page(
+        rows, sort=AUDIT_SORT, limit=limit, value_of=lambda e: e.at, id_of=lambda e: e.id
+    )
+
+
+def _checked_cursor(cursor: str | None) -> str | None:
+    """A cursor whose id is not an integer is refused here, not by the database."""
+    if cursor:
+        _, ident = decode_cursor(cursor, AUDIT_SORT)
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            raise InvalidInput(
+                "the cursor is not valid for this list and sort",
+                details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
+            )
+    return cursor
+
+
+async def iter_entries(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    scope: Scope,
+    filters: AuditFilters,
+    batch: int = 1000,
+) -> AsyncIterator[AuditEntry]:
+    """Every matching entry, newest first, read in keyset batches of `batch`, each in its own
+    short transaction: an export of any size holds one batch in memory and no transaction
+    open while the client reads."""
+    cursor: str | None = None
+    while True:
+        async with sessions() as session:
+            rows, cursor = await list_entries(
+                session, scope=scope, filters=filters, cursor=cursor, limit=batch
+            )
+        for row in rows:
+            yield row
+        if cursor is None:
+            return
+
+
+# --- Retention -----------------------------------------------------------------------------
+
+
+async def purge_expired(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    retention_days: int,
+    batch: int = 10_000,
+    now: datetime | None = None,
+) -> int:
+    """Delete entries older than `retention_days` (0: keep forever), oldest first, `batch` at
+    a time, each batch its own transaction (the `(at, id)` index finds them). The only delete
+    of the audit log; nothing updates it (a trigger refuses UPDATE). Returns how many went."""
+    if retention_days <= 0:
+        return 0
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    total = 0
+    while True:
+        async with sessions() as session:
+            result = await (await session.connection()).execute(
+                text(
+                    "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log"
+                    " WHERE at < :cutoff ORDER BY at, id LIMIT :batch)"
+                ),
+                {"cutoff": cutoff, "batch": batch},
+            )
+            await session.commit()
+        deleted = max(result.rowcount or 0, 0)
+        total += deleted
+        if deleted < batch:
+            return total

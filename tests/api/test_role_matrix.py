@@ -59,6 +59,8 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): (401, 403, 409, 403, 403, 403),
     ("GET", "/api/v1/desired-states"): READ,
     ("POST", "/api/v1/desired-states"): (401, 403, 201, 403, 403, 403),
+    ("GET", "/api/v1/audit-log"): READ,
+    ("GET", "/api/v1/audit-log/export"): READ,
     ("GET", "/api/v1/reports/reconcile"): READ,
     ("GET", "/api/v1/reports/health"): READ,
 }
