@@ -200,6 +200,7 @@ DOMAIN_ERRORS: dict[type[domain.DomainError], type[AppError]] = {
     domain.NotFoundError: NotFound,
     domain.OutOfScope: Forbidden,
     domain.SafetyWeakened: SafetyPolicyWeakened,
+    domain.AlreadyExists: Conflict,
     rollout_errors.ReleaseSignatureRejected: ReleaseSignatureInvalid,
     rollout_errors.OverlapConflict: Conflict,
     rollout_errors.InvalidTransition: InvalidStateTransition,

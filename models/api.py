@@ -110,6 +110,23 @@ class ReleaseComponent(CamelModel):
     version: str
 
 
+class ReleaseComponentIn(StrictCamelModel):
+    name: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=128)
+
+
+class ReleaseCreate(StrictCamelModel):
+    """A release as the build pipeline signed it: ed25519 over the canonical form of
+    `version`, `artifactDigest` and `components` (docs/releases.md)."""
+
+    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    components: list[ReleaseComponentIn] = Field(min_length=1, max_length=200)
+    artifact_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    signature: str = Field(min_length=1, max_length=256, description="base64 ed25519 signature")
+    signing_key_id: str = Field(min_length=1, max_length=128)
+    notes: str | None = Field(None, max_length=4000)
+
+
 class ReleaseOut(CamelModel):
     version: str
     components: list[ReleaseComponent]

@@ -26,3 +26,7 @@ class OutOfScope(DomainError):
 
 class SafetyWeakened(DomainError):
     """A safety policy weaker than the fleet default, not acknowledged with a reason."""
+
+
+class AlreadyExists(DomainError):
+    """What the request would create exists already (409 CONFLICT)."""

@@ -1,13 +1,18 @@
-"""Release queries."""
+"""Releases: queries, and registering one (its signature verified first)."""
 
 from __future__ import annotations
 
+from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from models.api import ReleaseCreate
 from models.tables import Release
-from services.errors import NotFoundError
+from services import audit
+from services.errors import AlreadyExists, NotFoundError
 from services.pagination import SortKey, keyset, parse_sort, split_page, timestamp_key
+from services.rollouts import Actor, check_release_signature
+from services.signing import TrustedKeys
 
 RELEASE_SORTS = (
     timestamp_key("createdAt", col(Release.created_at)),
@@ -37,4 +42,56 @@ async def get_release(session: AsyncSession, *, version: str) -> Release:
     release = await session.get(Release, version)
     if release is None:
         raise NotFoundError(f"release {version!r} not found")
+    return release
+
+
+async def create_release(
+    session: AsyncSession, *, body: ReleaseCreate, actor: Actor, trusted_keys: TrustedKeys | None
+) -> Release:
+    """Register a release once its signature verifies against the artifact registry's trusted
+    keys (else 422 RELEASE_SIGNATURE_INVALID, nothing stored). A version registered already
+    is 409 CONFLICT: a release never changes. Audited as `release.created`."""
+    components = [c.model_dump() for c in body.components]
+    check_release_signature(
+        trusted_keys,
+        version=body.version,
+        artifact_digest=body.artifact_digest,
+        components=components,
+        signature=body.signature,
+        key_id=body.signing_key_id,
+        field="signature",
+    )
+    conn = await session.connection()
+    inserted = await conn.execute(
+        insert(Release)
+        .values(
+            version=body.version,
+            components=components,
+            artifact_digest=body.artifact_digest,
+            signature=body.signature,
+            signing_key_id=body.signing_key_id,
+            notes=body.notes,
+            created_by=actor.subject,
+        )
+        .on_conflict_do_nothing(index_elements=["version"])
+        .returning(col(Release.version))
+    )
+    if inserted.first() is None:
+        raise AlreadyExists(
+            f"release {body.version!r} is registered already (a release never changes)",
+            details=[{"field": "version", "message": "use a new version"}],
+        )
+    await audit.record(
+        session,
+        actor=actor.subject,
+        role=actor.role,
+        source=actor.source,
+        action="release.created",
+        target_type="release",
+        target_id=body.version,
+        correlation_id=actor.correlation_id,
+        payload=body.model_dump(by_alias=True, mode="json"),
+    )
+    release = await session.get(Release, body.version)
+    assert release is not None
     return release

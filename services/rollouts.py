@@ -157,27 +157,51 @@ async def load_verified_release(
             f"release {version!r} does not exist",
             details=[{"field": "releaseVersion", "message": "register the release first"}],
         )
+    check_release_signature(
+        trusted_keys,
+        version=release.version,
+        artifact_digest=release.artifact_digest,
+        components=list(release.components or []),
+        signature=release.signature,
+        key_id=release.signing_key_id,
+        field="releaseVersion",
+    )
+    return release
+
+
+def check_release_signature(
+    trusted_keys: TrustedKeys | None,
+    *,
+    version: str,
+    artifact_digest: str,
+    components: list[dict[str, Any]],
+    signature: str,
+    key_id: str,
+    field: str,
+) -> None:
+    """Return if the release's signature verifies against the artifact registry's trusted
+    keys; else `ReleaseSignatureRejected` (422 RELEASE_SIGNATURE_INVALID) naming `field` and
+    why (`no_keys`, `unknown_key`, `malformed`, `mismatch`)."""
     if trusted_keys is None:
         raise ReleaseSignatureRejected(
             "no trusted release-signing keys are configured (MOTORCADE_TRUSTED_KEYS_FILE); "
-            "no release can be rolled out",
-            details=[{"field": "releaseVersion", "message": "no trusted keys", "code": "no_keys"}],
+            "no release can be verified",
+            details=[{"field": field, "message": "no trusted keys", "code": "no_keys"}],
         )
     try:
         verify_release(
             trusted_keys,
-            version=release.version,
-            artifact_digest=release.artifact_digest,
-            components=list(release.components or []),
-            signature=release.signature,
-            key_id=release.signing_key_id,
+            version=version,
+            artifact_digest=artifact_digest,
+            components=components,
+            signature=signature,
+            key_id=key_id,
         )
     except SignatureInvalid as exc:
         raise ReleaseSignatureRejected(
             f"release {version!r} fails signature verification: {exc}",
-            details=[{"field": "releaseVersion", "message": str(exc), "code": exc.reason}],
+            details=[{"field": field, "message": str(exc), "code": exc.reason}],
         ) from None
-    return release
 
 
 def resolve_safety(

@@ -5,11 +5,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
 
-from api.deps import CursorQuery, LimitQuery, SessionDep, SortQuery, ViewerDep
+from api.deps import (
+    CursorQuery,
+    LimitQuery,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    SortQuery,
+    ViewerDep,
+)
 from api.envelope import ok, page
 from api.errors import ErrorResponses
-from models.api import Envelope, ListEnvelope, ReleaseOut
+from api.routes.rollouts import actor_of, trusted_keys_of
+from models.api import Envelope, ListEnvelope, ReleaseCreate, ReleaseOut
 from services import releases as service
 
 router = APIRouter(prefix="/releases", tags=["releases"])
@@ -53,3 +63,35 @@ async def get_release(
 ) -> Any:
     release = await service.get_release(session, version=version)
     return ok(request, ReleaseOut.model_validate(release))
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Envelope[ReleaseOut],
+    summary="Register a release (its signature verified against the trusted keys)",
+    responses=ErrorResponses.create,
+)
+async def create_release(
+    request: Request,
+    body: ReleaseCreate,
+    principal: OperatorDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Any:
+    """The signature (ed25519, base64, by `signingKeyId`) must verify against the artifact
+    registry's trusted keys over the canonical `version`, `artifactDigest` and `components`,
+    else 422 `RELEASE_SIGNATURE_INVALID` (`details[].code`: `no_keys`, `unknown_key`,
+    `malformed`, `mismatch`) and nothing is stored. A version registered already is 409
+    `CONFLICT`. Audited as `release.created`."""
+    release = await service.create_release(
+        session,
+        body=body,
+        actor=actor_of(request, principal),
+        trusted_keys=trusted_keys_of(settings),
+    )
+    return JSONResponse(
+        ok(request, ReleaseOut.model_validate(release)),
+        status_code=201,
+        headers={"Location": f"/api/v1/releases/{release.version}"},
+    )

@@ -19,7 +19,8 @@ from fastapi.routing import iter_route_contexts
 
 from api.app import create_app
 from core.settings import Settings
-from tests.api.conftest import bearer
+from services.signing import sign_release
+from tests.api.conftest import COMPONENTS, bearer
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
@@ -47,6 +48,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/telemetry"): (401, 403, 403, 202, 202, 403),
     ("GET", "/api/v1/releases"): READ,
     ("GET", "/api/v1/releases/{version}"): UNSCOPED_ONE,
+    ("POST", "/api/v1/releases"): (401, 403, 201, 403, 403, 403),
     # dryRun=true: the plan, nothing stored
     ("POST", "/api/v1/rollouts"): (401, 403, 200, 403, 403, 403),
     ("GET", "/api/v1/rollouts"): READ,
@@ -115,6 +117,16 @@ async def test_role_matrix(
         "scoped": bearer(token("viewer", scopes={"regions": [f"{prefix}elsewhere"]})),
     }
     params = {"vehicle_id": vehicle, "version": release, "rollout_id": str(rollout_id)}
+    digest = "sha256:" + "12" * 32
+    new_version = f"{prefix}2027.9.0"
+    signature, kid = sign_release(signing_key, new_version, digest, COMPONENTS)
+    new_release = {
+        "version": new_version,
+        "components": COMPONENTS,
+        "artifactDigest": digest,
+        "signature": signature,
+        "signingKeyId": kid,
+    }
 
     def body_for(method: str, path: str) -> dict[str, Any] | None:
         if method != "POST":
@@ -126,6 +138,8 @@ async def test_role_matrix(
             return rollout_body(release, targets={"vehicleIds": [vehicle]})
         if path == "/api/v1/desired-states":
             return desired_body
+        if path == "/api/v1/releases":
+            return new_release
         return {"reason": "role matrix"}
 
     mismatches = []
