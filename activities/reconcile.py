@@ -24,6 +24,7 @@ from models.reconcile import (
     RecordDriftResult,
 )
 from services import reconcile as svc
+from services.fleet import refresh_fleet_counts
 
 log = structlog.get_logger(__name__)
 
@@ -82,9 +83,14 @@ class ReconcileActivities:
                 marked_offline=input.marked_offline,
                 cutoff=input.cutoff,
             )
+        # The fleet summary's materialization, refreshed once per run (after the offline
+        # marking, so the counts include it); its own transaction, short lock on two tables.
+        async with session_scope(self._sessions) as session:
+            refresh_seconds = await refresh_fleet_counts(session)
         log.info(
             "reconcile.drift_recorded",
             run_id=run.run_id,
+            fleet_counts_seconds=round(refresh_seconds, 3),
             run_key=run.run_key,
             drifted=run.drifted,
             groups=run.groups,

@@ -20,6 +20,7 @@ from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_l
 from api.middleware import RequestContextMiddleware
 from api.ratelimit import RateLimitMiddleware, document_rate_limits
 from api.routes import audit, desired_states, health, releases, rollouts, telemetry, vehicles
+from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
@@ -162,6 +163,7 @@ def create_app(
             routers[1:1] = [vehicles.device_router, telemetry.router]
         for router in routers:
             app.include_router(router, prefix=API_PREFIX)
+        app.include_router(fleet_router, prefix=API_PREFIX)
         app.include_router(reports_router, prefix=API_PREFIX)
 
     @app.get("/openapi.json", include_in_schema=False)

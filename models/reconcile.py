@@ -108,3 +108,21 @@ class HealthReport(_Camel):
     by_status: dict[str, int]
     offline: int
     top_reason_codes: list[ReasonCodeCount]
+
+
+class PlaceCounts(_Camel):
+    total: int
+    by_status: dict[str, int]
+
+
+class FleetSummary(_Camel):
+    """`GET /fleet/summary`: counts inside the caller's scope as of `asOf` (the materialization
+    each reconcile run refreshes; null before the first run)."""
+
+    as_of: datetime | None = None
+    total: int
+    by_status: dict[str, int]
+    by_model: dict[str, PlaceCounts]
+    by_region: dict[str, PlaceCounts]
+    by_ring: dict[str, PlaceCounts]
+    top_reason_codes: list[ReasonCodeCount]

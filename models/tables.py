@@ -13,9 +13,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Computed,
     DateTime,
+    Float,
     Identity,
     Index,
     Integer,
@@ -387,3 +389,42 @@ class ReconcileDrift(SQLModel, table=True):
     model: str = Field(sa_column=Column(Text, nullable=False))
     org: str = Field(sa_column=Column(Text, nullable=False))
     vehicles: int = Field(sa_column=Column(Integer, nullable=False))
+
+
+class FleetCount(SQLModel, table=True):
+    """Vehicles per place and status, refreshed by each reconcile run (migration 0006)."""
+
+    __tablename__ = "fleet_counts"
+    __table_args__ = (PrimaryKeyConstraint("model", "region", "ring", "org", "status"),)
+
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    region: str = Field(sa_column=Column(Text, nullable=False))
+    ring: str = Field(sa_column=Column(Text, nullable=False))
+    org: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(sa_column=Column(Text, nullable=False))
+    vehicles: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class FleetReasonCount(SQLModel, table=True):
+    """Vehicles per place and reason code, refreshed with `fleet_counts`."""
+
+    __tablename__ = "fleet_reason_counts"
+    __table_args__ = (PrimaryKeyConstraint("model", "region", "ring", "org", "reason_code"),)
+
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    region: str = Field(sa_column=Column(Text, nullable=False))
+    ring: str = Field(sa_column=Column(Text, nullable=False))
+    org: str = Field(sa_column=Column(Text, nullable=False))
+    reason_code: str = Field(sa_column=Column(Text, nullable=False))
+    vehicles: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class FleetCountsMeta(SQLModel, table=True):
+    """When `fleet_counts` were last computed, and how long it took (one row)."""
+
+    __tablename__ = "fleet_counts_meta"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_fleet_counts_meta_one_row"),)
+
+    id: int = Field(sa_column=Column(SmallInteger, primary_key=True))
+    refreshed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    seconds: float = Field(sa_column=Column(Float, nullable=False))

@@ -273,7 +273,7 @@ async def record_drift(
 # --- Reports ------------------------------------------------------------------------------
 
 
-def _scope_sql(scope: Scope, alias: str = "") -> tuple[str, dict[str, Any]]:
+def scope_sql(scope: Scope, alias: str = "") -> tuple[str, dict[str, Any]]:
     """` AND ...` restricting rows with region/model/org columns to the caller's scope."""
     prefix = f"{alias}." if alias else ""
     clauses: list[str] = []
@@ -299,7 +299,7 @@ async def latest_report(
     `markedOffline` (fleet-wide, not recorded per place) is null.
     """
     conn = await _conn(session)
-    where, params = _scope_sql(scope, "d")
+    where, params = scope_sql(scope, "d")
     scoped = not scope.unrestricted
     drifted_sql = (
         f"(SELECT coalesce(sum(d.vehicles), 0) FROM reconcile_drift d WHERE d.run_id = r.id{where})"
@@ -364,13 +364,11 @@ async def latest_report(
 
 
 async def fleet_health(session: AsyncSession, *, scope: Scope, top: int = 10) -> HealthReport:
-    """Counts by status and the top reason codes of the vehicles inside `scope`.
-
-    Scans: GROUP BY status over the `(status, id)` index, unnest of `reason_codes`. Fine at
-    today's sizes; issue 5 replaces both with counters kept by the writers.
-    """
+    """Counts by status and the top reason codes of the vehicles inside `scope`, live: a
+    GROUP BY status scan and an unnest of `reason_codes` (dashboards read the materialized
+    `services.fleet.fleet_summary` instead)."""
     conn = await _conn(session)
-    where, params = _scope_sql(scope)
+    where, params = scope_sql(scope)
     by_status = {s.value: 0 for s in VehicleStatus}
     for status, n in await conn.execute(
         text(f"SELECT status, count(*) FROM vehicles WHERE true{where} GROUP BY status"), params

@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from core.settings import libpq_url
 from models.enums import VehicleStatus
+from services.fleet import refresh_fleet_counts_now
 from services.signing import load_or_create_signing_key, sign_release, write_trusted_keys_file
 
 SIGNING_KEY_FILE = "dev-release-signing-key.pem"
@@ -311,6 +312,10 @@ def seed_fleet(
             conn.execute("ANALYZE desired_states")
             conn.commit()
     seconds = time.perf_counter() - started
+    if vehicles:  # the fleet summary has counts at once, not only after the first reconcile
+        with psycopg.connect(libpq_url(database_url)) as conn:
+            refresh_fleet_counts_now(conn)
+            conn.commit()
     return SeedResult(
         vehicles_inserted=vehicles,
         releases_inserted=releases_inserted,

@@ -65,6 +65,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/api/v1/audit-log/export"): READ,
     ("GET", "/api/v1/reports/reconcile"): READ,
     ("GET", "/api/v1/reports/health"): READ,
+    ("GET", "/api/v1/fleet/summary"): READ,
 }
 ERROR_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND"}
 

@@ -4,6 +4,7 @@ Schedule on the dev server."""
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
@@ -73,6 +74,15 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
             {"id": run.id, "p": prefix + "%"},
         )
         assert mine.scalar_one() == len(fresh)
+        # The run refreshed the fleet summary's counts: they include this run's marking.
+        counted = await conn.execute(
+            text(
+                "SELECT status, sum(vehicles) FROM fleet_counts WHERE region LIKE :p"
+                " GROUP BY status"
+            ),
+            {"p": prefix + "%"},
+        )
+        assert {s: int(n) for s, n in counted} == dict(Counter(got.values()))
 
 
 async def test_ensure_reconcile_schedule_creates_then_updates(

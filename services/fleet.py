@@ -1,0 +1,111 @@
+"""The fleet summary (`GET /fleet/summary`) from a materialization, not a scan per request.
+
+Each reconcile run calls `refresh_fleet_counts`: one scan of `vehicles` grouped by place
+(model, region, ring, org) and status, and one of their reason codes, replacing
+`fleet_counts` and `fleet_reason_counts` in one transaction (readers see the old or the new
+counts, never a mix). A summary sums the rows inside the caller's scope: a few hundred rows
+however large the fleet. The counts are as of `asOf` (the last refresh; every
+MOTORCADE_RECONCILE_INTERVAL_SECONDS, 60 by default), which the answer says.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models.enums import VehicleStatus
+from models.reconcile import FleetSummary, PlaceCounts, ReasonCodeCount
+from models.scope import Scope
+from services.reconcile import scope_sql
+
+PLACES = ("model", "region", "ring")
+
+
+REFRESH = (
+    "LOCK TABLE fleet_counts, fleet_reason_counts IN EXCLUSIVE MODE",
+    "DELETE FROM fleet_counts",
+    "INSERT INTO fleet_counts (model, region, ring, org, status, vehicles)"
+    " SELECT model, region, ring, org, status, count(*) FROM vehicles"
+    " GROUP BY model, region, ring, org, status",
+    "DELETE FROM fleet_reason_counts",
+    "INSERT INTO fleet_reason_counts (model, region, ring, org, reason_code, vehicles)"
+    " SELECT model, region, ring, org, code, count(*)"
+    " FROM vehicles, unnest(reason_codes) AS code WHERE reason_codes <> '{}'"
+    " GROUP BY model, region, ring, org, code",
+)
+REFRESHED = (
+    "INSERT INTO fleet_counts_meta (id, refreshed_at, seconds) VALUES (1, now(), %(s)s)"
+    " ON CONFLICT (id) DO UPDATE SET refreshed_at = now(), seconds = EXCLUDED.seconds"
+)
+
+
+async def refresh_fleet_counts(session: AsyncSession) -> float:
+    """Recompute the materialization (the caller commits); returns the seconds it took."""
+    started = time.perf_counter()
+    conn = await session.connection()
+    for statement in REFRESH:
+        await conn.exec_driver_sql(statement)
+    seconds = time.perf_counter() - started
+    await conn.exec_driver_sql(REFRESHED, {"s": seconds})
+    return seconds
+
+
+def refresh_fleet_counts_now(conn: Any) -> float:
+    """The same with a plain psycopg connection (the seeder, after it fills the fleet)."""
+    started = time.perf_counter()
+    for statement in REFRESH:
+        conn.execute(statement)
+    seconds = time.perf_counter() - started
+    conn.execute(REFRESHED, {"s": seconds})
+    return seconds
+
+
+async def fleet_summary(session: AsyncSession, *, scope: Scope, top: int = 10) -> FleetSummary:
+    """Counts inside `scope` by status, by model, region and ring (each with its statuses),
+    and the `top` reason codes, as of the last refresh (all zero before the first one)."""
+    conn = await session.connection()
+    where, params = scope_sql(scope)
+    meta = (
+        await conn.execute(text("SELECT refreshed_at FROM fleet_counts_meta WHERE id = 1"))
+    ).first()
+    by_status = {s.value: 0 for s in VehicleStatus}
+    by_place: dict[str, dict[str, PlaceCounts]] = {p: {} for p in PLACES}
+    rows = await conn.execute(
+        text(
+            "SELECT model, region, ring, status, sum(vehicles) FROM fleet_counts"
+            f" WHERE true{where} GROUP BY model, region, ring, status"
+        ),
+        params,
+    )
+    sums: dict[str, dict[str, dict[str, int]]] = {
+        p: defaultdict(lambda: defaultdict(int)) for p in PLACES
+    }
+    for model, region, ring, status, n in rows:
+        by_status[status] = by_status.get(status, 0) + int(n)
+        for place, value in zip(PLACES, (model, region, ring), strict=True):
+            sums[place][value][status] += int(n)
+    for place, values in sums.items():
+        for value, statuses in sorted(values.items()):
+            by_place[place][value] = PlaceCounts(
+                total=sum(statuses.values()), by_status=dict(sorted(statuses.items()))
+            )
+    codes = await conn.execute(
+        text(
+            "SELECT reason_code, sum(vehicles) AS n FROM fleet_reason_counts"
+            f" WHERE true{where} GROUP BY reason_code ORDER BY n DESC, reason_code LIMIT :top"
+        ),
+        {**params, "top": top},
+    )
+    return FleetSummary(
+        as_of=meta[0] if meta else None,
+        total=sum(by_status.values()),
+        by_status=by_status,
+        by_model=by_place["model"],
+        by_region=by_place["region"],
+        by_ring=by_place["ring"],
+        top_reason_codes=[ReasonCodeCount(reason_code=c, vehicles=int(n)) for c, n in codes],
+    )
