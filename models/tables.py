@@ -391,32 +391,32 @@ class ReconcileDrift(SQLModel, table=True):
     vehicles: int = Field(sa_column=Column(Integer, nullable=False))
 
 
-class FleetCount(SQLModel, table=True):
+class _FleetPlace(SQLModel):
+    """Where a count is: the place columns shared by the fleet summary's tables."""
+
+    model: str = Field(sa_type=Text, nullable=False)
+    region: str = Field(sa_type=Text, nullable=False)
+    ring: str = Field(sa_type=Text, nullable=False)
+    org: str = Field(sa_type=Text, nullable=False)
+    vehicles: int = Field(sa_type=BigInteger, nullable=False)
+
+
+class FleetCount(_FleetPlace, table=True):
     """Vehicles per place and status, refreshed by each reconcile run (migration 0006)."""
 
     __tablename__ = "fleet_counts"
     __table_args__ = (PrimaryKeyConstraint("model", "region", "ring", "org", "status"),)
 
-    model: str = Field(sa_column=Column(Text, nullable=False))
-    region: str = Field(sa_column=Column(Text, nullable=False))
-    ring: str = Field(sa_column=Column(Text, nullable=False))
-    org: str = Field(sa_column=Column(Text, nullable=False))
-    status: str = Field(sa_column=Column(Text, nullable=False))
-    vehicles: int = Field(sa_column=Column(BigInteger, nullable=False))
+    status: str = Field(sa_type=Text, nullable=False)
 
 
-class FleetReasonCount(SQLModel, table=True):
+class FleetReasonCount(_FleetPlace, table=True):
     """Vehicles per place and reason code, refreshed with `fleet_counts`."""
 
     __tablename__ = "fleet_reason_counts"
     __table_args__ = (PrimaryKeyConstraint("model", "region", "ring", "org", "reason_code"),)
 
-    model: str = Field(sa_column=Column(Text, nullable=False))
-    region: str = Field(sa_column=Column(Text, nullable=False))
-    ring: str = Field(sa_column=Column(Text, nullable=False))
-    org: str = Field(sa_column=Column(Text, nullable=False))
-    reason_code: str = Field(sa_column=Column(Text, nullable=False))
-    vehicles: int = Field(sa_column=Column(BigInteger, nullable=False))
+    reason_code: str = Field(sa_type=Text, nullable=False)
 
 
 class FleetCountsMeta(SQLModel, table=True):

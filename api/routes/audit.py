@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import CursorQuery, LimitQuery, SessionDep, ViewerDep, multi
@@ -43,14 +43,15 @@ def audit_out(e: AuditEntry) -> AuditEntryOut:
     )
 
 
-def filters_of(
-    actor: list[str] | None,
-    action: list[str] | None,
-    target_type: list[str] | None,
-    target_id: list[str] | None,
-    since: datetime | None,
-    until: datetime | None,
+def audit_filters(
+    actor: ActorQuery = None,
+    action: ActorQuery = None,
+    target_type: Annotated[list[str] | None, Query(alias="targetType")] = None,
+    target_id: Annotated[list[str] | None, Query(alias="targetId")] = None,
+    since: FromQuery = None,
+    until: ToQuery = None,
 ) -> service.AuditFilters:
+    """The list's and the export's filters (one dependency serves both)."""
     filters = service.AuditFilters(
         actors=multi(actor),
         actions=multi(action),
@@ -63,6 +64,9 @@ def filters_of(
     return filters
 
 
+FiltersDep = Annotated[service.AuditFilters, Depends(audit_filters)]
+
+
 @router.get(
     "",
     response_model=ListEnvelope[AuditEntryOut],
@@ -73,12 +77,7 @@ async def list_audit_log(
     request: Request,
     principal: ViewerDep,
     session: SessionDep,
-    actor: ActorQuery = None,
-    action: ActorQuery = None,
-    target_type: Annotated[list[str] | None, Query(alias="targetType")] = None,
-    target_id: Annotated[list[str] | None, Query(alias="targetId")] = None,
-    since: FromQuery = None,
-    until: ToQuery = None,
+    filters: FiltersDep,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
 ) -> Any:
@@ -87,7 +86,7 @@ async def list_audit_log(
     rows, next_cursor = await service.list_entries(
         session,
         scope=principal.scope,
-        filters=filters_of(actor, action, target_type, target_id, since, until),
+        filters=filters,
         cursor=cursor,
         limit=limit,
     )
@@ -109,16 +108,10 @@ async def list_audit_log(
 async def export_audit_log(
     request: Request,
     principal: ViewerDep,
-    actor: ActorQuery = None,
-    action: ActorQuery = None,
-    target_type: Annotated[list[str] | None, Query(alias="targetType")] = None,
-    target_id: Annotated[list[str] | None, Query(alias="targetId")] = None,
-    since: FromQuery = None,
-    until: ToQuery = None,
+    filters: FiltersDep,
 ) -> StreamingResponse:
     """The same filters and scope as the list, every matching entry, read in keyset batches
     so an export of any size holds one batch in memory."""
-    filters = filters_of(actor, action, target_type, target_id, since, until)
     sessions = request.app.state.sessions
 
     async def lines() -> AsyncIterator[bytes]:
