@@ -269,7 +269,8 @@ class TimelineEvent(SQLModel, table=True):
 
 
 class AuditEntry(SQLModel, table=True):
-    """Append-only: a trigger refuses UPDATE; rows leave only through the retention purge."""
+    """Append-only: a trigger refuses UPDATE, and DELETE except inside the retention purge's
+    transaction (migration 0007)."""
 
     __tablename__ = "audit_log"
     __table_args__ = (

@@ -180,6 +180,10 @@ async def iter_entries(
 
 # --- Retention -----------------------------------------------------------------------------
 
+# Migration 0007: the trigger on audit_log refuses DELETE unless the transaction set this to
+# `on`; only `purge_expired` does. UPDATE is refused always.
+PURGE_SETTING = "motorcade.audit_purge"
+
 
 async def purge_expired(
     sessions: async_sessionmaker[AsyncSession],
@@ -190,14 +194,21 @@ async def purge_expired(
 ) -> int:
     """Delete entries older than `retention_days` (0: keep forever), oldest first, `batch` at
     a time, each batch its own transaction (the `(at, id)` index finds them). The only delete
-    of the audit log; nothing updates it (a trigger refuses UPDATE). Returns how many went."""
+    of the audit log (a trigger refuses any other DELETE, and every UPDATE). Returns how many
+    went."""
     if retention_days <= 0:
         return 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     total = 0
     while True:
         async with sessions() as session:
-            result = await (await session.connection()).execute(
+            conn = await session.connection()
+            # The one path allowed to delete (migration 0007): transaction-local, so it ends
+            # with this batch's transaction.
+            await conn.execute(
+                text("SELECT set_config(:name, 'on', true)"), {"name": PURGE_SETTING}
+            )
+            result = await conn.execute(
                 text(
                     "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log"
                     " WHERE at < :cutoff ORDER BY at, id LIMIT :batch)"
