@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, text
+from sqlalchemy import Text, cast, func, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -99,8 +99,10 @@ class AuditFilters:
 def _select(scope: Scope, filters: AuditFilters) -> Any:
     """Entries inside the caller's scope matching the filters. An entry carries the regions,
     models and orgs of its target; a scoped caller sees an entry only when, for each dimension
-    it is scoped on, the entry names one of its values (an entry about nothing scoped, such as
-    a release, is outside every scope)."""
+    it is scoped on, the entry names at least one value and all of them are inside the scope,
+    the rule rollouts follow (`services.rollouts.in_scope_condition`): an entry about a
+    rollout the caller cannot see is not visible either. An entry about nothing scoped (a
+    release, the fleet) is outside every scope."""
     filters.validate()
     stmt = select(AuditEntry)
     scoped: tuple[tuple[Any, tuple[str, ...] | None], ...] = (
@@ -110,7 +112,10 @@ def _select(scope: Scope, filters: AuditFilters) -> Any:
     )
     for dimension, allowed in scoped:
         if allowed is not None:
-            stmt = stmt.where(dimension.op("&&")(cast(list(allowed), ARRAY(Text))))
+            stmt = stmt.where(
+                func.cardinality(dimension) > 0,
+                dimension.op("<@")(cast(list(allowed), ARRAY(Text))),
+            )
     for column, values in (
         (col(AuditEntry.actor), filters.actors),
         (col(AuditEntry.action), filters.actions),

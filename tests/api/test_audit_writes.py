@@ -4,6 +4,7 @@ itself, so a new write route without an entry here fails the test."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -13,6 +14,8 @@ from fastapi.routing import iter_route_contexts
 
 from api.app import create_app
 from core.settings import Settings
+from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
+from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
 
 # Telemetry is not audited per event (docs/audit_log.md): a vehicle's reports are its
@@ -122,3 +125,52 @@ async def test_every_write_route_adds_an_entry(
         assert isinstance(entry["payload"], dict) and entry["payload"], (route, entry)
         if reason is not None:
             assert entry["reason"] == reason, (route, entry)
+
+
+async def test_a_scoped_caller_sees_the_entries_of_the_rollouts_it_sees_and_no_others(
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    release = f"{prefix}2027.3.0"
+    insert_signed_release(database_url, signing_key, release)
+    west_ids = [f"{prefix}w{i}" for i in range(2)]
+    east_ids = [f"{prefix}e{i}" for i in range(2)]
+    insert_vehicles(database_url, west_ids, region="eu-west")
+    insert_vehicles(database_url, east_ids, region="us-east")
+
+    async def create(ids: list[str], regions: list[str]) -> str:
+        body = rollout_body(release, targets={"vehicleIds": ids, "regions": regions})
+        response = await http.post("/api/v1/rollouts", headers=operator, json=body)
+        assert response.status_code == 201, response.text
+        return str(response.json()["data"]["id"])
+
+    west_only = await create(west_ids[:1], ["eu-west"])
+    both = await create(west_ids[1:] + east_ids, ["eu-west", "us-east"])
+    west = bearer(token("viewer", scopes={"regions": ["eu-west"]}))
+
+    async def entries(headers: dict, rollout_id: str) -> list[dict]:
+        params: dict[str, Any] = {"targetType": "rollout", "targetId": rollout_id, "limit": 500}
+        response = await http.get("/api/v1/audit-log", headers=headers, params=params)
+        assert response.status_code == 200, response.text
+        return list(response.json()["data"])
+
+    assert (await http.get(f"/api/v1/rollouts/{west_only}", headers=west)).status_code == 200
+    assert await entries(west, west_only)
+    # The rollout that also reaches us-east is NOT_FOUND to the west viewer, and so are its
+    # audit entries (absent from the list and the export), though an unscoped viewer sees them.
+    assert (await http.get(f"/api/v1/rollouts/{both}", headers=west)).status_code == 404
+    assert await entries(viewer, both)
+    assert await entries(west, both) == []
+    export = await http.get(
+        "/api/v1/audit-log/export",
+        headers=west,
+        params={"targetType": "rollout", "targetId": f"{west_only},{both}"},
+    )
+    assert export.status_code == 200
+    exported = [json.loads(line) for line in export.text.splitlines() if line]
+    assert exported and {e["targetId"] for e in exported} == {west_only}
