@@ -14,7 +14,8 @@ from fastapi.routing import iter_route_contexts
 
 from api.app import create_app
 from core.settings import Settings
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
+from services.signing import sign_release
+from tests.api.conftest import COMPONENTS, bearer, insert_signed_release, insert_vehicles
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
 
@@ -69,6 +70,20 @@ async def test_every_write_route_adds_an_entry(
         json={"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "fix"},
     )
     assert desired.status_code == 201, desired.text
+    new_version, digest = f"{prefix}2027.8.0", "sha256:" + "34" * 32
+    signature, kid = sign_release(signing_key, new_version, digest, COMPONENTS)
+    registered = await http.post(
+        "/api/v1/releases",
+        headers={**operator, "X-Request-ID": f"{rid}-release"},
+        json={
+            "version": new_version,
+            "components": COMPONENTS,
+            "artifactDigest": digest,
+            "signature": signature,
+            "signingKeyId": kid,
+        },
+    )
+    assert registered.status_code == 201, registered.text
 
     # route -> (request id, action prefix, target type, target id, reason)
     expected: dict[tuple[str, str], tuple[str, str, str, str, str | None]] = {
@@ -85,6 +100,13 @@ async def test_every_write_route_adds_an_entry(
             "release",
             release,
             "fix",
+        ),
+        ("POST", "/api/v1/releases"): (
+            f"{rid}-release",
+            "release.created",
+            "release",
+            new_version,
+            None,
         ),
     }
     for action in ("pause", "resume", "rollback", "abort"):
