@@ -194,11 +194,9 @@ _WIDE_TYPES += ["bool"]
 
 
 async def _driver(session: AsyncSession) -> Any:
-    """The psycopg connection under the session (same transaction), for binary COPY."""
-    conn = await session.connection()
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    """The psycopg connection under the session (same transaction), for binary COPY, with
+    the staging tables created on it."""
+    driver = await _driver_of(session)
     if not getattr(driver, "_motorcade_staging", False):
         for ddl in _STAGING:
             await driver.execute(ddl)
@@ -243,9 +241,12 @@ async def write_group(
 
 
 async def _driver_of(session: AsyncSession) -> Any:
+    """The psycopg connection under the session."""
     conn = await session.connection()
     raw = await conn.get_raw_connection()
-    return raw.driver_connection
+    driver = raw.driver_connection
+    assert driver is not None
+    return driver
 
 
 async def _write_group(
