@@ -206,10 +206,7 @@ class TelemetryIngestor:
 
     async def _write(self, group: list[_Pending]) -> None:
         started = time.perf_counter()
-        for attempt in range(4):
-            for p in group:
-                p.request.accepted = p.request.duplicates = 0
-                p.request.refused = None
+        for attempt in range(4):  # write_group resets each request's counts on every try
             try:
                 async with self._sessions() as session:
                     try:

@@ -195,12 +195,18 @@ _WIDE_TYPES += ["bool"]
 
 async def _driver(session: AsyncSession) -> Any:
     """The psycopg connection under the session (same transaction), for binary COPY, with
-    the staging tables created on it."""
-    driver = await _driver_of(session)
-    if not getattr(driver, "_motorcade_staging", False):
+    the staging tables on it. Whether they exist is asked each group (one catalog lookup), not
+    remembered: tables created in a transaction that was then rolled back (a retried group,
+    a refused one) are gone, and a flag on the connection would still say they are there."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    cur = await driver.execute("SELECT to_regclass('pg_temp.ingest_wide') IS NULL")
+    missing = await cur.fetchone()
+    if missing and missing[0]:
         for ddl in _STAGING:
             await driver.execute(ddl)
-        driver._motorcade_staging = True
     return driver
 
 
@@ -235,18 +241,7 @@ async def write_group(
             return await _write_group(session, requests, policy, now, checked=False)
         except _UnknownVehicle:
             await session.rollback()
-            driver = await _driver_of(session)
-            driver._motorcade_staging = False  # created in the transaction just undone?
     return await _write_group(session, requests, policy, now, checked=True)
-
-
-async def _driver_of(session: AsyncSession) -> Any:
-    """The psycopg connection under the session."""
-    conn = await session.connection()
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
-    return driver
 
 
 async def _write_group(
@@ -272,7 +267,8 @@ async def _write_group(
         clock = t
         cpu = c
 
-    for req in requests:
+    for req in requests:  # a retried group starts from nothing
+        req.accepted = req.duplicates = 0
         req.refused = None
     driver = await _driver(session)
     live = list(requests)
@@ -327,7 +323,7 @@ async def _write_group(
         ) e ON e.vehicle_id = b.vid
         """
     )
-    touched = len(set(beats) | set(top))
+    touched = len(beats.keys() | top.keys())
     lap("stage")
 
     # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
