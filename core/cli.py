@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.localservers import STATE_DIR
 
@@ -41,22 +42,41 @@ def _tune_gc() -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from api.app import create_app
 
     settings = _settings()
-    app = create_app(settings)
-    _tune_gc()
-    uvicorn.run(
-        app,
+    _serve(
+        create_app(settings),
         host=args.host or settings.api_host,
         port=args.port or settings.api_port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def _serve(app: Any, *, host: str, port: int, reuse_port: bool = False) -> None:
+    """Serve a built app with uvicorn as every serving role does (our logging, no access
+    log, 5 s graceful shutdown), after `_tune_gc`. With `reuse_port` the port is bound with
+    SO_REUSEPORT, so several processes share it. Exits 3 when the server could not start
+    (the port is taken, for example), as `uvicorn.run` does."""
+    import socket
+
+    import uvicorn
+
+    _tune_gc()
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+    sockets = None
+    if reuse_port:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sockets = [sock]
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        raise SystemExit(3)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -101,35 +121,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def _serve_ingest(host: str, port: int, reuse_port: bool, parent: int | None = None) -> None:
     """One ingestion process: its own app, served on `port` (shared when `reuse_port`).
     A child of `motorcade ingest --processes N` stops with its parent, even a killed one."""
-    import socket
-
-    import uvicorn
-
     from api.app import create_app
 
     if parent is not None:
         _stop_with_parent(parent)
-
-    app = create_app(_settings(), role="ingest")
-    _tune_gc()
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    if not reuse_port:
-        uvicorn.Server(config).run()
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    uvicorn.Server(config).run(sockets=[sock])
+    _serve(create_app(_settings(), role="ingest"), host=host, port=port, reuse_port=reuse_port)
 
 
 def _stop_with_parent(parent: int) -> None:
