@@ -73,7 +73,8 @@ AUDIT_SORT = Sort(timestamp_key("at", col(AuditEntry.at)), descending=True)
 
 @dataclass(frozen=True)
 class AuditFilters:
-    """SPEC.md filters of `GET /audit-log` (each list: any of its values)."""
+    """SPEC.md filters of `GET /audit-log` (each list: any of its values); checked when built,
+    so a bad time range is refused before a page is read or an export has begun."""
 
     actors: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
@@ -82,7 +83,7 @@ class AuditFilters:
     since: datetime | None = None  # `from`, inclusive
     until: datetime | None = None  # `to`, exclusive
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name, value in (("from", self.since), ("to", self.until)):
             if value is not None and value.tzinfo is None:
                 raise InvalidInput(
@@ -103,7 +104,6 @@ def _select(scope: Scope, filters: AuditFilters) -> Any:
     the rule rollouts follow (`services.rollouts.in_scope_condition`): an entry about a
     rollout the caller cannot see is not visible either. An entry about nothing scoped (a
     release, the fleet) is outside every scope."""
-    filters.validate()
     stmt = select(AuditEntry)
     scoped: tuple[tuple[Any, tuple[str, ...] | None], ...] = (
         (col(AuditEntry.regions), scope.regions),

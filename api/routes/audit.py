@@ -52,7 +52,7 @@ def audit_filters(
     until: ToQuery = None,
 ) -> service.AuditFilters:
     """The list's and the export's filters (one dependency serves both)."""
-    filters = service.AuditFilters(
+    return service.AuditFilters(
         actors=multi(actor),
         actions=multi(action),
         target_types=multi(target_type),
@@ -60,8 +60,6 @@ def audit_filters(
         since=since,
         until=until,
     )
-    filters.validate()
-    return filters
 
 
 FiltersDep = Annotated[service.AuditFilters, Depends(audit_filters)]
