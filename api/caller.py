@@ -37,6 +37,13 @@ async def caller_of(scope: Scope) -> Principal | None:
     return principal
 
 
+def verified_caller(scope: Scope) -> Principal | None:
+    """The principal `caller_of` already verified for this request, if it did and the token
+    was valid (the routes' dependency takes it instead of verifying the token again)."""
+    cached: Principal | None = scope.get("state", {}).get(_STATE_KEY)
+    return cached
+
+
 def client_address(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from api.caller import verified_caller
 from api.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core import temporal
 from core.auth import Principal, TokenError, TokenVerifier
@@ -62,6 +63,11 @@ async def get_temporal(request: Request) -> Client:
 
 
 async def get_principal(request: Request) -> Principal:
+    # A write's token was verified already by the middlewares (idempotency, rate limits).
+    principal = verified_caller(request.scope)
+    if principal is not None:
+        request.state.principal = principal
+        return principal
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated("a bearer token is required")
