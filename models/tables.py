@@ -98,27 +98,8 @@ class Vehicle(SQLModel, table=True):
     )
     battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
     stationary: bool | None = Field(default=None)
-    last_event_seq: int = Field(
-        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
-    )
-    created_at: datetime | None = _now_column()
-    updated_at: datetime | None = _now_column()
-
-
-class VehicleTelemetry(SQLModel, table=True):
-    """The narrow, hot per-vehicle row written by heartbeats and events (docs/data-model.md):
-    no secondary index and fillfactor 70, so a heartbeat is a HOT update here and the wide
-    `vehicles` row is only rewritten when something visible changes."""
-
-    __tablename__ = "vehicle_telemetry"
-    __table_args__ = ({"postgresql_with": {"fillfactor": "70"}},)
-
-    vehicle_id: str = Field(sa_column=Column(Text, primary_key=True))
-    last_seen_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
-    battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
-    stationary: bool | None = Field(default=None)
-    actual_release_version: str | None = Field(default=None, sa_column=Column(Text))
-    # Ordering state of events: the latest seq and what that event said.
+    # The latest event (by seq) and what it said (migration 0008): unindexed, so the rewrite
+    # that an event moving the status makes is a heap-only update.
     last_event_seq: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
     )
@@ -126,6 +107,24 @@ class VehicleTelemetry(SQLModel, table=True):
     last_event_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     last_event_release_version: str | None = Field(default=None, sa_column=Column(Text))
     last_event_reason_code: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = _now_column()
+    updated_at: datetime | None = _now_column()
+
+
+class VehicleTelemetry(SQLModel, table=True):
+    """The narrow, hot per-vehicle row written by heartbeats (docs/data-model.md): no
+    secondary index and fillfactor 50, so a heartbeat is a HOT update here and the wide
+    `vehicles` row is only rewritten when something visible changes. (Migration 0008 moved
+    the latest event to the `vehicles` row and the fillfactor from 70 to 50.)"""
+
+    __tablename__ = "vehicle_telemetry"
+    __table_args__ = ({"postgresql_with": {"fillfactor": "50"}},)
+
+    vehicle_id: str = Field(sa_column=Column(Text, primary_key=True))
+    last_seen_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
+    stationary: bool | None = Field(default=None)
+    actual_release_version: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Release(SQLModel, table=True):

@@ -1,4 +1,13 @@
-"""The SSE change feed: one row per change, written in the transaction of the change."""
+"""The SSE change feed: written in the transaction of the change it describes.
+
+Rollouts, audit entries and the fleet summary get one row per change. Vehicles change in bulk
+(a telemetry group, a desired state issued to a selection), so their `vehicle.updated` rows
+each carry up to `VEHICLE_DELTAS_PER_ROW` vehicles' deltas: `{"vehicles": [{"id", "status",
+"reasonCodes", "region", "model", "org", ...}]}`, in id order, and leave the row's scope
+columns empty: a reader scopes each delta by its own region, model and org
+(docs/data-model.md). One row per vehicle was a third of the cost of a status change at fleet
+rate; batched rows are also what a subscriber receives (bounded, batched deltas).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,8 @@ from typing import Any
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.tables import ChangeFeed
+
+VEHICLE_DELTAS_PER_ROW = 500
 
 
 async def publish(

@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredState
 from models.scope import Scope
 from models.tables import DesiredState, Rollout, Vehicle
+from services import change_feed
 from services.errors import InvalidInput
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
 from services.rollouts import (
@@ -166,9 +167,9 @@ async def create_desired_states(
     max_vehicles: int = MAX_DIRECT_VEHICLES,
 ) -> DesiredStatesCreated:
     """One `desired_states` row per matching vehicle (its previous desired state linked), the
-    vehicles' desired release set and their status `pending` (`offline` stays), one
-    `vehicle.updated` change-feed event per vehicle and one audit entry, in the caller's
-    transaction."""
+    vehicles' desired release set and their status `pending` (`offline` stays), their deltas in
+    `vehicle.updated` change-feed rows (up to `VEHICLE_DELTAS_PER_ROW` vehicles each) and one
+    audit entry, in the caller's transaction."""
     release = await load_verified_release(
         session, version=body.release_version, trusted_keys=trusted_keys
     )
@@ -233,16 +234,23 @@ async def create_desired_states(
                     RETURNING v.id, v.status, v.region, v.model, v.org, todo.ds_id
                 ),
                 feed AS (
-                    INSERT INTO change_feed (topic, event, entity_id, payload, region, model, org)
-                    SELECT 'vehicles', 'vehicle.updated', upv.id,
-                           jsonb_build_object(
-                               'id', upv.id, 'status', upv.status,
-                               'desired', jsonb_build_object(
-                                   'releaseVersion', CAST(:release AS text),
-                                   'desiredStateId', upv.ds_id::text,
-                                   'rolloutId', NULL)),
-                           upv.region, upv.model, upv.org
-                    FROM upv
+                    INSERT INTO change_feed (topic, event, entity_id, payload)
+                    SELECT 'vehicles', 'vehicle.updated', NULL,
+                           jsonb_build_object('vehicles', jsonb_agg(d.delta ORDER BY d.id))
+                    FROM (
+                        SELECT upv.id,
+                               (row_number() OVER (ORDER BY upv.id) - 1) / :per_row AS part,
+                               jsonb_build_object(
+                                   'id', upv.id, 'status', upv.status,
+                                   'desired', jsonb_build_object(
+                                       'releaseVersion', CAST(:release AS text),
+                                       'desiredStateId', upv.ds_id::text,
+                                       'rolloutId', NULL),
+                                   'region', upv.region, 'model', upv.model,
+                                   'org', upv.org) AS delta
+                        FROM upv
+                    ) d
+                    GROUP BY d.part
                 )
                 SELECT id, ds_id FROM upv ORDER BY id
                 """
@@ -251,6 +259,7 @@ async def create_desired_states(
                 **match_params(targets),
                 **_scope_params(scope),
                 "release": release.version,
+                "per_row": change_feed.VEHICLE_DELTAS_PER_ROW,
                 "reason": body.reason,
                 "created_by": actor.subject,
             },

@@ -8,13 +8,16 @@ rollout targets, each sorted by vehicle id):
    naming an unknown or out-of-scope vehicle is refused whole and nothing of it is written.
 2. Inserts the events with one `unnest` array insert, `ON CONFLICT DO NOTHING` on the primary
    key (vehicle_id, event_id): what comes back was new, the rest are duplicates.
-3. Upserts the narrow `vehicle_telemetry` row of every vehicle touched: the latest heartbeat
-   wins (by `sentAt`), the event with the highest `seq` becomes the latest event only when it
-   is above the stored one (a late event enters the timeline but moves nothing).
-4. Derives each touched vehicle's status with the pure `derive_status`, and rewrites the wide
-   `vehicles` row only when something visible changed: status or reason codes, actual release,
-   stationary, battery by `battery_step` points or more, or last seen by `refresh_seconds` or
-   more. Status changes go to the change feed (`vehicle.updated`).
+3. Upserts the narrow `vehicle_telemetry` row of every vehicle with a heartbeat in the group
+   (the latest heartbeat wins, by `sentAt`). Events do not write it.
+4. Locks (`FOR NO KEY UPDATE`, in id order) the wide `vehicles` rows whose status may change:
+   an event with a higher `seq` than the stored latest one (a late event enters the timeline
+   but moves nothing), an offline vehicle heard again, a new actual release. Derives their
+   status with the pure `derive_status` and rewrites them with their latest event (migration
+   0008: the latest event lives on the wide row). Other heartbeats reach the wide row only when
+   something visible changed: stationary, battery by `battery_step` points or more, last seen
+   by `refresh_seconds` or more. Status changes go to the change feed: one `vehicle.updated`
+   row per group (per `VEHICLE_DELTAS_PER_ROW` vehicles) listing the vehicles' deltas.
 5. Feeds rollout outcomes through `record_target_outcomes`: the latest event of a vehicle,
    when it is about its rollout target's own desired state.
 """
@@ -36,6 +39,7 @@ from models.enums import EventType
 from models.scope import Scope
 from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
 from models.vehicle_status import LatestEvent, derive_status
+from services import change_feed
 from services.rollout_targets import record_target_outcomes
 
 OUTCOME_OF_EVENT = {
@@ -183,14 +187,15 @@ _STAGING = (
     """
     CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
         id text, status text, codes text[], seen timestamptz, battery smallint,
-        stationary boolean, actual text, seq bigint, ds uuid, changed boolean
+        stationary boolean, actual text, seq bigint, typ text, eds uuid, rel text,
+        reason text, changed boolean
     ) ON COMMIT DELETE ROWS
     """,
 )
 _EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "jsonb"]
 _BEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
-_WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8", "uuid"]
-_WIDE_TYPES += ["bool"]
+_WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8"]
+_WIDE_TYPES += ["text", "uuid", "text", "text", "bool"]
 
 
 async def _driver(session: AsyncSession) -> Any:
@@ -323,89 +328,106 @@ async def _write_group(
         ) e ON e.vehicle_id = b.vid
         """
     )
-    touched = len(beats.keys() | top.keys())
     lap("stage")
 
-    # Upsert the narrow rows (a HOT update when the row exists); return only the vehicles
-    # whose wide row may change: a new latest event, a visible heartbeat change, an offline
-    # vehicle heard again, or last seen older than the refresh interval. For the others the
-    # status cannot change (desired state, latest event and actual release are unchanged).
-    cur = await driver.execute(
-        """
-        WITH up AS (
-            INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
-                stationary, actual_release_version, last_event_seq, last_event_type,
-                last_event_desired_state_id, last_event_release_version,
-                last_event_reason_code)
-            SELECT u.vid,
-                   CASE WHEN u.has_hb THEN greatest(u.seen, v.last_seen_at)
-                        ELSE v.last_seen_at END,
-                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                        THEN coalesce(u.battery, v.battery_percent)
-                        ELSE v.battery_percent END,
-                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                        THEN coalesce(u.stationary, v.stationary)
-                        ELSE v.stationary END,
-                   CASE WHEN u.has_hb AND u.seen >= coalesce(v.last_seen_at, '-infinity')
-                        THEN coalesce(u.actual, v.actual_release_version)
-                        ELSE v.actual_release_version END,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.seq ELSE v.last_event_seq END,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.typ END,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.ds END,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.rel END,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.reason END
-            FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
-            ORDER BY u.vid
-            ON CONFLICT (vehicle_id) DO UPDATE SET
-                last_seen_at = CASE
-                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                    THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
-                battery_percent = CASE
-                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                    THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
-                stationary = CASE
-                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                    THEN EXCLUDED.stationary ELSE t.stationary END,
-                actual_release_version = CASE
-                    WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                    THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END,
-                last_event_seq = greatest(t.last_event_seq, EXCLUDED.last_event_seq),
-                last_event_type = CASE WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                    THEN EXCLUDED.last_event_type ELSE t.last_event_type END,
-                last_event_desired_state_id = CASE
-                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                    THEN EXCLUDED.last_event_desired_state_id
-                    ELSE t.last_event_desired_state_id END,
-                last_event_release_version = CASE
-                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                    THEN EXCLUDED.last_event_release_version
-                    ELSE t.last_event_release_version END,
-                last_event_reason_code = CASE
-                    WHEN EXCLUDED.last_event_seq > t.last_event_seq
-                    THEN EXCLUDED.last_event_reason_code ELSE t.last_event_reason_code END
-            RETURNING t.*
-        ),
-        hit AS (SELECT count(*) AS n FROM up),
-        sel AS (
-            SELECT up.vehicle_id, up.last_seen_at, up.battery_percent, up.stationary,
-                   up.actual_release_version, up.last_event_seq, up.last_event_type,
-                   up.last_event_desired_state_id, up.last_event_release_version,
-                   up.last_event_reason_code,
+    # Heartbeats: upsert the narrow rows (a HOT update when the row exists). The latest
+    # heartbeat wins by `sentAt`; a first row starts from what the wide row knew. Counted
+    # (the optimistic pass's existence check) and flagged when the status may change: an
+    # offline vehicle heard again, or a new actual release. For the others it cannot.
+    hb_known = 0
+    flagged: list[str] = []
+    if beats:
+        cur = await driver.execute(
+            """
+            WITH up AS (
+                INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
+                    stationary, actual_release_version)
+                SELECT u.vid, greatest(u.seen, v.last_seen_at),
+                       CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                            THEN coalesce(u.battery, v.battery_percent)
+                            ELSE v.battery_percent END,
+                       CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                            THEN coalesce(u.stationary, v.stationary)
+                            ELSE v.stationary END,
+                       CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                            THEN coalesce(u.actual, v.actual_release_version)
+                            ELSE v.actual_release_version END
+                FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
+                WHERE u.has_hb
+                ORDER BY u.vid
+                ON CONFLICT (vehicle_id) DO UPDATE SET
+                    last_seen_at = CASE
+                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                        THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
+                    battery_percent = CASE
+                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                        THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
+                    stationary = CASE
+                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                        THEN EXCLUDED.stationary ELSE t.stationary END,
+                    actual_release_version = CASE
+                        WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                        THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END
+                RETURNING t.vehicle_id, t.actual_release_version
+            )
+            SELECT count(*),
+                   coalesce(array_agg(up.vehicle_id) FILTER (
+                       WHERE v.status = 'offline'
+                          OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+                   ), '{}')
+            FROM up JOIN vehicles v ON v.id = up.vehicle_id
+            """
+        )
+        one = await cur.fetchone()
+        assert one is not None
+        hb_known, flagged = int(one[0]), list(one[1])
+        if hb_known < len(beats):  # some vehicle is unknown: refuse its requests, redo
+            raise _UnknownVehicle
+    lap("telemetry")
+
+    # Lock (in id order) and read the wide rows of the vehicles with events, and of those
+    # flagged above. Locked, so two groups naming the same vehicle (another ingest process)
+    # derive one after the other, each from what the other wrote. Derived below: the rows
+    # with a new latest event (a late event enters the timeline but moves nothing) and the
+    # flagged ones. Counting the vehicles with events is their existence check.
+    rows: list[tuple[Any, ...]] = []
+    if top or flagged:
+        cur = await driver.execute(
+            """
+            SELECT v.id,
+                   u.seq > v.last_event_seq OR u.vid = ANY(%(flagged)s) AS derive,
+                   greatest(t.last_seen_at, v.last_seen_at) AS seen,
+                   CASE WHEN t.vehicle_id IS NULL THEN v.battery_percent
+                        ELSE t.battery_percent END AS battery,
+                   CASE WHEN t.vehicle_id IS NULL THEN v.stationary
+                        ELSE t.stationary END AS stationary,
+                   coalesce(t.actual_release_version, v.actual_release_version) AS actual,
+                   greatest(u.seq, v.last_event_seq) AS seq,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.typ
+                        ELSE v.last_event_type END AS typ,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.ds
+                        ELSE v.last_event_desired_state_id END AS eds,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.rel
+                        ELSE v.last_event_release_version END AS rel,
+                   CASE WHEN u.seq > v.last_event_seq THEN u.reason
+                        ELSE v.last_event_reason_code END AS reason,
                    v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
                    v.rollout_id, v.created_at
-            FROM up JOIN vehicles v ON v.id = up.vehicle_id
-            WHERE up.last_event_seq > v.last_event_seq
-               OR v.status = 'offline'
-               OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+            FROM ingest_touch u
+            JOIN vehicles v ON v.id = u.vid
+            LEFT JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
+            WHERE u.seq >= 0 OR u.vid = ANY(%(flagged)s)
+            ORDER BY v.id
+            FOR NO KEY UPDATE OF v
+            """,
+            {"flagged": flagged},
         )
-        SELECT hit.n, sel.* FROM hit LEFT JOIN sel ON true ORDER BY sel.vehicle_id
-        """
-    )
-    fetched = await cur.fetchall()
-    if fetched[0][0] < touched:  # some vehicle is unknown: refuse its requests, redo
-        raise _UnknownVehicle
-    rows = [r[1:] for r in fetched if r[1] is not None]
-    lap("telemetry")
+        locked = await cur.fetchall()
+        with_events = sum(1 for r in locked if r[0] in top)
+        if with_events < len(top):  # some vehicle is unknown: refuse its requests, redo
+            raise _UnknownVehicle
+        rows = [(r[0], *r[2:]) for r in locked if r[1]]
+    lap("select")
 
     # -- events: one insert; duplicates found by the row count, and then by xmin ----------
     inserted: set[tuple[str, uuid.UUID]] = set()
@@ -440,9 +462,9 @@ async def _write_group(
     result.events_inserted = len(inserted)
     result.duplicates = sum(r.duplicates for r in live)
     result.heartbeats = len(beats)
-    # The status of the others cannot change (it depends on none of battery, stationary or
-    # last seen unless the vehicle is offline): their visible heartbeat values go to the wide
-    # row in one statement, without a trip through Python.
+    # The status of the others (not locked above) cannot change (it depends on none of
+    # battery, stationary or last seen unless the vehicle is offline): their visible heartbeat
+    # values go to the wide row in one statement, without a trip through Python.
     cur = await driver.execute(
         """
         UPDATE vehicles v
@@ -450,9 +472,10 @@ async def _write_group(
             stationary = t.stationary
         FROM ingest_touch u JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
         WHERE v.id = u.vid AND u.has_hb
-          AND t.last_event_seq <= v.last_event_seq
+          AND u.seq <= v.last_event_seq
           AND v.status <> 'offline'
-          AND t.actual_release_version IS NOT DISTINCT FROM v.actual_release_version
+          AND coalesce(t.actual_release_version, v.actual_release_version)
+              IS NOT DISTINCT FROM v.actual_release_version
           AND (v.status = 'blocked'
                OR t.stationary IS DISTINCT FROM v.stationary
                OR (t.battery_percent IS NULL) <> (v.battery_percent IS NULL)
@@ -516,7 +539,10 @@ async def _write_group(
                 stationary,
                 actual,
                 last_seq,
-                desired_ds,
+                ev_type,
+                ev_ds,
+                ev_rel,
+                ev_reason,
                 changed,
             )
         )
@@ -555,23 +581,34 @@ async def _write_group(
                         THEN u.seen ELSE v.last_seen_at END,
                     battery_percent = u.battery,
                     stationary = u.stationary, actual_release_version = u.actual,
-                    last_event_seq = u.seq,
+                    last_event_seq = u.seq, last_event_type = u.typ,
+                    last_event_desired_state_id = u.eds, last_event_release_version = u.rel,
+                    last_event_reason_code = u.reason,
                     updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
                 FROM ingest_wide u
-                WHERE v.id = u.id AND v.desired_state_id IS NOT DISTINCT FROM u.ds
+                WHERE v.id = u.id
                 RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, u.changed
             ),
             feed AS (
-                INSERT INTO change_feed (topic, event, entity_id, payload, region, model, org)
-                SELECT 'vehicles', 'vehicle.updated', w.id,
-                       jsonb_build_object('id', w.id, 'status', w.status,
-                                          'reasonCodes', to_jsonb(w.reason_codes)),
-                       w.region, w.model, w.org
-                FROM w WHERE w.changed
+                INSERT INTO change_feed (topic, event, entity_id, payload)
+                SELECT 'vehicles', 'vehicle.updated', NULL,
+                       jsonb_build_object('vehicles', jsonb_agg(d.delta ORDER BY d.id))
+                FROM (
+                    SELECT w.id, (row_number() OVER (ORDER BY w.id) - 1) / %(per_row)s AS part,
+                           jsonb_build_object(
+                               'id', w.id, 'status', w.status,
+                               'reasonCodes', to_jsonb(w.reason_codes),
+                               'region', w.region, 'model', w.model, 'org', w.org) AS delta
+                    FROM w WHERE w.changed
+                ) d
+                GROUP BY d.part
             )
             SELECT count(*) FROM w
             """,
-            {"refresh": timedelta(seconds=policy.refresh_seconds)},
+            {
+                "refresh": timedelta(seconds=policy.refresh_seconds),
+                "per_row": change_feed.VEHICLE_DELTAS_PER_ROW,
+            },
         )
         one = await cur.fetchone()
         result.vehicles_written += int(one[0]) if one else 0

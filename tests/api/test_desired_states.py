@@ -59,15 +59,19 @@ async def test_create_and_list_desired_states(
             (f"ds-{prefix}",),
         ).fetchall()
         feed = conn.execute(
-            "SELECT count(*) FROM change_feed WHERE event = 'vehicle.updated'"
-            " AND entity_id = ANY(%s)",
+            "SELECT d->>'id', d->>'status', d->'desired'->>'releaseVersion', d->>'region'"
+            " FROM change_feed f, jsonb_array_elements(f.payload->'vehicles') d"
+            " WHERE f.event = 'vehicle.updated' AND d->>'id' = ANY(%s) ORDER BY 1",
             (ids,),
-        ).fetchone()
+        ).fetchall()
+        regions: dict[str, str] = dict(
+            conn.execute("SELECT id, region FROM vehicles WHERE id = ANY(%s)", (ids,)).fetchall()
+        )
     assert [(v[1], v[2]) for v in vehicles[:3]] == [(release, "pending")] * 3
     assert [(v[1], v[2]) for v in vehicles[3:]] == [("old", "in_sync")] * 2
     assert [v[3] for v in vehicles[:3]] == [s["desiredStateId"] for s in created["sample"]]
     assert audit == [("dev-operator", "operator", "api", "hotfix", "release", release, "3")]
-    assert feed == (3,)
+    assert sorted(feed) == sorted((v, "pending", release, regions[v]) for v in ids[:3])
 
     # A second desired state links the first as its previous one.
     again = await http.post(URL, headers=operator, json=body(release, {"vehicleIds": ids[:1]}))

@@ -159,6 +159,57 @@ async def test_status_follows_events_and_heartbeats(
     assert (row["status"], row["actual_release_version"]) == ("in_sync", "2.0")
 
 
+def feed_deltas(database_url: str, prefix: str) -> list[list[dict[str, Any]]]:
+    """The `vehicle.updated` change-feed rows naming these test vehicles, oldest first, each
+    as its list of vehicle deltas."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT payload->'vehicles' FROM change_feed f WHERE event = 'vehicle.updated'"
+            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(f.payload->'vehicles') d"
+            "             WHERE d->>'id' LIKE %s)"
+            " ORDER BY id",
+            (prefix + "%",),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+async def test_status_changes_reach_the_change_feed_as_one_batched_row(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    """One request moving three statuses adds one `vehicle.updated` row carrying the three
+    deltas (with each vehicle's scope, for the stream's filtering); an event that moves no
+    status adds nothing."""
+    ids = [f"{prefix}{i}" for i in range(3)]
+    insert_vehicles(database_url, ids, release="1.0")
+    desired = {v: set_desired(database_url, v) for v in ids}
+    with psycopg.connect(database_url) as conn:
+        places = {
+            r[0]: r[1:]
+            for r in conn.execute(
+                "SELECT id, region, model, org FROM vehicles WHERE id = ANY(%s)", (ids,)
+            )
+        }
+    body = {"events": [event(v, 1, "desired_notified", desired[v]) for v in ids]}
+    assert (await http.post(URL, json=body, headers=gateway)).status_code == 202
+    rows = feed_deltas(database_url, prefix)
+    assert len(rows) == 1
+    assert sorted(
+        (d["id"], d["status"], d["reasonCodes"], (d["region"], d["model"], d["org"]))
+        for d in rows[0]
+    ) == sorted((v, "updating", [], places[v]) for v in ids)
+    # apply_start leaves them updating: a new latest event, but no change to publish.
+    body = {"events": [event(v, 2, "apply_start", desired[v]) for v in ids]}
+    assert (await http.post(URL, json=body, headers=gateway)).status_code == 202
+    assert len(feed_deltas(database_url, prefix)) == 1
+    body = {"events": [event(ids[0], 3, "failed", desired[ids[0]], reason="APPLY_FAILED")]}
+    assert (await http.post(URL, json=body, headers=gateway)).status_code == 202
+    rows = feed_deltas(database_url, prefix)
+    assert len(rows) == 2
+    assert [(d["id"], d["status"], d["reasonCodes"]) for d in rows[1]] == [
+        (ids[0], "failed", ["APPLY_FAILED"])
+    ]
+
+
 async def test_events_for_a_stale_desired_state(
     http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
 ) -> None:
@@ -407,7 +458,7 @@ async def test_overload_is_503_with_retry_after(
     blocker = await psycopg.AsyncConnection.connect(database_url)
     async with httpx.AsyncClient(base_url=tiny_queue_api, timeout=30) as client:
         # Hold the writer: the first batch waits on a lock while it is being written.
-        await blocker.execute("LOCK TABLE vehicle_telemetry IN EXCLUSIVE MODE")
+        await blocker.execute("LOCK TABLE timeline_events IN EXCLUSIVE MODE")
         pending = asyncio.create_task(client.post(URL, json=first, headers=gateway))
         await asyncio.sleep(0.5)
         refused = await client.post(URL, json=second, headers=gateway)
