@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.fleet import refresh_fleet_counts
+from services.reconcile import record_drift
 from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
@@ -127,8 +128,9 @@ async def fleet(
         # After the rollouts (which target in_sync, stationary, charged vehicles): statuses.
         for car in cars:
             conn.execute(
-                "UPDATE vehicles SET status = %s, reason_codes = %s WHERE id = %s",
-                (car.status, list(car.codes), car.id),
+                "UPDATE vehicles SET status = %s, reason_codes = %s,"
+                " desired_release_version = %s WHERE id = %s",  # all drifted (for reconcile)
+                (car.status, list(car.codes), release, car.id),
             )
             conn.execute(
                 "INSERT INTO desired_states (id, vehicle_id, release_version, created_by)"
@@ -140,6 +142,12 @@ async def fleet(
                 " regions, models, orgs) VALUES ('test', 'api', %s, 'vehicle', %s, 'ok',"
                 " %s, %s, %s)",
                 (f"{prefix}touched", car.id, [car.region], [car.model], [car.org]),
+            )
+        for rid in rollouts.values():  # a target-set desired state of each rollout
+            conn.execute(
+                "INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,"
+                " created_by) VALUES (%s, NULL, %s, %s, 'test')",
+                (str(uuid.uuid4()), release, rid),
             )
         # An entry about nothing scoped (a release): outside every scope.
         conn.execute(
@@ -252,6 +260,14 @@ async def test_vehicle_reads_stay_inside_the_scope(
     every = ",".join(c.id for c in fleet.cars)
     states = await all_pages(http, headers, f"/api/v1/desired-states?vehicleId={every}&limit=4")
     assert sorted(ids_of(states, "vehicleId")) == expected
+    # ... and only the visible rollouts' target-set ones.
+    visible = fleet.visible_rollouts(scope)
+    for rid in fleet.rollouts.values():
+        query = f"/api/v1/desired-states?rolloutId={rid}&limit=2"
+        everyone = await all_pages(http, viewer, query)
+        assert everyone and all(d["rolloutId"] == rid for d in everyone)
+        got = await all_pages(http, headers, query)
+        assert got == (everyone if rid in visible else []), rid
 
 
 def _car(fleet: Fleet, vid: str) -> Car:
@@ -314,7 +330,11 @@ async def test_rollout_reads_stay_inside_the_scope(
 
 @pytest.mark.parametrize("scope_name", SCOPE_NAMES)
 async def test_counts_stay_inside_the_scope(
-    http: httpx.AsyncClient, token: Callable[..., str], fleet: Fleet, scope_name: str
+    http: httpx.AsyncClient,
+    token: Callable[..., str],
+    sessions: Any,
+    fleet: Fleet,
+    scope_name: str,
 ) -> None:
     scope = scopes_of(fleet)[scope_name]
     headers = bearer(token("viewer", scopes=scope))
@@ -340,15 +360,35 @@ async def test_counts_stay_inside_the_scope(
     assert report["offline"] == statuses["offline"]
     assert {c["reasonCode"]: c["vehicles"] for c in report["topReasonCodes"]} == dict(codes)
 
+    # The reconcile report: a run recorded now, whose drift rows are every vehicle of ours.
+    async with sessions() as session:
+        run = await record_drift(session, run_key=f"{fleet.prefix}{scope_name}")
+        await session.commit()
+    reconcile = await http.get("/api/v1/reports/reconcile", headers=headers)
+    assert reconcile.status_code == 200, reconcile.text
+    data = reconcile.json()["data"]
+    assert data["latest"]["id"] == run.run_id
+    assert data["latest"]["drifted"] == len(cars) and data["latest"]["markedOffline"] is None
+    drift: Counter[tuple[str, str, str, str]] = Counter()
+    for row in data["drift"]:
+        drift[(row["status"], row["region"], row["model"], row["org"])] += row["vehicles"]
+    assert drift == Counter((c.status, c.region, c.model, c.org) for c in cars)
+
 
 async def test_the_unscoped_counts_include_every_region(
-    http: httpx.AsyncClient, viewer: dict, fleet: Fleet
+    http: httpx.AsyncClient, viewer: dict, sessions: Any, fleet: Fleet
 ) -> None:
     summary = (await http.get("/api/v1/fleet/summary", headers=viewer)).json()["data"]
     for region in (f"{fleet.prefix}north", f"{fleet.prefix}south"):
         assert summary["byRegion"][region]["total"] == sum(c.region == region for c in fleet.cars)
     health = (await http.get("/api/v1/reports/health", headers=viewer)).json()["data"]
     assert health["total"] >= len(fleet.cars)
+    async with sessions() as session:
+        await record_drift(session, run_key=f"{fleet.prefix}unscoped")
+        await session.commit()
+    data = (await http.get("/api/v1/reports/reconcile", headers=viewer)).json()["data"]
+    ours = [d for d in data["drift"] if d["region"].startswith(fleet.prefix)]
+    assert sum(d["vehicles"] for d in ours) == len(fleet.cars)
 
 
 @pytest.mark.parametrize("scope_name", SCOPE_NAMES)
