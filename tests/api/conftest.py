@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
@@ -54,12 +55,18 @@ def api_settings(
     )
 
 
+# Holds an ingest writer in the middle of a group with events (a test's connection takes the
+# lock; the group's insert into timeline_events waits for it).
+HOLD_INGEST_WRITER = "LOCK TABLE timeline_events IN EXCLUSIVE MODE"
+
+
 @asynccontextmanager
-async def serve_app(settings: Settings) -> AsyncIterator[str]:
-    """The real app for these settings, served by uvicorn on a free loopback port."""
+async def serve_app(app: Settings | FastAPI) -> AsyncIterator[str]:
+    """The real app for these settings (or an app instance built by the test), served by
+    uvicorn on a free loopback port; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(app) if isinstance(app, Settings) else app,
         host="127.0.0.1",
         port=port,
         log_config=None,

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
@@ -25,7 +24,13 @@ from api import errors as api_errors
 from api.app import create_app
 from core.localservers import free_port
 from core.settings import Settings
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
+from tests.api.conftest import (
+    HOLD_INGEST_WRITER,
+    bearer,
+    insert_signed_release,
+    insert_vehicles,
+    serve_app,
+)
 from tests.api.test_release_registration import signed
 from tests.api.test_rollout_control import create_rollout
 from tests.api.test_telemetry import event
@@ -110,30 +115,8 @@ class Ctx:
 @asynccontextmanager
 async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An app instance (built here, maybe with an extra route) served like conftest's."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=free_port(),
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{server.config.port}", timeout=30
-        ) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        yield client
 
 
 async def validation_error(c: Ctx) -> httpx.Response:
@@ -272,7 +255,7 @@ async def overloaded(c: Ctx) -> httpx.Response:
     async with serve(create_app(settings)) as client:
         blocker = await psycopg.AsyncConnection.connect(c.database_url)
         try:
-            await blocker.execute("LOCK TABLE vehicle_telemetry IN EXCLUSIVE MODE")
+            await blocker.execute(HOLD_INGEST_WRITER)
             pending = asyncio.create_task(
                 client.post("/api/v1/telemetry", json=first, headers=gateway)
             )

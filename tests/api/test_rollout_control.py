@@ -10,17 +10,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
-from api.app import create_app
 from core.localservers import free_port
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 from worker.main import build_worker
@@ -282,25 +280,8 @@ async def test_rollout_vehicles_pages_and_filters(
 async def api_without_temporal(api_settings: Settings) -> AsyncIterator[str]:
     """The app over the same database, pointed at a Temporal address where nothing listens."""
     settings = api_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings),
-            host="127.0.0.1",
-            port=free_port(),
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    await task
+    async with serve_app(settings) as url:
+        yield url
 
 
 async def test_control_when_temporal_is_unreachable_is_503_and_audited(

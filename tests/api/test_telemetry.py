@@ -14,13 +14,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 
-from api.app import create_app
-from core.localservers import free_port
 from core.settings import Settings
 from services.telemetry import recompute_statuses
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import HOLD_INGEST_WRITER, bearer, insert_vehicles, serve_app
 
 URL = "/api/v1/telemetry"
 
@@ -432,20 +429,8 @@ async def test_stored_status_matches_a_recomputation(
 async def tiny_queue_api(api_settings: Settings) -> Any:
     """A second app whose ingest queue holds 600 items."""
     settings = api_settings.model_copy(update={"ingest_queue_max_items": 600, "ingest_writers": 1})
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on"
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with serve_app(settings) as url:
+        yield url
 
 
 async def test_overload_is_503_with_retry_after(
@@ -458,7 +443,7 @@ async def test_overload_is_503_with_retry_after(
     blocker = await psycopg.AsyncConnection.connect(database_url)
     async with httpx.AsyncClient(base_url=tiny_queue_api, timeout=30) as client:
         # Hold the writer: the first batch waits on a lock while it is being written.
-        await blocker.execute("LOCK TABLE timeline_events IN EXCLUSIVE MODE")
+        await blocker.execute(HOLD_INGEST_WRITER)
         pending = asyncio.create_task(client.post(URL, json=first, headers=gateway))
         await asyncio.sleep(0.5)
         refused = await client.post(URL, json=second, headers=gateway)
