@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -63,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
+from bench.http11 import Http11
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
 from core.migrate import upgrade
@@ -173,46 +173,6 @@ def copy_ceiling(url: str, events: list[dict[str, Any]]) -> float:
 # --- The endpoint --------------------------------------------------------------------------
 
 
-class Http11:
-    """A minimal HTTP/1.1 keep-alive client for the benchmark: one connection, one request at
-    a time, the request written in one piece, the response read by its Content-Length. The
-    server under test shares two cores with this process; httpx spends about a millisecond of
-    CPU per request here, which made the single-event figure measure the client."""
-
-    def __init__(self, base: str, token: str) -> None:
-        address = base.split("://", 1)[1]
-        self.host, port = address.rsplit(":", 1)
-        self.port = int(port)
-        self.head = (
-            f"POST /api/v1/telemetry HTTP/1.1\r\nHost: {address}\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        ).encode()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        await self.writer.drain()
-        status = int((await self.reader.readline()).split()[1])
-        headers: dict[str, str] = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        data = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            await self.close()
-        return status, headers, data
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(OSError):
-                await self.writer.wait_closed()
-        self.reader = self.writer = None
-
-
 async def send_all(
     base: str, token: str, bodies: list[bytes], clients: int
 ) -> tuple[float, int, int]:
@@ -229,7 +189,7 @@ async def send_all(
             while queue:
                 body = queue.pop()
                 while True:
-                    status, headers, data = await client.post(body)
+                    status, headers, data = await client.post("/api/v1/telemetry", body)
                     if status == 503:
                         overloaded += 1
                         await asyncio.sleep(float(headers.get("retry-after", "1")))

@@ -95,8 +95,9 @@ def describe_server(url: str) -> str:
     return f"PostgreSQL {version[0] if version else '?'} ({source}): " + ", ".join(values)
 
 
-async def wait_http_ready(base: str, *, within: float = 30.0) -> None:
-    """Poll `base`/readyz until it answers 200; TimeoutError after `within` seconds."""
+async def wait_http_ready(base: str, *, within: float = 30.0, path: str = "/readyz") -> None:
+    """Poll `base``path` until it answers 200; TimeoutError after `within` seconds. (`/readyz`
+    also wants Temporal: a server run without one is waited for on `/healthz`.)"""
     import asyncio
 
     import httpx
@@ -105,12 +106,12 @@ async def wait_http_ready(base: str, *, within: float = 30.0) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=2) as client:
         while time.monotonic() < deadline:
             try:
-                if (await client.get("/readyz")).status_code == 200:
+                if (await client.get(path)).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.1)
-    raise TimeoutError(f"{base}/readyz did not answer 200 within {within:.0f} s")
+    raise TimeoutError(f"{base}{path} did not answer 200 within {within:.0f} s")
 
 
 def _apply_settings(url: str, settings: dict[str, str]) -> bool:
@@ -221,6 +222,29 @@ def start_ingest_process(
     """`motorcade ingest` on 127.0.0.1:`port` as a child process in its own process group
     (so `os.killpg` reaches every process of it), with a dev key and a test environment: what
     the ingest benchmark and the kill-and-restart tests run."""
+    return start_role_process(
+        "ingest",
+        database_url,
+        dev_key,
+        port,
+        extra=["--processes", str(processes)],
+        log_level=log_level,
+        quiet=quiet,
+    )
+
+
+def start_role_process(
+    role: str,
+    database_url: str,
+    dev_key: str,
+    port: int,
+    *,
+    extra: list[str] | None = None,
+    log_level: str = "WARNING",
+    quiet: bool = False,
+) -> subprocess.Popen[bytes]:
+    """`motorcade <role>` (`api`, `ingest`) on 127.0.0.1:`port`, as `start_ingest_process`
+    describes: its own process group, a dev key, a test environment."""
     env = {
         **os.environ,
         "MOTORCADE_DATABASE_URL": database_url,
@@ -229,8 +253,8 @@ def start_ingest_process(
         "MOTORCADE_LOG_LEVEL": log_level,
         "MOTORCADE_LOG_FORMAT": "json",
     }
-    command = [sys.executable, "-m", "core.cli", "ingest", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--processes", str(processes)]
+    command = [sys.executable, "-m", "core.cli", role, "--host", "127.0.0.1"]
+    command += ["--port", str(port), *(extra or [])]
     output = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(
         command,
