@@ -1,7 +1,9 @@
 """structlog, configured once per process: JSON in production, readable in dev.
 
-A redaction processor runs before any renderer, so a token, a secret or an `Authorization`
-header never reaches a log line, whichever code logged it.
+A redaction processor runs before any renderer, and after an exception is formatted into
+the event (a driver's error text can carry a connection string, a token can be in a message),
+so a token, a secret or an `Authorization` header never reaches a log line, whichever code
+logged it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ SENSITIVE_KEYS = re.compile(
 )
 BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-_.~+/]+=*")
 JWT_LIKE = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# The password of a URL (`postgresql://user:password@host`), e.g. in a driver's error text.
+URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
 REDACTED = "[REDACTED]"
 
 
@@ -39,6 +43,7 @@ def redact(value: Any, *, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return [redact(item, depth=depth + 1) for item in value]
     if isinstance(value, str):
+        value = URL_PASSWORD.sub(rf"\1{REDACTED}@", value)
         return JWT_LIKE.sub(REDACTED, BEARER.sub("Bearer " + REDACTED, value))
     return value
 
@@ -71,6 +76,7 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,  # before redaction: tracebacks are text too
         _redact_processor,
     ]
     renderer: Any = (
@@ -81,7 +87,6 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
