@@ -28,10 +28,7 @@ import argparse
 import asyncio
 import json
 import random
-import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -44,7 +41,6 @@ import psycopg
 from bench.http11 import Http11
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
-from core.migrate import upgrade
 from models.enums import Role
 from services.fleet import refresh_fleet_counts_now
 from services.seed import REGIONS, seed_fleet
@@ -184,11 +180,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[tuple[str, list[fl
         )
         await line("fleet summary", ["/api/v1/fleet/summary"] * n)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        localservers.stop_process(proc)
     return lines
 
 
@@ -222,11 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     server = localservers.bench_server_url()
     print(localservers.describe_server(server), flush=True)
-    name = f"motorcade_bench_{secrets.token_hex(4)}"
-    url = localservers.ensure_database(server, name)
-    print(f"== api reads bench: database {name}, {args.vehicles:,} vehicles", flush=True)
-    try:
-        upgrade(url)
+    with localservers.bench_database(server, keep=args.keep) as (name, url):
+        print(f"== api reads bench: database {name}, {args.vehicles:,} vehicles", flush=True)
         started = time.perf_counter()
         seed_fleet(
             url,
@@ -249,9 +238,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         report(asyncio.run(measure(url, args)), args)
-    finally:
-        if not args.keep:
-            localservers.drop_database(server, name)
 
 
 if __name__ == "__main__":

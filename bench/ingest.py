@@ -46,10 +46,7 @@ import asyncio
 import json
 import os
 import random
-import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -65,7 +62,6 @@ import psycopg
 from bench.http11 import Http11
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
-from core.migrate import upgrade
 from models.enums import Role
 from services.seed import SAMPLE_RELEASES, seed_fleet
 
@@ -320,11 +316,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
             figures[f"{name}_503"] = busy
             print(f"  {name}: {len(fleet) / seconds:,.0f} heartbeats/s", flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        localservers.stop_process(proc)
     with psycopg.connect(url) as conn:
         stored = conn.execute("SELECT count(*) FROM timeline_events").fetchone()
     figures["stored_events"] = float(stored[0]) if stored else 0.0
@@ -398,15 +390,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     server = localservers.bench_server_url()
     print(localservers.describe_server(server), flush=True)
-    name = f"motorcade_bench_{secrets.token_hex(4)}"
-    url = localservers.ensure_database(server, name)
-    print(
-        f"== ingest bench: database {name}, {args.vehicles:,} vehicles;"
-        f" motorcade ingest: {args.processes} process(es); {args.clients} clients",
-        flush=True,
-    )
-    try:
-        upgrade(url)
+    with localservers.bench_database(server, keep=args.keep) as (name, url):
+        print(
+            f"== ingest bench: database {name}, {args.vehicles:,} vehicles;"
+            f" motorcade ingest: {args.processes} process(es); {args.clients} clients",
+            flush=True,
+        )
         seeded = seed_fleet(
             url,
             vehicles=args.vehicles,
@@ -416,9 +405,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  seeded in {seeded.seconds:.1f}s", flush=True)
         figures = asyncio.run(measure(url, args))
         report(figures, args.vehicles, args.repeat)
-    finally:
-        if not args.keep:
-            localservers.drop_database(server, name)
 
 
 if __name__ == "__main__":

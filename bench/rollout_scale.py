@@ -60,7 +60,6 @@ from temporalio.worker import (
 
 from core import localservers
 from core.db import create_engine, session_factory, session_scope
-from core.migrate import upgrade
 from core.temporal import (
     ROLLOUT_WORKFLOW_TYPE,
     ensure_search_attributes,
@@ -423,11 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = localservers.bench_server_url()
     print(localservers.describe_server(server), flush=True)
     for vehicles in sizes:
-        name = f"motorcade_bench_{secrets.token_hex(4)}"
-        url = localservers.ensure_database(server, name)
-        print(f"\n== {vehicles:,} vehicles (database {name})", flush=True)
-        try:
-            upgrade(url)
+        with localservers.bench_database(server, keep=args.keep) as (name, url):
+            print(f"\n== {vehicles:,} vehicles (database {name})", flush=True)
             figures = asyncio.run(
                 measure(
                     url,
@@ -438,9 +434,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
             )
             report(figures)
-        finally:
-            if not args.keep:
-                localservers.drop_database(server, name)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -187,6 +191,32 @@ def drop_database(url: str, database: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
         )
+
+
+@contextmanager
+def bench_database(server: str, *, keep: bool = False) -> Iterator[tuple[str, str]]:
+    """A fresh, migrated database on `server` for one benchmark run: yields its name and URL;
+    dropped at the end unless `keep`."""
+    from core.migrate import upgrade
+
+    name = f"motorcade_bench_{secrets.token_hex(4)}"
+    url = ensure_database(server, name)
+    try:
+        upgrade(url)
+        yield name, url
+    finally:
+        if not keep:
+            drop_database(server, name)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def port_open(host: str, port: int) -> bool:

@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from core.localservers import free_port, start_ingest_process, wait_http_ready
+from core.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
 from tests.api.conftest import bearer, insert_vehicles
 from tests.api.test_telemetry import now_iso
 
@@ -100,11 +100,7 @@ async def test_every_acknowledged_event_survives_a_kill(
                 assert data["accepted"] + data["duplicates"] == len(body["events"])
                 acked.extend((e["vehicleId"], e["eventId"]) for e in body["events"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=10)
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
             "SELECT count(*), count(DISTINCT (te.vehicle_id, te.event_id))"
