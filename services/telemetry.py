@@ -6,8 +6,9 @@ rollout targets, each sorted by vehicle id):
 
 1. Resolves the vehicles named by the group (existence and the caller's scope); a request
    naming an unknown or out-of-scope vehicle is refused whole and nothing of it is written.
-2. Inserts the events with one `unnest` array insert, `ON CONFLICT DO NOTHING` on the primary
-   key (vehicle_id, event_id): what comes back was new, the rest are duplicates.
+2. Inserts the events (staged by binary COPY) with one `INSERT … SELECT`, `ON CONFLICT DO
+   NOTHING` on the primary key (vehicle_id, event_id): what it wrote was new, the rest are
+   duplicates.
 3. Upserts the narrow `vehicle_telemetry` row of every vehicle with a heartbeat in the group
    (the latest heartbeat wins, by `sentAt`). Events do not write it.
 4. Locks (`FOR NO KEY UPDATE`, in id order) the wide `vehicles` rows whose status may change:
@@ -489,7 +490,6 @@ async def _write_group(
     lap("refresh")
 
     wide: list[tuple[Any, ...]] = []
-    changed_any = False
     outcomes_by_rollout: dict[int, list[tuple[str, str, str | None, uuid.UUID]]] = defaultdict(list)
     for (
         vid,
@@ -528,7 +528,6 @@ async def _write_group(
         )
         codes = list(derived.reason_codes)
         changed = derived.status.value != status or codes != list(reason_codes or [])
-        changed_any = changed_any or changed
         wide.append(
             (
                 vid,
