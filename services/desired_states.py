@@ -155,6 +155,13 @@ _MATCH_IN_SCOPE = (
     )
 )
 
+# The vehicles issued a desired state (`upv`), as change-feed deltas.
+_ISSUED_DELTAS = change_feed.vehicle_deltas_sql(
+    "upv",
+    "'status', s.status, 'desired', jsonb_build_object('releaseVersion',"
+    " CAST(:release AS text), 'desiredStateId', s.ds_id::text, 'rolloutId', NULL)",
+)
+
 
 async def create_desired_states(
     session: AsyncSession,
@@ -233,25 +240,7 @@ async def create_desired_states(
                     FROM todo WHERE v.id = todo.vehicle_id
                     RETURNING v.id, v.status, v.region, v.model, v.org, todo.ds_id
                 ),
-                feed AS (
-                    INSERT INTO change_feed (topic, event, entity_id, payload)
-                    SELECT 'vehicles', 'vehicle.updated', NULL,
-                           jsonb_build_object('vehicles', jsonb_agg(d.delta ORDER BY d.id))
-                    FROM (
-                        SELECT upv.id,
-                               (row_number() OVER (ORDER BY upv.id) - 1) / :per_row AS part,
-                               jsonb_build_object(
-                                   'id', upv.id, 'status', upv.status,
-                                   'desired', jsonb_build_object(
-                                       'releaseVersion', CAST(:release AS text),
-                                       'desiredStateId', upv.ds_id::text,
-                                       'rolloutId', NULL),
-                                   'region', upv.region, 'model', upv.model,
-                                   'org', upv.org) AS delta
-                        FROM upv
-                    ) d
-                    GROUP BY d.part
-                )
+                feed AS ({_ISSUED_DELTAS})
                 SELECT id, ds_id FROM upv ORDER BY id
                 """
             ),
@@ -259,7 +248,6 @@ async def create_desired_states(
                 **match_params(targets),
                 **_scope_params(scope),
                 "release": release.version,
-                "per_row": change_feed.VEHICLE_DELTAS_PER_ROW,
                 "reason": body.reason,
                 "created_by": actor.subject,
             },

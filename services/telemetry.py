@@ -195,6 +195,11 @@ _STAGING = (
 )
 _EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "jsonb"]
 _BEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
+# The status changes of a group's wide-row update (`w`), as change-feed deltas.
+_STATUS_DELTAS = change_feed.vehicle_deltas_sql(
+    "(SELECT * FROM w WHERE w.changed)",
+    "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes)",
+)
 _WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8"]
 _WIDE_TYPES += ["text", "uuid", "text", "text", "bool"]
 
@@ -566,7 +571,7 @@ async def _write_group(
     if wide:
         await _copy(driver, "ingest_wide", _WIDE_TYPES, wide)
         cur = await driver.execute(
-            """
+            f"""
             WITH w AS (
                 UPDATE vehicles v
                 SET status = u.status, reason_codes = u.codes,
@@ -588,26 +593,10 @@ async def _write_group(
                 WHERE v.id = u.id
                 RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, u.changed
             ),
-            feed AS (
-                INSERT INTO change_feed (topic, event, entity_id, payload)
-                SELECT 'vehicles', 'vehicle.updated', NULL,
-                       jsonb_build_object('vehicles', jsonb_agg(d.delta ORDER BY d.id))
-                FROM (
-                    SELECT w.id, (row_number() OVER (ORDER BY w.id) - 1) / %(per_row)s AS part,
-                           jsonb_build_object(
-                               'id', w.id, 'status', w.status,
-                               'reasonCodes', to_jsonb(w.reason_codes),
-                               'region', w.region, 'model', w.model, 'org', w.org) AS delta
-                    FROM w WHERE w.changed
-                ) d
-                GROUP BY d.part
-            )
+            feed AS ({_STATUS_DELTAS})
             SELECT count(*) FROM w
             """,
-            {
-                "refresh": timedelta(seconds=policy.refresh_seconds),
-                "per_row": change_feed.VEHICLE_DELTAS_PER_ROW,
-            },
+            {"refresh": timedelta(seconds=policy.refresh_seconds)},
         )
         one = await cur.fetchone()
         result.vehicles_written += int(one[0]) if one else 0
