@@ -211,9 +211,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=1000, help="requests per line")
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
+    parser.add_argument(
+        "--reuse",
+        metavar="DATABASE",
+        help="measure a database kept by an earlier run (--keep) instead of seeding one: for"
+        " comparing two builds on the same data",
+    )
     args = parser.parse_args(argv)
     server = localservers.bench_server_url()
     print(localservers.describe_server(server), flush=True)
+    if args.reuse:
+        url = localservers.with_database(server, args.reuse)
+        print(f"== api reads bench: database {args.reuse} (reused)", flush=True)
+        report(asyncio.run(measure(url, args)), args)
+        return
     with localservers.bench_database(server, keep=args.keep) as (name, url):
         print(f"== api reads bench: database {name}, {args.vehicles:,} vehicles", flush=True)
         started = time.perf_counter()

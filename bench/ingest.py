@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
+from bench.cpu import CpuMeter, postmaster_pid
 from bench.http11 import Http11
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
@@ -248,6 +249,19 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         processes=args.processes,
         log_level=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     )
+    meter = CpuMeter({"ingest": proc.pid, "postgres": postmaster_pid(url)})
+    cpu: dict[str, list[dict[str, float]]] = {"batch": [], "grouped": []}
+
+    async def metered(name: str, bodies: list[bytes], clients: int) -> tuple[float, int, int]:
+        """`send_all`, and the CPU each part spent per accepted event (microseconds)."""
+        meter.start()
+        seconds, accepted, busy = await send_all(base, token, bodies, clients)
+        spent = meter.stop()
+        cpu.setdefault(name, []).append(
+            {part: s * 1e6 / max(accepted, 1) for part, s in spent.items()}
+        )
+        return seconds, accepted, busy
+
     try:
         await localservers.wait_http_ready(base)
         rates: dict[str, list[float]] = {"batch": [], "grouped": []}
@@ -258,8 +272,8 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
             targets = new_desired_states(url, per_layout, release)
             events = make_events(targets, release, first)
             ceilings.append(len(events) / copy_ceiling(url, make_events(targets, release, first)))
-            seconds, accepted, busy = await send_all(
-                base, token, event_bodies(events, BATCH), args.clients
+            seconds, accepted, busy = await metered(
+                "batch", event_bodies(events, BATCH), args.clients
             )
             rates["batch"].append(accepted / seconds)
             figures["batch_503"] = figures.get("batch_503", 0) + busy
@@ -270,14 +284,16 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
             random.Random(repeat).shuffle(grouped_targets)
             place = {vid: n for n, (vid, _) in enumerate(grouped_targets)}
             grouped.sort(key=lambda e: (place[e["vehicleId"]], e["seq"]))
-            seconds, accepted, busy = await send_all(
-                base, token, event_bodies(grouped, BATCH), args.clients
+            seconds, accepted, busy = await metered(
+                "grouped", event_bodies(grouped, BATCH), args.clients
             )
             rates["grouped"].append(accepted / seconds)
             figures["grouped_503"] = figures.get("grouped_503", 0) + busy
             print(
                 f"  repeat {repeat + 1}: ceiling {ceilings[repeat]:,.0f}, batches"
-                f" {rates['batch'][-1]:,.0f}, grouped {rates['grouped'][-1]:,.0f} events/s",
+                f" {rates['batch'][-1]:,.0f}, grouped {rates['grouped'][-1]:,.0f} events/s;"
+                f" CPU per event: batches {cpu_line(cpu['batch'][-1])},"
+                f" grouped {cpu_line(cpu['grouped'][-1])}",
                 flush=True,
             )
         for name, values in rates.items():
@@ -289,13 +305,16 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
         # Single-event requests: a sample on other vehicles' fresh events.
         sample_targets = new_desired_states(url, args.single // 3, release, skip=2 * per_layout)
         singles = make_events(sample_targets, release)
-        seconds, accepted, busy = await send_all(base, token, event_bodies(singles, 1), 64)
+        seconds, accepted, busy = await metered("single", event_bodies(singles, 1), 64)
         figures.update(
             single_events=len(singles),
             single_seconds=seconds,
             single_accepted=accepted,
             single_503=busy,
         )
+        for name, spent in cpu.items():
+            for part in spent[0] if spent else {}:
+                figures[f"{name}_cpu_{part}"] = statistics.median(s[part] for s in spent)
         # Heartbeats for every vehicle.
         with psycopg.connect(url) as conn:
             fleet = conn.execute(
@@ -323,6 +342,27 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
     return figures
 
 
+def cpu_line(spent: dict[str, float]) -> str:
+    """`ingest 12 + postgres 30 + client 3 = 45 us`: CPU microseconds per event."""
+    parts = " + ".join(f"{part} {us:,.0f}" for part, us in spent.items())
+    return f"{parts} = {sum(spent.values()):,.0f} us"
+
+
+def report_cpu(f: dict[str, float], name: str) -> None:
+    """The median CPU per event of a layout, and the rate it implies on cores of its own."""
+    spent = {
+        key.removeprefix(f"{name}_cpu_"): value
+        for key, value in f.items()
+        if key.startswith(f"{name}_cpu_")
+    }
+    if spent:
+        cores = os.cpu_count() or 1
+        print(
+            f"      CPU per event: {cpu_line(spent)}; {cores} cores of its own would carry"
+            f" {cores * 1e6 / sum(spent.values()):,.0f} events/s"
+        )
+
+
 def report(f: dict[str, float], vehicles: int, repeat: int) -> None:
     ceiling = f["ceiling"]
     batch = f["batch"]
@@ -344,16 +384,19 @@ def report(f: dict[str, float], vehicles: int, repeat: int) -> None:
         f"  ratio {batch / ceiling:.2f}  (503s: {int(f['batch_503'])})"
         f"  goal >= {GOAL_EVENTS_PER_SECOND:,} and >= 0.25: {'met' if met else 'NOT met'}"
     )
+    report_cpu(f, "batch")
     print(
         f"  endpoint, batches of {BATCH}, a vehicle's 3 events in one batch:"
         f" {grouped:>8,.0f} events/s ({f['grouped_min']:,.0f}-{f['grouped_max']:,.0f})"
         f"  ratio {grouped / ceiling:.2f}  (503s: {int(f['grouped_503'])})"
         f"  goal: {'met' if met_grouped else 'NOT met'}"
     )
+    report_cpu(f, "grouped")
     print(
         f"  endpoint, single-event requests ({int(f['single_events']):,}): {single:>7,.0f}"
         f" events/s  ratio {single / ceiling:.3f}  (503s: {int(f['single_503'])})"
     )
+    report_cpu(f, "single")
     fleet = f["fleet"]
     first = fleet / f["hb_first_seconds"]
     narrow = fleet / f["hb_narrow_seconds"]
