@@ -25,6 +25,7 @@ rollout targets, each sorted by vehicle id):
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -200,8 +201,6 @@ _STATUS_DELTAS = change_feed.vehicle_deltas_sql(
     "(SELECT * FROM w WHERE w.changed)",
     "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes)",
 )
-_WIDE_TYPES = ["text", "text", "text[]", "timestamptz", "int2", "bool", "text", "int8"]
-_WIDE_TYPES += ["text", "uuid", "text", "text", "bool"]
 
 
 async def _driver(session: AsyncSession) -> Any:
@@ -396,35 +395,50 @@ async def _write_group(
     # derive one after the other, each from what the other wrote. Derived below: the rows
     # with a new latest event (a late event enters the timeline but moves nothing) and the
     # flagged ones. Counting the vehicles with events is their existence check.
+    # The values read under the lock stay in PostgreSQL (`ingest_wide`, the rows to derive):
+    # what goes through Python is what the pure `derive_status` needs, and what comes back
+    # is its verdict (status, reason codes, changed).
     rows: list[tuple[Any, ...]] = []
     if top or flagged:
         cur = await driver.execute(
             """
-            SELECT v.id,
-                   u.seq > v.last_event_seq OR u.vid = ANY(%(flagged)s) AS derive,
-                   greatest(t.last_seen_at, v.last_seen_at) AS seen,
-                   CASE WHEN t.vehicle_id IS NULL THEN v.battery_percent
-                        ELSE t.battery_percent END AS battery,
-                   CASE WHEN t.vehicle_id IS NULL THEN v.stationary
-                        ELSE t.stationary END AS stationary,
-                   coalesce(t.actual_release_version, v.actual_release_version) AS actual,
-                   greatest(u.seq, v.last_event_seq) AS seq,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.typ
-                        ELSE v.last_event_type END AS typ,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.ds
-                        ELSE v.last_event_desired_state_id END AS eds,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.rel
-                        ELSE v.last_event_release_version END AS rel,
-                   CASE WHEN u.seq > v.last_event_seq THEN u.reason
-                        ELSE v.last_event_reason_code END AS reason,
-                   v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
-                   v.rollout_id, v.created_at
-            FROM ingest_touch u
-            JOIN vehicles v ON v.id = u.vid
-            LEFT JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
-            WHERE u.seq >= 0 OR u.vid = ANY(%(flagged)s)
-            ORDER BY v.id
-            FOR NO KEY UPDATE OF v
+            WITH locked AS (
+                SELECT v.id,
+                       u.seq > v.last_event_seq OR u.vid = ANY(%(flagged)s) AS derive,
+                       greatest(t.last_seen_at, v.last_seen_at) AS seen,
+                       CASE WHEN t.vehicle_id IS NULL THEN v.battery_percent
+                            ELSE t.battery_percent END AS battery,
+                       CASE WHEN t.vehicle_id IS NULL THEN v.stationary
+                            ELSE t.stationary END AS stationary,
+                       coalesce(t.actual_release_version, v.actual_release_version) AS actual,
+                       greatest(u.seq, v.last_event_seq) AS seq,
+                       CASE WHEN u.seq > v.last_event_seq THEN u.typ
+                            ELSE v.last_event_type END AS typ,
+                       CASE WHEN u.seq > v.last_event_seq THEN u.ds
+                            ELSE v.last_event_desired_state_id END AS eds,
+                       CASE WHEN u.seq > v.last_event_seq THEN u.rel
+                            ELSE v.last_event_release_version END AS rel,
+                       CASE WHEN u.seq > v.last_event_seq THEN u.reason
+                            ELSE v.last_event_reason_code END AS reason,
+                       v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
+                       v.rollout_id, v.created_at
+                FROM ingest_touch u
+                JOIN vehicles v ON v.id = u.vid
+                LEFT JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
+                WHERE u.seq >= 0 OR u.vid = ANY(%(flagged)s)
+                ORDER BY v.id
+                FOR NO KEY UPDATE OF v
+            ),
+            kept AS (
+                INSERT INTO ingest_wide (id, seen, battery, stationary, actual, seq, typ, eds,
+                                         rel, reason)
+                SELECT id, seen, battery, stationary, actual, seq, typ, eds, rel, reason
+                FROM locked WHERE derive
+            )
+            SELECT id, derive, seen, actual, seq, typ, eds::text, rel, reason, status,
+                   reason_codes, desired_release_version, desired_state_id::text, rollout_id,
+                   created_at
+            FROM locked
             """,
             {"flagged": flagged},
         )
@@ -494,13 +508,11 @@ async def _write_group(
     result.vehicles_written += max(cur.rowcount, 0)
     lap("refresh")
 
-    wide: list[tuple[Any, ...]] = []
+    verdicts: list[dict[str, Any]] = []
     outcomes_by_rollout: dict[int, list[tuple[str, str, str | None, uuid.UUID]]] = defaultdict(list)
     for (
         vid,
         seen_at,
-        battery,
-        stationary,
         actual,
         last_seq,
         ev_type,
@@ -516,11 +528,11 @@ async def _write_group(
     ) in rows:
         derived = derive_status(
             desired_release=desired_release,
-            desired_state_id=str(desired_ds) if desired_ds else None,
+            desired_state_id=desired_ds,
             actual_release=actual,
             latest_event=LatestEvent(
                 type=ev_type,
-                desired_state_id=str(ev_ds) if ev_ds else None,
+                desired_state_id=ev_ds,
                 release_version=ev_rel,
                 reason_code=ev_reason,
             )
@@ -533,22 +545,8 @@ async def _write_group(
         )
         codes = list(derived.reason_codes)
         changed = derived.status.value != status or codes != list(reason_codes or [])
-        wide.append(
-            (
-                vid,
-                derived.status.value,
-                codes,
-                seen_at,
-                battery,
-                stationary,
-                actual,
-                last_seq,
-                ev_type,
-                ev_ds,
-                ev_rel,
-                ev_reason,
-                changed,
-            )
+        verdicts.append(
+            {"id": vid, "status": derived.status.value, "codes": codes, "changed": changed}
         )
         latest_new = top.get(vid)
         if (
@@ -568,13 +566,12 @@ async def _write_group(
             )
     lap("derive")
 
-    if wide:
-        await _copy(driver, "ingest_wide", _WIDE_TYPES, wide)
+    if verdicts:
         cur = await driver.execute(
             f"""
             WITH w AS (
                 UPDATE vehicles v
-                SET status = u.status, reason_codes = u.codes,
+                SET status = d.status, reason_codes = d.codes,
                     -- lastSeenAt only by the refresh interval (as for plain heartbeats):
                     -- it feeds an index, so leaving it alone keeps a status change a
                     -- heap-only update (status itself has no index, migration 0003).
@@ -588,15 +585,20 @@ async def _write_group(
                     last_event_seq = u.seq, last_event_type = u.typ,
                     last_event_desired_state_id = u.eds, last_event_release_version = u.rel,
                     last_event_reason_code = u.reason,
-                    updated_at = CASE WHEN u.changed THEN now() ELSE v.updated_at END
+                    updated_at = CASE WHEN d.changed THEN now() ELSE v.updated_at END
                 FROM ingest_wide u
+                JOIN json_to_recordset(%(verdicts)s::json)
+                     AS d(id text, status text, codes text[], changed boolean) ON d.id = u.id
                 WHERE v.id = u.id
-                RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, u.changed
+                RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, d.changed
             ),
             feed AS ({_STATUS_DELTAS})
             SELECT count(*) FROM w
             """,
-            {"refresh": timedelta(seconds=policy.refresh_seconds)},
+            {
+                "refresh": timedelta(seconds=policy.refresh_seconds),
+                "verdicts": json.dumps(verdicts, separators=(",", ":")),
+            },
         )
         one = await cur.fetchone()
         result.vehicles_written += int(one[0]) if one else 0
