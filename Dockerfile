@@ -26,8 +26,10 @@ COPY migrations ./migrations
 # Not editable, no [dev] extras: the packages (and migrations/, alembic.ini included) land in
 # the venv's site-packages; nothing in the runtime stage refers to /src.
 RUN /opt/motorcade/bin/pip install -c constraints.txt . \
- && /opt/motorcade/bin/python -c "import core.cli, api.app, worker.main, migrations" \
- && test -f /opt/motorcade/lib/python3.11/site-packages/migrations/alembic.ini
+ && /opt/motorcade/bin/python -c "import core.cli, api.app, worker.main; \
+import importlib.resources as r; m = r.files('migrations'); \
+assert m.joinpath('alembic.ini').is_file() and m.joinpath('script.py.mako').is_file(); \
+assert any(p.name.endswith('.py') for p in m.joinpath('versions').iterdir())"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="motorcade" \

@@ -84,8 +84,8 @@ Read by `make dev`, `make test` and the benchmarks, not by the roles in a deploy
 OTHER = """
 ## Other variables
 
-- Tracing, when enabled, follows the standard OpenTelemetry `OTEL_*` variables
-  (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, ...); see deployment.md.
+- Tracing follows the standard OpenTelemetry `OTEL_*` variables
+  (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, ...), off by default.
 - The compose stack's own variables (`POSTGRES_PASSWORD`, `TEMPORAL_DB_PASSWORD`, image
   versions, published ports) are documented in `.env.example`.
 """

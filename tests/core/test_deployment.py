@@ -370,6 +370,13 @@ def test_dockerignore_keeps_local_state_and_test_data_out() -> None:
     assert copied & ignored == set(), "the Dockerfile copies something .dockerignore drops"
 
 
+def test_env_file_is_never_committed() -> None:
+    result = subprocess.run(
+        ["git", "check-ignore", "--quiet", ".env"], cwd=ROOT, check=False, capture_output=True
+    )
+    assert result.returncode == 0, ".env must be ignored by git"
+
+
 # --- core.healthcheck against real servers ------------------------------------------------
 
 
