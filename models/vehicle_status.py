@@ -21,24 +21,30 @@ Rules, first match wins:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from typing import NamedTuple
 
 from models.enums import EventType, VehicleStatus
 
 
-@dataclass(frozen=True)
-class LatestEvent:
+class LatestEvent(NamedTuple):
     type: str
     desired_state_id: str | None = None
     release_version: str | None = None
     reason_code: str | None = None
 
 
-@dataclass(frozen=True)
-class DerivedStatus:
+class DerivedStatus(NamedTuple):
     status: VehicleStatus
     reason_codes: tuple[str, ...] = ()
+
+
+# Immutable (tuples), so the verdicts without reason codes are shared: the telemetry path
+# derives a status for every vehicle whose latest event moved, at fleet rate.
+_IN_SYNC = DerivedStatus(VehicleStatus.IN_SYNC)
+_UPDATING = DerivedStatus(VehicleStatus.UPDATING)
+_PENDING = DerivedStatus(VehicleStatus.PENDING)
+_MOVING = (EventType.DESIRED_NOTIFIED, EventType.APPLY_START)
 
 
 def event_applies(
@@ -70,7 +76,7 @@ def derive_status(
         latest_event=latest_event,
     )
     seen = last_seen_at or registered_at
-    if seen is not None and now - seen > timedelta(seconds=offline_after_seconds):
+    if seen is not None and (now - seen).total_seconds() > offline_after_seconds:
         return DerivedStatus(VehicleStatus.OFFLINE, underlying.reason_codes)
     return underlying
 
@@ -83,20 +89,20 @@ def _converging_status(
     latest_event: LatestEvent | None,
 ) -> DerivedStatus:
     if desired_release is None or actual_release == desired_release:
-        return DerivedStatus(VehicleStatus.IN_SYNC)
+        return _IN_SYNC
     if latest_event is not None and event_applies(
         latest_event, desired_state_id=desired_state_id, desired_release=desired_release
     ):
         kind = latest_event.type
-        if kind in (EventType.DESIRED_NOTIFIED, EventType.APPLY_START):
-            return DerivedStatus(VehicleStatus.UPDATING)
+        if kind in _MOVING:
+            return _UPDATING
         if kind == EventType.READY:
-            return DerivedStatus(VehicleStatus.IN_SYNC)
+            return _IN_SYNC
         if kind == EventType.FAILED:
             return DerivedStatus(VehicleStatus.FAILED, _codes(latest_event.reason_code))
         if kind == EventType.BLOCKED:
             return DerivedStatus(VehicleStatus.BLOCKED, _codes(latest_event.reason_code))
-    return DerivedStatus(VehicleStatus.PENDING)
+    return _PENDING
 
 
 def _codes(code: str | None) -> tuple[str, ...]:

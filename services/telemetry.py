@@ -544,10 +544,8 @@ async def _write_group(
             offline_after_seconds=policy.offline_after_seconds,
         )
         codes = list(derived.reason_codes)
-        changed = derived.status.value != status or codes != list(reason_codes or [])
-        verdicts.append(
-            {"id": vid, "status": derived.status.value, "codes": codes, "changed": changed}
-        )
+        changed = derived.status != status or codes != list(reason_codes or [])
+        verdicts.append({"id": vid, "status": derived.status, "codes": codes, "changed": changed})
         latest_new = top.get(vid)
         if (
             latest_new is not None
