@@ -441,6 +441,7 @@ async def _write_group(
             FROM locked
             """,
             {"flagged": flagged},
+            binary=True,
         )
         locked = await cur.fetchall()
         with_events = sum(1 for r in locked if r[0] in top)
