@@ -6,10 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from joserfc.jwk import KeySet, OctKey, RSAKey
 from core.auth import TokenError, TokenVerifier, generate_dev_key, mint_dev_token
 from core.settings import Settings
 from models.enums import Role
+from tests.httpserver import QuietHandler, serve
 
 DEV_KEY = generate_dev_key()
 
@@ -133,7 +132,7 @@ OTHER_RSA = RSAKey.generate_key(2048, parameters={"kid": "k1"})
 def issuer() -> Iterator[str]:
     jwks = KeySet([RSA]).as_dict(private=False)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             base = f"http://127.0.0.1:{self.server.server_address[1]}"  # type: ignore[index]
             body: Any
@@ -152,14 +151,8 @@ def issuer() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve(Handler) as base:
+        yield base
 
 
 def oidc_token(issuer: str, key: Any = RSA, alg: str = "RS256", **claims: Any) -> str:

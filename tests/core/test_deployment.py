@@ -18,11 +18,9 @@ import json
 import re
 import socket
 import subprocess
-import threading
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from temporalio.worker import Worker
 from core import healthcheck
 from core.configdoc import env_name
 from core.settings import Settings
+from tests.httpserver import QuietHandler, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
@@ -396,20 +395,13 @@ def test_role_of_pid1(tmp_path: Path) -> None:
 
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(200 if self.path == "/readyz" else 503)
             self.end_headers()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(Handler) as base:
+        yield base
 
 
 def test_http_check(http_server: str) -> None:
