@@ -21,7 +21,7 @@ from tests.api.test_rollout_control import create_rollout
 
 # Telemetry is not audited per event (docs/audit_log.md): a vehicle's reports are its
 # timeline, not an operator's action.
-# Telemetry has its own record; a stream ticket changes nothing (nothing is stored).
+# A stream ticket changes nothing either (nothing is stored).
 NOT_AUDITED = {("POST", "/api/v1/telemetry"), ("POST", "/api/v1/stream/tickets")}
 SPEC_FIELDS = {
     "id",
