@@ -54,7 +54,7 @@ def rss_kib(pid: int) -> int:
 class Subscriber:
     def __init__(self, port: int, token: str, committed: dict[int, float]) -> None:
         self.port, self.token, self.committed = port, token, committed
-        self.latencies: list[float] = []
+        self.arrivals: list[tuple[int, float]] = []  # (event id, when its line arrived)
         self.ready = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
 
@@ -72,10 +72,12 @@ class Subscriber:
             if line.startswith(b": subscribed"):
                 self.ready.set()
             elif line.startswith(b"id:"):
-                event_id = int(line[3:].strip())
-                at = self.committed.get(event_id)
-                if at is not None:
-                    self.latencies.append(time.monotonic() - at)
+                self.arrivals.append((int(line[3:].strip()), time.monotonic()))
+
+    def latencies(self) -> list[float]:
+        """Commit to arrival. An event may arrive before the writer's task has resumed from
+        its commit (one event loop): that is a latency of about zero, counted as zero."""
+        return [max(0.0, at - self.committed[i]) for i, at in self.arrivals if i in self.committed]
 
     def close(self) -> None:
         if self.writer is not None:
@@ -111,10 +113,11 @@ async def measure(
         sub.close()
     await asyncio.gather(*tasks, return_exceptions=True)
     expected = rows * subscribers
-    got = sum(len(s.latencies) for s in subs)
+    latencies = [lat for s in subs for lat in s.latencies()]
+    got = len(latencies)
     if got < expected:
         print(f"  warning: {expected - got} of {expected} deliveries missing")
-    return [lat for s in subs for lat in s.latencies]
+    return latencies
 
 
 async def cycles(port: int, token: str, count: int, concurrency: int) -> None:

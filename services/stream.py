@@ -49,6 +49,7 @@ import psycopg
 import structlog
 from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
+from sse_starlette import ServerSentEvent
 
 from core.auth import Principal, TokenError
 from models.enums import Role
@@ -161,11 +162,23 @@ def _targets_inside(targets: dict[str, Any] | None, scope: Scope) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass
 class Event:
     id: int
     event: str
     data: dict[str, Any]
+    _wire: bytes | None = field(default=None, repr=False, compare=False)
+
+    def wire(self) -> bytes:
+        """The event as sent (`id`, `event`, one `data` line of compact JSON); encoded once
+        however many subscribers receive the same event."""
+        if self._wire is None:
+            self._wire = ServerSentEvent(
+                data=json.dumps(self.data, separators=(",", ":"), default=str),
+                event=self.event,
+                id=str(self.id) if self.id else None,
+            ).encode()
+        return self._wire
 
 
 RESYNC = "resync"
@@ -175,7 +188,10 @@ def scoped_event(row: dict[str, Any], scope: Scope, rollout_scopes: dict[str, An
     """The event of a feed row as a subscriber with this scope sees it, or None."""
     payload = row["payload"] or {}
     if scope.unrestricted:
-        return Event(row["id"], row["event"], payload)
+        shared = row.get("_event")
+        if shared is None:  # one Event (and one encoding) per row for every such subscriber
+            shared = row["_event"] = Event(row["id"], row["event"], payload)
+        return shared
     if row["event"] == "vehicle.updated" and "vehicles" in payload:
         deltas = [
             d

@@ -24,6 +24,7 @@ from core.auth import Principal, TokenError
 from services import stream as service
 
 router = APIRouter(tags=["stream"])
+WRITE_BATCH = 100  # events joined into one write at most
 
 TOPICS_DESCRIPTION = (
     "Comma-separated or repeated: `vehicles` (vehicle.updated, fleet.summary), `rollouts` "
@@ -72,14 +73,6 @@ def _last_event_id(query: str | None, header: str | None) -> int | None:
             details=[{"field": field, "message": "a non-negative integer"}],
         )
     return int(raw)
-
-
-def _sse(event: service.Event) -> ServerSentEvent:
-    return ServerSentEvent(
-        data=json.dumps(event.data, separators=(",", ":"), default=str),
-        event=event.event,
-        id=str(event.id) if event.id else None,
-    )
 
 
 def _resync(reason: str) -> ServerSentEvent:
@@ -131,7 +124,7 @@ async def stream(
     topic_set, scope = frozenset(chosen), principal.scope
     shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[ServerSentEvent | bytes]:
         # Registered only once the response streams, so a client gone before is never held.
         oldest = await hub.oldest_id() if last is not None else None
         sub, cursor = hub.subscribe(topic_set, scope)
@@ -150,16 +143,21 @@ async def stream(
                     yield _resync("EVENTS_EXPIRED")
                     return
                 async for page in hub.backfill(after=last, upto=cursor, sub=sub):
-                    for event in page:
-                        yield _sse(event)
+                    if page:
+                        yield b"".join(event.wire() for event in page)
             while True:
-                event = await sub.queue.get()
-                if event.event == service.RESYNC:
-                    yield _resync(str(event.data.get("reason", "")))
+                # What has queued up goes out in one write (one wake-up per burst).
+                batch = [await sub.queue.get()]
+                while len(batch) < WRITE_BATCH and not sub.queue.empty():
+                    batch.append(sub.queue.get_nowait())
+                ending = next((e for e in batch if e.event in (service.RESYNC, "")), None)
+                wire = b"".join(e.wire() for e in batch if e.event not in (service.RESYNC, ""))
+                if wire:
+                    yield wire
+                if ending is not None:
+                    if ending.event == service.RESYNC:  # nothing else is queued after it
+                        yield _resync(str(ending.data.get("reason", "")))
                     return
-                if not event.event:  # the hub is stopping
-                    return
-                yield _sse(event)
         finally:
             watcher.cancel()
             hub.unsubscribe(sub)
