@@ -22,6 +22,7 @@ from core.localservers import free_port
 from core.settings import Settings
 from models.enums import AuditSource, Role
 from services import audit, stream
+from services.fleet import refresh_fleet_counts
 from tests.api.conftest import bearer, insert_release, serve_app
 from tests.api.test_envelopes import assert_error
 
@@ -435,3 +436,20 @@ async def test_disconnected_client_is_reclaimed(app_url: str, viewer_token: dict
                 break
             await asyncio.sleep(0.05)
         assert float(line.split()[1]) == 0
+
+
+async def test_a_fleet_summary_refresh_is_published_in_its_transaction(
+    client: httpx.AsyncClient,
+    viewer_token: dict,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with open_stream(client, viewer_token, topics="vehicles") as sse:
+        async with sessions() as session, session.begin():
+            await refresh_fleet_counts(session)
+        while True:
+            got = await sse.event()
+            assert got is not None, "the stream ended"
+            if got["event"] == "fleet.summary":
+                break
+    assert got["data"]["reason"] == "refreshed"
+    assert got["data"]["refreshedAt"]
