@@ -318,8 +318,19 @@ class StreamHub:
             self._started = True
 
     async def _close_connections(self) -> None:
-        await self._close_connections()
+        for conn in (self._listen, self._reader):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
         self._listen = self._reader = None
+
+    def backend_pids(self) -> list[int]:
+        """The PostgreSQL backends of the hub's connections (for operators and tests)."""
+        return [c.info.backend_pid for c in (self._listen, self._reader) if c is not None]
+
+    @property
+    def connections_open(self) -> int:
+        return sum(1 for c in (self._listen, self._reader) if c is not None and not c.closed)
 
     async def _run(self) -> None:
         while not self._closed:

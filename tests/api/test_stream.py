@@ -26,8 +26,11 @@ from core.settings import Settings
 from models.enums import AuditSource, Role
 from services import audit, stream
 from services.fleet import refresh_fleet_counts
-from tests.api.conftest import bearer, insert_release, serve_app
+from tests.api.conftest import bearer, insert_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error
+from tests.api.test_telemetry import URL as TELEMETRY
+from tests.api.test_telemetry import event as telemetry_event
+from tests.api.test_telemetry import set_desired
 
 # Reading the stream never waits longer than this for the next line: a guard against a hang
 # (a failure), not a measured time.
@@ -415,6 +418,7 @@ async def test_shutdown_with_an_open_stream_is_prompt(
         async with open_stream(client, bearer(token("viewer"))) as sse:
             hub = app.state.stream
             assert len(hub.subscribers) == 1
+            assert hub.connections_open == 2  # one listening, one reading
             server.should_exit = True
             # No graceful-shutdown timeout is configured: uvicorn returns only once the open
             # stream has ended. The guard turns a hang into a failure.
@@ -422,6 +426,7 @@ async def test_shutdown_with_an_open_stream_is_prompt(
             while (item := await sse.next()) is not None:
                 assert "comment" in item
     assert not hub.subscribers
+    assert hub.connections_open == 0  # the lifespan's shutdown closed them
 
 
 async def test_disconnected_client_is_reclaimed(app_url: str, viewer_token: dict) -> None:
@@ -484,3 +489,56 @@ async def test_a_last_event_id_older_than_the_feed_gets_resync(
                 assert got is not None and got["id"] == str(ids[2])
     finally:
         localservers.drop_database(database_server_url, name)
+
+
+async def test_a_status_change_from_telemetry_is_delivered(
+    client: httpx.AsyncClient,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+) -> None:
+    """The ingest path (POST /telemetry, its group commit) writes the feed row in the
+    transaction of the status change; a scoped viewer of that vehicle's region receives it."""
+    vid = f"{prefix}car"
+    insert_vehicles(database_url, [vid], region=f"{prefix}r", release="1.0")
+    ds = set_desired(database_url, vid)
+    scoped = bearer(token("viewer", scopes={"regions": [f"{prefix}r"]}))
+    async with open_stream(client, scoped, topics="vehicles") as sse:
+        body = {"events": [telemetry_event(vid, 1, "desired_notified", ds)]}
+        posted = await client.post(TELEMETRY, json=body, headers=bearer(token("gateway")))
+        assert posted.status_code == 202, posted.text
+        got = await sse.mine(vid)
+    assert got["event"] == "vehicle.updated"
+    assert got["data"]["vehicles"] == [
+        {
+            "id": vid,
+            "status": "updating",
+            "reasonCodes": [],
+            "region": f"{prefix}r",
+            "model": "atlas",
+            "org": "default",
+            **{k: v for k, v in got["data"]["vehicles"][0].items() if k not in DELTA_KEYS},
+        }
+    ]
+
+
+DELTA_KEYS = {"id", "status", "reasonCodes", "region", "model", "org"}
+
+
+async def test_the_hub_reconnects_and_reads_what_was_written_meanwhile(
+    settings: Settings, token: Callable[..., str], database_url: str, prefix: str
+) -> None:
+    app = create_app(settings)
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with open_stream(client, bearer(token("viewer")), topics="vehicles") as sse:
+            hub = app.state.stream
+            pids = hub.backend_pids()
+            assert len(pids) == 2
+            with psycopg.connect(database_url) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,)
+                )
+            row_id = feed_vehicles(database_url, [delta(f"{prefix}after-outage")])
+            got = await sse.mine(prefix)
+            assert got["id"] == str(row_id)
+            assert not set(hub.backend_pids()) & set(pids)  # new connections
