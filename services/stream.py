@@ -17,9 +17,9 @@ up to the hub's `cursor` is therefore final, which is what makes resume exact: a
 registers (taking the cursor, no await in between), backfills `(lastEventId, cursor]` from
 PostgreSQL in pages, then receives live rows (> cursor): no gap, no duplicate.
 
-Every writer of the feed has modified a row of its transaction before it inserts into
-`change_feed` (the audit entry, the rollout, the vehicles of the same statement), so it holds
-its transaction id before it draws a feed id: the premise above.
+The premise: a transaction holds its transaction id before it draws a feed id. A
+statement-level `BEFORE INSERT` trigger on `change_feed` (migration 0009) calls
+`pg_current_xact_id()`, which assigns one, before the statement evaluates any row's id.
 
 Backpressure: each subscriber's queue is bounded (`stream_queue_max_events`). A subscriber
 whose queue is full is dropped: its queue is replaced by one final `resync` event and its
