@@ -308,12 +308,30 @@ class StreamHub:
         self._listen = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
         await self._listen.execute(f"LISTEN {CHANNEL}")
         if not self._started:
-            # Start at the newest row: rows below it of transactions still open are missed
-            # by live subscribers of this process (they are in PostgreSQL for a resume).
-            row = await (
-                await self._reader.execute("SELECT coalesce(max(id), 0) AS m FROM change_feed")
-            ).fetchone()
+            # Start at the newest row visible now; rows below it may belong to transactions
+            # still open, so the hub is ready (streams are served) only once all of those
+            # have ended: then every id up to the cursor is final, as the cursor promises.
+            conn = self._reader
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                row = await (
+                    await conn.execute(
+                        "SELECT coalesce(max(id), 0) AS m,"
+                        " pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax"
+                        " FROM change_feed"
+                    )
+                ).fetchone()
             assert row is not None
+            while True:
+                now = await (
+                    await conn.execute(
+                        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+                    )
+                ).fetchone()
+                assert now is not None
+                if int(now["xmin"]) >= int(row["xmax"]):
+                    break
+                await asyncio.sleep(0.05)
             self.cursor = int(row["m"])
             self._started = True
 
