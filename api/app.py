@@ -19,7 +19,16 @@ from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware
 from api.ratelimit import RateLimitMiddleware, document_rate_limits
-from api.routes import audit, desired_states, health, releases, rollouts, telemetry, vehicles
+from api.routes import (
+    audit,
+    desired_states,
+    health,
+    releases,
+    rollouts,
+    stream,
+    telemetry,
+    vehicles,
+)
 from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
 from core.auth import TokenVerifier
@@ -28,6 +37,7 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from models.telemetry import TelemetryBatch
 from services.ingest import IngestConfig, TelemetryIngestor
+from services.stream import StreamHub, ticket_secret
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
@@ -73,6 +83,14 @@ def create_app(
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
         app.state.ingestor = None
+        app.state.stream = None
+        if role == "api":
+            app.state.stream = StreamHub(
+                settings.libpq_database_url,
+                queue_max_events=settings.stream_queue_max_events,
+                poll_seconds=settings.stream_poll_seconds,
+            )
+            await app.state.stream.start()
         purge = (
             asyncio.create_task(
                 purge_loop(
@@ -96,6 +114,8 @@ def create_app(
                     await purge
             if app.state.ingestor is not None:
                 await app.state.ingestor.stop()
+            if app.state.stream is not None:
+                await app.state.stream.stop()
             await app.state.verifier.aclose()
             await engine.dispose()
 
@@ -110,6 +130,10 @@ def create_app(
     )
     app.state.settings = settings
     app.state.role = role
+    app.state.stream_secret = ticket_secret(
+        settings.stream_ticket_secret.get_secret_value() if settings.stream_ticket_secret else None,
+        settings.dev_key.get_secret_value() if settings.dev_key else None,
+    )
     install_error_handlers(app)
     # Outermost last: request context, CORS, then the write policies closest to the routes.
     if role == "api":  # the ingest role serves no write they apply to (telemetry is exempt)
@@ -158,6 +182,7 @@ def create_app(
             rollouts.router,
             desired_states.router,
             audit.router,
+            stream.router,
         ]
         if serves_ingest:
             routers[1:1] = [vehicles.device_router, telemetry.router]

@@ -54,7 +54,8 @@ MAX_BODY_BYTES = 1024 * 1024
 # A response larger than this is not stored (none of the API's POST answers come close).
 MAX_STORED_RESPONSE_BYTES = 1024 * 1024
 # Paths whose POSTs do not use Idempotency-Key (see the module docstring and docs/api.md).
-EXCLUDED_PATHS = frozenset({"/api/v1/telemetry"})
+# A stream ticket is a fresh secret each time: never stored, so never replayed.
+EXCLUDED_PATHS = frozenset({"/api/v1/telemetry", "/api/v1/stream/tickets"})
 # Response headers never stored (recomputed, or added per request by an outer middleware).
 _NOT_STORED = frozenset({"content-length", "date", "server", "set-cookie", "x-request-id"})
 

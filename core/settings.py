@@ -166,6 +166,30 @@ class Settings(BaseSettings):
         20, ge=1, description="Writes a caller may make at once before the rate applies."
     )
 
+    # Live updates (MOTORCADE_STREAM_*; docs/api.md, "Live updates").
+    stream_ticket_secret: SecretStr | None = Field(
+        None,
+        description="HMAC secret of stream tickets (POST /api/v1/stream/tickets); every API "
+        "replica needs the same one. Unset: derived from the dev key, else random per process "
+        "(a ticket then works only on the replica that issued it).",
+    )
+    stream_keepalive_seconds: float = Field(
+        15, gt=0, le=300, description="Seconds between keep-alive comments on an idle stream."
+    )
+    stream_queue_max_events: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Events a stream subscriber may have unread; past it the subscriber gets "
+        "a final resync event and its stream is closed.",
+    )
+    stream_poll_seconds: float = Field(
+        5,
+        gt=0,
+        le=300,
+        description="The change feed is read on every notification and at least this often.",
+    )
+
     # Fleet default safety policy (MOTORCADE_SAFETY_*).
     safety_require_stationary: bool = Field(True, description="Default: vehicle must be parked.")
     safety_min_battery_percent: int = Field(

@@ -63,7 +63,25 @@ async def record(
     )
     session.add(entry)
     await session.flush()
+    # Its `audit.created` change-feed row, in the same transaction (services/stream.py scopes
+    # it by `scope`: the entry's regions, models and orgs).
+    await (await session.connection()).execute(_PUBLISH, {"id": entry.id})
     return entry
+
+
+_PUBLISH = text(
+    """
+    INSERT INTO change_feed (topic, event, entity_id, payload)
+    SELECT 'audit', 'audit.created', a.id::text, jsonb_build_object(
+        'id', a.id, 'at', a.at, 'actor', a.actor, 'role', a.role, 'source', a.source,
+        'action', a.action, 'targetType', a.target_type, 'targetId', a.target_id,
+        'reason', a.reason, 'correlationId', a.correlation_id, 'payload', a.payload,
+        'result', a.result,
+        'scope', jsonb_build_object('regions', to_jsonb(a.regions), 'models', to_jsonb(a.models),
+                                    'orgs', to_jsonb(a.orgs)))
+    FROM audit_log a WHERE a.id = :id
+    """
+)
 
 
 # --- Reading -------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ REFRESHED = (
     "INSERT INTO fleet_counts_meta (id, refreshed_at, seconds) VALUES (1, now(), %(s)s)"
     " ON CONFLICT (id) DO UPDATE SET refreshed_at = now(), seconds = EXCLUDED.seconds"
 )
+# The `fleet.summary` change-feed row of a refresh, in its transaction: a prompt to re-read
+# GET /fleet/summary (scoped there), so it carries only when the counts were refreshed.
+PUBLISH_REFRESHED = (
+    "INSERT INTO change_feed (topic, event, entity_id, payload)"
+    " SELECT 'vehicles', 'fleet.summary', NULL,"
+    " jsonb_build_object('reason', 'refreshed', 'refreshedAt', refreshed_at, 'seconds', seconds)"
+    " FROM fleet_counts_meta WHERE id = 1"
+)
 
 
 async def refresh_fleet_counts(session: AsyncSession) -> float:
@@ -51,6 +59,7 @@ async def refresh_fleet_counts(session: AsyncSession) -> float:
         await conn.exec_driver_sql(statement)
     seconds = time.perf_counter() - started
     await conn.exec_driver_sql(REFRESHED, {"s": seconds})
+    await conn.exec_driver_sql(PUBLISH_REFRESHED)
     return seconds
 
 
@@ -61,6 +70,7 @@ def refresh_fleet_counts_now(conn: Any) -> float:
         conn.execute(statement)
     seconds = time.perf_counter() - started
     conn.execute(REFRESHED, {"s": seconds})
+    conn.execute(PUBLISH_REFRESHED)
     return seconds
 
 

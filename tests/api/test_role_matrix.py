@@ -66,7 +66,11 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/api/v1/reports/reconcile"): READ,
     ("GET", "/api/v1/reports/health"): READ,
     ("GET", "/api/v1/fleet/summary"): READ,
+    # an open event stream (its status is read, then the stream is closed)
+    ("GET", "/api/v1/stream"): READ,
+    ("POST", "/api/v1/stream/tickets"): (401, 201, 201, 403, 403, 201),
 }
+STREAMS = {("GET", "/api/v1/stream")}
 ERROR_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND"}
 
 
@@ -148,13 +152,18 @@ async def test_role_matrix(
         path = template.format(**params)
         query = {"dryRun": "true"} if template == "/api/v1/rollouts" and method == "POST" else {}
         for role, status in zip(ROLES, expected, strict=True):
-            response = await http.request(
+            request = http.build_request(
                 method,
                 path,
                 params=query,
                 headers={**callers[role], "X-Request-ID": f"matrix-{uuid.uuid4()}"},
                 json=body_for(method, template),
             )
+            response = await http.send(request, stream=(method, template) in STREAMS)
+            if (method, template) in STREAMS:
+                if response.status_code >= 400:
+                    await response.aread()
+                await response.aclose()
             if response.status_code != status:
                 mismatches.append((method, template, role, status, response.status_code))
                 continue

@@ -1,0 +1,171 @@
+"""Live updates (SPEC.md, Server-Sent Events): the stream and its tickets (docs/api.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import READ_ROLES, ViewerDep, get_principal, multi
+from api.envelope import ok
+from api.errors import (
+    DependencyUnavailable,
+    ErrorResponses,
+    Forbidden,
+    Unauthenticated,
+    ValidationFailed,
+)
+from core.auth import Principal, TokenError
+from services import stream as service
+
+router = APIRouter(tags=["stream"])
+WRITE_BATCH = 100  # events joined into one write at most
+
+TOPICS_DESCRIPTION = (
+    "Comma-separated or repeated: `vehicles` (vehicle.updated, fleet.summary), `rollouts` "
+    "(rollout.updated), `audit` (audit.created). Default: all three."
+)
+
+
+@router.post(
+    "/stream/tickets",
+    status_code=201,
+    summary="A short-lived ticket for a browser EventSource",
+    description="A ticket valid for 60 s, bound to the caller (subject, role, scopes): "
+    "`GET /api/v1/stream?ticket=...` accepts it in place of the Authorization header, "
+    "as often as needed until it expires. Not subject to Idempotency-Key (each call "
+    "returns a new ticket; nothing is stored).",
+    responses=ErrorResponses.read,
+)
+async def create_ticket(request: Request, principal: ViewerDep) -> dict[str, Any]:
+    ticket, expires = service.issue_ticket(principal, request.app.state.stream_secret)
+    return ok(request, {"ticket": ticket, "expiresAt": expires})
+
+
+async def _stream_principal(request: Request, ticket: str | None) -> Principal:
+    if ticket is None:
+        principal = await get_principal(request)
+    else:
+        try:
+            principal = service.verify_ticket(ticket, request.app.state.stream_secret)
+        except TokenError as exc:
+            raise Unauthenticated(str(exc)) from None
+        request.state.principal = principal
+    if principal.role not in READ_ROLES:
+        raise Forbidden(f"the {principal.role.value} role may not do this")
+    return principal
+
+
+def _last_event_id(query: str | None, header: str | None) -> int | None:
+    raw = query if query is not None else header
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 18:
+        field = "lastEventId" if query is not None else "Last-Event-ID"
+        raise ValidationFailed(
+            "the last event id must be an event id this stream sent",
+            details=[{"field": field, "message": "a non-negative integer"}],
+        )
+    return int(raw)
+
+
+def _resync(reason: str) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"reason": reason}), event=service.RESYNC)
+
+
+@router.get(
+    "/stream",
+    summary="Live updates (Server-Sent Events)",
+    description="`text/event-stream` of `vehicle.updated`, `rollout.updated`, `audit.created` "
+    "and `fleet.summary` events, each with its change-feed `id` and a JSON delta, inside the "
+    "caller's scope. Resume with `Last-Event-ID` (or `lastEventId=`): every missed event, "
+    "then live ones. A `resync` event (no id) means: re-read the state, then open a new "
+    "stream without a last event id; the stream ends after it. Keep-alive comments every "
+    "15 s. Authorization header, or `ticket=` from POST /api/v1/stream/tickets.",
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **ErrorResponses.read,
+    },
+    response_model=None,
+)
+async def stream(
+    request: Request,
+    topics: Annotated[list[str] | None, Query(description=TOPICS_DESCRIPTION)] = None,
+    ticket: Annotated[
+        str | None,
+        Query(max_length=2048, description="A ticket from POST /api/v1/stream/tickets."),
+    ] = None,
+    last_event_id_query: Annotated[
+        str | None,
+        Query(alias="lastEventId", max_length=32, description="As the Last-Event-ID header."),
+    ] = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=32)
+    ] = None,
+) -> EventSourceResponse:
+    principal = await _stream_principal(request, ticket)
+    chosen = multi(topics) or list(service.TOPICS)
+    unknown = [t for t in chosen if t not in service.TOPICS]
+    if unknown:
+        raise ValidationFailed(
+            f"unknown topics: {', '.join(unknown)}",
+            details=[{"field": "topics", "message": f"one of {', '.join(service.TOPICS)}"}],
+        )
+    last = _last_event_id(last_event_id_query, last_event_id_header)
+    hub: service.StreamHub = request.app.state.stream
+    if not hub.ready:
+        raise DependencyUnavailable("the change feed is not reachable yet")
+    topic_set, scope = frozenset(chosen), principal.scope
+    shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
+
+    async def events() -> AsyncIterator[ServerSentEvent | bytes]:
+        # Registered only once the response streams, so a client gone before is never held.
+        oldest = await hub.oldest_id() if last is not None else None
+        sub, cursor = hub.subscribe(topic_set, scope)
+        if last is not None and last > cursor:
+            sub.after = last  # another replica may be a little ahead: never send twice
+
+        async def end_on_shutdown() -> None:
+            await shutdown.wait()
+            sub.stop()
+
+        watcher = asyncio.create_task(end_on_shutdown())
+        try:
+            yield ServerSentEvent(comment="subscribed")  # registered: nothing after is missed
+            if last is not None and last < cursor:
+                if oldest is None or last < oldest - 1:
+                    yield _resync("EVENTS_EXPIRED")
+                    return
+                async for page in hub.backfill(after=last, upto=cursor, sub=sub):
+                    if page:
+                        yield b"".join(event.wire() for event in page)
+            while True:
+                # What has queued up goes out in one write (one wake-up per burst).
+                batch = [await sub.queue.get()]
+                while len(batch) < WRITE_BATCH and not sub.queue.empty():
+                    batch.append(sub.queue.get_nowait())
+                ending = next((e for e in batch if e.event in (service.RESYNC, "")), None)
+                wire = b"".join(e.wire() for e in batch if e.event not in (service.RESYNC, ""))
+                if wire:
+                    yield wire
+                if ending is not None:
+                    if ending.event == service.RESYNC:  # nothing else is queued after it
+                        yield _resync(str(ending.data.get("reason", "")))
+                    return
+        finally:
+            watcher.cancel()
+            hub.unsubscribe(sub)
+
+    return EventSourceResponse(
+        events(),
+        ping=request.app.state.settings.stream_keepalive_seconds,
+        shutdown_event=shutdown,
+        shutdown_grace_period=1,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,174 @@
+"""A real browser's native `EventSource` (headless chromium) against the running app: it
+receives live events and, after the connection drops (the API restarts), reconnects by itself
+with `Last-Event-ID` and receives what it missed, then live events again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import psycopg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from api.app import create_app
+from core.auth import mint_dev_token
+from core.localservers import free_port
+from core.settings import Settings
+from models.enums import Role
+from tests.api.conftest import bearer
+
+GUARD = 60  # waiting longer than this for a report is a failure (not a measured time)
+
+PAGE = """<!doctype html><html><body><pre id="log"></pre><script>
+const q = new URLSearchParams(location.search);
+const report = (kind, body) => fetch('/report', {method: 'POST',
+  body: JSON.stringify({kind, ...body})});
+const source = new EventSource(q.get('api') + '/api/v1/stream?topics=vehicles&ticket='
+  + encodeURIComponent(q.get('ticket')));
+source.onopen = () => report('open', {});
+source.onerror = () => report('error', {state: source.readyState});
+source.addEventListener('vehicle.updated', (e) =>
+  report('event', {id: e.lastEventId, data: JSON.parse(e.data)}));
+</script></body></html>"""
+
+
+@asynccontextmanager
+async def serve(app: Any, port: int) -> AsyncIterator[uvicorn.Server]:
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.05)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, GUARD)
+
+
+def stop(pid: int) -> None:
+    """End the browser this test started: its process group (it and its helpers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def feed(database_url: str, vehicle_id: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO change_feed (topic, event, payload) VALUES"
+            " ('vehicles', 'vehicle.updated', %s) RETURNING id",
+            (
+                json.dumps(
+                    {
+                        "vehicles": [
+                            {
+                                "id": vehicle_id,
+                                "status": "updating",
+                                "region": "eu-west",
+                                "model": "atlas",
+                                "org": None,
+                                "reasonCodes": [],
+                            }
+                        ]
+                    }
+                ),
+            ),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_eventsource_receives_live_events_and_resumes_after_a_drop(
+    chromium: str,
+    settings: Settings,
+    dev_key: str,
+    database_url: str,
+    tmp_path: Any,
+) -> None:
+    reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def page(_: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def report(request: Request) -> Response:
+        await reports.put(json.loads(await request.body()))
+        return Response(status_code=204)
+
+    page_port, api_port = free_port(), free_port()
+    origin = f"http://127.0.0.1:{page_port}"
+    api = f"http://127.0.0.1:{api_port}"
+    api_settings = settings.model_copy(update={"cors_origins": [origin]})
+    pages = Starlette(routes=[Route("/", page), Route("/report", report, methods=["POST"])])
+
+    async def next_report(kind: str) -> dict[str, Any]:
+        while True:
+            item = await asyncio.wait_for(reports.get(), GUARD)
+            if item["kind"] == kind:
+                return item
+
+    async with serve(pages, page_port):
+        async with serve(create_app(api_settings), api_port):
+            async with httpx.AsyncClient(base_url=api, timeout=GUARD) as client:
+                issued = await client.post(
+                    "/api/v1/stream/tickets",
+                    headers=bearer(mint_dev_token(dev_key, role=Role.VIEWER)),
+                )
+                assert issued.status_code == 201, issued.text
+                ticket = issued.json()["data"]["ticket"]
+            url = f"{origin}/?api={api}&ticket={ticket}"
+            browser = await asyncio.create_subprocess_exec(
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                url,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its renderers in its own group, ended with it
+            )
+            try:
+                await next_report("open")
+                first = feed(database_url, "browser-1")
+                got = await next_report("event")
+                assert got["id"] == str(first)
+                assert got["data"]["vehicles"][0]["id"] == "browser-1"
+                # The API goes away (the stream ends with it) ...
+            except BaseException:
+                stop(browser.pid)
+                await browser.wait()
+                raise
+        try:
+            await next_report("error")
+            # ... changes happen meanwhile ...
+            missed = [feed(database_url, f"browser-{n}") for n in (2, 3)]
+            # ... and the API comes back on the same address: the browser reconnects by
+            # itself (same URL, the ticket still valid) with Last-Event-ID.
+            async with serve(create_app(api_settings), api_port):
+                await next_report("open")
+                live = feed(database_url, "browser-4")
+                events = [await next_report("event") for _ in range(3)]
+            assert [int(e["id"]) for e in events] == [*missed, live]
+            assert [e["data"]["vehicles"][0]["id"] for e in events] == [
+                "browser-2",
+                "browser-3",
+                "browser-4",
+            ]
+        finally:
+            stop(browser.pid)
+            await browser.wait()
