@@ -150,7 +150,12 @@ def test_the_specification_check_can_fail() -> None:
 
 def test_required_variables_stop_compose_when_missing() -> None:
     required = {m.group(1) for m in VARIABLE.finditer(COMPOSE_CODE) if m.group(2) == ":?"}
-    assert {"POSTGRES_PASSWORD", "TEMPORAL_DB_PASSWORD", "MOTORCADE_OIDC_ISSUER"} <= required
+    assert {
+        "POSTGRES_PASSWORD",
+        "TEMPORAL_DB_PASSWORD",
+        "MOTORCADE_OIDC_ISSUER",
+        "MOTORCADE_STREAM_TICKET_SECRET",  # API replicas must share it
+    } <= required
     example = env_example_values()
     assert required - set(example) == set(), ".env.example must document every required one"
     for name in required:
