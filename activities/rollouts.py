@@ -264,6 +264,15 @@ class RolloutActivities:
             acknowledged_failed=input.acknowledged_failed,
             canary_forced=input.canary_forced,
         )
+        # Through the SDK's meter: served with its metrics on MOTORCADE_WORKER_METRICS_ADDRESS.
+        activity.metric_meter().create_counter(
+            "motorcade_gate_evaluations", "Gate evaluations by decision and stage kind."
+        ).with_additional_attributes(
+            {
+                "action": decision.action,
+                "stage": "rollback" if input.rollback else "canary" if input.is_canary else "wave",
+            }
+        ).add(1)
         if decision.action not in ("wait", "proceed"):
             log.info(
                 "rollout.gate",

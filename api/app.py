@@ -17,7 +17,7 @@ from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
-from api.middleware import RequestContextMiddleware
+from api.middleware import RequestContextMiddleware, TracingMiddleware
 from api.ratelimit import RateLimitMiddleware, document_rate_limits
 from api.routes import (
     audit,
@@ -31,6 +31,7 @@ from api.routes import (
 )
 from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
+from core import tracing
 from core.auth import TokenVerifier
 from core.db import create_engine, session_factory
 from core.logging import configure_logging
@@ -127,6 +128,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's own OpenTelemetry bridge would record each request's query string (where
+        # a stream ticket travels) as soon as a tracer provider exists: our TracingMiddleware
+        # makes the server span instead (core/tracing.py).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.role = role
@@ -170,6 +175,8 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware)
+    if tracing.enabled():
+        app.add_middleware(TracingMiddleware)  # outermost: the span covers the whole request
 
     app.include_router(health.router)
     if role == "ingest":

@@ -1,5 +1,6 @@
 """Request context as pure ASGI middleware: X-Request-ID accepted or generated, echoed,
-bound to every log line; HTTP metrics by route template; a last-resort 500 envelope."""
+bound to every log line; HTTP metrics by route template; a last-resort 500 envelope; and,
+when tracing is on (core/tracing.py), the request's server span."""
 
 from __future__ import annotations
 
@@ -101,3 +102,51 @@ class RequestContextMiddleware:
                 duration_ms=round(elapsed * 1000, 2),
             )
             structlog.contextvars.clear_contextvars()
+
+
+class TracingMiddleware:
+    """The HTTP server span of each request (only installed when tracing is on): named
+    `METHOD /route/template` once routed, parented by the caller's W3C `traceparent`. Its
+    attributes are the method, the path without the query string (a stream ticket travels
+    there), the route template, the status and the request id: never a header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import propagate, trace
+
+        from core.tracing import tracer
+
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers") or []
+            if k in (b"traceparent", b"tracestate")
+        }
+        method = scope["method"]
+        with tracer().start_as_current_span(
+            method,
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": scope["path"]},
+        ) as span:
+
+            async def send_wrapper(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                    if message["status"] >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                route = _route_template(scope)
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                request_id = (scope.get("state") or {}).get("request_id")
+                if request_id:
+                    span.set_attribute("motorcade.request_id", request_id)

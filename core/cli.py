@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core import tracing
 from core.localservers import STATE_DIR
 
 
@@ -45,6 +46,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from api.app import create_app
 
     settings = _settings()
+    tracing.configure_from_env("api")
     _serve(
         create_app(settings),
         host=args.host or settings.api_host,
@@ -125,6 +127,7 @@ def _serve_ingest(host: str, port: int, reuse_port: bool, parent: int | None = N
 
     if parent is not None:
         _stop_with_parent(parent)
+    tracing.configure_from_env("ingest")
     _serve(create_app(_settings(), role="ingest"), host=host, port=port, reuse_port=reuse_port)
 
 
@@ -148,6 +151,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    tracing.configure_from_env("worker")
     try:
         asyncio.run(run_worker(settings))
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core import tracing
 from core.settings import Settings, normalize_database_url
 
 
@@ -20,13 +21,15 @@ def create_engine(settings: Settings | None = None, *, url: str | None = None) -
     if target is None:
         raise ValueError("create_engine needs settings or a url")
     pool = settings.database_pool_size if settings else 5
-    return create_async_engine(
+    engine = create_async_engine(
         target,
         pool_size=pool,
         max_overflow=pool,
         pool_pre_ping=True,
         pool_recycle=1800,
     )
+    tracing.instrument_engine(engine)  # database spans when tracing is on
+    return engine
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(10, ge=1, le=200, description="Connections per process.")
     temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend host:port.")
     temporal_namespace: str = Field("default", description="Temporal namespace.")
+    worker_metrics_address: str = Field(
+        "",
+        description="host:port where `motorcade worker` serves Prometheus metrics: the Temporal "
+        "SDK's (workflow and activity task latencies, pollers, ...) and the worker's own "
+        "(`motorcade_gate_evaluations_total`); empty: not served.",
+    )
     temporal_ui_url: str = Field(
         "http://127.0.0.1:8233", description="Base URL of the Temporal Web UI, for links."
     )

@@ -10,7 +10,10 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
+
+from core import tracing
 
 ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
 
@@ -37,9 +40,23 @@ def dev_server_search_attribute_flags() -> list[str]:
     return flags
 
 
-async def connect(address: str, namespace: str = "default") -> Client:
+async def connect(
+    address: str, namespace: str = "default", *, metrics_address: str | None = None
+) -> Client:
+    """A client of Motorcade's Temporal namespace (pydantic payloads; the tracing interceptor
+    when tracing is on). `metrics_address`: serve the SDK's Prometheus metrics there (a
+    runtime of its own; workers on this client report into it)."""
+    runtime = None
+    if metrics_address:
+        runtime = Runtime(
+            telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=metrics_address))
+        )
     return await Client.connect(
-        address, namespace=namespace, data_converter=pydantic_data_converter
+        address,
+        namespace=namespace,
+        data_converter=pydantic_data_converter,
+        interceptors=tracing.temporal_interceptors(),  # a worker on this client inherits it
+        runtime=runtime,
     )
 
 

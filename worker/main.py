@@ -56,7 +56,11 @@ async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = No
     but `MOTORCADE_ENV=test`, so a test's worker never leaves a schedule behind that would mark
     the other tests' vehicles offline.
     """
-    client = await connect(settings.temporal_address, settings.temporal_namespace)
+    client = await connect(
+        settings.temporal_address,
+        settings.temporal_namespace,
+        metrics_address=settings.worker_metrics_address or None,
+    )
     await ensure_search_attributes(client, settings.temporal_namespace)
     if reconcile_schedule if reconcile_schedule is not None else settings.env != "test":
         await ensure_reconcile_schedule(client, settings)

@@ -6,13 +6,20 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy import text
 
 from api.deps import ViewerDep
 from api.envelope import ok
+from models.enums import RolloutStatus
 
 router = APIRouter(tags=["operations"])
+
+ROLLOUTS = Gauge(
+    "motorcade_rollouts",
+    "Rollouts by status, counted at each scrape (one GROUP BY on the rollouts' status index).",
+    ["status"],
+)
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -46,5 +53,17 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(_: ViewerDep) -> Response:
+async def metrics(request: Request, _: ViewerDep) -> Response:
+    if getattr(request.app.state, "role", "api") != "ingest":
+        try:
+            async with request.app.state.engine.connect() as conn:
+                rows = await asyncio.wait_for(
+                    conn.execute(text("SELECT status, count(*) FROM rollouts GROUP BY status")),
+                    timeout=3,
+                )
+                counts = {str(status): int(n) for status, n in rows}
+            for status in RolloutStatus:
+                ROLLOUTS.labels(status.value).set(counts.get(status.value, 0))
+        except Exception:  # the database is away: the other metrics still answer
+            pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

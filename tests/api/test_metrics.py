@@ -1,0 +1,98 @@
+"""Prometheus metrics: the API's `/metrics` (requests by route template, rollouts by status)
+and the worker's endpoint (the Temporal SDK's metrics and the gate evaluations), scraped over
+HTTP from real processes' servers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.localservers import free_port
+from core.settings import Settings
+from core.temporal import ROLLOUT_TASK_QUEUE, connect
+from models.enums import RolloutStatus
+from tests.api.test_rollout_control import create_rollout, wait_for_status
+from worker.main import build_worker
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """`{labels: value}` of one metric family in Prometheus text format."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", line)
+        if match:
+            found[match.group(1) or ""] = float(match.group(2))
+    return found
+
+
+async def test_requests_are_counted_by_route_template_never_by_path(
+    http: httpx.AsyncClient, viewer: dict, prefix: str
+) -> None:
+    missing = await http.get(f"/api/v1/vehicles/{prefix}nope", headers=viewer)
+    assert missing.status_code == 404
+    text = (await http.get("/metrics", headers=viewer)).text
+    counted = samples(text, "motorcade_http_requests_total")
+    assert any('route="/vehicles/{vehicle_id}"' in k and 'status="404"' in k for k in counted), [
+        k for k in counted if "vehicles" in k
+    ]
+    assert not any(prefix in k for k in counted), "an id became a label"
+    latency = samples(text, "motorcade_http_request_duration_seconds_count")
+    assert any('route="/vehicles/{vehicle_id}"' in k for k in latency)
+
+
+async def test_rollouts_by_status_match_the_table(
+    http: httpx.AsyncClient, viewer: dict, database_url: str
+) -> None:
+    text = (await http.get("/metrics", headers=viewer)).text
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM rollouts GROUP BY status").fetchall()
+    table = {str(status): int(n) for status, n in rows}
+    gauge = samples(text, "motorcade_rollouts")
+    assert set(gauge) == {f'{{status="{s.value}"}}' for s in RolloutStatus}
+    for status in RolloutStatus:
+        assert gauge[f'{{status="{status.value}"}}'] == table.get(status.value, 0)
+
+
+@pytest.fixture
+async def metered_worker(
+    api_settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[str]:
+    """A worker whose client serves the SDK's metrics (as MOTORCADE_WORKER_METRICS_ADDRESS
+    makes `motorcade worker` do); yields the metrics URL."""
+    address = f"127.0.0.1:{free_port()}"
+    client = await connect(api_settings.temporal_address, metrics_address=address)
+    async with build_worker(client, sessions, task_queue=ROLLOUT_TASK_QUEUE):
+        yield f"http://{address}/metrics"
+
+
+async def test_the_worker_serves_sdk_metrics_and_gate_evaluations(
+    metered_worker: str,
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
+    await wait_for_status(http, viewer, rid, "running")
+    async with httpx.AsyncClient(timeout=10) as scraper:
+        for _ in range(100):  # the canary bakes: its gates are evaluated (and wait)
+            text = (await scraper.get(metered_worker)).text
+            gates = samples(text, "motorcade_gate_evaluations_total") or samples(
+                text, "motorcade_gate_evaluations"
+            )
+            if any('stage="canary"' in k for k in gates):
+                break
+            await asyncio.sleep(0.2)
+    assert any('stage="canary"' in k and 'action="wait"' in k for k in gates), text[-2000:]
+    assert "temporal_activity_execution_latency" in text or "temporal_request" in text
+    assert "temporal_workflow_task_execution_latency" in text or "temporal_worker_" in text
