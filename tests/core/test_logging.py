@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,74 @@ def test_an_exception_s_text_is_redacted_in_the_log_line(fmt: str) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("RuntimeError") >= 2  # both tracebacks are there
     assert JWT not in done.stderr and "hunter2" not in done.stderr
+
+
+def test_a_served_app_logs_no_token_from_a_header_and_no_secret_from_a_payload(
+    database_url: str, dev_key: str, tmp_path: Path
+) -> None:
+    """`motorcade api` as a process (JSON logs at DEBUG, everything it writes captured): a
+    token in the Authorization header, a stream ticket in a query string and a secret in a
+    payload never reach its output, nor does a ticket it issued, while the requests do."""
+    import httpx
+
+    from core import localservers
+    from core.auth import mint_dev_token
+    from models.enums import Role
+
+    secret = "hunter2-SECRET-in-a-payload"
+    port = localservers.free_port()
+    log_file = tmp_path / "api.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=str(Path(__file__).resolve().parents[2]),
+            env={
+                **os.environ,
+                "MOTORCADE_DATABASE_URL": database_url,
+                "MOTORCADE_DEV_KEY": dev_key,
+                "MOTORCADE_ENV": "test",
+                "MOTORCADE_LOG_LEVEL": "DEBUG",
+                "MOTORCADE_LOG_FORMAT": "json",
+                "MOTORCADE_TEMPORAL_ADDRESS": f"127.0.0.1:{localservers.free_port()}",
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            import asyncio
+
+            asyncio.run(localservers.wait_http_ready(base, within=60, path="/healthz"))
+            operator = mint_dev_token(dev_key, role=Role.OPERATOR)
+            with httpx.Client(base_url=base, timeout=30) as http:
+                assert (
+                    http.get(
+                        "/api/v1/vehicles", headers={"Authorization": f"Bearer {JWT}"}
+                    ).status_code
+                    == 401
+                )
+                assert http.get(f"/api/v1/stream?ticket={JWT}").status_code == 401
+                refused = http.post(
+                    "/api/v1/releases",
+                    headers={"Authorization": f"Bearer {operator}"},
+                    json={"version": "x", "password": secret, "token": secret},
+                )
+                assert refused.status_code == 422
+                refused = http.post(
+                    "/api/v1/desired-states",
+                    headers={"Authorization": f"Bearer {operator}"},
+                    json={"vehicleIds": ["LOG-1"], "apiKey": secret},
+                )
+                assert refused.status_code == 422
+                ticket = http.post(
+                    "/api/v1/stream/tickets", headers={"Authorization": f"Bearer {operator}"}
+                )
+                assert ticket.status_code == 201, ticket.text
+                issued = ticket.json()["data"]["ticket"]
+        finally:
+            localservers.stop_process(proc)
+    written = log_file.read_text()
+    assert '"path": "/api/v1/releases"' in written or "/api/v1/releases" in written
+    assert JWT not in written and operator not in written and secret not in written
+    assert issued not in written
