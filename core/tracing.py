@@ -10,9 +10,9 @@ samples. When on, one trace follows a request through:
   the path without its query string, never a header: a token or a stream ticket never
   becomes an attribute), with W3C `traceparent` taken from the caller;
 - the database calls made through SQLAlchemy (statements without their parameters);
-- Temporal, through the SDK's `TracingInterceptor` on the client and (inherited from it) the
-  worker: starting a workflow or sending the rollout's `control` Update from the API, and the
-  workflow's handling of it in the worker, are one trace.
+- Temporal, through the SDK's `OpenTelemetryInterceptor` on the client and (inherited from
+  it) the worker: starting a workflow or sending the rollout's `control` Update from the API,
+  and the workflow's handling of it in the worker, are one trace.
 
 Nothing here runs unless tracing is on: the components ask `enabled()` when they are built.
 """
@@ -47,13 +47,15 @@ def configure_from_env(role: str) -> bool:
     if exporter_name is None:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from temporalio.contrib.opentelemetry import create_tracer_provider
 
     resource = Resource.create(
         {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: f"motorcade-{role}"}
     )
-    provider = TracerProvider(resource=resource)
+    # Temporal's replay-safe SDK provider: a workflow's spans are not emitted again when the
+    # worker replays its history.
+    provider = create_tracer_provider(resource=resource)
     exporter: SpanExporter
     if exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -67,10 +69,11 @@ def configure_from_env(role: str) -> bool:
 
 
 def use_provider(provider: Any) -> None:
-    """Trace into `provider` (an SDK `TracerProvider`) from now on, in this process. The
-    global provider can be set once per process; a later call only turns tracing on again
-    (a test adds its own span processor to the provider already installed)."""
-    if not isinstance(trace.get_tracer_provider(), type(provider)):
+    """Trace into `provider` (from `temporalio.contrib.opentelemetry.create_tracer_provider`)
+    from now on, in this process. The global provider can be set once per process; a later
+    call only turns tracing on again (a test adds its own span processor to the provider
+    already installed)."""
+    if trace.get_tracer_provider() is not provider:
         trace.set_tracer_provider(provider)
     _state["enabled"] = True
 
@@ -119,10 +122,12 @@ def instrument_engine(engine: Any) -> None:
 
 
 def temporal_interceptors() -> list[Any]:
-    """The SDK's tracing interceptor for a Temporal client (a worker built on the client
-    inherits it), or nothing when tracing is off."""
+    """The SDK's OpenTelemetry interceptor for a Temporal client (a worker built on the
+    client inherits it), or nothing when tracing is off. It parents a workflow's handling of
+    a signal or an Update on the span of whoever sent it: one trace from the HTTP request to
+    the workflow's handler."""
     if not enabled():
         return []
-    from temporalio.contrib.opentelemetry import TracingInterceptor
+    from temporalio.contrib.opentelemetry import OpenTelemetryInterceptor
 
-    return [TracingInterceptor()]
+    return [OpenTelemetryInterceptor(add_temporal_spans=True)]
