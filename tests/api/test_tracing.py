@@ -124,6 +124,14 @@ async def test_pause_is_one_trace_from_the_request_to_the_workflow(
     # The workflow's handling of the pause, in the worker, descends from the request's span.
     assert all(descends_from(s, server, by_id) for s in handled)
 
+    # Finish the workflow while its worker runs: a workflow evicted at shutdown ends its
+    # interceptor's span in another context (a logged "Failed to detach context").
+    aborted = await traced.post(
+        f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "done tracing"}
+    )
+    assert aborted.status_code == 202, aborted.text
+    await wait_for_status(traced, viewer, rid, "aborted")
+
 
 def test_tracing_is_off_unless_an_exporter_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
