@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from api.middleware import HttpMiddleware
 
 EXTENSION = "x-deprecation"
 
@@ -71,16 +73,10 @@ def deprecation_headers(
     return headers
 
 
-class DeprecationMiddleware:
+class DeprecationMiddleware(HttpMiddleware):
     """Adds the deprecation headers to every response of a route declared deprecated."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -34,13 +34,10 @@ HTTP_LATENCY = Histogram(
 )
 
 
-def _route_template(scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return str(path) if path else "unmatched"
+class HttpMiddleware:
+    """Pure ASGI middleware acting on HTTP requests only: anything else (lifespan) passes
+    through; subclasses implement `handle`."""
 
-
-class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -48,6 +45,20 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+class RequestContextMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"").decode("latin-1")
         request_id = incoming if VALID_REQUEST_ID.match(incoming) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
@@ -104,19 +115,13 @@ class RequestContextMiddleware:
             structlog.contextvars.clear_contextvars()
 
 
-class TracingMiddleware:
+class TracingMiddleware(HttpMiddleware):
     """The HTTP server span of each request (only installed when tracing is on): named
     `METHOD /route/template` once routed, parented by the caller's W3C `traceparent`. Its
     attributes are the method, the path without the query string (a stream ticket travels
     there), the route template, the status and the request id: never a header."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         from opentelemetry import propagate, trace
 
         from core.tracing import tracer
