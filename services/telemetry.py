@@ -188,9 +188,8 @@ _STAGING = (
     """,
     """
     CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
-        id text, status text, codes text[], seen timestamptz, battery smallint,
-        stationary boolean, actual text, seq bigint, typ text, eds uuid, rel text,
-        reason text, changed boolean
+        id text, seen timestamptz, battery smallint, stationary boolean, actual text,
+        seq bigint, typ text, eds uuid, rel text, reason text
     ) ON COMMIT DELETE ROWS
     """,
 )
