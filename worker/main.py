@@ -25,6 +25,7 @@ from activities.rollouts import RolloutActivities
 from core.db import create_engine, session_factory
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect, ensure_search_attributes
+from worker.log_context import LogContextInterceptor
 from worker.schedules import ensure_reconcile_schedule
 from workflows.reconcile import ReconcileWorkflow
 from workflows.rollout import RolloutWorkflow
@@ -42,6 +43,7 @@ def build_worker(
 ) -> Worker:
     return Worker(
         client,
+        interceptors=[LogContextInterceptor()],  # plus the client's (tracing), inherited
         task_queue=task_queue,
         workflows=[RolloutWorkflow, ReconcileWorkflow],
         activities=[*RolloutActivities(sessions).all(), *ReconcileActivities(sessions).all()],

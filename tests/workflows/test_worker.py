@@ -1,11 +1,13 @@
 """`run_worker` against the local dev server: connects, registers the search attributes, runs
-a rollout, stops on cancellation."""
+a rollout, stops on cancellation; its activities' log lines carry the rollout's workflow id
+and correlation id."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
@@ -23,6 +25,7 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
     dev_server_env: WorkflowEnvironment,
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     prefix = unique_prefix("wk")
     await make_fleet(sessions, prefix=prefix, count=12)
@@ -45,12 +48,23 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
     try:
         result = await dev_server_env.client.execute_workflow(
             ROLLOUT_WORKFLOW_TYPE,
-            RolloutInput(rollout_id=rollout_id, release_version=RELEASE),
+            RolloutInput(
+                rollout_id=rollout_id, release_version=RELEASE, correlation_id=f"corr-{prefix}"
+            ),
             id=rollout_workflow_id(rollout_id) + "-" + prefix,
             task_queue=ROLLOUT_TASK_QUEUE,
             result_type=RolloutResult,
         )
         assert result.status == "completed" and result.counts.notified == 6
+        out, err = capfd.readouterr()
+        lines = (out + err).splitlines()
+        mine = f"workflow_id={rollout_workflow_id(rollout_id)}-{prefix}"
+        # Every activity line names its workflow; a status change (its input carries the
+        # rollout's correlation id) names the request behind the rollout too.
+        expanded = [line for line in lines if "rollout.targets_expanded" in line and mine in line]
+        started = [line for line in lines if "action=rollout.started" in line and mine in line]
+        assert expanded and started, (out + err)[-3000:]
+        assert f"correlation_id=corr-{prefix}" in started[0]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
