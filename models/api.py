@@ -102,6 +102,25 @@ class VehicleOut(CamelModel):
     updated_at: datetime | None = None
 
 
+VEHICLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$"
+MAX_VEHICLES_PER_REGISTRATION = 500
+
+
+class VehicleIn(StrictCamelModel):
+    """A vehicle to register: where it sits in the fleet (what scopes and rollouts select)."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=VEHICLE_ID_PATTERN)
+    model: str = Field(min_length=1, max_length=64)
+    region: str = Field(min_length=1, max_length=64)
+    ring: str = Field(min_length=1, max_length=64)
+    org: str = Field("default", min_length=1, max_length=64)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class VehicleBatchIn(StrictCamelModel):
+    vehicles: list[VehicleIn] = Field(min_length=1, max_length=MAX_VEHICLES_PER_REGISTRATION)
+
+
 # Releases ----------------------------------------------------------------------------------
 
 

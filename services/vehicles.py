@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text, tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from models.api import VehicleIn
 from models.enums import VehicleStatus
 from models.scope import Scope
 from models.tables import RolloutTarget, TimelineEvent, Vehicle
-from services.errors import InvalidInput, NotFoundError
+from models.vehicle_status import derive_status
+from services import audit, change_feed
+from services.errors import AlreadyExists, InvalidInput, NotFoundError, OutOfScope
 from services.pagination import (
     Sort,
     SortKey,
@@ -27,6 +31,9 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
+
+if TYPE_CHECKING:
+    from services.rollouts import Actor
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
@@ -255,3 +262,94 @@ async def list_timeline(
         value_of=lambda e: e.seq,
         id_of=lambda e: str(e.event_id),
     )
+
+
+# Registration ------------------------------------------------------------------------------
+
+_REGISTER = text(
+    """
+    INSERT INTO vehicles (id, model, region, ring, org, metadata, status)
+    SELECT r.id, r.model, r.region, r.ring, r.org, coalesce(r.metadata, '{}'), :status
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS r(id text, model text, region text, ring text, org text, metadata jsonb)
+    ORDER BY r.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+    """
+)
+
+
+async def register_vehicles(
+    session: AsyncSession, *, vehicles: list[VehicleIn], scope: Scope, actor: Actor
+) -> list[Vehicle]:
+    """Register new vehicles, all or none (the caller commits): an id twice in the request is
+    422, a vehicle outside a scoped caller's scope 403, an id registered already 409, and
+    nothing is stored. Their status is `derive_status`'s for a vehicle with nothing to
+    converge to, seen at registration. Audited as `vehicle.registered` (one entry per
+    request, in its transaction); the change feed announces them (`vehicle.updated`)."""
+    seen: dict[str, int] = {}
+    details: list[dict[str, Any]] = []
+    for index, v in enumerate(vehicles):
+        if v.id in seen:
+            details.append({"field": f"vehicles.{index}.id", "message": f"{v.id!r} twice"})
+        seen[v.id] = index
+    if details:
+        raise InvalidInput("a vehicle id appears twice in the request", details=details)
+    outside = [
+        {"field": f"vehicles.{i}", "message": "outside the caller's scope"}
+        for i, v in enumerate(vehicles)
+        if not scope.allows(region=v.region, model=v.model, org=v.org)
+    ]
+    if outside:
+        raise OutOfScope("a vehicle is outside the caller's scope", details=outside)
+    now = datetime.now(UTC)
+    status = derive_status(
+        desired_release=None,
+        desired_state_id=None,
+        actual_release=None,
+        latest_event=None,
+        last_seen_at=None,
+        registered_at=now,
+        now=now,
+        offline_after_seconds=1,
+    ).status
+    conn = await session.connection()
+    rows = [v.model_dump() for v in vehicles]
+    inserted = {
+        r[0]
+        for r in await conn.execute(_REGISTER, {"rows": json.dumps(rows), "status": str(status)})
+    }
+    if len(inserted) < len(vehicles):
+        await session.rollback()
+        taken = [
+            {"field": f"vehicles.{seen[v]}.id", "message": f"{v!r} is registered already"}
+            for v in sorted(set(seen) - inserted)
+        ]
+        raise AlreadyExists("a vehicle is registered already", details=taken)
+    await conn.execute(
+        text(
+            change_feed.vehicle_deltas_sql(
+                "(SELECT * FROM vehicles WHERE id = ANY(CAST(:ids AS text[])))",
+                "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes), 'registered', true",
+            )
+        ),
+        {"ids": sorted(inserted)},
+    )
+    await audit.record(
+        session,
+        actor=actor.subject,
+        role=actor.role,
+        source=actor.source,
+        action="vehicle.registered",
+        target_type="vehicle",
+        target_id=vehicles[0].id if len(vehicles) == 1 else None,
+        correlation_id=actor.correlation_id,
+        payload={
+            "vehicles": [{k: r[k] for k in ("id", "model", "region", "ring", "org")} for r in rows]
+        },
+        regions=sorted({v.region for v in vehicles}),
+        models=sorted({v.model for v in vehicles}),
+        orgs=sorted({v.org for v in vehicles}),
+    )
+    found = await session.exec(select(Vehicle).where(col(Vehicle.id).in_(sorted(inserted))))
+    return sorted(found.all(), key=lambda v: seen[v.id])

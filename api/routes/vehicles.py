@@ -9,11 +9,21 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.deprecation import Deprecation
-from api.deps import CursorQuery, LimitQuery, SessionDep, SortQuery, ViewerDep, multi, require
+from api.deps import (
+    CursorQuery,
+    LimitQuery,
+    OperatorDep,
+    SessionDep,
+    SortQuery,
+    ViewerDep,
+    multi,
+    require,
+)
 from api.envelope import ok, page
 from api.errors import ErrorResponses, Forbidden
+from api.routes.rollouts import actor_of
 from core.auth import Principal
-from models.api import Envelope, ListEnvelope, VehicleOut
+from models.api import Envelope, ListEnvelope, VehicleBatchIn, VehicleIn, VehicleOut
 from models.enums import Role
 from models.tables import TimelineEvent, Vehicle
 from models.telemetry import DesiredStateOut, TimelineEventOut
@@ -89,6 +99,35 @@ async def list_vehicles(
         session, scope=principal.scope, filters=filters, sort=sort, cursor=cursor, limit=limit
     )
     return page(request, [vehicle_out(v) for v in rows], limit=limit, next_cursor=next_cursor)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Envelope[list[VehicleOut]],
+    summary="Register one vehicle or a batch (operator)",
+    responses=ErrorResponses.create,
+)
+async def register_vehicles(
+    request: Request,
+    body: VehicleIn | VehicleBatchIn,
+    principal: OperatorDep,
+    session: SessionDep,
+) -> Any:
+    """One vehicle (`{"id", "model", "region", "ring", "org", "metadata"}`) or a batch
+    (`{"vehicles": [...]}`, at most 500), all or none: an id twice in the request is 422, a
+    vehicle outside a scoped caller's scope 403, an id registered already 409 `CONFLICT`
+    (`details` name each), and nothing is stored. A new vehicle has no desired state: its
+    status is `in_sync` until a desired state or a rollout reaches it. Audited as
+    `vehicle.registered`; announced on the stream (`vehicle.updated`, `registered: true`)."""
+    vehicles = body.vehicles if isinstance(body, VehicleBatchIn) else [body]
+    created = await service.register_vehicles(
+        session, vehicles=vehicles, scope=principal.scope, actor=actor_of(request, principal)
+    )
+    headers = {"Location": f"/api/v1/vehicles/{created[0].id}"} if len(created) == 1 else {}
+    return JSONResponse(
+        ok(request, [vehicle_out(v) for v in created]), status_code=201, headers=headers
+    )
 
 
 @router.get(

@@ -85,6 +85,13 @@ async def test_every_write_route_adds_an_entry(
         },
     )
     assert registered.status_code == 201, registered.text
+    new_vehicle = f"{prefix}NEW"
+    added = await http.post(
+        "/api/v1/vehicles",
+        headers={**operator, "X-Request-ID": f"{rid}-vehicle"},
+        json={"id": new_vehicle, "model": "atlas", "region": "eu-west", "ring": "canary"},
+    )
+    assert added.status_code == 201, added.text
 
     # route -> (request id, action prefix, target type, target id, reason)
     expected: dict[tuple[str, str], tuple[str, str, str, str, str | None]] = {
@@ -107,6 +114,13 @@ async def test_every_write_route_adds_an_entry(
             "release.created",
             "release",
             new_version,
+            None,
+        ),
+        ("POST", "/api/v1/vehicles"): (
+            f"{rid}-vehicle",
+            "vehicle.registered",
+            "vehicle",
+            new_vehicle,
             None,
         ),
     }

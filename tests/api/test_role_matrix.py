@@ -61,6 +61,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): (401, 403, 409, 403, 403, 403),
     ("GET", "/api/v1/desired-states"): READ,
     ("POST", "/api/v1/desired-states"): (401, 403, 201, 403, 403, 403),
+    ("POST", "/api/v1/vehicles"): (401, 403, 201, 403, 403, 403),
     ("GET", "/api/v1/audit-log"): READ,
     ("GET", "/api/v1/audit-log/export"): READ,
     ("GET", "/api/v1/reports/reconcile"): READ,
@@ -145,6 +146,8 @@ async def test_role_matrix(
             return desired_body
         if path == "/api/v1/releases":
             return new_release
+        if path == "/api/v1/vehicles":
+            return {"id": f"{prefix}REG-1", "model": "m", "region": "eu-west", "ring": "r0"}
         return {"reason": "role matrix"}
 
     mismatches = []
