@@ -11,10 +11,12 @@ import uuid
 from typing import Any
 
 import structlog
+from opentelemetry import propagate, trace
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.envelope import utc_now_iso
+from core.tracing import tracer
 
 log = structlog.stdlib.get_logger("motorcade.api")
 
@@ -122,10 +124,6 @@ class TracingMiddleware(HttpMiddleware):
     there), the route template, the status and the request id: never a header."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from opentelemetry import propagate, trace
-
-        from core.tracing import tracer
-
         carrier = {
             k.decode("latin-1"): v.decode("latin-1")
             for k, v in scope.get("headers") or []

@@ -266,15 +266,26 @@ async def list_timeline(
 
 # Registration ------------------------------------------------------------------------------
 
+# One statement: the new rows, and their `vehicle.updated` deltas in the change feed (a
+# shortfall, an id registered already, rolls both back).
 _REGISTER = text(
-    """
-    INSERT INTO vehicles (id, model, region, ring, org, metadata, status)
-    SELECT r.id, r.model, r.region, r.ring, r.org, coalesce(r.metadata, '{}'), :status
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS r(id text, model text, region text, ring text, org text, metadata jsonb)
-    ORDER BY r.id
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
+    f"""
+    WITH ins AS (
+        INSERT INTO vehicles (id, model, region, ring, org, metadata, status)
+        SELECT r.id, r.model, r.region, r.ring, r.org, coalesce(r.metadata, '{{}}'), :status
+        FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+             AS r(id text, model text, region text, ring text, org text, metadata jsonb)
+        ORDER BY r.id
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, region, model, org, status, reason_codes
+    ),
+    feed AS ({
+        change_feed.vehicle_deltas_sql(
+            "ins",
+            "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes), 'registered', true",
+        )
+    })
+    SELECT id FROM ins
     """
 )
 
@@ -326,15 +337,6 @@ async def register_vehicles(
             for v in sorted(set(seen) - inserted)
         ]
         raise AlreadyExists("a vehicle is registered already", details=taken)
-    await conn.execute(
-        text(
-            change_feed.vehicle_deltas_sql(
-                "(SELECT * FROM vehicles WHERE id = ANY(CAST(:ids AS text[])))",
-                "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes), 'registered', true",
-            )
-        ),
-        {"ids": sorted(inserted)},
-    )
     await audit.record(
         session,
         actor=actor.subject,
