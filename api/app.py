@@ -33,7 +33,7 @@ from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
 from core import tracing
 from core.auth import TokenVerifier
-from core.db import create_engine, session_factory
+from core.db import autocommit_engine, create_engine, session_factory
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from models.telemetry import TelemetryBatch
@@ -81,6 +81,7 @@ def create_app(
         engine = create_engine(settings)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
+        app.state.read_engine = autocommit_engine(engine)
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
         app.state.ingestor = None

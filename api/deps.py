@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
+from psycopg import AsyncConnection
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
@@ -15,7 +16,7 @@ from api.caller import verified_caller
 from api.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core import temporal
 from core.auth import Principal, TokenError, TokenVerifier
-from core.db import session_scope
+from core.db import driver_connection, session_scope
 from core.settings import Settings
 from models.enums import Role
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -57,6 +58,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_read_connection(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
+    """For reads that need no transaction: a pooled connection in autocommit, psycopg's own
+    (core/db.py). Never for a route that writes."""
+    async with driver_connection(request.app.state.read_engine) as conn:
+        yield conn
+
+
 async def get_temporal(request: Request) -> Client:
     connection: TemporalConnection = request.app.state.temporal
     return await connection.get()
@@ -87,6 +95,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": the transaction commits when the route returns, before the response is
 # sent, so a client never sees a success for a write that then fails to commit.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+# Returned to the pool when the route returns, before the response is sent.
+ReadConnectionDep = Annotated[AsyncConnection[Any], Depends(get_read_connection, scope="function")]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel
+from pydantic_core import to_json
 from starlette.requests import Request
+from starlette.responses import Response
 
 
 def utc_now_iso() -> str:
@@ -44,6 +46,39 @@ def page(
 ) -> dict[str, Any]:
     """A list page with keyset metadata."""
     return ok(
+        request,
+        list(items),
+        limit=limit,
+        nextCursor=next_cursor,
+        hasMore=next_cursor is not None,
+    )
+
+
+def json_response(body: dict[str, Any], status_code: int = 200) -> Response:
+    """`body` encoded once by pydantic (models inside it too, by alias). Returned by a route,
+    it skips FastAPI's validation of the body against the route's `response_model` (which
+    still documents it): on a list page, a second pass over every item."""
+    return Response(
+        to_json(body, by_alias=True), status_code=status_code, media_type="application/json"
+    )
+
+
+def ok_json(request: Request, data: Any, **metadata: Any) -> Response:
+    """`ok` as a response: `data` is a model or a list of models."""
+    return json_response(
+        {
+            "data": data,
+            "metadata": {"requestId": request_id_of(request), **metadata},
+            "timestamp": utc_now_iso(),
+        }
+    )
+
+
+def page_json(
+    request: Request, items: Sequence[Any], *, limit: int, next_cursor: str | None
+) -> Response:
+    """`page` as a response."""
+    return ok_json(
         request,
         list(items),
         limit=limit,

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -216,11 +218,39 @@ async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse
     return _render(request, mapped(exc.message, details=exc.details))
 
 
+# SQLSTATEs of a lost connection: class 08 (connection exception) and the server shutting
+# down (57P01-57P03); a client-side failure has none.
+LOST_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return bool(exc.connection_invalidated) or _connection_lost(exc.orig)
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state.startswith("08") or state in LOST_CONNECTION_STATES
+    return False
+
+
+async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The connection to PostgreSQL broke under a request (the server restarted or failed
+    over): 503 with Retry-After, never a 500; the broken connection is not pooled again
+    (core/db.py). Any other database error goes on to the last-resort 500."""
+    if not _connection_lost(exc):
+        raise exc
+    log.warning("database connection lost", path=request.url.path, error=type(exc).__name__)
+    return _render(
+        request, DependencyUnavailable("the database connection was lost; retry", retry_after=1)
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(domain.DomainError, domain_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(psycopg.OperationalError, database_error_handler)
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, database_error_handler)
     app.add_exception_handler(Exception, unhandled_handler)
 
 

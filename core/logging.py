@@ -86,6 +86,7 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
     )
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # a line below the level costs nothing more
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

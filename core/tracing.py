@@ -19,6 +19,7 @@ Nothing here runs unless tracing is on: the components ask `enabled()` when they
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -119,6 +120,19 @@ def instrument_engine(engine: Any) -> None:
     event.listen(engine.sync_engine, "before_cursor_execute", before)
     event.listen(engine.sync_engine, "after_cursor_execute", after)
     event.listen(engine.sync_engine, "handle_error", failed)
+
+
+def db_span(statement: str) -> Any:
+    """The database span of one statement run on the driver directly (as `instrument_engine`
+    names them), or a no-op context when tracing is off."""
+    if not enabled():
+        return contextlib.nullcontext()
+    verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
+    return tracer().start_as_current_span(
+        verb,
+        kind=trace.SpanKind.CLIENT,
+        attributes={"db.system.name": "postgresql", "db.query.text": statement[:2000]},
+    )
 
 
 def temporal_interceptors() -> list[Any]:

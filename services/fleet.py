@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from psycopg import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.db import fetch
 from models.enums import VehicleStatus
 from models.reconcile import FleetSummary, PlaceCounts, ReasonCodeCount
 from models.scope import Scope
@@ -74,48 +76,62 @@ def refresh_fleet_counts_now(conn: Any) -> float:
     return seconds
 
 
-async def fleet_summary(session: AsyncSession, *, scope: Scope, top: int = 10) -> FleetSummary:
+# Summaries computed since the counts' last refresh, by (scope, top): the counts change only
+# when a refresh commits (a new `refreshed_at`), so between two refreshes a summary is one
+# primary-key read. Bounded: the oldest entry goes first.
+_SUMMARIES: dict[tuple[Scope, int], tuple[datetime, FleetSummary]] = {}
+SUMMARY_ENTRIES = 1024
+
+
+async def fleet_summary(conn: AsyncConnection[Any], *, scope: Scope, top: int = 10) -> FleetSummary:
     """Counts inside `scope` by status, by model, region and ring (each with its statuses),
     and the `top` reason codes, as of the last refresh (all zero before the first one)."""
-    conn = await session.connection()
-    where, params = scope_sql(scope)
-    meta = (
-        await conn.execute(text("SELECT refreshed_at FROM fleet_counts_meta WHERE id = 1"))
-    ).first()
+    meta = await fetch(conn, "SELECT refreshed_at FROM fleet_counts_meta WHERE id = 1", {})
+    as_of: datetime | None = meta[0]["refreshed_at"] if meta else None
+    known = _SUMMARIES.get((scope, top))
+    if known is not None and as_of is not None and known[0] == as_of:
+        return known[1]
+    where, params = scope_sql(scope, driver=True)
     by_status = {s.value: 0 for s in VehicleStatus}
     by_place: dict[str, dict[str, PlaceCounts]] = {p: {} for p in PLACES}
-    rows = await conn.execute(
-        text(
-            "SELECT model, region, ring, status, sum(vehicles) FROM fleet_counts"
-            f" WHERE true{where} GROUP BY model, region, ring, status"
-        ),
+    rows = await fetch(
+        conn,
+        "SELECT model, region, ring, status, sum(vehicles)::bigint AS n FROM fleet_counts"
+        f" WHERE true{where} GROUP BY model, region, ring, status",
         params,
     )
     sums: dict[str, dict[str, dict[str, int]]] = {
         p: defaultdict(lambda: defaultdict(int)) for p in PLACES
     }
-    for model, region, ring, status, n in rows:
-        by_status[status] = by_status.get(status, 0) + int(n)
-        for place, value in zip(PLACES, (model, region, ring), strict=True):
-            sums[place][value][status] += int(n)
+    for row in rows:
+        status, n = row["status"], row["n"]
+        by_status[status] = by_status.get(status, 0) + n
+        for place in PLACES:
+            sums[place][row[place]][status] += n
     for place, values in sums.items():
         for value, statuses in sorted(values.items()):
             by_place[place][value] = PlaceCounts(
                 total=sum(statuses.values()), by_status=dict(sorted(statuses.items()))
             )
-    codes = await conn.execute(
-        text(
-            "SELECT reason_code, sum(vehicles) AS n FROM fleet_reason_counts"
-            f" WHERE true{where} GROUP BY reason_code ORDER BY n DESC, reason_code LIMIT :top"
-        ),
+    codes = await fetch(
+        conn,
+        "SELECT reason_code, sum(vehicles)::bigint AS n FROM fleet_reason_counts"
+        f" WHERE true{where} GROUP BY reason_code ORDER BY n DESC, reason_code LIMIT %(top)s",
         {**params, "top": top},
     )
-    return FleetSummary(
-        as_of=meta[0] if meta else None,
+    summary = FleetSummary(
+        as_of=as_of,
         total=sum(by_status.values()),
         by_status=by_status,
         by_model=by_place["model"],
         by_region=by_place["region"],
         by_ring=by_place["ring"],
-        top_reason_codes=[ReasonCodeCount(reason_code=c, vehicles=int(n)) for c, n in codes],
+        top_reason_codes=[
+            ReasonCodeCount(reason_code=c["reason_code"], vehicles=c["n"]) for c in codes
+        ],
     )
+    if as_of is not None:
+        if len(_SUMMARIES) >= SUMMARY_ENTRIES:
+            del _SUMMARIES[next(iter(_SUMMARIES))]
+        _SUMMARIES[(scope, top)] = (as_of, summary)
+    return summary

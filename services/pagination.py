@@ -109,6 +109,30 @@ def keyset(stmt: S, *, sort: Sort, id_column: Any, cursor: str | None, limit: in
     return stmt.order_by(*order).limit(limit + 1)
 
 
+def keyset_sql(
+    sort: Sort, *, alias: str, cursor: str | None, limit: int, params: dict[str, Any]
+) -> str:
+    """`keyset` for a statement written in SQL (psycopg placeholders) over a table with an `id`
+    column under `alias`: the keyset condition (` AND ...`), the order and limit+1; the values
+    go into `params`. The sort's column is a text or timestamp column of that table."""
+    ident = f"{alias}.id"
+    column = f"{alias}.{sort.key.column.name}"
+    by_id = sort.key.column.name == "id"
+    cmp, direction = ("<", " DESC") if sort.descending else (">", "")
+    condition = ""
+    if cursor:
+        value, after = decode_cursor(cursor, sort)
+        params["after_id"] = str(after)
+        if by_id:
+            condition = f" AND {ident} {cmp} %(after_id)s"
+        else:
+            params["after_value"] = value if isinstance(value, datetime) else str(value)
+            condition = f" AND ({column}, {ident}) {cmp} (%(after_value)s, %(after_id)s)"
+    params["limit"] = limit + 1
+    order = f"{ident}{direction}" if by_id else f"{column}{direction}, {ident}{direction}"
+    return f"{condition} ORDER BY {order} LIMIT %(limit)s"
+
+
 def split_page(
     rows: Sequence[Any],
     *,

@@ -273,8 +273,9 @@ async def record_drift(
 # --- Reports ------------------------------------------------------------------------------
 
 
-def scope_sql(scope: Scope, alias: str = "") -> tuple[str, dict[str, Any]]:
-    """` AND ...` restricting rows with region/model/org columns to the caller's scope."""
+def scope_sql(scope: Scope, alias: str = "", *, driver: bool = False) -> tuple[str, dict[str, Any]]:
+    """` AND ...` restricting rows with region/model/org columns to the caller's scope, with
+    SQLAlchemy's placeholders (`:name`) or, for `driver`, psycopg's (`%(name)s`)."""
     prefix = f"{alias}." if alias else ""
     clauses: list[str] = []
     params: dict[str, Any] = {}
@@ -284,8 +285,10 @@ def scope_sql(scope: Scope, alias: str = "") -> tuple[str, dict[str, Any]]:
         ("org", scope.orgs),
     ):
         if allowed is not None:
-            clauses.append(f" AND {prefix}{column} = ANY(:scope_{column})")
-            params[f"scope_{column}"] = list(allowed)
+            name = f"scope_{column}"
+            placeholder = f"%({name})s" if driver else f":{name}"
+            clauses.append(f" AND {prefix}{column} = ANY({placeholder})")
+            params[name] = list(allowed)
     return "".join(clauses), params
 
 

@@ -10,27 +10,29 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text, tuple_
-from sqlmodel import col, select
+from psycopg import AsyncConnection
+from sqlalchemy import text
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.db import fetch
 from models.api import VehicleIn
 from models.enums import VehicleStatus
 from models.scope import Scope
-from models.tables import RolloutTarget, TimelineEvent, Vehicle
+from models.tables import TimelineEvent, Vehicle
 from models.vehicle_status import derive_status
 from services import audit, change_feed
 from services.errors import AlreadyExists, InvalidInput, NotFoundError, OutOfScope
 from services.pagination import (
     Sort,
     SortKey,
-    any_of,
     decode_cursor,
-    keyset,
+    keyset_sql,
     parse_sort,
     split_page,
     timestamp_key,
 )
+from services.reconcile import scope_sql
 
 if TYPE_CHECKING:
     from services.rollouts import Actor
@@ -97,79 +99,98 @@ def scoped(stmt, scope: Scope):  # type: ignore[no-untyped-def]
     return stmt
 
 
+# The vehicle's columns as the API shows them (`vehicle_out`); the telemetry ones come from
+# the narrow telemetry row where it is fresher (the wide row may lag on lastSeenAt).
+_PLAIN_COLUMNS = (
+    "id", "model", "region", "ring", "org", "metadata", "desired_release_version",
+    "desired_state_id", "rollout_id", "status", "reason_codes", "updated_at",
+)  # fmt: skip
+_TELEMETRY_COLUMNS = ("last_seen_at", "battery_percent", "stationary", "actual_release_version")
+VEHICLE_COLUMNS = ", ".join(f"v.{c}" for c in _PLAIN_COLUMNS + _TELEMETRY_COLUMNS)
+_FRESHEST = ", ".join(
+    f"CASE WHEN f.fresher THEN t.{c} ELSE v.{c} END AS {c}" for c in _TELEMETRY_COLUMNS
+)
+_FILTERED_COLUMNS = (  # filter name in VehicleFilters, column
+    ("models", "model"),
+    ("regions", "region"),
+    ("rings", "ring"),
+    ("statuses", "status"),
+    ("release_versions", "actual_release_version"),
+)
+
+
 async def list_vehicles(
-    session: AsyncSession,
+    conn: AsyncConnection[Any],
     *,
     scope: Scope,
     filters: VehicleFilters,
     sort: str | None,
     cursor: str | None,
     limit: int,
-) -> tuple[list[Vehicle], str | None]:
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the fleet, in one statement on the driver (core/db.py). A single value of a
+    filter is `=`, so the `(column, id)` index gives the rows in keyset order."""
     filters.validate()
     order = parse_sort(sort, VEHICLE_SORTS, "id")
-    stmt = scoped(select(Vehicle), scope)
-    for column, values in (
-        (col(Vehicle.model), filters.models),
-        (col(Vehicle.region), filters.regions),
-        (col(Vehicle.ring), filters.rings),
-        (col(Vehicle.status), filters.statuses),
-        (col(Vehicle.actual_release_version), filters.release_versions),
-    ):
-        cond = any_of(column, values)
-        if cond is not None:
-            stmt = stmt.where(cond)
+    where, params = scope_sql(scope, "v", driver=True)
+    clauses = [where]
+    for name, column in _FILTERED_COLUMNS:
+        values: list[str] = getattr(filters, name)
+        if len(values) == 1:
+            clauses.append(f" AND v.{column} = %(f_{column})s")
+            params[f"f_{column}"] = values[0]
+        elif values:
+            clauses.append(f" AND v.{column} = ANY(%(f_{column})s::text[])")
+            params[f"f_{column}"] = list(values)
     if filters.rollout_ids:
         # vehicles.rollout_id has no index (a rollout's issue must stay a HOT update): the
         # rollout's targets (primary key rollout_id, vehicle_id) give the vehicles in id order.
-        rollout_ids = [int(r) for r in filters.rollout_ids]
-        stmt = stmt.where(
-            col(Vehicle.rollout_id).in_(rollout_ids),
-            col(Vehicle.id).in_(
-                select(col(RolloutTarget.vehicle_id)).where(
-                    col(RolloutTarget.rollout_id).in_(rollout_ids)
-                )
-            ),
+        params["rollout_ids"] = [int(r) for r in filters.rollout_ids]
+        clauses.append(
+            " AND v.rollout_id = ANY(%(rollout_ids)s::bigint[]) AND v.id IN (SELECT vehicle_id"
+            " FROM rollout_targets WHERE rollout_id = ANY(%(rollout_ids)s::bigint[]))"
         )
     if filters.reason_codes:
-        stmt = stmt.where(col(Vehicle.reason_codes).overlap(filters.reason_codes))  # type: ignore[attr-defined]
+        clauses.append(" AND v.reason_codes && %(reason_codes)s::text[]")
+        params["reason_codes"] = list(filters.reason_codes)
     if filters.q:
-        stmt = stmt.where(col(Vehicle.id).like(_escape_like(filters.q) + "%", escape="\\"))
-    stmt = keyset(stmt, sort=order, id_column=col(Vehicle.id), cursor=cursor, limit=limit)
-    rows = list((await session.exec(stmt)).all())
-    return split_page(
-        rows,
-        sort=order,
-        limit=limit,
-        value_of=lambda v: getattr(v, _attr(order.key.name)),
-        id_of=lambda v: v.id,
+        clauses.append(" AND v.id LIKE %(q)s ESCAPE '\\'")
+        params["q"] = _escape_like(filters.q) + "%"
+    tail = keyset_sql(order, alias="v", cursor=cursor, limit=limit, params=params)
+    rows = await fetch(
+        conn,
+        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM vehicles v"
+        f" WHERE true{''.join(clauses)}{tail}",
+        params,
     )
+    key = order.key.column.name
+    return split_page(
+        rows, sort=order, limit=limit, value_of=lambda r: r[key], id_of=lambda r: r["id"]
+    )
+
+
+async def get_vehicle_view(
+    conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str
+) -> dict[str, Any]:
+    """One vehicle inside `scope` as the API shows it, in one statement on the driver."""
+    where, params = scope_sql(scope, "v", driver=True)
+    plain = ", ".join(f"v.{c}" for c in _PLAIN_COLUMNS)
+    rows = await fetch(
+        conn,
+        f"SELECT {plain}, {_FRESHEST} FROM vehicles v"
+        " LEFT JOIN vehicle_telemetry t ON t.vehicle_id = v.id"
+        " CROSS JOIN LATERAL (SELECT coalesce(t.last_seen_at > v.last_seen_at,"
+        " t.last_seen_at IS NOT NULL) AS fresher) f"
+        f" WHERE v.id = %(id)s{where}",
+        {"id": vehicle_id, **params},
+    )
+    if not rows:
+        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+    return rows[0]
 
 
 def _attr(sort_name: str) -> str:
     return {"id": "id", "lastSeenAt": "last_seen_key", "status": "status"}[sort_name]
-
-
-async def get_vehicle(session: AsyncSession, *, scope: Scope, vehicle_id: str) -> Vehicle:
-    stmt = scoped(select(Vehicle).where(col(Vehicle.id) == vehicle_id), scope)
-    vehicle = (await session.exec(stmt)).first()
-    if vehicle is None:
-        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
-    return vehicle
-
-
-async def latest_telemetry(session: AsyncSession, *, vehicle_id: str) -> Any | None:
-    """The narrow telemetry row (always current; the wide row may lag on lastSeenAt)."""
-    conn = await session.connection()
-    return (
-        await conn.execute(
-            text(
-                "SELECT last_seen_at, battery_percent, stationary, actual_release_version"
-                " FROM vehicle_telemetry WHERE vehicle_id = :id"
-            ),
-            {"id": vehicle_id},
-        )
-    ).first()
 
 
 # --- One vehicle's desired state (for the vehicle itself) and its timeline -----------------
@@ -232,35 +253,48 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
 
 
 TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq)), descending=True)
+TIMELINE_COLUMNS = (
+    "e.event_id, e.vehicle_id, e.seq, e.type, e.occurred_at, e.received_at,"
+    " e.desired_state_id, e.release_version, e.reason_code, e.details"
+)
 
 
 async def list_timeline(
-    session: AsyncSession, *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
-) -> tuple[list[TimelineEvent], str | None]:
+    conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
     """A vehicle's timeline, newest first (`seq` descending, then event id): keyset over the
-    `(vehicle_id, seq)` index of one partition."""
-    await get_vehicle(session, scope=scope, vehicle_id=vehicle_id)
-    stmt = select(TimelineEvent).where(col(TimelineEvent.vehicle_id) == vehicle_id)
+    `(vehicle_id, seq)` index of one partition. One statement: no row at all when the vehicle
+    is not inside `scope` (404), one row of nulls when it has no events."""
+    where, params = scope_sql(scope, "v", driver=True)
+    params.update(id=vehicle_id, limit=limit + 1)
+    after = ""
     if cursor:
         seq, ident = decode_cursor(cursor, TIMELINE_SORT)
         try:
-            after = (int(seq), uuid.UUID(str(ident)))
+            params.update(after_seq=int(seq), after_id=uuid.UUID(str(ident)))
         except (TypeError, ValueError):
             raise InvalidInput(
                 "the cursor is not valid for this list and sort",
                 details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
             ) from None
-        stmt = stmt.where(
-            tuple_(col(TimelineEvent.seq), col(TimelineEvent.event_id)) < tuple_(*after)
-        )
-    stmt = stmt.order_by(col(TimelineEvent.seq).desc(), col(TimelineEvent.event_id).desc())
-    rows = list((await session.exec(stmt.limit(limit + 1))).all())
+        after = " AND (e.seq, e.event_id) < (%(after_seq)s, %(after_id)s)"
+    rows = await fetch(
+        conn,
+        f"SELECT {TIMELINE_COLUMNS} FROM vehicles v LEFT JOIN LATERAL ("
+        f" SELECT * FROM timeline_events e WHERE e.vehicle_id = %(id)s{after}"
+        " ORDER BY e.seq DESC, e.event_id DESC LIMIT %(limit)s) e ON true"
+        f" WHERE v.id = %(id)s{where}",
+        params,
+    )
+    if not rows:
+        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+    events = [r for r in rows if r["event_id"] is not None]
     return split_page(
-        rows,
+        events,
         sort=TIMELINE_SORT,
         limit=limit,
-        value_of=lambda e: e.seq,
-        id_of=lambda e: str(e.event_id),
+        value_of=lambda e: e["seq"],
+        id_of=lambda e: str(e["event_id"]),
     )
 
 
@@ -292,7 +326,7 @@ _REGISTER = text(
 
 async def register_vehicles(
     session: AsyncSession, *, vehicles: list[VehicleIn], scope: Scope, actor: Actor
-) -> list[Vehicle]:
+) -> list[dict[str, Any]]:
     """Register new vehicles, all or none (the caller commits): an id twice in the request is
     422, a vehicle outside a scoped caller's scope 403, an id registered already 409, and
     nothing is stored. Their status is `derive_status`'s for a vehicle with nothing to
@@ -353,5 +387,8 @@ async def register_vehicles(
         models=sorted({v.model for v in vehicles}),
         orgs=sorted({v.org for v in vehicles}),
     )
-    found = await session.exec(select(Vehicle).where(col(Vehicle.id).in_(sorted(inserted))))
-    return sorted(found.all(), key=lambda v: seen[v.id])
+    found = await conn.execute(
+        text(f"SELECT {VEHICLE_COLUMNS} FROM vehicles v WHERE v.id = ANY(:ids)"),
+        {"ids": sorted(inserted)},
+    )
+    return sorted((dict(r) for r in found.mappings()), key=lambda r: seen[r["id"]])

@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import SessionDep, ViewerDep
-from api.envelope import ok
+from api.deps import ReadConnectionDep, SessionDep, ViewerDep
+from api.envelope import ok, ok_json
 from api.errors import ErrorResponses
 from models.api import Envelope
 from models.reconcile import FleetSummary, HealthReport, ReconcileReport
@@ -25,12 +25,12 @@ fleet_router = APIRouter(prefix="/fleet", tags=["reports"])
     summary="Fleet summary: vehicles by status, by model, region and ring, top reason codes",
     responses=ErrorResponses.read,
 )
-async def fleet_summary(request: Request, principal: ViewerDep, session: SessionDep) -> Any:
+async def fleet_summary(request: Request, principal: ViewerDep, conn: ReadConnectionDep) -> Any:
     """Counts of the vehicles inside the caller's scope, from the materialization each
     reconcile run refreshes (`asOf`; every MOTORCADE_RECONCILE_INTERVAL_SECONDS): a few
     hundred rows read, never the fleet. `byModel`, `byRegion` and `byRing` give each value's
     total and statuses; `topReasonCodes` the 10 most frequent."""
-    return ok(request, await fleet.fleet_summary(session, scope=principal.scope))
+    return ok_json(request, await fleet.fleet_summary(conn, scope=principal.scope))
 
 
 @router.get(

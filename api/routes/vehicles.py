@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -13,19 +14,19 @@ from api.deps import (
     CursorQuery,
     LimitQuery,
     OperatorDep,
+    ReadConnectionDep,
     SessionDep,
     SortQuery,
     ViewerDep,
     multi,
     require,
 )
-from api.envelope import ok, page
+from api.envelope import ok, ok_json, page_json
 from api.errors import ErrorResponses, Forbidden
 from api.routes.rollouts import actor_of
 from core.auth import Principal
 from models.api import Envelope, ListEnvelope, VehicleBatchIn, VehicleIn, VehicleOut
 from models.enums import Role
-from models.tables import TimelineEvent, Vehicle
 from models.telemetry import DesiredStateOut, TimelineEventOut
 from services import vehicles as service
 
@@ -38,26 +39,27 @@ DeviceDep = Annotated[Principal, Depends(require(frozenset({Role.DEVICE})))]
 VehicleIdPath = Annotated[str, Path(max_length=128)]
 
 
-def vehicle_out(v: Vehicle) -> VehicleOut:
+def vehicle_out(v: Mapping[str, Any]) -> VehicleOut:
+    """A vehicle row (services.vehicles.VEHICLE_COLUMNS) as the API shows it."""
     return VehicleOut(
-        id=v.id,
-        model=v.model,
-        region=v.region,
-        ring=v.ring,
-        org=v.org,
-        metadata=v.metadata_ or {},
+        id=v["id"],
+        model=v["model"],
+        region=v["region"],
+        ring=v["ring"],
+        org=v["org"],
+        metadata=v["metadata"] or {},
         desired={  # type: ignore[arg-type]
-            "release_version": v.desired_release_version,
-            "desired_state_id": str(v.desired_state_id) if v.desired_state_id else None,
-            "rollout_id": v.rollout_id,
+            "release_version": v["desired_release_version"],
+            "desired_state_id": str(v["desired_state_id"]) if v["desired_state_id"] else None,
+            "rollout_id": v["rollout_id"],
         },
-        actual={"release_version": v.actual_release_version},  # type: ignore[arg-type]
-        status=v.status,  # type: ignore[arg-type]
-        reason_codes=list(v.reason_codes or []),
-        last_seen_at=v.last_seen_at,
-        battery_percent=v.battery_percent,
-        stationary=v.stationary,
-        updated_at=v.updated_at,
+        actual={"release_version": v["actual_release_version"]},  # type: ignore[arg-type]
+        status=v["status"],
+        reason_codes=list(v["reason_codes"] or []),
+        last_seen_at=v["last_seen_at"],
+        battery_percent=v["battery_percent"],
+        stationary=v["stationary"],
+        updated_at=v["updated_at"],
     )
 
 
@@ -70,7 +72,7 @@ def vehicle_out(v: Vehicle) -> VehicleOut:
 async def list_vehicles(
     request: Request,
     principal: ViewerDep,
-    session: SessionDep,
+    conn: ReadConnectionDep,
     model: Multi = None,
     region: Multi = None,
     ring: Multi = None,
@@ -96,9 +98,9 @@ async def list_vehicles(
         q=q,
     )
     rows, next_cursor = await service.list_vehicles(
-        session, scope=principal.scope, filters=filters, sort=sort, cursor=cursor, limit=limit
+        conn, scope=principal.scope, filters=filters, sort=sort, cursor=cursor, limit=limit
     )
-    return page(request, [vehicle_out(v) for v in rows], limit=limit, next_cursor=next_cursor)
+    return page_json(request, [vehicle_out(v) for v in rows], limit=limit, next_cursor=next_cursor)
 
 
 @router.post(
@@ -124,7 +126,7 @@ async def register_vehicles(
     created = await service.register_vehicles(
         session, vehicles=vehicles, scope=principal.scope, actor=actor_of(request, principal)
     )
-    headers = {"Location": f"/api/v1/vehicles/{created[0].id}"} if len(created) == 1 else {}
+    headers = {"Location": f"/api/v1/vehicles/{created[0]['id']}"} if len(created) == 1 else {}
     return JSONResponse(
         ok(request, [vehicle_out(v) for v in created]), status_code=201, headers=headers
     )
@@ -139,22 +141,11 @@ async def register_vehicles(
 async def get_vehicle(
     request: Request,
     principal: ViewerDep,
-    session: SessionDep,
+    conn: ReadConnectionDep,
     vehicle_id: Annotated[str, Path(max_length=128)],
 ) -> Any:
-    vehicle = await service.get_vehicle(session, scope=principal.scope, vehicle_id=vehicle_id)
-    out = vehicle_out(vehicle)
-    fresh = await service.latest_telemetry(session, vehicle_id=vehicle_id)
-    if (
-        fresh is not None
-        and fresh.last_seen_at is not None
-        and (out.last_seen_at is None or fresh.last_seen_at > out.last_seen_at)
-    ):
-        out.last_seen_at = fresh.last_seen_at
-        out.battery_percent = fresh.battery_percent
-        out.stationary = fresh.stationary
-        out.actual.release_version = fresh.actual_release_version
-    return ok(request, out)
+    row = await service.get_vehicle_view(conn, scope=principal.scope, vehicle_id=vehicle_id)
+    return ok_json(request, vehicle_out(row))
 
 
 @device_router.get(
@@ -198,18 +189,19 @@ async def get_desired_state(
     return JSONResponse(body, headers=headers)
 
 
-def timeline_out(e: TimelineEvent) -> TimelineEventOut:
+def timeline_out(e: Mapping[str, Any]) -> TimelineEventOut:
+    """A timeline row (services.vehicles.TIMELINE_COLUMNS) as the API shows it."""
     return TimelineEventOut(
-        event_id=str(e.event_id),
-        vehicle_id=e.vehicle_id,
-        seq=e.seq,
-        type=e.type,
-        occurred_at=e.occurred_at,
-        received_at=e.received_at,
-        desired_state_id=str(e.desired_state_id) if e.desired_state_id else None,
-        release_version=e.release_version,
-        reason_code=e.reason_code,
-        details=e.details or {},
+        event_id=str(e["event_id"]),
+        vehicle_id=e["vehicle_id"],
+        seq=e["seq"],
+        type=e["type"],
+        occurred_at=e["occurred_at"],
+        received_at=e["received_at"],
+        desired_state_id=str(e["desired_state_id"]) if e["desired_state_id"] else None,
+        release_version=e["release_version"],
+        reason_code=e["reason_code"],
+        details=e["details"] or {},
     )
 
 
@@ -222,16 +214,16 @@ def timeline_out(e: TimelineEvent) -> TimelineEventOut:
 async def get_timeline(
     request: Request,
     principal: ViewerDep,
-    session: SessionDep,
+    conn: ReadConnectionDep,
     vehicle_id: VehicleIdPath,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
 ) -> Any:
     """Ordered by `seq` descending (a late event appears in its place), then event id."""
     rows, next_cursor = await service.list_timeline(
-        session, scope=principal.scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
+        conn, scope=principal.scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
     )
-    return page(request, [timeline_out(e) for e in rows], limit=limit, next_cursor=next_cursor)
+    return page_json(request, [timeline_out(e) for e in rows], limit=limit, next_cursor=next_cursor)
 
 
 # The timeline under its older name: `events` (SPEC.md calls them "timeline events").
@@ -254,7 +246,7 @@ LEGACY_EVENTS = Deprecation(
 async def get_timeline_legacy(
     request: Request,
     principal: ViewerDep,
-    session: SessionDep,
+    conn: ReadConnectionDep,
     vehicle_id: VehicleIdPath,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
@@ -262,5 +254,5 @@ async def get_timeline_legacy(
     """The same as `GET /vehicles/{vehicle_id}/timeline`; removed after its sunset
     (2027-05-31). Use the timeline."""
     return await get_timeline(
-        request, principal, session, vehicle_id=vehicle_id, cursor=cursor, limit=limit
+        request, principal, conn, vehicle_id=vehicle_id, cursor=cursor, limit=limit
     )
