@@ -225,7 +225,9 @@ LOST_CONNECTION_STATES = ("57P01", "57P02", "57P03")
 
 def _connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return bool(exc.connection_invalidated) or _connection_lost(exc.orig)
+        return bool(exc.connection_invalidated) or (
+            exc.orig is not None and _connection_lost(exc.orig)
+        )
     if isinstance(exc, psycopg.OperationalError):
         state = exc.sqlstate
         return state is None or state.startswith("08") or state in LOST_CONNECTION_STATES
