@@ -221,6 +221,7 @@ async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse
 # SQLSTATEs of a lost connection: class 08 (connection exception) and the server shutting
 # down (57P01-57P03); a client-side failure has none.
 LOST_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+TRANSIENT_REFUSALS = ("the database system is", "too many clients", "remaining connection slots")
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -230,7 +231,12 @@ def _connection_lost(exc: BaseException) -> bool:
         )
     if isinstance(exc, psycopg.OperationalError):
         state = exc.sqlstate
-        return state is None or state.startswith("08") or state in LOST_CONNECTION_STATES
+        if state is None:  # raised by the client: a broken connection, or one not made
+            text = str(exc)
+            # The server refused it: a missing database or role is configuration (a 500),
+            # a server starting, stopping or full is transient.
+            return "FATAL:" not in text or any(t in text for t in TRANSIENT_REFUSALS)
+        return state.startswith("08") or state in LOST_CONNECTION_STATES
     return False
 
 

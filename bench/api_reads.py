@@ -20,6 +20,12 @@ viewer token) send `--requests` requests per line:
 Prints p50 and p99 per line and the ratio of each deep page's p99 to its first page's
 (measured in the same run: the in-run baseline). Goals (issue 5): p99 under 50 ms for each,
 deep page within 1.5x of the first. Nothing is asserted: these machines are noisy.
+
+Before the latencies, the query plans (`EXPLAIN`) of the statements the list endpoints run on
+vehicles and timeline events, built by the API's own query builders: every filter, every sort
+both ways, a deep cursor, scoped callers, a timeline and the desired states. Each line names
+the plan's scans; `SEQ SCAN` marks a sequential scan of vehicles, timeline events or desired
+states (none is expected), and the count of them ends the section. `--plans-only` stops there.
 """
 
 from __future__ import annotations
@@ -33,17 +39,29 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
+import sqlalchemy
 
 from bench.http11 import Http11
 from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
+from core.settings import normalize_database_url
 from models.enums import Role
+from models.scope import Scope
+from services.desired_states import DesiredStateFilters, desired_state_list_statement
 from services.fleet import refresh_fleet_counts_now
-from services.seed import REGIONS, seed_fleet
+from services.pagination import encode_cursor
+from services.seed import MODELS, REGIONS, seed_fleet
+from services.vehicles import (
+    VEHICLE_SORTS,
+    VehicleFilters,
+    timeline_query,
+    vehicle_list_query,
+)
 
 # (status, reason code, cumulative share by hash bucket out of 1,000)
 STATUS_MIX = (
@@ -141,6 +159,109 @@ async def deep_cursor(base: str, token: str, path: str, pages: int) -> tuple[str
     return cursor, reached
 
 
+BIG_TABLES = ("vehicles", "timeline_events", "desired_states")
+
+
+def plan_scans(node: dict[str, Any]) -> list[str]:
+    """The scans of a plan tree (EXPLAIN's JSON), depth first."""
+    scans: list[str] = []
+    kind = node.get("Node Type", "")
+    if "Scan" in kind:
+        relation = node.get("Relation Name", "")
+        index = node.get("Index Name")
+        label = f"{kind} {index}" if index else f"{kind} {relation}"
+        if kind == "Seq Scan" and relation.startswith(BIG_TABLES):
+            label = f"SEQ SCAN {relation}"
+        scans.append(label)
+    if kind == "Sort":
+        scans.append(f"Sort ({node.get('Plan Rows', 0):,} rows est.)")
+    for child in node.get("Plans", []):
+        scans += plan_scans(child)
+    return scans
+
+
+def plan_cases(conn: psycopg.Connection) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, statement, parameters) for each shape of the list endpoints' queries."""
+    row = conn.execute(
+        "SELECT id, last_seen_key, status FROM vehicles ORDER BY id OFFSET 500000 LIMIT 1"
+    ).fetchone()
+    assert row is not None, "the bench database has no vehicles"
+    mid_id, mid_seen, mid_status = row
+    cases: list[tuple[str, Any, dict[str, Any]]] = []
+    everyone = Scope()
+    one_region = Scope(regions=(REGIONS[0],))
+    filters = {
+        "no filter": VehicleFilters(),
+        "model": VehicleFilters(models=[MODELS[0]]),
+        "region": VehicleFilters(regions=[REGIONS[0]]),
+        "region (two)": VehicleFilters(regions=list(REGIONS[:2])),
+        "ring": VehicleFilters(rings=["canary"]),
+        "status": VehicleFilters(statuses=["failed"]),
+        "reasonCode": VehicleFilters(reason_codes=["APPLY_FAILED"]),
+        "releaseVersion": VehicleFilters(release_versions=["2026.09.0"]),
+        "rolloutId": VehicleFilters(rollout_ids=["1"]),
+        "q (id prefix)": VehicleFilters(q="VIN-00123"),
+    }
+    for name, f in filters.items():
+        for scope_name, scope in (("", everyone), (", scoped to a region", one_region)):
+            statement, params, _ = vehicle_list_query(
+                scope=scope, filters=f, sort=None, cursor=None, limit=LIMIT
+            )
+            cases.append((f"vehicles ?{name}{scope_name}", statement, params))
+    values = {"id": mid_id, "lastSeenAt": mid_seen, "status": mid_status}
+    for key in VEHICLE_SORTS:
+        for sign in ("", "-"):
+            sort = f"{sign}{key.name}"
+            statement, params, order = vehicle_list_query(
+                scope=everyone, filters=VehicleFilters(), sort=sort, cursor=None, limit=LIMIT
+            )
+            cases.append((f"vehicles ?sort={sort}", statement, params))
+            cursor = encode_cursor(order, values[key.name], mid_id)
+            statement, params, _ = vehicle_list_query(
+                scope=everyone, filters=VehicleFilters(), sort=sort, cursor=cursor, limit=LIMIT
+            )
+            cases.append((f"vehicles ?sort={sort}, deep cursor", statement, params))
+    statement, params = timeline_query(scope=one_region, vehicle_id=mid_id, cursor=None, limit=50)
+    cases.append(("timeline, scoped to a region", statement, params))
+    for name, scope, ds_filters in (
+        ("desired states", everyone, DesiredStateFilters([], [], [])),
+        ("desired states, scoped to a region", one_region, DesiredStateFilters([], [], [])),
+        ("desired states ?vehicleId", everyone, DesiredStateFilters([mid_id], [], [])),
+    ):
+        statement = desired_state_list_statement(
+            scope=scope, filters=ds_filters, cursor=None, limit=LIMIT
+        )
+        cases.append((name, statement, {}))
+    return cases
+
+
+def show_plans(url: str) -> int:
+    """Print the plan of each list query shape; the number of sequential scans of the big
+    tables."""
+    print("\nquery plans of the list endpoints (EXPLAIN, the API's own statements):")
+    seq_scans = 0
+    engine = sqlalchemy.create_engine(normalize_database_url(url))
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute", retval=True)
+    def explain(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: Any) -> Any:
+        return f"EXPLAIN (FORMAT JSON) {statement}", params  # an ORM statement's plan
+
+    with psycopg.connect(url, autocommit=True) as conn, engine.connect() as orm:
+        for name, statement, params in plan_cases(conn):
+            if isinstance(statement, str):
+                row = conn.execute(f"EXPLAIN (FORMAT JSON) {statement}", params).fetchone()
+            else:  # built by SQLAlchemy: its own binding, EXPLAIN put in front
+                row = orm.execute(statement).fetchone()
+            assert row is not None
+            plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
+            scans = plan_scans(plan[0]["Plan"])
+            seq_scans += sum(s.startswith("SEQ SCAN") for s in scans)
+            print(f"  {name:<44} {' > '.join(scans)}")
+    engine.dispose()
+    print(f"  sequential scans of {', '.join(BIG_TABLES)}: {seq_scans}")
+    return seq_scans
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -212,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per line")
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
     parser.add_argument(
+        "--plans-only", action="store_true", help="print the query plans, measure nothing"
+    )
+    parser.add_argument(
         "--reuse",
         metavar="DATABASE",
         help="measure a database kept by an earlier run (--keep) instead of seeding one: for"
@@ -223,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.reuse:
         url = localservers.with_database(server, args.reuse)
         print(f"== api reads bench: database {args.reuse} (reused)", flush=True)
-        report(asyncio.run(measure(url, args)), args)
+        show_plans(url)
+        if not args.plans_only:
+            report(asyncio.run(measure(url, args)), args)
         return
     with localservers.bench_database(server, keep=args.keep) as (name, url):
         print(f"== api reads bench: database {name}, {args.vehicles:,} vehicles", flush=True)
@@ -248,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f" in {time.perf_counter() - started:.0f}s",
             flush=True,
         )
-        report(asyncio.run(measure(url, args)), args)
+        show_plans(url)
+        if not args.plans_only:
+            report(asyncio.run(measure(url, args)), args)
 
 
 if __name__ == "__main__":

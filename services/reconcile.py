@@ -285,10 +285,15 @@ def scope_sql(scope: Scope, alias: str = "", *, driver: bool = False) -> tuple[s
         ("org", scope.orgs),
     ):
         if allowed is not None:
+            # One value is `=`: a `(column, id)` index then gives the rows in id order.
             name = f"scope_{column}"
             placeholder = f"%({name})s" if driver else f":{name}"
-            clauses.append(f" AND {prefix}{column} = ANY({placeholder})")
-            params[name] = list(allowed)
+            if len(allowed) == 1:
+                clauses.append(f" AND {prefix}{column} = {placeholder}")
+                params[name] = allowed[0]
+            else:
+                clauses.append(f" AND {prefix}{column} = ANY({placeholder})")
+                params[name] = list(allowed)
     return "".join(clauses), params
 
 

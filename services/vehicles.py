@@ -114,26 +114,32 @@ _FILTERED_COLUMNS = (  # filter name in VehicleFilters, column
     ("models", "model"),
     ("regions", "region"),
     ("rings", "ring"),
-    ("statuses", "status"),
     ("release_versions", "actual_release_version"),
 )
 
 
-async def list_vehicles(
-    conn: AsyncConnection[Any],
-    *,
-    scope: Scope,
-    filters: VehicleFilters,
-    sort: str | None,
-    cursor: str | None,
-    limit: int,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of the fleet, in one statement on the driver (core/db.py). A single value of a
-    filter is `=`, so the `(column, id)` index gives the rows in keyset order."""
+def vehicle_list_query(
+    *, scope: Scope, filters: VehicleFilters, sort: str | None, cursor: str | None, limit: int
+) -> tuple[str, dict[str, Any], Sort]:
+    """The statement (psycopg placeholders) of one page of the fleet, its parameters and its
+    sort. A single value of a filter is `=`, so the `(column, id)` index gives the rows in
+    keyset order (bench/api_reads.py shows the plans at a million vehicles)."""
     filters.validate()
     order = parse_sort(sort, VEHICLE_SORTS, "id")
     where, params = scope_sql(scope, "v", driver=True)
     clauses = [where]
+    # By status (a filter or the sort): through vehicle_status_keys, whose primary key
+    # (status, id) gives a status's vehicles in id order (vehicles has no status index).
+    by_status = bool(filters.statuses) or order.key.name == "status"
+    source = "vehicles v"
+    if by_status:
+        source = "vehicle_status_keys k JOIN vehicles v ON v.id = k.id"
+        if len(filters.statuses) == 1:
+            clauses.append(" AND k.status = %(f_status)s")
+            params["f_status"] = filters.statuses[0]
+        elif filters.statuses:
+            clauses.append(" AND k.status = ANY(%(f_status)s::text[])")
+            params["f_status"] = list(filters.statuses)
     for name, column in _FILTERED_COLUMNS:
         values: list[str] = getattr(filters, name)
         if len(values) == 1:
@@ -156,13 +162,29 @@ async def list_vehicles(
     if filters.q:
         clauses.append(" AND v.id LIKE %(q)s ESCAPE '\\'")
         params["q"] = _escape_like(filters.q) + "%"
-    tail = keyset_sql(order, alias="v", cursor=cursor, limit=limit, params=params)
-    rows = await fetch(
-        conn,
-        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM vehicles v"
-        f" WHERE true{''.join(clauses)}{tail}",
-        params,
+    alias = "k" if by_status and order.key.name in ("id", "status") else "v"
+    tail = keyset_sql(order, alias=alias, cursor=cursor, limit=limit, params=params)
+    statement = (
+        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM {source}"
+        f" WHERE true{''.join(clauses)}{tail}"
     )
+    return statement, params, order
+
+
+async def list_vehicles(
+    conn: AsyncConnection[Any],
+    *,
+    scope: Scope,
+    filters: VehicleFilters,
+    sort: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the fleet, in one statement on the driver (core/db.py)."""
+    statement, params, order = vehicle_list_query(
+        scope=scope, filters=filters, sort=sort, cursor=cursor, limit=limit
+    )
+    rows = await fetch(conn, statement, params)
     key = order.key.column.name
     return split_page(
         rows, sort=order, limit=limit, value_of=lambda r: r[key], id_of=lambda r: r["id"]
@@ -259,12 +281,10 @@ TIMELINE_COLUMNS = (
 )
 
 
-async def list_timeline(
-    conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
-) -> tuple[list[dict[str, Any]], str | None]:
-    """A vehicle's timeline, newest first (`seq` descending, then event id): keyset over the
-    `(vehicle_id, seq)` index of one partition. One statement: no row at all when the vehicle
-    is not inside `scope` (404), one row of nulls when it has no events."""
+def timeline_query(
+    *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
+) -> tuple[str, dict[str, Any]]:
+    """The statement of one page of a vehicle's timeline (`list_timeline`) and its parameters."""
     where, params = scope_sql(scope, "v", driver=True)
     params.update(id=vehicle_id, limit=limit + 1)
     after = ""
@@ -278,14 +298,25 @@ async def list_timeline(
                 details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
             ) from None
         after = " AND (e.seq, e.event_id) < (%(after_seq)s, %(after_id)s)"
-    rows = await fetch(
-        conn,
+    statement = (
         f"SELECT {TIMELINE_COLUMNS} FROM vehicles v LEFT JOIN LATERAL ("
         f" SELECT * FROM timeline_events e WHERE e.vehicle_id = %(id)s{after}"
         " ORDER BY e.seq DESC, e.event_id DESC LIMIT %(limit)s) e ON true"
-        f" WHERE v.id = %(id)s{where}",
-        params,
+        f" WHERE v.id = %(id)s{where}"
     )
+    return statement, params
+
+
+async def list_timeline(
+    conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A vehicle's timeline, newest first (`seq` descending, then event id): keyset over the
+    `(vehicle_id, seq)` index of one partition. One statement: no row at all when the vehicle
+    is not inside `scope` (404), one row of nulls when it has no events."""
+    statement, params = timeline_query(
+        scope=scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
+    )
+    rows = await fetch(conn, statement, params)
     if not rows:
         raise NotFoundError(f"vehicle {vehicle_id!r} not found")
     events = [r for r in rows if r["event_id"] is not None]
