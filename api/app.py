@@ -37,6 +37,7 @@ from core.db import autocommit_engine, create_engine, session_factory
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from models.telemetry import TelemetryBatch
+from services.fleet import SummaryCache
 from services.ingest import IngestConfig, TelemetryIngestor
 from services.stream import StreamHub, ticket_secret
 from services.telemetry import WideWritePolicy
@@ -82,6 +83,7 @@ def create_app(
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.read_engine = autocommit_engine(engine)
+        app.state.fleet_summaries = SummaryCache()
         app.state.temporal = TemporalConnection(settings)
         app.state.verifier = TokenVerifier(settings)
         app.state.ingestor = None

@@ -76,19 +76,31 @@ def refresh_fleet_counts_now(conn: Any) -> float:
     return seconds
 
 
-# Summaries computed since the counts' last refresh, by (scope, top): the counts change only
-# when a refresh commits (a new `refreshed_at`), so between two refreshes a summary is one
-# primary-key read. Bounded: the oldest entry goes first.
-_SUMMARIES: dict[tuple[Scope, int], tuple[datetime, FleetSummary]] = {}
 SUMMARY_ENTRIES = 1024
 
 
-async def fleet_summary(conn: AsyncConnection[Any], *, scope: Scope, top: int = 10) -> FleetSummary:
+class SummaryCache:
+    """Summaries computed since the counts' last refresh, by (scope, top): the counts change
+    only when a refresh commits (a new `refreshed_at`), so between two refreshes a summary is
+    one primary-key read. One per app (one database); bounded, the oldest entry goes first."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Scope, int], tuple[datetime, FleetSummary]] = {}
+
+    def put(self, key: tuple[Scope, int], as_of: datetime, summary: FleetSummary) -> None:
+        if len(self.entries) >= SUMMARY_ENTRIES:
+            del self.entries[next(iter(self.entries))]
+        self.entries[key] = (as_of, summary)
+
+
+async def fleet_summary(
+    conn: AsyncConnection[Any], *, scope: Scope, cache: SummaryCache, top: int = 10
+) -> FleetSummary:
     """Counts inside `scope` by status, by model, region and ring (each with its statuses),
     and the `top` reason codes, as of the last refresh (all zero before the first one)."""
     meta = await fetch(conn, "SELECT refreshed_at FROM fleet_counts_meta WHERE id = 1", {})
     as_of: datetime | None = meta[0]["refreshed_at"] if meta else None
-    known = _SUMMARIES.get((scope, top))
+    known = cache.entries.get((scope, top))
     if known is not None and as_of is not None and known[0] == as_of:
         return known[1]
     where, params = scope_sql(scope, driver=True)
@@ -131,7 +143,5 @@ async def fleet_summary(conn: AsyncConnection[Any], *, scope: Scope, top: int = 
         ],
     )
     if as_of is not None:
-        if len(_SUMMARIES) >= SUMMARY_ENTRIES:
-            del _SUMMARIES[next(iter(_SUMMARIES))]
-        _SUMMARIES[(scope, top)] = (as_of, summary)
+        cache.put((scope, top), as_of, summary)
     return summary

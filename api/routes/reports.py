@@ -30,7 +30,10 @@ async def fleet_summary(request: Request, principal: ViewerDep, conn: ReadConnec
     reconcile run refreshes (`asOf`; every MOTORCADE_RECONCILE_INTERVAL_SECONDS): a few
     hundred rows read, never the fleet. `byModel`, `byRegion` and `byRing` give each value's
     total and statuses; `topReasonCodes` the 10 most frequent."""
-    return ok_json(request, await fleet.fleet_summary(conn, scope=principal.scope))
+    summary = await fleet.fleet_summary(
+        conn, scope=principal.scope, cache=request.app.state.fleet_summaries
+    )
+    return ok_json(request, summary)
 
 
 @router.get(

@@ -86,3 +86,29 @@ async def test_the_unscoped_summary_equals_a_count_of_the_fleet(
     assert data["total"] == len(rows)
     assert {k: v for k, v in data["byStatus"].items() if v} == dict(Counter(s for _, s in rows))
     assert {m: c["total"] for m, c in data["byModel"].items()} == dict(Counter(m for m, _ in rows))
+
+
+async def test_a_summary_is_computed_once_per_refresh(
+    http: httpx.AsyncClient,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+    sessions: Any,
+) -> None:
+    """The process keeps a summary until `refreshed_at` moves: counts changed under it (only a
+    refresh changes them) are read when the refresh is seen, not before."""
+    model = f"{prefix}m"
+    insert_vehicles(database_url, [f"{prefix}{i}" for i in range(4)], model=model)
+    await refresh(sessions)
+    scoped = bearer(token("viewer", scopes={"models": [model]}))
+    assert (await http.get(URL, headers=scoped)).json()["data"]["total"] == 4
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE fleet_counts SET vehicles = vehicles + 10 WHERE model = %s", [model])
+    assert (await http.get(URL, headers=scoped)).json()["data"]["total"] == 4  # kept
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT count(*) FROM fleet_counts WHERE model = %s", [model])
+        places = rows.fetchone()
+        conn.execute("UPDATE fleet_counts_meta SET refreshed_at = refreshed_at + interval '1 ms'")
+    assert places is not None
+    data = (await http.get(URL, headers=scoped)).json()["data"]
+    assert data["total"] == 4 + 10 * places[0]  # a new refreshed_at: read again
