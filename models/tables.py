@@ -419,18 +419,6 @@ class FleetReasonCount(_FleetPlace, table=True):
     reason_code: str = Field(sa_type=Text, nullable=False)
 
 
-class VehicleStatusKey(SQLModel, table=True):
-    """One row per vehicle: its status and id, kept equal to `vehicles` by triggers (migration
-    0010). The index of the fleet list's status filter and sort, which `vehicles` cannot have
-    without losing its heap-only updates."""
-
-    __tablename__ = "vehicle_status_keys"
-    __table_args__ = (PrimaryKeyConstraint("status", "id", name="vehicle_status_keys_pkey"),)
-
-    status: str = Field(sa_column=Column(Text, nullable=False))
-    id: str = Field(sa_column=Column(Text, nullable=False))
-
-
 class FleetCountsMeta(SQLModel, table=True):
     """When `fleet_counts` were last computed, and how long it took (one row)."""
 

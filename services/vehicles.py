@@ -114,6 +114,7 @@ _FILTERED_COLUMNS = (  # filter name in VehicleFilters, column
     ("models", "model"),
     ("regions", "region"),
     ("rings", "ring"),
+    ("statuses", "status"),
     ("release_versions", "actual_release_version"),
 )
 
@@ -128,18 +129,6 @@ def vehicle_list_query(
     order = parse_sort(sort, VEHICLE_SORTS, "id")
     where, params = scope_sql(scope, "v", driver=True)
     clauses = [where]
-    # By status (a filter or the sort): through vehicle_status_keys, whose primary key
-    # (status, id) gives a status's vehicles in id order (vehicles has no status index).
-    by_status = bool(filters.statuses) or order.key.name == "status"
-    source = "vehicles v"
-    if by_status:
-        source = "vehicle_status_keys k JOIN vehicles v ON v.id = k.id"
-        if len(filters.statuses) == 1:
-            clauses.append(" AND k.status = %(f_status)s")
-            params["f_status"] = filters.statuses[0]
-        elif filters.statuses:
-            clauses.append(" AND k.status = ANY(%(f_status)s::text[])")
-            params["f_status"] = list(filters.statuses)
     for name, column in _FILTERED_COLUMNS:
         values: list[str] = getattr(filters, name)
         if len(values) == 1:
@@ -162,10 +151,9 @@ def vehicle_list_query(
     if filters.q:
         clauses.append(" AND v.id LIKE %(q)s ESCAPE '\\'")
         params["q"] = _escape_like(filters.q) + "%"
-    alias = "k" if by_status and order.key.name in ("id", "status") else "v"
-    tail = keyset_sql(order, alias=alias, cursor=cursor, limit=limit, params=params)
+    tail = keyset_sql(order, alias="v", cursor=cursor, limit=limit, params=params)
     statement = (
-        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM {source}"
+        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM vehicles v"
         f" WHERE true{''.join(clauses)}{tail}"
     )
     return statement, params, order
