@@ -32,26 +32,28 @@ def encode(data: Any) -> Any:
     return jsonable_encoder(data, by_alias=True)
 
 
-def ok(request: Request, data: Any, **metadata: Any) -> dict[str, Any]:
-    """`{"data", "metadata", "timestamp"}` for one item."""
+def _envelope(request: Request, data: Any, metadata: dict[str, Any]) -> dict[str, Any]:
     return {
-        "data": encode(data),
+        "data": data,
         "metadata": {"requestId": request_id_of(request), **metadata},
         "timestamp": utc_now_iso(),
     }
+
+
+def _page_metadata(limit: int, next_cursor: str | None) -> dict[str, Any]:
+    return {"limit": limit, "nextCursor": next_cursor, "hasMore": next_cursor is not None}
+
+
+def ok(request: Request, data: Any, **metadata: Any) -> dict[str, Any]:
+    """`{"data", "metadata", "timestamp"}` for one item."""
+    return _envelope(request, encode(data), metadata)
 
 
 def page(
     request: Request, items: Sequence[Any], *, limit: int, next_cursor: str | None
 ) -> dict[str, Any]:
     """A list page with keyset metadata."""
-    return ok(
-        request,
-        list(items),
-        limit=limit,
-        nextCursor=next_cursor,
-        hasMore=next_cursor is not None,
-    )
+    return ok(request, list(items), **_page_metadata(limit, next_cursor))
 
 
 def json_response(body: dict[str, Any], status_code: int = 200) -> Response:
@@ -65,26 +67,14 @@ def json_response(body: dict[str, Any], status_code: int = 200) -> Response:
 
 def ok_json(request: Request, data: Any, **metadata: Any) -> Response:
     """`ok` as a response: `data` is a model or a list of models."""
-    return json_response(
-        {
-            "data": data,
-            "metadata": {"requestId": request_id_of(request), **metadata},
-            "timestamp": utc_now_iso(),
-        }
-    )
+    return json_response(_envelope(request, data, metadata))
 
 
 def page_json(
     request: Request, items: Sequence[Any], *, limit: int, next_cursor: str | None
 ) -> Response:
     """`page` as a response."""
-    return ok_json(
-        request,
-        list(items),
-        limit=limit,
-        nextCursor=next_cursor,
-        hasMore=next_cursor is not None,
-    )
+    return ok_json(request, list(items), **_page_metadata(limit, next_cursor))
 
 
 def error_body(
