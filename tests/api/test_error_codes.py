@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -306,7 +307,9 @@ async def internal(c: Ctx) -> httpx.Response:
     assert not any(leak in first.text for leak in LEAKS), first.text
     c.request_id = f"err-{uuid.uuid4().hex}"
     missing = f"motorcade_{SECRET.replace('-', '_')}"
-    url = c.api_settings.database_url.rpartition("/")[0] + f"/{missing}"
+    # The same server (TCP or a socket directory in the query), another database's name: the
+    # server refuses it (FATAL), a 500. An unreachable server would be 503 UNAVAILABLE.
+    url = urlunsplit(urlsplit(c.api_settings.database_url)._replace(path=f"/{missing}"))
     settings = c.api_settings.model_copy(update={"database_url": url, "api_ingest": False})
     async with serve(create_app(settings)) as client:
         return await client.get("/api/v1/vehicles", headers=c.h(c.viewer))
