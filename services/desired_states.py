@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, text, tuple_
+from sqlalchemy import and_, exists, literal, or_, text, tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -69,7 +69,16 @@ def desired_state_list_statement(
     if not scope.unrestricted:
         stmt = stmt.where(
             or_(
-                col(DesiredState.vehicle_id).in_(scoped(select(col(Vehicle.id)), scope)),
+                # A correlated EXISTS, probed by the vehicles' primary key for each desired
+                # state read (newest first, until the page is full). OFFSET 0 keeps PostgreSQL
+                # from turning it into a hash of every vehicle in the scope (677 ms against
+                # 6 ms at a million vehicles: bench/api_reads.py prints the plan).
+                exists(
+                    scoped(
+                        select(literal(1)).where(col(Vehicle.id) == col(DesiredState.vehicle_id)),
+                        scope,
+                    ).offset(0)
+                ),
                 and_(
                     col(DesiredState.vehicle_id).is_(None),
                     col(DesiredState.rollout_id).in_(
