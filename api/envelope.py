@@ -56,13 +56,11 @@ def page(
     return ok(request, list(items), **_page_metadata(limit, next_cursor))
 
 
-def json_response(body: dict[str, Any], status_code: int = 200) -> Response:
+def json_response(body: dict[str, Any]) -> Response:
     """`body` encoded once by pydantic (models inside it too, by alias). Returned by a route,
     it skips FastAPI's validation of the body against the route's `response_model` (which
     still documents it): on a list page, a second pass over every item."""
-    return Response(
-        to_json(body, by_alias=True), status_code=status_code, media_type="application/json"
-    )
+    return Response(to_json(body, by_alias=True), media_type="application/json")
 
 
 def ok_json(request: Request, data: Any, **metadata: Any) -> Response:

@@ -97,12 +97,7 @@ def instrument_engine(engine: Any) -> None:
     from sqlalchemy import event
 
     def before(_conn: Any, _cursor: Any, statement: str, _p: Any, context: Any, _m: Any) -> None:
-        verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
-        context._motorcade_span = tracer().start_span(
-            verb,
-            kind=trace.SpanKind.CLIENT,
-            attributes={"db.system.name": "postgresql", "db.query.text": statement[:2000]},
-        )
+        context._motorcade_span = tracer().start_span(**_statement_span(statement))
 
     def after(_conn: Any, _cursor: Any, _s: str, _p: Any, context: Any, _m: Any) -> None:
         span = getattr(context, "_motorcade_span", None)
@@ -127,12 +122,17 @@ def db_span(statement: str) -> Any:
     names them), or a no-op context when tracing is off."""
     if not enabled():
         return contextlib.nullcontext()
-    verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
-    return tracer().start_as_current_span(
-        verb,
-        kind=trace.SpanKind.CLIENT,
-        attributes={"db.system.name": "postgresql", "db.query.text": statement[:2000]},
-    )
+    return tracer().start_as_current_span(**_statement_span(statement))
+
+
+def _statement_span(statement: str) -> dict[str, Any]:
+    """A database span's name (the statement's verb), kind and attributes: the statement's
+    text, never its parameters."""
+    return {
+        "name": statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL",
+        "kind": trace.SpanKind.CLIENT,
+        "attributes": {"db.system.name": "postgresql", "db.query.text": statement[:2000]},
+    }
 
 
 def temporal_interceptors() -> list[Any]:

@@ -22,6 +22,7 @@ All set-based, whatever the fleet size: no per-vehicle Python loop. Functions ta
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -273,9 +274,23 @@ async def record_drift(
 # --- Reports ------------------------------------------------------------------------------
 
 
+def match_sql(
+    column: str, name: str, values: Sequence[Any], params: dict[str, Any], *, driver: bool
+) -> str:
+    """` AND column = value` for one value (a `(column, id)` index then gives the rows in id
+    order), ` AND column = ANY(values)` for several; the value goes into `params` under
+    `name`, with SQLAlchemy's placeholder (`:name`) or, for `driver`, psycopg's."""
+    placeholder = f"%({name})s" if driver else f":{name}"
+    if len(values) == 1:
+        params[name] = values[0]
+        return f" AND {column} = {placeholder}"
+    params[name] = list(values)
+    return f" AND {column} = ANY({placeholder})"
+
+
 def scope_sql(scope: Scope, alias: str = "", *, driver: bool = False) -> tuple[str, dict[str, Any]]:
-    """` AND ...` restricting rows with region/model/org columns to the caller's scope, with
-    SQLAlchemy's placeholders (`:name`) or, for `driver`, psycopg's (`%(name)s`)."""
+    """` AND ...` restricting rows with region/model/org columns to the caller's scope (see
+    `match_sql` for the placeholders)."""
     prefix = f"{alias}." if alias else ""
     clauses: list[str] = []
     params: dict[str, Any] = {}
@@ -285,15 +300,9 @@ def scope_sql(scope: Scope, alias: str = "", *, driver: bool = False) -> tuple[s
         ("org", scope.orgs),
     ):
         if allowed is not None:
-            # One value is `=`: a `(column, id)` index then gives the rows in id order.
-            name = f"scope_{column}"
-            placeholder = f"%({name})s" if driver else f":{name}"
-            if len(allowed) == 1:
-                clauses.append(f" AND {prefix}{column} = {placeholder}")
-                params[name] = allowed[0]
-            else:
-                clauses.append(f" AND {prefix}{column} = ANY({placeholder})")
-                params[name] = list(allowed)
+            clauses.append(
+                match_sql(f"{prefix}{column}", f"scope_{column}", allowed, params, driver=driver)
+            )
     return "".join(clauses), params
 
 

@@ -32,7 +32,7 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
-from services.reconcile import scope_sql
+from services.reconcile import match_sql, scope_sql
 
 if TYPE_CHECKING:
     from services.rollouts import Actor
@@ -131,12 +131,8 @@ def vehicle_list_query(
     clauses = [where]
     for name, column in _FILTERED_COLUMNS:
         values: list[str] = getattr(filters, name)
-        if len(values) == 1:
-            clauses.append(f" AND v.{column} = %(f_{column})s")
-            params[f"f_{column}"] = values[0]
-        elif values:
-            clauses.append(f" AND v.{column} = ANY(%(f_{column})s::text[])")
-            params[f"f_{column}"] = list(values)
+        if values:
+            clauses.append(match_sql(f"v.{column}", f"f_{column}", values, params, driver=True))
     if filters.rollout_ids:
         # vehicles.rollout_id has no index (a rollout's issue must stay a HOT update): the
         # rollout's targets (primary key rollout_id, vehicle_id) give the vehicles in id order.
