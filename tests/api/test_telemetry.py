@@ -111,6 +111,34 @@ async def test_duplicates_same_batch_twice_adds_nothing(
     assert both.json()["data"] == {"accepted": 1, "duplicates": 1, "heartbeats": 0}
 
 
+async def test_an_event_id_sent_again_under_a_new_seq_is_a_duplicate(
+    http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
+) -> None:
+    """A batch whose events all look newer than what is stored goes in without `ON CONFLICT`
+    (services/telemetry.py `_insert_new_events`); an event id reused under a higher seq is a
+    duplicate all the same: the batch is rolled back to its savepoint and inserted again,
+    the new events accepted, the old event kept as it was, nothing lost."""
+    vid, other = f"{prefix}0", f"{prefix}1"
+    insert_vehicles(database_url, [vid, other], release="1.0")
+    ds = set_desired(database_url, vid)
+    first = event(vid, 1, "desired_notified", ds)
+    r = await http.post(URL, json={"events": [first]}, headers=gateway)
+    assert r.json()["data"] == {"accepted": 1, "duplicates": 0, "heartbeats": 0}
+    reused = {**first, "seq": 5, "type": "failed", "reasonCode": "DISK_FULL"}
+    fresh = [event(vid, 6, "apply_start", ds), event(other, 1, "apply_start")]
+    r = await http.post(URL, json={"events": [reused, *fresh]}, headers=gateway)
+    assert r.status_code == 202, r.text
+    assert r.json()["data"] == {"accepted": 2, "duplicates": 1, "heartbeats": 0}
+    tl = (await http.get(f"/api/v1/vehicles/{vid}/timeline", headers=viewer)).json()
+    assert [(e["seq"], e["type"]) for e in tl["data"]] == [
+        (6, "apply_start"),
+        (1, "desired_notified"),
+    ]
+    assert event_count(database_url, prefix) == 3
+    row = vehicle_row(database_url, vid)
+    assert (row["last_event_seq"], row["status"]) == (6, "updating")
+
+
 async def test_out_of_order_events_never_move_status_backwards(
     http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
 ) -> None:
