@@ -133,8 +133,10 @@ class _UnknownVehicle(_Redo):
 
 
 class _RowMoved(_Redo):
-    """A locked wide row was not where the lock found it (cannot happen while the lock is
-    held: guarded all the same, so a miss rewrites the group instead of losing a status)."""
+    """A locked wide row was not where the lock found it. Only this transaction can move a
+    row it holds locked, and the heartbeat refresh leaves those rows to the wide update
+    (test_a_vehicle_both_derived_and_refreshed_in_one_group_is_written_once): guarded all
+    the same, so a miss rewrites the group instead of losing a status."""
 
 
 async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
@@ -547,7 +549,9 @@ async def _write_group(
             stationary = t.stationary
         FROM ingest_touch u JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
         WHERE v.id = u.vid AND u.has_hb
-          AND u.seq <= v.last_event_seq
+          -- not the rows locked for derivation above (a new latest event, or flagged): the
+          -- wide update below writes those, by the address the lock read them at
+          AND u.seq <= v.last_event_seq AND NOT u.vid = ANY(%(flagged)s)
           AND v.status <> 'offline'
           AND coalesce(t.actual_release_version, v.actual_release_version)
               IS NOT DISTINCT FROM v.actual_release_version
@@ -558,7 +562,11 @@ async def _write_group(
                OR (t.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
                    OR t.last_seen_at - v.last_seen_at >= %(refresh)s)))
         """,
-        {"step": policy.battery_step, "refresh": timedelta(seconds=policy.refresh_seconds)},
+        {
+            "step": policy.battery_step,
+            "refresh": timedelta(seconds=policy.refresh_seconds),
+            "flagged": flagged,
+        },
     )
     result.vehicles_written += max(cur.rowcount, 0)
     lap("refresh")

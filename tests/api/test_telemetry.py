@@ -139,6 +139,29 @@ async def test_an_event_id_sent_again_under_a_new_seq_is_a_duplicate(
     assert (row["last_event_seq"], row["status"]) == (6, "updating")
 
 
+async def test_a_vehicle_both_derived_and_refreshed_in_one_group_is_written_once(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    """A vehicle flagged for derivation (its narrow row's actual release differs from the wide
+    row's) whose heartbeat also changes something visible: the wide update finds the row by
+    the address the lock read, so the heartbeat refresh must leave that row to it."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    r = await http.post(URL, json={"heartbeats": [heartbeat(vid)]}, headers=gateway)
+    assert r.status_code == 202, r.text
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE vehicle_telemetry SET actual_release_version = NULL WHERE vehicle_id = %s",
+            (vid,),
+        )
+        conn.execute("UPDATE vehicles SET stationary = false WHERE id = %s", (vid,))
+    older = heartbeat(vid, sent_at=now_iso(-60), actual=None)
+    r = await http.post(URL, json={"heartbeats": [older]}, headers=gateway)
+    assert r.status_code == 202, r.text
+    row = vehicle_row(database_url, vid)
+    assert row["stationary"] is True and row["status"] == "in_sync"
+
+
 async def test_out_of_order_events_never_move_status_backwards(
     http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
 ) -> None:
