@@ -132,6 +132,10 @@ def _wait_ready(base: str, procs: list[tuple[str, subprocess.Popen[bytes]]]) -> 
     raise SystemExit("the API did not become ready within 90 s")
 
 
+def _stopping_already(signum: int, _frame: object) -> None:
+    say("stopping already: every process this command started is being stopped")
+
+
 def run_dev(*, vehicles: int, state_dir: Path) -> int:
     from core.auth import mint_dev_token
     from core.migrate import upgrade
@@ -224,6 +228,10 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
     finally:
         if interrupted:
             say("interrupted")
+        # A second Ctrl-C (or SIGTERM) while stopping must not abandon the stop half-way: the
+        # children run in their own sessions and would be left running.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stopping_already)
         stack.stop()
 
 

@@ -130,6 +130,9 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
         assert listed[0]["taskQueue"] == "motorcade-rollouts"
     finally:
         proc.send_signal(signal.SIGINT)
+        # An impatient second signal while it stops: the stop still finishes (ports freed).
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
