@@ -208,7 +208,9 @@ _STAGING = (
 # `details` is staged as JSON text, encoded by pydantic_core (and not at all when empty,
 # the common case), and parsed once by PostgreSQL when it moves to the timeline.
 _EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "text"]
-_STAGED_EVENTS = """
+_INSERT_STAGED_EVENTS = """
+    INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at, desired_state_id,
+                                 release_version, reason_code, details)
     SELECT vehicle_id, event_id, seq, type, occurred_at, desired_state_id, release_version,
            reason_code, details::jsonb
     FROM ingest_events
@@ -265,13 +267,7 @@ async def _insert_new_events(
         return False
     await driver.execute("SAVEPOINT ingest_events")
     try:
-        await driver.execute(
-            f"""
-            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
-                desired_state_id, release_version, reason_code, details)
-            {_STAGED_EVENTS}
-            """
-        )
+        await driver.execute(_INSERT_STAGED_EVENTS)
     except psycopg.errors.UniqueViolation:
         await driver.execute("ROLLBACK TO SAVEPOINT ingest_events")
         await driver.execute("RELEASE SAVEPOINT ingest_events")
@@ -496,12 +492,14 @@ async def _write_group(
             {"flagged": flagged},
             binary=True,
         )
-        locked = await cur.fetchall()
-        with_events = sum(1 for r in locked if r[0] in top)
+        with_events = 0
+        for r in await cur.fetchall():
+            stored_seq[r[0]] = r[-1]
+            with_events += r[0] in top
+            if r[1]:
+                rows.append((r[0], *r[2:-1]))
         if with_events < len(top):  # some vehicle is unknown: refuse its requests, redo
             raise _UnknownVehicle
-        rows = [(r[0], *r[2:-1]) for r in locked if r[1]]
-        stored_seq = {r[0]: r[-1] for r in locked}
     lap("select")
 
     # -- events: one insert; duplicates found by the row count, and then by xmin ----------
@@ -510,12 +508,7 @@ async def _write_group(
         inserted = set(owner)
     elif events:
         cur = await driver.execute(
-            f"""
-            INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at,
-                desired_state_id, release_version, reason_code, details)
-            {_STAGED_EVENTS}
-            ON CONFLICT (vehicle_id, event_id) DO NOTHING
-            """
+            f"{_INSERT_STAGED_EVENTS} ON CONFLICT (vehicle_id, event_id) DO NOTHING"
         )
         if cur.rowcount == len(events):  # no duplicate at all
             inserted = set(owner)
