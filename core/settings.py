@@ -182,6 +182,13 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = Field(
         15, gt=0, le=300, description="Seconds between keep-alive comments on an idle stream."
     )
+    stream_stall_seconds: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="A stream whose client has read nothing for this long (a write to it "
+        "still blocked) is closed; checked at each keep-alive.",
+    )
     stream_queue_max_events: int = Field(
         1000,
         ge=1,

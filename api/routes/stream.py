@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
+import structlog
 from fastapi import APIRouter, Header, Query, Request
+from prometheus_client import Counter
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Message, Send
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import READ_ROLES, ViewerDep, get_principal, multi
 from api.envelope import ok
@@ -25,7 +29,13 @@ from core.auth import Principal, TokenError
 from services import stream as service
 
 router = APIRouter(tags=["stream"])
+log = structlog.stdlib.get_logger("motorcade.stream")
 WRITE_BATCH = 100  # events joined into one write at most
+_PING = b": ping"  # sse-starlette's keep-alive comment (`: ping - <time>`)
+STALLED = Counter(
+    "motorcade_sse_stalled_total",
+    "Streams closed because their client read nothing for MOTORCADE_STREAM_STALL_SECONDS.",
+)
 
 TOPICS_DESCRIPTION = (
     "Comma-separated or repeated: `vehicles` (vehicle.updated, fleet.summary), `rollouts` "
@@ -77,16 +87,44 @@ def _last_event_id(query: str | None, header: str | None) -> int | None:
 
 
 class StreamResponse(EventSourceResponse):
-    """sse-starlette's response, sending each chunk straight to the server when it has no
-    send timeout (ours: a slow subscriber is dropped by the hub's bounded queue instead).
-    sse-starlette would wrap every send in a cancel scope with no deadline: work on every
-    event to every subscriber (40,000 sends a second in bench/sse.py) that bounds nothing."""
+    """sse-starlette's response, sending each event chunk straight to the server: a per-send
+    cancel scope (sse-starlette's `send_timeout`) is work on every event to every subscriber
+    (40,000 sends a second in bench/sse.py). A client that stops reading is caught by the
+    keep-alive task instead: each event write notes when it started, and the keep-alive,
+    before its own write (bounded by a deadline), ends the stream when a write has been
+    blocked for `stalled_after` seconds. A slow but reading subscriber is dropped by the hub's
+    bounded queue; this is for one that reads nothing at all, whose socket would otherwise be
+    held until TCP gives up."""
+
+    def __init__(self, *args: Any, stalled_after: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stalled_after = stalled_after
+        self._writing_since: float | None = None
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self.send_timeout is None:
+        if not message.get("body", b"").startswith(_PING):
+            self._writing_since = time.monotonic()
+            try:
+                await send(message)
+            finally:
+                self._writing_since = None
+            return
+        since = self._writing_since
+        if since is not None and time.monotonic() - since >= self.stalled_after:
+            raise SendTimeoutError
+        with anyio.move_on_after(self.stalled_after) as deadline:
             await send(message)
-        else:
-            await super()._send_with_timeout(send, message)
+        if deadline.cancel_called:
+            raise SendTimeoutError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # The task group has cancelled the blocked write and closed the generator (its
+            # subscription is gone); returning lets the server close the connection.
+            STALLED.inc()
+            log.warning("stream.stalled", seconds=self.stalled_after)
 
 
 def _resync(reason: str) -> ServerSentEvent:
@@ -179,6 +217,7 @@ async def stream(
     return StreamResponse(
         events(),
         ping=request.app.state.settings.stream_keepalive_seconds,
+        stalled_after=request.app.state.settings.stream_stall_seconds,
         shutdown_event=shutdown,
         shutdown_grace_period=1,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
