@@ -136,6 +136,14 @@ def _stopping_already(signum: int, _frame: object) -> None:
     say("stopping already: every process this command started is being stopped")
 
 
+def _stop_on_further_signals() -> None:
+    """From now on Ctrl-C and SIGTERM only say so: a second one (an impatient user, a
+    supervisor signalling the process group and the process) must not abandon the stop
+    half-way, as the children run in their own sessions and would be left running."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopping_already)
+
+
 def run_dev(*, vehicles: int, state_dir: Path) -> int:
     from core.auth import mint_dev_token
     from core.migrate import upgrade
@@ -147,8 +155,10 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
     interrupted = False
 
     def on_signal(signum: int, _frame: object) -> None:
+        _stop_on_further_signals()  # before raising: a signal right behind this one is safe
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         dev_key = load_or_create_dev_key(state_dir)
@@ -226,12 +236,9 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
         interrupted = True
         return 0
     finally:
+        _stop_on_further_signals()
         if interrupted:
             say("interrupted")
-        # A second Ctrl-C (or SIGTERM) while stopping must not abandon the stop half-way: the
-        # children run in their own sessions and would be left running.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _stopping_already)
         stack.stop()
 
 

@@ -129,9 +129,9 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
         assert listed and listed[0]["execution"]["workflowId"] == workflow_id
         assert listed[0]["taskQueue"] == "motorcade-rollouts"
     finally:
+        # Two signals back to back (a supervisor signalling the group and the process): the
+        # stop still finishes, exit 0, every port freed.
         proc.send_signal(signal.SIGINT)
-        # An impatient second signal while it stops: the stop still finishes (ports freed).
-        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
