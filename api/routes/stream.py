@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
@@ -31,7 +32,7 @@ from services import stream as service
 router = APIRouter(tags=["stream"])
 log = structlog.stdlib.get_logger("motorcade.stream")
 WRITE_BATCH = 100  # events joined into one write at most
-_PING = b": ping"  # sse-starlette's keep-alive comment (`: ping - <time>`)
+_PING = b": ping"  # how every keep-alive comment starts (`_ping_event`)
 STALLED = Counter(
     "motorcade_sse_stalled_total",
     "Streams closed because their client read nothing for MOTORCADE_STREAM_STALL_SECONDS.",
@@ -127,6 +128,12 @@ class StreamResponse(EventSourceResponse):
             log.warning("stream.stalled", seconds=self.stalled_after)
 
 
+def _ping_event() -> ServerSentEvent:
+    """The keep-alive comment (`: ping - <time>`): ours, so `StreamResponse` can tell it
+    from an event write by its first bytes."""
+    return ServerSentEvent(comment=f"ping - {datetime.now(UTC).isoformat()}")
+
+
 def _resync(reason: str) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps({"reason": reason}), event=service.RESYNC)
 
@@ -217,6 +224,7 @@ async def stream(
     return StreamResponse(
         events(),
         ping=request.app.state.settings.stream_keepalive_seconds,
+        ping_message_factory=_ping_event,
         stalled_after=request.app.state.settings.stream_stall_seconds,
         shutdown_event=shutdown,
         shutdown_grace_period=1,

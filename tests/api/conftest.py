@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -174,3 +175,13 @@ def insert_release(database_url: str, version: str) -> None:
             " ON CONFLICT DO NOTHING",
             (version,),
         )
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """`{labels: value}` of one metric family in Prometheus text format."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", line)
+        if match:
+            found[match.group(1) or ""] = float(match.group(2))
+    return found

@@ -5,7 +5,6 @@ HTTP from real processes' servers."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -19,18 +18,9 @@ from core.localservers import free_port
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect
 from models.enums import RolloutStatus
+from tests.api.conftest import samples
 from tests.api.test_rollout_control import create_rollout, wait_for_status
 from worker.main import build_worker
-
-
-def samples(text: str, name: str) -> dict[str, float]:
-    """`{labels: value}` of one metric family in Prometheus text format."""
-    found = {}
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", line)
-        if match:
-            found[match.group(1) or ""] = float(match.group(2))
-    return found
 
 
 async def test_requests_are_counted_by_route_template_never_by_path(

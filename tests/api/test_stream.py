@@ -27,7 +27,7 @@ from core.settings import Settings
 from models.enums import AuditSource, Role
 from services import audit, stream
 from services.fleet import refresh_fleet_counts
-from tests.api.conftest import bearer, insert_release, insert_vehicles, serve_app
+from tests.api.conftest import bearer, insert_release, insert_vehicles, samples, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_telemetry import URL as TELEMETRY
 from tests.api.test_telemetry import event as telemetry_event
@@ -440,13 +440,9 @@ async def test_a_client_that_reads_nothing_is_let_go(
 
             async def subscribers() -> tuple[float, float]:
                 text = (await client.get("/metrics", headers=viewer)).text
-                values = {
-                    line.split()[0]: float(line.split()[1])
-                    for line in text.splitlines()
-                    if line.startswith(("motorcade_sse_subscribers ", "motorcade_sse_stalled"))
-                }
-                return values["motorcade_sse_subscribers"], values.get(
-                    "motorcade_sse_stalled_total", 0
+                return (
+                    samples(text, "motorcade_sse_subscribers")[""],
+                    samples(text, "motorcade_sse_stalled_total").get("", 0),
                 )
 
             assert await subscribers() == (1, 0)
@@ -508,13 +504,10 @@ async def test_disconnected_client_is_reclaimed(app_url: str, viewer_token: dict
     async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
         for _ in range(200):
             metrics = (await client.get("/metrics", headers=viewer_token)).text
-            line = next(
-                m for m in metrics.splitlines() if m.startswith("motorcade_sse_subscribers ")
-            )
-            if float(line.split()[1]) == 0:
+            if (open_streams := samples(metrics, "motorcade_sse_subscribers")[""]) == 0:
                 break
             await asyncio.sleep(0.05)
-        assert float(line.split()[1]) == 0
+        assert open_streams == 0
 
 
 async def test_a_fleet_summary_refresh_is_published_in_its_transaction(
