@@ -15,6 +15,7 @@ viewer token) send `--requests` requests per line:
 - list vehicles filtered by region: the first page, and page 1,000 (its cursor found by
   walking the pages first), limit 50;
 - list vehicles filtered by status (`failed`): first page and the deepest page up to 1,000;
+- list vehicles sorted by status (`sort=status`): first page and page 1,000;
 - one vehicle (random ids), its timeline (first page), the fleet summary.
 
 Prints p50 and p99 per line and the ratio of each deep page's p99 to its first page's
@@ -74,6 +75,12 @@ STATUS_MIX = (
 )
 DEEP_PAGE = 1000
 LIMIT = 50
+# The lists measured at their first page and their page DEEP_PAGE (name: query).
+LISTS = {
+    "?region=": f"region={REGIONS[0]}",
+    "?status=": "status=failed",
+    "?sort=status": "sort=status",
+}
 
 
 def set_statuses(conn: psycopg.Connection) -> None:
@@ -197,6 +204,7 @@ def plan_cases(conn: psycopg.Connection) -> list[tuple[str, Any, dict[str, Any]]
         "region (two)": VehicleFilters(regions=list(REGIONS[:2])),
         "ring": VehicleFilters(rings=["canary"]),
         "status": VehicleFilters(statuses=["failed"]),
+        "status (two)": VehicleFilters(statuses=["failed", "blocked"]),
         "reasonCode": VehicleFilters(reason_codes=["APPLY_FAILED"]),
         "releaseVersion": VehicleFilters(release_versions=["2026.09.0"]),
         "rolloutId": VehicleFilters(rollout_ids=["1"]),
@@ -208,6 +216,11 @@ def plan_cases(conn: psycopg.Connection) -> list[tuple[str, Any, dict[str, Any]]
                 scope=scope, filters=f, sort=None, cursor=None, limit=LIMIT
             )
             cases.append((f"vehicles ?{name}{scope_name}", statement, params))
+            if name.startswith("status") or name == "region":
+                statement, params, _ = vehicle_list_query(
+                    scope=scope, filters=f, sort="status", cursor=None, limit=LIMIT
+                )
+                cases.append((f"vehicles ?{name}&sort=status{scope_name}", statement, params))
     values = {"id": mid_id, "lastSeenAt": mid_seen, "status": mid_status}
     for key in VEHICLE_SORTS:
         for sign in ("", "-"):
@@ -285,15 +298,12 @@ async def measure(url: str, args: argparse.Namespace) -> list[tuple[str, list[fl
         async def line(name: str, paths: list[str]) -> None:
             lines.append((name, await timed(base, token, paths, args.clients)))
 
-        lists = {
-            "region": f"/api/v1/vehicles?region={REGIONS[0]}&limit={LIMIT}",
-            "status": f"/api/v1/vehicles?status=failed&limit={LIMIT}",
-        }
-        for name, path in lists.items():
+        for name, query in LISTS.items():
+            path = f"/api/v1/vehicles?{query}&limit={LIMIT}"
             cursor, reached = await deep_cursor(base, token, path, DEEP_PAGE)
-            await line(f"vehicles ?{name}= first page", [path] * n)
+            await line(f"vehicles {name} first page", [path] * n)
             deep = f"{path}&cursor={cursor}" if cursor else path
-            await line(f"vehicles ?{name}= page {reached:,}", [deep] * n)
+            await line(f"vehicles {name} page {reached:,}", [deep] * n)
         await line("one vehicle", [f"/api/v1/vehicles/{rng.choice(ids)}" for _ in range(n)])
         await line(
             "its timeline, first page",
@@ -315,12 +325,12 @@ def report(lines: list[tuple[str, list[float]]], args: argparse.Namespace) -> No
         p99[name] = pct(values, 0.99)
         ok = "met" if p99[name] < 50 else "NOT met"
         print(f"  {name:<34} p50 {statistics.median(values):7.1f}   p99 {p99[name]:7.1f}   {ok}")
-    for name in ("region", "status"):
-        first = p99[f"vehicles ?{name}= first page"]
-        deep = next(v for k, v in p99.items() if k.startswith(f"vehicles ?{name}= page"))
+    for name in LISTS:
+        first = p99[f"vehicles {name} first page"]
+        deep = next(v for k, v in p99.items() if k.startswith(f"vehicles {name} page"))
         ratio = deep / first if first else float("inf")
         print(
-            f"  ?{name}= deep page / first page (p99): {ratio:.2f}"
+            f"  {name} deep page / first page (p99): {ratio:.2f}"
             f"  {'met' if ratio <= 1.5 else 'NOT met'}"
         )
 
@@ -365,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             set_statuses(conn)
             seed_events(conn, args.vehicles, args.events)
             conn.execute("VACUUM ANALYZE vehicles")
+            conn.execute("VACUUM ANALYZE vehicles_by_status")
             conn.execute("ANALYZE timeline_events")
             with conn.transaction():
                 refresh_fleet_counts_now(conn)

@@ -428,3 +428,13 @@ class FleetCountsMeta(SQLModel, table=True):
     id: int = Field(sa_column=Column(SmallInteger, primary_key=True))
     refreshed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     seconds: float = Field(sa_column=Column(Float, nullable=False))
+
+
+class VehicleByStatus(SQLModel, table=True):
+    """One `(status, id)` key per vehicle, kept equal to `vehicles` by statement triggers
+    (migration 0011): the fleet in status order, and the vehicles of one status."""
+
+    __tablename__ = "vehicles_by_status"
+
+    status: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))

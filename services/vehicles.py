@@ -133,6 +133,16 @@ def vehicle_list_query(
         values: list[str] = getattr(filters, name)
         if values:
             clauses.append(match_sql(f"v.{column}", f"f_{column}", values, params, driver=True))
+    # vehicles.status has no index (a status change must stay a HOT update): the keys of
+    # vehicles_by_status (migration 0011) give the fleet in status order, and a status's
+    # vehicles in id order.
+    by_status = order.key.name == "status"
+    if filters.statuses:
+        keys = match_sql("k.status", "k_status", filters.statuses, params, driver=True)
+        if not by_status:
+            clauses.append(f" AND v.id IN (SELECT k.id FROM vehicles_by_status k WHERE true{keys})")
+        else:
+            clauses.append(keys)
     if filters.rollout_ids:
         # vehicles.rollout_id has no index (a rollout's issue must stay a HOT update): the
         # rollout's targets (primary key rollout_id, vehicle_id) give the vehicles in id order.
@@ -147,9 +157,12 @@ def vehicle_list_query(
     if filters.q:
         clauses.append(" AND v.id LIKE %(q)s ESCAPE '\\'")
         params["q"] = _escape_like(filters.q) + "%"
-    tail = keyset_sql(order, alias="v", cursor=cursor, limit=limit, params=params)
+    tail = keyset_sql(
+        order, alias="k" if by_status else "v", cursor=cursor, limit=limit, params=params
+    )
+    source = "vehicles_by_status k JOIN vehicles v ON v.id = k.id" if by_status else "vehicles v"
     statement = (
-        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM vehicles v"
+        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM {source}"
         f" WHERE true{''.join(clauses)}{tail}"
     )
     return statement, params, order
@@ -193,10 +206,6 @@ async def get_vehicle_view(
     if not rows:
         raise NotFoundError(f"vehicle {vehicle_id!r} not found")
     return rows[0]
-
-
-def _attr(sort_name: str) -> str:
-    return {"id": "id", "lastSeenAt": "last_seen_key", "status": "status"}[sort_name]
 
 
 # --- One vehicle's desired state (for the vehicle itself) and its timeline -----------------

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -48,7 +49,23 @@ def database_url(database_server_url: str) -> Iterator[str]:
     url = localservers.ensure_database(database_server_url, name)
     upgrade(url)
     yield url
+    # Every test has written vehicles its own way (ingest, rollouts, the offline sweep,
+    # registration, plain SQL): the status keys (migration 0011) must still equal them.
+    drift = status_keys_drift(url)
     localservers.drop_database(database_server_url, name)
+    assert drift == [], f"vehicles_by_status differs from vehicles: {drift[:10]}"
+
+
+def status_keys_drift(url: str) -> list[tuple[str, str, str]]:
+    """The `(status, id)` pairs found only in `vehicles` or only in `vehicles_by_status`."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "(SELECT 'vehicles', status, id FROM vehicles"
+            " EXCEPT ALL SELECT 'vehicles', status, id FROM vehicles_by_status)"
+            " UNION ALL (SELECT 'vehicles_by_status', status, id FROM vehicles_by_status"
+            " EXCEPT ALL SELECT 'vehicles_by_status', status, id FROM vehicles)"
+        ).fetchall()
+    return [tuple(r) for r in rows]
 
 
 @pytest.fixture(scope="session")

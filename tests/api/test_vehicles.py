@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
+import secrets
 
+import httpx
+import psycopg
+import pytest
+
+from core import localservers
+from core.migrate import upgrade
 from tests.api.conftest import bearer, insert_vehicles
 
 
@@ -95,3 +101,88 @@ async def test_scoped_viewer_sees_only_its_region(
     # Asking for the other region by filter still yields nothing.
     other = await http.get(f"/api/v1/vehicles?q={prefix}&region=eu-west", headers=scoped)
     assert other.json()["data"] == []
+
+
+def _set_status(database_url: str, statuses: dict[str, str]) -> None:
+    with psycopg.connect(database_url) as conn:
+        for vehicle_id, status in statuses.items():
+            conn.execute("UPDATE vehicles SET status = %s WHERE id = %s", (status, vehicle_id))
+
+
+async def test_sort_by_status_pages_through_status_order(
+    http: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
+) -> None:
+    ids = [f"{prefix}{i:02d}" for i in range(9)]
+    insert_vehicles(database_url, ids)
+    statuses = dict(zip(ids, ["failed", "pending", "in_sync", "blocked", "failed", "updating",
+                              "offline", "pending", "in_sync"], strict=True))  # fmt: skip
+    _set_status(database_url, {i: s for i, s in statuses.items() if s != "in_sync"})
+    expected = sorted(ids, key=lambda i: (statuses[i], i))
+    assert await _all_pages(http, viewer, f"q={prefix}&sort=status&limit=2") == expected
+    assert await _all_pages(http, viewer, f"q={prefix}&sort=-status&limit=4") == expected[::-1]
+    failed_or_blocked = [i for i in expected if statuses[i] in ("failed", "blocked")]
+    assert (
+        await _all_pages(http, viewer, f"q={prefix}&status=failed,blocked&sort=status&limit=1")
+        == failed_or_blocked
+    )
+    assert await _all_pages(http, viewer, f"q={prefix}&status=failed,blocked&limit=1") == sorted(
+        failed_or_blocked
+    )
+    # A status change moves the vehicle within the order at once (same transaction).
+    _set_status(database_url, {ids[2]: "failed", ids[0]: "in_sync"})
+    statuses.update({ids[2]: "failed", ids[0]: "in_sync"})
+    expected = sorted(ids, key=lambda i: (statuses[i], i))
+    assert await _all_pages(http, viewer, f"q={prefix}&sort=status&limit=3") == expected
+    assert await _all_pages(http, viewer, f"q={prefix}&status=failed") == sorted(
+        i for i in ids if statuses[i] == "failed"
+    )
+    listed = (await http.get(f"/api/v1/vehicles?q={prefix}&sort=status", headers=viewer)).json()
+    assert [v["status"] for v in listed["data"]] == sorted(statuses.values())
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def test_status_keys_follow_every_kind_of_write(database_server_url: str) -> None:
+    """The triggers of migration 0011 keep `vehicles_by_status` equal to `vehicles` through
+    INSERT, COPY, INSERT ... ON CONFLICT, UPDATE (of the status and of other columns),
+    DELETE, a rollback and TRUNCATE (a database of its own: TRUNCATE would empty the shared
+    one)."""
+    name = f"motorcade_test_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(database_server_url, name)
+    try:
+        upgrade(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+
+            def keys() -> list[tuple[str, str]]:
+                return conn.execute(
+                    "SELECT status, id FROM vehicles_by_status ORDER BY id"
+                ).fetchall()
+
+            add = "INSERT INTO vehicles (id, model, region, ring, status) VALUES"
+            conn.execute(f"{add} ('A', 'm', 'r', 'x', 'in_sync'), ('B', 'm', 'r', 'x', 'pending')")
+            copy = "COPY vehicles (id, model, region, ring, status) FROM STDIN"
+            with conn.cursor().copy(copy) as cp:
+                cp.write_row(("C", "m", "r", "x", "failed"))
+            conn.execute(
+                f"{add} ('B', 'm', 'r', 'x', 'failed'), ('D', 'm', 'r', 'x', 'offline')"
+                " ON CONFLICT (id) DO UPDATE SET status = 'updating'"
+            )
+            assert keys() == [
+                ("in_sync", "A"), ("updating", "B"), ("failed", "C"), ("offline", "D")
+            ]  # fmt: skip
+            conn.execute("UPDATE vehicles SET status = 'blocked' WHERE id IN ('A', 'C')")
+            conn.execute("UPDATE vehicles SET ring = 'canary'")  # no status change
+            with conn.transaction():
+                conn.execute("UPDATE vehicles SET status = 'in_sync' WHERE id = 'D'")
+                conn.execute("DELETE FROM vehicles WHERE id = 'B'")
+            assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
+            with pytest.raises(_RolledBack), conn.transaction():
+                conn.execute("UPDATE vehicles SET status = 'failed' WHERE id = 'A'")
+                raise _RolledBack
+            assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
+            conn.execute("TRUNCATE vehicles CASCADE")
+            assert keys() == []
+    finally:
+        localservers.drop_database(database_server_url, name)
