@@ -182,6 +182,9 @@ def test_status_keys_follow_every_kind_of_write(database_server_url: str) -> Non
                 conn.execute("UPDATE vehicles SET status = 'failed' WHERE id = 'A'")
                 raise _RolledBack
             assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
+            # An id that changes (nothing does that; the triggers still follow it).
+            conn.execute("UPDATE vehicles SET id = 'E', status = 'failed' WHERE id = 'D'")
+            assert keys() == [("blocked", "A"), ("blocked", "C"), ("failed", "E")]
             conn.execute("TRUNCATE vehicles CASCADE")
             assert keys() == []
     finally:
