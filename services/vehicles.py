@@ -114,7 +114,6 @@ _FILTERED_COLUMNS = (  # filter name in VehicleFilters, column
     ("models", "model"),
     ("regions", "region"),
     ("rings", "ring"),
-    ("statuses", "status"),
     ("release_versions", "actual_release_version"),
 )
 
@@ -133,16 +132,6 @@ def vehicle_list_query(
         values: list[str] = getattr(filters, name)
         if values:
             clauses.append(match_sql(f"v.{column}", f"f_{column}", values, params, driver=True))
-    # vehicles.status has no index (a status change must stay a HOT update): the keys of
-    # vehicles_by_status (migration 0011) give the fleet in status order, and a status's
-    # vehicles in id order.
-    by_status = order.key.name == "status"
-    if filters.statuses:
-        keys = match_sql("k.status", "k_status", filters.statuses, params, driver=True)
-        if not by_status:
-            clauses.append(f" AND v.id IN (SELECT k.id FROM vehicles_by_status k WHERE true{keys})")
-        else:
-            clauses.append(keys)
     if filters.rollout_ids:
         # vehicles.rollout_id has no index (a rollout's issue must stay a HOT update): the
         # rollout's targets (primary key rollout_id, vehicle_id) give the vehicles in id order.
@@ -157,14 +146,33 @@ def vehicle_list_query(
     if filters.q:
         clauses.append(" AND v.id LIKE %(q)s ESCAPE '\\'")
         params["q"] = _escape_like(filters.q) + "%"
-    tail = keyset_sql(
-        order, alias="k" if by_status else "v", cursor=cursor, limit=limit, params=params
-    )
-    source = "vehicles_by_status k JOIN vehicles v ON v.id = k.id" if by_status else "vehicles v"
-    statement = (
-        f"SELECT {VEHICLE_COLUMNS}, v.last_seen_key FROM {source}"
-        f" WHERE true{''.join(clauses)}{tail}"
-    )
+    # vehicles.status has no index (a status change must stay a HOT update): the keys of
+    # vehicles_by_status (migration 0011) give the fleet in status order and one status's
+    # vehicles in id order. Several statuses: one branch per status, each its own ordered,
+    # limited walk, merged (a single `status = ANY` walk is not in id order, and PostgreSQL
+    # then sorts every vehicle of those statuses).
+    by_key = filters.statuses or order.key.name == "status"
+    alias = "k" if by_key and order.key.name != "lastSeenAt" else "v"
+    tail = keyset_sql(order, alias=alias, cursor=cursor, limit=limit, params=params)
+    columns = f"{VEHICLE_COLUMNS}, v.last_seen_key"
+    filtered = "".join(clauses)
+    if not by_key:
+        statement = f"SELECT {columns} FROM vehicles v WHERE true{filtered}{tail}"
+    elif not filters.statuses:
+        statement = (
+            f"SELECT {columns} FROM vehicles_by_status k JOIN vehicles v ON v.id = k.id"
+            f" WHERE true{filtered}{tail}"
+        )
+    else:
+        branches = []
+        for i, status in enumerate(dict.fromkeys(filters.statuses)):
+            params[f"k_status_{i}"] = status
+            branches.append(
+                f"(SELECT {columns} FROM vehicles_by_status k JOIN vehicles v ON v.id = k.id"
+                f" WHERE k.status = %(k_status_{i})s{filtered}{tail})"
+            )
+        merged = keyset_sql(order, alias="s", cursor=None, limit=limit, params=params)
+        statement = f"SELECT * FROM ({' UNION ALL '.join(branches)}) s{merged}"
     return statement, params, order
 
 

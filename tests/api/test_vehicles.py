@@ -128,6 +128,13 @@ async def test_sort_by_status_pages_through_status_order(
     assert await _all_pages(http, viewer, f"q={prefix}&status=failed,blocked&limit=1") == sorted(
         failed_or_blocked
     )
+    assert await _all_pages(
+        http, viewer, f"q={prefix}&status=blocked,failed,failed&sort=-id&limit=2"
+    ) == sorted(failed_or_blocked, reverse=True)
+    by_seen = await _all_pages(
+        http, viewer, f"q={prefix}&status=failed,blocked&sort=-lastSeenAt&limit=1"
+    )
+    assert sorted(by_seen) == sorted(failed_or_blocked)
     # A status change moves the vehicle within the order at once (same transaction).
     _set_status(database_url, {ids[2]: "failed", ids[0]: "in_sync"})
     statuses.update({ids[2]: "failed", ids[0]: "in_sync"})
