@@ -85,8 +85,9 @@ async def list_vehicles(
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
 ) -> Any:
-    """Filters are repeatable or comma-separated; `sort` is `id`, `lastSeenAt` or `status`,
-    prefixed by `-` for descending. `releaseVersion` matches the release a vehicle runs."""
+    """Filters are repeatable or comma-separated; `sort` is `id`, `lastSeenAt` or `status`
+    (by the status's name, then id), prefixed by `-` for descending. `releaseVersion`
+    matches the release a vehicle runs."""
     filters = service.VehicleFilters(
         models=multi(model),
         regions=multi(region),
