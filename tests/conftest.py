@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -42,18 +43,34 @@ def database_server_url() -> Iterator[str]:
     localservers.stop_embedded_postgres(data_dir)
 
 
+@contextmanager
+def migrated_database(server_url: str) -> Iterator[str]:
+    """A fresh database on the server, migrated to head, dropped on exit."""
+    name = f"motorcade_test_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(server_url, name)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        localservers.drop_database(server_url, name)
+
+
 @pytest.fixture(scope="session")
 def database_url(database_server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session (dropped at the end)."""
-    name = f"motorcade_test_{secrets.token_hex(4)}"
-    url = localservers.ensure_database(database_server_url, name)
-    upgrade(url)
-    yield url
-    # Every test has written vehicles its own way (ingest, rollouts, the offline sweep,
-    # registration, plain SQL): the status keys (migration 0011) must still equal them.
-    drift = status_keys_drift(url)
-    localservers.drop_database(database_server_url, name)
+    with migrated_database(database_server_url) as url:
+        yield url
+        # Every test has written vehicles its own way (ingest, rollouts, the offline sweep,
+        # registration, plain SQL): the status keys (migration 0011) must still equal them.
+        drift = status_keys_drift(url)
     assert drift == [], f"vehicles_by_status differs from vehicles: {drift[:10]}"
+
+
+@pytest.fixture
+def own_database(database_server_url: str) -> Iterator[str]:
+    """A migrated database of this test's own, for what would disturb the shared one."""
+    with migrated_database(database_server_url) as url:
+        yield url
 
 
 def status_keys_drift(url: str) -> list[tuple[str, str, str]]:

@@ -9,11 +9,11 @@ status order and `?status=failed` the few failed vehicles, without reading a mil
 Statement-level triggers with transition tables keep it equal to `vehicles` in the same
 transaction as every write, whoever writes (ingest, a rollout's issue, the offline sweep,
 registration, a test, psql): after an UPDATE, one statement moves the keys of the rows whose
-status changed (the old and new rows paired by `id`, which never changes); after an INSERT or
-COPY one statement adds the keys; DELETE and TRUNCATE remove them. One statement per writing
-statement, not one per row. An earlier attempt (docs/data-model.md) paired old and new rows by
-a join in the function's SQL: PL/pgSQL cached the plan of the first call, a nested loop fit
-for one row, and every later statement paid 3,000 x 3,000 comparisons.
+status changed (the old and new rows paired as PostgreSQL captured them, below); after an
+INSERT or COPY one statement adds the keys; DELETE and TRUNCATE remove them. One statement
+per writing statement, not one per row. An earlier attempt (docs/data-model.md) paired old
+and new rows by a join in the function's SQL: PL/pgSQL cached the plan of the first call, a
+nested loop fit for one row, and every later statement paid 3,000 x 3,000 comparisons.
 
 Revision ID: 0011
 Revises: 0010

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,10 +18,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.app import create_app
-from core import localservers
 from core.auth import Principal
 from core.localservers import free_port
-from core.migrate import upgrade
 from core.settings import Settings
 from models.enums import AuditSource, Role
 from services import audit, stream
@@ -528,31 +525,26 @@ async def test_a_fleet_summary_refresh_is_published_in_its_transaction(
 
 
 async def test_a_last_event_id_older_than_the_feed_gets_resync(
-    settings: Settings, token: Callable[..., str], database_server_url: str
+    settings: Settings, token: Callable[..., str], own_database: str
 ) -> None:
     """The feed of a database of its own loses its first rows (as a retention purge would):
     a resume from before them cannot be served event by event."""
-    name = f"motorcade_test_{secrets.token_hex(4)}"
-    url = localservers.ensure_database(database_server_url, name)
-    try:
-        upgrade(url)
-        ids = [feed_vehicles(url, [delta(f"purged-{n}")]) for n in range(3)]
-        with psycopg.connect(url) as conn:
-            conn.execute("DELETE FROM change_feed WHERE id < %s", (ids[2],))
-        own = settings.model_copy(update={"database_url": url})
-        async with serve_app(own) as base, httpx.AsyncClient(base_url=base, timeout=30) as c:
-            viewer = bearer(token("viewer"))
-            async with open_stream(c, viewer, lastEventId=str(ids[0])) as sse:
-                got = await sse.event()
-                assert got is not None and got["event"] == "resync"
-                assert got["data"] == {"reason": "EVENTS_EXPIRED"}
-                assert await sse.next() is None
-            # From the oldest row still there, the resume is served.
-            async with open_stream(c, viewer, lastEventId=str(ids[1])) as sse:
-                got = await sse.event()
-                assert got is not None and got["id"] == str(ids[2])
-    finally:
-        localservers.drop_database(database_server_url, name)
+    url = own_database
+    ids = [feed_vehicles(url, [delta(f"purged-{n}")]) for n in range(3)]
+    with psycopg.connect(url) as conn:
+        conn.execute("DELETE FROM change_feed WHERE id < %s", (ids[2],))
+    own = settings.model_copy(update={"database_url": url})
+    async with serve_app(own) as base, httpx.AsyncClient(base_url=base, timeout=30) as c:
+        viewer = bearer(token("viewer"))
+        async with open_stream(c, viewer, lastEventId=str(ids[0])) as sse:
+            got = await sse.event()
+            assert got is not None and got["event"] == "resync"
+            assert got["data"] == {"reason": "EVENTS_EXPIRED"}
+            assert await sse.next() is None
+        # From the oldest row still there, the resume is served.
+        async with open_stream(c, viewer, lastEventId=str(ids[1])) as sse:
+            got = await sse.event()
+            assert got is not None and got["id"] == str(ids[2])
 
 
 async def test_a_status_change_from_telemetry_is_delivered(

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
-
 import httpx
 import psycopg
 import pytest
 
-from core import localservers
-from core.migrate import upgrade
 from tests.api.conftest import bearer, insert_vehicles
 
 
@@ -151,48 +147,40 @@ class _RolledBack(Exception):
     pass
 
 
-def test_status_keys_follow_every_kind_of_write(database_server_url: str) -> None:
+def test_status_keys_follow_every_kind_of_write(own_database: str) -> None:
     """The triggers of migration 0011 keep `vehicles_by_status` equal to `vehicles` through
     INSERT, COPY, INSERT ... ON CONFLICT, UPDATE (of the status and of other columns),
     DELETE, a rollback and TRUNCATE (a database of its own: TRUNCATE would empty the shared
     one)."""
-    name = f"motorcade_test_{secrets.token_hex(4)}"
-    url = localservers.ensure_database(database_server_url, name)
-    try:
-        upgrade(url)
-        with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(own_database, autocommit=True) as conn:
 
-            def keys() -> list[tuple[str, str]]:
-                return conn.execute(
-                    "SELECT status, id FROM vehicles_by_status ORDER BY id"
-                ).fetchall()
+        def keys() -> list[tuple[str, str]]:
+            return conn.execute("SELECT status, id FROM vehicles_by_status ORDER BY id").fetchall()
 
-            add = "INSERT INTO vehicles (id, model, region, ring, status) VALUES"
-            conn.execute(f"{add} ('A', 'm', 'r', 'x', 'in_sync'), ('B', 'm', 'r', 'x', 'pending')")
-            copy = "COPY vehicles (id, model, region, ring, status) FROM STDIN"
-            with conn.cursor().copy(copy) as cp:
-                cp.write_row(("C", "m", "r", "x", "failed"))
-            conn.execute(
-                f"{add} ('B', 'm', 'r', 'x', 'failed'), ('D', 'm', 'r', 'x', 'offline')"
-                " ON CONFLICT (id) DO UPDATE SET status = 'updating'"
-            )
-            assert keys() == [
-                ("in_sync", "A"), ("updating", "B"), ("failed", "C"), ("offline", "D")
-            ]  # fmt: skip
-            conn.execute("UPDATE vehicles SET status = 'blocked' WHERE id IN ('A', 'C')")
-            conn.execute("UPDATE vehicles SET ring = 'canary'")  # no status change
-            with conn.transaction():
-                conn.execute("UPDATE vehicles SET status = 'in_sync' WHERE id = 'D'")
-                conn.execute("DELETE FROM vehicles WHERE id = 'B'")
-            assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
-            with pytest.raises(_RolledBack), conn.transaction():
-                conn.execute("UPDATE vehicles SET status = 'failed' WHERE id = 'A'")
-                raise _RolledBack
-            assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
-            # An id that changes (nothing does that; the triggers still follow it).
-            conn.execute("UPDATE vehicles SET id = 'E', status = 'failed' WHERE id = 'D'")
-            assert keys() == [("blocked", "A"), ("blocked", "C"), ("failed", "E")]
-            conn.execute("TRUNCATE vehicles CASCADE")
-            assert keys() == []
-    finally:
-        localservers.drop_database(database_server_url, name)
+        add = "INSERT INTO vehicles (id, model, region, ring, status) VALUES"
+        conn.execute(f"{add} ('A', 'm', 'r', 'x', 'in_sync'), ('B', 'm', 'r', 'x', 'pending')")
+        copy = "COPY vehicles (id, model, region, ring, status) FROM STDIN"
+        with conn.cursor().copy(copy) as cp:
+            cp.write_row(("C", "m", "r", "x", "failed"))
+        conn.execute(
+            f"{add} ('B', 'm', 'r', 'x', 'failed'), ('D', 'm', 'r', 'x', 'offline')"
+            " ON CONFLICT (id) DO UPDATE SET status = 'updating'"
+        )
+        assert keys() == [
+            ("in_sync", "A"), ("updating", "B"), ("failed", "C"), ("offline", "D")
+        ]  # fmt: skip
+        conn.execute("UPDATE vehicles SET status = 'blocked' WHERE id IN ('A', 'C')")
+        conn.execute("UPDATE vehicles SET ring = 'canary'")  # no status change
+        with conn.transaction():
+            conn.execute("UPDATE vehicles SET status = 'in_sync' WHERE id = 'D'")
+            conn.execute("DELETE FROM vehicles WHERE id = 'B'")
+        assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
+        with pytest.raises(_RolledBack), conn.transaction():
+            conn.execute("UPDATE vehicles SET status = 'failed' WHERE id = 'A'")
+            raise _RolledBack
+        assert keys() == [("blocked", "A"), ("blocked", "C"), ("in_sync", "D")]
+        # An id that changes (nothing does that; the triggers still follow it).
+        conn.execute("UPDATE vehicles SET id = 'E', status = 'failed' WHERE id = 'D'")
+        assert keys() == [("blocked", "A"), ("blocked", "C"), ("failed", "E")]
+        conn.execute("TRUNCATE vehicles CASCADE")
+        assert keys() == []
