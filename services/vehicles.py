@@ -151,7 +151,7 @@ def vehicle_list_query(
     # vehicles in id order. Several statuses: one branch per status, each its own ordered,
     # limited walk, merged (a single `status = ANY` walk is not in id order, and PostgreSQL
     # then sorts every vehicle of those statuses).
-    by_key = filters.statuses or order.key.name == "status"
+    by_key = bool(filters.statuses) or order.key.name == "status"
     alias = "k" if by_key and order.key.name != "lastSeenAt" else "v"
     tail = keyset_sql(order, alias=alias, cursor=cursor, limit=limit, params=params)
     columns = f"{VEHICLE_COLUMNS}, v.last_seen_key"

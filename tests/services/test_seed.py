@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from core import localservers
-from core.migrate import upgrade
 from services import seed as seed_module
 from services.seed import BASELINE_RELEASE, SAMPLE_RELEASES, seed_fleet
 from services.signing import KeysFileTrustedKeys, verify_release
+from tests.conftest import migrated_database
 
 VEHICLES = 2_000
 
@@ -24,18 +23,8 @@ MakeDatabase = Callable[[], str]
 @pytest.fixture(scope="module")
 def make_database(database_server_url: str) -> Iterator[MakeDatabase]:
     """Fresh migrated databases, all dropped at the end of the module."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"motorcade_seed_{secrets.token_hex(4)}"
-        url = localservers.ensure_database(database_server_url, name)
-        created.append(name)
-        upgrade(url)
-        return url
-
-    yield make
-    for name in created:
-        localservers.drop_database(database_server_url, name)
+    with ExitStack() as databases:
+        yield lambda: databases.enter_context(migrated_database(database_server_url))
 
 
 @pytest.fixture(scope="module")
