@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.types import Scope, Send
 
 from api.envelope import error_body
-from api.errors import AppError
 from core.auth import Principal, TokenVerifier
+from core.errors import MotorcadeError
 
 _STATE_KEY = "caller"
 
@@ -49,7 +49,7 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-async def send_error(scope: Scope, send: Send, exc: AppError) -> None:
+async def send_error(scope: Scope, send: Send, exc: MotorcadeError) -> None:
     """The SPEC error envelope of `exc`, sent by a middleware (no route answered)."""
     body = json.dumps(
         error_body(Request(scope), exc.code, exc.message, exc.details), separators=(",", ":")

@@ -13,10 +13,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from api.caller import verified_caller
-from api.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core import temporal
-from core.auth import Principal, TokenError, TokenVerifier
+from core.auth import Principal, TokenVerifier
 from core.db import driver_connection, session_scope
+from core.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core.settings import Settings
 from models.enums import Role
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -83,10 +83,7 @@ async def get_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("use the Authorization: Bearer <token> scheme")
     verifier: TokenVerifier = request.app.state.verifier
-    try:
-        principal = await verifier.verify(token.strip())
-    except TokenError as exc:
-        raise Unauthenticated(str(exc)) from None
+    principal = await verifier.verify(token.strip())  # TokenError: 401
     request.state.principal = principal
     return principal
 

@@ -1,5 +1,6 @@
-"""One exception tree, each class with its error code and HTTP status, rendered by one handler
-into the error envelope of SPEC.md. No stack trace, SQL or secret ever reaches a client."""
+"""The error handlers: one renders any error of the tree (`core/errors.py`) as the error
+envelope of SPEC.md; the others turn what FastAPI, Starlette and the database driver raise
+into errors of the tree. No stack trace, SQL or secret ever reaches a client."""
 
 from __future__ import annotations
 
@@ -15,108 +16,22 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.envelope import error_body
+from core.errors import (
+    Conflict,
+    DependencyUnavailable,
+    Forbidden,
+    InvalidInput,
+    InvalidStateTransition,
+    MethodNotAllowed,
+    MotorcadeError,
+    NotFound,
+    ReleaseSignatureInvalid,
+    SafetyPolicyWeakened,
+    Unauthenticated,
+)
 from models.api import ErrorEnvelope
-from services import errors as domain
-from services import rollouts as rollout_errors
 
 log = structlog.stdlib.get_logger("motorcade.api")
-
-
-class AppError(Exception):
-    code = "INTERNAL"
-    status = 500
-    message = "internal error"
-
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        details: Sequence[dict[str, Any]] = (),
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message or self.message)
-        self.message = message or self.message
-        self.details = list(details)
-        self.headers = headers or {}
-
-
-class ValidationFailed(AppError):
-    code, status, message = "VALIDATION_ERROR", 422, "the request is not valid"
-
-
-class Unauthenticated(AppError):
-    code, status, message = "UNAUTHENTICATED", 401, "a valid bearer token is required"
-
-    def __init__(self, message: str | None = None, **kw: Any) -> None:
-        kw.setdefault("headers", {"WWW-Authenticate": 'Bearer realm="motorcade"'})
-        super().__init__(message, **kw)
-
-
-class Forbidden(AppError):
-    code, status, message = "FORBIDDEN", 403, "your role may not do this"
-
-
-class NotFound(AppError):
-    code, status, message = "NOT_FOUND", 404, "not found"
-
-
-class MethodNotAllowed(AppError):
-    code, status, message = "METHOD_NOT_ALLOWED", 405, "method not allowed"
-
-
-class Conflict(AppError):
-    code, status, message = "CONFLICT", 409, "conflict"
-
-
-class InvalidStateTransition(AppError):
-    code, status, message = "INVALID_STATE_TRANSITION", 409, "not allowed in the current state"
-
-
-class IdempotencyKeyInUse(AppError):
-    code, status = "IDEMPOTENCY_KEY_IN_USE", 409
-    message = "a request with this Idempotency-Key is still in progress"
-
-
-class IdempotencyKeyMismatch(AppError):
-    code, status = "IDEMPOTENCY_KEY_MISMATCH", 422
-    message = "this Idempotency-Key was used with a different request"
-
-
-class SafetyPolicyWeakened(AppError):
-    code, status = "SAFETY_POLICY_WEAKENED", 422
-    message = "the safety policy is weaker than the fleet default"
-
-
-class ReleaseSignatureInvalid(AppError):
-    code, status, message = "RELEASE_SIGNATURE_INVALID", 422, "the release signature is invalid"
-
-
-class PayloadTooLarge(AppError):
-    code, status, message = "PAYLOAD_TOO_LARGE", 413, "the request body is too large"
-
-
-class RateLimited(AppError):
-    code, status, message = "RATE_LIMITED", 429, "too many requests"
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 1, **kw: Any) -> None:
-        kw.setdefault("headers", {"Retry-After": str(retry_after)})
-        super().__init__(message, **kw)
-
-
-class Overloaded(AppError):
-    code, status, message = "OVERLOADED", 503, "the service is overloaded; retry later"
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 1, **kw: Any) -> None:
-        kw.setdefault("headers", {"Retry-After": str(retry_after)})
-        super().__init__(message, **kw)
-
-
-class DependencyUnavailable(AppError):
-    code, status, message = "UNAVAILABLE", 503, "a dependency is unavailable; retry later"
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 5, **kw: Any) -> None:
-        kw.setdefault("headers", {"Retry-After": str(retry_after)})
-        super().__init__(message, **kw)
 
 
 def _field_path(loc: Sequence[Any]) -> tuple[str | None, int | None]:
@@ -138,18 +53,18 @@ def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return details
 
 
-def _render(request: Request, exc: AppError) -> JSONResponse:
+def _render(request: Request, exc: MotorcadeError) -> JSONResponse:
     return JSONResponse(
-        error_body(request, exc.code, exc.message, exc.details),
+        error_body(request, exc.code, exc.public_message, exc.details),
         status_code=exc.status,
         headers=exc.headers,
     )
 
 
 async def app_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AppError)
-    if exc.status >= 500:
-        log.warning("request failed", code=exc.code, message=exc.message)
+    assert isinstance(exc, MotorcadeError)
+    if exc.status >= 500:  # a message kept from the client is logged with its traceback
+        log.warning("request failed", code=exc.code, message=exc.message, exc_info=not exc.expose)
     return _render(request, exc)
 
 
@@ -159,7 +74,7 @@ async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
     if any(e.get("type") == "json_invalid" for e in errors):
         return _render(
             request,
-            ValidationFailed(
+            InvalidInput(
                 "the request body is not valid JSON",
                 details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
             ),
@@ -167,12 +82,12 @@ async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
     details = validation_details(errors)
     first = details[0]["field"] if details else None
     message = f"invalid value for {first}" if first else "the request is not valid"
-    return _render(request, ValidationFailed(message, details=details))
+    return _render(request, InvalidInput(message, details=details))
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    mapped: AppError
+    mapped: MotorcadeError
     if exc.status_code == 404:
         mapped = NotFound(f"no route for {request.method} {request.url.path}")
     elif exc.status_code == 405:
@@ -182,9 +97,9 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
     elif exc.status_code == 403:
         mapped = Forbidden()
     elif exc.status_code == 400:
-        mapped = ValidationFailed(str(exc.detail))
+        mapped = InvalidInput(str(exc.detail))
     else:
-        mapped = AppError(str(exc.detail))
+        mapped = MotorcadeError(str(exc.detail))
         mapped.status = exc.status_code
         mapped.code = "HTTP_ERROR" if exc.status_code < 500 else "INTERNAL"
     if exc.headers:
@@ -194,28 +109,7 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
 
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", path=request.url.path)
-    return _render(request, AppError())
-
-
-DOMAIN_ERRORS: dict[type[domain.DomainError], type[AppError]] = {
-    domain.InvalidInput: ValidationFailed,
-    domain.NotFoundError: NotFound,
-    domain.OutOfScope: Forbidden,
-    domain.SafetyWeakened: SafetyPolicyWeakened,
-    domain.AlreadyExists: Conflict,
-    rollout_errors.ReleaseSignatureRejected: ReleaseSignatureInvalid,
-    rollout_errors.OverlapConflict: Conflict,
-    rollout_errors.InvalidTransition: InvalidStateTransition,
-}
-
-
-async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, domain.DomainError)
-    mapped = next(
-        (app_cls for dom_cls, app_cls in DOMAIN_ERRORS.items() if isinstance(exc, dom_cls)),
-        ValidationFailed,
-    )
-    return _render(request, mapped(exc.message, details=exc.details))
+    return _render(request, MotorcadeError())
 
 
 # SQLSTATEs of a lost connection: class 08 (connection exception) and the server shutting
@@ -253,8 +147,7 @@ async def database_error_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(AppError, app_error_handler)
-    app.add_exception_handler(domain.DomainError, domain_error_handler)
+    app.add_exception_handler(MotorcadeError, app_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(psycopg.OperationalError, database_error_handler)
@@ -262,7 +155,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unhandled_handler)
 
 
-def _responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
+def error_responses(*errors: type[MotorcadeError]) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for err in errors:
         entry = out.setdefault(err.status, {"model": ErrorEnvelope, "description": ""})
@@ -273,31 +166,31 @@ def _responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
 class ErrorResponses:
     """OpenAPI `responses` for the error envelope, per kind of operation."""
 
-    read = _responses(Unauthenticated, Forbidden, ValidationFailed)
-    read_one = _responses(Unauthenticated, Forbidden, NotFound, ValidationFailed)
-    write = _responses(
+    read = error_responses(Unauthenticated, Forbidden, InvalidInput)
+    read_one = error_responses(Unauthenticated, Forbidden, NotFound, InvalidInput)
+    write = error_responses(
         Unauthenticated,
         Forbidden,
         NotFound,
-        ValidationFailed,
+        InvalidInput,
         Conflict,
         SafetyPolicyWeakened,
         DependencyUnavailable,
     )
-    create = _responses(
+    create = error_responses(
         Unauthenticated,
         Forbidden,
-        ValidationFailed,
+        InvalidInput,
         Conflict,
         SafetyPolicyWeakened,
         ReleaseSignatureInvalid,
         DependencyUnavailable,
     )
-    control = _responses(
+    control = error_responses(
         Unauthenticated,
         Forbidden,
         NotFound,
-        ValidationFailed,
+        InvalidInput,
         InvalidStateTransition,
         DependencyUnavailable,
     )

@@ -32,13 +32,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.caller import caller_of, send_error
-from api.errors import (
-    IdempotencyKeyInUse,
-    IdempotencyKeyMismatch,
-    PayloadTooLarge,
-    ValidationFailed,
-)
 from core.db import session_scope
+from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput, PayloadTooLarge
 from core.settings import Settings
 from services import audit
 from services import idempotency as service
@@ -88,7 +83,7 @@ class IdempotencyMiddleware:
             await send_error(
                 scope,
                 send,
-                ValidationFailed(
+                InvalidInput(
                     f"Idempotency-Key must be one header of 1 to {MAX_KEY_LENGTH} visible "
                     "ASCII characters",
                     details=[
@@ -134,7 +129,7 @@ class IdempotencyMiddleware:
             await send_error(scope, send, IdempotencyKeyMismatch())
             return
         if claim.outcome == "in_flight":
-            await send_error(scope, send, IdempotencyKeyInUse(headers={"Retry-After": "1"}))
+            await send_error(scope, send, IdempotencyKeyInUse())
             return
         if claim.outcome == "replay":
             assert claim.response is not None

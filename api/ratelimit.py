@@ -22,7 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.caller import caller_of, client_address, send_error
-from api.errors import RateLimited
+from core.errors import RateLimited
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 EXCLUDED_PATHS = frozenset({"/api/v1/telemetry"})

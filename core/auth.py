@@ -20,6 +20,7 @@ from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, Jos
 from joserfc.jwk import KeySet, OctKey
 from joserfc.jwt import JWTClaimsRegistry
 
+from core.errors import Unauthenticated
 from core.settings import Settings
 from models.enums import Role
 from models.scope import Scope
@@ -29,8 +30,8 @@ DEV_ALGORITHM = "HS256"
 SCOPE_CLAIMS = ("regions", "models", "orgs")
 
 
-class TokenError(Exception):
-    """The token is missing, malformed, expired, or not signed by a key we trust."""
+class TokenError(Unauthenticated):
+    """The token is missing, malformed, expired, or not signed by a key we trust (401)."""
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import InvalidInput
 from core.logging import redact
 from models.enums import AuditSource
 from models.scope import Scope
 from models.tables import AuditEntry
-from services.errors import InvalidInput
 from services.pagination import (
     Sort,
     any_of,

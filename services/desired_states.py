@@ -15,11 +15,11 @@ from sqlalchemy import and_, exists, literal, or_, text, tuple_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import InvalidInput
 from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredState
 from models.scope import Scope
 from models.tables import DesiredState, Rollout, Vehicle
 from services import change_feed
-from services.errors import InvalidInput
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
 from services.rollouts import (
     Actor,

@@ -29,9 +29,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import NotFound, Overloaded
 from models.scope import Scope
 from models.telemetry import TelemetryBatch
-from services.errors import DomainError, NotFoundError
 from services.telemetry import GroupRequest, WideWritePolicy, write_group
 
 log = structlog.stdlib.get_logger("motorcade.ingest")
@@ -56,15 +56,11 @@ GROUP_SECONDS = Histogram(
 )
 
 
-class IngestOverloaded(DomainError):
-    """The ingest queue is full: retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+class IngestOverloaded(Overloaded):
+    """The ingest queue is full (or ingestion is stopping): retry after `retry_after`."""
 
 
-class IngestRefused(NotFoundError):
+class IngestRefused(NotFound):
     """The request names a vehicle that is unknown or outside the caller's scope."""
 
 

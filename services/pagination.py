@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
-from services.errors import InvalidInput
+from core.errors import InvalidInput
 
 S = TypeVar("S", bound=Select[Any])
 

@@ -6,10 +6,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import Conflict, NotFound
 from models.api import ReleaseCreate
 from models.tables import Release
 from services import audit
-from services.errors import AlreadyExists, NotFoundError
 from services.pagination import SortKey, keyset, parse_sort, split_page, timestamp_key
 from services.rollouts import Actor, check_release_signature
 from services.signing import TrustedKeys
@@ -41,7 +41,7 @@ async def list_releases(
 async def get_release(session: AsyncSession, *, version: str) -> Release:
     release = await session.get(Release, version)
     if release is None:
-        raise NotFoundError(f"release {version!r} not found")
+        raise NotFound(f"release {version!r} not found")
     return release
 
 
@@ -77,7 +77,7 @@ async def create_release(
         .returning(col(Release.version))
     )
     if inserted.first() is None:
-        raise AlreadyExists(
+        raise Conflict(
             f"release {body.version!r} is registered already (a release never changes)",
             details=[{"field": "version", "message": "use a new version"}],
         )

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import RolloutNotFound, TargetsChanged
 from core.temporal import rollout_workflow_id
 from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
 from models.workflows import GateCounts, RolloutCounts, RolloutPolicy, StagePlan
@@ -37,14 +38,6 @@ from workflows.policy import (
 )
 
 SWEEP_BATCH = 1000
-
-
-class RolloutNotFound(LookupError):
-    """The rollout row does not exist."""
-
-
-class TargetsChanged(RuntimeError):
-    """The matching fleet changed between counting and inserting; retry the expansion."""
 
 
 @dataclass(frozen=True)

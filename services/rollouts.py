@@ -11,6 +11,14 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    ReleaseSignatureInvalid,
+    SafetyPolicyWeakened,
+)
 from core.temporal import rollout_workflow_id
 from models.api import (
     Overlap,
@@ -25,7 +33,6 @@ from models.scope import Scope
 from models.tables import Release, Rollout, RolloutTarget, Vehicle
 from models.workflows import StagePlan
 from services import audit, change_feed
-from services.errors import DomainError, InvalidInput, NotFoundError, OutOfScope, SafetyWeakened
 from services.pagination import (
     Sort,
     SortKey,
@@ -65,18 +72,6 @@ HOLDING_TARGET_STATES = tuple(
     )
 )
 OVERLAP_SAMPLE = 10
-
-
-class ReleaseSignatureRejected(DomainError):
-    """The release's signature does not verify against the trusted keys (or none are set)."""
-
-
-class OverlapConflict(DomainError):
-    """Some targeted vehicles are already inside another active rollout."""
-
-
-class InvalidTransition(DomainError):
-    """A control action that the rollout's current status does not allow."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +133,7 @@ def check_targets_in_scope(targets: dict[str, Any], scope: Scope) -> None:
         if not chosen or not set(chosen) <= set(allowed):
             problems.append(dimension)
     if problems:
-        raise OutOfScope(
+        raise Forbidden(
             "the targets reach outside your scope",
             details=[
                 {"field": f"targets.{d}", "message": "must stay inside your scope"}
@@ -180,10 +175,10 @@ def check_release_signature(
     field: str,
 ) -> None:
     """Return if the release's signature verifies against the artifact registry's trusted
-    keys; else `ReleaseSignatureRejected` (422 RELEASE_SIGNATURE_INVALID) naming `field` and
+    keys; else `ReleaseSignatureInvalid` (422 RELEASE_SIGNATURE_INVALID) naming `field` and
     why (`no_keys`, `unknown_key`, `malformed`, `mismatch`)."""
     if trusted_keys is None:
-        raise ReleaseSignatureRejected(
+        raise ReleaseSignatureInvalid(
             "no trusted release-signing keys are configured (MOTORCADE_TRUSTED_KEYS_FILE); "
             "no release can be verified",
             details=[{"field": field, "message": "no trusted keys", "code": "no_keys"}],
@@ -198,7 +193,7 @@ def check_release_signature(
             key_id=key_id,
         )
     except SignatureInvalid as exc:
-        raise ReleaseSignatureRejected(
+        raise ReleaseSignatureInvalid(
             f"release {version!r} fails signature verification: {exc}",
             details=[{"field": field, "message": str(exc), "code": exc.reason}],
         ) from None
@@ -215,7 +210,7 @@ def resolve_safety(
     refuse: bool = True,
 ) -> tuple[EffectiveSafety, dict[str, Any] | None]:
     """The effective safety checks and, when they weaken the fleet default, the
-    acknowledgement to audit. Unacknowledged weakening raises `SafetyWeakened` (unless
+    acknowledgement to audit. Unacknowledged weakening raises `SafetyPolicyWeakened` (unless
     `refuse` is False, for the dry run, which reports it)."""
     safety = effective_safety(
         defaults=defaults,
@@ -227,7 +222,7 @@ def resolve_safety(
     if not (acknowledged and (reason or "").strip()):
         if not refuse:
             return safety, None
-        raise SafetyWeakened(
+        raise SafetyPolicyWeakened(
             "the safety checks are weaker than the fleet default; set "
             "acknowledgeWeakenedSafety to true and give a reason",
             details=[
@@ -336,8 +331,8 @@ async def find_overlap(
     )
 
 
-def overlap_conflict(overlap: Overlap, *, what: str) -> OverlapConflict:
-    return OverlapConflict(
+def overlap_conflict(overlap: Overlap, *, what: str) -> Conflict:
+    return Conflict(
         f"{overlap.vehicles} targeted vehicle(s) are already inside active rollout(s) "
         f"{', '.join(str(r) for r in overlap.rollout_ids)}; {what} would take them twice. "
         "Narrow the targets, or wait for (or abort) the other rollout(s)",
@@ -610,7 +605,7 @@ async def get_rollout(session: AsyncSession, *, scope: Scope, rollout_id: int) -
     stmt = select(Rollout).where(col(Rollout.id) == rollout_id, *in_scope_condition(scope))
     rollout = (await session.exec(stmt)).first()
     if rollout is None:
-        raise NotFoundError(f"rollout {rollout_id} not found")
+        raise NotFound(f"rollout {rollout_id} not found")
     return rollout
 
 

@@ -23,11 +23,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from core.errors import Misconfigured, ReleaseSignatureInvalid
+
 ALGORITHM = "ed25519"
 SIGNATURE_BYTES = 64
 
 
-class SignatureInvalid(Exception):
+class SignatureInvalid(ReleaseSignatureInvalid):
     """A release signature that must not be trusted. `reason` is a short machine-readable word:
     `unknown_key`, `malformed`, or `mismatch`."""
 
@@ -36,7 +38,7 @@ class SignatureInvalid(Exception):
         self.reason = reason
 
 
-class TrustedKeysError(ValueError):
+class TrustedKeysError(Misconfigured):
     """A trusted-keys file that cannot be read (bad JSON, bad key material)."""
 
 

@@ -16,13 +16,13 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import fetch
+from core.errors import Conflict, Forbidden, InvalidInput, NotFound
 from models.api import VehicleIn
 from models.enums import VehicleStatus
 from models.scope import Scope
 from models.tables import TimelineEvent, Vehicle
 from models.vehicle_status import derive_status
 from services import audit, change_feed
-from services.errors import AlreadyExists, InvalidInput, NotFoundError, OutOfScope
 from services.pagination import (
     Sort,
     SortKey,
@@ -212,7 +212,7 @@ async def get_vehicle_view(
         {"id": vehicle_id, **params},
     )
     if not rows:
-        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+        raise NotFound(f"vehicle {vehicle_id!r} not found")
     return rows[0]
 
 
@@ -261,7 +261,7 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
         )
     ).first()
     if row is None:
-        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+        raise NotFound(f"vehicle {vehicle_id!r} not found")
     return DesiredStateView(
         vehicle_id=row.id,
         desired_state_id=str(row.desired_state_id) if row.desired_state_id else None,
@@ -319,7 +319,7 @@ async def list_timeline(
     )
     rows = await fetch(conn, statement, params)
     if not rows:
-        raise NotFoundError(f"vehicle {vehicle_id!r} not found")
+        raise NotFound(f"vehicle {vehicle_id!r} not found")
     events = [r for r in rows if r["event_id"] is not None]
     return split_page(
         events,
@@ -378,7 +378,7 @@ async def register_vehicles(
         if not scope.allows(region=v.region, model=v.model, org=v.org)
     ]
     if outside:
-        raise OutOfScope("a vehicle is outside the caller's scope", details=outside)
+        raise Forbidden("a vehicle is outside the caller's scope", details=outside)
     now = datetime.now(UTC)
     status = derive_status(
         desired_release=None,
@@ -402,7 +402,7 @@ async def register_vehicles(
             {"field": f"vehicles.{seen[v]}.id", "message": f"{v!r} is registered already"}
             for v in sorted(set(seen) - inserted)
         ]
-        raise AlreadyExists("a vehicle is registered already", details=taken)
+        raise Conflict("a vehicle is registered already", details=taken)
     await audit.record(
         session,
         actor=actor.subject,

@@ -26,10 +26,11 @@ from api.deps import (
     multi,
 )
 from api.envelope import ok, page
-from api.errors import DependencyUnavailable, ErrorResponses, InvalidStateTransition
+from api.errors import ErrorResponses
 from core import temporal
 from core.auth import Principal
 from core.db import session_scope
+from core.errors import DependencyUnavailable, InvalidStateTransition
 from core.settings import Settings
 from models.api import (
     ControlBody,

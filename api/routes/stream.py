@@ -19,14 +19,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import READ_ROLES, ViewerDep, get_principal, multi
 from api.envelope import ok
-from api.errors import (
-    DependencyUnavailable,
-    ErrorResponses,
-    Forbidden,
-    Unauthenticated,
-    ValidationFailed,
-)
-from core.auth import Principal, TokenError
+from api.errors import ErrorResponses
+from core.auth import Principal
+from core.errors import DependencyUnavailable, Forbidden, InvalidInput
 from services import stream as service
 
 router = APIRouter(tags=["stream"])
@@ -63,10 +58,7 @@ async def _stream_principal(request: Request, ticket: str | None) -> Principal:
     if ticket is None:
         principal = await get_principal(request)
     else:
-        try:
-            principal = service.verify_ticket(ticket, request.app.state.stream_secret)
-        except TokenError as exc:
-            raise Unauthenticated(str(exc)) from None
+        principal = service.verify_ticket(ticket, request.app.state.stream_secret)
         request.state.principal = principal
     if principal.role not in READ_ROLES:
         raise Forbidden(f"the {principal.role.value} role may not do this")
@@ -80,7 +72,7 @@ def _last_event_id(query: str | None, header: str | None) -> int | None:
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 18:
         field = "lastEventId" if query is not None else "Last-Event-ID"
-        raise ValidationFailed(
+        raise InvalidInput(
             "the last event id must be an event id this stream sent",
             details=[{"field": field, "message": "a non-negative integer"}],
         )
@@ -172,7 +164,7 @@ async def stream(
     chosen = multi(topics) or list(service.TOPICS)
     unknown = [t for t in chosen if t not in service.TOPICS]
     if unknown:
-        raise ValidationFailed(
+        raise InvalidInput(
             f"unknown topics: {', '.join(unknown)}",
             details=[{"field": "topics", "message": f"one of {', '.join(service.TOPICS)}"}],
         )

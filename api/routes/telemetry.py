@@ -16,16 +16,9 @@ from pydantic import ValidationError
 
 from api.deps import require
 from api.envelope import ok
-from api.errors import (
-    ErrorResponses,
-    Forbidden,
-    Overloaded,
-    PayloadTooLarge,
-    ValidationFailed,
-    _responses,
-    validation_details,
-)
+from api.errors import ErrorResponses, error_responses, validation_details
 from core.auth import Principal
+from core.errors import Forbidden, InvalidInput, Overloaded, PayloadTooLarge
 from models.api import Envelope
 from models.enums import Role
 from models.telemetry import (
@@ -37,7 +30,7 @@ from models.telemetry import (
     TelemetryAccepted,
     TelemetryBatch,
 )
-from services.ingest import IngestOverloaded, TelemetryIngestor
+from services.ingest import TelemetryIngestor
 
 router = APIRouter(tags=["telemetry"])
 
@@ -78,7 +71,7 @@ def parse_batch(body: bytes) -> TelemetryBatch:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if any(e.get("type") == "json_invalid" for e in errors):
-            raise ValidationFailed(
+            raise InvalidInput(
                 "the request body is not valid JSON",
                 details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
             ) from None
@@ -91,7 +84,7 @@ def parse_batch(body: bytes) -> TelemetryBatch:
             ) from None
         details = validation_details([{**e, "loc": ("body", *e["loc"])} for e in errors])
         first = details[0]["field"] if details else None
-        raise ValidationFailed(
+        raise InvalidInput(
             f"invalid value for {first}; the whole batch is rejected", details=details
         ) from None
 
@@ -127,7 +120,7 @@ def check_device(principal: Principal, batch: TelemetryBatch) -> None:
     description=DESCRIPTION,
     responses={
         **ErrorResponses.write,
-        **_responses(PayloadTooLarge, Overloaded),
+        **error_responses(PayloadTooLarge, Overloaded),
     },
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}
@@ -140,10 +133,7 @@ async def post_telemetry(
     batch = parse_batch(await read_body(request))
     check_device(principal, batch)
     ingestor: TelemetryIngestor = request.app.state.ingestor
-    try:
-        done = await ingestor.submit(batch=batch, scope=principal.scope)
-    except IngestOverloaded as exc:
-        raise Overloaded(exc.message, retry_after=exc.retry_after) from None
+    done = await ingestor.submit(batch=batch, scope=principal.scope)
     body = ok(
         request,
         TelemetryAccepted(

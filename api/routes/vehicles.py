@@ -22,9 +22,10 @@ from api.deps import (
     require,
 )
 from api.envelope import ok, ok_json, page_json
-from api.errors import ErrorResponses, Forbidden
+from api.errors import ErrorResponses
 from api.routes.rollouts import actor_of
 from core.auth import Principal
+from core.errors import Forbidden
 from models.api import Envelope, ListEnvelope, VehicleBatchIn, VehicleIn, VehicleOut
 from models.enums import Role
 from models.telemetry import DesiredStateOut, TimelineEventOut

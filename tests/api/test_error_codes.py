@@ -1,7 +1,7 @@
 """Every error code the app defines, provoked by a real request through the real app over
 real PostgreSQL (and Temporal): its status, the exact SPEC error envelope, the echoed request
 id, `Retry-After` where SPEC asks for it, and nothing internal (stack trace, SQL, token) in the
-body. The table of cases must name exactly the codes of `api/errors.py`, so a new code
+body. The table of cases must name exactly the codes of `core/errors.py`, so a new code
 without a case here fails."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
-from api import errors as api_errors
 from api.app import create_app
+from core.errors import MotorcadeError
 from core.localservers import free_port
 from core.settings import Settings
 from tests.api.conftest import (
@@ -76,9 +76,9 @@ LEAKS = (
 
 
 def app_codes() -> dict[str, int]:
-    """Every (code, status) the error module defines: AppError and its subclasses."""
+    """Every (code, status) the error module defines: MotorcadeError and its subclasses."""
     out: dict[str, int] = {}
-    todo: list[type[api_errors.AppError]] = [api_errors.AppError]
+    todo: list[type[MotorcadeError]] = [MotorcadeError]
     while todo:
         cls = todo.pop()
         out[cls.code] = cls.status

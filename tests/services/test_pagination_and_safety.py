@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlmodel import col
 
+from core.errors import InvalidInput
 from models.tables import Vehicle
-from services.errors import InvalidInput
 from services.pagination import SortKey, decode_cursor, encode_cursor, parse_sort
 from services.safety import SafetyDefaults, effective_safety
 

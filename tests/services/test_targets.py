@@ -10,9 +10,9 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
+from core.errors import Forbidden
 from core.settings import normalize_database_url
 from models.scope import Scope
-from services.errors import OutOfScope
 from services.rollouts import check_targets_in_scope
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 
@@ -85,7 +85,7 @@ def test_org_scoped_targets_are_bound_to_the_callers_orgs() -> None:
     targets: dict = {"regions": ["eu-west"], "orgs": []}
     check_targets_in_scope(targets, Scope(orgs=("acme",)))
     assert targets["orgs"] == ["acme"]
-    with pytest.raises(OutOfScope):
+    with pytest.raises(Forbidden):
         check_targets_in_scope({"regions": ["eu-west"], "orgs": ["globex"]}, Scope(orgs=("acme",)))
-    with pytest.raises(OutOfScope):
+    with pytest.raises(Forbidden):
         check_targets_in_scope({"models": ["atlas"]}, Scope(regions=("eu-west",)))
