@@ -1,9 +1,9 @@
-"""A caller's scope: which regions, models and orgs it may see (None = all of them)."""
+"""A caller's scope: which regions, models and orgs it may see (None = all of them). What it
+lets the caller read and write is decided in `services/scope.py`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,16 +15,6 @@ class Scope:
     @property
     def unrestricted(self) -> bool:
         return self.regions is None and self.models is None and self.orgs is None
-
-    def allows(self, *, region: str | None, model: str | None, org: str | None) -> bool:
-        return (
-            (self.regions is None or region in self.regions)
-            and (self.models is None or model in self.models)
-            and (self.orgs is None or org in self.orgs)
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in vars(self).items() if v is not None}
 
 
 UNRESTRICTED = Scope()

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, func, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -27,6 +26,7 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
+from services.scope import audit_entries_in_scope
 
 
 async def record(
@@ -119,21 +119,10 @@ def _select(scope: Scope, filters: AuditFilters) -> Any:
     """Entries inside the caller's scope matching the filters. An entry carries the regions,
     models and orgs of its target; a scoped caller sees an entry only when, for each dimension
     it is scoped on, the entry names at least one value and all of them are inside the scope,
-    the rule rollouts follow (`services.rollouts.in_scope_condition`): an entry about a
+    the rule rollouts follow (`services.scope`): an entry about a
     rollout the caller cannot see is not visible either. An entry about nothing scoped (a
     release, the fleet) is outside every scope."""
-    stmt = select(AuditEntry)
-    scoped: tuple[tuple[Any, tuple[str, ...] | None], ...] = (
-        (col(AuditEntry.regions), scope.regions),
-        (col(AuditEntry.models), scope.models),
-        (col(AuditEntry.orgs), scope.orgs),
-    )
-    for dimension, allowed in scoped:
-        if allowed is not None:
-            stmt = stmt.where(
-                func.cardinality(dimension) > 0,
-                dimension.op("<@")(cast(list(allowed), ARRAY(Text))),
-            )
+    stmt = select(AuditEntry).where(*audit_entries_in_scope(scope))
     for column, values in (
         (col(AuditEntry.actor), filters.actors),
         (col(AuditEntry.action), filters.actions),

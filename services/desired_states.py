@@ -23,9 +23,7 @@ from services import change_feed
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
 from services.rollouts import (
     Actor,
-    check_targets_in_scope,
     find_overlap,
-    in_scope_condition,
     load_verified_release,
     lock_fleet_assignment,
     overlap_conflict,
@@ -33,9 +31,14 @@ from services.rollouts import (
     resolve_safety,
 )
 from services.safety import SafetyDefaults
+from services.scope import (
+    check_targets_in_scope,
+    rollouts_in_scope,
+    vehicle_scope_sql,
+    vehicles_in_scope,
+)
 from services.signing import TrustedKeys
 from services.targets import REQUEST_MATCH, match_params
-from services.vehicles import scoped
 
 # Above this, a direct desired state is refused: a rollout stages, gates and can roll back.
 MAX_DIRECT_VEHICLES = 10_000
@@ -74,7 +77,7 @@ def desired_state_list_statement(
                 # from turning it into a hash of every vehicle in the scope (677 ms against
                 # 6 ms at a million vehicles: bench/api_reads.py prints the plan).
                 exists(
-                    scoped(
+                    vehicles_in_scope(
                         select(literal(1)).where(col(Vehicle.id) == col(DesiredState.vehicle_id)),
                         scope,
                     ).offset(0)
@@ -82,7 +85,7 @@ def desired_state_list_statement(
                 and_(
                     col(DesiredState.vehicle_id).is_(None),
                     col(DesiredState.rollout_id).in_(
-                        select(col(Rollout.id)).where(*in_scope_condition(scope))
+                        select(col(Rollout.id)).where(*rollouts_in_scope(scope))
                     ),
                 ),
             )
@@ -143,35 +146,19 @@ async def list_desired_states(
     )
 
 
+def _matching(targets: dict[str, Any], scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The condition on `vehicles v` selecting what `targets` select inside `scope`, and its
+    parameters."""
+    inside, params = vehicle_scope_sql(scope, "v")
+    return f"{REQUEST_MATCH}{inside}", {**match_params(targets), **params}
+
+
 async def _matching_count(session: AsyncSession, *, targets: dict[str, Any], scope: Scope) -> int:
+    where, params = _matching(targets, scope)
     conn = await session.connection()
-    result = await conn.execute(
-        text(f"SELECT count(*) FROM vehicles v WHERE {_MATCH_IN_SCOPE}"),
-        {**match_params(targets), **_scope_params(scope)},
-    )
+    result = await conn.execute(text(f"SELECT count(*) FROM vehicles v WHERE {where}"), params)
     return int(result.scalar_one())
 
-
-def _scope_params(scope: Scope) -> dict[str, list[str] | None]:
-    return {
-        "scope_regions": list(scope.regions) if scope.regions is not None else None,
-        "scope_models": list(scope.models) if scope.models is not None else None,
-        "scope_orgs": list(scope.orgs) if scope.orgs is not None else None,
-    }
-
-
-_MATCH_IN_SCOPE = (
-    REQUEST_MATCH
-    + " AND "
-    + " AND ".join(
-        f"(CAST(:{key} AS text[]) IS NULL OR {column} = ANY(CAST(:{key} AS text[])))"
-        for key, column in (
-            ("scope_regions", "v.region"),
-            ("scope_models", "v.model"),
-            ("scope_orgs", "v.org"),
-        )
-    )
-)
 
 # The vehicles issued a desired state (`upv`), as change-feed deltas.
 _ISSUED_DELTAS = change_feed.vehicle_deltas_sql(
@@ -228,6 +215,7 @@ async def create_desired_states(
     safety_checks = body.safety_checks.model_dump(by_alias=True, mode="json")
     safety_checks["requireStationary"] = safety.require_stationary
     safety_checks["minBatteryPercent"] = safety.min_battery_percent
+    where, params = _matching(targets, scope)
     conn = await session.connection()
     rows = (
         await conn.execute(
@@ -237,7 +225,7 @@ async def create_desired_states(
                     SELECT v.id AS vehicle_id, v.desired_state_id AS prev_ds,
                            gen_random_uuid() AS ds_id
                     FROM vehicles v
-                    WHERE {_MATCH_IN_SCOPE}
+                    WHERE {where}
                     ORDER BY v.id
                     FOR UPDATE OF v
                 ),
@@ -263,8 +251,7 @@ async def create_desired_states(
                 """
             ),
             {
-                **match_params(targets),
-                **_scope_params(scope),
+                **params,
                 "release": release.version,
                 "reason": body.reason,
                 "created_by": actor.subject,

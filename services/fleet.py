@@ -22,7 +22,7 @@ from core.db import fetch
 from models.enums import VehicleStatus
 from models.reconcile import FleetSummary, PlaceCounts, ReasonCodeCount
 from models.scope import Scope
-from services.reconcile import scope_sql
+from services.scope import vehicle_scope_sql
 
 PLACES = ("model", "region", "ring")
 
@@ -103,7 +103,7 @@ async def fleet_summary(
     known = cache.entries.get((scope, top))
     if known is not None and as_of is not None and known[0] == as_of:
         return known[1]
-    where, params = scope_sql(scope, driver=True)
+    where, params = vehicle_scope_sql(scope, driver=True)
     by_status = {s.value: 0 for s in VehicleStatus}
     by_place: dict[str, dict[str, PlaceCounts]] = {p: {} for p in PLACES}
     rows = await fetch(

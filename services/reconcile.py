@@ -22,7 +22,6 @@ All set-based, whatever the fleet size: no per-vehicle Python loop. Functions ta
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,6 +41,7 @@ from models.reconcile import (
 from models.scope import Scope
 from services import audit as audit_log
 from services import change_feed
+from services.scope import vehicle_scope_sql
 
 OFFLINE_BATCH_SIZE = 10_000
 RECONCILE_ACTOR = "reconcile"
@@ -274,38 +274,6 @@ async def record_drift(
 # --- Reports ------------------------------------------------------------------------------
 
 
-def match_sql(
-    column: str, name: str, values: Sequence[Any], params: dict[str, Any], *, driver: bool
-) -> str:
-    """` AND column = value` for one value (a `(column, id)` index then gives the rows in id
-    order), ` AND column = ANY(values)` for several; the value goes into `params` under
-    `name`, with SQLAlchemy's placeholder (`:name`) or, for `driver`, psycopg's."""
-    placeholder = f"%({name})s" if driver else f":{name}"
-    if len(values) == 1:
-        params[name] = values[0]
-        return f" AND {column} = {placeholder}"
-    params[name] = list(values)
-    return f" AND {column} = ANY({placeholder})"
-
-
-def scope_sql(scope: Scope, alias: str = "", *, driver: bool = False) -> tuple[str, dict[str, Any]]:
-    """` AND ...` restricting rows with region/model/org columns to the caller's scope (see
-    `match_sql` for the placeholders)."""
-    prefix = f"{alias}." if alias else ""
-    clauses: list[str] = []
-    params: dict[str, Any] = {}
-    for column, allowed in (
-        ("region", scope.regions),
-        ("model", scope.models),
-        ("org", scope.orgs),
-    ):
-        if allowed is not None:
-            clauses.append(
-                match_sql(f"{prefix}{column}", f"scope_{column}", allowed, params, driver=driver)
-            )
-    return "".join(clauses), params
-
-
 async def latest_report(
     session: AsyncSession, *, scope: Scope, recent: int = 10, drift_limit: int = 500
 ) -> ReconcileReport:
@@ -316,7 +284,7 @@ async def latest_report(
     `markedOffline` (fleet-wide, not recorded per place) is null.
     """
     conn = await _conn(session)
-    where, params = scope_sql(scope, "d")
+    where, params = vehicle_scope_sql(scope, "d")
     scoped = not scope.unrestricted
     drifted_sql = (
         f"(SELECT coalesce(sum(d.vehicles), 0) FROM reconcile_drift d WHERE d.run_id = r.id{where})"
@@ -385,7 +353,7 @@ async def fleet_health(session: AsyncSession, *, scope: Scope, top: int = 10) ->
     GROUP BY status scan and an unnest of `reason_codes` (dashboards read the materialized
     `services.fleet.fleet_summary` instead)."""
     conn = await _conn(session)
-    where, params = scope_sql(scope)
+    where, params = vehicle_scope_sql(scope)
     by_status = {s.value: 0 for s in VehicleStatus}
     for status, n in await conn.execute(
         text(f"SELECT status, count(*) FROM vehicles WHERE true{where} GROUP BY status"), params

@@ -6,14 +6,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import func, literal, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import (
     Conflict,
-    Forbidden,
     InvalidInput,
     NotFound,
     ReleaseSignatureInvalid,
@@ -44,9 +42,9 @@ from services.pagination import (
     timestamp_key,
 )
 from services.safety import EffectiveSafety, SafetyDefaults, effective_safety
+from services.scope import check_targets_in_scope, rollouts_in_scope, vehicles_in_scope
 from services.signing import SignatureInvalid, TrustedKeys, verify_release
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
-from services.vehicles import scoped
 from workflows.policy import plan_from_strategy
 
 ROLLOUT_SORTS = (
@@ -54,7 +52,6 @@ ROLLOUT_SORTS = (
     timestamp_key("createdAt", col(Rollout.created_at)),
     SortKey("status", col(Rollout.status)),
 )
-SCOPE_DIMENSIONS = (("regions", "regions"), ("models", "models"), ("orgs", "orgs"))
 
 # A rollout in one of these statuses holds its vehicles (see docs/rollouts.md, "Overlap").
 ACTIVE_ROLLOUT_STATUSES = tuple(
@@ -99,47 +96,11 @@ def audit_scope(targets: dict[str, Any]) -> AuditScope:
     )
 
 
-def in_scope_condition(scope: Scope):  # type: ignore[no-untyped-def]
-    """SQL: the rollout's targets stay inside the caller's scope on every scoped dimension."""
-    conds = []
-    for dimension, attr in SCOPE_DIMENSIONS:
-        allowed = getattr(scope, attr)
-        if allowed is None:
-            continue
-        selected = col(Rollout.targets)[dimension]
-        conds.append(func.jsonb_array_length(func.coalesce(selected, literal([], JSONB))) > 0)
-        conds.append(selected.op("<@")(literal(list(allowed), JSONB)))
-    return conds
-
-
 # --- validation shared by create, dry run and direct desired states ------------------------
 
 # One fleet-assignment writer at a time (rollout creation, direct desired states), so two
 # concurrent requests cannot both pass the overlap check for the same vehicles.
 FLEET_ASSIGNMENT_LOCK = 0x6D6F746F72636164  # "motorcad"
-
-
-def check_targets_in_scope(targets: dict[str, Any], scope: Scope) -> None:
-    """Refuse (403) targets that reach outside the caller's scope. An org-scoped caller that
-    names no orgs targets its own (filled in here, so expansion honours it)."""
-    if scope.orgs is not None and not targets.get("orgs"):
-        targets["orgs"] = list(scope.orgs)
-    problems = []
-    for dimension, attr in SCOPE_DIMENSIONS:
-        allowed = getattr(scope, attr)
-        if allowed is None:
-            continue
-        chosen = targets.get(dimension) or []
-        if not chosen or not set(chosen) <= set(allowed):
-            problems.append(dimension)
-    if problems:
-        raise Forbidden(
-            "the targets reach outside your scope",
-            details=[
-                {"field": f"targets.{d}", "message": "must stay inside your scope"}
-                for d in problems
-            ],
-        )
 
 
 async def load_verified_release(
@@ -585,7 +546,7 @@ async def list_rollouts(
                 details=[{"field": "status", "message": f"one of {sorted(allowed)}"}],
             )
     order = parse_sort(sort, ROLLOUT_SORTS, "-id")
-    stmt = select(Rollout).where(*in_scope_condition(scope))
+    stmt = select(Rollout).where(*rollouts_in_scope(scope))
     for column, values in (
         (col(Rollout.status), statuses),
         (col(Rollout.release_version), release_versions),
@@ -602,7 +563,7 @@ async def list_rollouts(
 
 
 async def get_rollout(session: AsyncSession, *, scope: Scope, rollout_id: int) -> Rollout:
-    stmt = select(Rollout).where(col(Rollout.id) == rollout_id, *in_scope_condition(scope))
+    stmt = select(Rollout).where(col(Rollout.id) == rollout_id, *rollouts_in_scope(scope))
     rollout = (await session.exec(stmt)).first()
     if rollout is None:
         raise NotFound(f"rollout {rollout_id} not found")
@@ -735,7 +696,7 @@ async def list_rollout_vehicles(
                 details=[{"field": "stage", "message": f"one of {names}"}],
             )
         indexes.append(names.index(stage))
-    stmt = scoped(
+    stmt = vehicles_in_scope(
         select(RolloutTarget, Vehicle)
         .join(Vehicle, col(Vehicle.id) == col(RolloutTarget.vehicle_id))
         .where(col(RolloutTarget.rollout_id) == rollout_id),

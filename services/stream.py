@@ -54,6 +54,7 @@ from sse_starlette import ServerSentEvent
 from core.auth import Principal, TokenError
 from models.enums import Role
 from models.scope import Scope
+from services.scope import allows_vehicle, names_inside
 
 log = structlog.stdlib.get_logger("motorcade.stream")
 
@@ -61,7 +62,6 @@ CHANNEL = "motorcade_change_feed"
 TOPICS = ("vehicles", "rollouts", "audit")
 TICKET_SECONDS = 60
 PAGE_ROWS = 500
-SCOPE_DIMENSIONS = (("regions", "regions"), ("models", "models"), ("orgs", "orgs"))
 
 SUBSCRIBERS = Gauge(
     "motorcade_sse_subscribers", "Open Server-Sent Events streams of this API process."
@@ -145,23 +145,6 @@ def verify_ticket(ticket: str, secret: bytes) -> Principal:
     return principal
 
 
-# --- scoping --------------------------------------------------------------------------------
-
-
-def _targets_inside(targets: dict[str, Any] | None, scope: Scope) -> bool:
-    """The rollout / audit rule: on each scoped dimension the entity names at least one value
-    and all of them are inside the scope (services.rollouts.in_scope_condition)."""
-    targets = targets or {}
-    for key, attr in SCOPE_DIMENSIONS:
-        allowed = getattr(scope, attr)
-        if allowed is None:
-            continue
-        chosen = targets.get(key) or []
-        if not chosen or not set(chosen) <= set(allowed):
-            return False
-    return True
-
-
 @dataclass
 class Event:
     id: int
@@ -196,21 +179,21 @@ def scoped_event(row: dict[str, Any], scope: Scope, rollout_scopes: dict[str, An
         deltas = [
             d
             for d in payload["vehicles"]
-            if scope.allows(region=d.get("region"), model=d.get("model"), org=d.get("org"))
+            if allows_vehicle(scope, region=d.get("region"), model=d.get("model"), org=d.get("org"))
         ]
         if not deltas:
             return None
         return Event(row["id"], row["event"], {**payload, "vehicles": deltas})
     if any(row.get(k) is not None for k in ("region", "model", "org")):
-        if not scope.allows(region=row["region"], model=row["model"], org=row["org"]):
+        if not allows_vehicle(scope, region=row["region"], model=row["model"], org=row["org"]):
             return None
         return Event(row["id"], row["event"], payload)
     if row["topic"] == "rollouts":
-        if not _targets_inside(rollout_scopes.get(row["entity_id"] or ""), scope):
+        if not names_inside(rollout_scopes.get(row["entity_id"] or ""), scope):
             return None
         return Event(row["id"], row["event"], payload)
     if row["topic"] == "audit":
-        if not _targets_inside(payload.get("scope"), scope):
+        if not names_inside(payload.get("scope"), scope):
             return None
         return Event(row["id"], row["event"], payload)
     if row["event"] == "fleet.summary":

@@ -44,6 +44,7 @@ from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
 from models.vehicle_status import LatestEvent, derive_status
 from services import change_feed
 from services.rollout_targets import record_target_outcomes
+from services.scope import allows_vehicle
 
 OUTCOME_OF_EVENT = {
     EventType.DESIRED_NOTIFIED: "updating",
@@ -162,8 +163,8 @@ async def _refuse(driver: Any, requests: list[GroupRequest]) -> bool:
         for kind, items in named:
             for index, item in enumerate(items):
                 place = places.get(item.vehicle_id)
-                if place is None or not req.scope.allows(
-                    region=place[1], model=place[2], org=place[3]
+                if place is None or not allows_vehicle(
+                    req.scope, region=place[1], model=place[2], org=place[3]
                 ):
                     details.append(
                         {

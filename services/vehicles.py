@@ -32,7 +32,7 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
-from services.reconcile import match_sql, scope_sql
+from services.scope import allows_vehicle, match_sql, vehicle_scope_sql
 
 if TYPE_CHECKING:
     from services.rollouts import Actor
@@ -87,18 +87,6 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def scoped(stmt, scope: Scope):  # type: ignore[no-untyped-def]
-    """Restrict a vehicles query to the caller's scope."""
-    for column, allowed in (
-        (Vehicle.region, scope.regions),
-        (Vehicle.model, scope.models),
-        (Vehicle.org, scope.orgs),
-    ):
-        if allowed is not None:
-            stmt = stmt.where(col(column).in_(list(allowed)))
-    return stmt
-
-
 # The vehicle's columns as the API shows them (`vehicle_out`); the telemetry ones come from
 # the narrow telemetry row where it is fresher (the wide row may lag on lastSeenAt).
 _PLAIN_COLUMNS = (
@@ -126,7 +114,7 @@ def vehicle_list_query(
     keyset order (bench/api_reads.py shows the plans at a million vehicles)."""
     filters.validate()
     order = parse_sort(sort, VEHICLE_SORTS, "id")
-    where, params = scope_sql(scope, "v", driver=True)
+    where, params = vehicle_scope_sql(scope, "v", driver=True)
     clauses = [where]
     for name, column in _FILTERED_COLUMNS:
         values: list[str] = getattr(filters, name)
@@ -200,7 +188,7 @@ async def get_vehicle_view(
     conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str
 ) -> dict[str, Any]:
     """One vehicle inside `scope` as the API shows it, in one statement on the driver."""
-    where, params = scope_sql(scope, "v", driver=True)
+    where, params = vehicle_scope_sql(scope, "v", driver=True)
     plain = ", ".join(f"v.{c}" for c in _PLAIN_COLUMNS)
     rows = await fetch(
         conn,
@@ -286,7 +274,7 @@ def timeline_query(
     *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
 ) -> tuple[str, dict[str, Any]]:
     """The statement of one page of a vehicle's timeline (`list_timeline`) and its parameters."""
-    where, params = scope_sql(scope, "v", driver=True)
+    where, params = vehicle_scope_sql(scope, "v", driver=True)
     params.update(id=vehicle_id, limit=limit + 1)
     after = ""
     if cursor:
@@ -375,7 +363,7 @@ async def register_vehicles(
     outside = [
         {"field": f"vehicles.{i}", "message": "outside the caller's scope"}
         for i, v in enumerate(vehicles)
-        if not scope.allows(region=v.region, model=v.model, org=v.org)
+        if not allows_vehicle(scope, region=v.region, model=v.model, org=v.org)
     ]
     if outside:
         raise Forbidden("a vehicle is outside the caller's scope", details=outside)

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from core.errors import Forbidden
 from core.settings import normalize_database_url
 from models.scope import Scope
-from services.rollouts import check_targets_in_scope
+from services.scope import check_targets_in_scope
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 
 
