@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
+from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
 from models.reconcile import (
     MarkOfflineInput,
@@ -40,14 +41,9 @@ class ReconcileActivities:
         return [self.mark_offline_vehicles, self.record_reconcile_drift]
 
     @activity.defn(name="mark_offline_vehicles")
+    @domain_failures
     async def mark_offline_vehicles(self, input: MarkOfflineInput) -> MarkOfflineResult:
-        progress = MarkOfflineProgress()
-        details = activity.info().heartbeat_details
-        if details:
-            try:  # plain JSON (a dict) from the converter
-                progress = MarkOfflineProgress.model_validate(details[0])
-            except ValueError:  # unreadable: start over (safe, batches are idempotent)
-                progress = MarkOfflineProgress()
+        progress = resumed_progress(MarkOfflineProgress)
         while True:
             async with session_scope(self._sessions) as session:
                 batch = await svc.mark_offline_batch(
@@ -75,6 +71,7 @@ class ReconcileActivities:
         return MarkOfflineResult(marked=progress.marked, batches=progress.batches)
 
     @activity.defn(name="record_reconcile_drift")
+    @domain_failures
     async def record_reconcile_drift(self, input: RecordDriftInput) -> RecordDriftResult:
         async with session_scope(self._sessions) as session:
             run = await svc.record_drift(

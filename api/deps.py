@@ -18,8 +18,11 @@ from core.auth import Principal, TokenVerifier
 from core.db import driver_connection, session_scope
 from core.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core.settings import Settings
-from models.enums import Role
+from models.enums import AuditSource, Role
+from services.audit import Actor
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from services.safety import SafetyDefaults
+from services.signing import KeysFileTrustedKeys, TrustedKeys
 
 
 class TemporalConnection:
@@ -133,3 +136,35 @@ def multi(values: list[str] | None) -> list[str]:
     for value in values or []:
         out.extend(v.strip() for v in value.split(",") if v.strip())
     return out
+
+
+def actor_of(request: Request, principal: Principal) -> Actor:
+    """The caller of a write, for its audit entries."""
+    return Actor(
+        subject=principal.subject,
+        role=principal.role.value,
+        source=AuditSource.API,
+        correlation_id=request.state.request_id,
+    )
+
+
+_trusted_keys: dict[str, KeysFileTrustedKeys] = {}
+
+
+def trusted_keys_of(settings: Settings) -> TrustedKeys | None:
+    """The artifact registry's trusted keys (`MOTORCADE_TRUSTED_KEYS_FILE`), or None when unset
+    (then no release verifies: rollouts and desired states are refused)."""
+    path = settings.trusted_keys_file
+    if not path:
+        return None
+    keys = _trusted_keys.get(path)
+    if keys is None:
+        keys = _trusted_keys[path] = KeysFileTrustedKeys(path)
+    return keys
+
+
+def safety_defaults_of(settings: Settings) -> SafetyDefaults:
+    return SafetyDefaults(
+        require_stationary=settings.safety_require_stationary,
+        min_battery_percent=settings.safety_min_battery_percent,
+    )

@@ -9,7 +9,7 @@ names the server's version and settings), `seed_fleet` with N vehicles, one roll
 newest sample release over all of them (canary 1%, waves 10/50/100%, every bake 0 s), run by
 the real worker (`worker.main.build_worker`) on the time-skipping test server. Outcomes are
 simulated and instant: when a stage's `issue_stage` activity returns, every vehicle it notified
-reports success through `services.rollout_targets.record_target_outcomes` (the telemetry
+reports success through `services.rollouts.outcomes.record_target_outcomes` (the telemetry
 path's function), timed apart from the activity.
 
 Prints, per N: planning seconds (the `expand_targets` activity), issuing seconds and desired
@@ -68,7 +68,7 @@ from core.temporal import (
 )
 from models.workflows import RolloutInput
 from services import reconcile as reconcile_svc
-from services import rollout_targets
+from services.rollouts import issue, outcomes
 from services.seed import SAMPLE_RELEASES, seed_fleet
 from worker.main import build_worker
 
@@ -157,7 +157,7 @@ async def _simulate_outcomes(bench: Bench, issue_input: Any) -> None:
             )
             if not ids:
                 break
-            moved = await rollout_targets.record_target_outcomes(
+            moved = await outcomes.record_target_outcomes(
                 session,
                 rollout_id=rollout_id,
                 outcomes=[(vid, "succeeded", None) for vid in ids],
@@ -214,7 +214,7 @@ def _insert_rollout(url: str) -> int:
 def _ceiling(url: str, rollout_id: int) -> tuple[float, float]:
     """The same writes as issuing every stage, set-based over all N vehicles in one transaction
     (rolled back): (the vehicles UPDATE alone, the vehicles and the targets UPDATEs)."""
-    ds_id = str(rollout_targets.target_set_desired_state_id(rollout_id, "ceiling"))
+    ds_id = str(issue.target_set_desired_state_id(rollout_id, "ceiling"))
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         conn.execute(

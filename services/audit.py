@@ -1,12 +1,12 @@
-"""The audit log: every write adds an entry in the same transaction as the write; reading
-(list, export) inside the caller's scope; retention (the only delete)."""
+"""The audit log: who did what (`Actor`); every write adds an entry in the same transaction as
+the write; reading (list, export) inside the caller's scope; retention (the only delete)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -29,32 +29,60 @@ from services.pagination import (
 from services.scope import audit_entries_in_scope
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who performs a write, for the audit log: the token's subject and role (None for the
+    system), where the request came from, and its correlation id."""
+
+    subject: str
+    role: str | None
+    source: AuditSource
+    correlation_id: str | None = None
+
+
+class AuditScope(TypedDict):
+    """What scopes an entry (services/scope.py): the regions, models and orgs it is about."""
+
+    regions: list[str] | None
+    models: list[str] | None
+    orgs: list[str] | None
+
+
+def audit_scope(targets: dict[str, Any]) -> AuditScope:
+    """The scope of an entry about a target set (a rollout, a desired state): its regions,
+    models and orgs."""
+    return AuditScope(
+        regions=list(targets.get("regions") or []) or None,
+        models=list(targets.get("models") or []) or None,
+        orgs=list(targets.get("orgs") or []) or None,
+    )
+
+
 async def record(
     session: AsyncSession,
     *,
-    actor: str,
-    role: str | None,
-    source: AuditSource,
+    actor: Actor,
     action: str,
     target_type: str,
     target_id: str | None,
     result: str = "ok",
     reason: str | None = None,
-    correlation_id: str | None = None,
     payload: dict[str, Any] | None = None,
     regions: list[str] | None = None,
     models: list[str] | None = None,
     orgs: list[str] | None = None,
 ) -> AuditEntry:
+    """Add an entry (and its `audit.created` change-feed row) in the caller's transaction;
+    reason and payload are redacted first."""
     entry = AuditEntry(
-        actor=actor,
-        role=role,
-        source=source.value,
+        actor=actor.subject,
+        role=actor.role,
+        source=actor.source.value,
         action=action,
         target_type=target_type,
         target_id=target_id,
         reason=redact(reason),
-        correlation_id=correlation_id,
+        correlation_id=actor.correlation_id,
         payload=redact(payload or {}),
         result=result,
         regions=regions or None,
@@ -67,6 +95,36 @@ async def record(
     # it by `scope`: the entry's regions, models and orgs).
     await (await session.connection()).execute(_PUBLISH, {"id": entry.id})
     return entry
+
+
+async def record_write(
+    session: AsyncSession,
+    *,
+    actor: Actor,
+    action: str,
+    target_type: str,
+    target_id: str,
+    reason: str | None,
+    payload: dict[str, Any],
+    acknowledgement: dict[str, Any] | None,
+    targets: dict[str, Any],
+) -> None:
+    """The audit entry of a write to a target set and, when it weakened the safety policy,
+    the audited acknowledgement (`<noun>.safety_weakened`), both scoped like its targets."""
+    entries = [(action, payload)]
+    if acknowledgement:
+        entries.append((action.split(".")[0] + ".safety_weakened", acknowledgement))
+    for entry_action, entry_payload in entries:
+        await record(
+            session,
+            actor=actor,
+            action=entry_action,
+            target_type=target_type,
+            target_id=target_id,
+            reason=reason,
+            payload=entry_payload,
+            **audit_scope(targets),
+        )
 
 
 _PUBLISH = text(

@@ -20,17 +20,11 @@ from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredSt
 from models.scope import Scope
 from models.tables import DesiredState, Rollout, Vehicle
 from services import change_feed
+from services.assignment import find_overlap, lock_fleet_assignment, overlap_conflict
+from services.audit import Actor, record_write
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
-from services.rollouts import (
-    Actor,
-    find_overlap,
-    load_verified_release,
-    lock_fleet_assignment,
-    overlap_conflict,
-    record_write,
-    resolve_safety,
-)
-from services.safety import SafetyDefaults
+from services.releases import load_verified_release
+from services.safety import SafetyDefaults, resolve_safety
 from services.scope import (
     check_targets_in_scope,
     rollouts_in_scope,

@@ -41,6 +41,7 @@ from models.reconcile import (
 from models.scope import Scope
 from services import audit as audit_log
 from services import change_feed
+from services.audit import Actor
 from services.scope import vehicle_scope_sql
 
 OFFLINE_BATCH_SIZE = 10_000
@@ -249,13 +250,10 @@ async def record_drift(
     )
     await audit_log.record(
         session,
-        actor=RECONCILE_ACTOR,
-        role=None,
-        source=AuditSource.SYSTEM,
+        actor=Actor(RECONCILE_ACTOR, None, AuditSource.SYSTEM, correlation_id or run_key),
         action="fleet.reconciled",
         target_type="fleet",
         target_id=None,
-        correlation_id=correlation_id or run_key,
         payload={"runId": run_id, "runKey": run_key, **summary},
     )
     if marked_offline:

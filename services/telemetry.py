@@ -43,7 +43,7 @@ from models.scope import Scope
 from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
 from models.vehicle_status import LatestEvent, derive_status
 from services import change_feed
-from services.rollout_targets import record_target_outcomes
+from services.rollouts.outcomes import record_target_outcomes
 from services.scope import allows_vehicle
 
 OUTCOME_OF_EVENT = {

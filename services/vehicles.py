@@ -8,7 +8,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from psycopg import AsyncConnection
 from sqlalchemy import text
@@ -23,6 +23,7 @@ from models.scope import Scope
 from models.tables import TimelineEvent, Vehicle
 from models.vehicle_status import derive_status
 from services import audit, change_feed
+from services.audit import Actor
 from services.pagination import (
     Sort,
     SortKey,
@@ -33,9 +34,6 @@ from services.pagination import (
     timestamp_key,
 )
 from services.scope import allows_vehicle, match_sql, vehicle_scope_sql
-
-if TYPE_CHECKING:
-    from services.rollouts import Actor
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
@@ -393,13 +391,10 @@ async def register_vehicles(
         raise Conflict("a vehicle is registered already", details=taken)
     await audit.record(
         session,
-        actor=actor.subject,
-        role=actor.role,
-        source=actor.source,
+        actor=actor,
         action="vehicle.registered",
         target_type="vehicle",
         target_id=vehicles[0].id if len(vehicles) == 1 else None,
-        correlation_id=actor.correlation_id,
         payload={
             "vehicles": [{k: r[k] for k in ("id", "model", "region", "ring", "org")} for r in rows]
         },

@@ -8,10 +8,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import CursorQuery, LimitQuery, OperatorDep, SessionDep, SettingsDep, ViewerDep, multi
+from api.deps import (
+    CursorQuery,
+    LimitQuery,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    ViewerDep,
+    actor_of,
+    multi,
+    safety_defaults_of,
+    trusted_keys_of,
+)
 from api.envelope import ok, page
 from api.errors import ErrorResponses
-from api.routes.rollouts import actor_of, safety_defaults_of, trusted_keys_of
 from models.api import (
     DesiredStateCreate,
     DesiredStateOut,

@@ -15,10 +15,11 @@ from api.deps import (
     SettingsDep,
     SortQuery,
     ViewerDep,
+    actor_of,
+    trusted_keys_of,
 )
 from api.envelope import ok, page
 from api.errors import ErrorResponses
-from api.routes.rollouts import actor_of, trusted_keys_of
 from models.api import Envelope, ListEnvelope, ReleaseCreate, ReleaseOut
 from services import releases as service
 

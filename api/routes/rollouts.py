@@ -22,8 +22,11 @@ from api.deps import (
     SettingsDep,
     SortQuery,
     ViewerDep,
+    actor_of,
     get_temporal,
     multi,
+    safety_defaults_of,
+    trusted_keys_of,
 )
 from api.envelope import ok, page
 from api.errors import ErrorResponses
@@ -43,12 +46,10 @@ from models.api import (
     RolloutPlanOut,
     RolloutVehicleOut,
 )
-from models.enums import AuditSource, RolloutStatus
+from models.enums import RolloutStatus
 from models.tables import Rollout
 from models.workflows import ControlRequest, ControlResult, RolloutCounts, RolloutInput
-from services import rollouts as service
-from services.safety import SafetyDefaults
-from services.signing import KeysFileTrustedKeys, TrustedKeys
+from services.rollouts import control, create, queries, status
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 log = structlog.stdlib.get_logger("motorcade.api.rollouts")
@@ -56,36 +57,6 @@ log = structlog.stdlib.get_logger("motorcade.api.rollouts")
 RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 # How long the API waits for the workflow to accept or refuse a control Update.
 CONTROL_TIMEOUT = timedelta(seconds=20)
-
-_trusted_keys: dict[str, KeysFileTrustedKeys] = {}
-
-
-def trusted_keys_of(settings: Settings) -> TrustedKeys | None:
-    """The artifact registry's trusted keys (`MOTORCADE_TRUSTED_KEYS_FILE`), or None when unset
-    (then no release verifies: rollouts and desired states are refused)."""
-    path = settings.trusted_keys_file
-    if not path:
-        return None
-    keys = _trusted_keys.get(path)
-    if keys is None:
-        keys = _trusted_keys[path] = KeysFileTrustedKeys(path)
-    return keys
-
-
-def safety_defaults_of(settings: Settings) -> SafetyDefaults:
-    return SafetyDefaults(
-        require_stationary=settings.safety_require_stationary,
-        min_battery_percent=settings.safety_min_battery_percent,
-    )
-
-
-def actor_of(request: Request, principal: Principal) -> service.Actor:
-    return service.Actor(
-        subject=principal.subject,
-        role=principal.role.value,
-        source=AuditSource.API,
-        correlation_id=request.state.request_id,
-    )
 
 
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
@@ -166,7 +137,7 @@ async def create_rollout(
     `canStart`. Nothing is written (no row, no audit entry, no workflow)."""
     actor = actor_of(request, principal)
     if dry_run:
-        plan = await service.plan_rollout_request(
+        plan = await create.plan_rollout_request(
             session,
             body=body,
             actor=actor,
@@ -176,7 +147,7 @@ async def create_rollout(
         )
         await session.rollback()  # read-only: nothing to commit
         return JSONResponse(ok(request, plan, dryRun=True), status_code=200)
-    rollout = await service.create_rollout(
+    rollout = await create.create_rollout(
         session,
         body=body,
         actor=actor,
@@ -210,7 +181,7 @@ async def create_rollout(
     except Exception as exc:
         log.warning("workflow start failed", rollout_id=rollout.id, error=repr(exc)[:300])
         async with session_scope(request.app.state.sessions) as failed_session:
-            await service.mark_start_failed(failed_session, rollout_id=rollout.id, actor=actor)
+            await status.mark_start_failed(failed_session, rollout_id=rollout.id, actor=actor)
         raise DependencyUnavailable(
             "the rollout was stored but its workflow could not be started; "
             "it is marked failed (WORKFLOW_START_FAILED): create it again"
@@ -240,7 +211,7 @@ async def list_rollouts(
     limit: LimitQuery = 50,
 ) -> Any:
     """`sort` is `id`, `createdAt` or `status` (default `-id`: newest first)."""
-    rows, next_cursor = await service.list_rollouts(
+    rows, next_cursor = await queries.list_rollouts(
         session,
         scope=principal.scope,
         statuses=multi(status),
@@ -270,7 +241,7 @@ async def get_rollout(
     settings: SettingsDep,
     rollout_id: RolloutId,
 ) -> Any:
-    rollout = await service.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
+    rollout = await queries.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
     return ok(request, rollout_out(rollout, settings))
 
 
@@ -294,7 +265,7 @@ async def list_rollout_vehicles(
     limit: LimitQuery = 50,
 ) -> Any:
     """Filters are repeatable or comma-separated. Ordered by vehicle id."""
-    rows, next_cursor = await service.list_rollout_vehicles(
+    rows, next_cursor = await queries.list_rollout_vehicles(
         session,
         scope=principal.scope,
         rollout_id=rollout_id,
@@ -342,7 +313,7 @@ async def _control(
     """Audit the request (committed), then ask the workflow through its `control` Update;
     a refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too."""
     actor = actor_of(request, principal)
-    rollout, refusal = await service.request_control(
+    rollout, refusal = await control.request_control(
         session,
         scope=principal.scope,
         rollout_id=rollout_id,
@@ -357,7 +328,7 @@ async def _control(
     assert rollout.workflow_id is not None
 
     async def outcome(kind: str, result: str, message: str) -> None:
-        await service.record_control(
+        await control.record_control(
             session,
             rollout=rollout,
             action=action,
@@ -410,7 +381,7 @@ async def _control(
             "time (is a worker running?); retry"
         ) from None
     session.expire_all()
-    current = await service.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
+    current = await queries.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
     data = RolloutControlOut(
         rollout=rollout_out(current, settings),
         control=ControlOutcome(action=answer.action, status=answer.status, paused=answer.paused),

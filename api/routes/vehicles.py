@@ -18,12 +18,12 @@ from api.deps import (
     SessionDep,
     SortQuery,
     ViewerDep,
+    actor_of,
     multi,
     require,
 )
 from api.envelope import ok, ok_json, page_json
 from api.errors import ErrorResponses
-from api.routes.rollouts import actor_of
 from core.auth import Principal
 from core.errors import Forbidden
 from models.api import Envelope, ListEnvelope, VehicleBatchIn, VehicleIn, VehicleOut

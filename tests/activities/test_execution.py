@@ -22,7 +22,7 @@ from models.workflows import (
     RollbackTargetsInput,
     TargetSweepInput,
 )
-from services import rollout_targets as svc
+from services.rollouts.outcomes import record_target_outcomes
 from tests.activities.fleet import (
     OLD_RELEASE,
     fetch_all,
@@ -87,7 +87,7 @@ async def issued(sessions: Sessions) -> tuple[int, list[str]]:
 
 async def _record(sessions: Sessions, rollout_id: int, outcomes: Any, at: Any = None) -> int:
     async with session_scope(sessions) as session:
-        return await svc.record_target_outcomes(
+        return await record_target_outcomes(
             session, rollout_id=rollout_id, outcomes=outcomes, at=at
         )
 

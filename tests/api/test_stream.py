@@ -280,9 +280,7 @@ async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(
             for regions in ([other], [mine]):
                 await audit.record(
                     session,
-                    actor=f"{prefix}actor",
-                    role="operator",
-                    source=AuditSource.API,
+                    actor=audit.Actor(f"{prefix}actor", "operator", AuditSource.API),
                     action="test.stream",
                     target_type="rollout",
                     target_id=prefix,
@@ -308,9 +306,7 @@ async def test_unrestricted_viewer_receives_every_audit_entry_published_by_the_w
         async with sessions() as session, session.begin():
             entry = await audit.record(
                 session,
-                actor=f"{prefix}actor",
-                role="operator",
-                source=AuditSource.API,
+                actor=audit.Actor(f"{prefix}actor", "operator", AuditSource.API),
                 action="test.stream",
                 target_type="release",
                 target_id=prefix,

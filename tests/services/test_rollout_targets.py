@@ -1,4 +1,4 @@
-"""services.rollout_targets directly (the API's dryRun uses plan_rollout)."""
+"""The rollout engine's services directly: planning, issuing by cursor, status refusals."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import session_scope
-from services import rollout_targets as svc
+from core.errors import RolloutNotFound
+from models.enums import AuditSource
+from services.audit import Actor
+from services.rollouts import issue, plan, queries, status
 from tests.activities.fleet import (
+    fetch_all,
     fetch_one,
     make_fleet,
     make_release,
@@ -34,27 +38,14 @@ async def rollout_id(sessions: Sessions) -> int:
     )
 
 
-async def test_plan_rollout_is_read_only(sessions: Sessions, rollout_id: int) -> None:
-    async with session_scope(sessions) as session:
-        stages = await svc.plan_rollout(session, rollout_id=rollout_id)
-    assert [(s.name, s.size) for s in stages] == [("wave-1", 3), ("wave-2", 27)]
-    row = await fetch_one(
-        sessions,
-        "SELECT targeted, stage_count, (SELECT count(*) FROM rollout_targets"
-        " WHERE rollout_id = :r) AS targets FROM rollouts WHERE id = :r",
-        r=rollout_id,
-    )
-    assert row == {"targeted": 0, "stage_count": 0, "targets": 0}
-
-
 async def test_batches_walk_the_stage_by_cursor(sessions: Sessions, rollout_id: int) -> None:
     async with session_scope(sessions) as session:
-        expansion = await svc.plan_and_expand(session, rollout_id=rollout_id)
+        expansion = await plan.plan_and_expand(session, rollout_id=rollout_id)
     assert expansion.counts_per_stage == [3, 27]
     cursor, seen = "", 0
     while True:
         async with session_scope(sessions) as session:
-            batch = await svc.issue_stage_batch(
+            batch = await issue.issue_stage_batch(
                 session,
                 rollout_id=rollout_id,
                 stage_index=1,
@@ -68,15 +59,49 @@ async def test_batches_walk_the_stage_by_cursor(sessions: Sessions, rollout_id: 
         cursor, seen = batch.last_vehicle_id, seen + batch.issued
     assert seen == 27
     async with session_scope(sessions) as session:
-        counts = await svc.progress(session, rollout_id=rollout_id)
+        counts = await queries.progress(session, rollout_id=rollout_id)
     assert (counts.targeted, counts.notified, counts.pending) == (30, 27, 3)
 
 
 async def test_unknown_status_and_rollout_are_refused(sessions: Sessions, rollout_id: int) -> None:
     async with session_scope(sessions) as session:
         with pytest.raises(ValueError):
-            await svc.set_rollout_status(
+            await status.set_rollout_status(
                 session, rollout_id=rollout_id, status="exploded", action="x"
             )
-        with pytest.raises(svc.RolloutNotFound):
-            await svc.progress(session, rollout_id=10**12)
+        with pytest.raises(RolloutNotFound):
+            await queries.progress(session, rollout_id=10**12)
+
+
+async def test_a_failed_start_is_written_by_the_status_writer(
+    sessions: Sessions, rollout_id: int
+) -> None:
+    """The API's one status write goes through `set_rollout_status`: the row, the audit entry
+    (scoped like the rollout) and the stream event, in one transaction."""
+    actor = Actor("alice", "operator", AuditSource.API, correlation_id="req-start-failed")
+    async with session_scope(sessions) as session:
+        await status.mark_start_failed(session, rollout_id=rollout_id, actor=actor)
+    row = await fetch_one(
+        sessions,
+        "SELECT status, status_reason, finished_at IS NOT NULL AS finished FROM rollouts"
+        " WHERE id = :r",
+        r=rollout_id,
+    )
+    assert row == {"status": "failed", "status_reason": "WORKFLOW_START_FAILED", "finished": True}
+    entry = await fetch_one(
+        sessions,
+        "SELECT actor, role, source, result, correlation_id, regions, payload->>'status' AS s"
+        " FROM audit_log WHERE target_id = :r AND action = 'rollout.start_failed'",
+        r=str(rollout_id),
+    )
+    assert entry["actor"] == "alice" and entry["role"] == "operator"
+    assert (entry["source"], entry["result"], entry["s"]) == ("system", "error", "failed")
+    assert entry["correlation_id"] == "req-start-failed"
+    assert entry["regions"] and entry["regions"][0].endswith("eu-west")
+    events = await fetch_all(
+        sessions,
+        "SELECT payload->>'status' AS s, payload->>'statusReason' AS why FROM change_feed"
+        " WHERE topic = 'rollouts' AND entity_id = :r",
+        r=str(rollout_id),
+    )
+    assert events == [{"s": "failed", "why": "WORKFLOW_START_FAILED"}]

@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.db import session_scope
 from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
 from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
-from services import rollout_targets as svc
+from services.rollouts.outcomes import record_target_outcomes
 from tests.activities.fleet import (
     OLD_RELEASE,
     fetch_all,
@@ -135,7 +135,7 @@ async def _report(
     sessions: Sessions, rollout_id: int, vehicles: list[str], state: str, reason: str | None = None
 ) -> None:
     async with session_scope(sessions) as session:
-        await svc.record_target_outcomes(
+        await record_target_outcomes(
             session, rollout_id=rollout_id, outcomes=[(v, state, reason) for v in vehicles]
         )
 

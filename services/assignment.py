@@ -1,0 +1,123 @@
+"""Which rollout holds a vehicle: a vehicle is *inside* an active rollout while that rollout
+is not finished and either its target row there is not finished, or the rollout has not
+expanded its targets yet and its stored targets select the vehicle (docs/rollouts.md,
+"Overlap"). A rollout or a direct desired state that would take a vehicle inside another
+active rollout is refused (409); writers that assign vehicles take one lock first, so two
+concurrent requests cannot both pass the check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.errors import Conflict
+from models.api import Overlap
+from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus, TargetState
+from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
+
+# A rollout in one of these statuses holds its vehicles (see docs/rollouts.md, "Overlap").
+ACTIVE_ROLLOUT_STATUSES = tuple(
+    s.value for s in RolloutStatus if s not in TERMINAL_ROLLOUT_STATUSES
+)
+
+# A vehicle whose target row is in one of these states is still inside its rollout.
+HOLDING_TARGET_STATES = tuple(
+    s.value
+    for s in (
+        TargetState.PLANNED,
+        TargetState.NOTIFIED,
+        TargetState.UPDATING,
+        TargetState.BLOCKED,
+        TargetState.FAILED,
+    )
+)
+
+OVERLAP_SAMPLE = 10
+
+# One fleet-assignment writer at a time (rollout creation, direct desired states), so two
+# concurrent requests cannot both pass the overlap check for the same vehicles.
+FLEET_ASSIGNMENT_LOCK = 0x6D6F746F72636164  # "motorcad"
+
+
+async def lock_fleet_assignment(session: AsyncSession) -> None:
+    """Serialize writers that assign vehicles (held until the transaction ends)."""
+    conn = await session.connection()
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": FLEET_ASSIGNMENT_LOCK})
+
+
+async def find_overlap(
+    session: AsyncSession, *, targets: dict[str, Any], exclude_rollout_id: int | None = None
+) -> Overlap:
+    """Vehicles selected by `targets` that are already inside another active rollout: one
+    whose status is not terminal and that holds them (a target row not yet finished, or,
+    before its expansion, a match of its stored targets)."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                f"""
+                WITH active AS MATERIALIZED (
+                    SELECT r.id, r.stage_count,
+                           {stored_arrays()}
+                    FROM rollouts r
+                    WHERE r.status = ANY(CAST(:active AS text[])) AND r.id <> :exclude
+                ),
+                held AS MATERIALIZED (
+                    SELECT v.id AS vehicle_id, a.id AS rollout_id
+                    FROM active a
+                    JOIN rollout_targets t ON t.rollout_id = a.id
+                    JOIN vehicles v ON v.id = t.vehicle_id
+                    WHERE a.stage_count > 0 AND t.state = ANY(CAST(:holding AS text[]))
+                      AND {REQUEST_MATCH}
+                    UNION ALL
+                    SELECT v.id, a.id
+                    FROM active a
+                    JOIN vehicles v ON {stored_array_match()}
+                    WHERE a.stage_count = 0 AND {REQUEST_MATCH}
+                )
+                SELECT (SELECT count(*) FROM (SELECT DISTINCT vehicle_id FROM held) vehicles)
+                           AS vehicles,
+                       ARRAY(SELECT DISTINCT vehicle_id FROM held
+                             ORDER BY vehicle_id LIMIT {OVERLAP_SAMPLE}) AS sample,
+                       ARRAY(SELECT DISTINCT rollout_id FROM held ORDER BY rollout_id)
+                           AS rollouts
+                """
+            ),
+            {
+                **match_params(targets),
+                "holding": list(HOLDING_TARGET_STATES),
+                "active": list(ACTIVE_ROLLOUT_STATUSES),
+                "exclude": exclude_rollout_id or 0,
+            },
+        )
+    ).one()
+    return Overlap(
+        vehicles=int(row.vehicles),
+        sample_vehicle_ids=list(row.sample or []),
+        rollout_ids=[int(r) for r in row.rollouts or []],
+    )
+
+
+def overlap_conflict(overlap: Overlap, *, what: str) -> Conflict:
+    return Conflict(
+        f"{overlap.vehicles} targeted vehicle(s) are already inside active rollout(s) "
+        f"{', '.join(str(r) for r in overlap.rollout_ids)}; {what} would take them twice. "
+        "Narrow the targets, or wait for (or abort) the other rollout(s)",
+        details=[
+            {
+                "field": "targets",
+                "message": f"vehicle {vid} is inside another active rollout",
+                "code": "VEHICLE_IN_ACTIVE_ROLLOUT",
+            }
+            for vid in overlap.sample_vehicle_ids
+        ]
+        + [
+            {
+                "field": "targets",
+                "message": f"{overlap.vehicles} vehicle(s) in rollout(s) {overlap.rollout_ids}",
+                "code": "OVERLAP_SUMMARY",
+            }
+        ],
+    )

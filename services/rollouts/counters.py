@@ -1,0 +1,78 @@
+"""A rollout's progress counters (`rollouts.targeted`, `notified`, `updating`, ...): moved in
+the statement that moves its targets, never counted by a scan.
+
+`COUNTER_DELTAS` is the tail of such a statement: given its CTE `moved`, which returns
+`(old_state, new_state)` for each target it moved, it moves the rollout's current-state
+counters (updating, succeeded, failed, blocked) by the difference and answers how many
+targets moved. `SWEEP_DELTAS` is the same tail for a keyset sweep over a CTE `todo` (ordered
+by vehicle id, `LIMIT :n`): it also answers how many targets the batch selected and the last
+vehicle id, where the next batch starts (`SweepBatch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SWEEP_BATCH = 1000
+COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
+
+
+# How the counters of the current states move: per state, the targets that entered it
+# minus those that left it.
+_DELTAS = """
+    deltas AS (
+        SELECT count(*) AS moved,
+               count(*) FILTER (WHERE new_state = 'updating')
+                 - count(*) FILTER (WHERE old_state = 'updating') AS updating,
+               count(*) FILTER (WHERE new_state = 'succeeded')
+                 - count(*) FILTER (WHERE old_state = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE new_state = 'failed')
+                 - count(*) FILTER (WHERE old_state = 'failed') AS failed,
+               count(*) FILTER (WHERE new_state = 'blocked')
+                 - count(*) FILTER (WHERE old_state = 'blocked') AS blocked
+        FROM moved
+    ),
+    counted AS (
+        UPDATE rollouts r
+        SET updating = greatest(r.updating + deltas.updating, 0),
+            succeeded = greatest(r.succeeded + deltas.succeeded, 0),
+            failed = greatest(r.failed + deltas.failed, 0),
+            blocked = greatest(r.blocked + deltas.blocked, 0),
+            updated_at = now()
+        FROM deltas WHERE r.id = :rid AND deltas.moved > 0
+        RETURNING 1
+    )
+"""
+
+
+COUNTER_DELTAS = _DELTAS + "    SELECT moved FROM deltas\n"
+
+
+SWEEP_DELTAS = (
+    _DELTAS
+    + """    SELECT (SELECT moved FROM deltas) AS changed,
+           (SELECT count(*) FROM todo) AS selected,
+           (SELECT max(vehicle_id) FROM todo) AS last_vehicle_id
+"""
+)
+
+
+@dataclass(frozen=True)
+class SweepBatch:
+    """One keyset batch of a sweep over a rollout's targets: how many targets it changed,
+    whether it reached the end, and the vehicle id where the next batch starts."""
+
+    changed: int
+    done: bool
+    last_vehicle_id: str
+
+
+def sweep_batch(row: Any, batch_size: int, after_vehicle_id: str) -> SweepBatch:
+    """The `SweepBatch` of a statement ending in `SWEEP_DELTAS`."""
+    selected = int(row.selected)
+    return SweepBatch(
+        changed=int(row.changed),
+        done=selected < batch_size,
+        last_vehicle_id=row.last_vehicle_id or after_vehicle_id,
+    )

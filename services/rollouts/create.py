@@ -1,0 +1,218 @@
+"""Creating a rollout: the checks create and the dry run share (release and signature, scope,
+safety policy), the dry run's plan, and the stored rollout with its audit entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.temporal import rollout_workflow_id
+from models.api import PlannedStage, RolloutCreate, RolloutPlanOut, SafetyNow
+from models.enums import RolloutStatus
+from models.scope import Scope
+from models.tables import Release, Rollout
+from models.workflows import StagePlan
+from services import change_feed
+from services.assignment import find_overlap, lock_fleet_assignment, overlap_conflict
+from services.audit import Actor, record_write
+from services.releases import load_verified_release
+from services.safety import EffectiveSafety, SafetyDefaults, resolve_safety
+from services.scope import check_targets_in_scope
+from services.signing import TrustedKeys
+from services.targets import REQUEST_MATCH, match_params
+from workflows.policy import plan_from_strategy
+
+
+async def safety_now(
+    session: AsyncSession, *, targets: dict[str, Any], safety: EffectiveSafety
+) -> tuple[int, SafetyNow]:
+    """How many vehicles `targets` select, and how many the safety checks would block now."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                f"""
+                SELECT count(*) AS targeted,
+                       count(*) FILTER (WHERE v.battery_percent < :min_battery) AS battery_low,
+                       count(*) FILTER (WHERE :stationary AND v.stationary IS FALSE)
+                           AS not_stationary,
+                       count(*) FILTER (WHERE v.battery_percent < :min_battery
+                                          OR (:stationary AND v.stationary IS FALSE))
+                           AS blocked,
+                       count(*) FILTER (WHERE v.battery_percent IS NULL
+                                          OR (:stationary AND v.stationary IS NULL)) AS unknown,
+                       count(*) FILTER (WHERE v.status = 'offline') AS offline
+                FROM vehicles v WHERE {REQUEST_MATCH}
+                """
+            ),
+            {
+                **match_params(targets),
+                "min_battery": safety.min_battery_percent,
+                "stationary": safety.require_stationary,
+            },
+        )
+    ).one()
+    return int(row.targeted), SafetyNow(
+        require_stationary=safety.require_stationary,
+        min_battery_percent=safety.min_battery_percent,
+        blocked=int(row.blocked),
+        battery_low=int(row.battery_low),
+        not_stationary=int(row.not_stationary),
+        unknown=int(row.unknown),
+        offline=int(row.offline),
+    )
+
+
+@dataclass(frozen=True)
+class ValidatedRollout:
+    release: Release
+    targets: dict[str, Any]
+    gates: dict[str, Any]
+    safety: EffectiveSafety
+    acknowledgement: dict[str, Any] | None
+
+
+async def validate_rollout(
+    session: AsyncSession,
+    *,
+    body: RolloutCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+    refuse_weakened: bool = True,
+) -> ValidatedRollout:
+    """Everything create checks before it writes: release exists and verifies, targets in
+    scope, safety policy (not weaker than the fleet default unless acknowledged)."""
+    release = await load_verified_release(
+        session, version=body.release_version, trusted_keys=trusted_keys
+    )
+    targets = body.targets.model_dump(by_alias=True)
+    check_targets_in_scope(targets, scope)
+    safety, acknowledgement = resolve_safety(
+        checks=body.gates.safety_checks,
+        defaults=safety_defaults,
+        acknowledged=body.acknowledge_weakened_safety,
+        reason=body.reason,
+        actor=actor,
+        field_prefix="gates.safetyChecks",
+        refuse=refuse_weakened,
+    )
+    gates = body.gates.model_dump(by_alias=True)
+    gates["safetyChecks"]["requireStationary"] = safety.require_stationary
+    gates["safetyChecks"]["minBatteryPercent"] = safety.min_battery_percent
+    return ValidatedRollout(release, targets, gates, safety, acknowledgement)
+
+
+async def plan_rollout_request(
+    session: AsyncSession,
+    *,
+    body: RolloutCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+) -> RolloutPlanOut:
+    """The dry run: validate like create (a bad release, signature or scope is refused the
+    same way), then plan without writing anything. An unacknowledged weakening and an
+    overlap are reported (`canStart: false`, `problems`) rather than refused, so the
+    operator sees the whole picture in one answer."""
+    v = await validate_rollout(
+        session,
+        body=body,
+        actor=actor,
+        scope=scope,
+        safety_defaults=safety_defaults,
+        trusted_keys=trusted_keys,
+        refuse_weakened=False,
+    )
+    targeted, blocked = await safety_now(session, targets=v.targets, safety=v.safety)
+    stages: list[StagePlan] = plan_from_strategy(targeted, body.strategy.model_dump(by_alias=True))
+    overlap = await find_overlap(session, targets=v.targets)
+    problems = []
+    if v.safety.weakened and v.acknowledgement is None:
+        problems.append(
+            "SAFETY_POLICY_WEAKENED: " + ", ".join(v.safety.weakened) + " weaker than default"
+        )
+    if overlap.vehicles:
+        problems.append(f"CONFLICT: {overlap.vehicles} vehicle(s) inside another active rollout")
+    if targeted == 0:
+        problems.append("NO_VEHICLES: the targets select no vehicle")
+    return RolloutPlanOut(
+        release_version=v.release.version,
+        targeted=targeted,
+        stages=[
+            PlannedStage(index=s.index, name=s.name, vehicles=s.size, bake_seconds=s.bake_seconds)
+            for s in stages
+        ],
+        safety=blocked,
+        weakened_safety=list(v.safety.weakened),
+        maintenance_window=v.gates["safetyChecks"].get("maintenanceWindow"),
+        overlap=overlap,
+        can_start=not (overlap.vehicles or (v.safety.weakened and v.acknowledgement is None)),
+        problems=problems,
+    )
+
+
+async def create_rollout(
+    session: AsyncSession,
+    *,
+    body: RolloutCreate,
+    actor: Actor,
+    scope: Scope,
+    safety_defaults: SafetyDefaults,
+    trusted_keys: TrustedKeys | None,
+) -> Rollout:
+    v = await validate_rollout(
+        session,
+        body=body,
+        actor=actor,
+        scope=scope,
+        safety_defaults=safety_defaults,
+        trusted_keys=trusted_keys,
+    )
+    await lock_fleet_assignment(session)
+    overlap = await find_overlap(session, targets=v.targets)
+    if overlap.vehicles:
+        raise overlap_conflict(overlap, what="this rollout")
+    targets, gates, acknowledgement = v.targets, v.gates, v.acknowledgement
+
+    rollout = Rollout(
+        name=body.name,
+        release_version=body.release_version,
+        targets=targets,
+        strategy=body.strategy.model_dump(by_alias=True),
+        gates=gates,
+        timeouts=body.timeouts.model_dump(by_alias=True),
+        retry=body.retry.model_dump(by_alias=True),
+        status=RolloutStatus.PENDING.value,
+        safety_acknowledgement=acknowledgement,
+        correlation_id=actor.correlation_id,
+        created_by=actor.subject,
+    )
+    session.add(rollout)
+    await session.flush()
+    assert rollout.id is not None
+    rollout.workflow_id = rollout_workflow_id(rollout.id)
+    await record_write(
+        session,
+        actor=actor,
+        action="rollout.created",
+        target_type="rollout",
+        target_id=str(rollout.id),
+        reason=body.reason,
+        payload=body.model_dump(by_alias=True, mode="json"),
+        acknowledgement=acknowledgement,
+        targets=targets,
+    )
+    await change_feed.publish(
+        session,
+        topic="rollouts",
+        event="rollout.updated",
+        entity_id=str(rollout.id),
+        payload={"id": rollout.id, "status": rollout.status, "stage": None},
+    )
+    return rollout

@@ -1,0 +1,235 @@
+"""Reading rollouts: the API's lists and one rollout (inside the caller's scope, through the
+ORM), and the rows the workflow's activities read by id (the rollout, its policy, its
+counters)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.errors import InvalidInput, NotFound, RolloutNotFound
+from models.enums import RolloutStatus, TargetState
+from models.scope import Scope
+from models.tables import Rollout, RolloutTarget, Vehicle
+from models.workflows import RolloutCounts, RolloutPolicy
+from services.pagination import (
+    Sort,
+    SortKey,
+    any_of,
+    decode_cursor,
+    keyset,
+    parse_sort,
+    split_page,
+    timestamp_key,
+)
+from services.rollouts.counters import COUNTS_COLUMNS
+from services.scope import rollouts_in_scope, vehicles_in_scope
+from workflows.policy import plan_from_strategy, rollout_policy
+
+ROLLOUT_SORTS = (
+    SortKey("id", col(Rollout.id)),
+    timestamp_key("createdAt", col(Rollout.created_at)),
+    SortKey("status", col(Rollout.status)),
+)
+
+
+async def list_rollouts(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    statuses: list[str],
+    release_versions: list[str],
+    sort: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Rollout], str | None]:
+    allowed = {s.value for s in RolloutStatus}
+    for status in statuses:
+        if status not in allowed:
+            raise InvalidInput(
+                f"unknown status {status!r}",
+                details=[{"field": "status", "message": f"one of {sorted(allowed)}"}],
+            )
+    order = parse_sort(sort, ROLLOUT_SORTS, "-id")
+    stmt = select(Rollout).where(*rollouts_in_scope(scope))
+    for column, values in (
+        (col(Rollout.status), statuses),
+        (col(Rollout.release_version), release_versions),
+    ):
+        cond = any_of(column, values)
+        if cond is not None:
+            stmt = stmt.where(cond)
+    stmt = keyset(stmt, sort=order, id_column=col(Rollout.id), cursor=cursor, limit=limit)
+    rows = list((await session.exec(stmt)).all())
+    attr = {"id": "id", "createdAt": "created_at", "status": "status"}[order.key.name]
+    return split_page(
+        rows, sort=order, limit=limit, value_of=lambda r: getattr(r, attr), id_of=lambda r: r.id
+    )
+
+
+async def get_rollout(session: AsyncSession, *, scope: Scope, rollout_id: int) -> Rollout:
+    stmt = select(Rollout).where(col(Rollout.id) == rollout_id, *rollouts_in_scope(scope))
+    rollout = (await session.exec(stmt)).first()
+    if rollout is None:
+        raise NotFound(f"rollout {rollout_id} not found")
+    return rollout
+
+
+ROLLOUT_VEHICLE_SORT = Sort(SortKey("vehicleId", col(RolloutTarget.vehicle_id)), False)
+
+
+@dataclass(frozen=True)
+class RolloutVehicleRow:
+    target: RolloutTarget
+    vehicle: Vehicle
+    stage_name: str
+
+
+def stage_names(rollout: Rollout) -> list[str]:
+    return [s.name for s in plan_from_strategy(0, rollout.strategy or {})]
+
+
+async def list_rollout_vehicles(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    rollout_id: int,
+    states: list[str],
+    stages: list[str],
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[RolloutVehicleRow], str | None]:
+    """Per-vehicle state inside one rollout, keyset on vehicle id; filters state and stage
+    (by name: `canary`, `wave-1`, ...)."""
+    rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
+    allowed = {s.value for s in TargetState}
+    for state in states:
+        if state not in allowed:
+            raise InvalidInput(
+                f"unknown state {state!r}",
+                details=[{"field": "state", "message": f"one of {sorted(allowed)}"}],
+            )
+    names = stage_names(rollout)
+    indexes = []
+    for stage in stages:
+        if stage not in names:
+            raise InvalidInput(
+                f"unknown stage {stage!r}",
+                details=[{"field": "stage", "message": f"one of {names}"}],
+            )
+        indexes.append(names.index(stage))
+    stmt = vehicles_in_scope(
+        select(RolloutTarget, Vehicle)
+        .join(Vehicle, col(Vehicle.id) == col(RolloutTarget.vehicle_id))
+        .where(col(RolloutTarget.rollout_id) == rollout_id),
+        scope,
+    )
+    for column, values in (
+        (col(RolloutTarget.state), states),
+        (col(RolloutTarget.stage), indexes),
+    ):
+        cond = any_of(column, values)
+        if cond is not None:
+            stmt = stmt.where(cond)
+    if cursor:
+        _, after = decode_cursor(cursor, ROLLOUT_VEHICLE_SORT)
+        stmt = stmt.where(col(RolloutTarget.vehicle_id) > str(after))
+    stmt = stmt.order_by(col(RolloutTarget.vehicle_id)).limit(limit + 1)
+    rows = [
+        RolloutVehicleRow(
+            target=t,
+            vehicle=v,
+            stage_name=names[t.stage] if 0 <= t.stage < len(names) else str(t.stage),
+        )
+        for t, v in (await session.exec(stmt)).all()
+    ]
+    return split_page(
+        rows,
+        sort=ROLLOUT_VEHICLE_SORT,
+        limit=limit,
+        value_of=lambda r: r.target.vehicle_id,
+        id_of=lambda r: r.target.vehicle_id,
+    )
+
+
+# --- By id, for the workflow's activities ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: int
+    release_version: str
+    status: str
+    targets: dict[str, Any]
+    strategy: dict[str, Any]
+    targeted: int
+    stage_count: int
+    correlation_id: str | None
+
+
+async def load_rollout(
+    session: AsyncSession, *, rollout_id: int, for_update: bool = False
+) -> RolloutRow:
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, release_version, status, targets, strategy, targeted, stage_count,"
+                " correlation_id FROM rollouts WHERE id = :rid"
+                + (" FOR UPDATE" if for_update else "")
+            ),
+            {"rid": rollout_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return RolloutRow(
+        id=row.id,
+        release_version=row.release_version,
+        status=row.status,
+        targets=as_dict(row.targets),
+        strategy=as_dict(row.strategy),
+        targeted=row.targeted,
+        stage_count=row.stage_count,
+        correlation_id=row.correlation_id,
+    )
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A JSON column as a dict (psycopg parses jsonb; text() may hand over a string)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return dict(value or {})
+
+
+async def load_policy(session: AsyncSession, *, rollout_id: int) -> RolloutPolicy:
+    """The rollout's gates, safety checks, timeouts and retry settings (pure parsing in
+    `workflows.policy.rollout_policy`)."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text("SELECT gates, timeouts, retry FROM rollouts WHERE id = :rid"),
+            {"rid": rollout_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return rollout_policy(as_dict(row.gates), as_dict(row.timeouts), as_dict(row.retry))
+
+
+async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
+    """The rollout's counters, read from its row (never a scan of its targets)."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(f"SELECT {COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"), {"rid": rollout_id}
+        )
+    ).one_or_none()
+    if row is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return RolloutCounts.model_validate(row._asdict())

@@ -1,0 +1,170 @@
+"""A rollout's status: the only writer of `rollouts.status` (with its stage, reason and what it
+waits for), always with its audit entry and its `rollout.updated` stream event.
+
+The workflow sets every status through the `update_rollout_status` activity; the API sets
+one, `failed` when the workflow could not be started (`mark_start_failed`). Progress without
+a status change (a batch issued, a sweep) is announced by `publish_rollout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.errors import RolloutNotFound
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
+from models.workflows import RolloutCounts
+from services import audit, change_feed
+from services.audit import Actor, audit_scope
+from services.rollouts.counters import COUNTS_COLUMNS
+from services.rollouts.queries import as_dict
+
+# Who writes a status the workflow decided on its own (a gate, a stage's end).
+WORKFLOW = Actor(subject="workflow", role=None, source=AuditSource.SYSTEM)
+START_FAILED = "WORKFLOW_START_FAILED"
+
+_CURRENT = text(
+    "SELECT status, status_reason, stage, stage_index, waiting_for, targets FROM rollouts"
+    " WHERE id = :rid FOR UPDATE"
+)
+_WRITE = text(
+    """
+    UPDATE rollouts
+    SET status = :status, status_reason = :status_reason, stage = :stage,
+        stage_index = :stage_index, waiting_for = :waiting_for, updated_at = now(),
+        started_at = CASE WHEN :status = 'running' THEN coalesce(started_at, now())
+                          ELSE started_at END,
+        finished_at = CASE WHEN :terminal THEN coalesce(finished_at, now())
+                           ELSE finished_at END
+    WHERE id = :rid
+    """
+)
+
+
+async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[str, Any]:
+    """The change-feed payload of a rollout: `{id, status, statusReason, stage, stageIndex,
+    stageCount, waitingFor, counts}` (camelCase, as the API renders it)."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, status, status_reason, stage, stage_index, stage_count, waiting_for,"
+                f" {COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"
+            ),
+            {"rid": rollout_id},
+        )
+    ).one()
+    data = row._asdict()
+    return {
+        "id": data["id"],
+        "status": data["status"],
+        "statusReason": data["status_reason"],
+        "stage": data["stage"],
+        "stageIndex": data["stage_index"],
+        "stageCount": data["stage_count"],
+        "waitingFor": data["waiting_for"],
+        "counts": RolloutCounts.model_validate(data).model_dump(),
+    }
+
+
+async def publish_rollout(
+    session: AsyncSession, *, rollout_id: int, snapshot: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A `rollout.updated` event with the rollout as it is now (its snapshot), in the
+    caller's transaction."""
+    snapshot = snapshot or await rollout_snapshot(session, rollout_id=rollout_id)
+    await change_feed.publish(
+        session,
+        topic="rollouts",
+        event="rollout.updated",
+        entity_id=str(rollout_id),
+        payload=snapshot,
+    )
+    return snapshot
+
+
+async def set_rollout_status(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    status: str,
+    action: str,
+    stage: str | None = None,
+    stage_index: int | None = None,
+    status_reason: str | None = None,
+    waiting_for: str | None = None,
+    actor: Actor = WORKFLOW,
+    reason: str | None = None,
+    result: str = "ok",
+    audit_entry: bool = True,
+) -> bool:
+    """Write the rollout's status (and stage, reason, what it waits for); when anything
+    changed, publish its `rollout.updated` event and, for a transition of status or stage,
+    the audit entry `action` (unless `audit_entry` is False: the API audited the operator's
+    request itself). Returns whether it changed (False for a re-run of the same change:
+    idempotent).
+
+    `stage`/`stage_index` None keep the current ones. `started_at` is set on the first
+    `running`, `finished_at` on a terminal status.
+    """
+    terminal = RolloutStatus(status) in TERMINAL_ROLLOUT_STATUSES  # refuses an unknown status
+    conn = await session.connection()
+    current = (await conn.execute(_CURRENT, {"rid": rollout_id})).one_or_none()
+    if current is None:
+        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    new_stage = current.stage if stage is None else stage
+    new_index = current.stage_index if stage_index is None else stage_index
+    wanted = (status, status_reason, new_stage, new_index, waiting_for)
+    if wanted == (
+        current.status,
+        current.status_reason,
+        current.stage,
+        current.stage_index,
+        current.waiting_for,
+    ):
+        return False
+    await conn.execute(
+        _WRITE,
+        {
+            "rid": rollout_id,
+            "status": status,
+            "status_reason": status_reason,
+            "stage": new_stage,
+            "stage_index": new_index,
+            "waiting_for": waiting_for,
+            "terminal": terminal,
+        },
+    )
+    snapshot = await rollout_snapshot(session, rollout_id=rollout_id)
+    # An audit entry for a real transition; a change of what it waits for is only an event.
+    if audit_entry and (current.status, current.stage) != (status, new_stage):
+        await audit.record(
+            session,
+            actor=actor,
+            action=action,
+            target_type="rollout",
+            target_id=str(rollout_id),
+            reason=reason,
+            payload=snapshot,
+            result=result,
+            **audit_scope(as_dict(current.targets)),
+        )
+    await publish_rollout(session, rollout_id=rollout_id, snapshot=snapshot)
+    return True
+
+
+async def mark_start_failed(session: AsyncSession, *, rollout_id: int, actor: Actor) -> None:
+    """The rollout is stored but its workflow could not be started: `failed`
+    (`WORKFLOW_START_FAILED`), audited as `rollout.start_failed` by the system on behalf of
+    the caller."""
+    await set_rollout_status(
+        session,
+        rollout_id=rollout_id,
+        status=RolloutStatus.FAILED,
+        action="rollout.start_failed",
+        status_reason=START_FAILED,
+        actor=Actor(actor.subject, actor.role, AuditSource.SYSTEM, actor.correlation_id),
+        result="error",
+    )
