@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -54,6 +54,26 @@ Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <tok
 """
 
 
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "X-Request-ID",
+    "Last-Event-ID",
+    "If-None-Match",
+]
+CORS_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "ETag",
+    "Retry-After",
+    "Location",
+    "Deprecation",
+    "Sunset",
+    "Link",
+    "Idempotent-Replayed",
+]
+
+
 def ingest_config(settings: Settings) -> IngestConfig:
     return IngestConfig(
         queue_max_items=settings.ingest_queue_max_items,
@@ -75,59 +95,11 @@ def create_app(
     the devices' desired state, probes and metrics)."""
     settings = settings or get_settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
-    serves_ingest = role == "ingest" or settings.api_ingest
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
-        app.state.engine = engine
-        app.state.sessions = session_factory(engine)
-        app.state.read_engine = autocommit_engine(engine)
-        app.state.fleet_summaries = SummaryCache()
-        app.state.temporal = TemporalConnection(settings)
-        app.state.verifier = TokenVerifier(settings)
-        app.state.ingestor = None
-        app.state.stream = None
-        if role == "api":
-            app.state.stream = StreamHub(
-                settings.libpq_database_url,
-                queue_max_events=settings.stream_queue_max_events,
-                poll_seconds=settings.stream_poll_seconds,
-            )
-            await app.state.stream.start()
-        purge = (
-            asyncio.create_task(
-                purge_loop(
-                    app.state.sessions,
-                    settings.idempotency_purge_interval_seconds,
-                    audit_retention_days=settings.audit_retention_days,
-                )
-            )
-            if role == "api"
-            else None
-        )
-        if serves_ingest:
-            app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
-            await app.state.ingestor.start()
-        try:
-            yield
-        finally:
-            if purge is not None:
-                purge.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purge
-            if app.state.ingestor is not None:
-                await app.state.ingestor.stop()
-            if app.state.stream is not None:
-                await app.state.stream.stop()
-            await app.state.verifier.aclose()
-            await engine.dispose()
-
     app = FastAPI(
         title="Motorcade API",
         version=API_VERSION,
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, role),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -143,7 +115,71 @@ def create_app(
         settings.dev_key.get_secret_value() if settings.dev_key else None,
     )
     install_error_handlers(app)
-    # Outermost last: request context, CORS, then the write policies closest to the routes.
+    _add_middleware(app, settings, role)
+    _include_routers(app, role, serves_ingest=_serves_ingest(settings, role))
+    _add_docs(app)
+    return app
+
+
+def _serves_ingest(settings: Settings, role: str) -> bool:
+    return role == "ingest" or settings.api_ingest
+
+
+def _lifespan(
+    settings: Settings, role: str
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """What the app holds while it runs: the database engine and sessions, the Temporal
+    connection, the token verifier; for the API the stream hub and the purge loop; for a
+    process serving ingest the telemetry ingestor. Stopped in reverse order."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        app.state.read_engine = autocommit_engine(engine)
+        app.state.fleet_summaries = SummaryCache()
+        app.state.temporal = TemporalConnection(settings)
+        app.state.verifier = TokenVerifier(settings)
+        app.state.ingestor = None
+        app.state.stream = None
+        async with contextlib.AsyncExitStack() as running:
+            running.push_async_callback(engine.dispose)
+            running.push_async_callback(app.state.verifier.aclose)
+            if role == "api":
+                app.state.stream = StreamHub(
+                    settings.libpq_database_url,
+                    queue_max_events=settings.stream_queue_max_events,
+                    poll_seconds=settings.stream_poll_seconds,
+                )
+                await app.state.stream.start()
+                running.push_async_callback(app.state.stream.stop)
+            if _serves_ingest(settings, role):
+                app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
+                await app.state.ingestor.start()
+                running.push_async_callback(app.state.ingestor.stop)
+            if role == "api":
+                purge = asyncio.create_task(
+                    purge_loop(
+                        app.state.sessions,
+                        settings.idempotency_purge_interval_seconds,
+                        audit_retention_days=settings.audit_retention_days,
+                    )
+                )
+                running.push_async_callback(_cancel, purge)
+            yield
+
+    return lifespan
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _add_middleware(app: FastAPI, settings: Settings, role: str) -> None:
+    """Outermost last: request context, CORS, then the write policies closest to the routes."""
     if role == "api":  # the ingest role serves no write they apply to (telemetry is exempt)
         app.add_middleware(IdempotencyMiddleware)
         app.add_middleware(
@@ -157,50 +193,36 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=[
-                "Authorization",
-                "Content-Type",
-                "Idempotency-Key",
-                "X-Request-ID",
-                "Last-Event-ID",
-                "If-None-Match",
-            ],
-            expose_headers=[
-                "X-Request-ID",
-                "ETag",
-                "Retry-After",
-                "Location",
-                "Deprecation",
-                "Sunset",
-                "Link",
-                "Idempotent-Replayed",
-            ],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware)
     if tracing.enabled():
         app.add_middleware(TracingMiddleware)  # outermost: the span covers the whole request
 
+
+def _include_routers(app: FastAPI, role: str, *, serves_ingest: bool) -> None:
     app.include_router(health.router)
     if role == "ingest":
         app.include_router(telemetry.router, prefix=API_PREFIX)
         app.include_router(vehicles.device_router, prefix=API_PREFIX)
-    else:
-        routers = [
-            vehicles.router,
-            releases.router,
-            rollouts.router,
-            desired_states.router,
-            audit.router,
-            stream.router,
-        ]
-        if serves_ingest:
-            routers[1:1] = [vehicles.device_router, telemetry.router]
-        for router in routers:
-            app.include_router(router, prefix=API_PREFIX)
-        app.include_router(fleet_router, prefix=API_PREFIX)
-        app.include_router(reports_router, prefix=API_PREFIX)
+        return
+    routers = [
+        vehicles.router,
+        releases.router,
+        rollouts.router,
+        desired_states.router,
+        audit.router,
+        stream.router,
+    ]
+    if serves_ingest:
+        routers[1:1] = [vehicles.device_router, telemetry.router]
+    for router in [*routers, fleet_router, reports_router]:
+        app.include_router(router, prefix=API_PREFIX)
 
+
+def _add_docs(app: FastAPI) -> None:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_json(_: ViewerDep) -> JSONResponse:
         return JSONResponse(app.openapi())
@@ -210,7 +232,6 @@ def create_app(
         return get_swagger_ui_html(openapi_url="/openapi.json", title="Motorcade API")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -1,19 +1,31 @@
-"""Temporal constants and the client, in one place for the API, the worker and the tests."""
+"""Temporal constants and the client, in one place for the API, the worker and the tests, and
+the API's two calls into a rollout's workflow: start it, and send it an operator's control."""
 
 from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
 from core import tracing
+from core.errors import DependencyUnavailable, InvalidStateTransition
+from models.enums import RolloutStatus
+from models.workflows import ControlRequest, ControlResult, RolloutInput
 
 ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
 
@@ -102,3 +114,69 @@ def initial_search_attributes(
             SearchAttributePair(SA_ROLLOUT_STATUS, status),
         ]
     )
+
+
+async def start_rollout_workflow(
+    client: Client,
+    *,
+    rollout_id: int,
+    release_version: str,
+    correlation_id: str | None,
+    created_by: str,
+) -> None:
+    """Start workflow `rollout-{id}` on the rollouts' task queue (once: a workflow started
+    already is left as it is)."""
+    try:
+        await client.start_workflow(
+            ROLLOUT_WORKFLOW_TYPE,
+            RolloutInput(
+                rollout_id=rollout_id,
+                release_version=release_version,
+                correlation_id=correlation_id,
+            ),
+            id=rollout_workflow_id(rollout_id),
+            task_queue=ROLLOUT_TASK_QUEUE,
+            search_attributes=initial_search_attributes(
+                rollout_id=rollout_id,
+                release_version=release_version,
+                status=RolloutStatus.PENDING.value,
+            ),
+            memo={"correlationId": correlation_id, "createdBy": created_by},
+        )
+    except WorkflowAlreadyStartedError:
+        pass
+
+
+# How long the API waits for a workflow to accept or refuse a control Update.
+CONTROL_ANSWER_WITHIN = timedelta(seconds=20)
+
+
+async def control_rollout(
+    client: Client, *, rollout_id: int, request: ControlRequest
+) -> ControlResult:
+    """Send an operator's action to the rollout's workflow as its `control` Update and return
+    its answer. Raises `InvalidStateTransition` when the workflow refuses it (its validator)
+    or is no longer running, `DependencyUnavailable` when no answer came in time."""
+    try:
+        return await asyncio.wait_for(
+            client.get_workflow_handle(rollout_workflow_id(rollout_id)).execute_update(
+                "control", request, result_type=ControlResult, rpc_timeout=CONTROL_ANSWER_WITHIN
+            ),
+            timeout=CONTROL_ANSWER_WITHIN.total_seconds() + 5,
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        message = str(getattr(cause, "message", "") or cause or exc)[:500]
+        raise InvalidStateTransition(
+            message or "the rollout refused this action in its current state"
+        ) from None
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            raise InvalidStateTransition(
+                f"cannot {request.action} rollout {rollout_id}: its workflow is no longer running"
+            ) from None
+        raise DependencyUnavailable("Temporal did not answer") from None
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        raise DependencyUnavailable(
+            "the rollout's workflow did not answer in time (is a worker running?)"
+        ) from None

@@ -154,12 +154,69 @@ async def _matching_count(session: AsyncSession, *, targets: dict[str, Any], sco
     return int(result.scalar_one())
 
 
-# The vehicles issued a desired state (`upv`), as change-feed deltas.
+# The vehicles issued a desired state (`issued`), as change-feed deltas.
 _ISSUED_DELTAS = change_feed.vehicle_deltas_sql(
-    "upv",
+    "issued",
     "'status', s.status, 'desired', jsonb_build_object('releaseVersion',"
-    " CAST(:release AS text), 'desiredStateId', s.ds_id::text, 'rolloutId', NULL)",
+    " CAST(:release AS text), 'desiredStateId', s.desired_state_id::text, 'rolloutId', NULL)",
 )
+
+
+def _issue_statement(where: str) -> str:
+    """One desired state per vehicle matching `where` (its previous one linked), the vehicle
+    pointed to it, `pending` (`offline` stays), and the deltas on the change feed."""
+    return f"""
+        WITH todo AS (
+            SELECT v.id AS vehicle_id, v.desired_state_id AS previous_desired_state_id,
+                   gen_random_uuid() AS desired_state_id
+            FROM vehicles v
+            WHERE {where}
+            ORDER BY v.id
+            FOR UPDATE OF v
+        ),
+        desired_states_written AS (
+            INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                        previous_desired_state_id, reason, created_by)
+            SELECT desired_state_id, vehicle_id, :release, NULL, previous_desired_state_id,
+                   :reason, :created_by
+            FROM todo
+        ),
+        issued AS (
+            UPDATE vehicles v
+            SET desired_release_version = :release,
+                desired_state_id = todo.desired_state_id,
+                rollout_id = NULL,
+                status = CASE WHEN v.status = 'offline' THEN v.status ELSE 'pending' END,
+                updated_at = now()
+            FROM todo WHERE v.id = todo.vehicle_id
+            RETURNING v.id, v.status, v.region, v.model, v.org, todo.desired_state_id
+        ),
+        feed AS ({_ISSUED_DELTAS})
+        SELECT id, desired_state_id FROM issued ORDER BY id
+    """
+
+
+async def _check_selection(
+    session: AsyncSession, *, targets: dict[str, Any], scope: Scope, max_vehicles: int
+) -> None:
+    """Under the fleet-assignment lock: the targets select at least one vehicle, at most
+    `max_vehicles`, and none inside an active rollout."""
+    await lock_fleet_assignment(session)
+    count = await _matching_count(session, targets=targets, scope=scope)
+    if count == 0:
+        raise InvalidInput(
+            "the targets select no vehicle",
+            details=[{"field": "targets", "message": "no vehicle matches"}],
+        )
+    if count > max_vehicles:
+        raise InvalidInput(
+            f"the targets select {count} vehicles; a direct desired state may set at most "
+            f"{max_vehicles}: use a rollout (POST /api/v1/rollouts), which stages and gates",
+            details=[{"field": "targets", "message": f"at most {max_vehicles} vehicles"}],
+        )
+    overlap = await find_overlap(session, targets=targets)
+    if overlap.vehicles:
+        raise overlap_conflict(overlap, what="this desired state")
 
 
 async def create_desired_states(
@@ -189,70 +246,21 @@ async def create_desired_states(
         actor=actor,
         field_prefix="safetyChecks",
     )
-    await lock_fleet_assignment(session)
-    count = await _matching_count(session, targets=targets, scope=scope)
-    if count == 0:
-        raise InvalidInput(
-            "the targets select no vehicle",
-            details=[{"field": "targets", "message": "no vehicle matches"}],
-        )
-    if count > max_vehicles:
-        raise InvalidInput(
-            f"the targets select {count} vehicles; a direct desired state may set at most "
-            f"{max_vehicles}: use a rollout (POST /api/v1/rollouts), which stages and gates",
-            details=[{"field": "targets", "message": f"at most {max_vehicles} vehicles"}],
-        )
-    overlap = await find_overlap(session, targets=targets)
-    if overlap.vehicles:
-        raise overlap_conflict(overlap, what="this desired state")
-
+    await _check_selection(session, targets=targets, scope=scope, max_vehicles=max_vehicles)
     safety_checks = body.safety_checks.model_dump(by_alias=True, mode="json")
     safety_checks["requireStationary"] = safety.require_stationary
     safety_checks["minBatteryPercent"] = safety.min_battery_percent
     where, params = _matching(targets, scope)
     conn = await session.connection()
-    rows = (
-        await conn.execute(
-            text(
-                f"""
-                WITH todo AS (
-                    SELECT v.id AS vehicle_id, v.desired_state_id AS prev_ds,
-                           gen_random_uuid() AS ds_id
-                    FROM vehicles v
-                    WHERE {where}
-                    ORDER BY v.id
-                    FOR UPDATE OF v
-                ),
-                ins AS (
-                    INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                                previous_desired_state_id, reason, created_by)
-                    SELECT ds_id, vehicle_id, :release, NULL, prev_ds, :reason, :created_by
-                    FROM todo
-                ),
-                upv AS (
-                    UPDATE vehicles v
-                    SET desired_release_version = :release,
-                        desired_state_id = todo.ds_id,
-                        rollout_id = NULL,
-                        status = CASE WHEN v.status = 'offline' THEN v.status
-                                      ELSE 'pending' END,
-                        updated_at = now()
-                    FROM todo WHERE v.id = todo.vehicle_id
-                    RETURNING v.id, v.status, v.region, v.model, v.org, todo.ds_id
-                ),
-                feed AS ({_ISSUED_DELTAS})
-                SELECT id, ds_id FROM upv ORDER BY id
-                """
-            ),
-            {
-                **params,
-                "release": release.version,
-                "reason": body.reason,
-                "created_by": actor.subject,
-            },
-        )
-    ).all()
-    sample = [IssuedDesiredState(vehicle_id=r.id, desired_state_id=str(r.ds_id)) for r in rows]
+    issued = await conn.execute(
+        text(_issue_statement(where)),
+        {**params, "release": release.version, "reason": body.reason, "created_by": actor.subject},
+    )
+    rows = issued.all()
+    sample = [
+        IssuedDesiredState(vehicle_id=r.id, desired_state_id=str(r.desired_state_id))
+        for r in rows[:SAMPLE]
+    ]
     await record_write(
         session,
         actor=actor,
@@ -264,14 +272,11 @@ async def create_desired_states(
             **body.model_dump(by_alias=True, mode="json"),
             "count": len(rows),
             "effectiveSafetyChecks": safety_checks,
-            "sample": [s.model_dump(by_alias=True) for s in sample[:SAMPLE]],
+            "sample": [s.model_dump(by_alias=True) for s in sample],
         },
         acknowledgement=acknowledgement,
         targets=targets,
     )
     return DesiredStatesCreated(
-        release_version=release.version,
-        count=len(rows),
-        sample=sample[:SAMPLE],
-        safety_checks=safety_checks,
+        release_version=release.version, count=len(rows), sample=sample, safety_checks=safety_checks
     )

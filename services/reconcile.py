@@ -67,10 +67,6 @@ class RecordedRun:
     created: bool
 
 
-async def _conn(session: AsyncSession) -> AsyncConnection:
-    return await session.connection()
-
-
 # --- Offline ------------------------------------------------------------------------------
 
 
@@ -89,7 +85,7 @@ async def mark_offline_batch(
     lands meanwhile wins. Returns how many entries were scanned (fewer than `batch_size`: the
     end) and marked, and the cursor to continue from.
     """
-    conn = await _conn(session)
+    conn = await session.connection()
     row = (
         await conn.execute(
             text(
@@ -177,7 +173,7 @@ async def record_drift(
     then does the same. Writes the audit entry `fleet.reconciled` and, when vehicles were
     marked offline, one `fleet.summary` change-feed event.
     """
-    conn = await _conn(session)
+    conn = await session.connection()
     run_id = (
         await conn.execute(
             text(
@@ -188,51 +184,8 @@ async def record_drift(
         )
     ).scalar_one_or_none()
     if run_id is None:
-        row = (
-            await conn.execute(
-                text(
-                    "SELECT r.id, r.drifted,"
-                    " (SELECT count(*) FROM reconcile_drift d WHERE d.run_id = r.id) AS groups"
-                    " FROM reconcile_runs r WHERE r.run_key = :key"
-                ),
-                {"key": run_key},
-            )
-        ).one()
-        return RecordedRun(
-            run_id=int(row.id),
-            run_key=run_key,
-            drifted=int(row.drifted),
-            groups=int(row.groups),
-            created=False,
-        )
-
-    await conn.execute(
-        text(
-            """
-            INSERT INTO reconcile_drift (run_id, desired_release_version, actual_release_version,
-                                         status, region, model, org, vehicles)
-            SELECT :run_id, desired_release_version, coalesce(actual_release_version, ''),
-                   status, region, model, org, count(*)
-            FROM vehicles
-            WHERE desired_release_version IS NOT NULL
-              AND desired_release_version IS DISTINCT FROM actual_release_version
-            GROUP BY desired_release_version, coalesce(actual_release_version, ''),
-                     status, region, model, org
-            """
-        ),
-        {"run_id": run_id},
-    )
-    by_status: dict[str, int] = {}
-    groups = 0
-    for status, vehicles, n in await conn.execute(
-        text(
-            "SELECT status, sum(vehicles), count(*) FROM reconcile_drift WHERE run_id = :run_id"
-            " GROUP BY status ORDER BY status"
-        ),
-        {"run_id": run_id},
-    ):
-        by_status[status] = int(vehicles)
-        groups += int(n)
+        return await _recorded_run(conn, run_key)
+    by_status, groups = await _count_drift(conn, run_id)
     drifted = sum(by_status.values())
     summary: dict[str, Any] = {
         "drifted": drifted,
@@ -269,6 +222,60 @@ async def record_drift(
     )
 
 
+async def _recorded_run(conn: AsyncConnection, run_key: str) -> RecordedRun:
+    """The run recorded already under `run_key`."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT r.id, r.drifted,"
+                " (SELECT count(*) FROM reconcile_drift d WHERE d.run_id = r.id) AS groups"
+                " FROM reconcile_runs r WHERE r.run_key = :key"
+            ),
+            {"key": run_key},
+        )
+    ).one()
+    return RecordedRun(
+        run_id=int(row.id),
+        run_key=run_key,
+        drifted=int(row.drifted),
+        groups=int(row.groups),
+        created=False,
+    )
+
+
+async def _count_drift(conn: AsyncConnection, run_id: int) -> tuple[dict[str, int], int]:
+    """Store the run's drift rows (one per desired, actual, status, region, model, org) and
+    return the drifted vehicles per status and the number of rows."""
+    await conn.execute(
+        text(
+            """
+            INSERT INTO reconcile_drift (run_id, desired_release_version, actual_release_version,
+                                         status, region, model, org, vehicles)
+            SELECT :run_id, desired_release_version, coalesce(actual_release_version, ''),
+                   status, region, model, org, count(*)
+            FROM vehicles
+            WHERE desired_release_version IS NOT NULL
+              AND desired_release_version IS DISTINCT FROM actual_release_version
+            GROUP BY desired_release_version, coalesce(actual_release_version, ''),
+                     status, region, model, org
+            """
+        ),
+        {"run_id": run_id},
+    )
+    by_status: dict[str, int] = {}
+    groups = 0
+    for status, vehicles, n in await conn.execute(
+        text(
+            "SELECT status, sum(vehicles), count(*) FROM reconcile_drift WHERE run_id = :run_id"
+            " GROUP BY status ORDER BY status"
+        ),
+        {"run_id": run_id},
+    ):
+        by_status[status] = int(vehicles)
+        groups += int(n)
+    return by_status, groups
+
+
 # --- Reports ------------------------------------------------------------------------------
 
 
@@ -281,7 +288,7 @@ async def latest_report(
     For a scoped caller a run's `drifted` is the sum of its drift rows inside the scope, and
     `markedOffline` (fleet-wide, not recorded per place) is null.
     """
-    conn = await _conn(session)
+    conn = await session.connection()
     where, params = vehicle_scope_sql(scope, "d")
     scoped = not scope.unrestricted
     drifted_sql = (
@@ -350,7 +357,7 @@ async def fleet_health(session: AsyncSession, *, scope: Scope, top: int = 10) ->
     """Counts by status and the top reason codes of the vehicles inside `scope`, live: a
     GROUP BY status scan and an unnest of `reason_codes` (dashboards read the materialized
     `services.fleet.fleet_summary` instead)."""
-    conn = await _conn(session)
+    conn = await session.connection()
     where, params = vehicle_scope_sql(scope)
     by_status = {s.value: 0 for s in VehicleStatus}
     for status, n in await conn.execute(

@@ -3,16 +3,11 @@ operator's controls (pause, resume, rollback, abort) through the workflow's `con
 
 from __future__ import annotations
 
-import asyncio
-from datetime import timedelta
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import (
     CursorQuery,
@@ -46,17 +41,14 @@ from models.api import (
     RolloutPlanOut,
     RolloutVehicleOut,
 )
-from models.enums import RolloutStatus
 from models.tables import Rollout
-from models.workflows import ControlRequest, ControlResult, RolloutCounts, RolloutInput
+from models.workflows import ControlRequest, RolloutCounts
 from services.rollouts import control, create, queries, status
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 log = structlog.stdlib.get_logger("motorcade.api.rollouts")
 
 RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-# How long the API waits for the workflow to accept or refuse a control Update.
-CONTROL_TIMEOUT = timedelta(seconds=20)
 
 
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
@@ -157,27 +149,15 @@ async def create_rollout(
     )
     await session.commit()  # the workflow starts only once the row it refers to is durable
     await session.refresh(rollout)
-    assert rollout.id is not None and rollout.workflow_id is not None
+    assert rollout.id is not None
     try:
-        client = await get_temporal(request)
-        await client.start_workflow(
-            temporal.ROLLOUT_WORKFLOW_TYPE,
-            RolloutInput(
-                rollout_id=rollout.id,
-                release_version=rollout.release_version,
-                correlation_id=actor.correlation_id,
-            ),
-            id=rollout.workflow_id,
-            task_queue=temporal.ROLLOUT_TASK_QUEUE,
-            search_attributes=temporal.initial_search_attributes(
-                rollout_id=rollout.id,
-                release_version=rollout.release_version,
-                status=RolloutStatus.PENDING.value,
-            ),
-            memo={"correlationId": actor.correlation_id, "createdBy": actor.subject},
+        await temporal.start_rollout_workflow(
+            await get_temporal(request),
+            rollout_id=rollout.id,
+            release_version=rollout.release_version,
+            correlation_id=actor.correlation_id,
+            created_by=actor.subject,
         )
-    except WorkflowAlreadyStartedError:
-        pass
     except Exception as exc:
         log.warning("workflow start failed", rollout_id=rollout.id, error=repr(exc)[:300])
         async with session_scope(request.app.state.sessions) as failed_session:
@@ -295,12 +275,6 @@ async def list_rollout_vehicles(
     return page(request, items, limit=limit, next_cursor=next_cursor)
 
 
-def _update_refusal(exc: BaseException) -> str:
-    cause = exc.cause if isinstance(exc, WorkflowUpdateFailedError) else None
-    message = str(getattr(cause, "message", "") or cause or exc)
-    return message[:500] or "the rollout refused this action in its current state"
-
-
 async def _control(
     request: Request,
     principal: Principal,
@@ -323,9 +297,6 @@ async def _control(
         force=body.force,
     )
     await session.commit()  # the request is on record whatever happens next
-    if refusal is not None:
-        raise InvalidStateTransition(refusal)
-    assert rollout.workflow_id is not None
 
     async def outcome(kind: str, result: str, message: str) -> None:
         await control.record_control(
@@ -340,45 +311,29 @@ async def _control(
         )
         await session.commit()
 
+    if refusal is not None:
+        raise InvalidStateTransition(refusal)
     try:
-        client = await get_temporal(request)
-        handle = client.get_workflow_handle(rollout.workflow_id)
-        answer: ControlResult = await asyncio.wait_for(
-            handle.execute_update(
-                "control",
-                ControlRequest(
-                    action=action,  # type: ignore[arg-type]
-                    reason=body.reason,
-                    actor=principal.subject,
-                    source="api",
-                    correlation_id=actor.correlation_id,
-                    force=body.force,
-                ),
-                result_type=ControlResult,
-                rpc_timeout=CONTROL_TIMEOUT,
+        answer = await temporal.control_rollout(
+            await get_temporal(request),
+            rollout_id=rollout_id,
+            request=ControlRequest(
+                action=action,  # type: ignore[arg-type]
+                reason=body.reason,
+                actor=principal.subject,
+                source="api",
+                correlation_id=actor.correlation_id,
+                force=body.force,
             ),
-            timeout=CONTROL_TIMEOUT.total_seconds() + 5,
         )
-    except WorkflowUpdateFailedError as exc:
-        message = _update_refusal(exc)
-        await outcome("rejected", "rejected", message)
-        raise InvalidStateTransition(message) from None
-    except RPCError as exc:
-        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
-            message = f"cannot {action} rollout {rollout_id}: its workflow is no longer running"
-            await outcome("rejected", "rejected", message)
-            raise InvalidStateTransition(message) from None
-        log.warning("control update failed", rollout_id=rollout_id, error=repr(exc)[:300])
-        await outcome("failed", "error", "Temporal did not answer")
+    except InvalidStateTransition as exc:
+        await outcome("rejected", "rejected", exc.message)
+        raise
+    except DependencyUnavailable as exc:
+        log.warning("control update failed", rollout_id=rollout_id, action=action, why=exc.message)
+        await outcome("failed", "error", exc.message)
         raise DependencyUnavailable(
-            f"the {action} request is recorded but Temporal did not answer; retry"
-        ) from None
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, DependencyUnavailable):
-        log.warning("control update timed out", rollout_id=rollout_id, action=action)
-        await outcome("failed", "error", "no answer from the rollout's workflow in time")
-        raise DependencyUnavailable(
-            f"the {action} request is recorded but the rollout's workflow did not answer in "
-            "time (is a worker running?); retry"
+            f"the {action} request is recorded but {exc.message}; retry"
         ) from None
     session.expire_all()
     current = await queries.get_rollout(session, scope=principal.scope, rollout_id=rollout_id)
