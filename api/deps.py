@@ -19,6 +19,7 @@ from core.db import driver_connection, session_scope
 from core.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from core.settings import Settings
 from models.enums import AuditSource, Role
+from services.assignment import AssignmentRequest
 from services.audit import Actor
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from services.safety import SafetyDefaults
@@ -167,4 +168,17 @@ def safety_defaults_of(settings: Settings) -> SafetyDefaults:
     return SafetyDefaults(
         require_stationary=settings.safety_require_stationary,
         min_battery_percent=settings.safety_min_battery_percent,
+    )
+
+
+def assignment_request(
+    request: Request, principal: Principal, settings: Settings
+) -> AssignmentRequest:
+    """What a write that assigns vehicles a release (a rollout, a direct desired state) is
+    judged by: its caller and the fleet's safety defaults and trusted release keys."""
+    return AssignmentRequest(
+        actor=actor_of(request, principal),
+        scope=principal.scope,
+        safety_defaults=safety_defaults_of(settings),
+        trusted_keys=trusted_keys_of(settings),
     )

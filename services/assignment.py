@@ -3,19 +3,89 @@ is not finished and either its target row there is not finished, or the rollout 
 expanded its targets yet and its stored targets select the vehicle (docs/rollouts.md,
 "Overlap"). A rollout or a direct desired state that would take a vehicle inside another
 active rollout is refused (409); writers that assign vehicles take one lock first, so two
-concurrent requests cannot both pass the check."""
+concurrent requests cannot both pass the check.
+
+Both writers first pass the same checks (`check_assignment`): the release exists and its
+signature verifies, the targets stay inside the caller's scope, the safety policy is not
+weaker than the fleet default unless acknowledged with a reason."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import Conflict
-from models.api import Overlap
+from models.api import Overlap, RolloutTargets, SafetyChecks
 from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus, TargetState
+from models.scope import Scope
+from models.tables import Release
+from services.audit import Actor
+from services.releases import load_verified_release
+from services.safety import EffectiveSafety, SafetyDefaults, resolve_safety
+from services.scope import check_targets_in_scope
+from services.signing import TrustedKeys
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
+
+
+@dataclass(frozen=True)
+class AssignmentRequest:
+    """Who asks to assign vehicles a release, and the fleet's settings that judge it."""
+
+    actor: Actor
+    scope: Scope
+    safety_defaults: SafetyDefaults
+    trusted_keys: TrustedKeys | None
+
+
+@dataclass(frozen=True)
+class CheckedAssignment:
+    release: Release
+    targets: dict[str, Any]
+    safety: EffectiveSafety
+    acknowledgement: dict[str, Any] | None  # the weakened safety to audit, when acknowledged
+
+    def effective_checks(self, checks: dict[str, Any]) -> dict[str, Any]:
+        """`checks` (camelCase, as stored) with the effective safety filled in."""
+        checks["requireStationary"] = self.safety.require_stationary
+        checks["minBatteryPercent"] = self.safety.min_battery_percent
+        return checks
+
+
+async def check_assignment(
+    session: AsyncSession,
+    *,
+    request: AssignmentRequest,
+    release_version: str,
+    targets: RolloutTargets,
+    safety_checks: SafetyChecks,
+    acknowledged: bool,
+    reason: str | None,
+    safety_field: str,
+    refuse_weakened: bool = True,
+) -> CheckedAssignment:
+    """The checks every writer of assignments passes before it writes: the release exists and
+    verifies, the targets are inside the scope (an org-scoped caller's own orgs filled in),
+    the safety policy resolved (refused when weakened without acknowledgement, unless
+    `refuse_weakened` is False: the dry run reports it instead)."""
+    release = await load_verified_release(
+        session, version=release_version, trusted_keys=request.trusted_keys
+    )
+    chosen = targets.model_dump(by_alias=True)
+    check_targets_in_scope(chosen, request.scope)
+    safety, acknowledgement = resolve_safety(
+        checks=safety_checks,
+        defaults=request.safety_defaults,
+        acknowledged=acknowledged,
+        reason=reason,
+        actor=request.actor,
+        field_prefix=safety_field,
+        refuse=refuse_weakened,
+    )
+    return CheckedAssignment(release, chosen, safety, acknowledgement)
+
 
 # A rollout in one of these statuses holds its vehicles (see docs/rollouts.md, "Overlap").
 ACTIVE_ROLLOUT_STATUSES = tuple(

@@ -20,18 +20,20 @@ from models.api import DesiredStateCreate, DesiredStatesCreated, IssuedDesiredSt
 from models.scope import Scope
 from models.tables import DesiredState, Rollout, Vehicle
 from services import change_feed
-from services.assignment import find_overlap, lock_fleet_assignment, overlap_conflict
-from services.audit import Actor, record_write
+from services.assignment import (
+    AssignmentRequest,
+    check_assignment,
+    find_overlap,
+    lock_fleet_assignment,
+    overlap_conflict,
+)
+from services.audit import record_write
 from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
-from services.releases import load_verified_release
-from services.safety import SafetyDefaults, resolve_safety
 from services.scope import (
-    check_targets_in_scope,
     rollouts_in_scope,
     vehicle_scope_sql,
     vehicles_in_scope,
 )
-from services.signing import TrustedKeys
 from services.targets import REQUEST_MATCH, match_params
 
 # Above this, a direct desired state is refused: a rollout stages, gates and can roll back.
@@ -223,38 +225,38 @@ async def create_desired_states(
     session: AsyncSession,
     *,
     body: DesiredStateCreate,
-    actor: Actor,
-    scope: Scope,
-    safety_defaults: SafetyDefaults,
-    trusted_keys: TrustedKeys | None,
+    request: AssignmentRequest,
     max_vehicles: int = MAX_DIRECT_VEHICLES,
 ) -> DesiredStatesCreated:
     """One `desired_states` row per matching vehicle (its previous desired state linked), the
     vehicles' desired release set and their status `pending` (`offline` stays), their deltas in
     `vehicle.updated` change-feed rows (up to `VEHICLE_DELTAS_PER_ROW` vehicles each) and one
     audit entry, in the caller's transaction."""
-    release = await load_verified_release(
-        session, version=body.release_version, trusted_keys=trusted_keys
-    )
-    targets = body.targets.model_dump(by_alias=True)
-    check_targets_in_scope(targets, scope)
-    safety, acknowledgement = resolve_safety(
-        checks=body.safety_checks,
-        defaults=safety_defaults,
+    checked = await check_assignment(
+        session,
+        request=request,
+        release_version=body.release_version,
+        targets=body.targets,
+        safety_checks=body.safety_checks,
         acknowledged=body.acknowledge_weakened_safety,
         reason=body.reason,
-        actor=actor,
-        field_prefix="safetyChecks",
+        safety_field="safetyChecks",
     )
+    targets, scope, actor = checked.targets, request.scope, request.actor
     await _check_selection(session, targets=targets, scope=scope, max_vehicles=max_vehicles)
-    safety_checks = body.safety_checks.model_dump(by_alias=True, mode="json")
-    safety_checks["requireStationary"] = safety.require_stationary
-    safety_checks["minBatteryPercent"] = safety.min_battery_percent
+    safety_checks = checked.effective_checks(
+        body.safety_checks.model_dump(by_alias=True, mode="json")
+    )
     where, params = _matching(targets, scope)
     conn = await session.connection()
     issued = await conn.execute(
         text(_issue_statement(where)),
-        {**params, "release": release.version, "reason": body.reason, "created_by": actor.subject},
+        {
+            **params,
+            "release": checked.release.version,
+            "reason": body.reason,
+            "created_by": actor.subject,
+        },
     )
     rows = issued.all()
     sample = [
@@ -266,7 +268,7 @@ async def create_desired_states(
         actor=actor,
         action="desired_states.created",
         target_type="release",
-        target_id=release.version,
+        target_id=checked.release.version,
         reason=body.reason,
         payload={
             **body.model_dump(by_alias=True, mode="json"),
@@ -274,9 +276,12 @@ async def create_desired_states(
             "effectiveSafetyChecks": safety_checks,
             "sample": [s.model_dump(by_alias=True) for s in sample],
         },
-        acknowledgement=acknowledgement,
+        acknowledgement=checked.acknowledgement,
         targets=targets,
     )
     return DesiredStatesCreated(
-        release_version=release.version, count=len(rows), sample=sample, safety_checks=safety_checks
+        release_version=checked.release.version,
+        count=len(rows),
+        sample=sample,
+        safety_checks=safety_checks,
     )

@@ -15,10 +15,8 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     ViewerDep,
-    actor_of,
+    assignment_request,
     multi,
-    safety_defaults_of,
-    trusted_keys_of,
 )
 from api.envelope import ok, page
 from api.errors import ErrorResponses
@@ -103,11 +101,6 @@ async def create_desired_states(
     One desired state per vehicle, its previous one linked; the vehicles become `pending`.
     Audited as `desired_states.created` (and `desired_states.safety_weakened`)."""
     created = await service.create_desired_states(
-        session,
-        body=body,
-        actor=actor_of(request, principal),
-        scope=principal.scope,
-        safety_defaults=safety_defaults_of(settings),
-        trusted_keys=trusted_keys_of(settings),
+        session, body=body, request=assignment_request(request, principal, settings)
     )
     return JSONResponse(ok(request, created), status_code=201)

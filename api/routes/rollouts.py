@@ -18,10 +18,9 @@ from api.deps import (
     SortQuery,
     ViewerDep,
     actor_of,
+    assignment_request,
     get_temporal,
     multi,
-    safety_defaults_of,
-    trusted_keys_of,
 )
 from api.envelope import ok, page
 from api.errors import ErrorResponses
@@ -127,26 +126,13 @@ async def create_rollout(
     `?dryRun=true` validates the same way, then answers 200 with the plan: vehicles per
     stage, how many the safety checks would block now, the overlap with active rollouts and
     `canStart`. Nothing is written (no row, no audit entry, no workflow)."""
-    actor = actor_of(request, principal)
+    assignment = assignment_request(request, principal, settings)
+    actor = assignment.actor
     if dry_run:
-        plan = await create.plan_rollout_request(
-            session,
-            body=body,
-            actor=actor,
-            scope=principal.scope,
-            safety_defaults=safety_defaults_of(settings),
-            trusted_keys=trusted_keys_of(settings),
-        )
+        plan = await create.plan_rollout_request(session, body=body, request=assignment)
         await session.rollback()  # read-only: nothing to commit
         return JSONResponse(ok(request, plan, dryRun=True), status_code=200)
-    rollout = await create.create_rollout(
-        session,
-        body=body,
-        actor=actor,
-        scope=principal.scope,
-        safety_defaults=safety_defaults_of(settings),
-        trusted_keys=trusted_keys_of(settings),
-    )
+    rollout = await create.create_rollout(session, body=body, request=assignment)
     await session.commit()  # the workflow starts only once the row it refers to is durable
     await session.refresh(rollout)
     assert rollout.id is not None

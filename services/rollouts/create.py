@@ -12,16 +12,19 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.temporal import rollout_workflow_id
 from models.api import PlannedStage, RolloutCreate, RolloutPlanOut, SafetyNow
 from models.enums import RolloutStatus
-from models.scope import Scope
-from models.tables import Release, Rollout
+from models.tables import Rollout
 from models.workflows import StagePlan
 from services import change_feed
-from services.assignment import find_overlap, lock_fleet_assignment, overlap_conflict
-from services.audit import Actor, record_write
-from services.releases import load_verified_release
-from services.safety import EffectiveSafety, SafetyDefaults, resolve_safety
-from services.scope import check_targets_in_scope
-from services.signing import TrustedKeys
+from services.assignment import (
+    AssignmentRequest,
+    CheckedAssignment,
+    check_assignment,
+    find_overlap,
+    lock_fleet_assignment,
+    overlap_conflict,
+)
+from services.audit import record_write
+from services.safety import EffectiveSafety
 from services.targets import REQUEST_MATCH, match_params
 from workflows.policy import plan_from_strategy
 
@@ -68,128 +71,94 @@ async def safety_now(
 
 @dataclass(frozen=True)
 class ValidatedRollout:
-    release: Release
-    targets: dict[str, Any]
-    gates: dict[str, Any]
-    safety: EffectiveSafety
-    acknowledgement: dict[str, Any] | None
+    checked: CheckedAssignment
+    gates: dict[str, Any]  # as stored: the effective safety checks filled in
 
 
 async def validate_rollout(
     session: AsyncSession,
     *,
     body: RolloutCreate,
-    actor: Actor,
-    scope: Scope,
-    safety_defaults: SafetyDefaults,
-    trusted_keys: TrustedKeys | None,
+    request: AssignmentRequest,
     refuse_weakened: bool = True,
 ) -> ValidatedRollout:
-    """Everything create checks before it writes: release exists and verifies, targets in
-    scope, safety policy (not weaker than the fleet default unless acknowledged)."""
-    release = await load_verified_release(
-        session, version=body.release_version, trusted_keys=trusted_keys
-    )
-    targets = body.targets.model_dump(by_alias=True)
-    check_targets_in_scope(targets, scope)
-    safety, acknowledgement = resolve_safety(
-        checks=body.gates.safety_checks,
-        defaults=safety_defaults,
+    """Everything create checks before it writes (`assignment.check_assignment`)."""
+    checked = await check_assignment(
+        session,
+        request=request,
+        release_version=body.release_version,
+        targets=body.targets,
+        safety_checks=body.gates.safety_checks,
         acknowledged=body.acknowledge_weakened_safety,
         reason=body.reason,
-        actor=actor,
-        field_prefix="gates.safetyChecks",
-        refuse=refuse_weakened,
+        safety_field="gates.safetyChecks",
+        refuse_weakened=refuse_weakened,
     )
     gates = body.gates.model_dump(by_alias=True)
-    gates["safetyChecks"]["requireStationary"] = safety.require_stationary
-    gates["safetyChecks"]["minBatteryPercent"] = safety.min_battery_percent
-    return ValidatedRollout(release, targets, gates, safety, acknowledgement)
+    checked.effective_checks(gates["safetyChecks"])
+    return ValidatedRollout(checked, gates)
 
 
 async def plan_rollout_request(
-    session: AsyncSession,
-    *,
-    body: RolloutCreate,
-    actor: Actor,
-    scope: Scope,
-    safety_defaults: SafetyDefaults,
-    trusted_keys: TrustedKeys | None,
+    session: AsyncSession, *, body: RolloutCreate, request: AssignmentRequest
 ) -> RolloutPlanOut:
     """The dry run: validate like create (a bad release, signature or scope is refused the
     same way), then plan without writing anything. An unacknowledged weakening and an
     overlap are reported (`canStart: false`, `problems`) rather than refused, so the
     operator sees the whole picture in one answer."""
-    v = await validate_rollout(
-        session,
-        body=body,
-        actor=actor,
-        scope=scope,
-        safety_defaults=safety_defaults,
-        trusted_keys=trusted_keys,
-        refuse_weakened=False,
-    )
-    targeted, blocked = await safety_now(session, targets=v.targets, safety=v.safety)
+    v = await validate_rollout(session, body=body, request=request, refuse_weakened=False)
+    checked = v.checked
+    targeted, blocked = await safety_now(session, targets=checked.targets, safety=checked.safety)
     stages: list[StagePlan] = plan_from_strategy(targeted, body.strategy.model_dump(by_alias=True))
-    overlap = await find_overlap(session, targets=v.targets)
+    overlap = await find_overlap(session, targets=checked.targets)
+    unacknowledged = bool(checked.safety.weakened) and checked.acknowledgement is None
     problems = []
-    if v.safety.weakened and v.acknowledgement is None:
+    if unacknowledged:
         problems.append(
-            "SAFETY_POLICY_WEAKENED: " + ", ".join(v.safety.weakened) + " weaker than default"
+            "SAFETY_POLICY_WEAKENED: " + ", ".join(checked.safety.weakened) + " weaker than default"
         )
     if overlap.vehicles:
         problems.append(f"CONFLICT: {overlap.vehicles} vehicle(s) inside another active rollout")
     if targeted == 0:
         problems.append("NO_VEHICLES: the targets select no vehicle")
     return RolloutPlanOut(
-        release_version=v.release.version,
+        release_version=checked.release.version,
         targeted=targeted,
         stages=[
             PlannedStage(index=s.index, name=s.name, vehicles=s.size, bake_seconds=s.bake_seconds)
             for s in stages
         ],
         safety=blocked,
-        weakened_safety=list(v.safety.weakened),
+        weakened_safety=list(checked.safety.weakened),
         maintenance_window=v.gates["safetyChecks"].get("maintenanceWindow"),
         overlap=overlap,
-        can_start=not (overlap.vehicles or (v.safety.weakened and v.acknowledgement is None)),
+        can_start=not (overlap.vehicles or unacknowledged),
         problems=problems,
     )
 
 
 async def create_rollout(
-    session: AsyncSession,
-    *,
-    body: RolloutCreate,
-    actor: Actor,
-    scope: Scope,
-    safety_defaults: SafetyDefaults,
-    trusted_keys: TrustedKeys | None,
+    session: AsyncSession, *, body: RolloutCreate, request: AssignmentRequest
 ) -> Rollout:
-    v = await validate_rollout(
-        session,
-        body=body,
-        actor=actor,
-        scope=scope,
-        safety_defaults=safety_defaults,
-        trusted_keys=trusted_keys,
-    )
+    """Store a pending rollout (its workflow is started by the caller once this commits),
+    audited as `rollout.created`; refused when a targeted vehicle is inside another active
+    rollout."""
+    v = await validate_rollout(session, body=body, request=request)
+    targets, actor = v.checked.targets, request.actor
     await lock_fleet_assignment(session)
-    overlap = await find_overlap(session, targets=v.targets)
+    overlap = await find_overlap(session, targets=targets)
     if overlap.vehicles:
         raise overlap_conflict(overlap, what="this rollout")
-    targets, gates, acknowledgement = v.targets, v.gates, v.acknowledgement
-
     rollout = Rollout(
         name=body.name,
         release_version=body.release_version,
         targets=targets,
         strategy=body.strategy.model_dump(by_alias=True),
-        gates=gates,
+        gates=v.gates,
         timeouts=body.timeouts.model_dump(by_alias=True),
         retry=body.retry.model_dump(by_alias=True),
         status=RolloutStatus.PENDING.value,
-        safety_acknowledgement=acknowledgement,
+        safety_acknowledgement=v.checked.acknowledgement,
         correlation_id=actor.correlation_id,
         created_by=actor.subject,
     )
@@ -205,7 +174,7 @@ async def create_rollout(
         target_id=str(rollout.id),
         reason=body.reason,
         payload=body.model_dump(by_alias=True, mode="json"),
-        acknowledgement=acknowledgement,
+        acknowledgement=v.checked.acknowledgement,
         targets=targets,
     )
     await change_feed.publish(
