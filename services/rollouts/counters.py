@@ -1,12 +1,12 @@
 """A rollout's progress counters (`rollouts.targeted`, `notified`, `updating`, ...): moved in
 the statement that moves its targets, never counted by a scan.
 
-`COUNTER_DELTAS` is the tail of such a statement: given its CTE `moved`, which returns
-`(old_state, new_state)` for each target it moved, it moves the rollout's current-state
-counters (updating, succeeded, failed, blocked) by the difference and answers how many
-targets moved. `SWEEP_DELTAS` is the same tail for a keyset sweep over a CTE `todo` (ordered
-by vehicle id, `LIMIT :n`): it also answers how many targets the batch selected and the last
-vehicle id, where the next batch starts (`SweepBatch`).
+`move_targets` ends such a statement: given its CTE `todo` (the targets to move, with their
+`old_state`), it updates them and moves the rollout's current-state counters (updating,
+succeeded, failed, blocked) by the difference, answering how many targets moved
+(`COUNTER_DELTAS`); for a keyset sweep over `todo` (ordered by vehicle id, `LIMIT :n`) it also
+answers how many the batch selected and the last vehicle id, where the next batch starts
+(`SWEEP_DELTAS`, read by `sweep_batch`).
 """
 
 from __future__ import annotations
@@ -76,3 +76,17 @@ def sweep_batch(row: Any, batch_size: int, after_vehicle_id: str) -> SweepBatch:
         done=selected < batch_size,
         last_vehicle_id=row.last_vehicle_id or after_vehicle_id,
     )
+
+
+def move_targets(assignments: str, *, sweep: bool) -> str:
+    """The end of a statement whose CTE `todo` holds the targets to move (`vehicle_id`,
+    `old_state`): the CTE `moved`, which sets `assignments` (SQL) on each of them, then the
+    counters' tail (`SWEEP_DELTAS` for a keyset sweep, else `COUNTER_DELTAS`)."""
+    moved = f"""
+    moved AS (
+        UPDATE rollout_targets t
+        SET {assignments}
+        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
+        RETURNING todo.old_state, t.state AS new_state
+    ),"""
+    return moved + (SWEEP_DELTAS if sweep else COUNTER_DELTAS)

@@ -16,7 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from models.workflows import GateCounts
-from services.rollouts.counters import COUNTER_DELTAS
+from services.rollouts.counters import move_targets
 from services.rollouts.issue import ROLLBACK_DESIRED_STATE
 from services.rollouts.sweeps import RETRYABLE_TARGET
 from workflows.policy import RETRYABLE_REASONS
@@ -45,15 +45,12 @@ _RECORD_OUTCOMES = text(
         ORDER BY t.vehicle_id
         FOR UPDATE OF t
     ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = todo.new_state, reason_code = todo.reason_code,
-            updated_at = coalesce(CAST(:at AS timestamptz), now())
-        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
-    ),
     """
-    + COUNTER_DELTAS
+    + move_targets(
+        """state = todo.new_state, reason_code = todo.reason_code,
+               updated_at = coalesce(CAST(:at AS timestamptz), now())""",
+        sweep=False,
+    )
 )
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from services.rollouts.counters import SWEEP_BATCH, SWEEP_DELTAS, SweepBatch, sweep_batch
+from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
 from services.rollouts.issue import ROLLBACK_DESIRED_STATE
 
 
@@ -88,20 +88,17 @@ _ROLLBACK_BATCH = text(
             updated_at = now()
         FROM todo WHERE v.id = todo.vehicle_id AND todo.still_ours
     ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = CASE WHEN todo.must_report THEN 'notified' ELSE 'rolled_back' END,
-            desired_state_id = CASE WHEN todo.must_report
-                                    THEN todo.rollback_desired_state_id
-                                    ELSE t.desired_state_id END,
-            reason_code = NULL,
-            notified_at = coalesce(CAST(:now AS timestamptz), now()),
-            updated_at = now()
-        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
-    ),
     """
-    + SWEEP_DELTAS
+    + move_targets(
+        """state = CASE WHEN todo.must_report THEN 'notified' ELSE 'rolled_back' END,
+               desired_state_id = CASE WHEN todo.must_report
+                                       THEN todo.rollback_desired_state_id
+                                       ELSE t.desired_state_id END,
+               reason_code = NULL,
+               notified_at = coalesce(CAST(:now AS timestamptz), now()),
+               updated_at = now()""",
+        sweep=True,
+    )
 )
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from services.rollouts.counters import SWEEP_BATCH, SWEEP_DELTAS, SweepBatch, sweep_batch
+from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
 from workflows.policy import RETRYABLE_REASONS, retry_backoff_seconds
 
 # A failed target that the retry sweep may issue again (reason retryable, attempts left):
@@ -31,14 +31,11 @@ _EXPIRE_APPLY_TIMEOUTS = text(
         LIMIT :n
         FOR UPDATE OF t
     ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = 'failed', reason_code = 'APPLY_TIMEOUT', updated_at = :now
-        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
-    ),
     """
-    + SWEEP_DELTAS
+    + move_targets(
+        "state = 'failed', reason_code = 'APPLY_TIMEOUT', updated_at = :now",
+        sweep=True,
+    )
 )
 
 
@@ -105,15 +102,12 @@ _RETRY_FAILED_TARGETS = text(
             updated_at = now()
         FROM todo WHERE v.id = todo.vehicle_id
     ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = 'notified', attempt = todo.attempt, reason_code = NULL,
-            desired_state_id = todo.desired_state_id, notified_at = :now, updated_at = :now
-        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
-    ),
     """
-    + SWEEP_DELTAS
+    + move_targets(
+        """state = 'notified', attempt = todo.attempt, reason_code = NULL,
+               desired_state_id = todo.desired_state_id, notified_at = :now, updated_at = :now""",
+        sweep=True,
+    )
 )
 
 
@@ -188,14 +182,11 @@ _RECHECK_BLOCKED = text(
         UPDATE vehicles v SET status = 'pending', updated_at = now()
         FROM todo WHERE v.id = todo.vehicle_id AND v.status = 'blocked'
     ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = 'notified', reason_code = NULL, notified_at = :now, updated_at = :now
-        FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
-    ),
     """
-    + SWEEP_DELTAS
+    + move_targets(
+        "state = 'notified', reason_code = NULL, notified_at = :now, updated_at = :now",
+        sweep=True,
+    )
 )
 
 
