@@ -28,7 +28,14 @@ from services.assignment import (
     overlap_conflict,
 )
 from services.audit import record_write
-from services.pagination import Sort, any_of, decode_cursor, split_page, timestamp_key
+from services.pagination import (
+    Sort,
+    any_of,
+    check_rollout_ids,
+    decode_cursor,
+    split_page,
+    timestamp_key,
+)
 from services.scope import (
     rollouts_in_scope,
     vehicle_scope_sql,
@@ -50,12 +57,7 @@ class DesiredStateFilters:
     release_versions: list[str]
 
     def validate(self) -> None:
-        for rid in self.rollout_ids:
-            if not rid.isdigit():
-                raise InvalidInput(
-                    f"rolloutId {rid!r} is not a rollout id",
-                    details=[{"field": "rolloutId", "message": "a positive integer"}],
-                )
+        check_rollout_ids(self.rollout_ids)
 
 
 def desired_state_list_statement(

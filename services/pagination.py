@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -23,6 +23,26 @@ S = TypeVar("S", bound=Select[Any])
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+
+
+def check_choices(values: Iterable[str], choices: Sequence[str], *, field: str, noun: str) -> None:
+    """Refuse (422) a list filter's value that is not one of `choices` (named in that order)."""
+    for value in values:
+        if value not in choices:
+            raise InvalidInput(
+                f"unknown {noun} {value!r}",
+                details=[{"field": field, "message": f"one of {[str(c) for c in choices]}"}],
+            )
+
+
+def check_rollout_ids(values: Iterable[str]) -> None:
+    """Refuse (422) a `rolloutId` filter's value that is not a rollout id."""
+    for value in values:
+        if not value.isdigit():
+            raise InvalidInput(
+                f"rolloutId {value!r} is not a rollout id",
+                details=[{"field": "rolloutId", "message": "a positive integer"}],
+            )
 
 
 @dataclass(frozen=True)

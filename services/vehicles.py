@@ -27,6 +27,8 @@ from services.audit import Actor
 from services.pagination import (
     Sort,
     SortKey,
+    check_choices,
+    check_rollout_ids,
     decode_cursor,
     keyset_sql,
     parse_sort,
@@ -56,25 +58,14 @@ class VehicleFilters:
     q: str | None = None
 
     def validate(self) -> None:
-        allowed = {s.value for s in VehicleStatus}
-        for status in self.statuses:
-            if status not in allowed:
-                raise InvalidInput(
-                    f"unknown status {status!r}",
-                    details=[{"field": "status", "message": f"one of {sorted(allowed)}"}],
-                )
+        check_choices(self.statuses, sorted(VehicleStatus), field="status", noun="status")
         for code in self.reason_codes:
             if not REASON_CODE.match(code):
                 raise InvalidInput(
                     f"malformed reason code {code!r}",
                     details=[{"field": "reasonCode", "message": "UPPER_SNAKE, at most 64"}],
                 )
-        for rid in self.rollout_ids:
-            if not rid.isdigit():
-                raise InvalidInput(
-                    f"rolloutId {rid!r} is not a rollout id",
-                    details=[{"field": "rolloutId", "message": "a positive integer"}],
-                )
+        check_rollout_ids(self.rollout_ids)
         if self.q is not None and len(self.q) > 128:
             raise InvalidInput(
                 "q is too long", details=[{"field": "q", "message": "at most 128 characters"}]

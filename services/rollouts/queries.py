@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.errors import InvalidInput, NotFound, RolloutNotFound
+from core.errors import NotFound, RolloutNotFound
 from models.enums import RolloutStatus, TargetState
 from models.scope import Scope
 from models.tables import Rollout, RolloutTarget, Vehicle
@@ -21,6 +21,7 @@ from services.pagination import (
     Sort,
     SortKey,
     any_of,
+    check_choices,
     decode_cursor,
     keyset,
     parse_sort,
@@ -48,13 +49,7 @@ async def list_rollouts(
     cursor: str | None,
     limit: int,
 ) -> tuple[list[Rollout], str | None]:
-    allowed = {s.value for s in RolloutStatus}
-    for status in statuses:
-        if status not in allowed:
-            raise InvalidInput(
-                f"unknown status {status!r}",
-                details=[{"field": "status", "message": f"one of {sorted(allowed)}"}],
-            )
+    check_choices(statuses, sorted(RolloutStatus), field="status", noun="status")
     order = parse_sort(sort, ROLLOUT_SORTS, "-id")
     stmt = select(Rollout).where(*rollouts_in_scope(scope))
     for column, values in (
@@ -107,22 +102,10 @@ async def list_rollout_vehicles(
     """Per-vehicle state inside one rollout, keyset on vehicle id; filters state and stage
     (by name: `canary`, `wave-1`, ...)."""
     rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
-    allowed = {s.value for s in TargetState}
-    for state in states:
-        if state not in allowed:
-            raise InvalidInput(
-                f"unknown state {state!r}",
-                details=[{"field": "state", "message": f"one of {sorted(allowed)}"}],
-            )
+    check_choices(states, sorted(TargetState), field="state", noun="state")
     names = stage_names(rollout)
-    indexes = []
-    for stage in stages:
-        if stage not in names:
-            raise InvalidInput(
-                f"unknown stage {stage!r}",
-                details=[{"field": "stage", "message": f"one of {names}"}],
-            )
-        indexes.append(names.index(stage))
+    check_choices(stages, names, field="stage", noun="stage")
+    indexes = [names.index(stage) for stage in stages]
     stmt = vehicles_in_scope(
         select(RolloutTarget, Vehicle)
         .join(Vehicle, col(Vehicle.id) == col(RolloutTarget.vehicle_id))
