@@ -23,6 +23,9 @@ COPY activities ./activities
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
+# devtools/ (local servers, `motorcade dev`, `simulate`, the generated documents) ships too,
+# so those subcommands work in a container as they do in a checkout.
+COPY devtools ./devtools
 # Not editable, no [dev] extras: the packages (and migrations/, alembic.ini included) land in
 # the venv's site-packages; nothing in the runtime stage refers to /src.
 RUN /opt/motorcade/bin/pip install -c constraints.txt . \

@@ -48,9 +48,9 @@ import psycopg
 import sqlalchemy
 
 from bench.http11 import Http11
-from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
 from core.settings import normalize_database_url
+from devtools import localservers
 from models.enums import Role
 from models.scope import Scope
 from services.desired_states import DesiredStateFilters, desired_state_list_statement

@@ -61,8 +61,8 @@ import psycopg
 
 from bench.cpu import CpuMeter, postmaster_pid
 from bench.http11 import Http11
-from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
+from devtools import localservers
 from models.enums import Role
 from services.seed import SAMPLE_RELEASES, seed_fleet
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/rollout_scale.py [--vehicles 100000 [--vehicles 1000000 ...]]
 
 For each N: a fresh, migrated database (on the server at MOTORCADE_DATABASE_URL, else an
-embedded one under .motorcade/bench-pgdata running with `core.localservers.
+embedded one under .motorcade/bench-pgdata running with `devtools.localservers.
 FLEET_SCALE_SETTINGS`: the settings recommended for a million vehicles; the first line printed
 names the server's version and settings), `seed_fleet` with N vehicles, one rollout of the
 newest sample release over all of them (canary 1%, waves 10/50/100%, every bake 0 s), run by
@@ -58,7 +58,6 @@ from temporalio.worker import (
     Interceptor as WorkerInterceptor,
 )
 
-from core import localservers
 from core.db import create_engine, session_factory, session_scope
 from core.temporal import (
     ROLLOUT_WORKFLOW_TYPE,
@@ -66,6 +65,7 @@ from core.temporal import (
     initial_search_attributes,
     rollout_workflow_id,
 )
+from devtools import localservers
 from models.workflows import RolloutInput
 from services import reconcile as reconcile_svc
 from services.rollouts import issue, outcomes

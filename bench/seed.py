@@ -27,9 +27,9 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine
 from sqlmodel import Session
 
-from core import localservers
 from core.migrate import upgrade
 from core.settings import normalize_database_url
+from devtools import localservers
 from models.tables import DesiredState, Vehicle
 from services.seed import BASELINE_RELEASE, MODELS, REGIONS, seed_fleet
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
-from core import localservers
 from core.auth import generate_dev_key, mint_dev_token
+from devtools import localservers
 from models.enums import Role
 
 HOST = "127.0.0.1"

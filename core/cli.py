@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core import tracing
-from core.localservers import STATE_DIR
+from devtools.localservers import STATE_DIR
 
 
 def _settings():  # type: ignore[no-untyped-def]

@@ -23,12 +23,12 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from core import localservers
 from core.auth import generate_dev_key
 from core.db import create_engine, session_factory
 from core.migrate import upgrade
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
+from devtools import localservers
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import localservers
+from devtools import localservers
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
-from core import localservers
 from core.temporal import ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
+from devtools import localservers
 from models.workflows import RolloutInput
 from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
 from worker.main import build_worker

@@ -20,8 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from core.auth import mint_dev_token
-from core.localservers import free_port
 from core.settings import Settings
+from devtools.localservers import free_port
 from models.enums import Role
 from services.signing import generate_signing_key, sign_release, write_trusted_keys_file
 

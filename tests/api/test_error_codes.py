@@ -23,8 +23,8 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from core.errors import MotorcadeError
-from core.localservers import free_port
 from core.settings import Settings
+from devtools.localservers import free_port
 from tests.api.conftest import (
     HOLD_INGEST_WRITER,
     bearer,

@@ -16,8 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.localservers import free_port
 from core.settings import Settings
+from devtools.localservers import free_port
 from services import idempotency as service
 from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error

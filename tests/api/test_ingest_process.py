@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from core.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
+from devtools.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
 from tests.api.conftest import bearer, insert_vehicles
 from tests.api.test_telemetry import now_iso
 

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.localservers import free_port
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect
+from devtools.localservers import free_port
 from models.enums import RolloutStatus
 from tests.api.conftest import samples
 from tests.api.test_rollout_control import create_rollout, wait_for_status

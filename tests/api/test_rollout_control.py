@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
-from core.localservers import free_port
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE
+from devtools.localservers import free_port
 from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body

@@ -19,8 +19,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.app import create_app
 from core.auth import Principal
-from core.localservers import free_port
 from core.settings import Settings
+from devtools.localservers import free_port
 from models.enums import AuditSource, Role
 from services import audit, stream
 from services.fleet import refresh_fleet_counts

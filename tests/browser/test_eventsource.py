@@ -24,8 +24,8 @@ from starlette.routing import Route
 
 from api.app import create_app
 from core.auth import mint_dev_token
-from core.localservers import free_port
 from core.settings import Settings
+from devtools.localservers import free_port
 from models.enums import Role
 from tests.api.conftest import bearer
 

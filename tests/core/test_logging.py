@@ -78,8 +78,8 @@ def test_a_served_app_logs_no_token_from_a_header_and_no_secret_from_a_payload(
     payload never reach its output, nor does a ticket it issued, while the requests do."""
     import httpx
 
-    from core import localservers
     from core.auth import mint_dev_token
+    from devtools import localservers
     from models.enums import Role
 
     secret = "hunter2-SECRET-in-a-payload"

@@ -11,9 +11,9 @@ from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
 import models.tables  # noqa: F401
-from core import localservers
 from core.migrate import downgrade, upgrade
 from core.settings import normalize_database_url
+from devtools import localservers
 
 
 def _tables(url: str) -> set[str]:
