@@ -192,35 +192,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def dev_key_file(state_dir: Path) -> Path:
-    return state_dir / "dev-key"
-
-
-def load_or_create_dev_key(state_dir: Path) -> str:
-    from core.auth import generate_dev_key
-
-    path = dev_key_file(state_dir)
-    if path.exists():
-        return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = generate_dev_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
-    return key
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     from core.auth import mint_dev_token
     from models.enums import Role
 
     settings = _settings()
-    if settings.dev_key is not None:
-        key = settings.dev_key.get_secret_value()
-    elif dev_key_file(Path(args.state_dir)).exists():
-        key = dev_key_file(Path(args.state_dir)).read_text().strip()
-    else:
-        print("no dev key: set MOTORCADE_DEV_KEY or run `make dev` once", file=sys.stderr)
+    key = _dev_key(settings, Path(args.state_dir))
+    if key is None:
         return 2
     scopes: dict[str, list[str]] = {}
     for item in args.scope or []:
@@ -252,11 +230,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untyped-def]
-    if settings.dev_key is not None:
-        return str(settings.dev_key.get_secret_value())
-    if dev_key_file(state_dir).exists():
-        return dev_key_file(state_dir).read_text().strip()
-    return None
+    """The dev key that signs dev tokens, or None after saying there is none."""
+    from devtools.devkey import configured_dev_key
+
+    key = configured_dev_key(settings, state_dir)
+    if key is None:
+        print("no dev key: set MOTORCADE_DEV_KEY or run `make dev` once", file=sys.stderr)
+    return key
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -265,7 +245,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings()
     key = _dev_key(settings, Path(args.state_dir))
     if key is None:
-        print("no dev key: set MOTORCADE_DEV_KEY or run `make dev` once", file=sys.stderr)
         return 2
     rates: dict[str, float] = {}
     for item in args.release_failure_rate or []:
@@ -304,7 +283,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from core.devstack import run_dev
+    from devtools.devstack import run_dev
 
     return run_dev(vehicles=args.vehicles, state_dir=Path(args.state_dir))
 

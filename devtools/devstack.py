@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from core.cli import load_or_create_dev_key
 from devtools import localservers
+from devtools.devkey import load_or_create_dev_key
 
 # Ports of what `make dev` starts; the variables exist so that a test can run a second stack.
 TEMPORAL_PORT = int(os.environ.get("MOTORCADE_DEV_TEMPORAL_PORT", "7233"))
