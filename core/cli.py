@@ -240,7 +240,7 @@ def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untype
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from core.simulate import SimConfig, simulate
+    from devtools.simulate import SimConfig, simulate
 
     settings = _settings()
     key = _dev_key(settings, Path(args.state_dir))

@@ -15,8 +15,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
-from core.simulate import SimConfig, simulate
 from core.temporal import ROLLOUT_TASK_QUEUE
+from devtools.simulate import SimConfig, simulate
 from tests.api.conftest import insert_signed_release, insert_vehicles
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import wait_for_status

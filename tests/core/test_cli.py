@@ -1,6 +1,7 @@
-"""The `motorcade` command's dev-key handling: `token` and `simulate` sign with
-MOTORCADE_DEV_KEY when set, else with the key `make dev` wrote in the state directory, and
-stop with exit code 2 when there is neither."""
+"""The `motorcade` command's dev subcommands: `token` and `simulate` sign with
+MOTORCADE_DEV_KEY when set, else with the key `make dev` wrote in the state directory, and stop
+with exit code 2 when there is neither; `simulate` turns its options into the simulator's
+configuration."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from joserfc.jwk import OctKey
 
 from core.auth import generate_dev_key
 from core.cli import main
+from devtools import simulate
 from devtools.devkey import load_or_create_dev_key
+from devtools.simulate import SimConfig
 
 NO_KEY = "no dev key: set MOTORCADE_DEV_KEY or run `make dev` once"
 
@@ -59,3 +62,85 @@ def test_without_a_dev_key_the_command_says_so(
 ) -> None:
     assert main([*argv, "--state-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == NO_KEY
+
+
+@pytest.fixture
+def simulated(monkeypatch: pytest.MonkeyPatch) -> list[tuple[SimConfig, str, str]]:
+    """What `motorcade simulate` would run: the simulator's arguments, instead of running it."""
+    calls: list[tuple[SimConfig, str, str]] = []
+
+    async def record(config: SimConfig, dev_key: str, *, audience: str = "motorcade") -> None:
+        calls.append((config, dev_key, audience))
+
+    monkeypatch.setattr(simulate, "simulate", record)
+    return calls
+
+
+def test_simulate_defaults(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    simulated: list[tuple[SimConfig, str, str]],
+) -> None:
+    key = load_or_create_dev_key(tmp_path)
+    monkeypatch.setenv("MOTORCADE_API_HOST", "127.0.0.1")
+    monkeypatch.setenv("MOTORCADE_API_PORT", "8123")
+    monkeypatch.setenv("MOTORCADE_SAFETY_MIN_BATTERY_PERCENT", "40")
+    assert main(["simulate", "--state-dir", str(tmp_path)]) == 0
+    [(config, used_key, audience)] = simulated
+    assert (used_key, audience) == (key, "motorcade")
+    assert config == SimConfig(
+        api="http://127.0.0.1:8123",
+        vehicles=None,
+        id_prefix=None,
+        failure_rate=0.05,
+        release_failure_rates={},
+        low_battery_rate=0.03,
+        moving_rate=0.05,
+        network_loss_rate=0.01,
+        offline_rate=0.002,
+        heartbeat_seconds=60.0,
+        poll_seconds=30.0,
+        apply_seconds=20.0,
+        min_battery_percent=40,
+        duration=None,
+        seed=None,
+    )
+
+
+def test_simulate_options(tmp_path: Path, simulated: list[tuple[SimConfig, str, str]]) -> None:
+    load_or_create_dev_key(tmp_path)
+    argv = ["simulate", "--state-dir", str(tmp_path), "--api", "http://api:9000"]
+    argv += ["--vehicles", "12", "--prefix", "SIM-", "--seed", "3", "--duration", "5"]
+    argv += ["--failure-rate", "0.2", "--release-failure-rate", "2.0=0.5"]
+    argv += ["--release-failure-rate", "2.1=1", "--low-battery-rate", "0", "--moving-rate", "0"]
+    argv += ["--network-loss-rate", "0.1", "--offline-rate", "0.3", "--heartbeat-seconds", "1"]
+    argv += ["--poll-seconds", "2", "--apply-seconds", "0.5"]
+    assert main(argv) == 0
+    [(config, _, _)] = simulated
+    assert config == SimConfig(
+        api="http://api:9000",
+        vehicles=12,
+        id_prefix="SIM-",
+        failure_rate=0.2,
+        release_failure_rates={"2.0": 0.5, "2.1": 1.0},
+        low_battery_rate=0.0,
+        moving_rate=0.0,
+        network_loss_rate=0.1,
+        offline_rate=0.3,
+        heartbeat_seconds=1.0,
+        poll_seconds=2.0,
+        apply_seconds=0.5,
+        min_battery_percent=30,
+        duration=5.0,
+        seed=3,
+    )
+
+
+def test_simulate_refuses_a_malformed_release_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
+) -> None:
+    load_or_create_dev_key(tmp_path)
+    argv = ["simulate", "--state-dir", str(tmp_path), "--release-failure-rate", "2.0"]
+    assert main(argv) == 2
+    assert "--release-failure-rate takes VERSION=RATE, not '2.0'" in capsys.readouterr().err
+    assert simulated == []
