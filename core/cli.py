@@ -289,7 +289,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    from core.openapi import render_openapi_yaml
+    from devtools.openapi import render_openapi_yaml
 
     text = render_openapi_yaml()
     if args.write:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from api.deprecation import Deprecation
-from core.openapi import openapi_document
+from devtools.openapi import openapi_document
 from tests.api.conftest import insert_vehicles
 from tests.api.test_envelopes import assert_error
 

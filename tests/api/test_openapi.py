@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from core.openapi import openapi_document
+from devtools.openapi import openapi_document
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 

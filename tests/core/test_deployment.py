@@ -32,8 +32,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from core import healthcheck
-from core.configdoc import env_name
 from core.settings import Settings
+from devtools.configdoc import env_name
 from tests.httpserver import QuietHandler, serve
 
 ROOT = Path(__file__).resolve().parents[2]

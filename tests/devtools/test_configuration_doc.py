@@ -1,5 +1,5 @@
 """docs/configuration.md documents every setting: it is generated from core/settings.py by
-core/configdoc.py, and a setting added without regenerating it fails here."""
+devtools/configdoc.py, and a setting added without regenerating it fails here."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core import configdoc
 from core.settings import Settings
+from devtools import configdoc
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-REGENERATE = "python -m core.configdoc --write docs/configuration.md"
+REGENERATE = "python -m devtools.configdoc --write docs/configuration.md"
 
 
 def test_every_setting_is_documented() -> None:
