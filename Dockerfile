@@ -23,13 +23,13 @@ COPY activities ./activities
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
-# devtools/ (local servers, `motorcade dev`, `simulate`, the generated documents) ships too,
-# so those subcommands work in a container as they do in a checkout.
+# devtools/ (local servers, `motorcade dev`, `simulate`, the generated documents) ships too, so
+# those subcommands work in a container as in a checkout; the roles never import it.
 COPY devtools ./devtools
 # Not editable, no [dev] extras: the packages (and migrations/, alembic.ini included) land in
 # the venv's site-packages; nothing in the runtime stage refers to /src.
 RUN /opt/motorcade/bin/pip install -c constraints.txt . \
- && /opt/motorcade/bin/python -c "import core.cli, api.app, worker.main; \
+ && /opt/motorcade/bin/python -c "import core.cli, api.app, worker.main, devtools.devstack; \
 import importlib.resources as r; m = r.files('migrations'); \
 assert m.joinpath('alembic.ini').is_file() and m.joinpath('script.py.mako').is_file(); \
 assert any(p.name.endswith('.py') for p in m.joinpath('versions').iterdir())"

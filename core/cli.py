@@ -1,5 +1,6 @@
-"""The `motorcade` command: one role per subcommand (api, ingest, worker, migrate, seed, token,
-dev, simulate)."""
+"""The `motorcade` command: one role per subcommand (api, ingest, worker, migrate, seed, token),
+and the dev tools (dev, simulate, openapi). Each subcommand imports what it runs when it runs:
+the roles never import devtools/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from core import tracing
-from devtools.localservers import STATE_DIR
 
 
 def _settings():  # type: ignore[no-untyped-def]
@@ -26,6 +26,15 @@ def _settings():  # type: ignore[no-untyped-def]
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"configuration error: {where}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """`--state-dir`, else MOTORCADE_STATE_DIR, else `.motorcade/` in the checkout."""
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    from devtools.localservers import STATE_DIR
+
+    return STATE_DIR
 
 
 def _tune_gc() -> None:
@@ -179,7 +188,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     result = seed_fleet(
         settings.libpq_database_url,
         vehicles=args.vehicles,
-        state_dir=Path(args.state_dir),
+        state_dir=_state_dir(args),
         only_if_empty=not args.force,
     )
     if result.skipped:
@@ -197,7 +206,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from models.enums import Role
 
     settings = _settings()
-    key = _dev_key(settings, Path(args.state_dir))
+    key = _dev_key(settings, _state_dir(args))
     if key is None:
         return 2
     scopes: dict[str, list[str]] = {}
@@ -243,7 +252,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from devtools.simulate import SimConfig, simulate
 
     settings = _settings()
-    key = _dev_key(settings, Path(args.state_dir))
+    key = _dev_key(settings, _state_dir(args))
     if key is None:
         return 2
     rates: dict[str, float] = {}
@@ -285,7 +294,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from devtools.devstack import run_dev
 
-    return run_dev(vehicles=args.vehicles, state_dir=Path(args.state_dir))
+    return run_dev(vehicles=args.vehicles, state_dir=_state_dir(args))
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
@@ -334,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("seed", help="seed a sample fleet and signed releases")
     p.add_argument("--vehicles", type=int, default=1000)
     p.add_argument("--force", action="store_true", help="seed even if vehicles exist")
-    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.add_argument("--state-dir")  # default: see _state_dir
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("token", help="mint a dev token signed by the dev key")
@@ -343,12 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", action="append", help="region=eu-west, model=atlas, org=acme")
     p.add_argument("--subject", help="the token's subject (default dev-<role>)")
     p.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
-    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.add_argument("--state-dir")  # default: see _state_dir
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("dev", help="run the whole system locally (what `make dev` runs)")
     p.add_argument("--vehicles", type=int, default=1000)
-    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.add_argument("--state-dir")  # default: see _state_dir
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser(
@@ -375,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-seconds", type=float, default=20.0)
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--seed", type=int, help="random seed (reproducible fleets)")
-    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.add_argument("--state-dir")  # default: see _state_dir
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("openapi", help="print or write the OpenAPI spec (YAML)")

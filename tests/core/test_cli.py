@@ -1,10 +1,12 @@
 """The `motorcade` command's dev subcommands: `token` and `simulate` sign with
 MOTORCADE_DEV_KEY when set, else with the key `make dev` wrote in the state directory, and stop
 with exit code 2 when there is neither; `simulate` turns its options into the simulator's
-configuration."""
+configuration; and the roles never import devtools/."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,11 @@ from joserfc.jwk import OctKey
 
 from core.auth import generate_dev_key
 from core.cli import main
-from devtools import simulate
+from devtools import localservers, simulate
 from devtools.devkey import load_or_create_dev_key
 from devtools.simulate import SimConfig
 
+ROOT = Path(__file__).resolve().parents[2]
 NO_KEY = "no dev key: set MOTORCADE_DEV_KEY or run `make dev` once"
 
 
@@ -54,6 +57,16 @@ def test_token_prefers_the_configured_key(
     argv = ["token", "--role", "device", "--vehicle", "V-1", "--state-dir", str(tmp_path)]
     assert main(argv) == 0
     assert claims_of(capsys.readouterr().out.strip(), configured)["vehicleId"] == "V-1"
+
+
+def test_the_state_directory_defaults_to_the_local_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --state-dir: MOTORCADE_STATE_DIR, else .motorcade/ (devtools.localservers)."""
+    monkeypatch.setattr(localservers, "STATE_DIR", tmp_path)
+    key = load_or_create_dev_key(tmp_path)
+    assert main(["token", "--role", "viewer"]) == 0
+    assert claims_of(capsys.readouterr().out.strip(), key)["role"] == "viewer"
 
 
 @pytest.mark.parametrize("argv", [["token", "--role", "viewer"], ["simulate"]])
@@ -144,3 +157,17 @@ def test_simulate_refuses_a_malformed_release_rate(
     assert main(argv) == 2
     assert "--release-failure-rate takes VERSION=RATE, not '2.0'" in capsys.readouterr().err
     assert simulated == []
+
+
+def test_the_roles_never_import_dev_tooling() -> None:
+    """The CLI, with its parser built, and every role's entry point leave devtools/ alone: it
+    is imported by the dev subcommands only, when they run."""
+    code = (
+        "import sys, core.cli, core.healthcheck, api.app, worker.main\n"
+        "core.cli.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'devtools'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "[]"
