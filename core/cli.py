@@ -248,6 +248,23 @@ def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untype
     return key
 
 
+# `motorcade simulate` options named as the SimConfig fields they set; one left out keeps the
+# SimConfig default (the one place the defaults are written).
+SIMULATE_OPTIONS = (
+    "vehicles",
+    "failure_rate",
+    "low_battery_rate",
+    "moving_rate",
+    "network_loss_rate",
+    "offline_rate",
+    "heartbeat_seconds",
+    "poll_seconds",
+    "apply_seconds",
+    "duration",
+    "seed",
+)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from devtools.simulate import SimConfig, simulate
 
@@ -262,22 +279,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"--release-failure-rate takes VERSION=RATE, not {item!r}", file=sys.stderr)
             return 2
         rates[version] = float(rate)
+    chosen = {
+        name: getattr(args, name) for name in SIMULATE_OPTIONS if getattr(args, name) is not None
+    }
     config = SimConfig(
         api=args.api or f"http://{settings.api_host}:{settings.api_port}",
-        vehicles=args.vehicles,
         id_prefix=args.prefix,
-        failure_rate=args.failure_rate,
         release_failure_rates=rates,
-        low_battery_rate=args.low_battery_rate,
-        moving_rate=args.moving_rate,
-        network_loss_rate=args.network_loss_rate,
-        offline_rate=args.offline_rate,
-        heartbeat_seconds=args.heartbeat_seconds,
-        poll_seconds=args.poll_seconds,
-        apply_seconds=args.apply_seconds,
         min_battery_percent=settings.safety_min_battery_percent,
-        duration=args.duration,
-        seed=args.seed,
+        **chosen,
     )
     import httpx
 
@@ -366,22 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, help="how many (default: every listed vehicle)")
     p.add_argument("--api", help="API base URL (default http://MOTORCADE_API_HOST:PORT)")
     p.add_argument("--prefix", help="only vehicles whose id starts with this")
-    p.add_argument("--failure-rate", type=float, default=0.05, help="share of applies failing")
+    # Rates and times left out keep SimConfig's defaults (SIMULATE_OPTIONS).
+    p.add_argument("--failure-rate", type=float, help="share of applies failing")
     p.add_argument(
         "--release-failure-rate",
         action="append",
         metavar="VERSION=RATE",
         help="failure rate for one release (repeatable)",
     )
-    p.add_argument("--low-battery-rate", type=float, default=0.03)
-    p.add_argument("--moving-rate", type=float, default=0.05)
-    p.add_argument("--network-loss-rate", type=float, default=0.01)
-    p.add_argument(
-        "--offline-rate", type=float, default=0.002, help="chance per heartbeat to go offline"
-    )
-    p.add_argument("--heartbeat-seconds", type=float, default=60.0)
-    p.add_argument("--poll-seconds", type=float, default=30.0)
-    p.add_argument("--apply-seconds", type=float, default=20.0)
+    p.add_argument("--low-battery-rate", type=float)
+    p.add_argument("--moving-rate", type=float)
+    p.add_argument("--network-loss-rate", type=float)
+    p.add_argument("--offline-rate", type=float, help="chance per heartbeat to go offline")
+    p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--poll-seconds", type=float)
+    p.add_argument("--apply-seconds", type=float)
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--seed", type=int, help="random seed (reproducible fleets)")
     p.add_argument("--state-dir")  # default: see _state_dir
