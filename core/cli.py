@@ -326,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Configuration: MOTORCADE_* environment variables (see README).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_role_commands(sub)
+    _add_one_shot_commands(sub)
+    _add_dev_commands(sub)
+    return parser
 
+
+Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns
+
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir")  # default: see _state_dir
+
+
+def _add_role_commands(sub: Subcommands) -> None:
+    """The roles a deployment runs: api, ingest, worker."""
     p = sub.add_parser("api", help="run the HTTP API (uvicorn)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -345,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the Temporal worker (rollout workflows, activities)")
     p.set_defaults(func=cmd_worker)
 
+
+def _add_one_shot_commands(sub: Subcommands) -> None:
+    """One-shot commands: migrate, seed, token."""
     p = sub.add_parser("migrate", help="apply schema migrations (Alembic)")
     p.add_argument("--downgrade", action="store_true", help="go down instead of up")
     p.add_argument("--revision", help="target revision (default head, or -1 when down)")
@@ -353,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("seed", help="seed a sample fleet and signed releases")
     p.add_argument("--vehicles", type=int, default=1000)
     p.add_argument("--force", action="store_true", help="seed even if vehicles exist")
-    p.add_argument("--state-dir")  # default: see _state_dir
+    _add_state_dir(p)
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("token", help="mint a dev token signed by the dev key")
@@ -362,12 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", action="append", help="region=eu-west, model=atlas, org=acme")
     p.add_argument("--subject", help="the token's subject (default dev-<role>)")
     p.add_argument("--ttl", type=int, default=12 * 3600, help="lifetime in seconds")
-    p.add_argument("--state-dir")  # default: see _state_dir
+    _add_state_dir(p)
     p.set_defaults(func=cmd_token)
 
+
+def _add_dev_commands(sub: Subcommands) -> None:
+    """The dev tools (devtools/): dev, simulate, openapi."""
     p = sub.add_parser("dev", help="run the whole system locally (what `make dev` runs)")
     p.add_argument("--vehicles", type=int, default=1000)
-    p.add_argument("--state-dir")  # default: see _state_dir
+    _add_state_dir(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser(
@@ -393,13 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-seconds", type=float)
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--seed", type=int, help="random seed (reproducible fleets)")
-    p.add_argument("--state-dir")  # default: see _state_dir
+    _add_state_dir(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("openapi", help="print or write the OpenAPI spec (YAML)")
     p.add_argument("--write", help="file to write, e.g. docs/openapi.yaml")
     p.set_defaults(func=cmd_openapi)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
