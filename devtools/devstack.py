@@ -19,8 +19,12 @@ from pathlib import Path
 
 import httpx
 
+from core.auth import mint_dev_token
+from core.migrate import upgrade
 from devtools import localservers
 from devtools.devkey import load_or_create_dev_key
+from models.enums import Role
+from services.seed import seed_fleet
 
 # Ports of what `make dev` starts; the variables exist so that a test can run a second stack.
 TEMPORAL_PORT = int(os.environ.get("MOTORCADE_DEV_TEMPORAL_PORT", "7233"))
@@ -145,11 +149,8 @@ def _stop_on_further_signals() -> None:
 
 
 def run_dev(*, vehicles: int, state_dir: Path) -> int:
-    from core.auth import mint_dev_token
-    from core.migrate import upgrade
-    from models.enums import Role
-    from services.seed import seed_fleet
-
+    """Start everything, print where it is, run until Ctrl-C (or SIGTERM, or a child that
+    exits), then stop everything it started, in reverse order."""
     state_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(state_dir)
     interrupted = False
@@ -162,76 +163,11 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         dev_key = load_or_create_dev_key(state_dir)
-        database_url = _database_url(stack)
-        env = {
-            **os.environ,
-            "MOTORCADE_ENV": "dev",
-            "MOTORCADE_DATABASE_URL": database_url,
-            "MOTORCADE_DEV_KEY": dev_key,
-            "MOTORCADE_LOG_FORMAT": os.environ.get("MOTORCADE_LOG_FORMAT", "console"),
-            "MOTORCADE_TRUSTED_KEYS_FILE": str(state_dir / "trusted-keys.json"),
-        }
-        env["MOTORCADE_TEMPORAL_ADDRESS"] = _temporal_address(stack, env)
-        if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ:
-            env["MOTORCADE_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{TEMPORAL_UI_PORT}"
-        say("migrating the schema")
-        upgrade(database_url)
-        result = seed_fleet(database_url, vehicles=vehicles, state_dir=state_dir)
-        if result.skipped:
-            say("fleet already seeded: reusing it")
-        else:
-            say(f"seeded {result.vehicles_inserted:,} vehicles in {result.seconds:.1f}s")
-        motorcade = localservers.venv_binary("motorcade")
-        worker = stack.spawn("worker", [motorcade, "worker"], env)
-        api = stack.spawn(
-            "api", [motorcade, "api", "--host", API_HOST, "--port", str(API_PORT)], env
-        )
-        base = f"http://{API_HOST}:{API_PORT}"
-        _wait_ready(base, [("worker", worker), ("api", api)])
-        if os.environ.get("MOTORCADE_DEV_SIMULATE", "1") != "0":
-            say(f"simulated fleet: `motorcade simulate` (log: {state_dir / 'simulate.log'})")
-            stack.spawn(
-                "simulate",
-                [motorcade, "simulate", "--api", base, "--state-dir", str(state_dir)],
-                env,
-                log=state_dir / "simulate.log",
-            )
-        viewer = mint_dev_token(dev_key, role=Role.VIEWER, subject="dev-viewer")
-        operator = mint_dev_token(dev_key, role=Role.OPERATOR, subject="dev-operator")
-        ui = (
-            env.get("MOTORCADE_TEMPORAL_UI_URL")
-            if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ
-            else None
-        )
-        print(
-            "\n".join(
-                [
-                    "",
-                    "Motorcade is running.",
-                    f"  API          {base}/api/v1   (ready: {base}/readyz)",
-                    f"  Temporal UI  {ui or 'your Temporal server'}",
-                    f"  Temporal     {env['MOTORCADE_TEMPORAL_ADDRESS']}",
-                    "",
-                    "Dev tokens (12 h; more with `.venv/bin/motorcade token --role ...`):",
-                    f"  export VIEWER_TOKEN={viewer}",
-                    f"  export OPERATOR_TOKEN={operator}",
-                    "",
-                    "Try:",
-                    '  curl -H "Authorization: Bearer $VIEWER_TOKEN" '
-                    f"{base}/api/v1/vehicles?limit=3",
-                    "",
-                    "Ctrl-C stops everything this command started.",
-                    "",
-                ]
-            ),
-            flush=True,
-        )
-        while True:
-            for name, proc in stack.children:
-                if proc.poll() is not None:
-                    say(f"{name} exited with code {proc.returncode}; stopping")
-                    return 1
-            time.sleep(1)
+        env = _start_servers(stack, dev_key)
+        _prepare_database(env["MOTORCADE_DATABASE_URL"], vehicles=vehicles, state_dir=state_dir)
+        base = _start_roles(stack, env)
+        print(_banner(base, env, dev_key), flush=True)
+        return _supervise(stack)
     except KeyboardInterrupt:
         interrupted = True
         return 0
@@ -240,6 +176,94 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
         if interrupted:
             say("interrupted")
         stack.stop()
+
+
+def _start_servers(stack: Stack, dev_key: str) -> dict[str, str]:
+    """PostgreSQL and Temporal (started unless configured); returns the environment the
+    children run with."""
+    env = {
+        **os.environ,
+        "MOTORCADE_ENV": "dev",
+        "MOTORCADE_DATABASE_URL": _database_url(stack),
+        "MOTORCADE_DEV_KEY": dev_key,
+        "MOTORCADE_LOG_FORMAT": os.environ.get("MOTORCADE_LOG_FORMAT", "console"),
+        "MOTORCADE_TRUSTED_KEYS_FILE": str(stack.state_dir / "trusted-keys.json"),
+    }
+    env["MOTORCADE_TEMPORAL_ADDRESS"] = _temporal_address(stack, env)
+    if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ:
+        env["MOTORCADE_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{TEMPORAL_UI_PORT}"
+    return env
+
+
+def _prepare_database(database_url: str, *, vehicles: int, state_dir: Path) -> None:
+    """Migrate, then seed the sample fleet unless it is there already."""
+    say("migrating the schema")
+    upgrade(database_url)
+    result = seed_fleet(database_url, vehicles=vehicles, state_dir=state_dir)
+    if result.skipped:
+        say("fleet already seeded: reusing it")
+    else:
+        say(f"seeded {result.vehicles_inserted:,} vehicles in {result.seconds:.1f}s")
+
+
+def _start_roles(stack: Stack, env: dict[str, str]) -> str:
+    """The worker and the API, then (once the API is ready) the simulated fleet; returns the
+    API's base URL."""
+    motorcade = localservers.venv_binary("motorcade")
+    worker = stack.spawn("worker", [motorcade, "worker"], env)
+    api = stack.spawn("api", [motorcade, "api", "--host", API_HOST, "--port", str(API_PORT)], env)
+    base = f"http://{API_HOST}:{API_PORT}"
+    _wait_ready(base, [("worker", worker), ("api", api)])
+    if os.environ.get("MOTORCADE_DEV_SIMULATE", "1") != "0":
+        log = stack.state_dir / "simulate.log"
+        say(f"simulated fleet: `motorcade simulate` (log: {log})")
+        stack.spawn(
+            "simulate",
+            [motorcade, "simulate", "--api", base, "--state-dir", str(stack.state_dir)],
+            env,
+            log=log,
+        )
+    return base
+
+
+def _banner(base: str, env: dict[str, str], dev_key: str) -> str:
+    """What the user reads once everything runs: where it is, and a token per role."""
+    viewer = mint_dev_token(dev_key, role=Role.VIEWER, subject="dev-viewer")
+    operator = mint_dev_token(dev_key, role=Role.OPERATOR, subject="dev-operator")
+    ui = (
+        env.get("MOTORCADE_TEMPORAL_UI_URL")
+        if "MOTORCADE_TEMPORAL_ADDRESS" not in os.environ
+        else None
+    )
+    return "\n".join(
+        [
+            "",
+            "Motorcade is running.",
+            f"  API          {base}/api/v1   (ready: {base}/readyz)",
+            f"  Temporal UI  {ui or 'your Temporal server'}",
+            f"  Temporal     {env['MOTORCADE_TEMPORAL_ADDRESS']}",
+            "",
+            "Dev tokens (12 h; more with `.venv/bin/motorcade token --role ...`):",
+            f"  export VIEWER_TOKEN={viewer}",
+            f"  export OPERATOR_TOKEN={operator}",
+            "",
+            "Try:",
+            f'  curl -H "Authorization: Bearer $VIEWER_TOKEN" {base}/api/v1/vehicles?limit=3',
+            "",
+            "Ctrl-C stops everything this command started.",
+            "",
+        ]
+    )
+
+
+def _supervise(stack: Stack) -> int:
+    """Wait; a child that exits stops the whole stack (exit code 1)."""
+    while True:
+        for name, proc in stack.children:
+            if proc.poll() is not None:
+                say(f"{name} exited with code {proc.returncode}; stopping")
+                return 1
+        time.sleep(1)
 
 
 if __name__ == "__main__":
