@@ -41,10 +41,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from models.enums import EventType
 from models.scope import Scope
 from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
-from models.vehicle_status import LatestEvent, derive_status
 from services import change_feed
 from services.rollouts.outcomes import record_target_outcomes
 from services.scope import allows_vehicle
+from services.vehicle_status import LatestEvent, derive_status
 
 OUTCOME_OF_EVENT = {
     EventType.DESIRED_NOTIFIED: "updating",

@@ -21,7 +21,6 @@ from models.api import VehicleIn
 from models.enums import VehicleStatus
 from models.scope import Scope
 from models.tables import TimelineEvent, Vehicle
-from models.vehicle_status import derive_status
 from services import audit, change_feed
 from services.audit import Actor
 from services.pagination import (
@@ -36,6 +35,7 @@ from services.pagination import (
     timestamp_key,
 )
 from services.scope import allows_vehicle, match_sql, vehicle_scope_sql
+from services.vehicle_status import derive_status
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from models.vehicle_status import DerivedStatus, LatestEvent, derive_status
+from services.vehicle_status import DerivedStatus, LatestEvent, derive_status
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 DS = "11111111-1111-1111-1111-111111111111"
