@@ -59,6 +59,35 @@ def test_token_prefers_the_configured_key(
     assert claims_of(capsys.readouterr().out.strip(), configured)["vehicleId"] == "V-1"
 
 
+def test_token_scopes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = load_or_create_dev_key(tmp_path)
+    argv = ["token", "--role", "viewer", "--state-dir", str(tmp_path)]
+    argv += ["--scope", "region=eu-west,us-east", "--scope", "org=acme", "--scope", "model=atlas"]
+    assert main(argv) == 0
+    claims = claims_of(capsys.readouterr().out.strip(), key)
+    assert (claims["regions"], claims["orgs"], claims["models"]) == (
+        ["eu-west", "us-east"],
+        ["acme"],
+        ["atlas"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--scope", "region"], "--scope takes NAME=VALUE, not 'region'"),
+        (["--scope", "region="], "--scope takes NAME=VALUE, not 'region='"),
+        (["--role", "device"], "a device token needs --vehicle ID"),
+    ],
+)
+def test_token_refuses(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load_or_create_dev_key(tmp_path)
+    assert main(["token", "--role", "viewer", "--state-dir", str(tmp_path), *extra]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
 def test_the_state_directory_defaults_to_the_local_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -149,13 +178,14 @@ def test_simulate_options(tmp_path: Path, simulated: list[tuple[SimConfig, str, 
     )
 
 
+@pytest.mark.parametrize("item", ["2.0"])
 def test_simulate_refuses_a_malformed_release_rate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
+    item: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
 ) -> None:
     load_or_create_dev_key(tmp_path)
-    argv = ["simulate", "--state-dir", str(tmp_path), "--release-failure-rate", "2.0"]
+    argv = ["simulate", "--state-dir", str(tmp_path), "--release-failure-rate", item]
     assert main(argv) == 2
-    assert "--release-failure-rate takes VERSION=RATE, not '2.0'" in capsys.readouterr().err
+    assert f"--release-failure-rate takes VERSION=RATE, not {item!r}" in capsys.readouterr().err
     assert simulated == []
 
 
