@@ -209,12 +209,11 @@ def cmd_token(args: argparse.Namespace) -> int:
     key = _dev_key(settings, _state_dir(args))
     if key is None:
         return 2
+    pairs = _pairs(args.scope, option="--scope", form="NAME=VALUE")
+    if pairs is None:
+        return 2
     scopes: dict[str, list[str]] = {}
-    for item in args.scope or []:
-        name, sep, value = item.partition("=")
-        if not sep or not value:
-            print(f"--scope takes NAME=VALUE, not {item!r}", file=sys.stderr)
-            return 2
+    for name, value in pairs:
         plural = {"region": "regions", "model": "models", "org": "orgs"}.get(name, name)
         scopes.setdefault(plural, []).extend(v for v in value.split(",") if v)
     role = Role(args.role)
@@ -236,6 +235,19 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     print(token)
     return 0
+
+
+def _pairs(items: list[str] | None, *, option: str, form: str) -> list[tuple[str, str]] | None:
+    """The `NAME=VALUE` arguments of a repeatable option, split at the first `=`; None, after
+    saying so, when one has no `=` or nothing after it."""
+    pairs = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            print(f"{option} takes {form}, not {item!r}", file=sys.stderr)
+            return None
+        pairs.append((name, value))
+    return pairs
 
 
 def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untyped-def]
@@ -272,13 +284,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     key = _dev_key(settings, _state_dir(args))
     if key is None:
         return 2
-    rates: dict[str, float] = {}
-    for item in args.release_failure_rate or []:
-        version, sep, rate = item.partition("=")
-        if not sep:
-            print(f"--release-failure-rate takes VERSION=RATE, not {item!r}", file=sys.stderr)
-            return 2
-        rates[version] = float(rate)
+    pairs = _pairs(args.release_failure_rate, option="--release-failure-rate", form="VERSION=RATE")
+    if pairs is None:
+        return 2
+    rates = {version: float(rate) for version, rate in pairs}
     chosen = {
         name: getattr(args, name) for name in SIMULATE_OPTIONS if getattr(args, name) is not None
     }

@@ -178,7 +178,7 @@ def test_simulate_options(tmp_path: Path, simulated: list[tuple[SimConfig, str, 
     )
 
 
-@pytest.mark.parametrize("item", ["2.0"])
+@pytest.mark.parametrize("item", ["2.0", "2.0="])
 def test_simulate_refuses_a_malformed_release_rate(
     item: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
 ) -> None:
