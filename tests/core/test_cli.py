@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,65 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> list[tuple[SimConfig, str, str
     return calls
 
 
-def test_simulate_defaults(
+# What `motorcade simulate` runs with when given no option (written out: the values it has
+# always had), with MOTORCADE_API_HOST=127.0.0.1, MOTORCADE_API_PORT=8123 and
+# MOTORCADE_SAFETY_MIN_BATTERY_PERCENT=40.
+DEFAULT_SIMULATION = SimConfig(
+    api="http://127.0.0.1:8123",
+    vehicles=None,
+    id_prefix=None,
+    failure_rate=0.05,
+    release_failure_rates={},
+    low_battery_rate=0.03,
+    moving_rate=0.05,
+    network_loss_rate=0.01,
+    offline_rate=0.002,
+    heartbeat_seconds=60.0,
+    poll_seconds=30.0,
+    apply_seconds=20.0,
+    min_battery_percent=40,
+    duration=None,
+    seed=None,
+)
+EVERY_OPTION = [
+    *("--api", "http://api:9000", "--vehicles", "12", "--prefix", "SIM-", "--seed", "3"),
+    *("--duration", "5", "--failure-rate", "0.2", "--release-failure-rate", "2.0=0.5"),
+    *("--release-failure-rate", "2.1=1", "--low-battery-rate", "0", "--moving-rate", "0"),
+    *("--network-loss-rate", "0.1", "--offline-rate", "0.3", "--heartbeat-seconds", "1"),
+    *("--poll-seconds", "2", "--apply-seconds", "0.5"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], DEFAULT_SIMULATION),
+        (
+            EVERY_OPTION,
+            replace(
+                DEFAULT_SIMULATION,
+                api="http://api:9000",
+                vehicles=12,
+                id_prefix="SIM-",
+                failure_rate=0.2,
+                release_failure_rates={"2.0": 0.5, "2.1": 1.0},
+                low_battery_rate=0.0,
+                moving_rate=0.0,
+                network_loss_rate=0.1,
+                offline_rate=0.3,
+                heartbeat_seconds=1.0,
+                poll_seconds=2.0,
+                apply_seconds=0.5,
+                duration=5.0,
+                seed=3,
+            ),
+        ),
+    ],
+    ids=["defaults", "every-option"],
+)
+def test_simulate_configuration(
+    options: list[str],
+    expected: SimConfig,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     simulated: list[tuple[SimConfig, str, str]],
@@ -127,55 +186,8 @@ def test_simulate_defaults(
     monkeypatch.setenv("MOTORCADE_API_HOST", "127.0.0.1")
     monkeypatch.setenv("MOTORCADE_API_PORT", "8123")
     monkeypatch.setenv("MOTORCADE_SAFETY_MIN_BATTERY_PERCENT", "40")
-    assert main(["simulate", "--state-dir", str(tmp_path)]) == 0
-    [(config, used_key, audience)] = simulated
-    assert (used_key, audience) == (key, "motorcade")
-    assert config == SimConfig(
-        api="http://127.0.0.1:8123",
-        vehicles=None,
-        id_prefix=None,
-        failure_rate=0.05,
-        release_failure_rates={},
-        low_battery_rate=0.03,
-        moving_rate=0.05,
-        network_loss_rate=0.01,
-        offline_rate=0.002,
-        heartbeat_seconds=60.0,
-        poll_seconds=30.0,
-        apply_seconds=20.0,
-        min_battery_percent=40,
-        duration=None,
-        seed=None,
-    )
-
-
-def test_simulate_options(tmp_path: Path, simulated: list[tuple[SimConfig, str, str]]) -> None:
-    load_or_create_dev_key(tmp_path)
-    argv = ["simulate", "--state-dir", str(tmp_path), "--api", "http://api:9000"]
-    argv += ["--vehicles", "12", "--prefix", "SIM-", "--seed", "3", "--duration", "5"]
-    argv += ["--failure-rate", "0.2", "--release-failure-rate", "2.0=0.5"]
-    argv += ["--release-failure-rate", "2.1=1", "--low-battery-rate", "0", "--moving-rate", "0"]
-    argv += ["--network-loss-rate", "0.1", "--offline-rate", "0.3", "--heartbeat-seconds", "1"]
-    argv += ["--poll-seconds", "2", "--apply-seconds", "0.5"]
-    assert main(argv) == 0
-    [(config, _, _)] = simulated
-    assert config == SimConfig(
-        api="http://api:9000",
-        vehicles=12,
-        id_prefix="SIM-",
-        failure_rate=0.2,
-        release_failure_rates={"2.0": 0.5, "2.1": 1.0},
-        low_battery_rate=0.0,
-        moving_rate=0.0,
-        network_loss_rate=0.1,
-        offline_rate=0.3,
-        heartbeat_seconds=1.0,
-        poll_seconds=2.0,
-        apply_seconds=0.5,
-        min_battery_percent=30,
-        duration=5.0,
-        seed=3,
-    )
+    assert main(["simulate", "--state-dir", str(tmp_path), *options]) == 0
+    assert simulated == [(expected, key, "motorcade")]
 
 
 @pytest.mark.parametrize("item", ["2.0", "2.0="])
