@@ -14,13 +14,12 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from activities.reconcile import ReconcileActivities
     from models.reconcile import (
         MarkOfflineInput,
-        MarkOfflineResult,
         ReconcileInput,
         ReconcileResult,
         RecordDriftInput,
-        RecordDriftResult,
     )
 
 RECONCILE_WORKFLOW_TYPE = "ReconcileWorkflow"
@@ -51,19 +50,17 @@ class ReconcileWorkflow:
         run_key = run_key_of(workflow.info(), input)
         cutoff = workflow.now() - timedelta(seconds=input.offline_after_seconds)
         workflow.set_current_details(f"marking vehicles unseen since {cutoff.isoformat()}")
-        offline = await workflow.execute_activity(
-            "mark_offline_vehicles",
+        offline = await workflow.execute_activity_method(
+            ReconcileActivities.mark_offline_vehicles,
             MarkOfflineInput(cutoff=cutoff, batch_size=input.batch_size),
-            result_type=MarkOfflineResult,
             start_to_close_timeout=MARK_OFFLINE_TIMEOUT,
             heartbeat_timeout=MARK_OFFLINE_HEARTBEAT,
             retry_policy=DB_RETRY,
         )
         workflow.set_current_details(f"recording drift ({offline.marked} marked offline)")
-        drift = await workflow.execute_activity(
-            "record_reconcile_drift",
+        drift = await workflow.execute_activity_method(
+            ReconcileActivities.record_reconcile_drift,
             RecordDriftInput(run_key=run_key, marked_offline=offline.marked, cutoff=cutoff),
-            result_type=RecordDriftResult,
             start_to_close_timeout=RECORD_DRIFT_TIMEOUT,
             retry_policy=DB_RETRY,
         )

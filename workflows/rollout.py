@@ -34,6 +34,7 @@ the run resumes from the stage and phase it was in.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -41,17 +42,15 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.rollouts import RolloutActivities
     from core.temporal import ROLLOUT_WORKFLOW_TYPE, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
     from models.workflows import (
         ControlRequest,
         ControlResult,
         EvaluateGatesInput,
-        EvaluateGatesResult,
         ExpandTargetsInput,
-        ExpandTargetsResult,
         GateDecision,
         IssueStageInput,
-        IssueStageResult,
         OperatorAction,
         RollbackTargetsInput,
         RollbackTargetsResult,
@@ -63,7 +62,6 @@ with workflow.unsafe.imports_passed_through():
         TargetSweepInput,
         TargetSweepResult,
         UpdateRolloutStatusInput,
-        UpdateRolloutStatusResult,
     )
     from workflows.policy import (
         CANARY,
@@ -89,6 +87,8 @@ FINISHED = ("completed", "rolled_back", "aborted", "failed")
 WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
 ROLLBACK_MAX_BAKE = 300
+# expire_apply_timeouts, retry_failed_targets, recheck_blocked
+SweepActivity = Callable[[RolloutActivities, TargetSweepInput], Awaitable[TargetSweepResult]]
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
@@ -230,10 +230,9 @@ class RolloutWorkflow:
         try:
             if not s.expanded:
                 await self._set_status("running", action="rollout.started", waiting_for="targets")
-                expansion = await workflow.execute_activity(
-                    "expand_targets",
+                expansion = await workflow.execute_activity_method(
+                    RolloutActivities.expand_targets,
                     ExpandTargetsInput(rollout_id=s.rollout_id),
-                    result_type=ExpandTargetsResult,
                     start_to_close_timeout=LONG_ACTIVITY,
                     retry_policy=DB_RETRY,
                 )
@@ -323,8 +322,8 @@ class RolloutWorkflow:
         )
         now = workflow.now()
         if stage.size > 0:
-            issued = await workflow.execute_activity(
-                "issue_stage",
+            issued = await workflow.execute_activity_method(
+                RolloutActivities.issue_stage,
                 IssueStageInput(
                     rollout_id=s.rollout_id,
                     release_version=s.release_version,
@@ -333,7 +332,6 @@ class RolloutWorkflow:
                     batch_size=ISSUE_BATCH_SIZE,
                     issued_at=now,
                 ),
-                result_type=IssueStageResult,
                 start_to_close_timeout=LONG_ACTIVITY,
                 heartbeat_timeout=LONG_HEARTBEAT,
                 retry_policy=DB_RETRY,
@@ -413,13 +411,13 @@ class RolloutWorkflow:
             seconds=s.policy.apply_seconds
         )
         if apply_due and last.notified + last.updating > 0:
-            await self._sweep("expire_apply_timeouts", sweep)
+            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
         if last.retryable > 0:
-            await self._sweep("retry_failed_targets", sweep)
+            await self._sweep(RolloutActivities.retry_failed_targets, sweep)
         if last.blocked > 0:
-            await self._sweep("recheck_blocked", sweep)
-        result = await workflow.execute_activity(
-            "evaluate_gates",
+            await self._sweep(RolloutActivities.recheck_blocked, sweep)
+        result = await workflow.execute_activity_method(
+            RolloutActivities.evaluate_gates,
             EvaluateGatesInput(
                 rollout_id=s.rollout_id,
                 stage_index=stage.index,
@@ -428,7 +426,6 @@ class RolloutWorkflow:
                 acknowledged_failed=s.acknowledged_failed,
                 canary_forced=s.canary_forced_stage == stage.index,
             ),
-            result_type=EvaluateGatesResult,
             start_to_close_timeout=SHORT_ACTIVITY,
             retry_policy=DB_RETRY,
         )
@@ -436,11 +433,10 @@ class RolloutWorkflow:
         s.counts = result.counts
         return result.decision
 
-    async def _sweep(self, activity: str, sweep: TargetSweepInput) -> None:
-        result = await workflow.execute_activity(
+    async def _sweep(self, activity: SweepActivity, sweep: TargetSweepInput) -> None:
+        result = await workflow.execute_activity_method(
             activity,
             sweep,
-            result_type=TargetSweepResult,
             start_to_close_timeout=LONG_ACTIVITY,
             heartbeat_timeout=LONG_HEARTBEAT,
             retry_policy=DB_RETRY,
@@ -617,9 +613,9 @@ class RolloutWorkflow:
             else:
                 sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
                 if s.rollback_total.notified + s.rollback_total.updating > 0:
-                    await self._sweep("expire_apply_timeouts", sweep)
-                result = await workflow.execute_activity(
-                    "evaluate_gates",
+                    await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
+                result = await workflow.execute_activity_method(
+                    RolloutActivities.evaluate_gates,
                     EvaluateGatesInput(
                         rollout_id=s.rollout_id,
                         stage_index=stage.index,
@@ -628,7 +624,6 @@ class RolloutWorkflow:
                         acknowledged_failed=s.rollback_acknowledged_failed,
                         rollback=True,
                     ),
-                    result_type=EvaluateGatesResult,
                     start_to_close_timeout=SHORT_ACTIVITY,
                     retry_policy=DB_RETRY,
                 )
@@ -661,15 +656,14 @@ class RolloutWorkflow:
             await self._sleep_until(min(now + timedelta(seconds=interval), s.rollback_bake_until))
 
     async def _rollback_targets(self, stage_index: int | None) -> RollbackTargetsResult:
-        return await workflow.execute_activity(
-            "rollback_targets",
+        return await workflow.execute_activity_method(
+            RolloutActivities.rollback_targets,
             RollbackTargetsInput(
                 rollout_id=self._state.rollout_id,
                 batch_size=ISSUE_BATCH_SIZE,
                 stage_index=stage_index,
                 now=workflow.now(),
             ),
-            result_type=RollbackTargetsResult,
             start_to_close_timeout=LONG_ACTIVITY,
             heartbeat_timeout=LONG_HEARTBEAT,
             retry_policy=DB_RETRY,
@@ -703,8 +697,8 @@ class RolloutWorkflow:
         s = self._state
         if not keep_flow_waiting:
             self._flow_waiting = waiting_for
-        result = await workflow.execute_activity(
-            "update_rollout_status",
+        result = await workflow.execute_activity_method(
+            RolloutActivities.update_rollout_status,
             UpdateRolloutStatusInput(
                 rollout_id=s.rollout_id,
                 status=status,
@@ -719,7 +713,6 @@ class RolloutWorkflow:
                 correlation_id=(operator.correlation_id if operator else None) or s.correlation_id,
                 audit=not (operator is not None and operator.source == "api"),
             ),
-            result_type=UpdateRolloutStatusResult,
             start_to_close_timeout=SHORT_ACTIVITY,
             retry_policy=DB_RETRY,
         )
