@@ -4,9 +4,23 @@ workflows pass ids, counts, stage numbers and cursors; vehicles stay in PostgreS
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from models.enums import RolloutStatus
+
+# What an operator may ask of a running rollout (the `control` Update, the signals).
+ControlAction = Literal["pause", "resume", "rollback", "abort"]
+# The stop a rollout is asked to make (by an operator, or by its failure-threshold gate).
+StopRequest = Literal["abort", "rollback"]
+# Where the current stage is: window -> issue -> bake -> done.
+StagePhase = Literal["window", "issue", "bake", "done"]
+# Where the rollback of one stage is: issue -> bake (then the next stage).
+RollbackPhase = Literal["issue", "bake"]
+# What a breached failure threshold does (`gates.failureThreshold.action`).
+FailureAction = Literal["pause", "rollback"]
 
 
 class RolloutInput(BaseModel):
@@ -82,7 +96,7 @@ class ControlRequest(BaseModel):
     on a finished one); the API answers that with 409 INVALID_STATE_TRANSITION. The API has
     audited the request itself, so `source="api"` tells the workflow not to audit it again."""
 
-    action: Literal["pause", "resume", "rollback", "abort"]
+    action: ControlAction
     reason: str
     actor: str | None = None
     source: str = "api"
@@ -94,15 +108,15 @@ class ControlRequest(BaseModel):
 class ControlResult(BaseModel):
     """What the `control` Update answers: the rollout's status once the action is accepted."""
 
-    action: str
-    status: str
+    action: ControlAction
+    status: RolloutStatus
     paused: bool
 
 
 class OperatorAction(BaseModel):
     """A signal received and not yet persisted (audited and written to the rollout row)."""
 
-    action: str  # pause | resume | abort | rollback
+    action: ControlAction
     reason: str | None = None
     actor: str | None = None
     source: str = "temporal"
@@ -134,13 +148,23 @@ class GatePolicy(BaseModel):
     min_success_rate: float = 0.95
     min_samples: int = 1
     max_failure_rate: float = 0.05
-    failure_action: Literal["pause", "rollback"] = "pause"
+    failure_action: FailureAction = "pause"
+
+
+class GateAction(StrEnum):
+    """What a gate decision asks of the workflow (written by `policy.decide`, read by the
+    workflow and the evaluate_gates activity)."""
+
+    PROCEED = "proceed"
+    WAIT = "wait"
+    PAUSE = "pause"
+    ROLLBACK = "rollback"
 
 
 class GateDecision(BaseModel):
     """What `policy.decide` answers: proceed, wait, pause(reason) or rollback(reason)."""
 
-    action: Literal["proceed", "wait", "pause", "rollback"]
+    action: GateAction
     reason: str | None = None  # statusReason: FAILURE_THRESHOLD, CANARY_UNHEALTHY
     detail: str | None = None
 
@@ -176,7 +200,7 @@ class RolloutState(BaseModel):
     rollout_id: int
     release_version: str
     correlation_id: str | None = None
-    status: str = "pending"
+    status: RolloutStatus = RolloutStatus.PENDING
     status_reason: str | None = None
     stage: str | None = None
     stage_index: int = 0
@@ -186,14 +210,13 @@ class RolloutState(BaseModel):
     next_stage: int = 0
     expanded: bool = False
     paused: bool = False
-    stop_requested: str | None = None  # "abort" | "rollback"
+    stop_requested: StopRequest | None = None
     waiting_for: str | None = None
     counts: RolloutCounts = Field(default_factory=RolloutCounts)
     pending_actions: list[OperatorAction] = Field(default_factory=list)
     # --- execution (v2) ---
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
-    # Where the current stage is: window -> issue -> bake -> done.
-    phase: str = "window"
+    phase: StagePhase = "window"
     bake_until: datetime | None = None
     first_issued_at: datetime | None = None
     stop_action: OperatorAction | None = None
@@ -206,8 +229,8 @@ class RolloutState(BaseModel):
     last_total: GateCounts = Field(default_factory=GateCounts)
     # Rollback: the next stage (descending) to return; None before a rollback starts.
     rollback_next: int | None = None
-    # Where the rollback of stage `rollback_next` is: issue -> bake (then the next stage).
-    rollback_phase: str = "issue"
+    # Where the rollback of stage `rollback_next` is.
+    rollback_phase: RollbackPhase = "issue"
     rollback_bake_until: datetime | None = None
     # The rollback's own gate counts (rollback_gate_counts) and the rollback failures an
     # operator accepted by resuming after a FAILURE_THRESHOLD pause of the rollback.
@@ -223,7 +246,7 @@ class RolloutState(BaseModel):
 
 class RolloutResult(BaseModel):
     rollout_id: int
-    status: str
+    status: RolloutStatus
     status_reason: str | None = None
     stages_issued: int
     counts: RolloutCounts
@@ -273,7 +296,7 @@ class IssueStageResult(BaseModel):
 
 class UpdateRolloutStatusInput(BaseModel):
     rollout_id: int
-    status: str
+    status: RolloutStatus
     stage: str | None = None
     stage_index: int | None = None
     status_reason: str | None = None

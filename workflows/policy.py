@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from models.workflows import (
+    GateAction,
     GateCounts,
     GateDecision,
     GatePolicy,
@@ -223,11 +224,6 @@ def validate_strategy(strategy: Any) -> list[str]:
 #   issued up to now) > maxFailureRate, with issued > 0. A vehicle retried after a retryable
 #   failure is back to notified and no longer counts as failed.
 
-PROCEED = "proceed"
-WAIT = "wait"
-PAUSE = "pause"
-ROLLBACK = "rollback"
-
 CANARY_UNHEALTHY = "CANARY_UNHEALTHY"
 FAILURE_THRESHOLD = "FAILURE_THRESHOLD"
 
@@ -241,13 +237,13 @@ def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
     gates = gates or {}
     canary = gates.get("canaryHealthy") or {}
     threshold = gates.get("failureThreshold") or {}
-    action = threshold.get("action") or PAUSE
+    action = threshold.get("action")
     samples = canary.get("minSamples")
     return GatePolicy(
         min_success_rate=_rate(canary.get("minSuccessRate"), 0.95),
         min_samples=samples if _is_int(samples) else 1,
         max_failure_rate=_rate(threshold.get("maxFailureRate"), 0.05),
-        failure_action=ROLLBACK if action == ROLLBACK else PAUSE,
+        failure_action="rollback" if action == "rollback" else "pause",
     )
 
 
@@ -303,7 +299,7 @@ def decide(
             ),
         )
     if not bake_done:
-        return GateDecision(action=WAIT)
+        return GateDecision(action=GateAction.WAIT)
     if (
         is_canary
         and not canary_forced
@@ -313,14 +309,14 @@ def decide(
     ):
         reported = stage.succeeded + stage.failed
         return GateDecision(
-            action=PAUSE,
+            action=GateAction.PAUSE,
             reason=CANARY_UNHEALTHY,
             detail=(
                 f"canary: {stage.succeeded} of {reported} reported vehicles ready"
                 f" (needs {policy.min_success_rate:.0%} of at least {policy.min_samples})"
             ),
         )
-    return GateDecision(action=PROCEED)
+    return GateDecision(action=GateAction.PROCEED)
 
 
 # --- Maintenance window --------------------------------------------------------------------

@@ -44,11 +44,14 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.rollouts import RolloutActivities
     from core.temporal import ROLLOUT_WORKFLOW_TYPE, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
+    from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
     from models.workflows import (
+        ControlAction,
         ControlRequest,
         ControlResult,
         EvaluateGatesInput,
         ExpandTargetsInput,
+        GateAction,
         GateDecision,
         IssueStageInput,
         OperatorAction,
@@ -83,7 +86,6 @@ ISSUE_BATCH_SIZE = 5000
 MAX_GATE_INTERVAL = 60
 OPERATOR = "OPERATOR"
 OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
-FINISHED = ("completed", "rolled_back", "aborted", "failed")
 WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
 ROLLBACK_MAX_BAKE = 300
@@ -110,26 +112,28 @@ class RolloutWorkflow:
 
     # --- Control: one path for the Update and the signals -----------------------------------
 
-    def _projected_status(self) -> str:
+    def _projected_status(self) -> RolloutStatus:
         """The status the rollout is in, or moving to once accepted actions are persisted."""
         s = self._state
-        if s.status in FINISHED:
+        if s.status in TERMINAL_ROLLOUT_STATUSES:
             return s.status
         if s.stop_requested == "abort":
-            return "aborted"
+            return RolloutStatus.ABORTED
         if s.stop_requested == "rollback":
-            return "paused" if s.paused else "rolling_back"
+            return RolloutStatus.PAUSED if s.paused else RolloutStatus.ROLLING_BACK
         if s.paused:
-            return "paused"
-        return "running" if s.status in ("paused", "running") else s.status
+            return RolloutStatus.PAUSED
+        if s.status in (RolloutStatus.PAUSED, RolloutStatus.RUNNING):
+            return RolloutStatus.RUNNING
+        return s.status
 
-    def _refusal(self, action: str) -> str | None:
+    def _refusal(self, action: ControlAction) -> str | None:
         """Why `action` is not a valid transition now (None: it is)."""
         s = self._state
         status = self._projected_status()
-        if status in FINISHED:
+        if status in TERMINAL_ROLLOUT_STATUSES:
             return f"cannot {action}: rollout is {status}"
-        if status == "aborted" or s.stop_requested == "abort":
+        if status == RolloutStatus.ABORTED or s.stop_requested == "abort":
             return f"cannot {action}: rollout is being aborted"
         if s.stop_requested == "rollback":
             # A rollback can be paused (by its gate or an operator), resumed and aborted.
@@ -159,7 +163,7 @@ class RolloutWorkflow:
             s.stop_action = action
             s.stop_reason = OPERATOR
 
-    def _signal(self, name: str, body: RolloutSignal | None) -> None:
+    def _signal(self, name: ControlAction, body: RolloutSignal | None) -> None:
         body = body or RolloutSignal()
         refusal = self._refusal(name)
         if refusal is not None:
@@ -229,7 +233,9 @@ class RolloutWorkflow:
         s = self._state
         try:
             if not s.expanded:
-                await self._set_status("running", action="rollout.started", waiting_for="targets")
+                await self._set_status(
+                    RolloutStatus.RUNNING, action="rollout.started", waiting_for="targets"
+                )
                 expansion = await workflow.execute_activity_method(
                     RolloutActivities.expand_targets,
                     ExpandTargetsInput(rollout_id=s.rollout_id),
@@ -256,7 +262,9 @@ class RolloutWorkflow:
             elif s.stop_requested == "rollback":
                 await self._rollback()
             else:
-                await self._set_status("completed", action="rollout.completed", waiting_for=None)
+                await self._set_status(
+                    RolloutStatus.COMPLETED, action="rollout.completed", waiting_for=None
+                )
         except ActivityError as err:
             await self._fail(err)
             raise ApplicationError(
@@ -305,7 +313,7 @@ class RolloutWorkflow:
                 else "a maintenance window (none is configured to open)"
             )
             await self._set_status(
-                "running",
+                RolloutStatus.RUNNING,
                 action="rollout.waiting_for_window",
                 status_reason=OUTSIDE_MAINTENANCE_WINDOW,
                 waiting_for=waiting,
@@ -316,7 +324,7 @@ class RolloutWorkflow:
     async def _issue(self, stage: StagePlan) -> None:
         s = self._state
         await self._set_status(
-            "running",
+            RolloutStatus.RUNNING,
             action="rollout.stage_started",
             waiting_for=f"issuing {stage.name} ({stage.size} vehicles)",
         )
@@ -354,7 +362,9 @@ class RolloutWorkflow:
         )
         baking = f"bake of {stage.name} until {_iso(s.bake_until)}"
         if not s.paused:
-            await self._set_status("running", action="rollout.baking", waiting_for=baking)
+            await self._set_status(
+                RolloutStatus.RUNNING, action="rollout.baking", waiting_for=baking
+            )
         while True:
             await self._drain_actions()
             if s.stop_requested is not None:
@@ -365,13 +375,13 @@ class RolloutWorkflow:
             now = workflow.now()
             bake_done = now >= s.bake_until
             if stage.size == 0:
-                decision = GateDecision(action="proceed" if bake_done else "wait")
+                decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
             else:
                 decision = await self._gate_tick(stage, bake_done)
-            if decision.action == "proceed":
+            if decision.action == GateAction.PROCEED:
                 s.phase = "done"
                 return
-            if decision.action == "rollback":
+            if decision.action == GateAction.ROLLBACK:
                 s.stop_requested = "rollback"
                 s.stop_reason = decision.reason or FAILURE_THRESHOLD
                 s.stop_action = OperatorAction(
@@ -382,12 +392,12 @@ class RolloutWorkflow:
                     correlation_id=s.correlation_id,
                 )
                 return
-            if decision.action == "pause":
+            if decision.action == GateAction.PAUSE:
                 s.paused = True
                 s.paused_by, s.pause_note = "workflow", decision.detail
                 self._flow_waiting = baking
                 await self._set_status(
-                    "paused",
+                    RolloutStatus.PAUSED,
                     action="rollout.gate_failed",
                     status_reason=decision.reason,
                     waiting_for=WAITING_FOR_OPERATOR,
@@ -396,7 +406,9 @@ class RolloutWorkflow:
                 )
                 continue
             if s.waiting_for != baking:
-                await self._set_status("running", action="rollout.baking", waiting_for=baking)
+                await self._set_status(
+                    RolloutStatus.RUNNING, action="rollout.baking", waiting_for=baking
+                )
             self._maybe_continue_as_new()
             await self._sleep_until(min(now + timedelta(seconds=interval), s.bake_until))
 
@@ -480,7 +492,7 @@ class RolloutWorkflow:
             if action.action == "pause":
                 s.paused_by, s.pause_note = action.actor, action.reason
                 await self._set_status(
-                    "paused",
+                    RolloutStatus.PAUSED,
                     action="rollout.paused",
                     status_reason=OPERATOR,
                     waiting_for="resume",
@@ -489,12 +501,12 @@ class RolloutWorkflow:
                 )
             elif action.action == "resume":
                 rolling_back = s.stop_requested == "rollback" and s.rollback_next is not None
-                if rolling_back and s.status == "paused":
+                if rolling_back and s.status == RolloutStatus.PAUSED:
                     if s.status_reason == FAILURE_THRESHOLD:
                         s.rollback_acknowledged_failed = s.rollback_total.failed
                     s.paused_by = s.pause_note = None
                     await self._set_status(
-                        "rolling_back",
+                        RolloutStatus.ROLLING_BACK,
                         action="rollout.resumed",
                         status_reason=s.stop_reason,
                         waiting_for=self._flow_waiting,
@@ -507,7 +519,7 @@ class RolloutWorkflow:
                     s.canary_forced_stage = s.stage_index
                 s.paused_by = s.pause_note = None
                 await self._set_status(
-                    "running",
+                    RolloutStatus.RUNNING,
                     action="rollout.resumed",
                     waiting_for=self._flow_waiting,
                     operator=action,
@@ -530,7 +542,7 @@ class RolloutWorkflow:
 
     async def _abort(self) -> None:
         await self._set_status(
-            "aborted",
+            RolloutStatus.ABORTED,
             action="rollout.aborted",
             status_reason=OPERATOR,
             waiting_for=None,
@@ -551,7 +563,7 @@ class RolloutWorkflow:
             s.paused = False  # a forward pause ends here: the rollback is the flow now
             s.pending_actions = [a for a in s.pending_actions if a.action != "resume"]
             await self._set_status(
-                "rolling_back",
+                RolloutStatus.ROLLING_BACK,
                 action="rollout.rollback_started",
                 status_reason=s.stop_reason,
                 waiting_for="vehicles to be returned to their previous desired state",
@@ -563,7 +575,7 @@ class RolloutWorkflow:
             s.stage, s.stage_index = stage.name, stage.index
             if s.rollback_phase == "issue":
                 await self._set_status(
-                    "rolling_back",
+                    RolloutStatus.ROLLING_BACK,
                     action="rollout.rollback_stage",
                     status_reason=s.stop_reason,
                     waiting_for=f"returning {stage.name} to the previous desired state",
@@ -583,7 +595,7 @@ class RolloutWorkflow:
         # Whatever is left (targets never issued are skipped).
         s.counts = (await self._rollback_targets(None)).counts
         await self._set_status(
-            "rolled_back",
+            RolloutStatus.ROLLED_BACK,
             action="rollout.rolled_back",
             status_reason=s.stop_reason,
             waiting_for=None,
@@ -609,7 +621,7 @@ class RolloutWorkflow:
             now = workflow.now()
             bake_done = now >= s.rollback_bake_until
             if stage.size == 0:
-                decision = GateDecision(action="proceed" if bake_done else "wait")
+                decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
             else:
                 sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
                 if s.rollback_total.notified + s.rollback_total.updating > 0:
@@ -630,14 +642,15 @@ class RolloutWorkflow:
                 s.rollback_total = result.total
                 s.counts = result.counts
                 decision = result.decision
-            if decision.action == "proceed":
+            if decision.action == GateAction.PROCEED:
                 return True
-            if decision.action in ("pause", "rollback"):  # a failing rollback pauses itself
+            # A failing rollback pauses itself.
+            if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
                 s.paused = True
                 s.paused_by, s.pause_note = "workflow", decision.detail
                 self._flow_waiting = baking
                 await self._set_status(
-                    "paused",
+                    RolloutStatus.PAUSED,
                     action="rollout.rollback_gate_failed",
                     status_reason=decision.reason,
                     waiting_for="an operator (resume or abort)",
@@ -647,7 +660,7 @@ class RolloutWorkflow:
                 continue
             if s.waiting_for != baking:
                 await self._set_status(
-                    "rolling_back",
+                    RolloutStatus.ROLLING_BACK,
                     action="rollout.rollback_baking",
                     status_reason=s.stop_reason,
                     waiting_for=baking,
@@ -672,7 +685,7 @@ class RolloutWorkflow:
     async def _fail(self, err: ActivityError) -> None:
         try:
             await self._set_status(
-                "failed",
+                RolloutStatus.FAILED,
                 action="rollout.failed",
                 status_reason="ACTIVITY_FAILED",
                 waiting_for=None,
@@ -683,7 +696,7 @@ class RolloutWorkflow:
 
     async def _set_status(
         self,
-        status: str,
+        status: RolloutStatus,
         *,
         action: str,
         waiting_for: str | None,
@@ -726,7 +739,7 @@ class RolloutWorkflow:
         current = workflow.info().typed_search_attributes
         updates = []
         if current.get(SA_ROLLOUT_STATUS) != s.status:
-            updates.append(SA_ROLLOUT_STATUS.value_set(s.status))
+            updates.append(SA_ROLLOUT_STATUS.value_set(s.status.value))
         if current.get(SA_ROLLOUT_STAGE) != (s.stage or ""):
             updates.append(SA_ROLLOUT_STAGE.value_set(s.stage or ""))
         if updates:
@@ -739,7 +752,7 @@ class RolloutWorkflow:
         waiting = f"waiting for {s.waiting_for}" if s.waiting_for else "not waiting"
         reason = f" ({s.status_reason})" if s.status_reason else ""
         paused = ""
-        if s.status == "paused":
+        if s.status == RolloutStatus.PAUSED:
             paused = f" Paused by {s.paused_by or 'unknown'}: {s.pause_note or 'no reason given'}."
         c = s.counts
         return (
