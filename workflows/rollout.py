@@ -1,7 +1,8 @@
 """`RolloutWorkflow`: one workflow per rollout, id `rollout-{id}`.
 
-Sequencing only; every rule is a pure function of `workflows.policy`, every read and write an
-activity. Vehicle lists never enter the history: activities return counts and the stage plan.
+Sequencing only; every rule is a pure function (`workflows.policy` for stages and gates,
+`workflows.control` for operator transitions), every read and write an activity. Vehicle lists
+never enter the history: activities return counts and the stage plan.
 
 Per stage: wait for the maintenance window (a durable timer until it opens; statusReason
 OUTSIDE_MAINTENANCE_WINDOW meanwhile), issue the desired state (batched, idempotent), then bake
@@ -13,14 +14,16 @@ progresses on its own.
 
 Operators: the `control` Update (the API; a validator refuses an invalid transition at once)
 and the `pause` / `resume` / `rollback` / `abort` signals (the `temporal` CLI, SPEC's JSON body)
-go through one path: `_refusal` decides whether the action is valid now, `_apply` records it in
-the state; the main flow persists it (status row, audit entry for `source != "api"`, search
-attributes, current details). Handlers never await, so they need no lock.
+go through one path: `control.refusal` decides whether the action is valid now,
+`control.accept` records it in the state; the main flow persists it (status row, audit entry
+for `source != "api"`, search attributes, current details). Handlers never await, so they need
+no lock.
 
-Resume after a gate pause: FAILURE_THRESHOLD - the failures seen so far are acknowledged (they
-no longer count; new failures beyond the threshold pause again). CANARY_UNHEALTHY - the canary
-is evaluated again (more vehicles may have reported since); still unhealthy, the rollout pauses
-again, unless the operator resumes with `force: true` (audited with its reason).
+Resume after a gate pause (`control.acknowledge_resume`): FAILURE_THRESHOLD - the failures seen
+so far are acknowledged (they no longer count; new failures beyond the threshold pause again).
+CANARY_UNHEALTHY - the canary is evaluated again (more vehicles may have reported since); still
+unhealthy, the rollout pauses again, unless the operator resumes with `force: true` (audited
+with its reason).
 
 Rollback: staged, last issued stage first, each touched vehicle back to its previous desired
 state (declarative: new desired states); each returned stage bakes min(its bake, 300 s) under
@@ -44,7 +47,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.rollouts import RolloutActivities
     from core.temporal import ROLLOUT_WORKFLOW_TYPE, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
-    from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+    from models.enums import RolloutStatus
     from models.workflows import (
         ControlAction,
         ControlRequest,
@@ -66,12 +69,8 @@ with workflow.unsafe.imports_passed_through():
         TargetSweepResult,
         UpdateRolloutStatusInput,
     )
-    from workflows.policy import (
-        CANARY,
-        CANARY_UNHEALTHY,
-        FAILURE_THRESHOLD,
-        next_window_start,
-    )
+    from workflows import control
+    from workflows.policy import CANARY, next_window_start
 
 SHORT_ACTIVITY = timedelta(seconds=60)
 LONG_ACTIVITY = timedelta(hours=1)
@@ -84,7 +83,6 @@ DB_RETRY = RetryPolicy(
 )
 ISSUE_BATCH_SIZE = 5000
 MAX_GATE_INTERVAL = 60
-OPERATOR = "OPERATOR"
 OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
 WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
@@ -112,64 +110,14 @@ class RolloutWorkflow:
 
     # --- Control: one path for the Update and the signals -----------------------------------
 
-    def _projected_status(self) -> RolloutStatus:
-        """The status the rollout is in, or moving to once accepted actions are persisted."""
-        s = self._state
-        if s.status in TERMINAL_ROLLOUT_STATUSES:
-            return s.status
-        if s.stop_requested == "abort":
-            return RolloutStatus.ABORTED
-        if s.stop_requested == "rollback":
-            return RolloutStatus.PAUSED if s.paused else RolloutStatus.ROLLING_BACK
-        if s.paused:
-            return RolloutStatus.PAUSED
-        if s.status in (RolloutStatus.PAUSED, RolloutStatus.RUNNING):
-            return RolloutStatus.RUNNING
-        return s.status
-
-    def _refusal(self, action: ControlAction) -> str | None:
-        """Why `action` is not a valid transition now (None: it is)."""
-        s = self._state
-        status = self._projected_status()
-        if status in TERMINAL_ROLLOUT_STATUSES:
-            return f"cannot {action}: rollout is {status}"
-        if status == RolloutStatus.ABORTED or s.stop_requested == "abort":
-            return f"cannot {action}: rollout is being aborted"
-        if s.stop_requested == "rollback":
-            # A rollback can be paused (by its gate or an operator), resumed and aborted.
-            if action == "rollback":
-                return "cannot rollback: rollout is already rolling back"
-            if action == "pause" and s.paused:
-                return "cannot pause: rollout is already paused"
-            if action == "resume" and not s.paused:
-                return "cannot resume: rollout is rolling back, not paused"
-            return None
-        if action == "pause" and s.paused:
-            return "cannot pause: rollout is already paused"
-        if action == "resume" and not s.paused:
-            return f"cannot resume: rollout is {status}, not paused"
-        return None
-
-    def _apply(self, action: OperatorAction) -> None:
-        s = self._state
-        if action.action == "pause":
-            s.paused = True
-            s.pending_actions.append(action)
-        elif action.action == "resume":
-            s.paused = False
-            s.pending_actions.append(action)
-        else:  # abort | rollback
-            s.stop_requested = action.action
-            s.stop_action = action
-            s.stop_reason = OPERATOR
-
     def _signal(self, name: ControlAction, body: RolloutSignal | None) -> None:
         body = body or RolloutSignal()
-        refusal = self._refusal(name)
+        refusal = control.refusal(self._state, name)
         if refusal is not None:
             workflow.logger.warning("signal ignored: %s", refusal)
             return
-        self._apply(
+        control.accept(
+            self._state,
             OperatorAction(
                 action=name,
                 reason=body.reason,
@@ -177,7 +125,7 @@ class RolloutWorkflow:
                 source=body.source or "temporal",
                 correlation_id=body.correlation_id or self._state.correlation_id,
                 force=body.force,
-            )
+            ),
         )
 
     @workflow.signal(name="pause")
@@ -197,10 +145,11 @@ class RolloutWorkflow:
         self._signal("rollback", body)
 
     @workflow.update(name="control")
-    def control(self, request: ControlRequest) -> ControlResult:
+    def control_update(self, request: ControlRequest) -> ControlResult:
         """Accept a valid action (the validator ran first) and answer the status it leads to;
         the main flow persists it (row, audit for non-API sources, search attributes)."""
-        self._apply(
+        control.accept(
+            self._state,
             OperatorAction(
                 action=request.action,
                 reason=request.reason,
@@ -208,17 +157,17 @@ class RolloutWorkflow:
                 source=request.source,
                 correlation_id=request.correlation_id or self._state.correlation_id,
                 force=request.force,
-            )
+            ),
         )
         return ControlResult(
             action=request.action,
-            status=self._projected_status(),
+            status=control.projected_status(self._state),
             paused=self._state.paused,
         )
 
-    @control.validator
+    @control_update.validator
     def validate_control(self, request: ControlRequest) -> None:
-        refusal = self._refusal(request.action)
+        refusal = control.refusal(self._state, request.action)
         if refusal is not None:
             raise ValueError(refusal)
 
@@ -382,19 +331,10 @@ class RolloutWorkflow:
                 s.phase = "done"
                 return
             if decision.action == GateAction.ROLLBACK:
-                s.stop_requested = "rollback"
-                s.stop_reason = decision.reason or FAILURE_THRESHOLD
-                s.stop_action = OperatorAction(
-                    action="rollback",
-                    reason=decision.detail,
-                    actor="workflow",
-                    source="system",
-                    correlation_id=s.correlation_id,
-                )
+                control.rollback_by_gate(s, decision)
                 return
             if decision.action == GateAction.PAUSE:
-                s.paused = True
-                s.paused_by, s.pause_note = "workflow", decision.detail
+                control.pause_by_gate(s, decision)
                 self._flow_waiting = baking
                 await self._set_status(
                     RolloutStatus.PAUSED,
@@ -460,7 +400,7 @@ class RolloutWorkflow:
         s = self._state
 
         def woken() -> bool:
-            return bool(s.pending_actions) or self._stop_pending()
+            return bool(s.pending_actions) or control.stop_pending(s)
 
         if deadline is None:
             await workflow.wait_condition(woken)
@@ -474,15 +414,7 @@ class RolloutWorkflow:
             pass
 
     async def _wait_for_operator(self) -> None:
-        s = self._state
-        await workflow.wait_condition(lambda: bool(s.pending_actions) or self._stop_pending())
-
-    def _stop_pending(self) -> bool:
-        """A stop the flow has yet to act on (once rolling back, only an abort)."""
-        s = self._state
-        if s.rollback_next is not None and s.stop_requested == "rollback":
-            return False
-        return s.stop_requested is not None
+        await self._sleep_until(None)
 
     async def _drain_actions(self) -> None:
         """Persist accepted pause/resume actions, in order."""
@@ -490,37 +422,21 @@ class RolloutWorkflow:
         while s.pending_actions:
             action = s.pending_actions.pop(0)
             if action.action == "pause":
-                s.paused_by, s.pause_note = action.actor, action.reason
+                change = control.record_pause(s, action)
                 await self._set_status(
-                    RolloutStatus.PAUSED,
+                    change.status,
                     action="rollout.paused",
-                    status_reason=OPERATOR,
+                    status_reason=change.status_reason,
                     waiting_for="resume",
                     operator=action,
                     keep_flow_waiting=True,
                 )
             elif action.action == "resume":
-                rolling_back = s.stop_requested == "rollback" and s.rollback_next is not None
-                if rolling_back and s.status == RolloutStatus.PAUSED:
-                    if s.status_reason == FAILURE_THRESHOLD:
-                        s.rollback_acknowledged_failed = s.rollback_total.failed
-                    s.paused_by = s.pause_note = None
-                    await self._set_status(
-                        RolloutStatus.ROLLING_BACK,
-                        action="rollout.resumed",
-                        status_reason=s.stop_reason,
-                        waiting_for=self._flow_waiting,
-                        operator=action,
-                    )
-                    continue
-                if s.status_reason == FAILURE_THRESHOLD:
-                    s.acknowledged_failed = s.last_total.failed
-                elif s.status_reason == CANARY_UNHEALTHY and action.force:
-                    s.canary_forced_stage = s.stage_index
-                s.paused_by = s.pause_note = None
+                change = control.acknowledge_resume(s, action)
                 await self._set_status(
-                    RolloutStatus.RUNNING,
+                    change.status,
                     action="rollout.resumed",
+                    status_reason=change.status_reason,
                     waiting_for=self._flow_waiting,
                     operator=action,
                 )
@@ -544,7 +460,7 @@ class RolloutWorkflow:
         await self._set_status(
             RolloutStatus.ABORTED,
             action="rollout.aborted",
-            status_reason=OPERATOR,
+            status_reason=control.OPERATOR,
             waiting_for=None,
             operator=self._state.stop_action,
         )
@@ -556,12 +472,9 @@ class RolloutWorkflow:
         (FAILURE_THRESHOLD) before the next stage goes out; resume continues it, abort stops
         it. Targets that never report fail with APPLY_TIMEOUT (a rollback failure)."""
         s = self._state
-        operator = s.stop_action if s.stop_reason == OPERATOR else None
+        operator = s.stop_action if s.stop_reason == control.OPERATOR else None
         if s.rollback_next is None:
-            s.rollback_next = s.next_stage - 1
-            s.rollback_phase = "issue"
-            s.paused = False  # a forward pause ends here: the rollback is the flow now
-            s.pending_actions = [a for a in s.pending_actions if a.action != "resume"]
+            control.start_rollback(s)
             await self._set_status(
                 RolloutStatus.ROLLING_BACK,
                 action="rollout.rollback_started",
@@ -646,8 +559,7 @@ class RolloutWorkflow:
                 return True
             # A failing rollback pauses itself.
             if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
-                s.paused = True
-                s.paused_by, s.pause_note = "workflow", decision.detail
+                control.pause_by_gate(s, decision)
                 self._flow_waiting = baking
                 await self._set_status(
                     RolloutStatus.PAUSED,

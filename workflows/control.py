@@ -1,0 +1,148 @@
+"""Operator control of a running rollout: pure transition rules over `RolloutState`.
+
+`RolloutWorkflow` answers operators on two paths, the `control` Update (the API; its validator
+refuses an invalid transition at once) and the `pause` / `resume` / `rollback` / `abort`
+signals (the `temporal` CLI). Both go through these functions: `refusal` decides whether an
+action is valid now, `accept` records it in the state, `projected_status` says which status
+it leads to. The workflow's main flow then persists it (`record_pause`, `acknowledge_resume`
+say what the persisted change is). Gate-driven transitions (a failure threshold that rolls
+back) and the start of a rollback are here too, so every change of `paused` and
+`stop_requested` has one home.
+
+No Temporal calls and no I/O: tests/workflows/test_control.py checks every row of the rules
+without a server.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+from models.workflows import ControlAction, GateDecision, OperatorAction, RolloutState
+from workflows.policy import CANARY_UNHEALTHY, FAILURE_THRESHOLD
+
+# statusReason of a stop (or a pause) an operator asked for.
+OPERATOR = "OPERATOR"
+
+
+class StatusChange(NamedTuple):
+    """The status (and its statusReason) the workflow persists for an operator's action."""
+
+    status: RolloutStatus
+    status_reason: str | None
+
+
+def projected_status(state: RolloutState) -> RolloutStatus:
+    """The status the rollout is in, or moving to once accepted actions are persisted."""
+    if state.status in TERMINAL_ROLLOUT_STATUSES:
+        return state.status
+    if state.stop_requested == "abort":
+        return RolloutStatus.ABORTED
+    if state.stop_requested == "rollback":
+        return RolloutStatus.PAUSED if state.paused else RolloutStatus.ROLLING_BACK
+    if state.paused:
+        return RolloutStatus.PAUSED
+    if state.status in (RolloutStatus.PAUSED, RolloutStatus.RUNNING):
+        return RolloutStatus.RUNNING
+    return state.status
+
+
+def refusal(state: RolloutState, action: ControlAction) -> str | None:
+    """Why `action` is not a valid transition now (None: it is)."""
+    status = projected_status(state)
+    if status in TERMINAL_ROLLOUT_STATUSES:  # an abort under way projects to aborted
+        return f"cannot {action}: rollout is {status}"
+    if state.stop_requested == "rollback":
+        # A rollback can be paused (by its gate or an operator), resumed and aborted.
+        if action == "rollback":
+            return "cannot rollback: rollout is already rolling back"
+        if action == "pause" and state.paused:
+            return "cannot pause: rollout is already paused"
+        if action == "resume" and not state.paused:
+            return "cannot resume: rollout is rolling back, not paused"
+        return None
+    if action == "pause" and state.paused:
+        return "cannot pause: rollout is already paused"
+    if action == "resume" and not state.paused:
+        return f"cannot resume: rollout is {status}, not paused"
+    return None
+
+
+def accept(state: RolloutState, action: OperatorAction) -> None:
+    """Record an accepted action (`refusal` said None): a pause or resume waits in
+    `pending_actions` for the main flow to persist it; a stop is requested at once."""
+    if action.action == "pause":
+        state.paused = True
+        state.pending_actions.append(action)
+    elif action.action == "resume":
+        state.paused = False
+        state.pending_actions.append(action)
+    else:
+        state.stop_requested = action.action
+        state.stop_action = action
+        state.stop_reason = OPERATOR
+
+
+def stop_pending(state: RolloutState) -> bool:
+    """A stop the main flow has yet to act on (once rolling back, only an abort)."""
+    if state.rollback_next is not None and state.stop_requested == "rollback":
+        return False
+    return state.stop_requested is not None
+
+
+def record_pause(state: RolloutState, action: OperatorAction) -> StatusChange:
+    """An operator's pause, persisted: who paused and why."""
+    state.paused_by, state.pause_note = action.actor, action.reason
+    return StatusChange(RolloutStatus.PAUSED, OPERATOR)
+
+
+def acknowledge_resume(state: RolloutState, action: OperatorAction) -> StatusChange:
+    """An operator's resume, persisted: what it acknowledges, and the status it leads to.
+
+    - A paused rollback resumes rolling back; after its FAILURE_THRESHOLD pause the rollback
+      failures seen so far are acknowledged (they no longer count).
+    - Otherwise the rollout runs again: after FAILURE_THRESHOLD the failures seen so far are
+      acknowledged; after CANARY_UNHEALTHY the canary is evaluated again, unless the operator
+      resumed with `force` (this stage's canary passes, on the record).
+    """
+    rolling_back = state.stop_requested == "rollback" and state.rollback_next is not None
+    if rolling_back and state.status == RolloutStatus.PAUSED:
+        if state.status_reason == FAILURE_THRESHOLD:
+            state.rollback_acknowledged_failed = state.rollback_total.failed
+        state.paused_by = state.pause_note = None
+        return StatusChange(RolloutStatus.ROLLING_BACK, state.stop_reason)
+    if state.status_reason == FAILURE_THRESHOLD:
+        state.acknowledged_failed = state.last_total.failed
+    elif state.status_reason == CANARY_UNHEALTHY and action.force:
+        state.canary_forced_stage = state.stage_index
+    state.paused_by = state.pause_note = None
+    return StatusChange(RolloutStatus.RUNNING, None)
+
+
+def pause_by_gate(state: RolloutState, decision: GateDecision) -> None:
+    """A failing gate holds the rollout (or its rollback) until an operator acts."""
+    state.paused = True
+    state.paused_by, state.pause_note = "workflow", decision.detail
+
+
+def rollback_by_gate(state: RolloutState, decision: GateDecision) -> None:
+    """A breached failure threshold whose action is rollback: the rollout stops and rolls
+    back, on the system's behalf."""
+    state.stop_requested = "rollback"
+    state.stop_reason = decision.reason or FAILURE_THRESHOLD
+    state.stop_action = OperatorAction(
+        action="rollback",
+        reason=decision.detail,
+        actor="workflow",
+        source="system",
+        correlation_id=state.correlation_id,
+    )
+
+
+def start_rollback(state: RolloutState) -> None:
+    """The rollback begins at the last issued stage. A pause of the forward rollout ends here
+    (the rollback is the flow now), and so do resumes still waiting to be persisted."""
+    state.rollback_next = state.next_stage - 1
+    state.rollback_phase = "issue"
+    state.paused = False
+    state.pending_actions = [a for a in state.pending_actions if a.action != "resume"]
