@@ -38,6 +38,7 @@ the run resumes from the stage and phase it was in.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -84,11 +85,46 @@ DB_RETRY = RetryPolicy(
 ISSUE_BATCH_SIZE = 5000
 MAX_GATE_INTERVAL = 60
 OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
-WAITING_FOR_OPERATOR = "an operator (resume, rollback or abort)"
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
 ROLLBACK_MAX_BAKE = 300
 # expire_apply_timeouts, retry_failed_targets, recheck_blocked
 SweepActivity = Callable[[RolloutActivities, TargetSweepInput], Awaitable[TargetSweepResult]]
+
+
+@dataclass(frozen=True)
+class BakeKind:
+    """What differs between a stage's bake and a rollback stage's bake (`_bake` runs both)."""
+
+    label: str  # waiting_for while baking: "{label} of {stage} until {deadline}"
+    status: RolloutStatus  # the status while baking
+    baking_action: str  # audit action when the bake is announced
+    announce_at_start: bool  # announced before the first gate tick, else once it waits
+    gate_failed_action: str  # audit action when a failing gate pauses it
+    waiting_for_operator: str  # waiting_for while a failing gate holds it
+    # The rollback's bake: its gate counts the rollback's own outcomes (and the failures
+    # acknowledged on resuming it), its status carries the stop's reason, and a failure
+    # threshold pauses it whatever the gate's action (a stage's bake rolls back if it says so).
+    rollback: bool
+
+
+STAGE_BAKE = BakeKind(
+    label="bake",
+    status=RolloutStatus.RUNNING,
+    baking_action="rollout.baking",
+    announce_at_start=True,
+    gate_failed_action="rollout.gate_failed",
+    waiting_for_operator="an operator (resume, rollback or abort)",
+    rollback=False,
+)
+ROLLBACK_BAKE = BakeKind(
+    label="rollback bake",
+    status=RolloutStatus.ROLLING_BACK,
+    baking_action="rollout.rollback_baking",
+    announce_at_start=False,
+    gate_failed_action="rollout.rollback_gate_failed",
+    waiting_for_operator="an operator (resume or abort)",
+    rollback=True,
+)
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
@@ -239,7 +275,9 @@ class RolloutWorkflow:
             await self._issue(stage)
             s.phase = "bake"
         if s.phase == "bake":
-            await self._bake(stage)
+            assert s.bake_until is not None
+            if await self._bake(STAGE_BAKE, stage, s.bake_until):
+                s.phase = "done"
 
     async def _wait_for_window(self) -> bool:
         """Hold until the maintenance window is open and the rollout not paused. False when a
@@ -299,58 +337,67 @@ class RolloutWorkflow:
         s.next_stage = stage.index + 1
         s.bake_until = workflow.now() + timedelta(seconds=stage.bake_seconds)
 
-    async def _bake(self, stage: StagePlan) -> None:
-        """Bake until `bake_until` (a durable deadline that survives continue-as-new), with a
-        gate tick every interval. Sets the phase to done when the gates let the rollout
-        proceed; returns early on abort or rollback. A pause holds the ticks (nothing is
-        issued or retried while paused) but not the bake clock."""
+    async def _bake(self, kind: BakeKind, stage: StagePlan, until: datetime) -> bool:
+        """Bake `stage` until `until` (a durable deadline kept in the state, so it survives
+        continue-as-new) with a gate tick every interval. True when the gates let it proceed;
+        False when a stop is pending, or when the gate of a stage's bake asks for a rollback.
+        A failing gate pauses it. A pause holds the ticks (nothing is issued or retried while
+        paused) but not the bake clock."""
         s = self._state
-        assert s.bake_until is not None
         interval = self._input.gate_interval_seconds or min(
             MAX_GATE_INTERVAL, max(1, stage.bake_seconds)
         )
-        baking = f"bake of {stage.name} until {_iso(s.bake_until)}"
+        baking = f"{kind.label} of {stage.name} until {_iso(until)}"
         if not s.paused:
-            await self._set_status(
-                RolloutStatus.RUNNING, action="rollout.baking", waiting_for=baking
-            )
+            if kind.announce_at_start:
+                await self._announce_bake(kind, baking)
+            elif s.waiting_for != baking:
+                self._flow_waiting = baking
         while True:
             await self._drain_actions()
-            if s.stop_requested is not None:
-                return
+            if control.stop_pending(s):
+                return False
             if s.paused:
                 await self._wait_for_operator()
                 continue
             now = workflow.now()
-            bake_done = now >= s.bake_until
+            bake_done = now >= until
             if stage.size == 0:
                 decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
+            elif kind.rollback:
+                decision = await self._rollback_gate_tick(stage, bake_done)
             else:
                 decision = await self._gate_tick(stage, bake_done)
             if decision.action == GateAction.PROCEED:
-                s.phase = "done"
-                return
-            if decision.action == GateAction.ROLLBACK:
+                return True
+            if decision.action == GateAction.ROLLBACK and not kind.rollback:
                 control.rollback_by_gate(s, decision)
-                return
-            if decision.action == GateAction.PAUSE:
+                return False
+            if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
                 control.pause_by_gate(s, decision)
                 self._flow_waiting = baking
                 await self._set_status(
                     RolloutStatus.PAUSED,
-                    action="rollout.gate_failed",
+                    action=kind.gate_failed_action,
                     status_reason=decision.reason,
-                    waiting_for=WAITING_FOR_OPERATOR,
+                    waiting_for=kind.waiting_for_operator,
                     reason=decision.detail,
                     keep_flow_waiting=True,
                 )
                 continue
             if s.waiting_for != baking:
-                await self._set_status(
-                    RolloutStatus.RUNNING, action="rollout.baking", waiting_for=baking
-                )
+                await self._announce_bake(kind, baking)
             self._maybe_continue_as_new()
-            await self._sleep_until(min(now + timedelta(seconds=interval), s.bake_until))
+            await self._sleep_until(min(now + timedelta(seconds=interval), until))
+
+    async def _announce_bake(self, kind: BakeKind, baking: str) -> None:
+        s = self._state
+        await self._set_status(
+            kind.status,
+            action=kind.baking_action,
+            status_reason=s.stop_reason if kind.rollback else None,
+            waiting_for=baking,
+        )
 
     async def _gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
         """Per-vehicle housekeeping (each only when there is work for it, judged by the last
@@ -499,7 +546,8 @@ class RolloutWorkflow:
                     seconds=min(stage.bake_seconds, ROLLBACK_MAX_BAKE)
                 )
                 s.rollback_phase = "bake"
-            if not await self._rollback_bake(stage):
+            assert s.rollback_bake_until is not None
+            if not await self._bake(ROLLBACK_BAKE, stage, s.rollback_bake_until):
                 await self._abort()
                 return
             s.rollback_next -= 1
@@ -514,71 +562,29 @@ class RolloutWorkflow:
             waiting_for=None,
         )
 
-    async def _rollback_bake(self, stage: StagePlan) -> bool:
-        """Bake one rollback stage with failure-threshold ticks; False on abort."""
+    async def _rollback_gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
+        """The rollback's housekeeping (returned vehicles that never report time out), then
+        its gate: the failure threshold over the rollback's own outcomes."""
         s = self._state
-        assert s.rollback_bake_until is not None
-        interval = self._input.gate_interval_seconds or min(
-            MAX_GATE_INTERVAL, max(1, stage.bake_seconds)
+        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=workflow.now())
+        if s.rollback_total.notified + s.rollback_total.updating > 0:
+            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
+        result = await workflow.execute_activity_method(
+            RolloutActivities.evaluate_gates,
+            EvaluateGatesInput(
+                rollout_id=s.rollout_id,
+                stage_index=stage.index,
+                is_canary=False,
+                bake_done=bake_done,
+                acknowledged_failed=s.rollback_acknowledged_failed,
+                rollback=True,
+            ),
+            start_to_close_timeout=SHORT_ACTIVITY,
+            retry_policy=DB_RETRY,
         )
-        baking = f"rollback bake of {stage.name} until {_iso(s.rollback_bake_until)}"
-        if s.waiting_for != baking and not s.paused:
-            self._flow_waiting = baking
-        while True:
-            await self._drain_actions()
-            if s.stop_requested == "abort":
-                return False
-            if s.paused:
-                await self._wait_for_operator()
-                continue
-            now = workflow.now()
-            bake_done = now >= s.rollback_bake_until
-            if stage.size == 0:
-                decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
-            else:
-                sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
-                if s.rollback_total.notified + s.rollback_total.updating > 0:
-                    await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
-                result = await workflow.execute_activity_method(
-                    RolloutActivities.evaluate_gates,
-                    EvaluateGatesInput(
-                        rollout_id=s.rollout_id,
-                        stage_index=stage.index,
-                        is_canary=False,
-                        bake_done=bake_done,
-                        acknowledged_failed=s.rollback_acknowledged_failed,
-                        rollback=True,
-                    ),
-                    start_to_close_timeout=SHORT_ACTIVITY,
-                    retry_policy=DB_RETRY,
-                )
-                s.rollback_total = result.total
-                s.counts = result.counts
-                decision = result.decision
-            if decision.action == GateAction.PROCEED:
-                return True
-            # A failing rollback pauses itself.
-            if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
-                control.pause_by_gate(s, decision)
-                self._flow_waiting = baking
-                await self._set_status(
-                    RolloutStatus.PAUSED,
-                    action="rollout.rollback_gate_failed",
-                    status_reason=decision.reason,
-                    waiting_for="an operator (resume or abort)",
-                    reason=decision.detail,
-                    keep_flow_waiting=True,
-                )
-                continue
-            if s.waiting_for != baking:
-                await self._set_status(
-                    RolloutStatus.ROLLING_BACK,
-                    action="rollout.rollback_baking",
-                    status_reason=s.stop_reason,
-                    waiting_for=baking,
-                )
-            self._maybe_continue_as_new()
-            await self._sleep_until(min(now + timedelta(seconds=interval), s.rollback_bake_until))
+        s.rollback_total = result.total
+        s.counts = result.counts
+        return result.decision
 
     async def _rollback_targets(self, stage_index: int | None) -> RollbackTargetsResult:
         return await workflow.execute_activity_method(
