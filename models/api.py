@@ -9,7 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from models.enums import RolloutStatus, VehicleStatus
-from models.workflows import RolloutCounts
+from models.workflows import (
+    DEFAULT_APPLY_SECONDS,
+    DEFAULT_BACKOFF_SECONDS,
+    DEFAULT_FAILURE_ACTION,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_MIN_SUCCESS_RATE,
+    FailureAction,
+    RolloutCounts,
+)
 
 T = TypeVar("T")
 
@@ -209,13 +219,13 @@ class Strategy(StrictCamelModel):
 
 
 class CanaryHealthyGate(StrictCamelModel):
-    min_success_rate: float = Field(0.95, ge=0, le=1)
-    min_samples: int = Field(1, ge=0)
+    min_success_rate: float = Field(DEFAULT_MIN_SUCCESS_RATE, ge=0, le=1)
+    min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=0)
 
 
 class FailureThresholdGate(StrictCamelModel):
-    max_failure_rate: float = Field(0.05, ge=0, le=1)
-    action: Literal["pause", "rollback"] = "pause"
+    max_failure_rate: float = Field(DEFAULT_MAX_FAILURE_RATE, ge=0, le=1)
+    action: FailureAction = DEFAULT_FAILURE_ACTION
 
 
 class MaintenanceWindow(StrictCamelModel):
@@ -249,12 +259,12 @@ class Gates(StrictCamelModel):
 
 
 class Timeouts(StrictCamelModel):
-    apply_seconds: int = Field(3600, ge=60, le=7 * 86400)
+    apply_seconds: int = Field(DEFAULT_APPLY_SECONDS, ge=60, le=7 * 86400)
 
 
 class RetryPolicy(StrictCamelModel):
-    max_attempts: int = Field(2, ge=1, le=10)
-    backoff_seconds: int = Field(300, ge=0, le=86400)
+    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=10)
+    backoff_seconds: int = Field(DEFAULT_BACKOFF_SECONDS, ge=0, le=86400)
 
 
 class RolloutCreate(StrictCamelModel):

@@ -144,11 +144,28 @@ class GateCounts(BaseModel):
         return self.notified + self.updating + self.succeeded + self.failed + self.blocked
 
 
+# --- Defaults of a rollout's gates, safety checks, timeouts and retries (SPEC.md) ----------
+# Their one home: the API's request models (models/api.py), the policy models below and
+# `policy.rollout_policy` (a stored rollout that lacks a field) all read them from here.
+
+DEFAULT_MIN_SUCCESS_RATE = 0.95  # gates.canaryHealthy.minSuccessRate
+DEFAULT_MIN_SAMPLES = 1  # gates.canaryHealthy.minSamples
+DEFAULT_MAX_FAILURE_RATE = 0.05  # gates.failureThreshold.maxFailureRate
+DEFAULT_FAILURE_ACTION: FailureAction = "pause"  # gates.failureThreshold.action
+DEFAULT_APPLY_SECONDS = 3600  # timeouts.applySeconds
+DEFAULT_MAX_ATTEMPTS = 2  # retry.maxAttempts
+DEFAULT_BACKOFF_SECONDS = 300  # retry.backoffSeconds
+# gates.safetyChecks when a stored rollout lacks them (the API stores the settings' defaults,
+# MOTORCADE_SAFETY_*, in every rollout it creates).
+DEFAULT_REQUIRE_STATIONARY = True
+DEFAULT_MIN_BATTERY_PERCENT = 30
+
+
 class GatePolicy(BaseModel):
-    min_success_rate: float = 0.95
-    min_samples: int = 1
-    max_failure_rate: float = 0.05
-    failure_action: FailureAction = "pause"
+    min_success_rate: float = DEFAULT_MIN_SUCCESS_RATE
+    min_samples: int = DEFAULT_MIN_SAMPLES
+    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    failure_action: FailureAction = DEFAULT_FAILURE_ACTION
 
 
 class GateAction(StrEnum):
@@ -187,11 +204,11 @@ class RolloutPolicy(BaseModel):
 
     gates: GatePolicy = Field(default_factory=GatePolicy)
     window: MaintenanceWindowSpec | None = None
-    require_stationary: bool = True
-    min_battery_percent: int = 30
-    apply_seconds: int = 3600
-    max_attempts: int = 2
-    backoff_seconds: int = 300
+    require_stationary: bool = DEFAULT_REQUIRE_STATIONARY
+    min_battery_percent: int = DEFAULT_MIN_BATTERY_PERCENT
+    apply_seconds: int = DEFAULT_APPLY_SECONDS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff_seconds: int = DEFAULT_BACKOFF_SECONDS
 
 
 class RolloutState(BaseModel):

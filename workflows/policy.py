@@ -16,6 +16,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from models.workflows import (
+    DEFAULT_APPLY_SECONDS,
+    DEFAULT_BACKOFF_SECONDS,
+    DEFAULT_FAILURE_ACTION,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_MIN_BATTERY_PERCENT,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_MIN_SUCCESS_RATE,
+    DEFAULT_REQUIRE_STATIONARY,
     GateAction,
     GateCounts,
     GateDecision,
@@ -240,10 +249,10 @@ def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
     action = threshold.get("action")
     samples = canary.get("minSamples")
     return GatePolicy(
-        min_success_rate=_rate(canary.get("minSuccessRate"), 0.95),
-        min_samples=samples if _is_int(samples) else 1,
-        max_failure_rate=_rate(threshold.get("maxFailureRate"), 0.05),
-        failure_action="rollback" if action == "rollback" else "pause",
+        min_success_rate=_rate(canary.get("minSuccessRate"), DEFAULT_MIN_SUCCESS_RATE),
+        min_samples=samples if _is_int(samples) else DEFAULT_MIN_SAMPLES,
+        max_failure_rate=_rate(threshold.get("maxFailureRate"), DEFAULT_MAX_FAILURE_RATE),
+        failure_action=action if action in ("pause", "rollback") else DEFAULT_FAILURE_ACTION,
     )
 
 
@@ -421,9 +430,9 @@ def rollout_policy(
     return RolloutPolicy(
         gates=gate_policy(gates),
         window=MaintenanceWindowSpec.model_validate(window) if window else None,
-        require_stationary=bool(checks.get("requireStationary", True)),
-        min_battery_percent=_int(checks.get("minBatteryPercent"), 30),
-        apply_seconds=_int(timeouts.get("applySeconds"), 3600),
-        max_attempts=_int(retry.get("maxAttempts"), 2),
-        backoff_seconds=_int(retry.get("backoffSeconds"), 300),
+        require_stationary=bool(checks.get("requireStationary", DEFAULT_REQUIRE_STATIONARY)),
+        min_battery_percent=_int(checks.get("minBatteryPercent"), DEFAULT_MIN_BATTERY_PERCENT),
+        apply_seconds=_int(timeouts.get("applySeconds"), DEFAULT_APPLY_SECONDS),
+        max_attempts=_int(retry.get("maxAttempts"), DEFAULT_MAX_ATTEMPTS),
+        backoff_seconds=_int(retry.get("backoffSeconds"), DEFAULT_BACKOFF_SECONDS),
     )
