@@ -1,8 +1,9 @@
-"""Pure rollout rules: stage planning, strategy validation, gate decisions, maintenance
-windows and retry rules. No I/O, deterministic.
+"""Pure rollout rules: stage planning, gate decisions, maintenance windows and retry rules.
+No I/O, deterministic.
 
-Called by the activities (planning a rollout), by the API (validating a request, `dryRun`)
-and by the workflow (safe inside the sandbox: only the standard library and pydantic models).
+Called by the activities (planning a rollout), by the API (a `dryRun`'s plan) and by the
+workflow (safe inside the sandbox: only the standard library and pydantic models). A request's
+strategy is validated by the API's own models (`models.api.Strategy`), before it is stored.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -116,7 +117,8 @@ def plan_stages(
 
 
 def plan_from_strategy(targeted: int, strategy: Mapping[str, Any]) -> list[StagePlan]:
-    """`plan_stages` for a strategy as stored (camelCase JSON, validated by validate_strategy)."""
+    """`plan_stages` for a strategy as stored (camelCase JSON, validated by models.api.Strategy
+    when the rollout was created)."""
     canary = strategy.get("canary") or {}
     waves = strategy.get("waves") or []
     return plan_stages(
@@ -141,82 +143,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _percent_problem(value: Any, where: str) -> str | None:
-    if not _is_number(value):
-        return f"{where}: must be a number"
-    try:
-        exact = _exact(value)
-    except (InvalidOperation, ValueError):
-        return f"{where}: must be a number"
-    if not 0 < exact <= 100:
-        return f"{where}: must be greater than 0 and at most 100"
-    return None
-
-
-def _bake_problem(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if not _is_int(value):
-        return f"{where}: must be an integer number of seconds"
-    if value < 0:
-        return f"{where}: must not be negative"
-    return None
-
-
-def validate_strategy(strategy: Any) -> list[str]:
-    """Problems with a rollout strategy (camelCase JSON); empty when it is valid.
-
-    Each problem names its field (`waves[1].percent: ...`), ready for an error's `details`.
-    """
-    problems: list[str] = []
-    if not isinstance(strategy, Mapping):
-        return ["strategy: must be an object"]
-
-    canary = strategy.get("canary")
-    if canary is not None:
-        if not isinstance(canary, Mapping):
-            problems.append("canary: must be an object")
-        else:
-            size, percent = canary.get("size"), canary.get("percent")
-            if size is not None and percent is not None:
-                problems.append("canary: give either size or percent, not both")
-            elif size is None and percent is None:
-                problems.append("canary: size or percent is required")
-            if size is not None and (not _is_int(size) or size < 1):
-                problems.append("canary.size: must be a positive integer")
-            if percent is not None and (p := _percent_problem(percent, "canary.percent")):
-                problems.append(p)
-            if p := _bake_problem(canary.get("bakeSeconds"), "canary.bakeSeconds"):
-                problems.append(p)
-
-    waves = strategy.get("waves")
-    if not isinstance(waves, list) or not waves:
-        problems.append("waves: at least one wave is required")
-        return problems
-    previous: Fraction | None = None
-    last_ok = True
-    for i, wave in enumerate(waves):
-        if not isinstance(wave, Mapping):
-            problems.append(f"waves[{i}]: must be an object")
-            last_ok = False
-            continue
-        percent = wave.get("percent")
-        if p := _percent_problem(percent, f"waves[{i}].percent"):
-            problems.append(p)
-            last_ok = False
-        else:
-            exact = _exact(percent)  # type: ignore[arg-type]  # checked above
-            if previous is not None and exact <= previous:
-                problems.append(f"waves[{i}].percent: must be greater than the previous wave's")
-            previous = exact
-            last_ok = True
-        if p := _bake_problem(wave.get("bakeSeconds"), f"waves[{i}].bakeSeconds"):
-            problems.append(p)
-    if last_ok and previous is not None and previous != 100:
-        problems.append(f"waves[{len(waves) - 1}].percent: the last wave must be 100")
-    return problems
 
 
 # --- Gates ---------------------------------------------------------------------------------
@@ -376,14 +302,6 @@ def next_window_start(now_utc: datetime, window: MaintenanceWindowSpec | None) -
     assert window is not None
     starts = [start for start, _ in _occurrences(now_utc, window) if start > now_utc]
     return min(starts) if starts else None
-
-
-def window_end(now_utc: datetime, window: MaintenanceWindowSpec | None) -> datetime | None:
-    """When the window open at `now_utc` closes (None when there is no window or it is shut)."""
-    if window is None:
-        return None
-    ends = [end for start, end in _occurrences(now_utc, window) if start <= now_utc < end]
-    return max(ends) if ends else None
 
 
 # --- Retries -------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from workflows.policy import (
     retry_backoff_seconds,
     rollout_policy,
     should_retry,
-    window_end,
     window_open,
 )
 
@@ -213,50 +212,33 @@ ALL_DAY = MaintenanceWindowSpec(start="00:00", end="00:00", days=["sun"])
 
 
 @pytest.mark.parametrize(
-    ("window", "now", "is_open", "next_start", "end"),
+    ("window", "now", "is_open", "next_start"),
     [
-        (None, "2026-11-27T12:00:00", True, "2026-11-27T12:00:00", None),
+        (None, "2026-11-27T12:00:00", True, "2026-11-27T12:00:00"),
         # weekday office hours
-        (DAY_UTC, "2026-11-27T08:59:00", False, "2026-11-27T09:00:00", None),
-        (DAY_UTC, "2026-11-27T09:00:00", True, "2026-11-27T09:00:00", "2026-11-27T17:00:00"),
-        (DAY_UTC, "2026-11-27T17:00:00", False, "2026-11-30T09:00:00", None),  # Fri -> Mon
+        (DAY_UTC, "2026-11-27T08:59:00", False, "2026-11-27T09:00:00"),
+        (DAY_UTC, "2026-11-27T09:00:00", True, "2026-11-27T09:00:00"),
+        (DAY_UTC, "2026-11-27T17:00:00", False, "2026-11-30T09:00:00"),  # Fri -> Mon
         # crosses midnight, local zone: Fri 22:00 Berlin = 21:00 UTC
-        (NIGHT_BERLIN, "2026-11-27T20:59:00", False, "2026-11-27T21:00:00", None),
-        (
-            NIGHT_BERLIN,
-            "2026-11-27T23:30:00",
-            True,
-            "2026-11-27T23:30:00",
-            "2026-11-28T03:00:00",
-        ),
+        (NIGHT_BERLIN, "2026-11-27T20:59:00", False, "2026-11-27T21:00:00"),
+        (NIGHT_BERLIN, "2026-11-27T23:30:00", True, "2026-11-27T23:30:00"),
         # Saturday 02:00 Berlin: still Friday's window
-        (
-            NIGHT_BERLIN,
-            "2026-11-28T01:00:00",
-            True,
-            "2026-11-28T01:00:00",
-            "2026-11-28T03:00:00",
-        ),
+        (NIGHT_BERLIN, "2026-11-28T01:00:00", True, "2026-11-28T01:00:00"),
         # Sunday 02:00 Berlin: Saturday's window; Sunday 04:00 Berlin closed until next Friday
-        (NIGHT_BERLIN, "2026-11-29T01:00:00", True, "2026-11-29T01:00:00", "2026-11-29T03:00:00"),
-        (NIGHT_BERLIN, "2026-11-29T03:00:00", False, "2026-12-04T21:00:00", None),
+        (NIGHT_BERLIN, "2026-11-29T01:00:00", True, "2026-11-29T01:00:00"),
+        (NIGHT_BERLIN, "2026-11-29T03:00:00", False, "2026-12-04T21:00:00"),
         # summer time: Fri 22:00 Berlin = 20:00 UTC
-        (NIGHT_BERLIN, "2026-07-03T19:00:00", False, "2026-07-03T20:00:00", None),
+        (NIGHT_BERLIN, "2026-07-03T19:00:00", False, "2026-07-03T20:00:00"),
         # start == end: the whole day
-        (ALL_DAY, "2026-11-29T13:00:00", True, "2026-11-29T13:00:00", "2026-11-30T00:00:00"),
-        (ALL_DAY, "2026-11-28T13:00:00", False, "2026-11-29T00:00:00", None),
+        (ALL_DAY, "2026-11-29T13:00:00", True, "2026-11-29T13:00:00"),
+        (ALL_DAY, "2026-11-28T13:00:00", False, "2026-11-29T00:00:00"),
     ],
 )
 def test_maintenance_window(
-    window: MaintenanceWindowSpec | None,
-    now: str,
-    is_open: bool,
-    next_start: str,
-    end: str | None,
+    window: MaintenanceWindowSpec | None, now: str, is_open: bool, next_start: str
 ) -> None:
     assert window_open(utc(now), window) is is_open
     assert next_window_start(utc(now), window) == utc(next_start)
-    assert window_end(utc(now), window) == (utc(end) if end else None)
 
 
 def test_a_window_without_days_never_opens() -> None:

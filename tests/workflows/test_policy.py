@@ -1,4 +1,5 @@
-"""Stage planning and strategy validation: pure rules, table-driven."""
+"""Stage planning: pure rules, table-driven (the strategy itself is validated by the API's
+models: tests/models/test_strategy.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from workflows.policy import plan_from_strategy, plan_stages, stage_ends, validate_strategy
+from workflows.policy import plan_from_strategy, plan_stages, stage_ends
 
 
 def _shape(stages: Any) -> list[tuple[str, int, int]]:
@@ -95,79 +96,3 @@ def test_plan_from_strategy_reads_the_stored_json() -> None:
 def test_plan_stages_refuses_nonsense(targeted: int, waves: list[float], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         plan_stages(targeted, None, None, waves)
-
-
-GOOD_WAVES = [{"percent": 25, "bakeSeconds": 60}, {"percent": 100, "bakeSeconds": 0}]
-
-
-@pytest.mark.parametrize(
-    ("strategy", "problems"),
-    [
-        ({"canary": {"size": 5, "bakeSeconds": 3600}, "waves": GOOD_WAVES}, []),
-        ({"canary": {"percent": 1.5, "size": None, "bakeSeconds": 0}, "waves": GOOD_WAVES}, []),
-        ({"waves": [{"percent": 100}]}, []),
-        ({"canary": None, "waves": [{"percent": 33.3}, {"percent": 100.0}]}, []),
-        ("nope", ["strategy: must be an object"]),
-        ({"canary": {"size": 5}}, ["waves: at least one wave is required"]),
-        ({"waves": []}, ["waves: at least one wave is required"]),
-        (
-            {"waves": [{"percent": 50}, {"percent": 50}, {"percent": 100}]},
-            ["waves[1].percent: must be greater than the previous wave's"],
-        ),
-        (
-            {"waves": [{"percent": 60}, {"percent": 40}, {"percent": 100}]},
-            ["waves[1].percent: must be greater than the previous wave's"],
-        ),
-        (
-            {"waves": [{"percent": 50}, {"percent": 90}]},
-            ["waves[1].percent: the last wave must be 100"],
-        ),
-        (
-            {"waves": [{"percent": 0}, {"percent": 100}]},
-            ["waves[0].percent: must be greater than 0 and at most 100"],
-        ),
-        (
-            {"waves": [{"percent": 50}, {"percent": 150}]},
-            ["waves[1].percent: must be greater than 0 and at most 100"],
-        ),
-        ({"waves": [{"percent": "50"}, {"percent": 100}]}, ["waves[0].percent: must be a number"]),
-        (
-            {"waves": [{"percent": 100, "bakeSeconds": -1}]},
-            ["waves[0].bakeSeconds: must not be negative"],
-        ),
-        (
-            {"canary": {"size": 5, "percent": 10}, "waves": GOOD_WAVES},
-            ["canary: give either size or percent, not both"],
-        ),
-        (
-            {"canary": {"bakeSeconds": 10}, "waves": GOOD_WAVES},
-            ["canary: size or percent is required"],
-        ),
-        ({"canary": {"size": 0}, "waves": GOOD_WAVES}, ["canary.size: must be a positive integer"]),
-        (
-            {"canary": {"size": 2.5}, "waves": GOOD_WAVES},
-            ["canary.size: must be a positive integer"],
-        ),
-        (
-            {"canary": {"percent": 101}, "waves": GOOD_WAVES},
-            ["canary.percent: must be greater than 0 and at most 100"],
-        ),
-        (
-            {"canary": {"size": 1, "bakeSeconds": -5}, "waves": GOOD_WAVES},
-            ["canary.bakeSeconds: must not be negative"],
-        ),
-        (
-            {"canary": {"size": 1, "bakeSeconds": True}, "waves": GOOD_WAVES},
-            ["canary.bakeSeconds: must be an integer number of seconds"],
-        ),
-    ],
-)
-def test_validate_strategy(strategy: Any, problems: list[str]) -> None:
-    assert validate_strategy(strategy) == problems
-
-
-def test_validate_strategy_reports_every_problem() -> None:
-    problems = validate_strategy(
-        {"canary": {"size": 1, "percent": 1, "bakeSeconds": -1}, "waves": [{"percent": 120}]}
-    )
-    assert len(problems) == 3
