@@ -17,7 +17,7 @@ from temporalio import activity
 
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
-from models.reconcile import (
+from models.workflows import (
     MarkOfflineInput,
     MarkOfflineProgress,
     MarkOfflineResult,

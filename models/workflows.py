@@ -1,5 +1,6 @@
-"""Workflow, activity, signal and update payloads. Nothing here carries a vehicle list:
-workflows pass ids, counts, stage numbers and cursors; vehicles stay in PostgreSQL."""
+"""Workflow, activity, signal and update payloads (the rollout's and the reconcile's), the
+rollout's state and its defaults. Nothing here carries a vehicle list: workflows pass ids,
+counts, stage numbers, cutoffs and cursors; vehicles stay in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -377,6 +378,60 @@ class TargetSweepInput(BaseModel):
 class TargetSweepResult(BaseModel):
     changed: int
     counts: RolloutCounts
+
+
+# --- Reconcile: `ReconcileWorkflow` and its activities ---------------------------------------
+# The schedule starts it with a cutoff age; it passes a cutoff, counts and a run key.
+
+
+class ReconcileInput(BaseModel):
+    """What the schedule starts `ReconcileWorkflow` with."""
+
+    offline_after_seconds: int = 300
+    # Idempotency key of the run; default: the workflow id (distinct per schedule slot) and
+    # the workflow's start time.
+    run_key: str | None = None
+    batch_size: int = 10_000
+
+
+class MarkOfflineInput(BaseModel):
+    cutoff: datetime
+    batch_size: int = 10_000
+
+
+class MarkOfflineProgress(BaseModel):
+    """Heartbeat details of `mark_offline_vehicles`: where a retried attempt resumes."""
+
+    after_key: datetime | None = None
+    after_id: str | None = None
+    marked: int = 0
+    batches: int = 0
+
+
+class MarkOfflineResult(BaseModel):
+    marked: int
+    batches: int
+
+
+class RecordDriftInput(BaseModel):
+    run_key: str
+    marked_offline: int = 0
+    cutoff: datetime | None = None
+
+
+class RecordDriftResult(BaseModel):
+    run_id: int
+    run_key: str
+    drifted: int
+    groups: int
+    created: bool
+
+
+class ReconcileResult(BaseModel):
+    run_id: int
+    run_key: str
+    marked_offline: int
+    drifted: int
 
 
 RolloutInput.model_rebuild()

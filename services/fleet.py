@@ -20,7 +20,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import fetch
 from models.enums import VehicleStatus
-from models.reconcile import FleetSummary, PlaceCounts, ReasonCodeCount
+from models.reports import FleetSummary, PlaceCounts, ReasonCodeCount
 from models.scope import Scope
 from services.scope import vehicle_scope_sql
 

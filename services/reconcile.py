@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.enums import AuditSource, VehicleStatus
-from models.reconcile import (
+from models.reports import (
     DriftRowOut,
     HealthReport,
     ReasonCodeCount,

@@ -15,7 +15,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
-    from models.reconcile import (
+    from models.workflows import (
         MarkOfflineInput,
         ReconcileInput,
         ReconcileResult,

@@ -11,7 +11,7 @@ from api.deps import ReadConnectionDep, SessionDep, ViewerDep
 from api.envelope import ok, ok_json
 from api.errors import ErrorResponses
 from models.api import Envelope
-from models.reconcile import FleetSummary, HealthReport, ReconcileReport
+from models.reports import FleetSummary, HealthReport, ReconcileReport
 from services import fleet
 from services import reconcile as service
 

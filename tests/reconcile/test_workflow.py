@@ -14,7 +14,7 @@ from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
-from models.reconcile import ReconcileInput, ReconcileResult
+from models.workflows import ReconcileInput, ReconcileResult
 from tests.reconcile.fleet import LONG_AGO, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
 from worker.schedules import ensure_reconcile_schedule
