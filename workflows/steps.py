@@ -1,0 +1,322 @@
+"""The rollout workflow's steps: every activity it calls (with its timeouts, heartbeats and
+retries), how it persists a status (the activity, then the search attributes and the Web UI's
+current details), operator actions waiting to be persisted, and its durable waits.
+
+`RolloutWorkflow` (workflows/rollout.py) inherits them and sequences them; nothing here
+decides what comes next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.rollouts import RolloutActivities
+    from core.temporal import SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
+    from models.enums import RolloutStatus
+    from models.workflows import (
+        EvaluateGatesInput,
+        ExpandTargetsInput,
+        ExpandTargetsResult,
+        GateDecision,
+        IssueStageInput,
+        IssueStageResult,
+        OperatorAction,
+        RollbackTargetsInput,
+        RollbackTargetsResult,
+        RolloutInput,
+        RolloutState,
+        StagePlan,
+        TargetSweepInput,
+        TargetSweepResult,
+        UpdateRolloutStatusInput,
+    )
+    from workflows import control
+    from workflows.policy import CANARY
+
+SHORT_ACTIVITY = timedelta(seconds=60)
+LONG_ACTIVITY = timedelta(hours=1)
+LONG_HEARTBEAT = timedelta(minutes=2)
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=30,
+)
+ISSUE_BATCH_SIZE = 5000
+# expire_apply_timeouts, retry_failed_targets, recheck_blocked
+SweepActivity = Callable[[RolloutActivities, TargetSweepInput], Awaitable[TargetSweepResult]]
+
+
+class RolloutSteps:
+    """The steps `RolloutWorkflow` sequences, over its state (set by its `__init__`)."""
+
+    _input: RolloutInput
+    _state: RolloutState
+    # What the main flow waits for while running (restored on resume).
+    _flow_waiting: str | None
+
+    async def _expand_targets(self) -> ExpandTargetsResult:
+        return await workflow.execute_activity_method(
+            RolloutActivities.expand_targets,
+            ExpandTargetsInput(rollout_id=self._state.rollout_id),
+            start_to_close_timeout=LONG_ACTIVITY,
+            retry_policy=DB_RETRY,
+        )
+
+    async def _issue_stage(self, stage: StagePlan, issued_at: datetime) -> IssueStageResult:
+        s = self._state
+        return await workflow.execute_activity_method(
+            RolloutActivities.issue_stage,
+            IssueStageInput(
+                rollout_id=s.rollout_id,
+                release_version=s.release_version,
+                stage_index=stage.index,
+                stage=stage.name,
+                batch_size=ISSUE_BATCH_SIZE,
+                issued_at=issued_at,
+            ),
+            start_to_close_timeout=LONG_ACTIVITY,
+            heartbeat_timeout=LONG_HEARTBEAT,
+            retry_policy=DB_RETRY,
+        )
+
+    async def _set_status(
+        self,
+        status: RolloutStatus,
+        *,
+        action: str,
+        waiting_for: str | None,
+        status_reason: str | None = None,
+        operator: OperatorAction | None = None,
+        reason: str | None = None,
+        keep_flow_waiting: bool = False,
+    ) -> None:
+        """Persist the status (activity: row, audit entry, change-feed event), then the search
+        attributes and the current details."""
+        s = self._state
+        if not keep_flow_waiting:
+            self._flow_waiting = waiting_for
+        result = await workflow.execute_activity_method(
+            RolloutActivities.update_rollout_status,
+            UpdateRolloutStatusInput(
+                rollout_id=s.rollout_id,
+                status=status,
+                stage=s.stage,
+                stage_index=s.stage_index,
+                status_reason=status_reason,
+                waiting_for=waiting_for,
+                action=action,
+                actor=(operator.actor or "temporal") if operator else "workflow",
+                source=operator.source if operator else "system",
+                reason=operator.reason if operator else reason,
+                correlation_id=(operator.correlation_id if operator else None) or s.correlation_id,
+                audit=not (operator is not None and operator.source == "api"),
+            ),
+            start_to_close_timeout=SHORT_ACTIVITY,
+            retry_policy=DB_RETRY,
+        )
+        s.counts = result.counts
+        s.status, s.status_reason, s.waiting_for = status, status_reason, waiting_for
+        self._upsert_search_attributes()
+        workflow.set_current_details(self._details())
+
+    def _upsert_search_attributes(self) -> None:
+        s = self._state
+        current = workflow.info().typed_search_attributes
+        updates = []
+        if current.get(SA_ROLLOUT_STATUS) != s.status:
+            updates.append(SA_ROLLOUT_STATUS.value_set(s.status.value))
+        if current.get(SA_ROLLOUT_STAGE) != (s.stage or ""):
+            updates.append(SA_ROLLOUT_STAGE.value_set(s.stage or ""))
+        if updates:
+            workflow.upsert_search_attributes(updates)
+
+    def _details(self) -> str:
+        """The Web UI's current details: status, stage, what it waits for and why."""
+        s = self._state
+        stage = f"{s.stage} ({s.stage_index + 1}/{s.stage_count})" if s.stage else "-"
+        waiting = f"waiting for {s.waiting_for}" if s.waiting_for else "not waiting"
+        reason = f" ({s.status_reason})" if s.status_reason else ""
+        paused = ""
+        if s.status == RolloutStatus.PAUSED:
+            paused = f" Paused by {s.paused_by or 'unknown'}: {s.pause_note or 'no reason given'}."
+        c = s.counts
+        return (
+            f"**{s.status}**{reason}, stage {stage}: {waiting}.{paused} "
+            f"Targeted {c.targeted}, notified {c.notified}, updating {c.updating}, "
+            f"succeeded {c.succeeded}, failed {c.failed}, blocked {c.blocked}, "
+            f"pending {c.pending}."
+        )
+
+    async def _drain_actions(self) -> None:
+        """Persist accepted pause/resume actions, in order."""
+        s = self._state
+        while s.pending_actions:
+            action = s.pending_actions.pop(0)
+            if action.action == "pause":
+                change = control.record_pause(s, action)
+                await self._set_status(
+                    change.status,
+                    action="rollout.paused",
+                    status_reason=change.status_reason,
+                    waiting_for="resume",
+                    operator=action,
+                    keep_flow_waiting=True,
+                )
+            elif action.action == "resume":
+                change = control.acknowledge_resume(s, action)
+                await self._set_status(
+                    change.status,
+                    action="rollout.resumed",
+                    status_reason=change.status_reason,
+                    waiting_for=self._flow_waiting,
+                    operator=action,
+                )
+
+    async def _abort(self) -> None:
+        await self._set_status(
+            RolloutStatus.ABORTED,
+            action="rollout.aborted",
+            status_reason=control.OPERATOR,
+            waiting_for=None,
+            operator=self._state.stop_action,
+        )
+
+    async def _fail(self, err: ActivityError) -> None:
+        try:
+            await self._set_status(
+                RolloutStatus.FAILED,
+                action="rollout.failed",
+                status_reason="ACTIVITY_FAILED",
+                waiting_for=None,
+                reason=str(err.cause or err)[:500],
+            )
+        except ActivityError:
+            workflow.logger.exception("could not record the failure of the rollout")
+
+    async def _gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
+        """Per-vehicle housekeeping (each only when there is work for it, judged by the last
+        counts), then the gate decision."""
+        s = self._state
+        now = workflow.now()
+        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
+        last = s.last_total
+        apply_due = s.first_issued_at is not None and now >= s.first_issued_at + timedelta(
+            seconds=s.policy.apply_seconds
+        )
+        if apply_due and last.notified + last.updating > 0:
+            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
+        if last.retryable > 0:
+            await self._sweep(RolloutActivities.retry_failed_targets, sweep)
+        if last.blocked > 0:
+            await self._sweep(RolloutActivities.recheck_blocked, sweep)
+        result = await workflow.execute_activity_method(
+            RolloutActivities.evaluate_gates,
+            EvaluateGatesInput(
+                rollout_id=s.rollout_id,
+                stage_index=stage.index,
+                is_canary=stage.name == CANARY,
+                bake_done=bake_done,
+                acknowledged_failed=s.acknowledged_failed,
+                canary_forced=s.canary_forced_stage == stage.index,
+            ),
+            start_to_close_timeout=SHORT_ACTIVITY,
+            retry_policy=DB_RETRY,
+        )
+        s.last_total = result.total
+        s.counts = result.counts
+        return result.decision
+
+    async def _rollback_gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
+        """The rollback's housekeeping (returned vehicles that never report time out), then
+        its gate: the failure threshold over the rollback's own outcomes."""
+        s = self._state
+        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=workflow.now())
+        if s.rollback_total.notified + s.rollback_total.updating > 0:
+            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
+        result = await workflow.execute_activity_method(
+            RolloutActivities.evaluate_gates,
+            EvaluateGatesInput(
+                rollout_id=s.rollout_id,
+                stage_index=stage.index,
+                is_canary=False,
+                bake_done=bake_done,
+                acknowledged_failed=s.rollback_acknowledged_failed,
+                rollback=True,
+            ),
+            start_to_close_timeout=SHORT_ACTIVITY,
+            retry_policy=DB_RETRY,
+        )
+        s.rollback_total = result.total
+        s.counts = result.counts
+        return result.decision
+
+    async def _sweep(self, activity: SweepActivity, sweep: TargetSweepInput) -> None:
+        result = await workflow.execute_activity_method(
+            activity,
+            sweep,
+            start_to_close_timeout=LONG_ACTIVITY,
+            heartbeat_timeout=LONG_HEARTBEAT,
+            retry_policy=DB_RETRY,
+        )
+        self._state.counts = result.counts
+
+    async def _rollback_targets(self, stage_index: int | None) -> RollbackTargetsResult:
+        return await workflow.execute_activity_method(
+            RolloutActivities.rollback_targets,
+            RollbackTargetsInput(
+                rollout_id=self._state.rollout_id,
+                batch_size=ISSUE_BATCH_SIZE,
+                stage_index=stage_index,
+                now=workflow.now(),
+            ),
+            start_to_close_timeout=LONG_ACTIVITY,
+            heartbeat_timeout=LONG_HEARTBEAT,
+            retry_policy=DB_RETRY,
+        )
+
+    async def _sleep_until(self, deadline: datetime | None) -> None:
+        """A durable timer that an operator action cuts short (None: until an action)."""
+        s = self._state
+
+        def woken() -> bool:
+            return bool(s.pending_actions) or control.stop_pending(s)
+
+        if deadline is None:
+            await workflow.wait_condition(woken)
+            return
+        remaining = (deadline - workflow.now()).total_seconds()
+        if remaining <= 0:
+            return
+        try:
+            await workflow.wait_condition(woken, timeout=timedelta(seconds=remaining))
+        except TimeoutError:
+            pass
+
+    async def _wait_for_operator(self) -> None:
+        await self._sleep_until(None)
+
+    def _maybe_continue_as_new(self) -> None:
+        info = workflow.info()
+        limit = self._input.continue_as_new_after_events
+        if not (
+            info.is_continue_as_new_suggested()
+            or (limit is not None and info.get_current_history_length() >= limit)
+        ):
+            return
+        if not workflow.all_handlers_finished():
+            return  # handlers never await: they will be done by the next check
+        workflow.continue_as_new(
+            self._input.model_copy(update={"state": self._state}),
+            search_attributes=info.typed_search_attributes,
+        )
+
+
+def iso(moment: datetime | None) -> str:
+    return moment.isoformat().replace("+00:00", "Z") if moment else "-"
