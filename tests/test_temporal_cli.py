@@ -15,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.temporal import ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
 from devtools import localservers
 from models.workflows import RolloutInput
-from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
+from tests.factories import make_fleet, make_release, make_rollout, unique_prefix
 from worker.main import build_worker
 
 RELEASE = "2026.3.0-cli"

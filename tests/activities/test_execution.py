@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import ActivityEnvironment
 
 from activities.rollouts import RolloutActivities
@@ -23,8 +21,9 @@ from models.workflows import (
     TargetSweepInput,
 )
 from services.rollouts.outcomes import record_target_outcomes
-from tests.activities.fleet import (
+from tests.factories import (
     OLD_RELEASE,
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -35,7 +34,6 @@ from tests.activities.fleet import (
 )
 
 NEW_RELEASE = "2026.2.0-exec"
-Sessions = async_sessionmaker[AsyncSession]
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 COUNTERS = (
     "SELECT notified, updating, succeeded, failed, blocked, pending FROM rollouts WHERE id = :r"

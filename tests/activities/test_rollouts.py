@@ -6,8 +6,6 @@ import hashlib
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -18,8 +16,9 @@ from models.workflows import (
     RollbackTargetsInput,
     UpdateRolloutStatusInput,
 )
-from tests.activities.fleet import (
+from tests.factories import (
     OLD_RELEASE,
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -30,8 +29,6 @@ from tests.activities.fleet import (
 )
 
 NEW_RELEASE = "2026.2.0-act"
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,9 +21,13 @@ from core.auth import mint_dev_token
 from core.settings import Settings
 from devtools.localservers import free_port
 from models.enums import Role
-from services.signing import generate_signing_key, sign_release, write_trusted_keys_file
+from services.signing import generate_signing_key, write_trusted_keys_file
 
-COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
+# The row factories live in tests/factories.py; the API tests import them from here too.
+from tests.factories import COMPONENTS as COMPONENTS
+from tests.factories import insert_release as insert_release
+from tests.factories import insert_signed_release as insert_signed_release
+from tests.factories import insert_vehicles as insert_vehicles
 
 
 @pytest.fixture(scope="session")
@@ -128,53 +130,6 @@ def operator(token: Callable[..., str]) -> dict[str, str]:
 def prefix() -> str:
     """A unique vehicle-id prefix for this test's rows."""
     return f"T{secrets.token_hex(3).upper()}-"
-
-
-def insert_vehicles(
-    database_url: str,
-    ids: list[str],
-    *,
-    model: str = "atlas",
-    region: str = "eu-west",
-    ring: str = "broad",
-    release: str | None = None,
-) -> None:
-    with psycopg.connect(database_url) as conn:
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO vehicles (id, model, region, ring, status, desired_release_version,"
-                " actual_release_version, last_seen_at) VALUES (%s, %s, %s, %s, 'in_sync', %s,"
-                " %s, now())",
-                [(i, model, region, ring, release, release) for i in ids],
-            )
-
-
-def insert_signed_release(
-    database_url: str,
-    key: Ed25519PrivateKey,
-    version: str,
-    *,
-    digest: str = "sha256:" + "ab" * 32,
-    signed_digest: str | None = None,
-) -> None:
-    """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
-    signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO releases (version, components, artifact_digest, signature,"
-            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
-            (version, json.dumps(COMPONENTS), digest, signature, kid),
-        )
-
-
-def insert_release(database_url: str, version: str) -> None:
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO releases (version, components, artifact_digest, signature,"
-            " signing_key_id, created_by) VALUES (%s, '[]', 'sha256:00', 'c2ln', 'k', 'test')"
-            " ON CONFLICT DO NOTHING",
-            (version,),
-        )
 
 
 def samples(text: str, name: str) -> dict[str, float]:

@@ -12,7 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.db import session_scope
 from services import reconcile as svc
 from tests.api.conftest import bearer
-from tests.reconcile.fleet import add_vehicles, unique_prefix
+from tests.factories import add_vehicles, unique_prefix
 
 
 async def test_reports_are_enveloped_camel_case_and_scoped(

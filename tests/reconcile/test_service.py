@@ -9,7 +9,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.scope import UNRESTRICTED, Scope
 from services import reconcile as svc
-from tests.reconcile.fleet import CUTOFF, LONG_AGO, add_vehicles, statuses, unique_prefix
+from tests.factories import CUTOFF, LONG_AGO, add_vehicles, statuses, unique_prefix
 
 
 async def test_mark_offline_marks_exactly_the_stale_ones_and_is_idempotent(

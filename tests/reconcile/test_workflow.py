@@ -15,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from models.workflows import ReconcileInput, ReconcileResult
-from tests.reconcile.fleet import LONG_AGO, add_vehicles, statuses, unique_prefix
+from tests.factories import LONG_AGO, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
 from worker.schedules import ensure_reconcile_schedule
 from workflows.reconcile import RECONCILE_WORKFLOW_TYPE

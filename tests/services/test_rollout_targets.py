@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import session_scope
 from core.errors import RolloutNotFound
 from models.enums import AuditSource
 from services.audit import Actor
 from services.rollouts import issue, plan, queries, status
-from tests.activities.fleet import (
+from tests.factories import (
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -22,7 +21,6 @@ from tests.activities.fleet import (
 )
 
 RELEASE = "2026.2.0-svc"
-Sessions = async_sessionmaker[AsyncSession]
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -24,7 +22,8 @@ from models.workflows import (
     RolloutResult,
     RolloutState,
 )
-from tests.activities.fleet import (
+from tests.factories import (
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -36,7 +35,6 @@ from tests.activities.fleet import (
 from worker.main import build_worker
 
 RELEASE = "2026.2.0-update"
-Sessions = async_sessionmaker[AsyncSession]
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -29,7 +27,7 @@ from core.temporal import (
     rollout_workflow_id,
 )
 from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
-from tests.activities.fleet import make_fleet, make_release, make_rollout, unique_prefix
+from tests.factories import Sessions, make_fleet, make_release, make_rollout, unique_prefix
 from worker.main import build_worker
 from workflows.rollout import RolloutWorkflow
 
@@ -37,8 +35,6 @@ RELEASE = "2026.2.0-hist"
 HOUR = 3600
 HISTORIES = Path(__file__).parent / "histories"
 LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
@@ -22,8 +20,9 @@ from core.temporal import (
     rollout_workflow_id,
 )
 from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
-from tests.activities.fleet import (
+from tests.factories import (
     OLD_RELEASE,
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -36,8 +35,6 @@ from worker.main import build_worker
 
 NEW_RELEASE = "2026.2.0-wf"
 HOUR = 3600
-
-Sessions = async_sessionmaker[AsyncSession]
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
@@ -20,8 +18,9 @@ from core.db import session_scope
 from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
 from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
 from services.rollouts.outcomes import record_target_outcomes
-from tests.activities.fleet import (
+from tests.factories import (
     OLD_RELEASE,
+    Sessions,
     fetch_all,
     fetch_one,
     make_fleet,
@@ -36,7 +35,6 @@ HOUR = 3600
 GATE_INTERVAL = 600  # fewer ticks than the default 60 s: faster tests, same logic
 NEVER_TIMES_OUT = {"applySeconds": 7 * 86400}
 
-Sessions = async_sessionmaker[AsyncSession]
 MakeRollout = Callable[..., Awaitable[int]]
 
 

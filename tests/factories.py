@@ -1,0 +1,246 @@
+"""Rows for the tests: vehicles, releases and rollouts, written with plain SQL as the API (or
+a device) would leave them, under a unique id prefix so every assertion reads only its own
+test's rows.
+
+Two ways in, by what a test holds:
+- a session factory (`Sessions`, async): `make_fleet`, `make_release`, `make_rollout`,
+  `add_vehicles`, and `fetch_all` / `fetch_one` to read back;
+- a database URL (psycopg, sync; the API tests): `insert_vehicles`, `insert_release`,
+  `insert_signed_release`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from services.signing import sign_release
+
+Sessions = async_sessionmaker[AsyncSession]
+
+OLD_RELEASE = "2026.1.0"
+COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
+# Stale vehicles are last seen (and registered) in 1999: tests of the offline marking use
+# cutoffs around 2000, so no other test's vehicle (seen or registered now) is stale for them.
+LONG_AGO = datetime(1999, 6, 1, tzinfo=UTC)
+CUTOFF = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def unique_prefix(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}-"
+
+
+# --- Through a session factory -------------------------------------------------------------
+
+
+async def make_fleet(sessions: Sessions, *, prefix: str, count: int) -> None:
+    """`count` vehicles `{prefix}0000000`... spread over models, regions and rings, in sync on an
+    older release; their model/region names carry the prefix so tests can target them alone."""
+    async with sessions() as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                """
+                INSERT INTO vehicles (id, model, region, ring, desired_release_version,
+                                      actual_release_version, status)
+                SELECT CAST(:prefix AS text) || lpad(i::text, 7, '0'),
+                       CAST(:prefix AS text) || (ARRAY['m1','m2'])[1 + i % 2],
+                       CAST(:prefix AS text) || (ARRAY['eu-west','us-east','ap-south'])[1 + i % 3],
+                       (ARRAY['internal','beta','ga'])[1 + i % 3],
+                       :old, :old, 'in_sync'
+                FROM generate_series(0, :count - 1) AS i
+                """
+            ),
+            {"prefix": prefix, "count": count, "old": OLD_RELEASE},
+        )
+        await session.commit()
+
+
+async def add_vehicles(
+    conn: AsyncConnection,
+    *,
+    prefix: str,
+    tag: str,
+    count: int,
+    last_seen_at: datetime | None,
+    created_at: datetime | None = None,
+    status: str = "in_sync",
+    desired: str | None = OLD_RELEASE,
+    actual: str | None = OLD_RELEASE,
+    region: str = "r1",
+    model: str = "m1",
+    org: str = "default",
+    reason_codes: list[str] | None = None,
+) -> list[str]:
+    """`count` vehicles `{prefix}{tag}0000`... of one place and status, last seen when the
+    test says (the reconcile's offline marking and drift); returns their ids."""
+    ids = [f"{prefix}{tag}{i:04d}" for i in range(count)]
+    params: dict[str, Any] = {
+        "ids": ids,
+        "model": prefix + model,
+        "region": prefix + region,
+        "org": org,
+        "status": status,
+        "desired": desired,
+        "actual": actual,
+        "seen": last_seen_at,
+        "created": created_at or datetime.now(UTC),
+        "codes": reason_codes or [],
+    }
+    await conn.execute(
+        text(
+            "INSERT INTO vehicles (id, model, region, ring, org, status,"
+            " desired_release_version, actual_release_version, last_seen_at, created_at,"
+            " updated_at, reason_codes)"
+            " SELECT id, :model, :region, 'ga', :org, :status, :desired, :actual, :seen,"
+            " :created, :created, CAST(:codes AS text[]) FROM unnest(CAST(:ids AS text[])) AS id"
+        ),
+        params,
+    )
+    return ids
+
+
+async def statuses(conn: AsyncConnection, prefix: str) -> dict[str, str]:
+    """Each vehicle's status, by id, under the prefix."""
+    rows = await conn.execute(
+        text("SELECT id, status FROM vehicles WHERE id LIKE :p ORDER BY id"), {"p": prefix + "%"}
+    )
+    return {r.id: r.status for r in rows}
+
+
+async def make_release(sessions: Sessions, *, version: str) -> None:
+    async with sessions() as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                "INSERT INTO releases (version, artifact_digest, signature, signing_key_id,"
+                " created_by) VALUES (:v, 'sha256:00', 'sig', 'test-key', 'tests')"
+                " ON CONFLICT DO NOTHING"
+            ),
+            {"v": version},
+        )
+        await session.commit()
+
+
+def strategy(
+    *, canary_size: int | None = 5, canary_bake: int = 3600, waves: Any = None
+) -> dict[str, Any]:
+    return {
+        "canary": {"size": canary_size, "percent": None, "bakeSeconds": canary_bake},
+        "waves": waves
+        or [{"percent": 50, "bakeSeconds": 3600}, {"percent": 100, "bakeSeconds": 3600}],
+    }
+
+
+async def make_rollout(
+    sessions: Sessions,
+    *,
+    release_version: str,
+    targets: dict[str, Any],
+    strategy: dict[str, Any],
+    gates: dict[str, Any] | None = None,
+    timeouts: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
+) -> int:
+    """A pending rollout row, as the API inserts it (its workflow not started)."""
+    async with sessions() as session:
+        conn = await session.connection()
+        rollout_id = (
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO rollouts (release_version, targets, strategy, gates, timeouts,
+                                          retry, status, created_by, correlation_id)
+                    VALUES (:release, CAST(:targets AS jsonb), CAST(:strategy AS jsonb),
+                            CAST(:gates AS jsonb), CAST(:timeouts AS jsonb),
+                            CAST(:retry AS jsonb), 'pending', 'tests', 'corr-test')
+                    RETURNING id
+                    """
+                ),
+                {
+                    "release": release_version,
+                    "targets": json.dumps(targets),
+                    "strategy": json.dumps(strategy),
+                    "gates": json.dumps(gates or {}),
+                    "timeouts": json.dumps(timeouts or {}),
+                    "retry": json.dumps(retry or {}),
+                },
+            )
+        ).scalar_one()
+        await conn.execute(
+            text("UPDATE rollouts SET workflow_id = 'rollout-' || id WHERE id = :id"),
+            {"id": rollout_id},
+        )
+        await session.commit()
+        return int(rollout_id)
+
+
+async def fetch_all(sessions: Sessions, sql: str, **params: Any) -> list[dict[str, Any]]:
+    async with sessions() as session:
+        conn = await session.connection()
+        rows = await conn.execute(text(sql), params)
+        return [dict(row._mapping) for row in rows]
+
+
+async def fetch_one(sessions: Sessions, sql: str, **params: Any) -> dict[str, Any]:
+    rows = await fetch_all(sessions, sql, **params)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# --- Through a database URL (the API tests) ------------------------------------------------
+
+
+def insert_vehicles(
+    database_url: str,
+    ids: list[str],
+    *,
+    model: str = "atlas",
+    region: str = "eu-west",
+    ring: str = "broad",
+    release: str | None = None,
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO vehicles (id, model, region, ring, status, desired_release_version,"
+                " actual_release_version, last_seen_at) VALUES (%s, %s, %s, %s, 'in_sync', %s,"
+                " %s, now())",
+                [(i, model, region, ring, release, release) for i in ids],
+            )
+
+
+def insert_signed_release(
+    database_url: str,
+    key: Ed25519PrivateKey,
+    version: str,
+    *,
+    digest: str = "sha256:" + "ab" * 32,
+    signed_digest: str | None = None,
+) -> None:
+    """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
+    signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO releases (version, components, artifact_digest, signature,"
+            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
+            (version, json.dumps(COMPONENTS), digest, signature, kid),
+        )
+
+
+def insert_release(database_url: str, version: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO releases (version, components, artifact_digest, signature,"
+            " signing_key_id, created_by) VALUES (%s, '[]', 'sha256:00', 'c2ln', 'k', 'test')"
+            " ON CONFLICT DO NOTHING",
+            (version,),
+        )
