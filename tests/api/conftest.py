@@ -19,15 +19,18 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from core.auth import mint_dev_token
 from core.settings import Settings
+from core.temporal import ROLLOUT_TASK_QUEUE
 from devtools.localservers import free_port
 from models.enums import Role
 from services.signing import generate_signing_key, write_trusted_keys_file
 
 # The row factories live in tests/factories.py; the API tests import them from here too.
 from tests.factories import COMPONENTS as COMPONENTS
+from tests.factories import Sessions
 from tests.factories import insert_release as insert_release
 from tests.factories import insert_signed_release as insert_signed_release
 from tests.factories import insert_vehicles as insert_vehicles
+from worker.main import build_worker
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +91,15 @@ async def serve_app(app: Settings | FastAPI) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+async def rollout_worker(
+    dev_server_env: WorkflowEnvironment, sessions: Sessions
+) -> AsyncIterator[None]:
+    """A rollout worker on the queue the API starts workflows on (the dev server's)."""
+    async with build_worker(dev_server_env.client, sessions, task_queue=ROLLOUT_TASK_QUEUE):
+        yield
 
 
 @pytest.fixture(scope="session")

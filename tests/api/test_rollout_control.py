@@ -11,26 +11,12 @@ import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
-from core.temporal import ROLLOUT_TASK_QUEUE
 from devtools.localservers import free_port
 from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
-from worker.main import build_worker
-
-
-@pytest.fixture
-async def worker(
-    dev_server_env: WorkflowEnvironment, sessions: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[None]:
-    """A rollout worker on the queue the API starts workflows on."""
-    async with build_worker(dev_server_env.client, sessions, task_queue=ROLLOUT_TASK_QUEUE):
-        yield
 
 
 async def create_rollout(
@@ -94,7 +80,7 @@ async def test_control_a_running_rollout(
     database_url: str,
     prefix: str,
     signing_key: Ed25519PrivateKey,
-    worker: None,
+    rollout_worker: None,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
     await wait_for_status(http, viewer, rid, "running")

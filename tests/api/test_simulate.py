@@ -5,31 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
-import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
-from core.temporal import ROLLOUT_TASK_QUEUE
 from devtools.simulate import SimConfig, simulate
 from tests.api.conftest import insert_signed_release, insert_vehicles
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import wait_for_status
 from tests.api.test_telemetry import set_desired
-from worker.main import build_worker
-
-
-@pytest.fixture
-async def rollout_worker(
-    dev_server_env: WorkflowEnvironment, sessions: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[None]:
-    async with build_worker(dev_server_env.client, sessions, task_queue=ROLLOUT_TASK_QUEUE):
-        yield
 
 
 def _config(api: str, prefix: str, **kw: float) -> SimConfig:
