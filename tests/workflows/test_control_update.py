@@ -4,7 +4,6 @@ before anything is written to the history."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,14 +13,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
-from models.workflows import (
-    ControlRequest,
-    ControlResult,
-    RolloutInput,
-    RolloutResult,
-    RolloutState,
-)
+from core.temporal import rollout_workflow_id
+from models.workflows import ControlRequest, ControlResult, RolloutResult, RolloutState
 from tests.factories import (
     Sessions,
     fetch_all,
@@ -32,6 +25,7 @@ from tests.factories import (
     strategy,
     unique_prefix,
 )
+from tests.workflows.conftest import LENIENT_GATES, eventually, start_rollout, until
 from worker.main import build_worker
 
 RELEASE = "2026.2.0-update"
@@ -49,19 +43,17 @@ async def handle(
         release_version=RELEASE,
         targets={"models": [prefix + "m1"]},
         strategy=strategy(canary_size=2, canary_bake=3600),
-        gates={"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}},
+        gates=LENIENT_GATES,
         timeouts={"applySeconds": 86400},
     )
     async with build_worker(dev_server_env.client, sessions, task_queue=task_queue):
-        h = await dev_server_env.client.start_workflow(
-            ROLLOUT_WORKFLOW_TYPE,
-            RolloutInput(rollout_id=rollout_id, release_version=RELEASE, correlation_id="req-u"),
-            id=rollout_workflow_id(rollout_id) + "-" + prefix,
+        h = await start_rollout(
+            dev_server_env.client,
+            rollout_id,
+            release_version=RELEASE,
             task_queue=task_queue,
-            result_type=RolloutResult,
-            search_attributes=initial_search_attributes(
-                rollout_id=rollout_id, release_version=RELEASE, status="pending"
-            ),
+            correlation_id="req-u",
+            workflow_id=rollout_workflow_id(rollout_id) + "-" + prefix,
         )
         try:
             yield h
@@ -73,16 +65,14 @@ async def handle(
 
 async def _row(sessions: Sessions, handle: WorkflowHandle[Any, Any], status: str) -> dict[str, Any]:
     state = await handle.query("progress", result_type=RolloutState)
-    for _ in range(200):
-        row = await fetch_one(
+    return await eventually(
+        lambda: fetch_one(
             sessions,
             "SELECT status, status_reason FROM rollouts WHERE id = :r",
             r=state.rollout_id,
-        )
-        if row["status"] == status:
-            return row
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"rollout never {status}: {row}")
+        ),
+        lambda row: row["status"] == status,
+    )
 
 
 async def _refused(handle: WorkflowHandle[Any, Any], request: ControlRequest) -> str:
@@ -96,12 +86,7 @@ async def _refused(handle: WorkflowHandle[Any, Any], request: ControlRequest) ->
 async def test_control_update_pause_resume_abort(
     handle: WorkflowHandle[Any, RolloutResult], sessions: Sessions
 ) -> None:
-    for _ in range(200):
-        state = await handle.query("progress", result_type=RolloutState)
-        if (state.waiting_for or "").startswith("bake"):
-            break
-        await asyncio.sleep(0.05)
-
+    await until(handle, lambda s: (s.waiting_for or "").startswith("bake"))
     paused = await handle.execute_update(
         "control",
         ControlRequest(action="pause", reason="investigating", actor="alice"),

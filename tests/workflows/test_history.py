@@ -8,9 +8,8 @@ Record the saved histories again (after an intended, versioned change) with
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,14 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from core.temporal import (
-    ROLLOUT_WORKFLOW_TYPE,
-    SA_ROLLOUT_STATUS,
-    initial_search_attributes,
-    rollout_workflow_id,
-)
-from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
+from core.temporal import SA_ROLLOUT_STATUS
+from models.workflows import RolloutResult, RolloutSignal, RolloutState
 from tests.factories import Sessions, make_fleet, make_release, make_rollout, unique_prefix
-from worker.main import build_worker
+from tests.workflows.conftest import HOUR, LENIENT_GATES, NEVER_TIMES_OUT, start_rollout, until
 from workflows.rollout import RolloutWorkflow
 
 RELEASE = "2026.2.0-hist"
-HOUR = 3600
 HISTORIES = Path(__file__).parent / "histories"
-LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
-
-
-@pytest.fixture
-async def worker(
-    time_skipping_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
-) -> AsyncIterator[None]:
-    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
-        yield
 
 
 async def _run(
@@ -71,22 +55,15 @@ async def _run(
             ],
         },
         gates=LENIENT_GATES,
-        timeouts={"applySeconds": 7 * 86400},
+        timeouts=NEVER_TIMES_OUT,
     )
-    handle = await env.client.start_workflow(
-        ROLLOUT_WORKFLOW_TYPE,
-        RolloutInput(
-            rollout_id=rollout_id,
-            release_version=RELEASE,
-            continue_as_new_after_events=can_after,
-            gate_interval_seconds=gate_interval,
-        ),
-        id=rollout_workflow_id(rollout_id),
+    handle = await start_rollout(
+        env.client,
+        rollout_id,
+        release_version=RELEASE,
         task_queue=task_queue,
-        result_type=RolloutResult,
-        search_attributes=initial_search_attributes(
-            rollout_id=rollout_id, release_version=RELEASE, status="pending"
-        ),
+        gate_interval=gate_interval,
+        continue_as_new_after=can_after,
     )
     if during is not None:
         await during(handle)
@@ -137,16 +114,9 @@ async def test_a_run_with_signals_replays_and_is_saved(
     code; with MOTORCADE_RECORD_HISTORIES=1 it is saved for test_saved_histories_replay."""
 
     async def pause_and_resume(handle: WorkflowHandle[Any, RolloutResult]) -> None:
-        for _ in range(200):
-            state = await handle.query("progress", result_type=RolloutState)
-            if (state.waiting_for or "").startswith("bake"):
-                break
-            await asyncio.sleep(0.05)
+        await until(handle, lambda s: (s.waiting_for or "").startswith("bake"))
         await handle.signal("pause", RolloutSignal(reason="replay test", actor="alice"))
-        for _ in range(200):
-            if (await handle.query("progress", result_type=RolloutState)).status == "paused":
-                break
-            await asyncio.sleep(0.05)
+        await until(handle, lambda s: s.status == "paused")
         await handle.signal("resume", RolloutSignal(reason="go on", actor="alice"))
 
     handle, result, _ = await _run(

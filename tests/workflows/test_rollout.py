@@ -1,121 +1,42 @@
-"""RolloutWorkflow on the time-skipping server, with the real activities over PostgreSQL."""
+"""RolloutWorkflow on the time-skipping server, with the real activities over PostgreSQL:
+sequencing and operators' signals (vehicles report nothing; gates never stop these rollouts)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import pytest
 from temporalio.client import WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
 
-from core.temporal import (
-    ROLLOUT_WORKFLOW_TYPE,
-    SA_RELEASE_VERSION,
-    SA_ROLLOUT_ID,
-    SA_ROLLOUT_STAGE,
-    SA_ROLLOUT_STATUS,
-    rollout_workflow_id,
+from core.temporal import SA_RELEASE_VERSION, SA_ROLLOUT_ID, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
+from models.workflows import RolloutSignal, RolloutState
+from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one
+from tests.workflows.conftest import (
+    HOUR,
+    LENIENT_GATES,
+    NEVER_TIMES_OUT,
+    RELEASE,
+    Started,
+    StartRollout,
+    baking,
+    until,
 )
-from models.workflows import RolloutInput, RolloutResult, RolloutSignal, RolloutState
-from tests.factories import (
-    OLD_RELEASE,
-    Sessions,
-    fetch_all,
-    fetch_one,
-    make_fleet,
-    make_release,
-    make_rollout,
-    strategy,
-    unique_prefix,
-)
-from worker.main import build_worker
-
-NEW_RELEASE = "2026.2.0-wf"
-HOUR = 3600
 
 
-@pytest.fixture
-async def worker(
-    time_skipping_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
-) -> AsyncIterator[None]:
-    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
-        yield
+async def lenient(rollout: StartRollout) -> Started:
+    """Canary 3, waves to 30 and 60 vehicles, an hour's bake each, the workflow's own gate
+    tick (min(60 s, bake)); only an operator stops it."""
+    return await rollout(gates=LENIENT_GATES, timeouts=NEVER_TIMES_OUT, gate_interval=None)
 
 
-# Gates that never stop a rollout whose vehicles report nothing (these tests are about
-# sequencing and operators; test_execution.py covers gates with outcomes).
-LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
-LENIENT_TIMEOUTS = {"applySeconds": 7 * 86400}
+async def _search_attributes(handle: WorkflowHandle[Any, Any]) -> dict[str, Any]:
+    attrs = (await handle.describe()).typed_search_attributes
+    keys = (SA_ROLLOUT_STATUS, SA_ROLLOUT_STAGE, SA_ROLLOUT_ID, SA_RELEASE_VERSION)
+    return {key.name: attrs.get(key) for key in keys}
 
 
-@pytest.fixture
-async def rollout_id(sessions: Sessions) -> int:
-    """A pending rollout over 60 vehicles: canary 3 (1 h bake), waves 50% and 100% (1 h)."""
-    prefix = unique_prefix("wf")
-    await make_fleet(sessions, prefix=prefix, count=120)
-    await make_release(sessions, version=NEW_RELEASE)
-    return await make_rollout(
-        sessions,
-        release_version=NEW_RELEASE,
-        targets={"models": [prefix + "m2"]},
-        strategy=strategy(
-            canary_size=3,
-            canary_bake=HOUR,
-            waves=[{"percent": 50, "bakeSeconds": HOUR}, {"percent": 100, "bakeSeconds": HOUR}],
-        ),
-        gates=LENIENT_GATES,
-        timeouts=LENIENT_TIMEOUTS,
-    )
-
-
-async def _start(
-    env: WorkflowEnvironment, rollout_id: int, task_queue: str
-) -> WorkflowHandle[Any, RolloutResult]:
-    # As the API starts it.
-    return await env.client.start_workflow(
-        ROLLOUT_WORKFLOW_TYPE,
-        RolloutInput(rollout_id=rollout_id, release_version=NEW_RELEASE, correlation_id="req-1"),
-        id=rollout_workflow_id(rollout_id),
-        task_queue=task_queue,
-        result_type=RolloutResult,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(SA_ROLLOUT_ID, str(rollout_id)),
-                SearchAttributePair(SA_RELEASE_VERSION, NEW_RELEASE),
-                SearchAttributePair(SA_ROLLOUT_STATUS, "pending"),
-                SearchAttributePair(SA_ROLLOUT_STAGE, ""),
-            ]
-        ),
-    )
-
-
-async def _until(
-    handle: WorkflowHandle[Any, Any], predicate: Callable[[RolloutState], bool]
-) -> RolloutState:
-    for _ in range(200):
-        state = await handle.query("progress", result_type=RolloutState)
-        if predicate(state):
-            return state
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never reached: last state {state}")
-
-
-def _baking(stage: str) -> Callable[[RolloutState], bool]:
-    # Its own bake: the workflow names the next stage before it has issued it.
-    return lambda s: s.stage == stage and (s.waiting_for or "").startswith(f"bake of {stage} ")
-
-
-async def test_canary_and_two_waves_complete(
-    time_skipping_env: WorkflowEnvironment,
-    worker: None,
-    rollout_id: int,
-    task_queue: str,
-    sessions: Sessions,
-) -> None:
-    handle = await _start(time_skipping_env, rollout_id, task_queue)
+async def test_canary_and_two_waves_complete(rollout: StartRollout, sessions: Sessions) -> None:
+    rollout_id, handle = await lenient(rollout)
     result = await handle.result()  # three one-hour bakes, skipped
     assert result.status == "completed" and result.stages_issued == 3
     assert result.counts.targeted == 60
@@ -158,7 +79,7 @@ async def test_canary_and_two_waves_complete(
         " GROUP BY v.desired_release_version",
         r=rollout_id,
     )
-    assert vehicles == [{"desired_release_version": NEW_RELEASE, "n": 60}]
+    assert vehicles == [{"desired_release_version": RELEASE, "n": 60}]
     audit = await fetch_all(
         sessions,
         "SELECT action, payload ->> 'stage' AS stage FROM audit_log"
@@ -172,32 +93,26 @@ async def test_canary_and_two_waves_complete(
         ("rollout.stage_started", "wave-2"),
         ("rollout.completed", "wave-2"),
     ]
-
-    desc = await handle.describe()
-    attrs = desc.typed_search_attributes
-    assert attrs.get(SA_ROLLOUT_STATUS) == "completed"
-    assert attrs.get(SA_ROLLOUT_STAGE) == "wave-2"
-    assert attrs.get(SA_ROLLOUT_ID) == str(rollout_id)
-    assert attrs.get(SA_RELEASE_VERSION) == NEW_RELEASE
-
+    assert await _search_attributes(handle) == {
+        "RolloutStatus": "completed",
+        "RolloutStage": "wave-2",
+        "RolloutId": str(rollout_id),
+        "ReleaseVersion": RELEASE,
+    }
     state = await handle.query("progress", result_type=RolloutState)
     assert state.status == "completed" and not state.paused
     assert [s.name for s in state.stages] == ["canary", "wave-1", "wave-2"]
 
 
 async def test_pause_holds_the_next_stage_until_resume(
-    time_skipping_env: WorkflowEnvironment,
-    worker: None,
-    rollout_id: int,
-    task_queue: str,
-    sessions: Sessions,
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
 ) -> None:
-    handle = await _start(time_skipping_env, rollout_id, task_queue)
-    await _until(handle, _baking("canary"))
+    rollout_id, handle = await lenient(rollout)
+    await until(handle, baking("canary"))
     await handle.signal("pause", RolloutSignal(reason="investigating", actor="alice"))
-    state = await _until(handle, lambda s: s.status == "paused")
+    state = await until(handle, lambda s: s.status == "paused")
     assert state.paused and state.waiting_for == "resume"
-    assert (await handle.describe()).typed_search_attributes.get(SA_ROLLOUT_STATUS) == "paused"
+    assert (await _search_attributes(handle))["RolloutStatus"] == "paused"
 
     await time_skipping_env.sleep(3 * HOUR)  # well past the canary's bake
     state = await handle.query("progress", result_type=RolloutState)
@@ -231,15 +146,9 @@ async def test_pause_holds_the_next_stage_until_resume(
     ]
 
 
-async def test_abort_stops_before_the_next_stage(
-    time_skipping_env: WorkflowEnvironment,
-    worker: None,
-    rollout_id: int,
-    task_queue: str,
-    sessions: Sessions,
-) -> None:
-    handle = await _start(time_skipping_env, rollout_id, task_queue)
-    await _until(handle, _baking("canary"))
+async def test_abort_stops_before_the_next_stage(rollout: StartRollout, sessions: Sessions) -> None:
+    rollout_id, handle = await lenient(rollout)
+    await until(handle, baking("canary"))
     await handle.signal("abort", RolloutSignal(reason="bad build", actor="bob"))
     result = await handle.result()
     assert result.status == "aborted" and result.status_reason == "OPERATOR"
@@ -260,7 +169,7 @@ async def test_abort_stops_before_the_next_stage(
         old=OLD_RELEASE,
     )
     assert untouched["n"] == 57
-    assert (await handle.describe()).typed_search_attributes.get(SA_ROLLOUT_STATUS) == "aborted"
+    assert (await _search_attributes(handle))["RolloutStatus"] == "aborted"
     last = await fetch_one(
         sessions,
         "SELECT action, actor, reason FROM audit_log WHERE target_type = 'rollout'"
@@ -271,19 +180,15 @@ async def test_abort_stops_before_the_next_stage(
 
 
 async def test_rollback_returns_the_touched_vehicles(
-    time_skipping_env: WorkflowEnvironment,
-    worker: None,
-    rollout_id: int,
-    task_queue: str,
-    sessions: Sessions,
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
 ) -> None:
-    handle = await _start(time_skipping_env, rollout_id, task_queue)
-    await _until(handle, _baking("canary"))
+    rollout_id, handle = await lenient(rollout)
+    await until(handle, baking("canary"))
     # Time skips only when asked while nobody waits. Half a gate tick past the canary's bake:
     # the signal below must not land on the instant a tick timer fires (a signal and a timer
     # at the same virtual instant have been seen to wedge the time-skipping test server).
     await time_skipping_env.sleep(HOUR + 30)
-    await _until(handle, _baking("wave-1"))
+    await until(handle, baking("wave-1"))
     await handle.signal("rollback", RolloutSignal(reason="regression", actor="carol"))
     result = await handle.result()
     assert result.status == "rolled_back"

@@ -8,14 +8,13 @@ import asyncio
 import contextlib
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
 from models.workflows import RolloutInput, RolloutResult
-from tests.factories import make_fleet, make_release, make_rollout, unique_prefix
+from tests.factories import Sessions, make_fleet, make_release, make_rollout, unique_prefix
+from tests.workflows.conftest import LENIENT_GATES
 from worker.main import run_worker
 
 RELEASE = "2026.2.0-worker"
@@ -24,7 +23,7 @@ RELEASE = "2026.2.0-worker"
 async def test_run_worker_runs_a_rollout_on_the_dev_server(
     dev_server_env: WorkflowEnvironment,
     settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     prefix = unique_prefix("wk")
@@ -39,7 +38,7 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
             "waves": [{"percent": 100, "bakeSeconds": 0}],
         },
         # nobody reports here: a canary gate that needs no samples
-        gates={"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}},
+        gates=LENIENT_GATES,
     )
     config = settings.model_copy(
         update={"temporal_address": dev_server_env.client.service_client.config.target_host}

@@ -1,0 +1,232 @@
+"""Shared by the workflow tests: the real worker on the time-skipping server, a rollout
+started as the API starts it, waiting for a rollout's state, and the rows and outcomes the
+gate tests work with (a rollout's vehicles report through `record_target_outcomes`, the
+telemetry path's entry point)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from core.db import session_scope
+from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
+from models.workflows import RolloutInput, RolloutResult, RolloutState
+from services.rollouts.outcomes import record_target_outcomes
+from tests.factories import (
+    Sessions,
+    fetch_all,
+    make_fleet,
+    make_release,
+    make_rollout,
+    unique_prefix,
+)
+from worker.main import build_worker
+
+T = TypeVar("T")
+
+RELEASE = "2026.2.0-wf"
+HOUR = 3600
+GATE_INTERVAL = 600  # fewer ticks than the default 60 s: faster tests, same logic
+NEVER_TIMES_OUT = {"applySeconds": 7 * 86400}
+# Gates that never stop a rollout whose vehicles report nothing (for tests about sequencing
+# and operators).
+LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
+
+
+@pytest.fixture
+async def worker(
+    time_skipping_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
+) -> AsyncIterator[None]:
+    """The real worker (workflows, and activities over PostgreSQL) on this test's queue of
+    the time-skipping server."""
+    async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
+        yield
+
+
+async def start_rollout(
+    client: Client,
+    rollout_id: int,
+    *,
+    release_version: str,
+    task_queue: str,
+    correlation_id: str | None = None,
+    gate_interval: int | None = None,
+    continue_as_new_after: int | None = None,
+    workflow_id: str | None = None,
+) -> WorkflowHandle[Any, RolloutResult]:
+    """Start `RolloutWorkflow` as the API does (its id, input and initial search attributes);
+    the keyword arguments are the test-only knobs of `RolloutInput`."""
+    return await client.start_workflow(
+        ROLLOUT_WORKFLOW_TYPE,
+        RolloutInput(
+            rollout_id=rollout_id,
+            release_version=release_version,
+            correlation_id=correlation_id,
+            gate_interval_seconds=gate_interval,
+            continue_as_new_after_events=continue_as_new_after,
+        ),
+        id=workflow_id or rollout_workflow_id(rollout_id),
+        task_queue=task_queue,
+        result_type=RolloutResult,
+        search_attributes=initial_search_attributes(
+            rollout_id=rollout_id, release_version=release_version, status="pending"
+        ),
+    )
+
+
+class Started(NamedTuple):
+    rollout_id: int
+    handle: WorkflowHandle[Any, RolloutResult]
+
+
+StartRollout = Callable[..., Awaitable[Started]]
+
+
+@pytest.fixture
+async def rollout(
+    time_skipping_env: WorkflowEnvironment, worker: None, sessions: Sessions, task_queue: str
+) -> StartRollout:
+    """A factory: a rollout over 60 vehicles of their own (canary 3, waves 50% and 100%, an
+    hour's bake each unless `bakes` says otherwise), started on the worker with a gate tick
+    every GATE_INTERVAL (`gate_interval=None`: the workflow's own, min(60 s, bake))."""
+    await make_release(sessions, version=RELEASE)
+
+    async def start(
+        *,
+        bakes: tuple[int, int, int] = (HOUR, HOUR, HOUR),
+        gates: dict[str, Any] | None = None,
+        timeouts: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+        gate_interval: int | None = GATE_INTERVAL,
+    ) -> Started:
+        prefix = unique_prefix("wf")
+        await make_fleet(sessions, prefix=prefix, count=120)
+        rollout_id = await make_rollout(
+            sessions,
+            release_version=RELEASE,
+            targets={"models": [prefix + "m2"]},
+            strategy={
+                "canary": {"size": 3, "bakeSeconds": bakes[0]},
+                "waves": [
+                    {"percent": 50, "bakeSeconds": bakes[1]},
+                    {"percent": 100, "bakeSeconds": bakes[2]},
+                ],
+            },
+            gates=gates,
+            timeouts=timeouts,
+            retry=retry,
+        )
+        handle = await start_rollout(
+            time_skipping_env.client,
+            rollout_id,
+            release_version=RELEASE,
+            task_queue=task_queue,
+            correlation_id=f"req-{prefix}",
+            gate_interval=gate_interval,
+        )
+        return Started(rollout_id, handle)
+
+    return start
+
+
+# --- Waiting -------------------------------------------------------------------------------
+
+
+async def eventually(
+    read: Callable[[], Awaitable[T]], holds: Callable[[T], bool], *, attempts: int = 300
+) -> T:
+    """`read()` again every 50 ms until `holds` (at most `attempts` times); what it read."""
+    for _ in range(attempts):
+        value = await read()
+        if holds(value):
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never reached: last read {value}")
+
+
+async def until(
+    handle: WorkflowHandle[Any, Any], holds: Callable[[RolloutState], bool]
+) -> RolloutState:
+    """The rollout's state (its `progress` query) once `holds`."""
+    return await eventually(lambda: handle.query("progress", result_type=RolloutState), holds)
+
+
+def baking(stage: str) -> Callable[[RolloutState], bool]:
+    # Its own bake: the workflow names the next stage before it has issued it.
+    return lambda s: (
+        s.status == "running"
+        and s.stage == stage
+        and (s.waiting_for or "").startswith(f"bake of {stage} ")
+    )
+
+
+def rollback_baking(stage: str) -> Callable[[RolloutState], bool]:
+    # The stage's own rollback bake (a stale "rollback bake of <previous stage>" must not count).
+    return lambda s: (
+        s.status == "rolling_back"
+        and s.stage == stage
+        and (s.waiting_for or "").startswith(f"rollback bake of {stage} ")
+    )
+
+
+# --- A rollout's vehicles and records ------------------------------------------------------
+
+
+async def stage_vehicles(sessions: Sessions, rollout_id: int, stage: int) -> list[str]:
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = :s"
+        " ORDER BY vehicle_id",
+        r=rollout_id,
+        s=stage,
+    )
+    return [r["vehicle_id"] for r in rows]
+
+
+async def report(
+    sessions: Sessions, rollout_id: int, vehicles: list[str], state: str, reason: str | None = None
+) -> None:
+    """The vehicles report `state` (and its reason code), as telemetry would record it."""
+    async with session_scope(sessions) as session:
+        await record_target_outcomes(
+            session, rollout_id=rollout_id, outcomes=[(v, state, reason) for v in vehicles]
+        )
+
+
+async def through_healthy_canary(
+    env: WorkflowEnvironment,
+    handle: WorkflowHandle[Any, RolloutResult],
+    sessions: Sessions,
+    rollout_id: int,
+) -> list[str]:
+    """The canary reports ready and bakes out; returns wave-1's vehicles once it bakes."""
+    await until(handle, baking("canary"))
+    await report(sessions, rollout_id, await stage_vehicles(sessions, rollout_id, 0), "succeeded")
+    await env.sleep(HOUR + 60)
+    await until(handle, baking("wave-1"))
+    return await stage_vehicles(sessions, rollout_id, 1)
+
+
+async def target_states(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    """Targets per (stage, state, reason_code, attempt)."""
+    return await fetch_all(
+        sessions,
+        "SELECT stage, state, reason_code, attempt, count(*) AS n FROM rollout_targets"
+        " WHERE rollout_id = :r GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        r=rollout_id,
+    )
+
+
+async def audit_actions(sessions: Sessions, rollout_id: int) -> list[str]:
+    """The rollout's audit actions, in order."""
+    rows = await fetch_all(
+        sessions,
+        "SELECT action FROM audit_log WHERE target_type = 'rollout' AND target_id = :t ORDER BY id",
+        t=str(rollout_id),
+    )
+    return [r["action"] for r in rows]
