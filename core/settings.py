@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.workflows import DEFAULT_MIN_BATTERY_PERCENT, DEFAULT_REQUIRE_STATIONARY
+
 
 class SettingsError(ValueError):
     """Raised for a configuration that must not run."""
@@ -204,9 +206,11 @@ class Settings(BaseSettings):
     )
 
     # Fleet default safety policy (MOTORCADE_SAFETY_*).
-    safety_require_stationary: bool = Field(True, description="Default: vehicle must be parked.")
+    safety_require_stationary: bool = Field(
+        DEFAULT_REQUIRE_STATIONARY, description="Default: vehicle must be parked."
+    )
     safety_min_battery_percent: int = Field(
-        30, ge=0, le=100, description="Default minimum battery."
+        DEFAULT_MIN_BATTERY_PERCENT, ge=0, le=100, description="Default minimum battery."
     )
 
     @field_validator("database_url")

@@ -156,8 +156,8 @@ DEFAULT_FAILURE_ACTION: FailureAction = "pause"  # gates.failureThreshold.action
 DEFAULT_APPLY_SECONDS = 3600  # timeouts.applySeconds
 DEFAULT_MAX_ATTEMPTS = 2  # retry.maxAttempts
 DEFAULT_BACKOFF_SECONDS = 300  # retry.backoffSeconds
-# gates.safetyChecks when a stored rollout lacks them (the API stores the settings' defaults,
-# MOTORCADE_SAFETY_*, in every rollout it creates).
+# The fleet's safety defaults (MOTORCADE_SAFETY_* default to them); also gates.safetyChecks
+# when a stored rollout lacks them (the API stores the effective checks in every rollout).
 DEFAULT_REQUIRE_STATIONARY = True
 DEFAULT_MIN_BATTERY_PERCENT = 30
 

@@ -306,20 +306,12 @@ def next_window_start(now_utc: datetime, window: MaintenanceWindowSpec | None) -
 
 # --- Retries -------------------------------------------------------------------------------
 
+# A failed target is issued again (services/rollouts/sweeps.py) when its reason is one of
+# these and it has attempts left (it was issued fewer than `retry.maxAttempts` times). Unknown
+# codes are not retried (an operator decides); SIGNATURE_INVALID and INSUFFICIENT_STORAGE
+# never are.
 RETRYABLE_REASONS = frozenset({"NETWORK_UNREACHABLE", "APPLY_FAILED", "APPLY_TIMEOUT"})
-NEVER_RETRIED_REASONS = frozenset({"SIGNATURE_INVALID", "INSUFFICIENT_STORAGE"})
 MAX_BACKOFF_SECONDS = 6 * 3600
-
-
-def is_retryable(reason_code: str | None) -> bool:
-    """Only the known transient reasons are retried; unknown codes are not (an operator
-    decides), and SIGNATURE_INVALID / INSUFFICIENT_STORAGE never are."""
-    return reason_code in RETRYABLE_REASONS
-
-
-def should_retry(reason_code: str | None, *, attempt: int, max_attempts: int) -> bool:
-    """`attempt` is how many times the desired state was issued (1 after the first issue)."""
-    return is_retryable(reason_code) and attempt < max_attempts
 
 
 def retry_backoff_seconds(attempt: int, *, base_seconds: int) -> int:

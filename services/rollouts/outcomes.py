@@ -98,7 +98,7 @@ async def record_target_outcomes(
 
 
 async def gate_counts(
-    session: AsyncSession, *, rollout_id: int, stage_index: int | None, max_attempts: int = 2
+    session: AsyncSession, *, rollout_id: int, stage_index: int | None, max_attempts: int
 ) -> GateCounts:
     """Targets per state of one stage (or the whole rollout, `stage_index` None). `retryable`:
     failed and issued again by the retry sweep once its backoff is over (a retryable reason,

@@ -1,4 +1,6 @@
-"""Gate arithmetic, maintenance windows and retry rules: pure, table-driven."""
+"""Gate arithmetic, maintenance windows and the retry backoff: pure, table-driven. Which
+failures are retried is tested on the SQL that decides it (tests/services/rollouts/
+test_retry_rule.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,9 @@ from workflows.policy import (
     decide,
     failure_threshold_breached,
     gate_policy,
-    is_retryable,
     next_window_start,
     retry_backoff_seconds,
     rollout_policy,
-    should_retry,
     window_open,
 )
 
@@ -245,27 +245,6 @@ def test_a_window_without_days_never_opens() -> None:
     never = MaintenanceWindowSpec(start="01:00", end="02:00", days=[])
     assert not window_open(utc("2026-11-27T01:30:00"), never)
     assert next_window_start(utc("2026-11-27T01:30:00"), never) is None
-
-
-@pytest.mark.parametrize(
-    ("reason", "attempt", "max_attempts", "retry"),
-    [
-        ("NETWORK_UNREACHABLE", 1, 2, True),
-        ("APPLY_FAILED", 1, 2, True),
-        ("APPLY_TIMEOUT", 1, 3, True),
-        ("APPLY_TIMEOUT", 2, 2, False),  # attempts used up
-        ("SIGNATURE_INVALID", 1, 5, False),
-        ("INSUFFICIENT_STORAGE", 1, 5, False),
-        ("BATTERY_LOW", 1, 5, False),  # a safety block, not a failure to retry
-        ("SOMETHING_NEW", 1, 5, False),  # unknown: an operator decides
-        (None, 1, 5, False),
-    ],
-)
-def test_should_retry(reason: str | None, attempt: int, max_attempts: int, retry: bool) -> None:
-    assert should_retry(reason, attempt=attempt, max_attempts=max_attempts) is retry
-    assert is_retryable(reason) is (
-        reason in {"NETWORK_UNREACHABLE", "APPLY_FAILED", "APPLY_TIMEOUT"}
-    )
 
 
 @pytest.mark.parametrize(
