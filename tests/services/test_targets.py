@@ -1,5 +1,5 @@
 """Target selection: the request form (bound arrays) and the stored form (a rollout's JSONB)
-select the same vehicles, orgs included."""
+select the same vehicles, orgs included. (Scope: tests/services/test_scope.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
-from core.errors import Forbidden
 from core.settings import normalize_database_url
-from models.scope import Scope
-from services.scope import check_targets_in_scope
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 
 
@@ -79,13 +76,3 @@ def test_request_and_stored_forms_agree(
     engine.dispose()
     assert [r[0] for r in request] == want
     assert [r[0] for r in stored] == want
-
-
-def test_org_scoped_targets_are_bound_to_the_callers_orgs() -> None:
-    targets: dict = {"regions": ["eu-west"], "orgs": []}
-    check_targets_in_scope(targets, Scope(orgs=("acme",)))
-    assert targets["orgs"] == ["acme"]
-    with pytest.raises(Forbidden):
-        check_targets_in_scope({"regions": ["eu-west"], "orgs": ["globex"]}, Scope(orgs=("acme",)))
-    with pytest.raises(Forbidden):
-        check_targets_in_scope({"models": ["atlas"]}, Scope(regions=("eu-west",)))

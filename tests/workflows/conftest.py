@@ -35,7 +35,6 @@ GATE_INTERVAL = 600  # fewer ticks than the default 60 s: faster tests, same log
 NEVER_TIMES_OUT = {"applySeconds": 7 * 86400}
 # Gates that never stop a rollout whose vehicles report nothing (for tests about sequencing
 # and operators).
-LENIENT_GATES = {"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}}
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.temporal import rollout_workflow_id
 from models.workflows import ControlRequest, ControlResult, RolloutResult, RolloutState
 from tests.factories import (
+    LENIENT_GATES,
     Sessions,
     fetch_all,
     fetch_one,
@@ -25,7 +26,7 @@ from tests.factories import (
     strategy,
     unique_prefix,
 )
-from tests.workflows.conftest import LENIENT_GATES, eventually, start_rollout, until
+from tests.workflows.conftest import eventually, start_rollout, until
 from worker.main import build_worker
 
 RELEASE = "2026.2.0-update"

@@ -21,8 +21,15 @@ from temporalio.worker import Replayer
 
 from core.temporal import SA_ROLLOUT_STATUS
 from models.workflows import RolloutResult, RolloutSignal, RolloutState
-from tests.factories import Sessions, make_fleet, make_release, make_rollout, unique_prefix
-from tests.workflows.conftest import HOUR, LENIENT_GATES, NEVER_TIMES_OUT, start_rollout, until
+from tests.factories import (
+    LENIENT_GATES,
+    Sessions,
+    make_fleet,
+    make_release,
+    make_rollout,
+    unique_prefix,
+)
+from tests.workflows.conftest import HOUR, NEVER_TIMES_OUT, start_rollout, until
 from workflows.rollout import RolloutWorkflow
 
 RELEASE = "2026.2.0-hist"

@@ -10,10 +10,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.temporal import SA_RELEASE_VERSION, SA_ROLLOUT_ID, SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
 from models.workflows import RolloutSignal, RolloutState
-from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one
+from tests.factories import LENIENT_GATES, OLD_RELEASE, Sessions, fetch_all, fetch_one
 from tests.workflows.conftest import (
     HOUR,
-    LENIENT_GATES,
     NEVER_TIMES_OUT,
     RELEASE,
     Started,

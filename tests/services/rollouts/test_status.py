@@ -1,4 +1,4 @@
-"""The rollout engine's services directly: planning, issuing by cursor, status refusals."""
+"""The one writer of a rollout's status (services/rollouts/status.py)."""
 
 from __future__ import annotations
 
@@ -8,57 +8,8 @@ from core.db import session_scope
 from core.errors import RolloutNotFound
 from models.enums import AuditSource
 from services.audit import Actor
-from services.rollouts import issue, plan, queries, status
-from tests.factories import (
-    Sessions,
-    fetch_all,
-    fetch_one,
-    make_fleet,
-    make_release,
-    make_rollout,
-    strategy,
-    unique_prefix,
-)
-
-RELEASE = "2026.2.0-svc"
-
-
-@pytest.fixture
-async def rollout_id(sessions: Sessions) -> int:
-    prefix = unique_prefix("svc")
-    await make_fleet(sessions, prefix=prefix, count=90)
-    await make_release(sessions, version=RELEASE)
-    return await make_rollout(
-        sessions,
-        release_version=RELEASE,
-        targets={"regions": [prefix + "eu-west"], "models": [], "rings": None},
-        strategy=strategy(canary_size=None, waves=[{"percent": 10}, {"percent": 100}]),
-    )
-
-
-async def test_batches_walk_the_stage_by_cursor(sessions: Sessions, rollout_id: int) -> None:
-    async with session_scope(sessions) as session:
-        expansion = await plan.plan_and_expand(session, rollout_id=rollout_id)
-    assert expansion.counts_per_stage == [3, 27]
-    cursor, seen = "", 0
-    while True:
-        async with session_scope(sessions) as session:
-            batch = await issue.issue_stage_batch(
-                session,
-                rollout_id=rollout_id,
-                stage_index=1,
-                release_version=RELEASE,
-                after_vehicle_id=cursor,
-                batch_size=10,
-            )
-        if not batch.selected:
-            break
-        assert batch.last_vehicle_id and batch.last_vehicle_id > cursor
-        cursor, seen = batch.last_vehicle_id, seen + batch.issued
-    assert seen == 27
-    async with session_scope(sessions) as session:
-        counts = await queries.progress(session, rollout_id=rollout_id)
-    assert (counts.targeted, counts.notified, counts.pending) == (30, 27, 3)
+from services.rollouts import queries, status
+from tests.factories import Sessions, fetch_all, fetch_one
 
 
 async def test_unknown_status_and_rollout_are_refused(sessions: Sessions, rollout_id: int) -> None:

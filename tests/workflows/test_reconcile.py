@@ -41,8 +41,10 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
             desired="2026.2.0",
         )
         await session.commit()
-    # A cutoff around 2000-01-01: only vehicles last seen in the last century are stale.
-    offline_after = int((datetime.now(UTC) - datetime(2000, 1, 1, tzinfo=UTC)).total_seconds())
+    # A cutoff around 2000-01-01: only vehicles last seen in the last century are stale. The
+    # workflow's clock is the test server's, which earlier tests may have skipped far ahead.
+    now = await time_skipping_env.get_current_time()
+    offline_after = int((now - datetime(2000, 1, 1, tzinfo=UTC)).total_seconds())
     workflow_id = f"reconcile-{prefix}"
     async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
         result = await time_skipping_env.client.execute_workflow(

@@ -13,8 +13,14 @@ from temporalio.testing import WorkflowEnvironment
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
 from models.workflows import RolloutInput, RolloutResult
-from tests.factories import Sessions, make_fleet, make_release, make_rollout, unique_prefix
-from tests.workflows.conftest import LENIENT_GATES
+from tests.factories import (
+    LENIENT_GATES,
+    Sessions,
+    make_fleet,
+    make_release,
+    make_rollout,
+    unique_prefix,
+)
 from worker.main import run_worker
 
 RELEASE = "2026.2.0-worker"
