@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 openapi: $(STAMP)
 	$(BIN)/motorcade openapi --write docs/openapi.yaml
