@@ -32,6 +32,20 @@ def target_set_desired_state_id(rollout_id: int, target_set: str) -> uuid.UUID:
     return uuid.UUID(hashlib.md5(key.encode()).hexdigest())
 
 
+def desired_states_written(*, desired_state_id: str, release: str, reason: str, where: str) -> str:
+    """The CTE `desired_states_written` of a statement whose CTE `todo` holds targets: one
+    target-set desired state per distinct `desired_state_id` of `todo`'s rows meeting `where`
+    (SQL expressions over `todo`), written once (its id derives from the set)."""
+    return f"""
+    desired_states_written AS (
+        INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
+                                    reason, created_by)
+        SELECT DISTINCT {desired_state_id}, NULL::text, {release}, :rid, {reason}, :created_by
+        FROM todo WHERE {where}
+        ON CONFLICT (id) DO NOTHING
+    ),"""
+
+
 @dataclass(frozen=True)
 class IssuedBatch:
     selected: int

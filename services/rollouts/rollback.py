@@ -11,7 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
-from services.rollouts.issue import ROLLBACK_DESIRED_STATE
+from services.rollouts.issue import ROLLBACK_DESIRED_STATE, desired_states_written
 
 
 async def skip_planned_targets(session: AsyncSession, *, rollout_id: int) -> int:
@@ -67,14 +67,14 @@ _ROLLBACK_BATCH = text(
         LIMIT :n
         FOR UPDATE OF t
     ),
-    desired_states_written AS (
-        INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                    reason, created_by)
-        SELECT DISTINCT rollback_desired_state_id, NULL::text, previous_release, :rid,
-               :reason, :created_by
-        FROM todo WHERE still_ours AND previous_release IS NOT NULL
-        ON CONFLICT (id) DO NOTHING
-    ),
+    {
+        desired_states_written(
+            desired_state_id="rollback_desired_state_id",
+            release="previous_release",
+            reason=":reason",
+            where="still_ours AND previous_release IS NOT NULL",
+        )
+    }
     vehicles_returned AS (
         UPDATE vehicles v
         SET desired_release_version = todo.previous_release,

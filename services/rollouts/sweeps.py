@@ -13,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
+from services.rollouts.issue import desired_states_written
 from workflows.policy import RETRYABLE_REASONS, retry_backoff_seconds
 
 # A failed target that the retry sweep may issue again (reason retryable, attempts left):
@@ -86,15 +87,14 @@ _RETRY_FAILED_TARGETS = text(
         LIMIT :n
         FOR UPDATE OF t
     ),
-    desired_states_written AS (
-        INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                    reason, created_by)
-        SELECT DISTINCT desired_state_id, NULL::text, :release, :rid,
-               'retry ' || attempt::text || ' of rollout ' || CAST(:rid AS text),
-               :created_by
-        FROM todo
-        ON CONFLICT (id) DO NOTHING
-    ),
+    {
+        desired_states_written(
+            desired_state_id="desired_state_id",
+            release=":release",
+            reason="'retry ' || attempt::text || ' of rollout ' || CAST(:rid AS text)",
+            where="true",
+        )
+    }
     vehicles_retried AS (
         UPDATE vehicles v
         SET desired_state_id = todo.desired_state_id, desired_release_version = :release,
