@@ -20,11 +20,11 @@ from models.scope import Scope
 from models.tables import AuditEntry
 from services.pagination import (
     Sort,
-    any_of,
     decode_cursor,
     keyset,
     split_page,
     timestamp_key,
+    where_any_of,
 )
 from services.scope import audit_entries_in_scope
 
@@ -181,15 +181,13 @@ def _select(scope: Scope, filters: AuditFilters) -> Any:
     rollout the caller cannot see is not visible either. An entry about nothing scoped (a
     release, the fleet) is outside every scope."""
     stmt = select(AuditEntry).where(*audit_entries_in_scope(scope))
-    for column, values in (
+    stmt = where_any_of(
+        stmt,
         (col(AuditEntry.actor), filters.actors),
         (col(AuditEntry.action), filters.actions),
         (col(AuditEntry.target_type), filters.target_types),
         (col(AuditEntry.target_id), filters.target_ids),
-    ):
-        cond = any_of(column, values)
-        if cond is not None:
-            stmt = stmt.where(cond)
+    )
     if filters.since is not None:
         stmt = stmt.where(col(AuditEntry.at) >= filters.since)
     if filters.until is not None:

@@ -30,11 +30,11 @@ from services.assignment import (
 from services.audit import record_write
 from services.pagination import (
     Sort,
-    any_of,
     check_rollout_ids,
     decode_cursor,
     split_page,
     timestamp_key,
+    where_any_of,
 )
 from services.scope import (
     rollouts_in_scope,
@@ -99,13 +99,11 @@ def desired_state_list_statement(
                 ),
             )
         )
-    for column, values in (
+    stmt = where_any_of(
+        stmt,
         (col(DesiredState.rollout_id), [int(r) for r in filters.rollout_ids]),
         (col(DesiredState.release_version), filters.release_versions),
-    ):
-        cond = any_of(column, values)
-        if cond is not None:
-            stmt = stmt.where(cond)
+    )
     if cursor:
         at, ident = decode_cursor(cursor, DESIRED_STATE_SORT)
         try:

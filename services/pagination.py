@@ -169,7 +169,11 @@ def split_page(
     return items, encode_cursor(sort, value_of(last), id_of(last))
 
 
-def any_of(column: Any, values: Sequence[Any]) -> ColumnElement[bool] | None:
-    if not values:
-        return None
-    return column.in_(list(values)) if len(values) > 1 else column == values[0]
+def where_any_of(stmt: S, *filters: tuple[Any, Sequence[Any]]) -> S:
+    """`stmt` narrowed by each `(column, values)` filter that has values: `column = value` for
+    one (an index on the column then gives rows in its order), `column IN (...)` for more."""
+    for column, values in filters:
+        if values:
+            cond = column.in_(list(values)) if len(values) > 1 else column == values[0]
+            stmt = stmt.where(cond)
+    return stmt

@@ -20,13 +20,13 @@ from models.workflows import RolloutCounts, RolloutPolicy
 from services.pagination import (
     Sort,
     SortKey,
-    any_of,
     check_choices,
     decode_cursor,
     keyset,
     parse_sort,
     split_page,
     timestamp_key,
+    where_any_of,
 )
 from services.rollouts.counters import COUNTS_COLUMNS
 from services.scope import rollouts_in_scope, vehicles_in_scope
@@ -52,13 +52,11 @@ async def list_rollouts(
     check_choices(statuses, sorted(RolloutStatus), field="status", noun="status")
     order = parse_sort(sort, ROLLOUT_SORTS, "-id")
     stmt = select(Rollout).where(*rollouts_in_scope(scope))
-    for column, values in (
+    stmt = where_any_of(
+        stmt,
         (col(Rollout.status), statuses),
         (col(Rollout.release_version), release_versions),
-    ):
-        cond = any_of(column, values)
-        if cond is not None:
-            stmt = stmt.where(cond)
+    )
     stmt = keyset(stmt, sort=order, id_column=col(Rollout.id), cursor=cursor, limit=limit)
     rows = list((await session.exec(stmt)).all())
     attr = {"id": "id", "createdAt": "created_at", "status": "status"}[order.key.name]
@@ -112,13 +110,11 @@ async def list_rollout_vehicles(
         .where(col(RolloutTarget.rollout_id) == rollout_id),
         scope,
     )
-    for column, values in (
+    stmt = where_any_of(
+        stmt,
         (col(RolloutTarget.state), states),
         (col(RolloutTarget.stage), indexes),
-    ):
-        cond = any_of(column, values)
-        if cond is not None:
-            stmt = stmt.where(cond)
+    )
     if cursor:
         _, after = decode_cursor(cursor, ROLLOUT_VEHICLE_SORT)
         stmt = stmt.where(col(RolloutTarget.vehicle_id) > str(after))
