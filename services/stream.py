@@ -145,6 +145,15 @@ def verify_ticket(ticket: str, secret: bytes) -> Principal:
     return principal
 
 
+@contextlib.asynccontextmanager
+async def _snapshot(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """A read-only transaction that sees one snapshot throughout (what the feed's cursor and
+    its holes are judged by)."""
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
+
+
 @dataclass
 class Event:
     id: int
@@ -295,8 +304,7 @@ class StreamHub:
             # still open, so the hub is ready (streams are served) only once all of those
             # have ended: then every id up to the cursor is final, as the cursor promises.
             conn = self._reader
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            async with _snapshot(conn):
                 row = await (
                     await conn.execute(
                         "SELECT coalesce(max(id), 0) AS m,"
@@ -389,8 +397,7 @@ class StreamHub:
         True when there may be more to read right away (a full page, or a hole to wait on)."""
         assert self._reader is not None
         conn = self._reader
-        async with conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        async with _snapshot(conn):
             snap = await (
                 await conn.execute(
                     "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,"
