@@ -1,7 +1,7 @@
 """One settings class for every role: all configuration is `MOTORCADE_*` environment variables.
 
-Each field documents its default; `docs/configuration.md` and the README's table are written
-from the same fields. The class validates itself: a production deployment that still carries
+Each field documents its default; `docs/configuration.md` is written from the same fields
+(devtools/configdoc.py). The class validates itself: a production deployment that still carries
 the dev key, or has no identity provider, refuses to start.
 """
 
