@@ -37,8 +37,8 @@ def venv_binary(name: str) -> str:
 
 
 # PostgreSQL settings for a fleet of a million vehicles on a machine like this one (2 cores,
-# 24 GB): what docs/data-model.md recommends, and what the benchmarks' embedded server runs
-# with (`embedded_postgres_url(..., settings=FLEET_SCALE_SETTINGS)`). Stock PostgreSQL
+# 24 GB): what docs/deployment.md ("Sizing") recommends, and what the benchmarks' embedded
+# server runs with (`embedded_postgres_url(..., settings=FLEET_SCALE_SETTINGS)`). Stock PostgreSQL
 # (128 MB shared_buffers, 1 GB max_wal_size) re-reads and re-logs (full-page images after
 # each checkpoint) most of a million-row table on every pass.
 FLEET_SCALE_SETTINGS: dict[str, str] = {

@@ -6,7 +6,7 @@ times only grow), so every writer fought over the same last leaf pages of three 
 reader follows ids (backfill after `Last-Event-ID` is a range of the primary key; the topic is
 checked on those rows), and retention deletes by time, which a BRIN index serves at almost no
 cost per insert. Measured with bench/ingest.py (200k vehicles, 2 cores): status-changing
-events 17-20k/s with the three B-trees, about 22k/s without (docs/development.md).
+events 17-20k/s with the three B-trees, about 22k/s without (bench/RESULTS.md).
 
 Revision ID: 0005
 Revises: 0004
