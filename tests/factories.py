@@ -4,7 +4,7 @@ test's rows.
 
 Two ways in, by what a test holds:
 - a session factory (`Sessions`, async): `make_fleet`, `make_release`, `make_rollout`,
-  `add_vehicles`, and `fetch_all` / `fetch_one` to read back;
+  `add_vehicles`, and `fetch_all` / `fetch_one` / `stage_vehicles` to read back;
 - a database URL (psycopg, sync; the API tests): `insert_vehicles`, `insert_release`,
   `insert_signed_release`.
 """
@@ -198,6 +198,18 @@ async def fetch_one(sessions: Sessions, sql: str, **params: Any) -> dict[str, An
     rows = await fetch_all(sessions, sql, **params)
     assert len(rows) == 1, rows
     return rows[0]
+
+
+async def stage_vehicles(sessions: Sessions, rollout_id: int, stage: int) -> list[str]:
+    """The ids of the vehicles the rollout planned for that stage, in id order."""
+    rows = await fetch_all(
+        sessions,
+        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = :s"
+        " ORDER BY vehicle_id",
+        r=rollout_id,
+        s=stage,
+    )
+    return [r["vehicle_id"] for r in rows]
 
 
 # --- Through a database URL (the API tests) ------------------------------------------------

@@ -23,6 +23,7 @@ from tests.factories import (
     make_fleet,
     make_release,
     make_rollout,
+    stage_vehicles,
     unique_prefix,
 )
 from worker.main import build_worker
@@ -174,17 +175,6 @@ def rollback_baking(stage: str) -> Callable[[RolloutState], bool]:
 
 
 # --- A rollout's vehicles and records ------------------------------------------------------
-
-
-async def stage_vehicles(sessions: Sessions, rollout_id: int, stage: int) -> list[str]:
-    rows = await fetch_all(
-        sessions,
-        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = :s"
-        " ORDER BY vehicle_id",
-        r=rollout_id,
-        s=stage,
-    )
-    return [r["vehicle_id"] for r in rows]
 
 
 async def report(

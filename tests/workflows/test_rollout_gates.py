@@ -11,7 +11,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
 from models.workflows import RolloutSignal
-from tests.factories import Sessions, fetch_all, fetch_one
+from tests.factories import Sessions, fetch_all, fetch_one, stage_vehicles
 from tests.workflows.conftest import (
     GATE_INTERVAL,
     HOUR,
@@ -21,7 +21,6 @@ from tests.workflows.conftest import (
     baking,
     eventually,
     report,
-    stage_vehicles,
     target_states,
     through_healthy_canary,
     until,

@@ -13,7 +13,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
 from models.workflows import RolloutResult, RolloutSignal
-from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one
+from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one, stage_vehicles
 from tests.workflows.conftest import (
     HOUR,
     NEVER_TIMES_OUT,
@@ -23,7 +23,6 @@ from tests.workflows.conftest import (
     baking,
     report,
     rollback_baking,
-    stage_vehicles,
     through_healthy_canary,
     until,
 )

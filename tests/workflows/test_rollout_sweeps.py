@@ -8,7 +8,7 @@ from sqlalchemy import text
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
-from tests.factories import Sessions, fetch_all
+from tests.factories import Sessions, fetch_all, stage_vehicles
 from tests.workflows.conftest import (
     GATE_INTERVAL,
     HOUR,
@@ -16,7 +16,6 @@ from tests.workflows.conftest import (
     StartRollout,
     baking,
     report,
-    stage_vehicles,
     target_states,
     until,
 )
