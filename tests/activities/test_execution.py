@@ -29,6 +29,7 @@ from tests.factories import (
     make_fleet,
     make_release,
     make_rollout,
+    stage_vehicles,
     strategy,
     unique_prefix,
 )
@@ -74,13 +75,7 @@ async def issued(sessions: Sessions) -> tuple[int, list[str]]:
             issued_at=T0,
         ),
     )
-    rows = await fetch_all(
-        sessions,
-        "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = 0"
-        " ORDER BY vehicle_id",
-        r=rollout_id,
-    )
-    return rollout_id, [r["vehicle_id"] for r in rows]
+    return rollout_id, await stage_vehicles(sessions, rollout_id, 0)
 
 
 async def _record(sessions: Sessions, rollout_id: int, outcomes: Any, at: Any = None) -> int:
@@ -98,6 +93,28 @@ async def _targets(sessions: Sessions, rollout_id: int) -> dict[str, tuple[str, 
         r=rollout_id,
     )
     return {r["vehicle_id"]: (r["state"], r["reason_code"], r["attempt"]) for r in rows}
+
+
+def _sweep_at(rollout_id: int, seconds: int) -> TargetSweepInput:
+    """A sweep of the rollout's targets `seconds` after its canary was issued (T0)."""
+    return TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=seconds))
+
+
+async def _retried_target(sessions: Sessions, rollout_id: int, vehicle_id: str) -> dict[str, Any]:
+    """The desired state a retry issued to the vehicle, and what its target row keeps."""
+    return await fetch_one(
+        sessions,
+        """
+        SELECT t.desired_state_id = v.desired_state_id AS current, d.release_version,
+               d.vehicle_id IS NULL AS target_set, d.reason,
+               t.previous_release_version, t.notified_at
+        FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id
+        JOIN desired_states d ON d.id = t.desired_state_id
+        WHERE t.rollout_id = :r AND t.vehicle_id = :v
+        """,
+        r=rollout_id,
+        v=vehicle_id,
+    )
 
 
 async def test_outcomes_move_states_and_counters(
@@ -216,15 +233,9 @@ async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
         at=T0 + timedelta(seconds=30),
     )
     # Not yet: 599 s after the issue.
-    early = await env.run(
-        acts.expire_apply_timeouts,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=599)),
-    )
+    early = await env.run(acts.expire_apply_timeouts, _sweep_at(rollout_id, 599))
     assert early.changed == 0
-    expired = await env.run(
-        acts.expire_apply_timeouts,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=600)),
-    )
+    expired = await env.run(acts.expire_apply_timeouts, _sweep_at(rollout_id, 600))
     # notified (6) and updating (1) time out; succeeded and failed do not.
     assert expired.changed == 7
     assert expired.counts.failed == 9 and expired.counts.updating == 0
@@ -233,38 +244,16 @@ async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
 
     # Retry: backoff from the failure (60 s for attempt 1). NETWORK_UNREACHABLE failed at
     # T0+30 s -> due at T0+90 s; the timeouts failed at T0+600 s -> due at T0+660 s.
-    first = await env.run(
-        acts.retry_failed_targets,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=100)),
-    )
+    first = await env.run(acts.retry_failed_targets, _sweep_at(rollout_id, 100))
     assert first.changed == 1
-    second = await env.run(
-        acts.retry_failed_targets,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=700)),
-    )
+    second = await env.run(acts.retry_failed_targets, _sweep_at(rollout_id, 700))
     assert second.changed == 7 and second.counts.failed == 1  # SIGNATURE_INVALID stays
-    again = await env.run(
-        acts.retry_failed_targets,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=700)),
-    )
+    again = await env.run(acts.retry_failed_targets, _sweep_at(rollout_id, 700))
     assert again.changed == 0  # idempotent
     targets = await _targets(sessions, rollout_id)
     assert targets[v[2]] == ("failed", "SIGNATURE_INVALID", 1)
     assert targets[v[3]] == ("notified", None, 2)
-    retried = await fetch_one(
-        sessions,
-        """
-        SELECT t.desired_state_id = v.desired_state_id AS current, d.release_version,
-               d.vehicle_id IS NULL AS target_set, d.reason,
-               t.previous_release_version, t.notified_at
-        FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id
-        JOIN desired_states d ON d.id = t.desired_state_id
-        WHERE t.rollout_id = :r AND t.vehicle_id = :v
-        """,
-        r=rollout_id,
-        v=v[3],
-    )
-    assert retried == {
+    assert await _retried_target(sessions, rollout_id, v[3]) == {
         "current": True,
         "release_version": NEW_RELEASE,
         # a new desired state for every vehicle's 2nd attempt, not the stage's first one
@@ -275,10 +264,7 @@ async def test_apply_timeout_then_retry_then_no_retry_for_signature_invalid(
     }
     # Attempt 2 of 2 fails again: no third issue.
     await _record(sessions, rollout_id, [(v[3], "failed", "APPLY_FAILED")], at=T0)
-    last = await env.run(
-        acts.retry_failed_targets,
-        TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(days=1)),
-    )
+    last = await env.run(acts.retry_failed_targets, _sweep_at(rollout_id, 24 * 3600))  # a day on
     assert last.changed == 0
 
 

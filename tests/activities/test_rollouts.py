@@ -24,6 +24,7 @@ from tests.factories import (
     make_fleet,
     make_release,
     make_rollout,
+    stage_vehicles,
     strategy,
     unique_prefix,
 )
@@ -123,40 +124,20 @@ async def test_expand_targets_by_vehicle_ids_and_rings(
     assert [(s.name, s.size) for s in result.stages] == [("wave-1", 4)]
 
 
-async def test_issue_stage_issues_exactly_the_stage_and_is_idempotent(
-    sessions: Sessions, fleet: str, acts: RolloutActivities
-) -> None:
-    rollout_id = await _rollout(sessions, fleet)
-    env = ActivityEnvironment()
-    heartbeats: list[Any] = []
-    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
-    await env.run(acts.expand_targets, ExpandTargetsInput(rollout_id=rollout_id))
-    # One canary vehicle already had a desired state of its own: it is kept as "previous".
-    canary_ids = [
-        r["vehicle_id"]
-        for r in await fetch_all(
-            sessions,
-            "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r AND stage = 0"
-            " ORDER BY vehicle_id",
-            r=rollout_id,
-        )
-    ]
-    assert len(canary_ids) == 5
-
-    canary = IssueStageInput(
+def _stage(rollout_id: int, index: int, name: str, *, batch_size: int) -> IssueStageInput:
+    """Issue one stage of the rollout, `batch_size` vehicles a batch."""
+    return IssueStageInput(
         rollout_id=rollout_id,
         release_version=NEW_RELEASE,
-        stage_index=0,
-        stage="canary",
-        batch_size=2,
+        stage_index=index,
+        stage=name,
+        batch_size=batch_size,
     )
-    result = await env.run(acts.issue_stage, canary)
-    assert (result.issued, result.batches) == (5, 3)
-    assert result.counts.notified == 5 and result.counts.pending == 95
-    assert [h.issued for h in heartbeats] == [2, 4, 5]
-    assert heartbeats[-1].last_vehicle_id == canary_ids[-1]
 
-    notified = await fetch_all(
+
+async def _issued_targets(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    """Every target issued so far, by vehicle id: its row, its vehicle and its desired state."""
+    return await fetch_all(
         sessions,
         """
         SELECT t.vehicle_id, t.state, t.attempt, t.previous_release_version,
@@ -171,6 +152,38 @@ async def test_issue_stage_issues_exactly_the_stage_and_is_idempotent(
         """,
         r=rollout_id,
     )
+
+
+async def _stage_states(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    """Targets per (stage, state)."""
+    return await fetch_all(
+        sessions,
+        "SELECT stage, state, count(*) AS n FROM rollout_targets WHERE rollout_id = :r"
+        " GROUP BY stage, state ORDER BY stage",
+        r=rollout_id,
+    )
+
+
+async def test_issue_stage_issues_exactly_the_stage_and_is_idempotent(
+    sessions: Sessions, fleet: str, acts: RolloutActivities
+) -> None:
+    rollout_id = await _rollout(sessions, fleet)
+    env = ActivityEnvironment()
+    heartbeats: list[Any] = []
+    env.on_heartbeat = lambda *details: heartbeats.append(details[0])
+    await env.run(acts.expand_targets, ExpandTargetsInput(rollout_id=rollout_id))
+    # One canary vehicle already had a desired state of its own: it is kept as "previous".
+    canary_ids = await stage_vehicles(sessions, rollout_id, 0)
+    assert len(canary_ids) == 5
+
+    canary = _stage(rollout_id, 0, "canary", batch_size=2)
+    result = await env.run(acts.issue_stage, canary)
+    assert (result.issued, result.batches) == (5, 3)
+    assert result.counts.notified == 5 and result.counts.pending == 95
+    assert [h.issued for h in heartbeats] == [2, 4, 5]
+    assert heartbeats[-1].last_vehicle_id == canary_ids[-1]
+
+    notified = await _issued_targets(sessions, rollout_id)
     assert [n["vehicle_id"] for n in notified] == canary_ids
     for n in notified:
         assert n == {
@@ -206,23 +219,10 @@ async def test_issue_stage_issues_exactly_the_stage_and_is_idempotent(
     assert shared == {"n": 1, "id": ds[0]["id"]}
 
     # A retry resuming from a heartbeat cursor finishes the stage without duplicates.
-    wave1 = IssueStageInput(
-        rollout_id=rollout_id,
-        release_version=NEW_RELEASE,
-        stage_index=1,
-        stage="wave-1",
-        batch_size=7,
-    )
-    wave = await env.run(acts.issue_stage, wave1)
+    wave = await env.run(acts.issue_stage, _stage(rollout_id, 1, "wave-1", batch_size=7))
     assert (wave.issued, wave.batches) == (45, 7)
     assert wave.counts.notified == 50 and wave.counts.pending == 50
-    states = await fetch_all(
-        sessions,
-        "SELECT stage, state, count(*) AS n FROM rollout_targets WHERE rollout_id = :r"
-        " GROUP BY stage, state ORDER BY stage",
-        r=rollout_id,
-    )
-    assert states == [
+    assert await _stage_states(sessions, rollout_id) == [
         {"stage": 0, "state": "notified", "n": 5},
         {"stage": 1, "state": "notified", "n": 45},
         {"stage": 2, "state": "planned", "n": 50},
@@ -246,6 +246,37 @@ async def test_issue_stage_resumes_from_heartbeat(
         ),
     )
     assert resumed.issued == 0
+
+
+async def _status_row(sessions: Sessions, rollout_id: int) -> dict[str, Any]:
+    return await fetch_one(
+        sessions,
+        "SELECT status, status_reason, stage, stage_index, waiting_for,"
+        " started_at IS NOT NULL AS started, finished_at IS NULL AS open FROM rollouts"
+        " WHERE id = :r",
+        r=rollout_id,
+    )
+
+
+async def _audit_entries(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    """The rollout's audit entries, in order, with the status each recorded."""
+    return await fetch_all(
+        sessions,
+        "SELECT actor, source, action, target_type, target_id, reason, correlation_id, result,"
+        " payload ->> 'status' AS status FROM audit_log WHERE target_type = 'rollout'"
+        " AND target_id = :t ORDER BY id",
+        t=str(rollout_id),
+    )
+
+
+async def _feed_events(sessions: Sessions, rollout_id: int) -> list[dict[str, Any]]:
+    """The rollout's change-feed events on the `rollouts` topic, in order."""
+    return await fetch_all(
+        sessions,
+        "SELECT topic, event, payload FROM change_feed WHERE entity_id = :t AND topic = 'rollouts'"
+        " ORDER BY id",
+        t=str(rollout_id),
+    )
 
 
 async def test_update_status_audits_each_change_once(
@@ -279,14 +310,7 @@ async def test_update_status_audits_each_change_once(
     )
     assert (await env.run(acts.update_rollout_status, paused)).changed
 
-    row = await fetch_one(
-        sessions,
-        "SELECT status, status_reason, stage, stage_index, waiting_for,"
-        " started_at IS NOT NULL AS started, finished_at IS NULL AS open FROM rollouts"
-        " WHERE id = :r",
-        r=rollout_id,
-    )
-    assert row == {
+    assert await _status_row(sessions, rollout_id) == {
         "status": "paused",
         "status_reason": "OPERATOR",
         "stage": "canary",
@@ -295,14 +319,7 @@ async def test_update_status_audits_each_change_once(
         "started": True,
         "open": True,
     }
-    audit = await fetch_all(
-        sessions,
-        "SELECT actor, source, action, target_type, target_id, reason, correlation_id, result,"
-        " payload ->> 'status' AS status FROM audit_log WHERE target_type = 'rollout'"
-        " AND target_id = :t ORDER BY id",
-        t=str(rollout_id),
-    )
-    assert audit == [
+    assert await _audit_entries(sessions, rollout_id) == [
         {
             "actor": "workflow",
             "source": "system",
@@ -326,12 +343,7 @@ async def test_update_status_audits_each_change_once(
             "status": "paused",
         },
     ]
-    feed = await fetch_all(
-        sessions,
-        "SELECT topic, event, payload FROM change_feed WHERE entity_id = :t AND topic = 'rollouts'"
-        " ORDER BY id",
-        t=str(rollout_id),
-    )
+    feed = await _feed_events(sessions, rollout_id)
     assert [(f["topic"], f["event"]) for f in feed] == [("rollouts", "rollout.updated")] * 3
     assert feed[-1]["payload"]["status"] == "paused"
     assert feed[-1]["payload"]["stage"] == "canary"
