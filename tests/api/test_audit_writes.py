@@ -5,7 +5,7 @@ itself, so a new write route without an entry here fails the test."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import psycopg
@@ -19,10 +19,11 @@ from tests.api.conftest import COMPONENTS, bearer, insert_signed_release, insert
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
 
+Route = tuple[str, str]  # (method, path template)
 # Telemetry is not audited per event (docs/audit_log.md): a vehicle's reports are its
 # timeline, not an operator's action.
 # A stream ticket changes nothing either (nothing is stored).
-NOT_AUDITED = {("POST", "/api/v1/telemetry"), ("POST", "/api/v1/stream/tickets")}
+NOT_AUDITED: set[Route] = {("POST", "/api/v1/telemetry"), ("POST", "/api/v1/stream/tickets")}
 SPEC_FIELDS = {
     "id",
     "at",
@@ -39,7 +40,7 @@ SPEC_FIELDS = {
 }
 
 
-def write_routes(settings: Settings) -> set[tuple[str, str]]:
+def write_routes(settings: Settings) -> set[Route]:
     app = create_app(settings)
     return {
         (method, context.path or "")
@@ -47,6 +48,108 @@ def write_routes(settings: Settings) -> set[tuple[str, str]]:
         for method in (getattr(context.original_route, "methods", None) or set())
         if method in {"POST", "PUT", "PATCH", "DELETE"}
     }
+
+
+class Entry(NamedTuple):
+    """What a write's audit entry carries (`action` is a prefix of the entry's action), found
+    by the write's request id."""
+
+    request_id: str
+    action: str
+    target_type: str
+    target_id: str
+    reason: str | None = None
+
+
+async def _post(
+    http: httpx.AsyncClient, operator: dict, request_id: str, path: str, body: dict, status: int
+) -> None:
+    """POST as the operator, under its own X-Request-ID; the answer is `status`."""
+    headers = {**operator, "X-Request-ID": request_id}
+    response = await http.post(path, headers=headers, json=body)
+    assert response.status_code == status, response.text
+
+
+async def _write_through_every_route(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> dict[Route, Entry]:
+    """One write through each audited route, as the operator, each under an X-Request-ID of
+    its own; returns the entry each route should have added."""
+    rid = f"audit-{prefix}"
+    rollout_id = await create_rollout(
+        http, {**operator, "X-Request-ID": f"{rid}-create"}, database_url, signing_key, prefix
+    )
+    vehicle, release = f"{prefix}000", f"{prefix}2027.1.0"
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rollout_id,))
+    desired = {"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "fix"}
+    await _post(http, operator, f"{rid}-desired", "/api/v1/desired-states", desired, 201)
+    new_version, digest = f"{prefix}2027.8.0", "sha256:" + "34" * 32
+    signature, kid = sign_release(signing_key, new_version, digest, COMPONENTS)
+    new_release = {
+        "version": new_version,
+        "components": COMPONENTS,
+        "artifactDigest": digest,
+        "signature": signature,
+        "signingKeyId": kid,
+    }
+    await _post(http, operator, f"{rid}-release", "/api/v1/releases", new_release, 201)
+    new_vehicle = f"{prefix}NEW"
+    registration = {"id": new_vehicle, "model": "atlas", "region": "eu-west", "ring": "canary"}
+    await _post(http, operator, f"{rid}-vehicle", "/api/v1/vehicles", registration, 201)
+
+    rollout = str(rollout_id)
+    expected = {
+        ("POST", "/api/v1/rollouts"): Entry(f"{rid}-create", "rollout.created", "rollout", rollout),
+        ("POST", "/api/v1/desired-states"): Entry(
+            f"{rid}-desired", "desired_states.created", "release", release, "fix"
+        ),
+        ("POST", "/api/v1/releases"): Entry(
+            f"{rid}-release", "release.created", "release", new_version
+        ),
+        ("POST", "/api/v1/vehicles"): Entry(
+            f"{rid}-vehicle", "vehicle.registered", "vehicle", new_vehicle
+        ),
+    }
+    for action in ("pause", "resume", "rollback", "abort"):
+        # The rollout is completed: the request is refused, and the refusal is audited.
+        path = f"/api/v1/rollouts/{rollout_id}/{action}"
+        await _post(http, operator, f"{rid}-{action}", path, {"reason": f"audit {action}"}, 409)
+        expected[("POST", "/api/v1/rollouts/{rollout_id}/" + action)] = Entry(
+            f"{rid}-{action}", f"rollout.{action}_", "rollout", rollout, f"audit {action}"
+        )
+    return expected
+
+
+async def _assert_entry(
+    http: httpx.AsyncClient, viewer: dict, route: Route, expected: Entry
+) -> None:
+    """The first entry written under the request id has the fields of SPEC.md and the values
+    the route should have written."""
+    listed = await http.get(
+        "/api/v1/audit-log",
+        headers=viewer,
+        params={"targetType": expected.target_type, "targetId": expected.target_id, "limit": 500},
+    )
+    assert listed.status_code == 200, listed.text
+    entries: list[dict[str, Any]] = [
+        e for e in listed.json()["data"] if e["correlationId"] == expected.request_id
+    ]
+    assert entries, (route, listed.json()["data"])
+    entry = entries[-1]  # the first written (newest first)
+    assert set(entry) >= SPEC_FIELDS, route
+    assert entry["action"].startswith(expected.action), (route, entry)
+    assert entry["source"] == "api" and entry["result"], (route, entry)
+    assert entry["actor"] and entry["role"] == "operator", (route, entry)
+    assert entry["targetType"] == expected.target_type
+    assert entry["targetId"] == expected.target_id
+    assert isinstance(entry["payload"], dict) and entry["payload"], (route, entry)
+    if expected.reason is not None:
+        assert entry["reason"] == expected.reason, (route, entry)
 
 
 async def test_every_write_route_adds_an_entry(
@@ -58,110 +161,10 @@ async def test_every_write_route_adds_an_entry(
     prefix: str,
     signing_key: Ed25519PrivateKey,
 ) -> None:
-    rid = f"audit-{prefix}"
-    rollout_id = await create_rollout(
-        http, {**operator, "X-Request-ID": f"{rid}-create"}, database_url, signing_key, prefix
-    )
-    vehicle, release = f"{prefix}000", f"{prefix}2027.1.0"
-    with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rollout_id,))
-    desired = await http.post(
-        "/api/v1/desired-states",
-        headers={**operator, "X-Request-ID": f"{rid}-desired"},
-        json={"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "fix"},
-    )
-    assert desired.status_code == 201, desired.text
-    new_version, digest = f"{prefix}2027.8.0", "sha256:" + "34" * 32
-    signature, kid = sign_release(signing_key, new_version, digest, COMPONENTS)
-    registered = await http.post(
-        "/api/v1/releases",
-        headers={**operator, "X-Request-ID": f"{rid}-release"},
-        json={
-            "version": new_version,
-            "components": COMPONENTS,
-            "artifactDigest": digest,
-            "signature": signature,
-            "signingKeyId": kid,
-        },
-    )
-    assert registered.status_code == 201, registered.text
-    new_vehicle = f"{prefix}NEW"
-    added = await http.post(
-        "/api/v1/vehicles",
-        headers={**operator, "X-Request-ID": f"{rid}-vehicle"},
-        json={"id": new_vehicle, "model": "atlas", "region": "eu-west", "ring": "canary"},
-    )
-    assert added.status_code == 201, added.text
-
-    # route -> (request id, action prefix, target type, target id, reason)
-    expected: dict[tuple[str, str], tuple[str, str, str, str, str | None]] = {
-        ("POST", "/api/v1/rollouts"): (
-            f"{rid}-create",
-            "rollout.created",
-            "rollout",
-            str(rollout_id),
-            None,
-        ),
-        ("POST", "/api/v1/desired-states"): (
-            f"{rid}-desired",
-            "desired_states.created",
-            "release",
-            release,
-            "fix",
-        ),
-        ("POST", "/api/v1/releases"): (
-            f"{rid}-release",
-            "release.created",
-            "release",
-            new_version,
-            None,
-        ),
-        ("POST", "/api/v1/vehicles"): (
-            f"{rid}-vehicle",
-            "vehicle.registered",
-            "vehicle",
-            new_vehicle,
-            None,
-        ),
-    }
-    for action in ("pause", "resume", "rollback", "abort"):
-        response = await http.post(
-            f"/api/v1/rollouts/{rollout_id}/{action}",
-            headers={**operator, "X-Request-ID": f"{rid}-{action}"},
-            json={"reason": f"audit {action}"},
-        )
-        # The rollout is completed: the request is refused, and the refusal is audited.
-        assert response.status_code == 409, response.text
-        expected[("POST", "/api/v1/rollouts/{rollout_id}/" + action)] = (
-            f"{rid}-{action}",
-            f"rollout.{action}_",
-            "rollout",
-            str(rollout_id),
-            f"audit {action}",
-        )
-
+    expected = await _write_through_every_route(http, operator, database_url, prefix, signing_key)
     assert write_routes(api_settings) - NOT_AUDITED == set(expected)
-
-    for route, (request_id, action, target_type, target_id, reason) in expected.items():
-        listed = await http.get(
-            "/api/v1/audit-log",
-            headers=viewer,
-            params={"targetType": target_type, "targetId": target_id, "limit": 500},
-        )
-        assert listed.status_code == 200, listed.text
-        entries: list[dict[str, Any]] = [
-            e for e in listed.json()["data"] if e["correlationId"] == request_id
-        ]
-        assert entries, (route, listed.json()["data"])
-        entry = entries[-1]  # the first written (newest first)
-        assert set(entry) >= SPEC_FIELDS, route
-        assert entry["action"].startswith(action), (route, entry)
-        assert entry["source"] == "api" and entry["result"], (route, entry)
-        assert entry["actor"] and entry["role"] == "operator", (route, entry)
-        assert entry["targetType"] == target_type and entry["targetId"] == target_id
-        assert isinstance(entry["payload"], dict) and entry["payload"], (route, entry)
-        if reason is not None:
-            assert entry["reason"] == reason, (route, entry)
+    for route, entry in expected.items():
+        await _assert_entry(http, viewer, route, entry)
 
 
 async def test_a_scoped_caller_sees_the_entries_of_the_rollouts_it_sees_and_no_others(
