@@ -144,6 +144,25 @@ def prefix() -> str:
     return f"T{secrets.token_hex(3).upper()}-"
 
 
+async def all_pages(http: httpx.AsyncClient, headers: dict, url: str) -> list[dict[str, Any]]:
+    """Every item of a keyset-paged list, `url` (with its query) followed cursor by cursor;
+    each page is 200 and says `hasMore` exactly when it gives a next cursor."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    sep = "&" if "?" in url else "?"
+    for _ in range(1000):
+        page_url = url + (f"{sep}cursor={cursor}" if cursor else "")
+        response = await http.get(page_url, headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        items += body["data"]
+        cursor = body["metadata"]["nextCursor"]
+        assert body["metadata"]["hasMore"] is (cursor is not None)
+        if cursor is None:
+            return items
+    raise AssertionError("pagination did not end")
+
+
 def samples(text: str, name: str) -> dict[str, float]:
     """`{labels: value}` of one metric family in Prometheus text format."""
     found = {}

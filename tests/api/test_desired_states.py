@@ -3,13 +3,13 @@ verification, safety policy and overlap rule as rollouts."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import all_pages, bearer, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 
@@ -18,6 +18,39 @@ URL = "/api/v1/desired-states"
 
 def body(release: str, targets: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return {"releaseVersion": release, "targets": targets, "reason": "hotfix", **overrides}
+
+
+class Written(NamedTuple):
+    """What creating desired states left in PostgreSQL about some vehicles."""
+
+    vehicles: list[tuple[Any, ...]]  # (id, desired release, status, desired state id) by id
+    audit: list[tuple[Any, ...]]  # the request's `desired_states.created` entries
+    feed: list[tuple[Any, ...]]  # (id, status, desired release, region) per vehicle.updated
+    regions: dict[str, str]  # each vehicle's region
+
+
+def written(database_url: str, ids: list[str], request_id: str) -> Written:
+    with psycopg.connect(database_url) as conn:
+        vehicles = conn.execute(
+            "SELECT id, desired_release_version, status, desired_state_id::text FROM vehicles"
+            " WHERE id = ANY(%s) ORDER BY id",
+            (ids,),
+        ).fetchall()
+        audit = conn.execute(
+            "SELECT actor, role, source, reason, target_type, target_id, payload->>'count'"
+            " FROM audit_log WHERE action = 'desired_states.created' AND correlation_id = %s",
+            (request_id,),
+        ).fetchall()
+        feed = conn.execute(
+            "SELECT d->>'id', d->>'status', d->'desired'->>'releaseVersion', d->>'region'"
+            " FROM change_feed f, jsonb_array_elements(f.payload->'vehicles') d"
+            " WHERE f.event = 'vehicle.updated' AND d->>'id' = ANY(%s) ORDER BY 1",
+            (ids,),
+        ).fetchall()
+        regions: dict[str, str] = dict(
+            conn.execute("SELECT id, region FROM vehicles WHERE id = ANY(%s)", (ids,)).fetchall()
+        )
+    return Written(vehicles, audit, feed, regions)
 
 
 async def test_create_and_list_desired_states(
@@ -47,26 +80,7 @@ async def test_create_and_list_desired_states(
     assert [s["vehicleId"] for s in created["sample"]] == ids[:3]
     assert created["safetyChecks"]["minBatteryPercent"] == 30
 
-    with psycopg.connect(database_url) as conn:
-        vehicles = conn.execute(
-            "SELECT id, desired_release_version, status, desired_state_id::text FROM vehicles"
-            " WHERE id = ANY(%s) ORDER BY id",
-            (ids,),
-        ).fetchall()
-        audit = conn.execute(
-            "SELECT actor, role, source, reason, target_type, target_id, payload->>'count'"
-            " FROM audit_log WHERE action = 'desired_states.created' AND correlation_id = %s",
-            (f"ds-{prefix}",),
-        ).fetchall()
-        feed = conn.execute(
-            "SELECT d->>'id', d->>'status', d->'desired'->>'releaseVersion', d->>'region'"
-            " FROM change_feed f, jsonb_array_elements(f.payload->'vehicles') d"
-            " WHERE f.event = 'vehicle.updated' AND d->>'id' = ANY(%s) ORDER BY 1",
-            (ids,),
-        ).fetchall()
-        regions: dict[str, str] = dict(
-            conn.execute("SELECT id, region FROM vehicles WHERE id = ANY(%s)", (ids,)).fetchall()
-        )
+    vehicles, audit, feed, regions = written(database_url, ids, f"ds-{prefix}")
     assert [(v[1], v[2]) for v in vehicles[:3]] == [(release, "pending")] * 3
     assert [(v[1], v[2]) for v in vehicles[3:]] == [("old", "in_sync")] * 2
     assert [v[3] for v in vehicles[:3]] == [s["desiredStateId"] for s in created["sample"]]
@@ -88,17 +102,8 @@ async def test_create_and_list_desired_states(
     assert newest["createdBy"] == "dev-operator" and newest["rolloutId"] is None
 
     # Keyset pages over the release's desired states, newest first.
-    seen: list[str] = []
-    cursor = None
-    for _ in range(5):
-        params: dict[str, Any] = {"releaseVersion": release, "limit": 2}
-        if cursor:
-            params["cursor"] = cursor
-        page = (await http.get(URL, headers=viewer, params=params)).json()
-        seen.extend(d["id"] for d in page["data"])
-        cursor = page["metadata"]["nextCursor"]
-        if cursor is None:
-            break
+    pages = await all_pages(http, viewer, f"{URL}?releaseVersion={release}&limit=2")
+    seen = [d["id"] for d in pages]
     assert len(seen) == len(set(seen)) == 4
 
     # Scoped viewers see only their vehicles' desired states.

@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from core.temporal import rollout_workflow_id
 from services.fleet import refresh_fleet_counts
 from services.reconcile import record_drift
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import all_pages, bearer, insert_signed_release, insert_vehicles
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 
@@ -193,23 +193,6 @@ def scopes_of(f: Fleet) -> dict[str, dict[str, list[str]]]:
 
 
 SCOPE_NAMES = ["regions", "models", "orgs", "region+model", "two regions, one org"]
-
-
-async def all_pages(http: httpx.AsyncClient, headers: dict, url: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    cursor = None
-    sep = "&" if "?" in url else "?"
-    for _ in range(1000):
-        page_url = url + (f"{sep}cursor={cursor}" if cursor else "")
-        response = await http.get(page_url, headers=headers)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        items += body["data"]
-        cursor = body["metadata"]["nextCursor"]
-        assert body["metadata"]["hasMore"] is (cursor is not None)
-        if cursor is None:
-            return items
-    raise AssertionError("pagination did not end")
 
 
 def ids_of(items: list[dict[str, Any]], key: str = "id") -> list[Any]:
