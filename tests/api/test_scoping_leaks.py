@@ -65,19 +65,9 @@ class Fleet:
         return {self.rollouts[n] for n, cars in self.rollout_cars.items() if cars <= inside}
 
 
-@pytest.fixture
-async def fleet(
-    http: httpx.AsyncClient,
-    operator: dict,
-    database_url: str,
-    prefix: str,
-    signing_key: Ed25519PrivateKey,
-    sessions: Any,
-    dev_server_env: WorkflowEnvironment,
-) -> AsyncIterator[Fleet]:
+def _cars(prefix: str) -> list[Car]:
     """Two regions, two models, two orgs of this test's own; statuses and reason codes in
-    each; three rollouts (each inside one corner of the fleet); desired states and audit
-    entries about every vehicle; the fleet counts refreshed."""
+    each."""
     r1, r2 = f"{prefix}north", f"{prefix}south"
     m1, m2 = f"{prefix}m1", f"{prefix}m2"
     o1, o2 = f"{prefix}o1", f"{prefix}o2"
@@ -90,6 +80,21 @@ async def fleet(
         Car(f"{prefix}S3", r2, m1, o1, "blocked", ("NOT_STATIONARY", "BATTERY_LOW")),
         Car(f"{prefix}S4", r2, m2, o2, "offline"),
     ]
+    return cars
+
+
+def _rollout_selections(prefix: str) -> dict[str, dict[str, list[str]]]:
+    """The targets of the three rollouts, by name: each inside one corner of the fleet."""
+    p = prefix
+    return {
+        "north-m1": {"regions": [f"{p}north"], "models": [f"{p}m1"], "orgs": [f"{p}o1"]},
+        "south-m2": {"regions": [f"{p}south"], "models": [f"{p}m2"], "orgs": [f"{p}o2"]},
+        "south-m1": {"regions": [f"{p}south"], "models": [f"{p}m1"], "orgs": [f"{p}o1"]},
+    }
+
+
+def _insert_cars(database_url: str, cars: list[Car]) -> None:
+    """The cars, in sync, stationary and charged (so that rollouts may target them)."""
     for car in cars:
         insert_vehicles(database_url, [car.id], model=car.model, region=car.region)
     with psycopg.connect(database_url) as conn:
@@ -99,16 +104,15 @@ async def fleet(
                 " WHERE id = %s",
                 (car.org, car.id),
             )
-    release = f"{prefix}2030.1.0"
-    insert_signed_release(database_url, signing_key, release)
-    selections = {
-        "north-m1": ({"regions": [r1], "models": [m1], "orgs": [o1]}, "N"),
-        "south-m2": ({"regions": [r2], "models": [m2], "orgs": [o2]}, "S4"),
-        "south-m1": ({"regions": [r2], "models": [m1], "orgs": [o1]}, "S"),
-    }
+
+
+async def _create_rollouts(
+    http: httpx.AsyncClient, operator: dict, prefix: str, release: str, cars: list[Car]
+) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """The three rollouts, created through the API; their ids and the cars each targets."""
     rollouts: dict[str, int] = {}
     rollout_cars: dict[str, set[str]] = {}
-    for name, (targets, _) in selections.items():
+    for name, targets in _rollout_selections(prefix).items():
         body = rollout_body(
             release,
             name=f"{prefix}{name}",
@@ -128,9 +132,17 @@ async def fleet(
             and c.model in targets["models"]
             and c.org in targets["orgs"]
         }
+    return rollouts, rollout_cars
+
+
+def _write_history(database_url: str, fleet: Fleet) -> None:
+    """What the fleet's life would have left: each car's status and reason codes, a desired
+    state and an audit entry about it; each rollout's notified targets and its target-set
+    desired state; and an audit entry about nothing scoped."""
+    prefix, release = fleet.prefix, fleet.release
     with psycopg.connect(database_url) as conn:
         # After the rollouts (which target in_sync, stationary, charged vehicles): statuses.
-        for car in cars:
+        for car in fleet.cars:
             conn.execute(
                 "UPDATE vehicles SET status = %s, reason_codes = %s,"
                 " desired_release_version = %s WHERE id = %s",  # all drifted (for reconcile)
@@ -147,16 +159,16 @@ async def fleet(
                 " %s, %s, %s)",
                 (f"{prefix}touched", car.id, [car.region], [car.model], [car.org]),
             )
-        for name, rid in rollouts.items():
+        for name, rid in fleet.rollouts.items():
             # As if the rollout had notified its vehicles (no worker runs here).
-            for rank, vid in enumerate(sorted(rollout_cars[name])):
+            for rank, vid in enumerate(sorted(fleet.rollout_cars[name])):
                 conn.execute(
                     "INSERT INTO rollout_targets (rollout_id, vehicle_id, stage, rank, state,"
                     " notified_at) VALUES (%s, %s, 0, %s, 'notified', now())",
                     (rid, vid, rank),
                 )
                 conn.execute("UPDATE vehicles SET rollout_id = %s WHERE id = %s", (rid, vid))
-        for rid in rollouts.values():  # a target-set desired state of each rollout
+        for rid in fleet.rollouts.values():  # a target-set desired state of each rollout
             conn.execute(
                 "INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,"
                 " created_by) VALUES (%s, NULL, %s, %s, 'test')",
@@ -168,10 +180,32 @@ async def fleet(
             " VALUES ('test', 'api', %s, 'release', %s, 'ok')",
             (f"{prefix}touched", release),
         )
+
+
+@pytest.fixture
+async def fleet(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    sessions: Any,
+    dev_server_env: WorkflowEnvironment,
+) -> AsyncIterator[Fleet]:
+    """Two regions, two models, two orgs of this test's own; statuses and reason codes in
+    each; three rollouts (each inside one corner of the fleet); desired states and audit
+    entries about every vehicle; the fleet counts refreshed."""
+    cars = _cars(prefix)
+    _insert_cars(database_url, cars)
+    release = f"{prefix}2030.1.0"
+    insert_signed_release(database_url, signing_key, release)
+    rollouts, rollout_cars = await _create_rollouts(http, operator, prefix, release, cars)
+    fleet = Fleet(prefix, cars, rollouts, rollout_cars, release)
+    _write_history(database_url, fleet)
     async with sessions() as session:
         await refresh_fleet_counts(session)
         await session.commit()
-    yield Fleet(prefix, cars, rollouts, rollout_cars, release)
+    yield fleet
     # Their workflows never ran: end them, so no later worker acts on these rows.
     for rid in rollouts.values():
         handle = dev_server_env.client.get_workflow_handle(rollout_workflow_id(rid))
