@@ -9,6 +9,7 @@ test (a vehicle, a release, a rollout), so 404 (not there, or outside the caller
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +73,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/api/v1/stream/tickets"): (401, 201, 201, 403, 403, 201),
 }
 STREAMS = {("GET", "/api/v1/stream")}
+DRY_RUN = {("POST", "/api/v1/rollouts")}  # asked with dryRun=true
 ERROR_CODES = {401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND"}
 
 
@@ -95,34 +97,61 @@ def test_every_route_has_a_row(api_settings: Settings) -> None:
     assert not stale, f"rows in MATRIX for routes that do not exist: {stale}"
 
 
-async def test_role_matrix(
+def desired_body(vehicle: str, release: str) -> dict[str, Any]:
+    return {"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "m"}
+
+
+@dataclass(frozen=True)
+class MatrixRows:
+    """The rows the matrix's paths and bodies name: a completed rollout, a vehicle of it (in
+    eu-west) with a desired state of its own, their release, and a new release to register."""
+
+    prefix: str
+    rollout_id: int
+    vehicle: str
+    release: str
+    new_release: dict[str, Any]  # a registration body, signed by a trusted key
+
+    def path(self, template: str) -> str:
+        return template.format(
+            vehicle_id=self.vehicle, version=self.release, rollout_id=str(self.rollout_id)
+        )
+
+    def body_for(self, method: str, template: str) -> dict[str, Any] | None:
+        if method != "POST":
+            return None
+        if template == "/api/v1/telemetry":
+            now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            heartbeat = {"vehicleId": self.vehicle, "sentAt": now, "batteryPercent": 80}
+            return {"heartbeats": [heartbeat]}
+        if template == "/api/v1/rollouts":
+            return rollout_body(self.release, targets={"vehicleIds": [self.vehicle]})
+        if template == "/api/v1/desired-states":
+            return desired_body(self.vehicle, self.release)
+        if template == "/api/v1/releases":
+            return self.new_release
+        if template == "/api/v1/vehicles":
+            return {"id": f"{self.prefix}REG-1", "model": "m", "region": "eu-west", "ring": "r0"}
+        return {"reason": "role matrix"}
+
+
+async def _matrix_rows(
     http: httpx.AsyncClient,
-    api_settings: Settings,
     operator: dict,
-    token: Any,
     database_url: str,
     prefix: str,
     signing_key: Ed25519PrivateKey,
-) -> None:
+) -> MatrixRows:
     rollout_id = await create_rollout(http, operator, database_url, signing_key, prefix, n=2)
     vehicle = f"{prefix}000"  # a vehicle of that rollout, in eu-west
     release = f"{prefix}2027.1.0"
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE rollouts SET status = 'completed' WHERE id = %s", (rollout_id,))
-    desired_body = {"releaseVersion": release, "targets": {"vehicleIds": [vehicle]}, "reason": "m"}
     # The vehicle has a desired state of its own, so its device reads one.
-    first = await http.post("/api/v1/desired-states", headers=operator, json=desired_body)
+    first = await http.post(
+        "/api/v1/desired-states", headers=operator, json=desired_body(vehicle, release)
+    )
     assert first.status_code == 201, first.text
-
-    callers: dict[str, dict[str, str]] = {
-        "none": {},
-        "viewer": bearer(token("viewer")),
-        "operator": operator,
-        "device": bearer(token("device", vehicle_id=vehicle)),
-        "gateway": bearer(token("gateway")),
-        "scoped": bearer(token("viewer", scopes={"regions": [f"{prefix}elsewhere"]})),
-    }
-    params = {"vehicle_id": vehicle, "version": release, "rollout_id": str(rollout_id)}
     digest = "sha256:" + "12" * 32
     new_version = f"{prefix}2027.9.0"
     signature, kid = sign_release(signing_key, new_version, digest, COMPONENTS)
@@ -133,40 +162,57 @@ async def test_role_matrix(
         "signature": signature,
         "signingKeyId": kid,
     }
+    return MatrixRows(prefix, rollout_id, vehicle, release, new_release)
 
-    def body_for(method: str, path: str) -> dict[str, Any] | None:
-        if method != "POST":
-            return None
-        if path == "/api/v1/telemetry":
-            now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-            return {"heartbeats": [{"vehicleId": vehicle, "sentAt": now, "batteryPercent": 80}]}
-        if path == "/api/v1/rollouts":
-            return rollout_body(release, targets={"vehicleIds": [vehicle]})
-        if path == "/api/v1/desired-states":
-            return desired_body
-        if path == "/api/v1/releases":
-            return new_release
-        if path == "/api/v1/vehicles":
-            return {"id": f"{prefix}REG-1", "model": "m", "region": "eu-west", "ring": "r0"}
-        return {"reason": "role matrix"}
 
+def _callers(token: Any, operator: dict, rows: MatrixRows) -> dict[str, dict[str, str]]:
+    """The headers of each role of ROLES."""
+    return {
+        "none": {},
+        "viewer": bearer(token("viewer")),
+        "operator": operator,
+        "device": bearer(token("device", vehicle_id=rows.vehicle)),
+        "gateway": bearer(token("gateway")),
+        "scoped": bearer(token("viewer", scopes={"regions": [f"{rows.prefix}elsewhere"]})),
+    }
+
+
+async def _call(
+    http: httpx.AsyncClient, route: tuple[str, str], rows: MatrixRows, headers: dict[str, str]
+) -> httpx.Response:
+    """The route, asked once with these headers under a request id of its own. A stream is
+    read no further than its status (and its error body), then closed."""
+    method, template = route
+    request = http.build_request(
+        method,
+        rows.path(template),
+        params={"dryRun": "true"} if route in DRY_RUN else {},
+        headers={**headers, "X-Request-ID": f"matrix-{uuid.uuid4()}"},
+        json=rows.body_for(method, template),
+    )
+    response = await http.send(request, stream=route in STREAMS)
+    if route in STREAMS:
+        if response.status_code >= 400:
+            await response.aread()
+        await response.aclose()
+    return response
+
+
+async def test_role_matrix(
+    http: httpx.AsyncClient,
+    api_settings: Settings,
+    operator: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    rows = await _matrix_rows(http, operator, database_url, prefix, signing_key)
+    callers = _callers(token, operator, rows)
     mismatches = []
     for (method, template), expected in sorted(MATRIX.items()):
-        path = template.format(**params)
-        query = {"dryRun": "true"} if template == "/api/v1/rollouts" and method == "POST" else {}
         for role, status in zip(ROLES, expected, strict=True):
-            request = http.build_request(
-                method,
-                path,
-                params=query,
-                headers={**callers[role], "X-Request-ID": f"matrix-{uuid.uuid4()}"},
-                json=body_for(method, template),
-            )
-            response = await http.send(request, stream=(method, template) in STREAMS)
-            if (method, template) in STREAMS:
-                if response.status_code >= 400:
-                    await response.aread()
-                await response.aclose()
+            response = await _call(http, (method, template), rows, callers[role])
             if response.status_code != status:
                 mismatches.append((method, template, role, status, response.status_code))
                 continue
