@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -72,43 +73,22 @@ async def _my_drift(session: AsyncSession, run_id: int, prefix: str) -> list[tup
     return [tuple(r) for r in rows]
 
 
+# (tag, count, how the group differs from add_vehicles' in-sync vehicle of r1, m1, default)
+DRIFT_FLEET: list[tuple[str, int, dict[str, Any]]] = [
+    ("I", 6, {}),  # in sync
+    ("P", 4, {"desired": "2026.2.0", "status": "pending"}),
+    ("Q", 2, {"desired": "2026.2.0", "status": "failed", "region": "r2"}),
+    ("X", 3, {"desired": "2026.2.0", "actual": None, "status": "updating", "org": "acme"}),
+    ("Z", 2, {"desired": None}),  # no desired release: nothing to drift from
+]
+
+
 async def test_record_drift_counts_and_is_idempotent_per_run_key(session: AsyncSession) -> None:
     prefix = unique_prefix("drift")
     conn = await session.connection()
     seen = datetime.now(UTC)
-    await add_vehicles(conn, prefix=prefix, tag="I", count=6, last_seen_at=seen)  # in sync
-    await add_vehicles(
-        conn,
-        prefix=prefix,
-        tag="P",
-        count=4,
-        last_seen_at=seen,
-        desired="2026.2.0",
-        status="pending",
-    )
-    await add_vehicles(
-        conn,
-        prefix=prefix,
-        tag="Q",
-        count=2,
-        last_seen_at=seen,
-        desired="2026.2.0",
-        status="failed",
-        region="r2",
-    )
-    await add_vehicles(
-        conn,
-        prefix=prefix,
-        tag="X",
-        count=3,
-        last_seen_at=seen,
-        desired="2026.2.0",
-        actual=None,
-        status="updating",
-        org="acme",
-    )
-    # No desired release: nothing to drift from.
-    await add_vehicles(conn, prefix=prefix, tag="Z", count=2, last_seen_at=seen, desired=None)
+    for tag, count, differs in DRIFT_FLEET:
+        await add_vehicles(conn, prefix=prefix, tag=tag, count=count, last_seen_at=seen, **differs)
 
     run_key = f"test-{prefix}"
     run = await svc.record_drift(session, run_key=run_key, marked_offline=3, cutoff=CUTOFF)
