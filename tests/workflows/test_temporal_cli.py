@@ -49,6 +49,34 @@ async def wait_for_row(
     raise AssertionError(f"{sql} gave {row}, not {want}")
 
 
+async def signal(env: WorkflowEnvironment, workflow_id: str, name: str, body: dict) -> None:
+    """`temporal workflow signal` with the JSON body of SPEC.md, as an operator sends it."""
+    await temporal_cli(
+        env,
+        "workflow",
+        "signal",
+        "--workflow-id",
+        workflow_id,
+        "--name",
+        name,
+        "--input",
+        json.dumps(body),
+    )
+
+
+async def wait_for_audit(
+    sessions: async_sessionmaker[AsyncSession], rollout_id: int, action: str, want: Any
+) -> None:
+    """The rollout's audit entry of that action says (actor, source, reason) == `want`."""
+    await wait_for_row(
+        sessions,
+        "SELECT actor, source, reason FROM audit_log"
+        " WHERE target_type = 'rollout' AND target_id = :id AND action = :action",
+        {"id": str(rollout_id), "action": action},
+        want,
+    )
+
+
 async def test_pause_and_resume_with_the_temporal_cli(
     dev_server_env: WorkflowEnvironment,
     sessions: async_sessionmaker[AsyncSession],
@@ -78,46 +106,17 @@ async def test_pause_and_resume_with_the_temporal_cli(
             status_sql = "SELECT status, status_reason FROM rollouts WHERE id = :id"
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
 
-            body = {"reason": "investigating", "actor": "alice"}
-            await temporal_cli(
-                dev_server_env,
-                "workflow",
-                "signal",
-                "--workflow-id",
-                workflow_id,
-                "--name",
-                "pause",
-                "--input",
-                json.dumps(body),
-            )
+            pause = {"reason": "investigating", "actor": "alice"}
+            await signal(dev_server_env, workflow_id, "pause", pause)
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("paused", "OPERATOR"))
-            await wait_for_row(
-                sessions,
-                "SELECT actor, source, reason FROM audit_log"
-                " WHERE target_type = 'rollout' AND target_id = :id AND action = 'rollout.paused'",
-                {"id": str(rollout_id)},
-                ("alice", "temporal", "investigating"),
-            )
+            paused = ("alice", "temporal", "investigating")
+            await wait_for_audit(sessions, rollout_id, "rollout.paused", paused)
 
-            await temporal_cli(
-                dev_server_env,
-                "workflow",
-                "signal",
-                "--workflow-id",
-                workflow_id,
-                "--name",
-                "resume",
-                "--input",
-                '{"reason": "fixed", "actor": "bob"}',
-            )
+            resume = {"reason": "fixed", "actor": "bob"}
+            await signal(dev_server_env, workflow_id, "resume", resume)
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
-            await wait_for_row(
-                sessions,
-                "SELECT actor, source, reason FROM audit_log"
-                " WHERE target_type = 'rollout' AND target_id = :id AND action = 'rollout.resumed'",
-                {"id": str(rollout_id)},
-                ("bob", "temporal", "fixed"),
-            )
+            resumed = ("bob", "temporal", "fixed")
+            await wait_for_audit(sessions, rollout_id, "rollout.resumed", resumed)
             # The query answers the operator too.
             progress = await temporal_cli(
                 dev_server_env,
