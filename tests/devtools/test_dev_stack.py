@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,72 @@ def dev_database(database_server_url: str) -> Iterator[str]:
     localservers.drop_database(database_server_url, name)
 
 
+@dataclass
+class DevStack:
+    """`motorcade dev` running; a thread collects its output line by line."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)  # it says Ctrl-C stops it
+
+
+def start_motorcade_dev(env: dict[str, str], state_dir: Path) -> DevStack:
+    """`motorcade dev` with 300 seeded vehicles, as a new user starts it."""
+    proc = subprocess.Popen(
+        [
+            localservers.venv_binary("motorcade"),
+            "dev",
+            "--vehicles",
+            "300",
+            "--state-dir",
+            str(state_dir),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stack = DevStack(proc)
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stack.lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                stack.ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    return stack
+
+
+def listed_workflows(temporal_port: int, workflow_id: str) -> list[dict]:
+    """What `temporal workflow list` shows of the workflow, once it shows it (30 s at most)."""
+    listed: list[dict] = []
+    for _ in range(30):
+        result = subprocess.run(
+            [
+                localservers.venv_binary("temporal"),
+                "workflow",
+                "list",
+                "--address",
+                f"127.0.0.1:{temporal_port}",
+                "--query",
+                f"WorkflowId = '{workflow_id}'",
+                "--output",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        listed = json.loads(result.stdout or "[]")
+        if listed:
+            break
+        time.sleep(1)
+    return listed
+
+
 def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) -> None:
     api_port, temporal_port, ui_port = (localservers.free_port() for _ in range(3))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOTORCADE_")} | {
@@ -43,33 +110,10 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
         "MOTORCADE_DEV_TEMPORAL_PORT": str(temporal_port),
         "MOTORCADE_DEV_TEMPORAL_UI_PORT": str(ui_port),
     }
-    proc = subprocess.Popen(
-        [
-            localservers.venv_binary("motorcade"),
-            "dev",
-            "--vehicles",
-            "300",
-            "--state-dir",
-            str(tmp_path),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
+    stack = start_motorcade_dev(env, tmp_path)
+    proc, lines = stack.proc, stack.lines
     try:
-        assert ready.wait(180), "motorcade dev did not come up:\n" + "".join(lines[-40:])
+        assert stack.ready.wait(180), "motorcade dev did not come up:\n" + "".join(lines[-40:])
         output = "".join(lines)
         viewer = re.search(r"VIEWER_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
         operator = re.search(r"OPERATOR_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
@@ -103,29 +147,7 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
         assert created.status_code == 201, created.text
         workflow_id = created.json()["data"]["workflowId"]
 
-        listed: list[dict] = []
-        for _ in range(30):
-            result = subprocess.run(
-                [
-                    localservers.venv_binary("temporal"),
-                    "workflow",
-                    "list",
-                    "--address",
-                    f"127.0.0.1:{temporal_port}",
-                    "--query",
-                    f"WorkflowId = '{workflow_id}'",
-                    "--output",
-                    "json",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            )
-            listed = json.loads(result.stdout or "[]")
-            if listed:
-                break
-            time.sleep(1)
+        listed = listed_workflows(temporal_port, workflow_id)
         assert listed and listed[0]["execution"]["workflowId"] == workflow_id
         assert listed[0]["taskQueue"] == "motorcade-rollouts"
     finally:
