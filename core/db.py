@@ -6,7 +6,9 @@ services only flush.
 The dashboard's hot reads (one vehicle, the vehicle list, a timeline, the fleet summary) skip
 the ORM: `driver_connection` lends a pooled connection in autocommit (no BEGIN and COMMIT
 round trips) as psycopg's own connection, and `fetch` runs one statement on it. The ORM's
-execution machinery was more than half of the API's CPU on those routes.
+execution machinery was more than half of the API's CPU on those routes. Telemetry ingestion
+(binary COPY) reaches the psycopg connection under its session with `session_driver`; both
+unwrap it with `driver_of`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import psycopg
 import psycopg.types.json
 from psycopg.rows import dict_row
 from pydantic_core import from_json
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import tracing
@@ -67,15 +74,30 @@ def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
+async def driver_of(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under a SQLAlchemy connection, in whatever transaction that
+    connection has open: the one way to reach the driver (binary results, COPY)."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None  # a checked-out connection always has one
+    return driver
+
+
+async def session_driver(session: AsyncSession) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under `session`, in the session's own transaction (what it
+    writes commits or rolls back with the session)."""
+    return await driver_of(await session.connection())
+
+
 @asynccontextmanager
 async def driver_connection(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A pooled connection of `engine` as psycopg's own, returned to the pool at the end."""
     async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
+        driver = await driver_of(conn)
         try:
-            yield raw.driver_connection  # type: ignore[misc]
+            yield driver
         except psycopg.OperationalError:
-            if raw.driver_connection.closed:  # type: ignore[union-attr]
+            if driver.closed:
                 await conn.invalidate()  # broken (the server went away): never pooled again
             raise
 

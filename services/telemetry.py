@@ -38,6 +38,7 @@ from pydantic_core import to_json
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core.db import session_driver
 from models.enums import EventType
 from models.scope import Scope
 from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
@@ -229,10 +230,7 @@ async def _driver(session: AsyncSession) -> Any:
     the staging tables on it. Whether they exist is asked each group (one catalog lookup), not
     remembered: tables created in a transaction that was then rolled back (a retried group,
     a refused one) are gone, and a flag on the connection would still say they are there."""
-    conn = await session.connection()
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    driver = await session_driver(session)
     cur = await driver.execute("SELECT to_regclass('pg_temp.ingest_wide') IS NULL")
     missing = await cur.fetchone()
     if missing and missing[0]:
