@@ -1,0 +1,160 @@
+"""A group of telemetry requests: what the committer hands in (`GroupRequest`), what it gets
+back (`GroupResult`), and the state each step of `write_group` reads and fills (`Group`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models.scope import Scope
+from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
+
+
+@dataclass(frozen=True)
+class WideWritePolicy:
+    """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md)."""
+
+    offline_after_seconds: int = 300
+    refresh_seconds: int = 240
+    battery_step: int = 5
+
+
+@dataclass
+class GroupRequest:
+    """One request inside a group, and what the group did for it."""
+
+    batch: TelemetryBatch
+    scope: Scope
+    accepted: int = 0
+    duplicates: int = 0
+    refused: list[dict[str, Any]] | None = None  # NOT_FOUND details when refused
+
+
+@dataclass
+class GroupResult:
+    events_inserted: int = 0
+    duplicates: int = 0
+    heartbeats: int = 0
+    vehicles_written: int = 0
+    outcomes: int = 0
+    refused_requests: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Redo(Exception):
+    """Roll the group back and write it again, checked."""
+
+
+class UnknownVehicle(Redo):
+    """The optimistic pass found a vehicle it could not resolve."""
+
+
+class RowMoved(Redo):
+    """A locked wide row was not where the lock found it. Only this transaction can move a
+    row it holds locked, and the heartbeat refresh leaves those rows to the wide update
+    (test_a_vehicle_both_derived_and_refreshed_in_one_group_is_written_once): guarded all
+    the same, so a miss rewrites the group instead of losing a status."""
+
+
+class LockedRow(NamedTuple):
+    """A vehicle's wide row as read under the lock, merged with the group's news: its
+    heartbeat (narrow row) and its latest event, whichever is newer. Fields in the order the
+    statement selects them."""
+
+    vehicle_id: str
+    derive: bool  # a new latest event, or flagged: its status is derived
+    last_seen_at: datetime | None
+    actual_release_version: str | None
+    last_event_seq: int  # after this group
+    last_event_type: str | None
+    last_event_desired_state_id: str | None
+    last_event_release_version: str | None
+    last_event_reason_code: str | None
+    status: str
+    reason_codes: list[str] | None
+    desired_release_version: str | None
+    desired_state_id: str | None
+    rollout_id: int | None
+    created_at: datetime
+    stored_seq: int  # before this group
+
+
+@dataclass(slots=True)
+class Group:
+    """One group on its way into PostgreSQL, in one transaction. Each step of `write_group`
+    reads what the steps before it left here and adds its own part."""
+
+    session: AsyncSession
+    driver: psycopg.AsyncConnection[Any]  # the session's own connection (staging.py)
+    policy: WideWritePolicy
+    now: datetime
+    live: list[GroupRequest]  # the requests not refused
+    result: GroupResult
+    # merge(): the group as one batch
+    owner: dict[tuple[str, uuid.UUID], GroupRequest] = field(default_factory=dict)
+    events: list[EventIn] = field(default_factory=list)  # deduplicated, first wins
+    heartbeats: dict[str, HeartbeatIn] = field(default_factory=dict)  # newest per vehicle
+    latest: dict[str, EventIn] = field(default_factory=dict)  # highest seq per vehicle
+    # heartbeats.upsert_narrow_rows: vehicles whose status a heartbeat may change
+    flagged: list[str] = field(default_factory=list)
+    # lock.lock_wide_rows: the newest seq stored per vehicle, the rows to derive
+    stored_seq: dict[str, int] = field(default_factory=dict)
+    to_derive: list[LockedRow] = field(default_factory=list)
+    # events.insert_events: the events this transaction stored
+    inserted: set[tuple[str, uuid.UUID]] = field(default_factory=set)
+    # derive.derive_statuses: one verdict per derived row; those of vehicles in a rollout
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    in_rollouts: list[LockedRow] = field(default_factory=list)
+    # outcomes.pick_outcomes: per rollout, the vehicles' new latest events
+    outcomes: dict[int, list[EventIn]] = field(default_factory=dict)
+    # lap(): wall clock and this process's CPU at the last lap
+    clock: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=time.process_time)
+
+    def lap(self, name: str) -> None:
+        """Time since the last lap (`name`) and this process's CPU in it (`name_cpu`): the
+        difference is time spent waiting for PostgreSQL (debug log of each group)."""
+        clock = time.perf_counter()
+        cpu = time.process_time()
+        stats = self.result.stats
+        stats[name] = stats.get(name, 0.0) + clock - self.clock
+        stats[f"{name}_cpu"] = stats.get(f"{name}_cpu", 0.0) + cpu - self.cpu
+        self.clock = clock
+        self.cpu = cpu
+
+
+def merge(group: Group) -> None:
+    """The group as one batch: events deduplicated (first wins), the newest heartbeat and
+    the highest-`seq` event per vehicle (ties: the lowest `eventId`, as the SQL that stages
+    the group picks it). (An event already stored cannot be the vehicle's new latest: its seq
+    was merged when it was stored, in the same transaction.)"""
+    owner = group.owner
+    events = group.events
+    beats = group.heartbeats
+    top = group.latest
+    for req in group.live:
+        req.accepted = req.duplicates = 0
+        for ev in req.batch.events:
+            key = (ev.vehicle_id, ev.event_id)
+            if key in owner:
+                req.duplicates += 1
+                continue
+            owner[key] = req
+            events.append(ev)
+            best = top.get(ev.vehicle_id)
+            if (
+                best is None
+                or ev.seq > best.seq
+                or (ev.seq == best.seq and ev.event_id < best.event_id)
+            ):
+                top[ev.vehicle_id] = ev
+        for hb in req.batch.heartbeats:
+            seen = beats.get(hb.vehicle_id)
+            if seen is None or hb.sent_at >= seen.sent_at:
+                beats[hb.vehicle_id] = hb

@@ -1,0 +1,102 @@
+"""Heartbeats, two steps: first the narrow `vehicle_telemetry` rows (every heartbeat, a HOT
+update), then, once the events are in, the wide `vehicles` rows of the vehicles whose
+heartbeat changed something visible but cannot change their status (docs/data-model.md)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.telemetry.group import Group, UnknownVehicle
+
+# The latest heartbeat wins by `sentAt`; a first narrow row starts from what the wide row
+# knew. Returns how many vehicles it matched and the flagged ones (see upsert_narrow_rows).
+_UPSERT_NARROW = """
+    WITH up AS (
+        INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
+            stationary, actual_release_version)
+        SELECT u.vid, greatest(u.seen, v.last_seen_at),
+               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(u.battery, v.battery_percent)
+                    ELSE v.battery_percent END,
+               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(u.stationary, v.stationary)
+                    ELSE v.stationary END,
+               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(u.actual, v.actual_release_version)
+                    ELSE v.actual_release_version END
+        FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
+        WHERE u.has_hb
+        ORDER BY u.vid
+        ON CONFLICT (vehicle_id) DO UPDATE SET
+            last_seen_at = CASE
+                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
+            battery_percent = CASE
+                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
+            stationary = CASE
+                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                THEN EXCLUDED.stationary ELSE t.stationary END,
+            actual_release_version = CASE
+                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
+                THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END
+        RETURNING t.vehicle_id, t.actual_release_version
+    )
+    SELECT count(*),
+           coalesce(array_agg(up.vehicle_id) FILTER (
+               WHERE v.status = 'offline'
+                  OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+           ), '{}')
+    FROM up JOIN vehicles v ON v.id = up.vehicle_id
+"""
+
+_REFRESH_WIDE = """
+    UPDATE vehicles v
+    SET last_seen_at = t.last_seen_at, battery_percent = t.battery_percent,
+        stationary = t.stationary
+    FROM ingest_touch u JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
+    WHERE v.id = u.vid AND u.has_hb
+      -- not the rows locked for derivation (a new latest event, or flagged): the wide
+      -- update of derive.py writes those, by the address the lock read them at
+      AND u.seq <= v.last_event_seq AND NOT u.vid = ANY(%(flagged)s)
+      AND v.status <> 'offline'
+      AND coalesce(t.actual_release_version, v.actual_release_version)
+          IS NOT DISTINCT FROM v.actual_release_version
+      AND (v.status = 'blocked'
+           OR t.stationary IS DISTINCT FROM v.stationary
+           OR (t.battery_percent IS NULL) <> (v.battery_percent IS NULL)
+           OR abs(t.battery_percent - v.battery_percent) >= %(step)s
+           OR (t.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
+               OR t.last_seen_at - v.last_seen_at >= %(refresh)s)))
+"""
+
+
+async def upsert_narrow_rows(group: Group) -> None:
+    """Upsert the narrow row of every vehicle with a heartbeat (a HOT update when the row
+    exists). Counted: the optimistic pass's existence check. Flagged when the status may
+    change: an offline vehicle heard again, or a new actual release. For the others it
+    cannot."""
+    if not group.heartbeats:
+        return
+    cur = await group.driver.execute(_UPSERT_NARROW)
+    matched = await cur.fetchone()
+    assert matched is not None
+    known, group.flagged = int(matched[0]), list(matched[1])
+    if known < len(group.heartbeats):  # some vehicle is unknown: refuse its requests, redo
+        raise UnknownVehicle
+
+
+async def refresh_wide_rows(group: Group) -> None:
+    """The visible heartbeat values (stationary, battery by `battery_step` points, a blocked
+    vehicle's, a `lastSeenAt` older than `refresh_seconds`) of the vehicles not locked for
+    derivation go to their wide row in one statement, without a trip through Python. Their
+    status cannot change: it depends on none of these unless the vehicle is offline."""
+    cur = await group.driver.execute(
+        _REFRESH_WIDE,
+        {
+            "step": group.policy.battery_step,
+            "refresh": timedelta(seconds=group.policy.refresh_seconds),
+            "flagged": group.flagged,
+        },
+    )
+    group.result.vehicles_written += max(cur.rowcount, 0)

@@ -1,0 +1,122 @@
+"""Step 1: the group into PostgreSQL. Binary COPY into session-local staging tables (emptied
+at commit), then one row per vehicle touched, built in SQL: its newest heartbeat and its
+highest-`seq` event. The later steps move data from these tables with set-based statements:
+no row-by-row statement, no per-value text escaping in Python."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from pydantic_core import to_json
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core.db import session_driver
+from services.telemetry.group import Group
+
+# Created on demand in the session of each pooled connection (`staging_connection`).
+_STAGING_TABLES = (
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_events (
+        vehicle_id text, event_id uuid, seq bigint, type text, occurred_at timestamptz,
+        desired_state_id uuid, release_version text, reason_code text, details text
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_beats (
+        vid text, seen timestamptz, battery smallint, stationary boolean, actual text
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_touch (
+        vid text, has_hb boolean, seen timestamptz, battery smallint, stationary boolean,
+        actual text, seq bigint, typ text, ds uuid, rel text, reason text
+    ) ON COMMIT DELETE ROWS
+    """,
+    """
+    CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
+        id text, seen timestamptz, battery smallint, stationary boolean, actual text,
+        seq bigint, typ text, eds uuid, rel text, reason text, tid tid
+    ) ON COMMIT DELETE ROWS
+    """,
+)
+# `details` is staged as JSON text, encoded by pydantic_core (and not at all when empty,
+# the common case), and parsed once by PostgreSQL when it moves to the timeline.
+_EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "text"]
+_BEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
+_TOUCHED = """
+    INSERT INTO ingest_touch
+    SELECT coalesce(b.vid, e.vehicle_id), b.vid IS NOT NULL, b.seen, b.battery,
+           b.stationary, b.actual, coalesce(e.seq, -1), e.type, e.desired_state_id,
+           e.release_version, e.reason_code
+    FROM ingest_beats b
+    FULL JOIN (
+        SELECT DISTINCT ON (vehicle_id) vehicle_id, seq, type, desired_state_id,
+               release_version, reason_code
+        FROM ingest_events ORDER BY vehicle_id, seq DESC, event_id
+    ) e ON e.vehicle_id = b.vid
+"""
+
+
+async def staging_connection(session: AsyncSession) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under the session (same transaction), for binary COPY, with
+    the staging tables on it. Whether they exist is asked each group (one catalog lookup), not
+    remembered: tables created in a transaction that was then rolled back (a retried group,
+    a refused one) are gone, and a flag on the connection would still say they are there."""
+    driver = await session_driver(session)
+    cur = await driver.execute("SELECT to_regclass('pg_temp.ingest_wide') IS NULL")
+    missing = await cur.fetchone()
+    if missing and missing[0]:
+        for ddl in _STAGING_TABLES:
+            await driver.execute(ddl)
+    return driver
+
+
+async def _copy(
+    driver: psycopg.AsyncConnection[Any],
+    table: str,
+    types: list[str],
+    rows: Sequence[Sequence[Any]],
+) -> None:
+    async with driver.cursor() as cur:
+        async with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for row in rows:
+                await copy.write_row(row)
+
+
+async def stage(group: Group) -> None:
+    """COPY the group's merged heartbeats and events; then one row per vehicle touched."""
+    driver = group.driver
+    if group.heartbeats:
+        await _copy(
+            driver,
+            "ingest_beats",
+            _BEAT_TYPES,
+            [
+                (v, h.sent_at, h.battery_percent, h.stationary, h.actual_release_version)
+                for v, h in group.heartbeats.items()
+            ],
+        )
+    if group.events:
+        await _copy(
+            driver,
+            "ingest_events",
+            _EVENT_TYPES,
+            [
+                (
+                    e.vehicle_id,
+                    e.event_id,
+                    e.seq,
+                    e.type.value,
+                    e.occurred_at,
+                    e.desired_state_id,
+                    e.release_version,
+                    e.reason_code,
+                    to_json(e.details).decode() if e.details else "{}",
+                )
+                for e in group.events
+            ],
+        )
+    await driver.execute(_TOUCHED)
