@@ -17,41 +17,45 @@ from services import change_feed
 from services.telemetry.group import Group, RowMoved
 from services.vehicle_status import LatestEvent, derive_status
 
-# The status changes of a group's wide-row update (`w`), as change-feed deltas.
+# The status changes of a group's wide-row update (`written`), as change-feed deltas.
 _STATUS_DELTAS = change_feed.vehicle_deltas_sql(
-    "(SELECT * FROM w WHERE w.changed)",
+    "(SELECT * FROM written WHERE written.changed)",
     "'status', s.status, 'reasonCodes', to_jsonb(s.reason_codes)",
 )
 _WRITE_DERIVED = f"""
-    WITH w AS (
+    WITH written AS (
         UPDATE vehicles v
-        SET status = d.status, reason_codes = d.codes,
+        SET status = verdict.status, reason_codes = verdict.codes,
             -- lastSeenAt only by the refresh interval (as for plain heartbeats):
             -- it feeds an index, so leaving it alone keeps a status change a
             -- heap-only update (status itself has no index, migration 0003).
             last_seen_at = CASE
-                WHEN u.seen IS NOT NULL
+                WHEN locked.last_seen_at IS NOT NULL
                      AND (v.last_seen_at IS NULL OR v.status = 'offline'
-                          OR u.seen - v.last_seen_at >= %(refresh)s)
-                THEN u.seen ELSE v.last_seen_at END,
-            battery_percent = u.battery,
-            stationary = u.stationary, actual_release_version = u.actual,
-            last_event_seq = u.seq, last_event_type = u.typ,
-            last_event_desired_state_id = u.eds, last_event_release_version = u.rel,
-            last_event_reason_code = u.reason,
-            updated_at = CASE WHEN d.changed THEN now() ELSE v.updated_at END
-        FROM ingest_wide u
+                          OR locked.last_seen_at - v.last_seen_at >= %(refresh)s)
+                THEN locked.last_seen_at ELSE v.last_seen_at END,
+            battery_percent = locked.battery_percent,
+            stationary = locked.stationary,
+            actual_release_version = locked.actual_release_version,
+            last_event_seq = locked.last_event_seq,
+            last_event_type = locked.last_event_type,
+            last_event_desired_state_id = locked.last_event_desired_state_id,
+            last_event_release_version = locked.last_event_release_version,
+            last_event_reason_code = locked.last_event_reason_code,
+            updated_at = CASE WHEN verdict.changed THEN now() ELSE v.updated_at END
+        FROM ingest_locked locked
         JOIN json_to_recordset(%(verdicts)s::json)
-             AS d(id text, status text, codes text[], changed boolean) ON d.id = u.id
+             AS verdict(id text, status text, codes text[], changed boolean)
+             ON verdict.id = locked.vehicle_id
         -- By the row's address, taken under the lock (it cannot move while the lock is
         -- held): one page read instead of an index descent per row. The id is checked as a
         -- filter (IS NOT DISTINCT FROM is not an equality the planner could turn into an
         -- index lookup from the verdicts instead).
-        WHERE v.ctid = u.tid AND v.id IS NOT DISTINCT FROM u.id
-        RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, d.changed
+        WHERE v.ctid = locked.row_address AND v.id IS NOT DISTINCT FROM locked.vehicle_id
+        RETURNING v.id, v.status, v.reason_codes, v.region, v.model, v.org, verdict.changed
     ),
     feed AS ({_STATUS_DELTAS})
-    SELECT count(*) FROM w
+    SELECT count(*) FROM written
 """
 
 

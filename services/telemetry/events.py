@@ -18,9 +18,9 @@ _INSERT_STAGED_EVENTS = """
 # Which staged events this transaction wrote (the others were there already).
 _WRITTEN_HERE = """
     SELECT te.vehicle_id, te.event_id
-    FROM ingest_events s
+    FROM ingest_events staged
     JOIN timeline_events te
-      ON te.vehicle_id = s.vehicle_id AND te.event_id = s.event_id
+      ON te.vehicle_id = staged.vehicle_id AND te.event_id = staged.event_id
     WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
 """
 
@@ -63,11 +63,11 @@ async def _insert_newer_events(group: Group) -> bool:
     back to it and the caller inserts with `ON CONFLICT`. Returns whether it inserted."""
     lowest: dict[str, int] = {}
     for ev in group.events:
-        seen = lowest.get(ev.vehicle_id)
-        if seen is None or ev.seq < seen:
+        low = lowest.get(ev.vehicle_id)
+        if low is None or ev.seq < low:
             lowest[ev.vehicle_id] = ev.seq
     stored_seq = group.stored_seq
-    if any(seq <= stored_seq.get(vid, 0) for vid, seq in lowest.items()):
+    if any(seq <= stored_seq.get(vehicle_id, 0) for vehicle_id, seq in lowest.items()):
         return False
     driver = group.driver
     await driver.execute("SAVEPOINT ingest_events")

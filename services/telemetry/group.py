@@ -136,8 +136,8 @@ def merge(group: Group) -> None:
     was merged when it was stored, in the same transaction.)"""
     owner = group.owner
     events = group.events
-    beats = group.heartbeats
-    top = group.latest
+    heartbeats = group.heartbeats
+    latest = group.latest
     for req in group.live:
         req.accepted = req.duplicates = 0
         for ev in req.batch.events:
@@ -147,14 +147,14 @@ def merge(group: Group) -> None:
                 continue
             owner[key] = req
             events.append(ev)
-            best = top.get(ev.vehicle_id)
+            best = latest.get(ev.vehicle_id)
             if (
                 best is None
                 or ev.seq > best.seq
                 or (ev.seq == best.seq and ev.event_id < best.event_id)
             ):
-                top[ev.vehicle_id] = ev
+                latest[ev.vehicle_id] = ev
         for hb in req.batch.heartbeats:
-            seen = beats.get(hb.vehicle_id)
-            if seen is None or hb.sent_at >= seen.sent_at:
-                beats[hb.vehicle_id] = hb
+            newest = heartbeats.get(hb.vehicle_id)
+            if newest is None or hb.sent_at >= newest.sent_at:
+                heartbeats[hb.vehicle_id] = hb

@@ -11,63 +11,64 @@ from services.telemetry.group import Group, UnknownVehicle
 # The latest heartbeat wins by `sentAt`; a first narrow row starts from what the wide row
 # knew. Returns how many vehicles it matched and the flagged ones (see upsert_narrow_rows).
 _UPSERT_NARROW = """
-    WITH up AS (
-        INSERT INTO vehicle_telemetry AS t (vehicle_id, last_seen_at, battery_percent,
+    WITH upserted AS (
+        INSERT INTO vehicle_telemetry AS stored (vehicle_id, last_seen_at, battery_percent,
             stationary, actual_release_version)
-        SELECT u.vid, greatest(u.seen, v.last_seen_at),
-               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(u.battery, v.battery_percent)
+        SELECT touched.vehicle_id, greatest(touched.sent_at, v.last_seen_at),
+               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(touched.battery_percent, v.battery_percent)
                     ELSE v.battery_percent END,
-               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(u.stationary, v.stationary)
+               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(touched.stationary, v.stationary)
                     ELSE v.stationary END,
-               CASE WHEN u.seen >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(u.actual, v.actual_release_version)
+               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
+                    THEN coalesce(touched.actual_release_version, v.actual_release_version)
                     ELSE v.actual_release_version END
-        FROM ingest_touch u JOIN vehicles v ON v.id = u.vid
-        WHERE u.has_hb
-        ORDER BY u.vid
+        FROM ingest_touched touched JOIN vehicles v ON v.id = touched.vehicle_id
+        WHERE touched.has_heartbeat
+        ORDER BY touched.vehicle_id
         ON CONFLICT (vehicle_id) DO UPDATE SET
             last_seen_at = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                THEN EXCLUDED.last_seen_at ELSE t.last_seen_at END,
+                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                THEN EXCLUDED.last_seen_at ELSE stored.last_seen_at END,
             battery_percent = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                THEN EXCLUDED.battery_percent ELSE t.battery_percent END,
+                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                THEN EXCLUDED.battery_percent ELSE stored.battery_percent END,
             stationary = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                THEN EXCLUDED.stationary ELSE t.stationary END,
+                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                THEN EXCLUDED.stationary ELSE stored.stationary END,
             actual_release_version = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(t.last_seen_at, '-infinity')
-                THEN EXCLUDED.actual_release_version ELSE t.actual_release_version END
-        RETURNING t.vehicle_id, t.actual_release_version
+                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                THEN EXCLUDED.actual_release_version ELSE stored.actual_release_version END
+        RETURNING stored.vehicle_id, stored.actual_release_version
     )
     SELECT count(*),
-           coalesce(array_agg(up.vehicle_id) FILTER (
+           coalesce(array_agg(upserted.vehicle_id) FILTER (
                WHERE v.status = 'offline'
-                  OR up.actual_release_version IS DISTINCT FROM v.actual_release_version
+                  OR upserted.actual_release_version IS DISTINCT FROM v.actual_release_version
            ), '{}')
-    FROM up JOIN vehicles v ON v.id = up.vehicle_id
+    FROM upserted JOIN vehicles v ON v.id = upserted.vehicle_id
 """
 
 _REFRESH_WIDE = """
     UPDATE vehicles v
-    SET last_seen_at = t.last_seen_at, battery_percent = t.battery_percent,
-        stationary = t.stationary
-    FROM ingest_touch u JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
-    WHERE v.id = u.vid AND u.has_hb
+    SET last_seen_at = narrow.last_seen_at, battery_percent = narrow.battery_percent,
+        stationary = narrow.stationary
+    FROM ingest_touched touched
+    JOIN vehicle_telemetry narrow ON narrow.vehicle_id = touched.vehicle_id
+    WHERE v.id = touched.vehicle_id AND touched.has_heartbeat
       -- not the rows locked for derivation (a new latest event, or flagged): the wide
       -- update of derive.py writes those, by the address the lock read them at
-      AND u.seq <= v.last_event_seq AND NOT u.vid = ANY(%(flagged)s)
+      AND touched.event_seq <= v.last_event_seq AND NOT touched.vehicle_id = ANY(%(flagged)s)
       AND v.status <> 'offline'
-      AND coalesce(t.actual_release_version, v.actual_release_version)
+      AND coalesce(narrow.actual_release_version, v.actual_release_version)
           IS NOT DISTINCT FROM v.actual_release_version
       AND (v.status = 'blocked'
-           OR t.stationary IS DISTINCT FROM v.stationary
-           OR (t.battery_percent IS NULL) <> (v.battery_percent IS NULL)
-           OR abs(t.battery_percent - v.battery_percent) >= %(step)s
-           OR (t.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
-               OR t.last_seen_at - v.last_seen_at >= %(refresh)s)))
+           OR narrow.stationary IS DISTINCT FROM v.stationary
+           OR (narrow.battery_percent IS NULL) <> (v.battery_percent IS NULL)
+           OR abs(narrow.battery_percent - v.battery_percent) >= %(step)s
+           OR (narrow.last_seen_at IS NOT NULL AND (v.last_seen_at IS NULL
+               OR narrow.last_seen_at - v.last_seen_at >= %(refresh)s)))
 """
 
 

@@ -3,7 +3,7 @@ those flagged by their heartbeat. Locked, so two groups naming the same vehicle 
 ingest process) derive one after the other, each from what the other wrote.
 
 The values read under the lock stay in PostgreSQL: the locking statement itself stages the
-rows to derive (`ingest_wide`, with their address) for the wide update (derive.py). What
+rows to derive (`ingest_locked`, with their address) for the wide update (derive.py). What
 comes back to Python is what the pure `derive_status` needs, as `LockedRow`s."""
 
 from __future__ import annotations
@@ -22,41 +22,51 @@ def _locked_row(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[LockedRow]:
 
 _LOCK = """
     WITH locked AS (
-        SELECT v.id,
-               u.seq > v.last_event_seq OR u.vid = ANY(%(flagged)s) AS derive,
-               greatest(t.last_seen_at, v.last_seen_at) AS seen,
-               CASE WHEN t.vehicle_id IS NULL THEN v.battery_percent
-                    ELSE t.battery_percent END AS battery,
-               CASE WHEN t.vehicle_id IS NULL THEN v.stationary
-                    ELSE t.stationary END AS stationary,
-               coalesce(t.actual_release_version, v.actual_release_version) AS actual,
-               greatest(u.seq, v.last_event_seq) AS seq,
-               CASE WHEN u.seq > v.last_event_seq THEN u.typ
-                    ELSE v.last_event_type END AS typ,
-               CASE WHEN u.seq > v.last_event_seq THEN u.ds
-                    ELSE v.last_event_desired_state_id END AS eds,
-               CASE WHEN u.seq > v.last_event_seq THEN u.rel
-                    ELSE v.last_event_release_version END AS rel,
-               CASE WHEN u.seq > v.last_event_seq THEN u.reason
-                    ELSE v.last_event_reason_code END AS reason,
+        SELECT v.id AS vehicle_id,
+               touched.event_seq > v.last_event_seq
+                   OR touched.vehicle_id = ANY(%(flagged)s) AS derive,
+               greatest(narrow.last_seen_at, v.last_seen_at) AS last_seen_at,
+               CASE WHEN narrow.vehicle_id IS NULL THEN v.battery_percent
+                    ELSE narrow.battery_percent END AS battery_percent,
+               CASE WHEN narrow.vehicle_id IS NULL THEN v.stationary
+                    ELSE narrow.stationary END AS stationary,
+               coalesce(narrow.actual_release_version, v.actual_release_version)
+                   AS actual_release_version,
+               greatest(touched.event_seq, v.last_event_seq) AS last_event_seq,
+               CASE WHEN touched.event_seq > v.last_event_seq THEN touched.event_type
+                    ELSE v.last_event_type END AS last_event_type,
+               CASE WHEN touched.event_seq > v.last_event_seq
+                    THEN touched.event_desired_state_id
+                    ELSE v.last_event_desired_state_id END AS last_event_desired_state_id,
+               CASE WHEN touched.event_seq > v.last_event_seq
+                    THEN touched.event_release_version
+                    ELSE v.last_event_release_version END AS last_event_release_version,
+               CASE WHEN touched.event_seq > v.last_event_seq THEN touched.event_reason_code
+                    ELSE v.last_event_reason_code END AS last_event_reason_code,
                v.status, v.reason_codes, v.desired_release_version, v.desired_state_id,
-               v.rollout_id, v.created_at, v.ctid AS tid, v.last_event_seq AS stored_seq
-        FROM ingest_touch u
-        JOIN vehicles v ON v.id = u.vid
-        LEFT JOIN vehicle_telemetry t ON t.vehicle_id = u.vid
-        WHERE u.seq >= 0 OR u.vid = ANY(%(flagged)s)
+               v.rollout_id, v.created_at, v.ctid AS row_address,
+               v.last_event_seq AS stored_seq
+        FROM ingest_touched touched
+        JOIN vehicles v ON v.id = touched.vehicle_id
+        LEFT JOIN vehicle_telemetry narrow ON narrow.vehicle_id = touched.vehicle_id
+        WHERE touched.event_seq >= 0 OR touched.vehicle_id = ANY(%(flagged)s)
         ORDER BY v.id
         FOR NO KEY UPDATE OF v
     ),
-    kept AS (
-        INSERT INTO ingest_wide (id, seen, battery, stationary, actual, seq, typ, eds,
-                                 rel, reason, tid)
-        SELECT id, seen, battery, stationary, actual, seq, typ, eds, rel, reason, tid
+    staged AS (
+        INSERT INTO ingest_locked (vehicle_id, last_seen_at, battery_percent, stationary,
+                                   actual_release_version, last_event_seq, last_event_type,
+                                   last_event_desired_state_id, last_event_release_version,
+                                   last_event_reason_code, row_address)
+        SELECT vehicle_id, last_seen_at, battery_percent, stationary, actual_release_version,
+               last_event_seq, last_event_type, last_event_desired_state_id,
+               last_event_release_version, last_event_reason_code, row_address
         FROM locked WHERE derive
     )
-    SELECT id, derive, seen, actual, seq, typ, eds::text, rel, reason, status,
-           reason_codes, desired_release_version, desired_state_id::text, rollout_id,
-           created_at, stored_seq
+    SELECT vehicle_id, derive, last_seen_at, actual_release_version, last_event_seq,
+           last_event_type, last_event_desired_state_id::text, last_event_release_version,
+           last_event_reason_code, status, reason_codes, desired_release_version,
+           desired_state_id::text, rollout_id, created_at, stored_seq
     FROM locked
 """
 

@@ -28,17 +28,20 @@ async def recompute_statuses(
             """
             SELECT v.id, v.status, v.reason_codes, v.desired_release_version,
                    v.desired_state_id, v.created_at,
-                   coalesce(t.actual_release_version, v.actual_release_version) AS actual,
-                   greatest(t.last_seen_at, v.last_seen_at) AS seen,
-                   e.type, e.desired_state_id AS event_ds, e.release_version AS event_release,
-                   e.reason_code
+                   coalesce(narrow.actual_release_version, v.actual_release_version)
+                       AS actual_release_version,
+                   greatest(narrow.last_seen_at, v.last_seen_at) AS last_seen_at,
+                   latest.type AS event_type,
+                   latest.desired_state_id AS event_desired_state_id,
+                   latest.release_version AS event_release_version,
+                   latest.reason_code AS event_reason_code
             FROM vehicles v
-            LEFT JOIN vehicle_telemetry t ON t.vehicle_id = v.id
+            LEFT JOIN vehicle_telemetry narrow ON narrow.vehicle_id = v.id
             LEFT JOIN LATERAL (
                 SELECT type, desired_state_id, release_version, reason_code
                 FROM timeline_events te WHERE te.vehicle_id = v.id
                 ORDER BY seq DESC LIMIT 1
-            ) e ON true
+            ) latest ON true
             WHERE v.id = ANY(CAST(:ids AS text[]))
             ORDER BY v.id
             """
@@ -50,16 +53,18 @@ async def recompute_statuses(
         derived = derive_status(
             desired_release=row.desired_release_version,
             desired_state_id=str(row.desired_state_id) if row.desired_state_id else None,
-            actual_release=row.actual,
+            actual_release=row.actual_release_version,
             latest_event=LatestEvent(
-                type=row.type,
-                desired_state_id=str(row.event_ds) if row.event_ds else None,
-                release_version=row.event_release,
-                reason_code=row.reason_code,
+                type=row.event_type,
+                desired_state_id=str(row.event_desired_state_id)
+                if row.event_desired_state_id
+                else None,
+                release_version=row.event_release_version,
+                reason_code=row.event_reason_code,
             )
-            if row.type
+            if row.event_type
             else None,
-            last_seen_at=row.seen,
+            last_seen_at=row.last_seen_at,
             registered_at=row.created_at,
             now=now,
             offline_after_seconds=offline_after_seconds,

@@ -15,47 +15,64 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.db import session_driver
 from services.telemetry.group import Group
 
-# Created on demand in the session of each pooled connection (`staging_connection`).
+# Created on demand in the session of each pooled connection (`staging_connection`), the last
+# one last: its existence says all are there. A table keeps its name only while its shape
+# stays the same: a server connection can outlive a process and serve another build (a
+# pooler in front of PostgreSQL, docs/deployment.md), so a new shape takes a new name.
 _STAGING_TABLES = (
+    # The group's events, deduplicated.
     """
     CREATE TEMP TABLE IF NOT EXISTS ingest_events (
         vehicle_id text, event_id uuid, seq bigint, type text, occurred_at timestamptz,
         desired_state_id uuid, release_version text, reason_code text, details text
     ) ON COMMIT DELETE ROWS
     """,
+    # Its newest heartbeat per vehicle.
     """
-    CREATE TEMP TABLE IF NOT EXISTS ingest_beats (
-        vid text, seen timestamptz, battery smallint, stationary boolean, actual text
+    CREATE TEMP TABLE IF NOT EXISTS ingest_heartbeats (
+        vehicle_id text, sent_at timestamptz, battery_percent smallint, stationary boolean,
+        actual_release_version text
     ) ON COMMIT DELETE ROWS
     """,
+    # One row per vehicle touched: its newest heartbeat (if any) and its highest-seq event
+    # (event_seq -1 when none).
     """
-    CREATE TEMP TABLE IF NOT EXISTS ingest_touch (
-        vid text, has_hb boolean, seen timestamptz, battery smallint, stationary boolean,
-        actual text, seq bigint, typ text, ds uuid, rel text, reason text
+    CREATE TEMP TABLE IF NOT EXISTS ingest_touched (
+        vehicle_id text, has_heartbeat boolean, sent_at timestamptz, battery_percent smallint,
+        stationary boolean, actual_release_version text, event_seq bigint, event_type text,
+        event_desired_state_id uuid, event_release_version text, event_reason_code text
     ) ON COMMIT DELETE ROWS
     """,
+    # The wide rows locked for derivation (lock.py): what the wide update writes to them
+    # besides the verdicts, and the address the lock read each at.
     """
-    CREATE TEMP TABLE IF NOT EXISTS ingest_wide (
-        id text, seen timestamptz, battery smallint, stationary boolean, actual text,
-        seq bigint, typ text, eds uuid, rel text, reason text, tid tid
+    CREATE TEMP TABLE IF NOT EXISTS ingest_locked (
+        vehicle_id text, last_seen_at timestamptz, battery_percent smallint,
+        stationary boolean, actual_release_version text, last_event_seq bigint,
+        last_event_type text, last_event_desired_state_id uuid,
+        last_event_release_version text, last_event_reason_code text, row_address tid
     ) ON COMMIT DELETE ROWS
     """,
 )
 # `details` is staged as JSON text, encoded by pydantic_core (and not at all when empty,
 # the common case), and parsed once by PostgreSQL when it moves to the timeline.
 _EVENT_TYPES = ["text", "uuid", "int8", "text", "timestamptz", "uuid", "text", "text", "text"]
-_BEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
+_HEARTBEAT_TYPES = ["text", "timestamptz", "int2", "bool", "text"]
 _TOUCHED = """
-    INSERT INTO ingest_touch
-    SELECT coalesce(b.vid, e.vehicle_id), b.vid IS NOT NULL, b.seen, b.battery,
-           b.stationary, b.actual, coalesce(e.seq, -1), e.type, e.desired_state_id,
-           e.release_version, e.reason_code
-    FROM ingest_beats b
+    INSERT INTO ingest_touched (vehicle_id, has_heartbeat, sent_at, battery_percent,
+                                stationary, actual_release_version, event_seq, event_type,
+                                event_desired_state_id, event_release_version,
+                                event_reason_code)
+    SELECT coalesce(heartbeat.vehicle_id, latest.vehicle_id), heartbeat.vehicle_id IS NOT NULL,
+           heartbeat.sent_at, heartbeat.battery_percent, heartbeat.stationary,
+           heartbeat.actual_release_version, coalesce(latest.seq, -1), latest.type,
+           latest.desired_state_id, latest.release_version, latest.reason_code
+    FROM ingest_heartbeats heartbeat
     FULL JOIN (
         SELECT DISTINCT ON (vehicle_id) vehicle_id, seq, type, desired_state_id,
                release_version, reason_code
         FROM ingest_events ORDER BY vehicle_id, seq DESC, event_id
-    ) e ON e.vehicle_id = b.vid
+    ) latest ON latest.vehicle_id = heartbeat.vehicle_id
 """
 
 
@@ -65,7 +82,7 @@ async def staging_connection(session: AsyncSession) -> psycopg.AsyncConnection[A
     remembered: tables created in a transaction that was then rolled back (a retried group,
     a refused one) are gone, and a flag on the connection would still say they are there."""
     driver = await session_driver(session)
-    cur = await driver.execute("SELECT to_regclass('pg_temp.ingest_wide') IS NULL")
+    cur = await driver.execute("SELECT to_regclass('pg_temp.ingest_locked') IS NULL")
     missing = await cur.fetchone()
     if missing and missing[0]:
         for ddl in _STAGING_TABLES:
@@ -92,8 +109,8 @@ async def stage(group: Group) -> None:
     if group.heartbeats:
         await _copy(
             driver,
-            "ingest_beats",
-            _BEAT_TYPES,
+            "ingest_heartbeats",
+            _HEARTBEAT_TYPES,
             [
                 (v, h.sent_at, h.battery_percent, h.stationary, h.actual_release_version)
                 for v, h in group.heartbeats.items()
