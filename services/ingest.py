@@ -1,11 +1,12 @@
 """The in-process group committer of telemetry: many concurrent requests, one transaction.
 
 Each `POST /telemetry` request, once validated, is handed to `TelemetryIngestor.submit`,
-which queues it and waits. Writer tasks (`writers`, default 2) each take everything queued
-(up to `group_max_items` items), write it with `services.telemetry.write_group` in one
-transaction, commit, and only then wake the waiting requests with their own counts: the
-`202` is sent after the events are durable in PostgreSQL. While one group commits, the next
-one fills, so the number of transactions per second stays flat as load grows.
+which queues it and waits. Writer tasks (`writers`, default 1: docs/telemetry.md, Processes)
+each take everything queued (up to `group_max_items` items), write it with
+`services.telemetry.write_group` in one transaction, commit, and only then wake the waiting
+requests with their own counts: the `202` is sent after the events are durable in
+PostgreSQL. While one group commits, the next one fills, so the number of transactions per
+second stays flat as load grows.
 
 Backpressure: the queue is bounded by items (events + heartbeats, queued or being written).
 A request that does not fit raises `IngestOverloaded` at once (503 `OVERLOADED` with
@@ -21,7 +22,6 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
@@ -37,6 +37,7 @@ from services.telemetry import GroupRequest, WideWritePolicy, write_group
 log = structlog.stdlib.get_logger("motorcade.ingest")
 
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+GROUP_ATTEMPTS = 4  # a group meeting one of those is written again, up to this many times
 
 QUEUED_ITEMS = Gauge(
     "motorcade_ingest_queued_items", "Telemetry items queued or being written (this process)."
@@ -163,14 +164,12 @@ class TelemetryIngestor:
     def _take_group(self) -> list[_Pending]:
         group: list[_Pending] = []
         size = 0
-        while self._queue and (not group or size + self._queue[0].items <= self._max_group()):
+        limit = self.config.group_max_items
+        while self._queue and (not group or size + self._queue[0].items <= limit):
             item = self._queue.popleft()
             group.append(item)
             size += item.items
         return group
-
-    def _max_group(self) -> int:
-        return self.config.group_max_items
 
     async def _writer(self) -> None:
         while True:
@@ -202,7 +201,7 @@ class TelemetryIngestor:
 
     async def _write(self, group: list[_Pending]) -> None:
         started = time.perf_counter()
-        for attempt in range(4):  # write_group resets each request's counts on every try
+        for attempt in range(GROUP_ATTEMPTS):  # write_group resets each request's counts
             try:
                 async with self._sessions() as session:
                     try:
@@ -218,7 +217,7 @@ class TelemetryIngestor:
                 break
             except (OperationalError, DBAPIError) as exc:
                 sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-                if sqlstate in RETRYABLE_SQLSTATES and attempt < 3:
+                if sqlstate in RETRYABLE_SQLSTATES and attempt < GROUP_ATTEMPTS - 1:
                     self.stats.retries += 1
                     await asyncio.sleep(0.01 * (attempt + 1))
                     continue
@@ -247,14 +246,3 @@ class TelemetryIngestor:
         for p in group:
             if not p.future.done():
                 p.future.set_result(p.request)
-
-
-def describe(stats: IngestStats) -> dict[str, Any]:
-    return {
-        "groups": stats.groups,
-        "requests": stats.requests,
-        "events": stats.events,
-        "heartbeats": stats.heartbeats,
-        "overloaded": stats.overloaded,
-        "retries": stats.retries,
-    }
