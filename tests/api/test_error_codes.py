@@ -32,9 +32,9 @@ from tests.api.conftest import (
     insert_vehicles,
     serve_app,
 )
+from tests.api.telemetry import event
 from tests.api.test_release_registration import signed
 from tests.api.test_rollout_control import create_rollout
-from tests.api.test_telemetry import event
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

@@ -19,7 +19,7 @@ import pytest
 
 from devtools.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
 from tests.api.conftest import bearer, insert_vehicles
-from tests.api.test_telemetry import now_iso
+from tests.api.telemetry import now_iso
 
 pytestmark = pytest.mark.slow
 
@@ -101,12 +101,21 @@ async def test_every_acknowledged_event_survives_a_kill(
                 acked.extend((e["vehicleId"], e["eventId"]) for e in body["events"])
     finally:
         stop_process(proc, timeout=10)
+    assert_stored_exactly_once(database_url, prefix, acked)
+
+
+def assert_stored_exactly_once(
+    database_url: str, prefix: str, acked: list[tuple[str, str]]
+) -> None:
+    """Every acknowledged event (vehicle id, event id) is stored once, and nothing else of the
+    test's vehicles is."""
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
             "SELECT count(*), count(DISTINCT (te.vehicle_id, te.event_id))"
-            " FROM unnest(%s::text[], %s::uuid[]) AS a(vid, eid)"
-            " JOIN timeline_events te ON te.vehicle_id = a.vid AND te.event_id = a.eid",
-            ([a[0] for a in acked], [a[1] for a in acked]),
+            " FROM unnest(%s::text[], %s::uuid[]) AS acked(vehicle_id, event_id)"
+            " JOIN timeline_events te"
+            "   ON te.vehicle_id = acked.vehicle_id AND te.event_id = acked.event_id",
+            ([vehicle_id for vehicle_id, _ in acked], [event_id for _, event_id in acked]),
         ).fetchone()
         total = conn.execute(
             "SELECT count(*) FROM timeline_events WHERE vehicle_id LIKE %s", (prefix + "%",)

@@ -25,10 +25,10 @@ from models.enums import AuditSource, Role
 from services import audit, stream
 from services.fleet import refresh_fleet_counts
 from tests.api.conftest import bearer, insert_release, insert_vehicles, samples, serve_app
+from tests.api.telemetry import URL as TELEMETRY
+from tests.api.telemetry import event as telemetry_event
+from tests.api.telemetry import set_desired
 from tests.api.test_envelopes import assert_error
-from tests.api.test_telemetry import URL as TELEMETRY
-from tests.api.test_telemetry import event as telemetry_event
-from tests.api.test_telemetry import set_desired
 
 # Reading the stream never waits longer than this for the next line: a guard against a hang
 # (a failure), not a measured time.

@@ -1,92 +1,34 @@
-"""POST /telemetry, the devices' desired state and the timeline, on the real app over real
-PostgreSQL: deduplication, ordering, stale desired states, device ownership, whole-batch
-rejection, size limits, overload, rollout outcomes and status consistency."""
+"""What a group of telemetry requests writes (services/telemetry), through POST /telemetry on
+the real app over real PostgreSQL, and through `write_group` itself: deduplication, ordering,
+stale desired states, statuses and their change-feed rows, rollout outcomes, heartbeats on the
+narrow and wide rows, status consistency, and requests refused whole inside a group."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from core.settings import Settings
-from services.telemetry import recompute_statuses
-from tests.api.conftest import HOLD_INGEST_WRITER, bearer, insert_vehicles, serve_app
-
-URL = "/api/v1/telemetry"
-
-
-def now_iso(offset: float = 0) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
-
-
-def event(vid: str, seq: int, kind: str, ds: str | None = None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "eventId": str(uuid.uuid4()),
-        "vehicleId": vid,
-        "seq": seq,
-        "type": kind,
-        "occurredAt": now_iso(),
-        "desiredStateId": ds,
-        "releaseVersion": kw.pop("release", None),
-        "reasonCode": kw.pop("reason", None),
-        "details": kw.pop("details", {}),
-    }
-    return body
-
-
-def heartbeat(vid: str, **kw: Any) -> dict[str, Any]:
-    return {
-        "vehicleId": vid,
-        "sentAt": kw.pop("sent_at", now_iso()),
-        "batteryPercent": kw.pop("battery", 80),
-        "stationary": kw.pop("stationary", True),
-        "actualReleaseVersion": kw.pop("actual", "1.0"),
-    }
-
-
-@pytest.fixture(scope="session")
-def gateway(token: Callable[..., str]) -> dict[str, str]:
-    return bearer(token("gateway"))
-
-
-def set_desired(database_url: str, vid: str, release: str = "2.0") -> str:
-    """Give the vehicle a desired state (as the rollout path would) and return its id."""
-    ds = str(uuid.uuid4())
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO desired_states (id, vehicle_id, release_version, created_by)"
-            " VALUES (%s, %s, %s, 'test')",
-            (ds, vid, release),
-        )
-        conn.execute(
-            "UPDATE vehicles SET desired_release_version = %s, desired_state_id = %s,"
-            " status = 'pending', actual_release_version = '1.0' WHERE id = %s",
-            (release, ds, vid),
-        )
-    return ds
-
-
-def vehicle_row(database_url: str, vid: str) -> dict[str, Any]:
-    with psycopg.connect(database_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as c:
-        row = c.execute("SELECT * FROM vehicles WHERE id = %s", (vid,)).fetchone()
-    assert row is not None
-    return row
-
-
-def event_count(database_url: str, prefix: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM timeline_events WHERE vehicle_id LIKE %s", (prefix + "%",)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+from models.scope import Scope
+from models.telemetry import TelemetryBatch
+from services.reconcile import mark_offline
+from services.telemetry import GroupRequest, WideWritePolicy, recompute_statuses, write_group
+from tests.api.conftest import insert_vehicles
+from tests.api.telemetry import (
+    URL,
+    event,
+    event_count,
+    heartbeat,
+    now_iso,
+    set_desired,
+    vehicle_row,
+)
 
 
 async def test_duplicates_same_batch_twice_adds_nothing(
@@ -270,129 +212,10 @@ async def test_events_for_a_stale_desired_state(
     assert vehicle_row(database_url, vid)["status"] == "pending"  # but says nothing of 2.0
 
 
-async def test_device_posts_only_for_its_own_vehicle(
-    http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
-) -> None:
-    mine, other = f"{prefix}0", f"{prefix}1"
-    insert_vehicles(database_url, [mine, other], release="1.0")
-    device = bearer(token("device", vehicle_id=mine))
-    ok = await http.post(URL, json={"events": [event(mine, 1, "apply_start")]}, headers=device)
-    assert ok.status_code == 202
-    body = {"events": [event(mine, 2, "apply_start"), event(other, 1, "apply_start")]}
-    refused = await http.post(URL, json=body, headers=device)
-    assert refused.status_code == 403
-    err = refused.json()["error"]
-    assert err["code"] == "FORBIDDEN"
-    assert err["details"][0]["field"] == "events.1.vehicleId" and err["details"][0]["index"] == 1
-    assert event_count(database_url, prefix) == 1  # nothing of the refused batch
-    viewer_token = bearer(token("viewer"))
-    assert (await http.post(URL, json=body, headers=viewer_token)).status_code == 403
-
-
-async def test_one_bad_item_rejects_the_whole_batch(
-    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
-) -> None:
-    vid = f"{prefix}0"
-    insert_vehicles(database_url, [vid], release="1.0")
-    good = [event(vid, s, "apply_start") for s in (1, 2, 3)]
-    cases = [
-        ({**good[2], "reasonCode": "not-upper"}, "events.2.reasonCode"),
-        ({**good[2], "type": "exploded"}, "events.2.type"),
-        ({**good[2], "seq": "3"}, "events.2.seq"),
-        ({**good[2], "eventId": "nope"}, "events.2.eventId"),
-        ({**good[2], "surprise": 1}, "events.2.surprise"),
-        ({**good[2], "type": "failed"}, "events.2"),  # failed needs a reasonCode
-        ({**good[2], "occurredAt": "2026-11-28T10:00:00"}, "events.2.occurredAt"),  # no zone
-    ]
-    for bad, field in cases:
-        r = await http.post(URL, json={"events": [*good[:2], bad]}, headers=gateway)
-        assert r.status_code == 422, (field, r.text)
-        err = r.json()["error"]
-        assert err["code"] == "VALIDATION_ERROR"
-        assert err["details"][0]["field"] == field and err["details"][0]["index"] == 2
-    bad_hb = {**heartbeat(vid), "batteryPercent": 140}
-    r = await http.post(URL, json={"heartbeats": [bad_hb], "events": good}, headers=gateway)
-    assert r.status_code == 422
-    assert r.json()["error"]["details"][0]["field"] == "heartbeats.0.batteryPercent"
-    # An unknown vehicle refuses the batch too.
-    r = await http.post(
-        URL, json={"events": [*good, event(f"{prefix}ghost", 1, "ready")]}, headers=gateway
-    )
-    assert r.status_code == 404
-    assert r.json()["error"]["details"][0]["field"] == "events.3.vehicleId"
-    assert event_count(database_url, prefix) == 0
-    assert vehicle_row(database_url, vid)["last_event_seq"] == 0
-
-
-async def test_size_limits_are_413(
-    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
-) -> None:
-    vid = f"{prefix}0"
-    insert_vehicles(database_url, [vid], release="1.0")
-    many = {"events": [event(vid, s, "apply_start") for s in range(1, 1002)]}
-    r = await http.post(URL, json=many, headers=gateway)
-    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
-    huge = b'{"events": [], "pad": "' + b"x" * (1024 * 1024) + b'"}'
-    r = await http.post(URL, content=huge, headers={**gateway, "Content-Type": "application/json"})
-    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
-    assert event_count(database_url, prefix) == 0
-
-
-async def test_desired_state_etag_and_304(
-    http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
-) -> None:
-    vid, other = f"{prefix}0", f"{prefix}1"
-    insert_vehicles(database_url, [vid, other], release="1.0")
-    device = bearer(token("device", vehicle_id=vid))
-    url = f"/api/v1/vehicles/{vid}/desired-state"
-    first = await http.get(url, headers=device)
-    assert first.status_code == 200
-    etag = first.headers["etag"]
-    assert first.json()["data"]["releaseVersion"] == "1.0"
-    again = await http.get(url, headers={**device, "If-None-Match": etag})
-    assert again.status_code == 304 and again.headers["etag"] == etag
-    ds = set_desired(database_url, vid, "2.0")
-    changed = await http.get(url, headers={**device, "If-None-Match": etag})
-    assert changed.status_code == 200 and changed.headers["etag"] != etag
-    assert changed.json()["data"]["desiredStateId"] == ds
-    assert (
-        await http.get(f"/api/v1/vehicles/{other}/desired-state", headers=device)
-    ).status_code == 403
-    viewer = bearer(token("viewer"))
-    assert (await http.get(url, headers=viewer)).status_code == 403
-
-
-async def test_timeline_keyset_newest_first(
-    http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
-) -> None:
-    vid = f"{prefix}0"
-    insert_vehicles(database_url, [vid], release="1.0")
-    r = await http.post(
-        URL,
-        json={"events": [event(vid, s, "apply_start", details={"n": s}) for s in range(1, 13)]},
-        headers=gateway,
-    )
-    assert r.status_code == 202
-    seqs: list[int] = []
-    cursor = None
-    while True:
-        q = f"/api/v1/vehicles/{vid}/timeline?limit=5" + (f"&cursor={cursor}" if cursor else "")
-        body = (await http.get(q, headers=viewer)).json()
-        seqs += [e["seq"] for e in body["data"]]
-        assert all(e["details"] == {"n": e["seq"]} for e in body["data"])
-        cursor = body["metadata"]["nextCursor"]
-        if not cursor:
-            break
-    assert seqs == list(range(12, 0, -1))
-    missing = await http.get(f"/api/v1/vehicles/{prefix}none/timeline", headers=viewer)
-    assert missing.status_code == 404
-
-
-async def test_events_feed_rollout_outcomes(
-    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
-) -> None:
-    ids = [f"{prefix}{i}" for i in range(4)]
-    insert_vehicles(database_url, ids, release="1.0")
+def running_rollout(database_url: str, ids: list[str]) -> tuple[int, dict[str, str]]:
+    """A running rollout of release 9.9 whose targets are these vehicles, each `notified` of
+    its own desired state (as the rollout path leaves them); returns its id and the desired
+    state of each vehicle."""
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO releases (version, components, artifact_digest, signature,"
@@ -403,8 +226,8 @@ async def test_events_feed_rollout_outcomes(
         # part in other tests' overlap checks).
         rid = conn.execute(
             "INSERT INTO rollouts (release_version, created_by, status, targeted, notified,"
-            " targets) VALUES ('9.9', 'test', 'running', 4, 4, %s) RETURNING id",
-            (json.dumps({"vehicleIds": ids}),),
+            " targets) VALUES ('9.9', 'test', 'running', %s, %s, %s) RETURNING id",
+            (len(ids), len(ids), json.dumps({"vehicleIds": ids})),
         ).fetchone()[0]  # type: ignore[index]
     dss = {}
     for v in ids:
@@ -416,6 +239,27 @@ async def test_events_feed_rollout_outcomes(
                 " desired_state_id) VALUES (%s, %s, 0, 0, 'notified', %s)",
                 (rid, v, dss[v]),
             )
+    return rid, dss
+
+
+def target_states(database_url: str, rid: int) -> dict[str, str]:
+    """Each target's state (`failed:REASON` with its reason code) in the rollout."""
+    with psycopg.connect(database_url) as conn:
+        return dict(
+            conn.execute(
+                "SELECT vehicle_id, state || coalesce(':' || reason_code, '')"
+                " FROM rollout_targets WHERE rollout_id = %s",
+                (rid,),
+            ).fetchall()
+        )
+
+
+async def test_events_feed_rollout_outcomes(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    ids = [f"{prefix}{i}" for i in range(4)]
+    insert_vehicles(database_url, ids, release="1.0")
+    rid, dss = running_rollout(database_url, ids)
     a, b, c, d = ids
     events = [
         event(a, 1, "apply_start", dss[a]),
@@ -425,27 +269,22 @@ async def test_events_feed_rollout_outcomes(
     ]
     r = await http.post(URL, json={"events": events}, headers=gateway)
     assert r.status_code == 202
+    assert target_states(database_url, rid) == {
+        a: "updating",
+        b: "succeeded",
+        c: "failed:APPLY_FAILED",
+        d: "notified",
+    }
     with psycopg.connect(database_url) as conn:
-        states: dict[str, str] = dict(
-            conn.execute(
-                "SELECT vehicle_id, state || coalesce(':' || reason_code, '')"
-                " FROM rollout_targets WHERE rollout_id = %s",
-                (rid,),
-            ).fetchall()
-        )
         counters = conn.execute(
             "SELECT updating, succeeded, failed, blocked FROM rollouts WHERE id = %s", (rid,)
         ).fetchone()
-    assert states == {a: "updating", b: "succeeded", c: "failed:APPLY_FAILED", d: "notified"}
     assert counters == (1, 1, 1, 0)
     # A late event about the same desired state does not undo the success.
     late = {"events": [event(b, 1, "apply_start", dss[b])]}
     assert (await http.post(URL, json=late, headers=gateway)).status_code == 202
+    assert target_states(database_url, rid)[b] == "succeeded"
     with psycopg.connect(database_url) as conn:
-        assert conn.execute(
-            "SELECT state FROM rollout_targets WHERE rollout_id = %s AND vehicle_id = %s",
-            (rid, b),
-        ).fetchone() == ("succeeded",)
         conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (rid,))
 
 
@@ -474,41 +313,6 @@ async def test_stored_status_matches_a_recomputation(
     async with sessions() as session:
         mismatches = await recompute_statuses(session, vehicle_ids=ids, offline_after_seconds=300)
     assert mismatches == []
-
-
-@pytest.fixture
-async def tiny_queue_api(api_settings: Settings) -> Any:
-    """A second app whose ingest queue holds 600 items."""
-    settings = api_settings.model_copy(update={"ingest_queue_max_items": 600, "ingest_writers": 1})
-    async with serve_app(settings) as url:
-        yield url
-
-
-async def test_overload_is_503_with_retry_after(
-    tiny_queue_api: str, gateway: dict, database_url: str, prefix: str
-) -> None:
-    vid = f"{prefix}0"
-    insert_vehicles(database_url, [vid], release="1.0")
-    first = {"events": [event(vid, s, "apply_start") for s in range(1, 501)]}
-    second = {"events": [event(vid, s, "apply_start") for s in range(501, 1001)]}
-    blocker = await psycopg.AsyncConnection.connect(database_url)
-    async with httpx.AsyncClient(base_url=tiny_queue_api, timeout=30) as client:
-        # Hold the writer: the first batch waits on a lock while it is being written.
-        await blocker.execute(HOLD_INGEST_WRITER)
-        pending = asyncio.create_task(client.post(URL, json=first, headers=gateway))
-        await asyncio.sleep(0.5)
-        refused = await client.post(URL, json=second, headers=gateway)
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "OVERLOADED"
-        assert int(refused.headers["retry-after"]) >= 1
-        await blocker.rollback()
-        await blocker.close()
-        accepted = await pending
-        assert accepted.status_code == 202 and accepted.json()["data"]["accepted"] == 500
-        # Once the queue drains, the refused batch is taken.
-        retried = await client.post(URL, json=second, headers=gateway)
-        assert retried.status_code == 202 and retried.json()["data"]["accepted"] == 500
-    assert event_count(database_url, prefix) == 1000
 
 
 async def test_heartbeats_coalesce_and_the_wide_row_lags_only_on_last_seen(
@@ -557,8 +361,6 @@ async def test_heartbeats_coalesce_and_the_wide_row_lags_only_on_last_seen(
     wide = vehicle_row(database_url, vid)
     assert wide["stationary"] is False and wide["last_seen_at"] == base + timedelta(seconds=30)
     # The offline marking trusts the narrow row: a cutoff between the two keeps it online.
-    from services.reconcile import mark_offline
-
     async with sessions() as session:
         with psycopg.connect(database_url) as conn:
             conn.execute(
@@ -578,10 +380,6 @@ async def test_a_group_refuses_only_its_bad_requests(
     vehicle and one outside its caller's scope are refused whole; the others are written,
     whether the group was written optimistically (unrestricted callers: the shortfall is
     found by the upsert and the group redone) or checked first (a scoped caller)."""
-    from models.scope import Scope
-    from models.telemetry import TelemetryBatch
-    from services.telemetry import GroupRequest, WideWritePolicy, write_group
-
     good, other = f"{prefix}good", f"{prefix}north"
     insert_vehicles(database_url, [good], release="1.0")
     insert_vehicles(database_url, [other], release="1.0", region="eu-north")

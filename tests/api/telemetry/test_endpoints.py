@@ -1,0 +1,170 @@
+"""The telemetry endpoints' contract on the real app over real PostgreSQL: POST /telemetry's
+validation (a bad item refuses the whole batch), device ownership, size limits and overload;
+the device's desired state (ETag, 304) and the timeline (keyset pages)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from core.settings import Settings
+from tests.api.conftest import HOLD_INGEST_WRITER, bearer, insert_vehicles, serve_app
+from tests.api.telemetry import URL, event, event_count, heartbeat, set_desired, vehicle_row
+
+
+async def test_device_posts_only_for_its_own_vehicle(
+    http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
+) -> None:
+    mine, other = f"{prefix}0", f"{prefix}1"
+    insert_vehicles(database_url, [mine, other], release="1.0")
+    device = bearer(token("device", vehicle_id=mine))
+    ok = await http.post(URL, json={"events": [event(mine, 1, "apply_start")]}, headers=device)
+    assert ok.status_code == 202
+    body = {"events": [event(mine, 2, "apply_start"), event(other, 1, "apply_start")]}
+    refused = await http.post(URL, json=body, headers=device)
+    assert refused.status_code == 403
+    err = refused.json()["error"]
+    assert err["code"] == "FORBIDDEN"
+    assert err["details"][0]["field"] == "events.1.vehicleId" and err["details"][0]["index"] == 1
+    assert event_count(database_url, prefix) == 1  # nothing of the refused batch
+    viewer_token = bearer(token("viewer"))
+    assert (await http.post(URL, json=body, headers=viewer_token)).status_code == 403
+
+
+async def test_one_bad_item_rejects_the_whole_batch(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    good = [event(vid, s, "apply_start") for s in (1, 2, 3)]
+    cases = [
+        ({**good[2], "reasonCode": "not-upper"}, "events.2.reasonCode"),
+        ({**good[2], "type": "exploded"}, "events.2.type"),
+        ({**good[2], "seq": "3"}, "events.2.seq"),
+        ({**good[2], "eventId": "nope"}, "events.2.eventId"),
+        ({**good[2], "surprise": 1}, "events.2.surprise"),
+        ({**good[2], "type": "failed"}, "events.2"),  # failed needs a reasonCode
+        ({**good[2], "occurredAt": "2026-11-28T10:00:00"}, "events.2.occurredAt"),  # no zone
+    ]
+    for bad, field in cases:
+        r = await http.post(URL, json={"events": [*good[:2], bad]}, headers=gateway)
+        assert r.status_code == 422, (field, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "VALIDATION_ERROR"
+        assert err["details"][0]["field"] == field and err["details"][0]["index"] == 2
+    bad_hb = {**heartbeat(vid), "batteryPercent": 140}
+    r = await http.post(URL, json={"heartbeats": [bad_hb], "events": good}, headers=gateway)
+    assert r.status_code == 422
+    assert r.json()["error"]["details"][0]["field"] == "heartbeats.0.batteryPercent"
+    # An unknown vehicle refuses the batch too.
+    r = await http.post(
+        URL, json={"events": [*good, event(f"{prefix}ghost", 1, "ready")]}, headers=gateway
+    )
+    assert r.status_code == 404
+    assert r.json()["error"]["details"][0]["field"] == "events.3.vehicleId"
+    assert event_count(database_url, prefix) == 0
+    assert vehicle_row(database_url, vid)["last_event_seq"] == 0
+
+
+async def test_size_limits_are_413(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    many = {"events": [event(vid, s, "apply_start") for s in range(1, 1002)]}
+    r = await http.post(URL, json=many, headers=gateway)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    huge = b'{"events": [], "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    r = await http.post(URL, content=huge, headers={**gateway, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert event_count(database_url, prefix) == 0
+
+
+async def test_desired_state_etag_and_304(
+    http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
+) -> None:
+    vid, other = f"{prefix}0", f"{prefix}1"
+    insert_vehicles(database_url, [vid, other], release="1.0")
+    device = bearer(token("device", vehicle_id=vid))
+    url = f"/api/v1/vehicles/{vid}/desired-state"
+    first = await http.get(url, headers=device)
+    assert first.status_code == 200
+    etag = first.headers["etag"]
+    assert first.json()["data"]["releaseVersion"] == "1.0"
+    again = await http.get(url, headers={**device, "If-None-Match": etag})
+    assert again.status_code == 304 and again.headers["etag"] == etag
+    ds = set_desired(database_url, vid, "2.0")
+    changed = await http.get(url, headers={**device, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["data"]["desiredStateId"] == ds
+    assert (
+        await http.get(f"/api/v1/vehicles/{other}/desired-state", headers=device)
+    ).status_code == 403
+    viewer = bearer(token("viewer"))
+    assert (await http.get(url, headers=viewer)).status_code == 403
+
+
+async def test_timeline_keyset_newest_first(
+    http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
+) -> None:
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    r = await http.post(
+        URL,
+        json={"events": [event(vid, s, "apply_start", details={"n": s}) for s in range(1, 13)]},
+        headers=gateway,
+    )
+    assert r.status_code == 202
+    seqs: list[int] = []
+    cursor = None
+    while True:
+        q = f"/api/v1/vehicles/{vid}/timeline?limit=5" + (f"&cursor={cursor}" if cursor else "")
+        body = (await http.get(q, headers=viewer)).json()
+        seqs += [e["seq"] for e in body["data"]]
+        assert all(e["details"] == {"n": e["seq"]} for e in body["data"])
+        cursor = body["metadata"]["nextCursor"]
+        if not cursor:
+            break
+    assert seqs == list(range(12, 0, -1))
+    missing = await http.get(f"/api/v1/vehicles/{prefix}none/timeline", headers=viewer)
+    assert missing.status_code == 404
+
+
+@pytest.fixture
+async def tiny_queue_api(api_settings: Settings) -> Any:
+    """A second app whose ingest queue holds 600 items."""
+    settings = api_settings.model_copy(update={"ingest_queue_max_items": 600, "ingest_writers": 1})
+    async with serve_app(settings) as url:
+        yield url
+
+
+async def test_overload_is_503_with_retry_after(
+    tiny_queue_api: str, gateway: dict, database_url: str, prefix: str
+) -> None:
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    first = {"events": [event(vid, s, "apply_start") for s in range(1, 501)]}
+    second = {"events": [event(vid, s, "apply_start") for s in range(501, 1001)]}
+    blocker = await psycopg.AsyncConnection.connect(database_url)
+    async with httpx.AsyncClient(base_url=tiny_queue_api, timeout=30) as client:
+        # Hold the writer: the first batch waits on a lock while it is being written.
+        await blocker.execute(HOLD_INGEST_WRITER)
+        pending = asyncio.create_task(client.post(URL, json=first, headers=gateway))
+        await asyncio.sleep(0.5)
+        refused = await client.post(URL, json=second, headers=gateway)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "OVERLOADED"
+        assert int(refused.headers["retry-after"]) >= 1
+        await blocker.rollback()
+        await blocker.close()
+        accepted = await pending
+        assert accepted.status_code == 202 and accepted.json()["data"]["accepted"] == 500
+        # Once the queue drains, the refused batch is taken.
+        retried = await client.post(URL, json=second, headers=gateway)
+        assert retried.status_code == 202 and retried.json()["data"]["accepted"] == 500
+    assert event_count(database_url, prefix) == 1000
