@@ -30,7 +30,7 @@ async def insert_events(group: Group) -> None:
     NOTHING`; duplicates found by the row count, and then by `xmin`. Then count, for each
     request, its accepted and duplicate events."""
     driver = group.driver
-    if group.events and await _insert_newer_events(group):
+    if group.events and await _insert_new_events(group):
         group.inserted = set(group.owner)
     elif group.events:
         cur = await driver.execute(
@@ -53,7 +53,7 @@ async def insert_events(group: Group) -> None:
     result.heartbeats = len(group.heartbeats)
 
 
-async def _insert_newer_events(group: Group) -> bool:
+async def _insert_new_events(group: Group) -> bool:
     """The common case, cheaper: when every event of the group is newer (by `seq`) than the
     newest stored for its vehicle (read under the lock), none can be a duplicate of a vehicle
     that numbers its events as SPEC.md says, so they go in with a plain INSERT: the unique

@@ -1,5 +1,5 @@
-"""Step 1: the group into PostgreSQL. Binary COPY into session-local staging tables (emptied
-at commit), then one row per vehicle touched, built in SQL: its newest heartbeat and its
+"""The group into PostgreSQL: binary COPY into session-local staging tables (emptied at
+commit), then one row per vehicle touched, built in SQL: its newest heartbeat and its
 highest-`seq` event. The later steps move data from these tables with set-based statements:
 no row-by-row statement, no per-value text escaping in Python."""
 

@@ -57,9 +57,9 @@ async def test_an_event_id_sent_again_under_a_new_seq_is_a_duplicate(
     http: httpx.AsyncClient, gateway: dict, viewer: dict, database_url: str, prefix: str
 ) -> None:
     """A batch whose events all look newer than what is stored goes in without `ON CONFLICT`
-    (services/telemetry.py `_insert_new_events`); an event id reused under a higher seq is a
-    duplicate all the same: the batch is rolled back to its savepoint and inserted again,
-    the new events accepted, the old event kept as it was, nothing lost."""
+    (services/telemetry/events.py `_insert_new_events`); an event id reused under a higher
+    seq is a duplicate all the same: the batch is rolled back to its savepoint and inserted
+    again, the new events accepted, the old event kept as it was, nothing lost."""
     vid, other = f"{prefix}0", f"{prefix}1"
     insert_vehicles(database_url, [vid, other], release="1.0")
     ds = set_desired(database_url, vid)
