@@ -21,7 +21,7 @@ down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Read by no filter, sort or join (services/vehicles.py timeline_query, services/telemetry.py).
+# Read by no filter, sort or join (services/vehicles.py timeline_query, services/telemetry/).
 UNPLANNED = {
     "timeline_events": (
         "type",

@@ -1,6 +1,6 @@
 """What a rollout's vehicles report, and the counts its gates judge.
 
-Outcomes come from the telemetry path (`services/telemetry.py`), in the transaction that
+Outcomes come from the telemetry path (`services/telemetry/`), in the transaction that
 stores the events: a vehicle's latest event about its target's own desired state moves the
 target (`notified` -> `updating` -> `succeeded`, `failed`, `blocked`). Gate counts read the
 targets per state (one GROUP BY over the (rollout_id, stage, state) index), never the events.

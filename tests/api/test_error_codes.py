@@ -244,7 +244,8 @@ async def rate_limited(c: Ctx) -> httpx.Response:
 
 
 async def overloaded(c: Ctx) -> httpx.Response:
-    """As tests/api/test_telemetry.py: a tiny ingest queue whose writer is held on a lock."""
+    """As tests/api/telemetry/test_endpoints.py: a tiny ingest queue whose writer is held on
+    a lock."""
     settings = c.api_settings.model_copy(
         update={"ingest_queue_max_items": 600, "ingest_writers": 1}
     )
