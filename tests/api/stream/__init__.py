@@ -1,0 +1,108 @@
+"""Live updates (SPEC.md, Server-Sent Events): the real app on a real port, real PostgreSQL,
+an HTTP client reading the event stream as it arrives. This package's helpers: an event-stream
+reader, opening a stream, and change-feed rows written as the telemetry path writes them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import psycopg
+
+# Reading the stream never waits longer than this for the next line: a guard against a hang
+# (a failure), not a measured time.
+READ_GUARD = 30
+
+
+class SSE:
+    """An event-stream reader: `next()` returns the next event (a dict with `event`, `id`,
+    `data`) or comment (`{"comment": text}`); None at the end of the stream."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.lines = response.aiter_lines()
+
+    async def next(self) -> dict[str, Any] | None:
+        event: dict[str, Any] = {}
+        while True:
+            try:
+                line = await asyncio.wait_for(anext(self.lines), READ_GUARD)
+            except StopAsyncIteration:
+                return event or None
+            if line == "":
+                if event:
+                    if "data" in event:
+                        event["data"] = json.loads(event["data"])
+                    return event
+                continue
+            if line.startswith(":"):
+                if not event:
+                    return {"comment": line[1:].strip()}
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data" and "data" in event:
+                event["data"] += "\n" + value
+            else:
+                event[name] = value
+
+    async def event(self) -> dict[str, Any] | None:
+        """The next event, comments skipped."""
+        while True:
+            item = await self.next()
+            if item is None or "comment" not in item:
+                return item
+
+    async def mine(self, marker: str) -> dict[str, Any]:
+        """The next event whose data mentions `marker` (rows of other tests skipped)."""
+        while True:
+            item = await self.event()
+            assert item is not None, "the stream ended"
+            if item.get("event") == "resync" or marker in json.dumps(item.get("data")):
+                return item
+
+
+@asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient, headers: dict[str, str] | None = None, **params: str
+) -> AsyncIterator[SSE]:
+    for _ in range(200):  # 503 until the app's hub has connected (just after startup)
+        async with client.stream("GET", "/api/v1/stream", headers=headers, params=params) as r:
+            if r.status_code != 503:
+                break
+            await r.aread()
+        await asyncio.sleep(0.05)
+    async with client.stream("GET", "/api/v1/stream", headers=headers, params=params) as r:
+        assert r.status_code == 200, await r.aread()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        sse = SSE(r)
+        first = await sse.next()  # the stream is registered once this comment arrives
+        assert first == {"comment": "subscribed"}, first
+        yield sse
+
+
+def feed_vehicles(database_url: str, deltas: list[dict[str, Any]]) -> int:
+    """A `vehicle.updated` row as the telemetry path writes them; its id."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO change_feed (topic, event, payload) VALUES"
+            " ('vehicles', 'vehicle.updated', %s) RETURNING id",
+            (json.dumps({"vehicles": deltas}),),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def delta(vid: str, region: str = "eu-west", status: str = "updating") -> dict[str, Any]:
+    return {
+        "id": vid,
+        "status": status,
+        "reasonCodes": [],
+        "region": region,
+        "model": "atlas",
+        "org": None,
+    }
