@@ -27,6 +27,9 @@ from services.signing import sign_release
 Sessions = async_sessionmaker[AsyncSession]
 
 OLD_RELEASE = "2026.1.0"
+MODELS = ("m1", "m2")
+REGIONS = ("eu-west", "us-east", "ap-south")
+RINGS = ("internal", "beta", "ga")
 COMPONENTS = [{"name": "adas", "version": "4.2.0"}, {"name": "infotainment", "version": "9.1"}]
 # Stale vehicles are last seen (and registered) in 1999: tests of the offline marking use
 # cutoffs around 2000, so no other test's vehicle (seen or registered now) is stale for them.
@@ -41,26 +44,43 @@ def unique_prefix(name: str) -> str:
 # --- Through a session factory -------------------------------------------------------------
 
 
+# One statement writes every test vehicle, whichever factory builds the rows (psycopg's
+# placeholders: run by the driver under a session and on a plain connection alike).
+_INSERT_VEHICLES = """
+    INSERT INTO vehicles (id, model, region, ring, org, status, desired_release_version,
+                          actual_release_version, last_seen_at, created_at, updated_at,
+                          reason_codes)
+    SELECT r.id, r.model, r.region, r.ring, coalesce(r.org, 'default'),
+           coalesce(r.status, 'in_sync'), r.desired, r.actual, r.last_seen_at,
+           coalesce(r.created_at, now()), coalesce(r.created_at, now()),
+           coalesce(r.reason_codes, '{}')
+    FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb))
+         AS r(id text, model text, region text, ring text, org text, status text, desired text,
+              actual text, last_seen_at timestamptz, created_at timestamptz, reason_codes text[])
+"""
+
+
+def _vehicle_rows(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {"rows": json.dumps(rows, default=lambda t: t.isoformat())}
+
+
 async def make_fleet(sessions: Sessions, *, prefix: str, count: int) -> None:
     """`count` vehicles `{prefix}0000000`... spread over models, regions and rings, in sync on an
     older release; their model/region names carry the prefix so tests can target them alone."""
+    rows = [
+        {
+            "id": f"{prefix}{i:07d}",
+            "model": prefix + MODELS[i % 2],
+            "region": prefix + REGIONS[i % 3],
+            "ring": RINGS[i % 3],
+            "desired": OLD_RELEASE,
+            "actual": OLD_RELEASE,
+        }
+        for i in range(count)
+    ]
     async with sessions() as session:
         conn = await session.connection()
-        await conn.execute(
-            text(
-                """
-                INSERT INTO vehicles (id, model, region, ring, desired_release_version,
-                                      actual_release_version, status)
-                SELECT CAST(:prefix AS text) || lpad(i::text, 7, '0'),
-                       CAST(:prefix AS text) || (ARRAY['m1','m2'])[1 + i % 2],
-                       CAST(:prefix AS text) || (ARRAY['eu-west','us-east','ap-south'])[1 + i % 3],
-                       (ARRAY['internal','beta','ga'])[1 + i % 3],
-                       :old, :old, 'in_sync'
-                FROM generate_series(0, :count - 1) AS i
-                """
-            ),
-            {"prefix": prefix, "count": count, "old": OLD_RELEASE},
-        )
+        await conn.exec_driver_sql(_INSERT_VEHICLES, _vehicle_rows(rows))
         await session.commit()
 
 
@@ -83,28 +103,21 @@ async def add_vehicles(
     """`count` vehicles `{prefix}{tag}0000`... of one place and status, last seen when the
     test says (the reconcile's offline marking and drift); returns their ids."""
     ids = [f"{prefix}{tag}{i:04d}" for i in range(count)]
-    params: dict[str, Any] = {
-        "ids": ids,
-        "model": prefix + model,
-        "region": prefix + region,
-        "org": org,
-        "status": status,
-        "desired": desired,
-        "actual": actual,
-        "seen": last_seen_at,
-        "created": created_at or datetime.now(UTC),
-        "codes": reason_codes or [],
-    }
-    await conn.execute(
-        text(
-            "INSERT INTO vehicles (id, model, region, ring, org, status,"
-            " desired_release_version, actual_release_version, last_seen_at, created_at,"
-            " updated_at, reason_codes)"
-            " SELECT id, :model, :region, 'ga', :org, :status, :desired, :actual, :seen,"
-            " :created, :created, CAST(:codes AS text[]) FROM unnest(CAST(:ids AS text[])) AS id"
-        ),
-        params,
-    )
+    place = {"model": prefix + model, "region": prefix + region, "ring": "ga", "org": org}
+    rows = [
+        {
+            "id": vehicle_id,
+            **place,
+            "status": status,
+            "desired": desired,
+            "actual": actual,
+            "last_seen_at": last_seen_at,
+            "created_at": created_at or datetime.now(UTC),
+            "reason_codes": reason_codes or [],
+        }
+        for vehicle_id in ids
+    ]
+    await conn.exec_driver_sql(_INSERT_VEHICLES, _vehicle_rows(rows))
     return ids
 
 
@@ -116,17 +129,39 @@ async def statuses(conn: AsyncConnection, prefix: str) -> dict[str, str]:
     return {r.id: r.status for r in rows}
 
 
+# One statement writes every test release. Unsigned by default: its signature ("sig" in
+# base64, key "k") verifies against no key.
+_INSERT_RELEASE = """
+    INSERT INTO releases (version, components, artifact_digest, signature, signing_key_id,
+                          created_by)
+    VALUES (%(version)s, CAST(%(components)s AS jsonb), %(digest)s, %(signature)s, %(key_id)s,
+            'tests')
+    ON CONFLICT DO NOTHING
+"""
+
+
+def _release_row(
+    version: str,
+    *,
+    components: list[dict[str, str]] | None = None,
+    digest: str = "sha256:00",
+    signature: str = "c2ln",
+    key_id: str = "k",
+) -> dict[str, str]:
+    return {
+        "version": version,
+        "components": json.dumps(components or []),
+        "digest": digest,
+        "signature": signature,
+        "key_id": key_id,
+    }
+
+
 async def make_release(sessions: Sessions, *, version: str) -> None:
+    """An unsigned release (the workflow path never verifies signatures)."""
     async with sessions() as session:
         conn = await session.connection()
-        await conn.execute(
-            text(
-                "INSERT INTO releases (version, artifact_digest, signature, signing_key_id,"
-                " created_by) VALUES (:v, 'sha256:00', 'sig', 'test-key', 'tests')"
-                " ON CONFLICT DO NOTHING"
-            ),
-            {"v": version},
-        )
+        await conn.exec_driver_sql(_INSERT_RELEASE, _release_row(version))
         await session.commit()
 
 
@@ -224,14 +259,22 @@ def insert_vehicles(
     ring: str = "broad",
     release: str | None = None,
 ) -> None:
+    """Vehicles `ids` of one place, in sync on `release`, seen now."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": vehicle_id,
+            "model": model,
+            "region": region,
+            "ring": ring,
+            "desired": release,
+            "actual": release,
+            "last_seen_at": now,
+        }
+        for vehicle_id in ids
+    ]
     with psycopg.connect(database_url) as conn:
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO vehicles (id, model, region, ring, status, desired_release_version,"
-                " actual_release_version, last_seen_at) VALUES (%s, %s, %s, %s, 'in_sync', %s,"
-                " %s, now())",
-                [(i, model, region, ring, release, release) for i in ids],
-            )
+        conn.execute(_INSERT_VEHICLES, _vehicle_rows(rows))
 
 
 def insert_signed_release(
@@ -244,19 +287,14 @@ def insert_signed_release(
 ) -> None:
     """A release signed by `key`; `signed_digest` (a different digest) makes it tampered."""
     signature, kid = sign_release(key, version, signed_digest or digest, COMPONENTS)
+    row = _release_row(
+        version, components=COMPONENTS, digest=digest, signature=signature, key_id=kid
+    )
     with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO releases (version, components, artifact_digest, signature,"
-            " signing_key_id, created_by) VALUES (%s, %s, %s, %s, %s, 'test')",
-            (version, json.dumps(COMPONENTS), digest, signature, kid),
-        )
+        conn.execute(_INSERT_RELEASE, row)
 
 
 def insert_release(database_url: str, version: str) -> None:
+    """An unsigned release (see `_INSERT_RELEASE`)."""
     with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO releases (version, components, artifact_digest, signature,"
-            " signing_key_id, created_by) VALUES (%s, '[]', 'sha256:00', 'c2ln', 'k', 'test')"
-            " ON CONFLICT DO NOTHING",
-            (version,),
-        )
+        conn.execute(_INSERT_RELEASE, _release_row(version))
