@@ -42,12 +42,8 @@ async def list_releases(
 ) -> Any:
     """`sort` is `createdAt` or `version` (prefix `-` for descending; default `-createdAt`)."""
     rows, next_cursor = await service.list_releases(session, sort=sort, cursor=cursor, limit=limit)
-    return page(
-        request,
-        [ReleaseOut.model_validate(r) for r in rows],
-        limit=limit,
-        next_cursor=next_cursor,
-    )
+    items = [ReleaseOut.model_validate(r) for r in rows]
+    return page(request, items, limit=limit, next_cursor=next_cursor)
 
 
 @router.get(

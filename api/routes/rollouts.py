@@ -186,12 +186,8 @@ async def list_rollouts(
         cursor=cursor,
         limit=limit,
     )
-    return page(
-        request,
-        [rollout_out(r, settings) for r in rows],
-        limit=limit,
-        next_cursor=next_cursor,
-    )
+    items = [rollout_out(r, settings) for r in rows]
+    return page(request, items, limit=limit, next_cursor=next_cursor)
 
 
 @router.get(
