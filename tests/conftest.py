@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -29,6 +29,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
 from devtools import localservers
+from tests.factories import Sessions
 
 
 @pytest.fixture(scope="session")
@@ -109,12 +110,12 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture(scope="session")
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def sessions(engine: AsyncEngine) -> Sessions:
     return session_factory(engine)
 
 
 @pytest.fixture
-async def session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def session(sessions: Sessions) -> AsyncIterator[AsyncSession]:
     """A session whose work is rolled back at the end of the test."""
     async with sessions() as s:
         yield s

@@ -222,6 +222,35 @@ async def make_rollout(
         return int(rollout_id)
 
 
+async def fleet_rollout(
+    sessions: Sessions,
+    *,
+    name: str,
+    vehicles: int,
+    release: str,
+    strategy: dict[str, Any],
+    models: tuple[str, ...] = ("m1",),
+    regions: tuple[str, ...] = (),
+    **rollout: Any,
+) -> tuple[int, str]:
+    """A fleet of `vehicles` (`make_fleet`) under a new prefix from `name`, `release`
+    registered, and a pending rollout of it over the fleet's vehicles of `models` and
+    `regions` (names without the prefix); `rollout` goes to `make_rollout`. Returns the
+    rollout's id and the prefix."""
+    prefix = unique_prefix(name)
+    await make_fleet(sessions, prefix=prefix, count=vehicles)
+    await make_release(sessions, version=release)
+    targets = {
+        key: [prefix + name for name in names]
+        for key, names in (("models", models), ("regions", regions))
+        if names
+    }
+    rollout_id = await make_rollout(
+        sessions, release_version=release, targets=targets, strategy=strategy, **rollout
+    )
+    return rollout_id, prefix
+
+
 async def fetch_all(sessions: Sessions, sql: str, **params: Any) -> list[dict[str, Any]]:
     async with sessions() as session:
         conn = await session.connection()

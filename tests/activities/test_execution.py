@@ -26,12 +26,9 @@ from tests.factories import (
     Sessions,
     fetch_all,
     fetch_one,
-    make_fleet,
-    make_release,
-    make_rollout,
+    fleet_rollout,
     stage_vehicles,
     strategy,
-    unique_prefix,
 )
 
 NEW_RELEASE = "2026.2.0-exec"
@@ -53,13 +50,11 @@ async def _set_json(sessions: Sessions, rollout_id: int, column: str, value: Any
 @pytest.fixture
 async def issued(sessions: Sessions) -> tuple[int, list[str]]:
     """A rollout over 20 vehicles, canary of 10 issued at T0; returns its id and canary ids."""
-    prefix = unique_prefix("ex")
-    await make_fleet(sessions, prefix=prefix, count=40)
-    await make_release(sessions, version=NEW_RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, _ = await fleet_rollout(
         sessions,
-        release_version=NEW_RELEASE,
-        targets={"models": [prefix + "m1"]},
+        name="ex",
+        vehicles=40,
+        release=NEW_RELEASE,
         strategy=strategy(canary_size=10, waves=[{"percent": 100, "bakeSeconds": 60}]),
     )
     acts = RolloutActivities(sessions)

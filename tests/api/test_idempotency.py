@@ -13,8 +13,6 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.settings import Settings
 from devtools.localservers import free_port
@@ -22,6 +20,7 @@ from services import idempotency as service
 from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
+from tests.factories import Sessions
 
 URL = "/api/v1/desired-states"
 
@@ -262,7 +261,7 @@ async def test_a_5xx_is_not_stored(
 
 
 async def test_purge_removes_expired_keys_only(
-    sessions: async_sessionmaker[AsyncSession], database_url: str, prefix: str
+    sessions: Sessions, database_url: str, prefix: str
 ) -> None:
     now = datetime.now(UTC)
     rows = [
@@ -290,9 +289,7 @@ async def test_purge_removes_expired_keys_only(
     assert [r[0] for r in left] == [f"{prefix}fresh", f"{prefix}new"]
 
 
-async def test_an_expired_key_is_taken_over(
-    sessions: async_sessionmaker[AsyncSession], prefix: str
-) -> None:
+async def test_an_expired_key_is_taken_over(sessions: Sessions, prefix: str) -> None:
     """Until the purge runs, an expired key counts as absent (even with another request)."""
     args: dict[str, Any] = {
         "caller": f"{prefix}c",

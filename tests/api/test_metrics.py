@@ -11,8 +11,6 @@ import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect
@@ -20,6 +18,7 @@ from devtools.localservers import free_port
 from models.enums import RolloutStatus
 from tests.api.conftest import samples
 from tests.api.test_rollout_control import create_rollout, wait_for_status
+from tests.factories import Sessions
 from worker.main import build_worker
 
 
@@ -52,9 +51,7 @@ async def test_rollouts_by_status_match_the_table(
 
 
 @pytest.fixture
-async def metered_worker(
-    api_settings: Settings, sessions: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[str]:
+async def metered_worker(api_settings: Settings, sessions: Sessions) -> AsyncIterator[str]:
     """A worker whose client serves the SDK's metrics (as MOTORCADE_WORKER_METRICS_ADDRESS
     makes `motorcade worker` do); yields the metrics URL."""
     address = f"127.0.0.1:{free_port()}"

@@ -6,20 +6,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import session_scope
 from services import reconcile as svc
 from tests.api.conftest import bearer
-from tests.factories import add_vehicles, unique_prefix
+from tests.factories import Sessions, add_vehicles, unique_prefix
 
 
 async def test_reports_are_enveloped_camel_case_and_scoped(
     http: httpx.AsyncClient,
     viewer: dict[str, str],
     token: Callable[..., str],
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
 ) -> None:
     prefix = unique_prefix("api")
     seen = datetime.now(UTC)

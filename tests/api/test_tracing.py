@@ -16,8 +16,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.contrib.opentelemetry import ReplaySafeTracerProvider, create_tracer_provider
 
 from core import tracing
@@ -26,6 +24,7 @@ from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect
 from tests.api.conftest import serve_app
 from tests.api.test_rollout_control import create_rollout, wait_for_status
+from tests.factories import Sessions
 from worker.main import build_worker
 
 
@@ -48,7 +47,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 @pytest.fixture
 async def traced(
-    spans: InMemorySpanExporter, api_settings: Settings, sessions: async_sessionmaker[AsyncSession]
+    spans: InMemorySpanExporter, api_settings: Settings, sessions: Sessions
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app and a worker, both built while tracing is on."""
     client = await connect(api_settings.temporal_address)

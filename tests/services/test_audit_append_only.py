@@ -7,10 +7,9 @@ import uuid
 
 import psycopg
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from services import audit
+from tests.factories import Sessions
 
 # Nothing else in the suite writes entries this old, so the purge below touches only these.
 ANCIENT = "2000-01-01T00:00:00Z"
@@ -60,7 +59,7 @@ def test_update_and_delete_are_refused_outside_the_purge(database_url: str) -> N
 
 
 async def test_the_purge_is_the_path_that_deletes_in_batches(
-    database_url: str, sessions: async_sessionmaker[AsyncSession]
+    database_url: str, sessions: Sessions
 ) -> None:
     old, recent = f"old-{uuid.uuid4().hex}", f"recent-{uuid.uuid4().hex}"
     insert(database_url, old, ANCIENT, 5)

@@ -16,10 +16,7 @@ from models.workflows import RolloutInput, RolloutResult
 from tests.factories import (
     LENIENT_GATES,
     Sessions,
-    make_fleet,
-    make_release,
-    make_rollout,
-    unique_prefix,
+    fleet_rollout,
 )
 from worker.main import run_worker
 
@@ -32,13 +29,11 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
     sessions: Sessions,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    prefix = unique_prefix("wk")
-    await make_fleet(sessions, prefix=prefix, count=12)
-    await make_release(sessions, version=RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, prefix = await fleet_rollout(
         sessions,
-        release_version=RELEASE,
-        targets={"models": [prefix + "m1"]},
+        name="wk",
+        vehicles=12,
+        release=RELEASE,
         strategy={
             "canary": {"size": 1, "bakeSeconds": 0},
             "waves": [{"percent": 100, "bakeSeconds": 0}],

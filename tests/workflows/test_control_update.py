@@ -20,11 +20,8 @@ from tests.factories import (
     Sessions,
     fetch_all,
     fetch_one,
-    make_fleet,
-    make_release,
-    make_rollout,
+    fleet_rollout,
     strategy,
-    unique_prefix,
 )
 from tests.workflows.conftest import eventually, start_rollout, until
 from worker.main import build_worker
@@ -36,13 +33,11 @@ RELEASE = "2026.2.0-update"
 async def handle(
     dev_server_env: WorkflowEnvironment, sessions: Sessions, task_queue: str
 ) -> AsyncIterator[WorkflowHandle[Any, RolloutResult]]:
-    prefix = unique_prefix("up")
-    await make_fleet(sessions, prefix=prefix, count=20)
-    await make_release(sessions, version=RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, prefix = await fleet_rollout(
         sessions,
-        release_version=RELEASE,
-        targets={"models": [prefix + "m1"]},
+        name="up",
+        vehicles=20,
+        release=RELEASE,
         strategy=strategy(canary_size=2, canary_bake=3600),
         gates=LENIENT_GATES,
         timeouts={"applySeconds": 86400},

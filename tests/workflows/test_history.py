@@ -24,10 +24,7 @@ from models.workflows import RolloutResult, RolloutSignal, RolloutState
 from tests.factories import (
     LENIENT_GATES,
     Sessions,
-    make_fleet,
-    make_release,
-    make_rollout,
-    unique_prefix,
+    fleet_rollout,
 )
 from tests.workflows.conftest import HOUR, NEVER_TIMES_OUT, start_rollout, until
 from workflows.rollout import RolloutWorkflow
@@ -46,13 +43,12 @@ async def _run(
     gate_interval: int | None = None,
     during: Callable[[WorkflowHandle[Any, RolloutResult]], Awaitable[None]] | None = None,
 ) -> tuple[WorkflowHandle[Any, RolloutResult], RolloutResult, int]:
-    prefix = unique_prefix("hs")
-    await make_fleet(sessions, prefix=prefix, count=vehicles)
-    await make_release(sessions, version=RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, _ = await fleet_rollout(
         sessions,
-        release_version=RELEASE,
-        targets={"models": [prefix + "m1", prefix + "m2"]},
+        name="hs",
+        vehicles=vehicles,
+        release=RELEASE,
+        models=("m1", "m2"),
         strategy={
             "canary": {"percent": 1, "bakeSeconds": HOUR},
             "waves": [

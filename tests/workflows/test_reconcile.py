@@ -8,14 +8,12 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
 from models.workflows import ReconcileInput, ReconcileResult
-from tests.factories import LONG_AGO, add_vehicles, statuses, unique_prefix
+from tests.factories import LONG_AGO, Sessions, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
 from worker.schedules import ensure_reconcile_schedule
 from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
@@ -23,7 +21,7 @@ from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
 
 async def test_reconcile_workflow_marks_offline_and_records_a_run(
     time_skipping_env: WorkflowEnvironment,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
     task_queue: str,
 ) -> None:
     prefix = unique_prefix("wf")

@@ -8,14 +8,12 @@ import json
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.testing import WorkflowEnvironment
 
 from core.temporal import ROLLOUT_WORKFLOW_TYPE, rollout_workflow_id
 from devtools import localservers
 from models.workflows import RolloutInput
-from tests.factories import make_fleet, make_release, make_rollout, unique_prefix
+from tests.factories import Sessions, fleet_rollout
 from worker.main import build_worker
 
 RELEASE = "2026.3.0-cli"
@@ -36,9 +34,7 @@ async def temporal_cli(env: WorkflowEnvironment, *args: str) -> str:
     return out.decode()
 
 
-async def wait_for_row(
-    sessions: async_sessionmaker[AsyncSession], sql: str, params: dict[str, Any], want: Any
-) -> Any:
+async def wait_for_row(sessions: Sessions, sql: str, params: dict[str, Any], want: Any) -> Any:
     row = None
     for _ in range(100):
         async with sessions() as session:
@@ -64,9 +60,7 @@ async def signal(env: WorkflowEnvironment, workflow_id: str, name: str, body: di
     )
 
 
-async def wait_for_audit(
-    sessions: async_sessionmaker[AsyncSession], rollout_id: int, action: str, want: Any
-) -> None:
+async def wait_for_audit(sessions: Sessions, rollout_id: int, action: str, want: Any) -> None:
     """The rollout's audit entry of that action says (actor, source, reason) == `want`."""
     await wait_for_row(
         sessions,
@@ -79,16 +73,14 @@ async def wait_for_audit(
 
 async def test_pause_and_resume_with_the_temporal_cli(
     dev_server_env: WorkflowEnvironment,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
     task_queue: str,
 ) -> None:
-    prefix = unique_prefix("cli")
-    await make_fleet(sessions, prefix=prefix, count=20)
-    await make_release(sessions, version=RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, _ = await fleet_rollout(
         sessions,
-        release_version=RELEASE,
-        targets={"models": [prefix + "m1"]},
+        name="cli",
+        vehicles=20,
+        release=RELEASE,
         strategy={
             "canary": {"size": 1, "bakeSeconds": 3600},
             "waves": [{"percent": 100, "bakeSeconds": 0}],

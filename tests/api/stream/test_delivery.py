@@ -10,8 +10,6 @@ from collections.abc import Callable
 
 import httpx
 import psycopg
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.app import create_app
 from core.settings import Settings
@@ -21,6 +19,7 @@ from tests.api.stream import delta, feed_vehicles, open_stream
 from tests.api.telemetry import URL as TELEMETRY
 from tests.api.telemetry import event as telemetry_event
 from tests.api.telemetry import set_desired
+from tests.factories import Sessions
 
 
 async def test_live_vehicle_update(
@@ -120,7 +119,7 @@ async def test_slow_subscriber_is_dropped_with_resync(
 async def test_a_fleet_summary_refresh_is_published_in_its_transaction(
     client: httpx.AsyncClient,
     viewer_token: dict,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
 ) -> None:
     async with open_stream(client, viewer_token, topics="vehicles") as sse:
         async with sessions() as session, session.begin():

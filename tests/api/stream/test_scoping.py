@@ -8,8 +8,6 @@ from collections.abc import Callable
 import httpx
 import psycopg
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.auth import Principal
 from models.enums import AuditSource, Role
@@ -17,6 +15,7 @@ from services import audit, stream
 from tests.api.conftest import bearer, insert_release
 from tests.api.stream import delta, feed_vehicles, open_stream
 from tests.api.test_envelopes import assert_error
+from tests.factories import Sessions
 
 
 async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(
@@ -24,7 +23,7 @@ async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(
     token: Callable[..., str],
     database_url: str,
     prefix: str,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
 ) -> None:
     mine, other = f"{prefix}north", f"{prefix}south"
     scoped = bearer(token("viewer", scopes={"regions": [mine]}))
@@ -78,7 +77,7 @@ async def test_unrestricted_viewer_receives_every_audit_entry_published_by_the_w
     client: httpx.AsyncClient,
     viewer_token: dict,
     prefix: str,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
 ) -> None:
     async with open_stream(client, viewer_token, topics="audit") as sse:
         async with sessions() as session, session.begin():

@@ -15,11 +15,8 @@ from services.rollouts import issue, outcomes, plan, sweeps
 from tests.factories import (
     Sessions,
     fetch_one,
-    make_fleet,
-    make_release,
-    make_rollout,
+    fleet_rollout,
     strategy,
-    unique_prefix,
 )
 
 RELEASE = "2026.2.0-retry"
@@ -31,14 +28,14 @@ async def _failed_target(
 ) -> tuple[int, str]:
     """A rollout of one vehicle, issued, whose target then failed with `reason` on its
     `attempt`-th issue at `failed_at`."""
-    prefix = unique_prefix("retry")
-    await make_fleet(sessions, prefix=prefix, count=1)
-    await make_release(sessions, version=RELEASE)
-    rollout_id = await make_rollout(
+    rollout_id, prefix = await fleet_rollout(
         sessions,
-        release_version=RELEASE,
-        targets={"regions": [prefix + "eu-west"]},
+        name="retry",
+        vehicles=1,
+        release=RELEASE,
         strategy=strategy(canary_size=None, waves=[{"percent": 100}]),
+        models=(),
+        regions=("eu-west",),
     )
     async with session_scope(sessions) as session:
         await plan.plan_and_expand(session, rollout_id=rollout_id)
