@@ -45,16 +45,28 @@ async def test_mark_offline_marks_exactly_the_stale_ones_and_is_idempotent(
 
 
 async def test_mark_offline_batch_reports_its_cursor(session: AsyncSession) -> None:
+    """Batch by batch from the cursor each batch reports, to the end (the shared database may
+    hold other tests' candidates: a full batch is followed); then nothing is left after it."""
     prefix = unique_prefix("cur")
     conn = await session.connection()
-    await add_vehicles(conn, prefix=prefix, tag="S", count=5, last_seen_at=LONG_AGO)
-    first = await svc.mark_offline_batch(session, cutoff=CUTOFF, batch_size=10_000)
-    assert first.marked >= 5 and first.scanned < 10_000 and first.last_id is not None
+    stale = await add_vehicles(conn, prefix=prefix, tag="S", count=5, last_seen_at=LONG_AGO)
+    after_key, after_id, marked = None, None, 0
+    while True:
+        batch = await svc.mark_offline_batch(
+            session, cutoff=CUTOFF, after_key=after_key, after_id=after_id, batch_size=10_000
+        )
+        marked += batch.marked
+        assert batch.last_id is not None
+        if batch.scanned < 10_000:
+            break
+        after_key, after_id = batch.last_key, batch.last_id
+    assert marked >= 5
+    assert await statuses(conn, prefix) == dict.fromkeys(stale, "offline")
     after = await svc.mark_offline_batch(
         session,
         cutoff=CUTOFF,
-        after_key=first.last_key,
-        after_id=first.last_id,
+        after_key=batch.last_key,
+        after_id=batch.last_id,
         batch_size=10_000,
     )
     assert after.scanned == 0 and after.marked == 0
