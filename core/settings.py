@@ -14,7 +14,17 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.workflows import DEFAULT_MIN_BATTERY_PERCENT, DEFAULT_REQUIRE_STATIONARY
+from models.defaults import (
+    DEFAULT_INGEST_GROUP_MAX_ITEMS,
+    DEFAULT_INGEST_GROUP_WAIT_MS,
+    DEFAULT_INGEST_QUEUE_MAX_ITEMS,
+    DEFAULT_INGEST_WRITERS,
+    DEFAULT_MIN_BATTERY_PERCENT,
+    DEFAULT_OFFLINE_AFTER_SECONDS,
+    DEFAULT_REQUIRE_STATIONARY,
+    DEFAULT_TELEMETRY_BATTERY_STEP,
+    DEFAULT_TELEMETRY_REFRESH_SECONDS,
+)
 
 
 class SettingsError(ValueError):
@@ -86,25 +96,32 @@ class Settings(BaseSettings):
     token_leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed.")
 
     # Rollout and fleet behaviour.
-    offline_after_seconds: int = Field(300, ge=10, description="No heartbeat this long: offline.")
+    offline_after_seconds: int = Field(
+        DEFAULT_OFFLINE_AFTER_SECONDS, ge=10, description="No heartbeat this long: offline."
+    )
     reconcile_interval_seconds: int = Field(
         60, ge=5, le=86400, description="How often the reconcile Schedule runs."
     )
     # Telemetry ingestion (docs/telemetry.md).
     ingest_queue_max_items: int = Field(
-        50_000,
+        DEFAULT_INGEST_QUEUE_MAX_ITEMS,
         ge=1,
         description="Telemetry items (events + heartbeats) queued or being written per "
         "process; past it POST /telemetry answers 503 OVERLOADED with Retry-After.",
     )
     ingest_group_max_items: int = Field(
-        10_000, ge=1, description="Most telemetry items written in one transaction."
+        DEFAULT_INGEST_GROUP_MAX_ITEMS,
+        ge=1,
+        description="Most telemetry items written in one transaction.",
     )
     ingest_group_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a group waits for more requests to join."
+        DEFAULT_INGEST_GROUP_WAIT_MS,
+        ge=0,
+        le=1000,
+        description="How long a group waits for more requests to join.",
     )
     ingest_writers: int = Field(
-        1,
+        DEFAULT_INGEST_WRITERS,
         ge=1,
         le=32,
         description="Concurrent group-commit writers per process (more processes, not more "
@@ -118,13 +135,16 @@ class Settings(BaseSettings):
         "for a machine given to ingestion); each has its own queue and writers.",
     )
     telemetry_refresh_seconds: int = Field(
-        240,
+        DEFAULT_TELEMETRY_REFRESH_SECONDS,
         ge=0,
         description="Heartbeats refresh the wide vehicles row's lastSeenAt at most this often "
         "(the narrow vehicle_telemetry row always); visible changes are written at once.",
     )
     telemetry_battery_step: int = Field(
-        5, ge=1, le=100, description="Battery change (points) written to the vehicles row at once."
+        DEFAULT_TELEMETRY_BATTERY_STEP,
+        ge=1,
+        le=100,
+        description="Battery change (points) written to the vehicles row at once.",
     )
     api_ingest: bool = Field(
         True, description="`motorcade api` also serves POST /telemetry and desired states."

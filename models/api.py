@@ -8,8 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from models.enums import RolloutStatus, VehicleStatus
-from models.workflows import (
+from models.defaults import (
     DEFAULT_APPLY_SECONDS,
     DEFAULT_BACKOFF_SECONDS,
     DEFAULT_FAILURE_ACTION,
@@ -18,13 +17,13 @@ from models.workflows import (
     DEFAULT_MIN_SAMPLES,
     DEFAULT_MIN_SUCCESS_RATE,
     FailureAction,
+)
+from models.enums import WEEKDAYS, RolloutStatus, VehicleStatus, Weekday
+from models.workflows import (
     RolloutCounts,
 )
 
 T = TypeVar("T")
-
-Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class CamelModel(BaseModel):

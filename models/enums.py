@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 
 class VehicleStatus(StrEnum):
@@ -83,3 +84,8 @@ KNOWN_REASON_CODES = (
     "APPLY_FAILED",
     "APPLY_TIMEOUT",
 )
+
+
+# A maintenance window's days, in `date.weekday()` order (Monday first).
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -10,7 +10,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.enums import RolloutStatus
+from models.defaults import (
+    DEFAULT_APPLY_SECONDS,
+    DEFAULT_BACKOFF_SECONDS,
+    DEFAULT_FAILURE_ACTION,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_MIN_BATTERY_PERCENT,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_MIN_SUCCESS_RATE,
+    DEFAULT_OFFLINE_AFTER_SECONDS,
+    DEFAULT_REQUIRE_STATIONARY,
+    ISSUE_BATCH_SIZE,
+    OFFLINE_BATCH_SIZE,
+    FailureAction,
+)
+from models.enums import WEEKDAYS, RolloutStatus
 
 # What an operator may ask of a running rollout (the `control` Update, the signals).
 ControlAction = Literal["pause", "resume", "rollback", "abort"]
@@ -20,8 +35,6 @@ StopRequest = Literal["abort", "rollback"]
 StagePhase = Literal["window", "issue", "bake", "done"]
 # Where the rollback of one stage is: issue -> bake (then the next stage).
 RollbackPhase = Literal["issue", "bake"]
-# What a breached failure threshold does (`gates.failureThreshold.action`).
-FailureAction = Literal["pause", "rollback"]
 
 
 class RolloutInput(BaseModel):
@@ -145,23 +158,6 @@ class GateCounts(BaseModel):
         return self.notified + self.updating + self.succeeded + self.failed + self.blocked
 
 
-# --- Defaults of a rollout's gates, safety checks, timeouts and retries (SPEC.md) ----------
-# Their one home: the API's request models (models/api.py), the policy models below and
-# `policy.rollout_policy` (a stored rollout that lacks a field) all read them from here.
-
-DEFAULT_MIN_SUCCESS_RATE = 0.95  # gates.canaryHealthy.minSuccessRate
-DEFAULT_MIN_SAMPLES = 1  # gates.canaryHealthy.minSamples
-DEFAULT_MAX_FAILURE_RATE = 0.05  # gates.failureThreshold.maxFailureRate
-DEFAULT_FAILURE_ACTION: FailureAction = "pause"  # gates.failureThreshold.action
-DEFAULT_APPLY_SECONDS = 3600  # timeouts.applySeconds
-DEFAULT_MAX_ATTEMPTS = 2  # retry.maxAttempts
-DEFAULT_BACKOFF_SECONDS = 300  # retry.backoffSeconds
-# The fleet's safety defaults (MOTORCADE_SAFETY_* default to them); also gates.safetyChecks
-# when a stored rollout lacks them (the API stores the effective checks in every rollout).
-DEFAULT_REQUIRE_STATIONARY = True
-DEFAULT_MIN_BATTERY_PERCENT = 30
-
-
 class GatePolicy(BaseModel):
     min_success_rate: float = DEFAULT_MIN_SUCCESS_RATE
     min_samples: int = DEFAULT_MIN_SAMPLES
@@ -194,9 +190,7 @@ class MaintenanceWindowSpec(BaseModel):
     start: str
     end: str
     timezone: str = "UTC"
-    days: list[str] = Field(
-        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-    )
+    days: list[str] = Field(default_factory=lambda: [str(day) for day in WEEKDAYS])
 
 
 class RolloutPolicy(BaseModel):
@@ -292,7 +286,7 @@ class IssueStageInput(BaseModel):
     release_version: str
     stage_index: int
     stage: str
-    batch_size: int = 5000
+    batch_size: int = ISSUE_BATCH_SIZE
     # Workflow time of the issue (the start of each vehicle's apply timeout); None: now().
     issued_at: datetime | None = None
 
@@ -336,7 +330,7 @@ class UpdateRolloutStatusResult(BaseModel):
 
 class RollbackTargetsInput(BaseModel):
     rollout_id: int
-    batch_size: int = 1000
+    batch_size: int = ISSUE_BATCH_SIZE
     # One stage (a staged rollback, last stage first); None: every touched target.
     stage_index: int | None = None
     # When the rollback desired states go out (the rollback targets' notified_at).
@@ -387,16 +381,16 @@ class TargetSweepResult(BaseModel):
 class ReconcileInput(BaseModel):
     """What the schedule starts `ReconcileWorkflow` with."""
 
-    offline_after_seconds: int = 300
+    offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS
     # Idempotency key of the run; default: the workflow id (distinct per schedule slot) and
     # the workflow's start time.
     run_key: str | None = None
-    batch_size: int = 10_000
+    batch_size: int = OFFLINE_BATCH_SIZE
 
 
 class MarkOfflineInput(BaseModel):
     cutoff: datetime
-    batch_size: int = 10_000
+    batch_size: int = OFFLINE_BATCH_SIZE
 
 
 class MarkOfflineProgress(BaseModel):

@@ -30,6 +30,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import NotFound, Overloaded
+from models.defaults import (
+    DEFAULT_INGEST_GROUP_MAX_ITEMS,
+    DEFAULT_INGEST_GROUP_WAIT_MS,
+    DEFAULT_INGEST_QUEUE_MAX_ITEMS,
+    DEFAULT_INGEST_WRITERS,
+)
 from models.scope import Scope
 from models.telemetry import TelemetryBatch
 from services.telemetry import GroupRequest, WideWritePolicy, write_group
@@ -67,10 +73,10 @@ class IngestRefused(NotFound):
 
 @dataclass(frozen=True)
 class IngestConfig:
-    queue_max_items: int = 50_000
-    group_max_items: int = 10_000
-    group_wait_ms: float = 2.0
-    writers: int = 1
+    queue_max_items: int = DEFAULT_INGEST_QUEUE_MAX_ITEMS
+    group_max_items: int = DEFAULT_INGEST_GROUP_MAX_ITEMS
+    group_wait_ms: float = DEFAULT_INGEST_GROUP_WAIT_MS
+    writers: int = DEFAULT_INGEST_WRITERS
     policy: WideWritePolicy = field(default_factory=WideWritePolicy)
 
 

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from models.defaults import OFFLINE_BATCH_SIZE
 from models.enums import AuditSource, VehicleStatus
 from models.reports import (
     DriftRowOut,
@@ -44,7 +45,6 @@ from services import change_feed
 from services.audit import Actor
 from services.scope import vehicle_scope_sql
 
-OFFLINE_BATCH_SIZE = 10_000
 RECONCILE_ACTOR = "reconcile"
 # The keyset start: before every `last_seen_key` (NULLs are the epoch there).
 _BEFORE_ALL = datetime.fromisoformat("0001-01-01T00:00:00+00:00")

@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from models.workflows import (
+from models.defaults import (
     DEFAULT_APPLY_SECONDS,
     DEFAULT_BACKOFF_SECONDS,
     DEFAULT_FAILURE_ACTION,
@@ -26,6 +26,9 @@ from models.workflows import (
     DEFAULT_MIN_SAMPLES,
     DEFAULT_MIN_SUCCESS_RATE,
     DEFAULT_REQUIRE_STATIONARY,
+)
+from models.enums import WEEKDAYS
+from models.workflows import (
     GateAction,
     GateCounts,
     GateDecision,
@@ -260,8 +263,6 @@ def decide(
 # `end`; when end <= start it closes the next day (a window that crosses midnight belongs to
 # the day it starts on); start == end is a whole day. No window: always open.
 
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
 
 def _hhmm(value: str) -> time:
     hours, minutes = value.split(":")
@@ -279,7 +280,7 @@ def _occurrences(
     spans = []
     for offset in range(-1, 9):
         day = today + timedelta(days=offset)
-        if _DAYS[day.weekday()] not in days:
+        if WEEKDAYS[day.weekday()] not in days:
             continue
         start = datetime.combine(day, start_t, tzinfo=zone)
         end_day = day if end_t > start_t else day + timedelta(days=1)

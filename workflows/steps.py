@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.rollouts import RolloutActivities
     from core.temporal import SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
+    from models.defaults import ISSUE_BATCH_SIZE
     from models.enums import RolloutStatus
     from models.workflows import (
         EvaluateGatesInput,
@@ -48,7 +49,6 @@ DB_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=30,
 )
-ISSUE_BATCH_SIZE = 5000
 # expire_apply_timeouts, retry_failed_targets, recheck_blocked
 SweepActivity = Callable[[RolloutActivities, TargetSweepInput], Awaitable[TargetSweepResult]]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SWEEP_BATCH = 1000
 COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
 
 

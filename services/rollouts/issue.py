@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
+from models.defaults import ISSUE_BATCH_SIZE
 
 # The rollback desired state of target `t` (SQL; `:created_by` is the workflow id): a target
 # whose desired_state_id is this one is in the rollback phase.
@@ -113,7 +114,7 @@ async def issue_stage_batch(
     stage_index: int,
     release_version: str,
     after_vehicle_id: str = "",
-    batch_size: int = 5000,
+    batch_size: int = ISSUE_BATCH_SIZE,
     issued_at: datetime | None = None,
 ) -> IssuedBatch:
     """Issue the desired state to the next `batch_size` targets of one stage.

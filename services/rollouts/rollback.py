@@ -10,7 +10,8 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
+from models.defaults import SWEEP_BATCH_SIZE
+from services.rollouts.counters import SweepBatch, move_targets, sweep_batch
 from services.rollouts.issue import ROLLBACK_DESIRED_STATE, desired_states_written
 
 
@@ -106,7 +107,7 @@ async def rollback_batch(
     session: AsyncSession,
     *,
     rollout_id: int,
-    batch_size: int = SWEEP_BATCH,
+    batch_size: int = SWEEP_BATCH_SIZE,
     stage_index: int | None = None,
     now: datetime | None = None,
     after_vehicle_id: str = "",

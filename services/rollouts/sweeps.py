@@ -12,7 +12,8 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
-from services.rollouts.counters import SWEEP_BATCH, SweepBatch, move_targets, sweep_batch
+from models.defaults import SWEEP_BATCH_SIZE
+from services.rollouts.counters import SweepBatch, move_targets, sweep_batch
 from services.rollouts.issue import desired_states_written
 from workflows.policy import RETRYABLE_REASONS, retry_backoff_seconds
 
@@ -46,7 +47,7 @@ async def expire_apply_timeouts(
     rollout_id: int,
     now: datetime,
     apply_seconds: int,
-    batch_size: int = SWEEP_BATCH,
+    batch_size: int = SWEEP_BATCH_SIZE,
     after_vehicle_id: str = "",
 ) -> SweepBatch:
     """Targets notified or updating for longer than `apply_seconds` (since `notified_at`, by
@@ -128,7 +129,7 @@ async def retry_failed_targets(
     now: datetime,
     max_attempts: int,
     backoff_seconds: int,
-    batch_size: int = SWEEP_BATCH,
+    batch_size: int = SWEEP_BATCH_SIZE,
     after_vehicle_id: str = "",
 ) -> SweepBatch:
     """Re-issue the desired state to targets that failed for a retryable reason, with
@@ -197,7 +198,7 @@ async def recheck_blocked(
     now: datetime,
     require_stationary: bool,
     min_battery_percent: int,
-    batch_size: int = SWEEP_BATCH,
+    batch_size: int = SWEEP_BATCH_SIZE,
     after_vehicle_id: str = "",
 ) -> SweepBatch:
     """Blocked targets whose vehicle's latest heartbeat (after the block) passes the safety

@@ -12,6 +12,11 @@ from typing import Any, NamedTuple
 import psycopg
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from models.defaults import (
+    DEFAULT_OFFLINE_AFTER_SECONDS,
+    DEFAULT_TELEMETRY_BATTERY_STEP,
+    DEFAULT_TELEMETRY_REFRESH_SECONDS,
+)
 from models.scope import Scope
 from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
 
@@ -20,9 +25,9 @@ from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
 class WideWritePolicy:
     """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md)."""
 
-    offline_after_seconds: int = 300
-    refresh_seconds: int = 240
-    battery_step: int = 5
+    offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS
+    refresh_seconds: int = DEFAULT_TELEMETRY_REFRESH_SECONDS
+    battery_step: int = DEFAULT_TELEMETRY_BATTERY_STEP
 
 
 @dataclass
