@@ -40,6 +40,17 @@ TERMINAL_ROLLOUT_STATUSES = frozenset(
 )
 
 
+class StatusReason(StrEnum):
+    """A rollout's `statusReason`: why it is in its status (SPEC.md)."""
+
+    OPERATOR = "OPERATOR"  # an operator paused, aborted or rolled it back
+    FAILURE_THRESHOLD = "FAILURE_THRESHOLD"  # too many of its vehicles failed
+    CANARY_UNHEALTHY = "CANARY_UNHEALTHY"  # its canary did not prove the release healthy
+    OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"  # waits for the window to open
+    ACTIVITY_FAILED = "ACTIVITY_FAILED"  # an activity failed for good: the rollout failed
+    WORKFLOW_START_FAILED = "WORKFLOW_START_FAILED"  # stored, but its workflow never started
+
+
 class TargetState(StrEnum):
     """A vehicle's state inside one rollout (rollout_targets.state)."""
 

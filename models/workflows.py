@@ -25,7 +25,7 @@ from models.defaults import (
     OFFLINE_BATCH_SIZE,
     FailureAction,
 )
-from models.enums import WEEKDAYS, RolloutStatus
+from models.enums import WEEKDAYS, AuditSource, RolloutStatus, StatusReason
 
 # What an operator may ask of a running rollout (the `control` Update, the signals).
 ControlAction = Literal["pause", "resume", "rollback", "abort"]
@@ -87,8 +87,9 @@ class RolloutCounts(BaseModel):
 class RolloutSignal(BaseModel):
     """Body of the `pause`, `resume`, `abort` and `rollback` signals (every field optional).
 
-    `source` defaults to `temporal` (a signal from the CLI or the Web UI, audited by the
-    workflow); the API sends `source="api"` because it has already audited the request.
+    A signal comes through Temporal (the CLI, the Web UI), never from the API (which sends
+    the `control` Update): the workflow audits it as source `temporal` whatever its body
+    claims (SPEC.md), so `source` is accepted and ignored.
     """
 
     reason: str | None = None
@@ -108,12 +109,13 @@ class ControlRequest(BaseModel):
     """Input of the `control` Update, the API's way to steer a running rollout. Its validator
     refuses an invalid transition at once (resume of a rollout that is not paused, anything
     on a finished one); the API answers that with 409 INVALID_STATE_TRANSITION. The API has
-    audited the request itself, so `source="api"` tells the workflow not to audit it again."""
+    audited the request itself, so it sends `source="api"` and the workflow does not audit it
+    again; an Update from the `temporal` CLI is audited as source `temporal` (the default)."""
 
     action: ControlAction
     reason: str
     actor: str | None = None
-    source: str = "api"
+    source: AuditSource = AuditSource.TEMPORAL
     correlation_id: str | None = None
     # resume only: pass a canary that is still unhealthy (the operator takes responsibility).
     force: bool = False
@@ -128,12 +130,13 @@ class ControlResult(BaseModel):
 
 
 class OperatorAction(BaseModel):
-    """A signal received and not yet persisted (audited and written to the rollout row)."""
+    """An operator's action (a signal or the `control` Update) accepted and not yet persisted
+    (audited and written to the rollout row)."""
 
     action: ControlAction
     reason: str | None = None
     actor: str | None = None
-    source: str = "temporal"
+    source: AuditSource = AuditSource.TEMPORAL
     correlation_id: str | None = None
     force: bool = False
 
@@ -179,7 +182,7 @@ class GateDecision(BaseModel):
     """What `policy.decide` answers: proceed, wait, pause(reason) or rollback(reason)."""
 
     action: GateAction
-    reason: str | None = None  # statusReason: FAILURE_THRESHOLD, CANARY_UNHEALTHY
+    reason: StatusReason | None = None  # FAILURE_THRESHOLD, CANARY_UNHEALTHY
     detail: str | None = None
 
 
@@ -213,7 +216,7 @@ class RolloutState(BaseModel):
     release_version: str
     correlation_id: str | None = None
     status: RolloutStatus = RolloutStatus.PENDING
-    status_reason: str | None = None
+    status_reason: StatusReason | None = None
     stage: str | None = None
     stage_index: int = 0
     stage_count: int = 0
@@ -249,7 +252,7 @@ class RolloutState(BaseModel):
     rollback_total: GateCounts = Field(default_factory=GateCounts)
     rollback_acknowledged_failed: int = 0
     # statusReason of the stop: OPERATOR, or FAILURE_THRESHOLD for a gate's rollback.
-    stop_reason: str = "OPERATOR"
+    stop_reason: StatusReason = StatusReason.OPERATOR
     # The stage in progress (its phase above); equals len(stages) once all are done.
     current_stage: int = 0
     # Runs of this workflow so far (1 + continue-as-new count).
@@ -259,7 +262,7 @@ class RolloutState(BaseModel):
 class RolloutResult(BaseModel):
     rollout_id: int
     status: RolloutStatus
-    status_reason: str | None = None
+    status_reason: StatusReason | None = None
     stages_issued: int
     counts: RolloutCounts
 
@@ -311,15 +314,15 @@ class UpdateRolloutStatusInput(BaseModel):
     status: RolloutStatus
     stage: str | None = None
     stage_index: int | None = None
-    status_reason: str | None = None
+    status_reason: StatusReason | None = None
     waiting_for: str | None = None
     # Audit entry written with the change (only when something changed).
     action: str
     actor: str = "workflow"
-    source: str = "system"
+    source: AuditSource = AuditSource.SYSTEM
     reason: str | None = None
     correlation_id: str | None = None
-    # False when the API already audited the operator's request (signal with source "api").
+    # False when the API already audited the operator's request (source "api").
     audit: bool = True
 
 

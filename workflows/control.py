@@ -17,19 +17,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, StatusReason
 from models.workflows import ControlAction, GateDecision, OperatorAction, RolloutState
-from workflows.policy import CANARY_UNHEALTHY, FAILURE_THRESHOLD
-
-# statusReason of a stop (or a pause) an operator asked for.
-OPERATOR = "OPERATOR"
 
 
 class StatusChange(NamedTuple):
     """The status (and its statusReason) the workflow persists for an operator's action."""
 
     status: RolloutStatus
-    status_reason: str | None
+    status_reason: StatusReason | None
 
 
 def projected_status(state: RolloutState) -> RolloutStatus:
@@ -80,7 +76,7 @@ def accept(state: RolloutState, action: OperatorAction) -> None:
     else:
         state.stop_requested = action.action
         state.stop_action = action
-        state.stop_reason = OPERATOR
+        state.stop_reason = StatusReason.OPERATOR
 
 
 def stop_pending(state: RolloutState) -> bool:
@@ -93,7 +89,7 @@ def stop_pending(state: RolloutState) -> bool:
 def record_pause(state: RolloutState, action: OperatorAction) -> StatusChange:
     """An operator's pause, persisted: who paused and why."""
     state.paused_by, state.pause_note = action.actor, action.reason
-    return StatusChange(RolloutStatus.PAUSED, OPERATOR)
+    return StatusChange(RolloutStatus.PAUSED, StatusReason.OPERATOR)
 
 
 def acknowledge_resume(state: RolloutState, action: OperatorAction) -> StatusChange:
@@ -107,13 +103,13 @@ def acknowledge_resume(state: RolloutState, action: OperatorAction) -> StatusCha
     """
     rolling_back = state.stop_requested == "rollback" and state.rollback_next is not None
     if rolling_back and state.status == RolloutStatus.PAUSED:
-        if state.status_reason == FAILURE_THRESHOLD:
+        if state.status_reason == StatusReason.FAILURE_THRESHOLD:
             state.rollback_acknowledged_failed = state.rollback_total.failed
         state.paused_by = state.pause_note = None
         return StatusChange(RolloutStatus.ROLLING_BACK, state.stop_reason)
-    if state.status_reason == FAILURE_THRESHOLD:
+    if state.status_reason == StatusReason.FAILURE_THRESHOLD:
         state.acknowledged_failed = state.last_total.failed
-    elif state.status_reason == CANARY_UNHEALTHY and action.force:
+    elif state.status_reason == StatusReason.CANARY_UNHEALTHY and action.force:
         state.canary_forced_stage = state.stage_index
     state.paused_by = state.pause_note = None
     return StatusChange(RolloutStatus.RUNNING, None)
@@ -129,12 +125,12 @@ def rollback_by_gate(state: RolloutState, decision: GateDecision) -> None:
     """A breached failure threshold whose action is rollback: the rollout stops and rolls
     back, on the system's behalf."""
     state.stop_requested = "rollback"
-    state.stop_reason = decision.reason or FAILURE_THRESHOLD
+    state.stop_reason = decision.reason or StatusReason.FAILURE_THRESHOLD
     state.stop_action = OperatorAction(
         action="rollback",
         reason=decision.detail,
         actor="workflow",
-        source="system",
+        source=AuditSource.SYSTEM,
         correlation_id=state.correlation_id,
     )
 

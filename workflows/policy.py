@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 from models.defaults import (
@@ -26,8 +26,9 @@ from models.defaults import (
     DEFAULT_MIN_SAMPLES,
     DEFAULT_MIN_SUCCESS_RATE,
     DEFAULT_REQUIRE_STATIONARY,
+    FailureAction,
 )
-from models.enums import WEEKDAYS
+from models.enums import WEEKDAYS, StatusReason
 from models.workflows import (
     GateAction,
     GateCounts,
@@ -162,9 +163,6 @@ def _is_int(value: Any) -> bool:
 #   issued up to now) > maxFailureRate, with issued > 0. A vehicle retried after a retryable
 #   failure is back to notified and no longer counts as failed.
 
-CANARY_UNHEALTHY = "CANARY_UNHEALTHY"
-FAILURE_THRESHOLD = "FAILURE_THRESHOLD"
-
 
 def _rate(value: Any, default: float) -> float:
     return float(value) if _is_number(value) else default
@@ -181,7 +179,7 @@ def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
         min_success_rate=_rate(canary.get("minSuccessRate"), DEFAULT_MIN_SUCCESS_RATE),
         min_samples=samples if _is_int(samples) else DEFAULT_MIN_SAMPLES,
         max_failure_rate=_rate(threshold.get("maxFailureRate"), DEFAULT_MAX_FAILURE_RATE),
-        failure_action=action if action in ("pause", "rollback") else DEFAULT_FAILURE_ACTION,
+        failure_action=action if action in get_args(FailureAction) else DEFAULT_FAILURE_ACTION,
     )
 
 
@@ -230,7 +228,7 @@ def decide(
     if failure_threshold_breached(total, max_failure_rate=policy.max_failure_rate):
         return GateDecision(
             action=policy.failure_action,
-            reason=FAILURE_THRESHOLD,
+            reason=StatusReason.FAILURE_THRESHOLD,
             detail=(
                 f"{total.failed} of {total.issued} notified vehicles failed"
                 f" (more than {policy.max_failure_rate:.0%})"
@@ -248,7 +246,7 @@ def decide(
         reported = stage.succeeded + stage.failed
         return GateDecision(
             action=GateAction.PAUSE,
-            reason=CANARY_UNHEALTHY,
+            reason=StatusReason.CANARY_UNHEALTHY,
             detail=(
                 f"canary: {stage.succeeded} of {reported} reported vehicles ready"
                 f" (needs {policy.min_success_rate:.0%} of at least {policy.min_samples})"

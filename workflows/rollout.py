@@ -46,7 +46,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from core.temporal import ROLLOUT_WORKFLOW_TYPE
-    from models.enums import RolloutStatus
+    from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         ControlAction,
         ControlRequest,
@@ -66,7 +66,6 @@ with workflow.unsafe.imports_passed_through():
 from workflows.steps import RolloutSteps, iso
 
 MAX_GATE_INTERVAL = 60
-OUTSIDE_MAINTENANCE_WINDOW = "OUTSIDE_MAINTENANCE_WINDOW"
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
 ROLLBACK_MAX_BAKE = 300
 
@@ -138,7 +137,7 @@ class RolloutWorkflow(RolloutSteps):
                 action=name,
                 reason=body.reason,
                 actor=body.actor or "temporal",
-                source=body.source or "temporal",
+                source=AuditSource.TEMPORAL,  # whatever the body claims (SPEC.md)
                 correlation_id=body.correlation_id or self._state.correlation_id,
                 force=body.force,
             ),
@@ -277,7 +276,7 @@ class RolloutWorkflow(RolloutSteps):
             await self._set_status(
                 RolloutStatus.RUNNING,
                 action="rollout.waiting_for_window",
-                status_reason=OUTSIDE_MAINTENANCE_WINDOW,
+                status_reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
                 waiting_for=waiting,
             )
             await self._sleep_until(opens)
@@ -368,7 +367,7 @@ class RolloutWorkflow(RolloutSteps):
         (FAILURE_THRESHOLD) before the next stage goes out; resume continues it, abort stops
         it. Targets that never report fail with APPLY_TIMEOUT (a rollback failure)."""
         s = self._state
-        operator = s.stop_action if s.stop_reason == control.OPERATOR else None
+        operator = s.stop_action if s.stop_reason == StatusReason.OPERATOR else None
         if s.rollback_next is None:
             control.start_rollback(s)
             await self._set_status(

@@ -19,7 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.rollouts import RolloutActivities
     from core.temporal import SA_ROLLOUT_STAGE, SA_ROLLOUT_STATUS
     from models.defaults import ISSUE_BATCH_SIZE
-    from models.enums import RolloutStatus
+    from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         EvaluateGatesInput,
         ExpandTargetsInput,
@@ -92,7 +92,7 @@ class RolloutSteps:
         *,
         action: str,
         waiting_for: str | None,
-        status_reason: str | None = None,
+        status_reason: StatusReason | None = None,
         operator: OperatorAction | None = None,
         reason: str | None = None,
         keep_flow_waiting: bool = False,
@@ -113,10 +113,10 @@ class RolloutSteps:
                 waiting_for=waiting_for,
                 action=action,
                 actor=(operator.actor or "temporal") if operator else "workflow",
-                source=operator.source if operator else "system",
+                source=operator.source if operator else AuditSource.SYSTEM,
                 reason=operator.reason if operator else reason,
                 correlation_id=(operator.correlation_id if operator else None) or s.correlation_id,
-                audit=not (operator is not None and operator.source == "api"),
+                audit=not (operator is not None and operator.source == AuditSource.API),
             ),
             start_to_close_timeout=SHORT_ACTIVITY,
             retry_policy=DB_RETRY,
@@ -183,7 +183,7 @@ class RolloutSteps:
         await self._set_status(
             RolloutStatus.ABORTED,
             action="rollout.aborted",
-            status_reason=control.OPERATOR,
+            status_reason=StatusReason.OPERATOR,
             waiting_for=None,
             operator=self._state.stop_action,
         )
@@ -193,7 +193,7 @@ class RolloutSteps:
             await self._set_status(
                 RolloutStatus.FAILED,
                 action="rollout.failed",
-                status_reason="ACTIVITY_FAILED",
+                status_reason=StatusReason.ACTIVITY_FAILED,
                 waiting_for=None,
                 reason=str(err.cause or err)[:500],
             )

@@ -40,6 +40,7 @@ from models.api import (
     RolloutPlanOut,
     RolloutVehicleOut,
 )
+from models.enums import AuditSource
 from models.tables import Rollout
 from models.workflows import ControlRequest, RolloutCounts
 from services.rollouts import control, create, queries, status
@@ -303,7 +304,7 @@ async def _control(
                 action=action,  # type: ignore[arg-type]
                 reason=body.reason,
                 actor=principal.subject,
-                source="api",
+                source=AuditSource.API,
                 correlation_id=actor.correlation_id,
                 force=body.force,
             ),

@@ -4,7 +4,7 @@ is valid (its `control` Update's validator); a finished rollout is refused here 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -12,11 +12,12 @@ from core.errors import InvalidInput
 from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
 from models.scope import Scope
 from models.tables import Rollout
+from models.workflows import ControlAction
 from services import audit
 from services.audit import Actor, audit_scope
 from services.rollouts.queries import get_rollout
 
-CONTROL_ACTIONS = ("pause", "resume", "rollback", "abort")
+CONTROL_ACTIONS = get_args(ControlAction)
 
 
 async def record_control(

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import RolloutNotFound
-from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, StatusReason
 from models.workflows import RolloutCounts
 from services import audit, change_feed
 from services.audit import Actor, audit_scope
@@ -23,7 +23,6 @@ from services.rollouts.queries import as_dict
 
 # Who writes a status the workflow decided on its own (a gate, a stage's end).
 WORKFLOW = Actor(subject="workflow", role=None, source=AuditSource.SYSTEM)
-START_FAILED = "WORKFLOW_START_FAILED"
 
 _CURRENT = text(
     "SELECT status, status_reason, stage, stage_index, waiting_for, targets FROM rollouts"
@@ -164,7 +163,7 @@ async def mark_start_failed(session: AsyncSession, *, rollout_id: int, actor: Ac
         rollout_id=rollout_id,
         status=RolloutStatus.FAILED,
         action="rollout.start_failed",
-        status_reason=START_FAILED,
+        status_reason=StatusReason.WORKFLOW_START_FAILED,
         actor=Actor(actor.subject, actor.role, AuditSource.SYSTEM, actor.correlation_id),
         result="error",
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from models.enums import RolloutStatus
+from models.enums import RolloutStatus, StatusReason
 from models.workflows import (
     ControlAction,
     GateAction,
@@ -18,10 +18,12 @@ from models.workflows import (
     RolloutState,
 )
 from workflows import control
-from workflows.control import OPERATOR, StatusChange
-from workflows.policy import CANARY_UNHEALTHY, FAILURE_THRESHOLD
+from workflows.control import StatusChange
 
 R = RolloutStatus
+OPERATOR = StatusReason.OPERATOR
+CANARY_UNHEALTHY = StatusReason.CANARY_UNHEALTHY
+FAILURE_THRESHOLD = StatusReason.FAILURE_THRESHOLD
 
 
 def state(status: RolloutStatus, **fields: Any) -> RolloutState:
@@ -222,7 +224,8 @@ def test_record_pause() -> None:
 
 # A resume, persisted: (status, statusReason, stop, rollback_next, force) ->
 # (the status change, acknowledged_failed, rollback_acknowledged_failed, canary_forced_stage).
-# The state has seen 4 rollout failures, 2 rollback failures, and is at stage 1.
+# The state has seen 4 rollout failures, 2 rollback failures, and is at stage 1; a rollback
+# there was started by the failure threshold.
 @pytest.mark.parametrize(
     ("status_reason", "stop", "rollback_next", "force", "expected"),
     [
@@ -237,19 +240,25 @@ def test_record_pause() -> None:
         # a rollback requested while paused has not begun: the rollout resumes, then stops
         (FAILURE_THRESHOLD, "rollback", None, False, (StatusChange(R.RUNNING, None), 4, 0, None)),
         # a paused rollback resumes rolling back, under the stop's reason
-        (OPERATOR, "rollback", 1, False, (StatusChange(R.ROLLING_BACK, "STOP"), 0, 0, None)),
+        (
+            OPERATOR,
+            "rollback",
+            1,
+            False,
+            (StatusChange(R.ROLLING_BACK, FAILURE_THRESHOLD), 0, 0, None),
+        ),
         # its own failures seen so far no longer count
         (
             FAILURE_THRESHOLD,
             "rollback",
             1,
             False,
-            (StatusChange(R.ROLLING_BACK, "STOP"), 0, 2, None),
+            (StatusChange(R.ROLLING_BACK, FAILURE_THRESHOLD), 0, 2, None),
         ),
     ],
 )
 def test_acknowledge_resume(
-    status_reason: str,
+    status_reason: StatusReason,
     stop: Any,
     rollback_next: int | None,
     force: bool,
@@ -259,7 +268,7 @@ def test_acknowledge_resume(
         R.PAUSED,
         status_reason=status_reason,
         stop_requested=stop,
-        stop_reason="STOP",
+        stop_reason=FAILURE_THRESHOLD,  # a rollback its failure threshold started
         rollback_next=rollback_next,
         stage_index=1,
         last_total=GateCounts(notified=10, failed=4),

@@ -14,6 +14,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.temporal import rollout_workflow_id
+from models.enums import AuditSource
 from models.workflows import ControlRequest, ControlResult, RolloutResult, RolloutState
 from tests.factories import (
     LENIENT_GATES,
@@ -83,6 +84,7 @@ async def test_control_update_pause_resume_abort(
     handle: WorkflowHandle[Any, RolloutResult], sessions: Sessions
 ) -> None:
     await until(handle, lambda s: (s.waiting_for or "").startswith("bake"))
+    # From the `temporal` CLI (no source given): the workflow audits it.
     paused = await handle.execute_update(
         "control",
         ControlRequest(action="pause", reason="investigating", actor="alice"),
@@ -98,8 +100,11 @@ async def test_control_update_pause_resume_abort(
         await _refused(handle, ControlRequest(action="pause", reason="again"))
         == "cannot pause: rollout is already paused"
     )
+    # From the API (source "api"), which audits its own requests.
     resumed = await handle.execute_update(
-        "control", ControlRequest(action="resume", reason="fine"), result_type=ControlResult
+        "control",
+        ControlRequest(action="resume", reason="fine", source=AuditSource.API),
+        result_type=ControlResult,
     )
     assert resumed == ControlResult(action="resume", status="running", paused=False)
     assert (
@@ -108,20 +113,22 @@ async def test_control_update_pause_resume_abort(
     )
     aborted = await handle.execute_update(
         "control",
-        ControlRequest(action="abort", reason="stop", actor="bob"),
+        ControlRequest(action="abort", reason="stop", actor="bob", source=AuditSource.API),
         result_type=ControlResult,
     )
     assert aborted.status == "aborted"
     result = await handle.result()
     assert result.status == "aborted"
-    # The API audits its own requests (source "api"): the workflow does not audit them again.
+    # The API audits its own requests (source "api"): the workflow does not audit them again;
+    # the CLI's pause is audited by the workflow, as source temporal.
     audit = await fetch_all(
         sessions,
-        "SELECT action FROM audit_log WHERE target_type = 'rollout' AND target_id = :t"
+        "SELECT action, source, actor FROM audit_log WHERE target_type = 'rollout'"
+        " AND target_id = :t"
         " AND action IN ('rollout.paused', 'rollout.resumed', 'rollout.aborted')",
         t=str(result.rollout_id),
     )
-    assert audit == []
+    assert audit == [{"action": "rollout.paused", "source": "temporal", "actor": "alice"}]
 
 
 async def test_control_update_refuses_invalid_transitions(
