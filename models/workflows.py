@@ -168,6 +168,15 @@ class GatePolicy(BaseModel):
     failure_action: FailureAction = DEFAULT_FAILURE_ACTION
 
 
+class Sweep(StrEnum):
+    """A housekeeping pass over a rollout's targets while a stage bakes, by the activity that
+    runs it (`policy.sweeps_due` says which a gate tick runs)."""
+
+    EXPIRE_APPLY_TIMEOUTS = "expire_apply_timeouts"
+    RETRY_FAILED_TARGETS = "retry_failed_targets"
+    RECHECK_BLOCKED = "recheck_blocked"
+
+
 class GateAction(StrEnum):
     """What a gate decision asks of the workflow (written by `policy.decide`, read by the
     workflow and the evaluate_gates activity)."""

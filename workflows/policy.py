@@ -37,6 +37,7 @@ from models.workflows import (
     MaintenanceWindowSpec,
     RolloutPolicy,
     StagePlan,
+    Sweep,
 )
 
 CANARY = "canary"
@@ -253,6 +254,34 @@ def decide(
             ),
         )
     return GateDecision(action=GateAction.PROCEED)
+
+
+def sweeps_due(
+    last: GateCounts,
+    *,
+    now: datetime,
+    first_issued_at: datetime | None,
+    apply_seconds: int,
+    rollback: bool = False,
+) -> list[Sweep]:
+    """The sweeps a gate tick runs before it judges, in order, each only when the last counts
+    show work for it: apply timeouts once the first issue is `apply_seconds` old and vehicles
+    are still applying (a rollback's as soon as returned vehicles are), retries while failed
+    vehicles have attempts left, re-checks while vehicles are blocked (not in a rollback)."""
+    applying = last.notified + last.updating > 0
+    if rollback:
+        return [Sweep.EXPIRE_APPLY_TIMEOUTS] if applying else []
+    due = []
+    timeouts_due = first_issued_at is not None and now >= first_issued_at + timedelta(
+        seconds=apply_seconds
+    )
+    if timeouts_due and applying:
+        due.append(Sweep.EXPIRE_APPLY_TIMEOUTS)
+    if last.retryable > 0:
+        due.append(Sweep.RETRY_FAILED_TARGETS)
+    if last.blocked > 0:
+        due.append(Sweep.RECHECK_BLOCKED)
+    return due
 
 
 # --- Maintenance window --------------------------------------------------------------------

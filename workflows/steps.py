@@ -2,8 +2,8 @@
 retries), how it persists a status (the activity, then the search attributes and the Web UI's
 current details), operator actions waiting to be persisted, and its durable waits.
 
-`RolloutWorkflow` (workflows/rollout.py) inherits them and sequences them; nothing here
-decides what comes next.
+`RolloutWorkflow` (workflows/rollout.py) inherits them and sequences them. What comes next
+is never decided here: the pure rules (`workflows.policy`, `workflows.control`) decide.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         EvaluateGatesInput,
+        EvaluateGatesResult,
         ExpandTargetsInput,
         ExpandTargetsResult,
         GateDecision,
@@ -33,12 +34,13 @@ with workflow.unsafe.imports_passed_through():
         RolloutInput,
         RolloutState,
         StagePlan,
+        Sweep,
         TargetSweepInput,
         TargetSweepResult,
         UpdateRolloutStatusInput,
     )
     from workflows import control
-    from workflows.policy import CANARY
+    from workflows.policy import CANARY, sweeps_due
 
 SHORT_ACTIVITY = timedelta(seconds=60)
 LONG_ACTIVITY = timedelta(hours=1)
@@ -49,8 +51,12 @@ DB_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=30,
 )
-# expire_apply_timeouts, retry_failed_targets, recheck_blocked
 SweepActivity = Callable[[RolloutActivities, TargetSweepInput], Awaitable[TargetSweepResult]]
+SWEEP_ACTIVITIES: dict[Sweep, SweepActivity] = {
+    Sweep.EXPIRE_APPLY_TIMEOUTS: RolloutActivities.expire_apply_timeouts,
+    Sweep.RETRY_FAILED_TARGETS: RolloutActivities.retry_failed_targets,
+    Sweep.RECHECK_BLOCKED: RolloutActivities.recheck_blocked,
+}
 
 
 class RolloutSteps:
@@ -201,23 +207,18 @@ class RolloutSteps:
             workflow.logger.exception("could not record the failure of the rollout")
 
     async def _gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
-        """Per-vehicle housekeeping (each only when there is work for it, judged by the last
-        counts), then the gate decision."""
+        """The sweeps due (`policy.sweeps_due`, judged by the last counts), then the gate
+        decision."""
         s = self._state
         now = workflow.now()
-        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=now)
-        last = s.last_total
-        apply_due = s.first_issued_at is not None and now >= s.first_issued_at + timedelta(
-            seconds=s.policy.apply_seconds
+        due = sweeps_due(
+            s.last_total,
+            now=now,
+            first_issued_at=s.first_issued_at,
+            apply_seconds=s.policy.apply_seconds,
         )
-        if apply_due and last.notified + last.updating > 0:
-            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
-        if last.retryable > 0:
-            await self._sweep(RolloutActivities.retry_failed_targets, sweep)
-        if last.blocked > 0:
-            await self._sweep(RolloutActivities.recheck_blocked, sweep)
-        result = await workflow.execute_activity_method(
-            RolloutActivities.evaluate_gates,
+        await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
+        result = await self._evaluate(
             EvaluateGatesInput(
                 rollout_id=s.rollout_id,
                 stage_index=stage.index,
@@ -225,23 +226,25 @@ class RolloutSteps:
                 bake_done=bake_done,
                 acknowledged_failed=s.acknowledged_failed,
                 canary_forced=s.canary_forced_stage == stage.index,
-            ),
-            start_to_close_timeout=SHORT_ACTIVITY,
-            retry_policy=DB_RETRY,
+            )
         )
         s.last_total = result.total
-        s.counts = result.counts
         return result.decision
 
     async def _rollback_gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
-        """The rollback's housekeeping (returned vehicles that never report time out), then
-        its gate: the failure threshold over the rollback's own outcomes."""
+        """The rollback's sweeps due (returned vehicles that never report time out), then its
+        gate: the failure threshold over the rollback's own outcomes."""
         s = self._state
-        sweep = TargetSweepInput(rollout_id=s.rollout_id, now=workflow.now())
-        if s.rollback_total.notified + s.rollback_total.updating > 0:
-            await self._sweep(RolloutActivities.expire_apply_timeouts, sweep)
-        result = await workflow.execute_activity_method(
-            RolloutActivities.evaluate_gates,
+        now = workflow.now()
+        due = sweeps_due(
+            s.rollback_total,
+            now=now,
+            first_issued_at=s.first_issued_at,
+            apply_seconds=s.policy.apply_seconds,
+            rollback=True,
+        )
+        await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
+        result = await self._evaluate(
             EvaluateGatesInput(
                 rollout_id=s.rollout_id,
                 stage_index=stage.index,
@@ -249,13 +252,24 @@ class RolloutSteps:
                 bake_done=bake_done,
                 acknowledged_failed=s.rollback_acknowledged_failed,
                 rollback=True,
-            ),
+            )
+        )
+        s.rollback_total = result.total
+        return result.decision
+
+    async def _evaluate(self, gate: EvaluateGatesInput) -> EvaluateGatesResult:
+        result = await workflow.execute_activity_method(
+            RolloutActivities.evaluate_gates,
+            gate,
             start_to_close_timeout=SHORT_ACTIVITY,
             retry_policy=DB_RETRY,
         )
-        s.rollback_total = result.total
-        s.counts = result.counts
-        return result.decision
+        self._state.counts = result.counts
+        return result
+
+    async def _sweeps(self, due: list[Sweep], sweep: TargetSweepInput) -> None:
+        for name in due:
+            await self._sweep(SWEEP_ACTIVITIES[name], sweep)
 
     async def _sweep(self, activity: SweepActivity, sweep: TargetSweepInput) -> None:
         result = await workflow.execute_activity_method(

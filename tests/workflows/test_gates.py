@@ -4,11 +4,11 @@ test_retry_rule.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from models.workflows import GateCounts, GatePolicy, MaintenanceWindowSpec
+from models.workflows import GateCounts, GatePolicy, MaintenanceWindowSpec, Sweep
 from workflows.policy import (
     canary_healthy,
     decide,
@@ -17,6 +17,7 @@ from workflows.policy import (
     next_window_start,
     retry_backoff_seconds,
     rollout_policy,
+    sweeps_due,
     window_open,
 )
 
@@ -253,3 +254,43 @@ def test_a_window_without_days_never_opens() -> None:
 )
 def test_backoff(attempt: int, base: int, wait: int) -> None:
     assert retry_backoff_seconds(attempt, base_seconds=base) == wait
+
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+EXPIRE, RETRY, RECHECK = (
+    Sweep.EXPIRE_APPLY_TIMEOUTS,
+    Sweep.RETRY_FAILED_TARGETS,
+    Sweep.RECHECK_BLOCKED,
+)
+
+
+@pytest.mark.parametrize(
+    ("counts", "minutes_since_issue", "rollback", "due"),
+    [
+        (GateCounts(), 120, False, []),  # nothing to do
+        (GateCounts(notified=3), 59, False, []),  # applying, not yet timed out
+        (GateCounts(notified=3), 60, False, [EXPIRE]),
+        (GateCounts(updating=1), 61, False, [EXPIRE]),
+        (GateCounts(succeeded=5), 61, False, []),  # nobody applying: no timeout pass
+        (
+            GateCounts(notified=1, failed=2, retryable=2, blocked=1),
+            61,
+            False,
+            [EXPIRE, RETRY, RECHECK],
+        ),
+        (GateCounts(failed=2, retryable=0), 61, False, []),  # no attempts left
+        (GateCounts(blocked=4), 0, False, [RECHECK]),
+        (GateCounts(notified=2), None, False, []),  # nothing issued yet
+        # a rollback: its returned vehicles time out at once, nothing retried or re-checked
+        (GateCounts(notified=2, retryable=1, blocked=1), 0, True, [EXPIRE]),
+        (GateCounts(succeeded=2, retryable=1, blocked=1), 0, True, []),
+    ],
+)
+def test_sweeps_due(
+    counts: GateCounts, minutes_since_issue: int | None, rollback: bool, due: list[Sweep]
+) -> None:
+    issued = None if minutes_since_issue is None else T0 - timedelta(minutes=minutes_since_issue)
+    assert (
+        sweeps_due(counts, now=T0, first_issued_at=issued, apply_seconds=3600, rollback=rollback)
+        == due
+    )
