@@ -15,12 +15,13 @@ from temporalio import activity
 
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
-from models.enums import AuditSource
+from models.enums import AuditSource, RolloutStatus
 from models.workflows import (
     EvaluateGatesInput,
     EvaluateGatesResult,
     ExpandTargetsInput,
     ExpandTargetsResult,
+    GateAction,
     IssueStageInput,
     IssueStageProgress,
     IssueStageResult,
@@ -70,7 +71,6 @@ class RolloutActivities:
         """Plan the rollout's stages and insert its targets (once; a re-run returns the plan).
         `TargetsChanged` (the fleet moved while planning) fails the attempt: retried."""
         async with session_scope(self._sessions) as session:
-            rollout = await queries.load_rollout(session, rollout_id=input.rollout_id)
             expansion = await plan.plan_and_expand(session, rollout_id=input.rollout_id)
             policy = await queries.load_policy(session, rollout_id=input.rollout_id)
         log.info(
@@ -82,7 +82,7 @@ class RolloutActivities:
         )
         return ExpandTargetsResult(
             rollout_id=input.rollout_id,
-            release_version=rollout.release_version,
+            release_version=expansion.release_version,
             targeted=expansion.targeted,
             stages=expansion.stages,
             inserted=expansion.inserted,
@@ -144,7 +144,7 @@ class RolloutActivities:
     ) -> UpdateRolloutStatusResult:
         """Write the rollout's status with its audit entry and change-feed event (once)."""
         async with session_scope(self._sessions) as session:
-            if input.status in ("aborted", "rolled_back"):
+            if input.status in (RolloutStatus.ABORTED, RolloutStatus.ROLLED_BACK):
                 await rollback.skip_planned_targets(session, rollout_id=input.rollout_id)
             changed = await status.set_rollout_status(
                 session,
@@ -239,7 +239,7 @@ class RolloutActivities:
         activity.metric_meter().create_counter(
             "motorcade_gate_evaluations", "Gate evaluations by decision and stage kind."
         ).with_additional_attributes({"action": decision.action, "stage": kind}).add(1)
-        if decision.action not in ("wait", "proceed"):
+        if decision.action not in (GateAction.WAIT, GateAction.PROCEED):
             log.info(
                 "rollout.gate",
                 rollout_id=rid,
@@ -274,9 +274,10 @@ class RolloutActivities:
         """Re-issue a new desired state to targets failed for a retryable reason, attempts left
         and backoff over (idempotent: keyed by rollout and attempt)."""
         policy = await self._policy(input.rollout_id)
+        async with session_scope(self._sessions) as session:
+            rollout = await queries.load_rollout(session, rollout_id=input.rollout_id)
 
         async def step(session: AsyncSession, after: str) -> SweepBatch:
-            rollout = await queries.load_rollout(session, rollout_id=input.rollout_id)
             return await sweeps.retry_failed_targets(
                 session,
                 rollout_id=input.rollout_id,

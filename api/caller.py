@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.types import Scope, Send
 
 from api.envelope import error_body
-from core.auth import Principal, TokenVerifier
+from core.auth import Principal, TokenError, TokenVerifier
 from core.errors import MotorcadeError
 
 _STATE_KEY = "caller"
@@ -31,7 +31,7 @@ async def caller_of(scope: Scope) -> Principal | None:
         if verifier is not None:
             try:
                 principal = await verifier.verify(token.strip())
-            except Exception:
+            except TokenError:  # the route answers 401 itself
                 principal = None
     state[_STATE_KEY] = principal
     return principal
@@ -52,7 +52,7 @@ def client_address(scope: Scope) -> str:
 async def send_error(scope: Scope, send: Send, exc: MotorcadeError) -> None:
     """The SPEC error envelope of `exc`, sent by a middleware (no route answered)."""
     body = json.dumps(
-        error_body(Request(scope), exc.code, exc.message, exc.details), separators=(",", ":")
+        error_body(Request(scope), exc.code, exc.public_message, exc.details), separators=(",", ":")
     ).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -1,4 +1,8 @@
-"""Dependencies: the request's session (it owns the transaction), the caller, role checks."""
+"""Dependencies of the routes: settings, the request's session (it owns the transaction) and
+read connection, the Temporal client, the caller (token, roles) and who a write is by
+(`actor_of`), the list queries' parameters, and what judges a write that assigns vehicles a
+release (`assignment_request`: the caller, the fleet's safety defaults, the trusted release
+keys, kept per keys file)."""
 
 from __future__ import annotations
 
@@ -98,7 +102,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 # Returned to the pool when the route returns, before the response is sent.
 ReadConnectionDep = Annotated[AsyncConnection[Any], Depends(get_read_connection, scope="function")]
-TemporalDep = Annotated[Client, Depends(get_temporal)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 READ_ROLES = frozenset({Role.VIEWER, Role.OPERATOR})

@@ -4,7 +4,6 @@ when tracing is on (core/tracing.py), the request's server span."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -15,7 +14,8 @@ from opentelemetry import propagate, trace
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.envelope import utc_now_iso
+from api.caller import send_error
+from core.errors import MotorcadeError
 from core.tracing import tracer
 
 log = structlog.stdlib.get_logger("motorcade.api")
@@ -85,24 +85,7 @@ class RequestContextMiddleware(HttpMiddleware):
         except Exception:
             log.exception("unhandled error")
             if not status_holder["started"]:
-                body = json.dumps(
-                    {
-                        "error": {"code": "INTERNAL", "message": "internal error", "details": []},
-                        "metadata": {"requestId": request_id},
-                        "timestamp": utc_now_iso(),
-                    }
-                ).encode()
-                await send_wrapper(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_error(scope, send_wrapper, MotorcadeError())
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)

@@ -69,6 +69,12 @@ async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncItera
             raise
 
 
+async def ping(engine: AsyncEngine) -> None:
+    """Reach PostgreSQL through the pool once (the readiness probe)."""
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+
+
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
     """The same pool, its connections lent in autocommit: for reads only."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")

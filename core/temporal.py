@@ -4,6 +4,7 @@ the API's two calls into a rollout's workflow: start it, and send it an operator
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -101,6 +102,7 @@ async def ensure_search_attributes(client: Client, namespace: str | None = None)
 
 
 ROLLOUT_WORKFLOW_TYPE = "RolloutWorkflow"
+RECONCILE_WORKFLOW_TYPE = "ReconcileWorkflow"
 
 
 def initial_search_attributes(
@@ -147,20 +149,36 @@ async def start_rollout_workflow(
         pass
 
 
+# The name of the Update that controls a rollout (the API's and the CLI's way).
+CONTROL_UPDATE = "control"
 # How long the API waits for a workflow to accept or refuse a control Update.
 CONTROL_ANSWER_WITHIN = timedelta(seconds=20)
 
 
+class ControlUnanswered(DependencyUnavailable):
+    """The control Update got no answer: `message` says why to the client, `note` is what the
+    rollout's audit log records."""
+
+    def __init__(self, message: str, *, note: str) -> None:
+        super().__init__(message)
+        self.note = note
+
+
 async def control_rollout(
-    client: Client, *, rollout_id: int, request: ControlRequest
+    connect: Callable[[], Awaitable[Client]], *, rollout_id: int, request: ControlRequest
 ) -> ControlResult:
-    """Send an operator's action to the rollout's workflow as its `control` Update and return
-    its answer. Raises `InvalidStateTransition` when the workflow refuses it (its validator)
-    or is no longer running, `DependencyUnavailable` when no answer came in time."""
+    """Send an operator's action to the rollout's workflow as its `control` Update (on the
+    client `connect` gives) and return its answer. Raises `InvalidStateTransition` when the
+    workflow refuses it (its validator) or is no longer running, `ControlUnanswered` when
+    Temporal did not answer, or no answer came in time."""
     try:
+        client = await connect()
         return await asyncio.wait_for(
             client.get_workflow_handle(rollout_workflow_id(rollout_id)).execute_update(
-                "control", request, result_type=ControlResult, rpc_timeout=CONTROL_ANSWER_WITHIN
+                CONTROL_UPDATE,
+                request,
+                result_type=ControlResult,
+                rpc_timeout=CONTROL_ANSWER_WITHIN,
             ),
             timeout=CONTROL_ANSWER_WITHIN.total_seconds() + 5,
         )
@@ -175,8 +193,9 @@ async def control_rollout(
             raise InvalidStateTransition(
                 f"cannot {request.action} rollout {rollout_id}: its workflow is no longer running"
             ) from None
-        raise DependencyUnavailable("Temporal did not answer") from None
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-        raise DependencyUnavailable(
-            "the rollout's workflow did not answer in time (is a worker running?)"
+        raise ControlUnanswered("Temporal did not answer", note="Temporal did not answer") from None
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, DependencyUnavailable):
+        raise ControlUnanswered(
+            "the rollout's workflow did not answer in time (is a worker running?)",
+            note="no answer from the rollout's workflow in time",
         ) from None

@@ -25,10 +25,6 @@ class RolloutStatus(StrEnum):
     ABORTED = "aborted"
     FAILED = "failed"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_ROLLOUT_STATUSES
-
 
 TERMINAL_ROLLOUT_STATUSES = frozenset(
     {

@@ -185,7 +185,7 @@ async def record_drift(
     ).scalar_one_or_none()
     if run_id is None:
         return await _recorded_run(conn, run_key)
-    by_status, groups = await _count_drift(conn, run_id)
+    by_status, groups = await _store_drift(conn, run_id)
     drifted = sum(by_status.values())
     summary: dict[str, Any] = {
         "drifted": drifted,
@@ -243,7 +243,7 @@ async def _recorded_run(conn: AsyncConnection, run_key: str) -> RecordedRun:
     )
 
 
-async def _count_drift(conn: AsyncConnection, run_id: int) -> tuple[dict[str, int], int]:
+async def _store_drift(conn: AsyncConnection, run_id: int) -> tuple[dict[str, int], int]:
     """Store the run's drift rows (one per desired, actual, status, region, model, org) and
     return the drifted vehicles per status and the number of rows."""
     await conn.execute(

@@ -373,8 +373,7 @@ async def register_vehicles(
         r[0]
         for r in await conn.execute(_REGISTER, {"rows": json.dumps(rows), "status": str(status)})
     }
-    if len(inserted) < len(vehicles):
-        await session.rollback()
+    if len(inserted) < len(vehicles):  # the request's transaction rolls back on the error
         taken = [
             {"field": f"vehicles.{seen[v]}.id", "message": f"{v!r} is registered already"}
             for v in sorted(set(seen) - inserted)

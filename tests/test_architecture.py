@@ -61,7 +61,7 @@ def test_lint_imports_keeps_every_contract() -> None:
         ("Layers", "api.routes.rollouts", "activities.rollouts"),  # siblings stay apart
         ("core is runtime plumbing", "core.db", "services.audit"),
         ("Workflows do no I/O", "workflows.rollout", "core.db"),
-        ("Services speak neither", "services.audit", "temporalio"),
+        ("Services import neither", "services.audit", "temporalio"),
     ],
 )
 def test_each_contract_breaks_on_an_import_it_forbids(

@@ -27,9 +27,8 @@ from temporalio.client import (
 )
 
 from core.settings import Settings
-from core.temporal import ROLLOUT_TASK_QUEUE
+from core.temporal import RECONCILE_WORKFLOW_TYPE, ROLLOUT_TASK_QUEUE
 from models.workflows import ReconcileInput
-from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
 
 log = structlog.get_logger(__name__)
 

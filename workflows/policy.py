@@ -1,8 +1,9 @@
 """Pure rollout rules: stage planning, gate decisions, maintenance windows and retry rules.
 No I/O, deterministic.
 
-Called by the activities (planning a rollout), by the API (a `dryRun`'s plan) and by the
-workflow (safe inside the sandbox: only the standard library and pydantic models). A request's
+Called by the rollout services (planning and expanding a rollout, the API's `dryRun`, the
+stage names of a rollout's vehicles), by the activities (gate decisions) and by the workflow
+(safe inside the sandbox: only the standard library and pydantic models). A request's
 strategy is validated by the API's own models (`models.api.Strategy`), before it is stored.
 """
 
@@ -152,7 +153,7 @@ def _is_int(value: Any) -> bool:
 
 # --- Gates ---------------------------------------------------------------------------------
 #
-# Counts come from `rollout_targets` (one GROUP BY state, see services.rollout_targets
+# Counts come from `rollout_targets` (one GROUP BY state, see services.rollouts.outcomes
 # .gate_counts). A target is "issued" once its desired state went out (notified, updating,
 # succeeded, failed, blocked); `failed` includes APPLY_TIMEOUT (a timed-out target *is* failed).
 #

@@ -15,6 +15,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
+    from core.temporal import RECONCILE_WORKFLOW_TYPE
     from models.workflows import (
         MarkOfflineInput,
         ReconcileInput,
@@ -22,11 +23,12 @@ with workflow.unsafe.imports_passed_through():
         RecordDriftInput,
     )
 
-RECONCILE_WORKFLOW_TYPE = "ReconcileWorkflow"
 MARK_OFFLINE_TIMEOUT = timedelta(minutes=10)
 MARK_OFFLINE_HEARTBEAT = timedelta(minutes=1)
 RECORD_DRIFT_TIMEOUT = timedelta(minutes=5)
-DB_RETRY = RetryPolicy(
+# Its activities are retried less long than a rollout's (workflows/steps.py): the next
+# scheduled run comes within minutes anyway.
+RECONCILE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
@@ -55,14 +57,14 @@ class ReconcileWorkflow:
             MarkOfflineInput(cutoff=cutoff, batch_size=input.batch_size),
             start_to_close_timeout=MARK_OFFLINE_TIMEOUT,
             heartbeat_timeout=MARK_OFFLINE_HEARTBEAT,
-            retry_policy=DB_RETRY,
+            retry_policy=RECONCILE_RETRY,
         )
         workflow.set_current_details(f"recording drift ({offline.marked} marked offline)")
         drift = await workflow.execute_activity_method(
             ReconcileActivities.record_reconcile_drift,
             RecordDriftInput(run_key=run_key, marked_offline=offline.marked, cutoff=cutoff),
             start_to_close_timeout=RECORD_DRIFT_TIMEOUT,
-            retry_policy=DB_RETRY,
+            retry_policy=RECONCILE_RETRY,
         )
         workflow.set_current_details(
             f"done: {offline.marked} marked offline, {drift.drifted} vehicles drifted"

@@ -45,7 +45,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from core.temporal import ROLLOUT_WORKFLOW_TYPE
+    from core.temporal import CONTROL_UPDATE, ROLLOUT_WORKFLOW_TYPE
     from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         ControlAction,
@@ -159,7 +159,7 @@ class RolloutWorkflow(RolloutSteps):
     def rollback(self, body: RolloutSignal | None = None) -> None:
         self._signal("rollback", body)
 
-    @workflow.update(name="control")
+    @workflow.update(name=CONTROL_UPDATE)
     def control_update(self, request: ControlRequest) -> ControlResult:
         """Accept a valid action (the validator ran first) and answer the status it leads to;
         the main flow persists it (row, audit for non-API sources, search attributes)."""

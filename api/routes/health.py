@@ -7,11 +7,13 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
-from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import ViewerDep
 from api.envelope import ok
+from core.db import ping
 from models.enums import RolloutStatus
+from services.rollouts import queries
 
 router = APIRouter(tags=["operations"])
 
@@ -35,8 +37,7 @@ async def healthz(request: Request) -> dict[str, object]:
 async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
-        async with request.app.state.engine.connect() as conn:
-            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=3)
+        await asyncio.wait_for(ping(request.app.state.engine), timeout=3)
         checks["database"] = "ok"
     except Exception:
         checks["database"] = "unavailable"
@@ -57,13 +58,9 @@ async def metrics(request: Request, _: ViewerDep) -> Response:
     if getattr(request.app.state, "role", "api") != "ingest":
         try:
             async with request.app.state.engine.connect() as conn:
-                rows = await asyncio.wait_for(
-                    conn.execute(text("SELECT status, count(*) FROM rollouts GROUP BY status")),
-                    timeout=3,
-                )
-                counts = {str(status): int(n) for status, n in rows}
+                counts = await asyncio.wait_for(queries.count_by_status(conn), timeout=3)
             for status in RolloutStatus:
-                ROLLOUTS.labels(status.value).set(counts.get(status.value, 0))
-        except Exception:  # the database is away: the other metrics still answer
-            pass
+                ROLLOUTS.labels(status.value).set(counts.get(status, 0))
+        except (SQLAlchemyError, OSError, TimeoutError):  # the database is away: the other
+            pass  # metrics still answer
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

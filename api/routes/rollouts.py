@@ -146,7 +146,9 @@ async def create_rollout(
             created_by=actor.subject,
         )
     except Exception as exc:
-        log.warning("workflow start failed", rollout_id=rollout.id, error=repr(exc)[:300])
+        log.warning(
+            "workflow start failed", rollout_id=rollout.id, error=repr(exc)[:300], exc_info=True
+        )
         async with session_scope(request.app.state.sessions) as failed_session:
             await status.mark_start_failed(failed_session, rollout_id=rollout.id, actor=actor)
         raise DependencyUnavailable(
@@ -298,7 +300,7 @@ async def _control(
         raise InvalidStateTransition(refusal)
     try:
         answer = await temporal.control_rollout(
-            await get_temporal(request),
+            lambda: get_temporal(request),
             rollout_id=rollout_id,
             request=ControlRequest(
                 action=action,  # type: ignore[arg-type]
@@ -312,9 +314,9 @@ async def _control(
     except InvalidStateTransition as exc:
         await outcome("rejected", "rejected", exc.message)
         raise
-    except DependencyUnavailable as exc:
-        log.warning("control update failed", rollout_id=rollout_id, action=action, why=exc.message)
-        await outcome("failed", "error", exc.message)
+    except temporal.ControlUnanswered as exc:
+        log.warning("control update failed", rollout_id=rollout_id, action=action, why=exc.note)
+        await outcome("failed", "error", exc.note)
         raise DependencyUnavailable(
             f"the {action} request is recorded but {exc.message}; retry"
         ) from None

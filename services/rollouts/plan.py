@@ -19,6 +19,7 @@ from workflows.policy import plan_from_strategy, stage_ends
 
 @dataclass(frozen=True)
 class Expansion:
+    release_version: str
     targeted: int
     stages: list[StagePlan]
     counts_per_stage: list[int]
@@ -26,7 +27,7 @@ class Expansion:
 
 
 async def count_matching_vehicles(session: AsyncSession, *, targets: dict[str, Any]) -> int:
-    """How many vehicles a rollout's `targets` select (for planning and `dryRun`)."""
+    """How many vehicles a rollout's `targets` select now."""
     conn = await session.connection()
     result = await conn.execute(
         text(f"SELECT count(*) FROM vehicles v WHERE {REQUEST_MATCH}"), match_params(targets)
@@ -112,6 +113,7 @@ async def plan_and_expand(session: AsyncSession, *, rollout_id: int) -> Expansio
     if rollout.stage_count > 0:  # expanded by an earlier attempt
         stages = plan_from_strategy(rollout.targeted, rollout.strategy)
         return Expansion(
+            release_version=rollout.release_version,
             targeted=rollout.targeted,
             stages=stages,
             counts_per_stage=[s.size for s in stages],
@@ -129,4 +131,10 @@ async def plan_and_expand(session: AsyncSession, *, rollout_id: int) -> Expansio
         raise TargetsChanged(
             f"rollout {rollout_id}: planned {[s.size for s in stages]}, inserted {counts}"
         )
-    return Expansion(targeted=targeted, stages=stages, counts_per_stage=counts, inserted=True)
+    return Expansion(
+        release_version=rollout.release_version,
+        targeted=targeted,
+        stages=stages,
+        counts_per_stage=counts,
+        inserted=True,
+    )

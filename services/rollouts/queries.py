@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -31,6 +32,13 @@ from services.pagination import (
 from services.rollouts.counters import COUNTS_COLUMNS
 from services.scope import rollouts_in_scope, vehicles_in_scope
 from workflows.policy import plan_from_strategy, rollout_policy
+
+
+async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
+    """How many rollouts are in each status (the rollouts-by-status gauge of /metrics)."""
+    rows = await conn.execute(text("SELECT status, count(*) FROM rollouts GROUP BY status"))
+    return {str(status): int(n) for status, n in rows}
+
 
 ROLLOUT_SORTS = (
     SortKey("id", col(Rollout.id)),
@@ -141,14 +149,13 @@ async def list_rollout_vehicles(
 
 @dataclass(frozen=True)
 class RolloutRow:
-    id: int
+    """What the workflow path reads of a rollout: its release, targets and plan."""
+
     release_version: str
-    status: str
     targets: dict[str, Any]
     strategy: dict[str, Any]
     targeted: int
     stage_count: int
-    correlation_id: str | None
 
 
 async def load_rollout(
@@ -158,9 +165,8 @@ async def load_rollout(
     row = (
         await conn.execute(
             text(
-                "SELECT id, release_version, status, targets, strategy, targeted, stage_count,"
-                " correlation_id FROM rollouts WHERE id = :rid"
-                + (" FOR UPDATE" if for_update else "")
+                "SELECT release_version, targets, strategy, targeted, stage_count"
+                " FROM rollouts WHERE id = :rid" + (" FOR UPDATE" if for_update else "")
             ),
             {"rid": rollout_id},
         )
@@ -168,14 +174,11 @@ async def load_rollout(
     if row is None:
         raise RolloutNotFound(f"rollout {rollout_id} does not exist")
     return RolloutRow(
-        id=row.id,
         release_version=row.release_version,
-        status=row.status,
         targets=as_dict(row.targets),
         strategy=as_dict(row.strategy),
         targeted=row.targeted,
         stage_count=row.stage_count,
-        correlation_id=row.correlation_id,
     )
 
 

@@ -1,5 +1,7 @@
-"""A rollout's status: the only writer of `rollouts.status` (with its stage, reason and what it
-waits for), always with its audit entry and its `rollout.updated` stream event.
+"""A rollout's status: once the rollout is created (`create.py` inserts it `pending`), the
+only writer of `rollouts.status` (with its stage, reason and what it waits for). Every change
+publishes a `rollout.updated` stream event; a change of status or stage also adds its audit
+entry.
 
 The workflow sets every status through the `update_rollout_status` activity; the API sets
 one, `failed` when the workflow could not be started (`mark_start_failed`). Progress without

@@ -31,12 +31,10 @@ recompute.py `recompute_statuses` derives statuses from scratch: the consistency
 """
 
 from services.telemetry.group import GroupRequest, GroupResult, WideWritePolicy
-from services.telemetry.outcomes import OUTCOME_OF_EVENT
 from services.telemetry.recompute import recompute_statuses
 from services.telemetry.write import write_group
 
 __all__ = [
-    "OUTCOME_OF_EVENT",
     "GroupRequest",
     "GroupResult",
     "WideWritePolicy",

@@ -12,11 +12,11 @@ from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 from temporalio.testing import WorkflowEnvironment
 
 from core.settings import Settings
+from core.temporal import RECONCILE_WORKFLOW_TYPE
 from models.workflows import ReconcileInput, ReconcileResult
 from tests.factories import LONG_AGO, Sessions, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
 from worker.schedules import ensure_reconcile_schedule
-from workflows.reconcile import RECONCILE_WORKFLOW_TYPE
 
 
 async def test_reconcile_workflow_marks_offline_and_records_a_run(

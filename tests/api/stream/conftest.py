@@ -1,15 +1,15 @@
 """The app the stream tests read from (a long keep-alive, so comments do not interleave with
-events), its client and a viewer's token."""
+events) and its client (a viewer's headers: tests/api/conftest.py's `viewer`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from core.settings import Settings
-from tests.api.conftest import bearer, serve_app
+from tests.api.conftest import serve_app
 from tests.api.stream import READ_GUARD
 
 
@@ -28,8 +28,3 @@ async def app_url(stream_settings: Settings) -> AsyncIterator[str]:
 async def client(app_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=app_url, timeout=READ_GUARD) as c:
         yield c
-
-
-@pytest.fixture
-def viewer_token(token: Callable[..., str]) -> dict[str, str]:
-    return bearer(token("viewer"))

@@ -124,14 +124,14 @@ async def test_shutdown_with_an_open_stream_is_prompt(
     assert hub.connections_open == 0  # the lifespan's shutdown closed them
 
 
-async def test_disconnected_client_is_reclaimed(app_url: str, viewer_token: dict) -> None:
+async def test_disconnected_client_is_reclaimed(app_url: str, viewer: dict) -> None:
     async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
-        async with open_stream(client, viewer_token):
+        async with open_stream(client, viewer):
             pass
     # The app of this test: its hub, reached through the served app's state.
     async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
         for _ in range(200):
-            metrics = (await client.get("/metrics", headers=viewer_token)).text
+            metrics = (await client.get("/metrics", headers=viewer)).text
             if (open_streams := samples(metrics, "motorcade_sse_subscribers")[""]) == 0:
                 break
             await asyncio.sleep(0.05)

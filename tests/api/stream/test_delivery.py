@@ -23,9 +23,9 @@ from tests.factories import Sessions
 
 
 async def test_live_vehicle_update(
-    client: httpx.AsyncClient, viewer_token: dict, database_url: str, prefix: str
+    client: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
 ) -> None:
-    async with open_stream(client, viewer_token, topics="vehicles") as sse:
+    async with open_stream(client, viewer, topics="vehicles") as sse:
         row_id = feed_vehicles(database_url, [delta(f"{prefix}1"), delta(f"{prefix}2")])
         got = await sse.mine(prefix)
     assert got["event"] == "vehicle.updated"
@@ -35,9 +35,9 @@ async def test_live_vehicle_update(
 
 
 async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
-    client: httpx.AsyncClient, viewer_token: dict, database_url: str, prefix: str
+    client: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
 ) -> None:
-    async with open_stream(client, viewer_token, topics="vehicles") as sse:
+    async with open_stream(client, viewer, topics="vehicles") as sse:
         a = feed_vehicles(database_url, [delta(f"{prefix}a")])
         b = feed_vehicles(database_url, [delta(f"{prefix}b")])
         got = await sse.mine(prefix)
@@ -45,7 +45,7 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
     # Disconnected (b not read): more rows meanwhile.
     c = feed_vehicles(database_url, [delta(f"{prefix}c")])
     d = feed_vehicles(database_url, [delta(f"{prefix}d")])
-    headers = {**viewer_token, "Last-Event-ID": str(a)}
+    headers = {**viewer, "Last-Event-ID": str(a)}
     async with open_stream(client, headers, topics="vehicles") as sse:
         e = feed_vehicles(database_url, [delta(f"{prefix}e")])
         seen = [await sse.mine(prefix) for _ in range(4)]
@@ -54,19 +54,19 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
     assert [int(s["id"]) for s in seen] == [b, c, d, e, f]
     assert [s["data"]["vehicles"][0]["id"] for s in seen] == [f"{prefix}{x}" for x in "bcdef"]
     # The query parameter does what the header does.
-    async with open_stream(client, viewer_token, topics="vehicles", lastEventId=str(d)) as sse:
+    async with open_stream(client, viewer, topics="vehicles", lastEventId=str(d)) as sse:
         assert int((await sse.mine(prefix))["id"]) == e
         assert int((await sse.mine(prefix))["id"]) == f
 
 
 async def test_a_row_committed_after_a_later_id_is_not_skipped(
-    client: httpx.AsyncClient, viewer_token: dict, database_url: str, prefix: str
+    client: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
 ) -> None:
     insert = (
         "INSERT INTO change_feed (topic, event, payload) VALUES"
         " ('vehicles', 'vehicle.updated', %s) RETURNING id"
     )
-    async with open_stream(client, viewer_token, topics="vehicles") as sse:
+    async with open_stream(client, viewer, topics="vehicles") as sse:
         with psycopg.connect(database_url) as early, psycopg.connect(database_url) as late:
             first = early.execute(insert, (json.dumps({"vehicles": [delta(f"{prefix}x")]}),))
             first_id = first.fetchone()[0]  # type: ignore[index]
@@ -118,10 +118,10 @@ async def test_slow_subscriber_is_dropped_with_resync(
 
 async def test_a_fleet_summary_refresh_is_published_in_its_transaction(
     client: httpx.AsyncClient,
-    viewer_token: dict,
+    viewer: dict,
     sessions: Sessions,
 ) -> None:
-    async with open_stream(client, viewer_token, topics="vehicles") as sse:
+    async with open_stream(client, viewer, topics="vehicles") as sse:
         async with sessions() as session, session.begin():
             await refresh_fleet_counts(session)
         while True:

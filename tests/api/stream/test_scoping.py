@@ -75,11 +75,11 @@ async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(
 
 async def test_unrestricted_viewer_receives_every_audit_entry_published_by_the_writer(
     client: httpx.AsyncClient,
-    viewer_token: dict,
+    viewer: dict,
     prefix: str,
     sessions: Sessions,
 ) -> None:
-    async with open_stream(client, viewer_token, topics="audit") as sse:
+    async with open_stream(client, viewer, topics="audit") as sse:
         async with sessions() as session, session.begin():
             entry = await audit.record(
                 session,
@@ -146,15 +146,11 @@ async def test_tickets(
     )
 
 
-async def test_bad_query_is_a_validation_error(
-    client: httpx.AsyncClient, viewer_token: dict
-) -> None:
+async def test_bad_query_is_a_validation_error(client: httpx.AsyncClient, viewer: dict) -> None:
     for params, headers in (
         ({"topics": "vehicles,weather"}, {}),
         ({"lastEventId": "abc"}, {}),
         ({}, {"Last-Event-ID": "-3"}),
     ):
-        response = await client.get(
-            "/api/v1/stream", params=params, headers={**viewer_token, **headers}
-        )
+        response = await client.get("/api/v1/stream", params=params, headers={**viewer, **headers})
         assert_error(response, 422, "VALIDATION_ERROR")
