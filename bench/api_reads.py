@@ -5,7 +5,7 @@
 
 A fresh, migrated database (on the server at MOTORCADE_DATABASE_URL, else the embedded one
 under .motorcade/bench-pgdata with FLEET_SCALE_SETTINGS), seeded with `--vehicles` vehicles
-(`services.seed`), a synthetic status mix (by a hash of the id: 90% in_sync, 4% pending, 3%
+(`devtools.seed`), a synthetic status mix (by a hash of the id: 90% in_sync, 4% pending, 3%
 updating, 1.5% blocked with a reason code, 1% failed with one, 0.5% offline), and `--events`
 timeline events spread evenly over the vehicles (generated in SQL). The fleet summary's
 materialization is refreshed and the tables analyzed; then `motorcade api` (one process)
@@ -51,12 +51,12 @@ from bench.http11 import Http11
 from core.auth import generate_dev_key, mint_dev_token
 from core.settings import normalize_database_url
 from devtools import localservers
+from devtools.seed import MODELS, REGIONS, seed_fleet
 from models.enums import Role
 from models.scope import Scope
 from services.desired_states import DesiredStateFilters, desired_state_list_statement
 from services.fleet import refresh_fleet_counts_now
 from services.pagination import encode_cursor
-from services.seed import MODELS, REGIONS, seed_fleet
 from services.vehicles import (
     VEHICLE_SORTS,
     VehicleFilters,

@@ -63,8 +63,8 @@ from bench.cpu import CpuMeter, postmaster_pid
 from bench.http11 import Http11
 from core.auth import generate_dev_key, mint_dev_token
 from devtools import localservers
+from devtools.seed import SAMPLE_RELEASES, seed_fleet
 from models.enums import Role
-from services.seed import SAMPLE_RELEASES, seed_fleet
 
 BATCH = 500
 GOAL_EVENTS_PER_SECOND = 30_000

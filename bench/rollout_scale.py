@@ -66,10 +66,10 @@ from core.temporal import (
     rollout_workflow_id,
 )
 from devtools import localservers
+from devtools.seed import SAMPLE_RELEASES, seed_fleet
 from models.workflows import RolloutInput
 from services import reconcile as reconcile_svc
 from services.rollouts import issue, outcomes
-from services.seed import SAMPLE_RELEASES, seed_fleet
 from worker.main import build_worker
 
 RELEASE = SAMPLE_RELEASES[-1].version

@@ -1,4 +1,4 @@
-"""Seeding speed: the binary-COPY seed (`services.seed.seed_fleet`) against row-by-row inserts.
+"""Seeding speed: the binary-COPY seed (`devtools.seed.seed_fleet`) against row-by-row inserts.
 
     .venv/bin/python bench/seed.py [--vehicles 100000] [--baseline-vehicles 2000]
 
@@ -30,8 +30,8 @@ from sqlmodel import Session
 from core.migrate import upgrade
 from core.settings import normalize_database_url
 from devtools import localservers
+from devtools.seed import BASELINE_RELEASE, MODELS, REGIONS, seed_fleet
 from models.tables import DesiredState, Vehicle
-from services.seed import BASELINE_RELEASE, MODELS, REGIONS, seed_fleet
 
 
 def _rows(count: int) -> list[tuple[str, str, str, str, dict, uuid.UUID, int]]:

@@ -182,7 +182,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from services.seed import seed_fleet
+    from devtools.seed import seed_fleet
 
     settings = _settings()
     result = seed_fleet(

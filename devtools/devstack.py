@@ -23,8 +23,8 @@ from core.auth import mint_dev_token
 from core.migrate import upgrade
 from devtools import localservers
 from devtools.devkey import load_or_create_dev_key
+from devtools.seed import seed_fleet
 from models.enums import Role
-from services.seed import seed_fleet
 
 # Ports of what `make dev` starts; the variables exist so that a test can run a second stack.
 TEMPORAL_PORT = int(os.environ.get("MOTORCADE_DEV_TEMPORAL_PORT", "7233"))

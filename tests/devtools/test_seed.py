@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from services import seed as seed_module
-from services.seed import BASELINE_RELEASE, SAMPLE_RELEASES, seed_fleet
+from devtools import seed as seed_module
+from devtools.seed import BASELINE_RELEASE, SAMPLE_RELEASES, seed_fleet
 from services.signing import KeysFileTrustedKeys, verify_release
 from tests.conftest import migrated_database
 
