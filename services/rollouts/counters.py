@@ -1,5 +1,7 @@
-"""A rollout's progress counters (`rollouts.targeted`, `notified`, `updating`, ...): moved in
-the statement that moves its targets, never counted by a scan.
+"""A rollout's progress counters (`rollouts.targeted`, `notified`, `updating`, ...), moved by
+the writes that move its targets, never counted by a scan: `targeted` when the targets are
+planned (plan.py), `notified` and `pending` when a batch is issued or skipped (issue.py,
+rollback.py), and the current-state counters here.
 
 `move_targets` ends such a statement: given its CTE `todo` (the targets to move, with their
 `old_state`), it updates them and moves the rollout's current-state counters (updating,

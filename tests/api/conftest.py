@@ -23,13 +23,7 @@ from core.temporal import ROLLOUT_TASK_QUEUE
 from devtools.localservers import free_port
 from models.enums import Role
 from services.signing import generate_signing_key, write_trusted_keys_file
-
-# The row factories live in tests/factories.py; the API tests import them from here too.
-from tests.factories import COMPONENTS as COMPONENTS
 from tests.factories import Sessions
-from tests.factories import insert_release as insert_release
-from tests.factories import insert_signed_release as insert_signed_release
-from tests.factories import insert_vehicles as insert_vehicles
 from worker.main import build_worker
 
 

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.settings import Settings
 from services.audit import purge_expired
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
+from tests.api.conftest import bearer, serve_app
+from tests.factories import insert_signed_release, insert_vehicles
 
 URL = "/api/v1/audit-log"
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)

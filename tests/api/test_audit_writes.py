@@ -15,9 +15,10 @@ from fastapi.routing import iter_route_contexts
 from api.app import create_app
 from core.settings import Settings
 from services.signing import sign_release
-from tests.api.conftest import COMPONENTS, bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import bearer
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
+from tests.factories import COMPONENTS, insert_signed_release, insert_vehicles
 
 Route = tuple[str, str]  # (method, path template)
 # Telemetry is not audited per event (docs/audit_log.md): a vehicle's reports are its

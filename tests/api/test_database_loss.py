@@ -9,7 +9,8 @@ import httpx
 import psycopg
 
 from core.settings import Settings
-from tests.api.conftest import insert_vehicles, serve_app
+from tests.api.conftest import serve_app
+from tests.factories import insert_vehicles
 
 
 async def test_lost_connections_answer_503_then_recover(

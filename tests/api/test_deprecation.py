@@ -11,8 +11,8 @@ import pytest
 
 from api.deprecation import Deprecation
 from devtools.openapi import openapi_document
-from tests.api.conftest import insert_vehicles
 from tests.api.test_envelopes import assert_error
+from tests.factories import insert_vehicles
 
 SINCE = int(datetime(2026, 11, 28, tzinfo=UTC).timestamp())
 SUNSET = datetime(2027, 5, 31, tzinfo=UTC)

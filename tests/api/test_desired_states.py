@@ -9,9 +9,10 @@ import httpx
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.api.conftest import all_pages, bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import all_pages, bearer
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
+from tests.factories import insert_signed_release, insert_vehicles
 
 URL = "/api/v1/desired-states"
 

@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from tests.api.conftest import insert_vehicles
+from tests.factories import insert_vehicles
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

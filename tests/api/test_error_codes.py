@@ -25,16 +25,11 @@ from api.app import create_app
 from core.errors import MotorcadeError
 from core.settings import Settings
 from devtools.localservers import free_port
-from tests.api.conftest import (
-    HOLD_INGEST_WRITER,
-    bearer,
-    insert_signed_release,
-    insert_vehicles,
-    serve_app,
-)
+from tests.api.conftest import HOLD_INGEST_WRITER, bearer, serve_app
 from tests.api.telemetry import event
 from tests.api.test_release_registration import signed
 from tests.api.test_rollout_control import create_rollout
+from tests.factories import insert_signed_release, insert_vehicles
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 

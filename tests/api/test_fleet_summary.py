@@ -12,7 +12,8 @@ import httpx
 import psycopg
 
 from services.fleet import refresh_fleet_counts
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import bearer
+from tests.factories import insert_vehicles
 
 URL = "/api/v1/fleet/summary"
 

@@ -17,10 +17,10 @@ from sqlalchemy import text
 from core.settings import Settings
 from devtools.localservers import free_port
 from services import idempotency as service
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
+from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
-from tests.factories import Sessions
+from tests.factories import Sessions, insert_signed_release, insert_vehicles
 
 URL = "/api/v1/desired-states"
 

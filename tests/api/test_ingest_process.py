@@ -18,8 +18,9 @@ import psycopg
 import pytest
 
 from devtools.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import bearer
 from tests.api.telemetry import now_iso
+from tests.factories import insert_vehicles
 
 pytestmark = pytest.mark.slow
 

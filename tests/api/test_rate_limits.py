@@ -13,8 +13,9 @@ import pytest
 
 from api.ratelimit import TokenBucketLimiter, retry_after_header
 from core.settings import Settings
-from tests.api.conftest import bearer, insert_vehicles, serve_app
+from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
+from tests.factories import insert_vehicles
 
 
 class FakeClock:

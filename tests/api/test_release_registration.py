@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.settings import Settings
 from services.signing import generate_signing_key, sign_release
-from tests.api.conftest import COMPONENTS, bearer, serve_app
+from tests.api.conftest import bearer, serve_app
+from tests.factories import COMPONENTS
 
 URL = "/api/v1/releases"
 DIGEST = "sha256:" + "cd" * 32

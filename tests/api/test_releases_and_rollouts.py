@@ -18,8 +18,9 @@ from core.temporal import (
     rollout_workflow_id,
 )
 from services.signing import generate_signing_key
-from tests.api.conftest import bearer, insert_release, insert_signed_release, insert_vehicles
+from tests.api.conftest import bearer
 from tests.api.test_envelopes import assert_error
+from tests.factories import insert_release, insert_signed_release, insert_vehicles
 
 
 def rollout_body(release: str, **overrides: Any) -> dict[str, Any]:

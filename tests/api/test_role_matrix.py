@@ -21,10 +21,11 @@ from fastapi.routing import iter_route_contexts
 from api.app import create_app
 from core.settings import Settings
 from services.signing import sign_release
-from tests.api.conftest import COMPONENTS, bearer
+from tests.api.conftest import bearer
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
+from tests.factories import COMPONENTS
 
 ROLES = ("none", "viewer", "operator", "device", "gateway", "scoped")
 

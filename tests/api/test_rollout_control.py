@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.settings import Settings
 from devtools.localservers import free_port
-from tests.api.conftest import bearer, insert_signed_release, insert_vehicles, serve_app
+from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
+from tests.factories import insert_signed_release, insert_vehicles
 
 
 async def create_rollout(

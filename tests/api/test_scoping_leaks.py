@@ -25,9 +25,10 @@ from temporalio.testing import WorkflowEnvironment
 from core.temporal import rollout_workflow_id
 from services.fleet import refresh_fleet_counts
 from services.reconcile import record_drift
-from tests.api.conftest import all_pages, bearer, insert_signed_release, insert_vehicles
+from tests.api.conftest import all_pages, bearer
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
+from tests.factories import insert_signed_release, insert_vehicles
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import psycopg
 
 from core.settings import Settings
 from devtools.simulate import SimConfig, simulate
-from tests.api.conftest import insert_signed_release, insert_vehicles
 from tests.api.telemetry import set_desired
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import wait_for_status
+from tests.factories import insert_signed_release, insert_vehicles
 
 
 def _config(api: str, prefix: str, **kw: float) -> SimConfig:

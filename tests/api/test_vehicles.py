@@ -6,7 +6,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.api.conftest import bearer, insert_vehicles
+from tests.api.conftest import bearer
+from tests.factories import insert_vehicles
 
 
 async def _all_pages(http: httpx.AsyncClient, headers: dict, query: str) -> list[str]:

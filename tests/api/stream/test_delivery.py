@@ -14,12 +14,12 @@ import psycopg
 from api.app import create_app
 from core.settings import Settings
 from services.fleet import refresh_fleet_counts
-from tests.api.conftest import bearer, insert_vehicles, serve_app
+from tests.api.conftest import bearer, serve_app
 from tests.api.stream import delta, feed_vehicles, open_stream
 from tests.api.telemetry import URL as TELEMETRY
 from tests.api.telemetry import event as telemetry_event
 from tests.api.telemetry import set_desired
-from tests.factories import Sessions
+from tests.factories import Sessions, insert_vehicles
 
 
 async def test_live_vehicle_update(

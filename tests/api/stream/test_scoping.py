@@ -12,10 +12,10 @@ import pytest
 from core.auth import Principal
 from models.enums import AuditSource, Role
 from services import audit, stream
-from tests.api.conftest import bearer, insert_release
+from tests.api.conftest import bearer
 from tests.api.stream import delta, feed_vehicles, open_stream
 from tests.api.test_envelopes import assert_error
-from tests.factories import Sessions
+from tests.factories import Sessions, insert_release
 
 
 async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(

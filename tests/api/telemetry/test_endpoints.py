@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from core.settings import Settings
-from tests.api.conftest import HOLD_INGEST_WRITER, bearer, insert_vehicles, serve_app
+from tests.api.conftest import HOLD_INGEST_WRITER, bearer, serve_app
 from tests.api.telemetry import URL, event, event_count, heartbeat, set_desired, vehicle_row
+from tests.factories import insert_vehicles
 
 
 async def test_device_posts_only_for_its_own_vehicle(

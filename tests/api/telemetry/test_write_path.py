@@ -19,7 +19,6 @@ from models.scope import Scope
 from models.telemetry import TelemetryBatch
 from services.reconcile import mark_offline
 from services.telemetry import GroupRequest, WideWritePolicy, recompute_statuses, write_group
-from tests.api.conftest import insert_vehicles
 from tests.api.telemetry import (
     URL,
     event,
@@ -29,6 +28,7 @@ from tests.api.telemetry import (
     set_desired,
     vehicle_row,
 )
+from tests.factories import insert_vehicles
 
 
 async def test_duplicates_same_batch_twice_adds_nothing(
