@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -158,21 +158,32 @@ class RolloutRow:
     stage_count: int
 
 
-async def load_rollout(
-    session: AsyncSession, *, rollout_id: int, for_update: bool = False
-) -> RolloutRow:
+async def rollout_columns(
+    session: AsyncSession, *, rollout_id: int, columns: str, for_update: bool = False
+) -> Row[Any]:
+    """`columns` (SQL) of the rollout's row, locked `for_update`; `RolloutNotFound` when
+    there is no such rollout (its workflow outlived it). Every read by id goes through here."""
     conn = await session.connection()
+    lock = " FOR UPDATE" if for_update else ""
     row = (
         await conn.execute(
-            text(
-                "SELECT release_version, targets, strategy, targeted, stage_count"
-                " FROM rollouts WHERE id = :rid" + (" FOR UPDATE" if for_update else "")
-            ),
-            {"rid": rollout_id},
+            text(f"SELECT {columns} FROM rollouts WHERE id = :rid{lock}"), {"rid": rollout_id}
         )
     ).one_or_none()
     if row is None:
         raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    return row
+
+
+async def load_rollout(
+    session: AsyncSession, *, rollout_id: int, for_update: bool = False
+) -> RolloutRow:
+    row = await rollout_columns(
+        session,
+        rollout_id=rollout_id,
+        columns="release_version, targets, strategy, targeted, stage_count",
+        for_update=for_update,
+    )
     return RolloutRow(
         release_version=row.release_version,
         targets=as_dict(row.targets),
@@ -192,26 +203,11 @@ def as_dict(value: Any) -> dict[str, Any]:
 async def load_policy(session: AsyncSession, *, rollout_id: int) -> RolloutPolicy:
     """The rollout's gates, safety checks, timeouts and retry settings (pure parsing in
     `workflows.policy.rollout_policy`)."""
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            text("SELECT gates, timeouts, retry FROM rollouts WHERE id = :rid"),
-            {"rid": rollout_id},
-        )
-    ).one_or_none()
-    if row is None:
-        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    row = await rollout_columns(session, rollout_id=rollout_id, columns="gates, timeouts, retry")
     return rollout_policy(as_dict(row.gates), as_dict(row.timeouts), as_dict(row.retry))
 
 
 async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
     """The rollout's counters, read from its row (never a scan of its targets)."""
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            text(f"SELECT {COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"), {"rid": rollout_id}
-        )
-    ).one_or_none()
-    if row is None:
-        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    row = await rollout_columns(session, rollout_id=rollout_id, columns=COUNTS_COLUMNS)
     return RolloutCounts.model_validate(row._asdict())

@@ -15,21 +15,16 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.errors import RolloutNotFound
 from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, StatusReason
 from models.workflows import RolloutCounts
 from services import audit, change_feed
 from services.audit import Actor, audit_scope
 from services.rollouts.counters import COUNTS_COLUMNS
-from services.rollouts.queries import as_dict
+from services.rollouts.queries import as_dict, rollout_columns
 
 # Who writes a status the workflow decided on its own (a gate, a stage's end).
 WORKFLOW = Actor(subject="workflow", role=None, source=AuditSource.SYSTEM)
 
-_CURRENT = text(
-    "SELECT status, status_reason, stage, stage_index, waiting_for, targets FROM rollouts"
-    " WHERE id = :rid FOR UPDATE"
-)
 _WRITE = text(
     """
     UPDATE rollouts
@@ -47,16 +42,12 @@ _WRITE = text(
 async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[str, Any]:
     """The change-feed payload of a rollout: `{id, status, statusReason, stage, stageIndex,
     stageCount, waitingFor, counts}` (camelCase, as the API renders it)."""
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            text(
-                "SELECT id, status, status_reason, stage, stage_index, stage_count, waiting_for,"
-                f" {COUNTS_COLUMNS} FROM rollouts WHERE id = :rid"
-            ),
-            {"rid": rollout_id},
-        )
-    ).one()
+    row = await rollout_columns(
+        session,
+        rollout_id=rollout_id,
+        columns="id, status, status_reason, stage, stage_index, stage_count, waiting_for, "
+        + COUNTS_COLUMNS,
+    )
     data = row._asdict()
     return {
         "id": data["id"],
@@ -111,10 +102,12 @@ async def set_rollout_status(
     `running`, `finished_at` on a terminal status.
     """
     terminal = RolloutStatus(status) in TERMINAL_ROLLOUT_STATUSES  # refuses an unknown status
-    conn = await session.connection()
-    current = (await conn.execute(_CURRENT, {"rid": rollout_id})).one_or_none()
-    if current is None:
-        raise RolloutNotFound(f"rollout {rollout_id} does not exist")
+    current = await rollout_columns(
+        session,
+        rollout_id=rollout_id,
+        columns="status, status_reason, stage, stage_index, waiting_for, targets",
+        for_update=True,
+    )
     new_stage = current.stage if stage is None else stage
     new_index = current.stage_index if stage_index is None else stage_index
     wanted = (status, status_reason, new_stage, new_index, waiting_for)
@@ -126,7 +119,7 @@ async def set_rollout_status(
         current.waiting_for,
     ):
         return False
-    await conn.execute(
+    await (await session.connection()).execute(
         _WRITE,
         {
             "rid": rollout_id,
