@@ -8,13 +8,16 @@ rollback.py), and the current-state counters here.
 succeeded, failed, blocked) by the difference, answering how many targets moved
 (`COUNTER_DELTAS`); for a keyset sweep over `todo` (ordered by vehicle id, `LIMIT :n`) it also
 answers how many the batch selected and the last vehicle id, where the next batch starts
-(`SWEEP_DELTAS`, read by `sweep_batch`).
+(`SWEEP_DELTAS`, run by `run_sweep_batch`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import TextClause
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pending"
 
@@ -69,12 +72,23 @@ class SweepBatch:
     last_vehicle_id: str
 
 
-def sweep_batch(row: Any, batch_size: int, after_vehicle_id: str) -> SweepBatch:
-    """The `SweepBatch` of a statement ending in `SWEEP_DELTAS`."""
-    selected = int(row.selected)
+async def run_sweep_batch(
+    session: AsyncSession,
+    statement: TextClause,
+    params: dict[str, Any],
+    *,
+    batch_size: int,
+    after_vehicle_id: str,
+) -> SweepBatch:
+    """Run one keyset batch of a statement ending in `SWEEP_DELTAS` (its batch bounds bound
+    as `:n` and `:after`) and answer its `SweepBatch`."""
+    conn = await session.connection()
+    row = (
+        await conn.execute(statement, {**params, "n": batch_size, "after": after_vehicle_id})
+    ).one()
     return SweepBatch(
         changed=int(row.changed),
-        done=selected < batch_size,
+        done=int(row.selected) < batch_size,
         last_vehicle_id=row.last_vehicle_id or after_vehicle_id,
     )
 

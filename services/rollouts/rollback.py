@@ -11,7 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from models.defaults import SWEEP_BATCH_SIZE
-from services.rollouts.counters import SweepBatch, move_targets, sweep_batch
+from services.rollouts.counters import SweepBatch, move_targets, run_sweep_batch
 from services.rollouts.issue import ROLLBACK_DESIRED_STATE, desired_states_written
 
 
@@ -126,19 +126,16 @@ async def rollback_batch(
     (`outcomes.record_target_outcomes`). `stage_index` limits it to one stage (a staged
     rollback); the counters of the states left move accordingly.
     """
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            _ROLLBACK_BATCH,
-            {
-                "rid": rollout_id,
-                "n": batch_size,
-                "after": after_vehicle_id,
-                "created_by": rollout_workflow_id(rollout_id),
-                "reason": f"rollback of rollout {rollout_id}",
-                "stage": stage_index,
-                "now": now,
-            },
-        )
-    ).one()
-    return sweep_batch(row, batch_size, after_vehicle_id)
+    return await run_sweep_batch(
+        session,
+        _ROLLBACK_BATCH,
+        {
+            "rid": rollout_id,
+            "created_by": rollout_workflow_id(rollout_id),
+            "reason": f"rollback of rollout {rollout_id}",
+            "stage": stage_index,
+            "now": now,
+        },
+        batch_size=batch_size,
+        after_vehicle_id=after_vehicle_id,
+    )

@@ -13,7 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.temporal import rollout_workflow_id
 from models.defaults import SWEEP_BATCH_SIZE
-from services.rollouts.counters import SweepBatch, move_targets, sweep_batch
+from services.rollouts.counters import SweepBatch, move_targets, run_sweep_batch
 from services.rollouts.issue import desired_states_written
 from workflows.policy import RETRYABLE_REASONS, retry_backoff_seconds
 
@@ -53,20 +53,13 @@ async def expire_apply_timeouts(
     """Targets notified or updating for longer than `apply_seconds` (since `notified_at`, by
     `now`) become failed with APPLY_TIMEOUT: the next `batch_size` of them after
     `after_vehicle_id` (a keyset pass over the rollout's primary key)."""
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            _EXPIRE_APPLY_TIMEOUTS,
-            {
-                "rid": rollout_id,
-                "now": now,
-                "apply": apply_seconds,
-                "n": batch_size,
-                "after": after_vehicle_id,
-            },
-        )
-    ).one()
-    return sweep_batch(row, batch_size, after_vehicle_id)
+    return await run_sweep_batch(
+        session,
+        _EXPIRE_APPLY_TIMEOUTS,
+        {"rid": rollout_id, "now": now, "apply": apply_seconds},
+        batch_size=batch_size,
+        after_vehicle_id=after_vehicle_id,
+    )
 
 
 # Each retried vehicle points to the desired state of its attempt (a target set), which goes
@@ -142,26 +135,21 @@ async def retry_failed_targets(
     desired state is no longer this rollout's (another rollout or an operator moved it) is not
     retried.
     """
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            _RETRY_FAILED_TARGETS,
-            {
-                "rid": rollout_id,
-                "created_by": rollout_workflow_id(rollout_id),
-                "release": release_version,
-                "retryable": sorted(RETRYABLE_REASONS),
-                "max_attempts": max_attempts,
-                "now": now,
-                "backoffs": retry_backoffs(
-                    max_attempts=max_attempts, backoff_seconds=backoff_seconds
-                ),
-                "n": batch_size,
-                "after": after_vehicle_id,
-            },
-        )
-    ).one()
-    return sweep_batch(row, batch_size, after_vehicle_id)
+    return await run_sweep_batch(
+        session,
+        _RETRY_FAILED_TARGETS,
+        {
+            "rid": rollout_id,
+            "created_by": rollout_workflow_id(rollout_id),
+            "release": release_version,
+            "retryable": sorted(RETRYABLE_REASONS),
+            "max_attempts": max_attempts,
+            "now": now,
+            "backoffs": retry_backoffs(max_attempts=max_attempts, backoff_seconds=backoff_seconds),
+        },
+        batch_size=batch_size,
+        after_vehicle_id=after_vehicle_id,
+    )
 
 
 _RECHECK_BLOCKED = text(
@@ -208,18 +196,15 @@ async def recheck_blocked(
     The vehicle still holds this rollout's desired state (a block is not a failure and uses no
     attempt): it proceeds on its next poll; its status returns from blocked to pending.
     """
-    conn = await session.connection()
-    row = (
-        await conn.execute(
-            _RECHECK_BLOCKED,
-            {
-                "rid": rollout_id,
-                "now": now,
-                "min_battery": min_battery_percent,
-                "stationary": require_stationary,
-                "n": batch_size,
-                "after": after_vehicle_id,
-            },
-        )
-    ).one()
-    return sweep_batch(row, batch_size, after_vehicle_id)
+    return await run_sweep_batch(
+        session,
+        _RECHECK_BLOCKED,
+        {
+            "rid": rollout_id,
+            "now": now,
+            "min_battery": min_battery_percent,
+            "stationary": require_stationary,
+        },
+        batch_size=batch_size,
+        after_vehicle_id=after_vehicle_id,
+    )
