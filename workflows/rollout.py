@@ -325,10 +325,8 @@ class RolloutWorkflow(RolloutSteps):
             bake_done = now >= until
             if stage.size == 0:
                 decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
-            elif kind.rollback:
-                decision = await self._rollback_gate_tick(stage, bake_done)
             else:
-                decision = await self._gate_tick(stage, bake_done)
+                decision = await self._gate_tick(stage, bake_done, rollback=kind.rollback)
             if decision.action == GateAction.PROCEED:
                 return True
             if decision.action == GateAction.ROLLBACK and not kind.rollback:

@@ -206,55 +206,40 @@ class RolloutSteps:
         except ActivityError:
             workflow.logger.exception("could not record the failure of the rollout")
 
-    async def _gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
+    async def _gate_tick(
+        self, stage: StagePlan, bake_done: bool, *, rollback: bool = False
+    ) -> GateDecision:
         """The sweeps due (`policy.sweeps_due`, judged by the last counts), then the gate
-        decision."""
+        decision. A rollback's tick (`rollback`) sweeps only returned vehicles that never
+        report (they time out), and its gate is the failure threshold over the rollback's own
+        outcomes, with the rollback's acknowledged failures."""
         s = self._state
         now = workflow.now()
         due = sweeps_due(
-            s.last_total,
+            s.rollback_total if rollback else s.last_total,
             now=now,
             first_issued_at=s.first_issued_at,
             apply_seconds=s.policy.apply_seconds,
+            rollback=rollback,
         )
         await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
         result = await self._evaluate(
             EvaluateGatesInput(
                 rollout_id=s.rollout_id,
                 stage_index=stage.index,
-                is_canary=stage.name == CANARY,
+                is_canary=not rollback and stage.name == CANARY,
                 bake_done=bake_done,
-                acknowledged_failed=s.acknowledged_failed,
-                canary_forced=s.canary_forced_stage == stage.index,
+                acknowledged_failed=(
+                    s.rollback_acknowledged_failed if rollback else s.acknowledged_failed
+                ),
+                canary_forced=not rollback and s.canary_forced_stage == stage.index,
+                rollback=rollback,
             )
         )
-        s.last_total = result.total
-        return result.decision
-
-    async def _rollback_gate_tick(self, stage: StagePlan, bake_done: bool) -> GateDecision:
-        """The rollback's sweeps due (returned vehicles that never report time out), then its
-        gate: the failure threshold over the rollback's own outcomes."""
-        s = self._state
-        now = workflow.now()
-        due = sweeps_due(
-            s.rollback_total,
-            now=now,
-            first_issued_at=s.first_issued_at,
-            apply_seconds=s.policy.apply_seconds,
-            rollback=True,
-        )
-        await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
-        result = await self._evaluate(
-            EvaluateGatesInput(
-                rollout_id=s.rollout_id,
-                stage_index=stage.index,
-                is_canary=False,
-                bake_done=bake_done,
-                acknowledged_failed=s.rollback_acknowledged_failed,
-                rollback=True,
-            )
-        )
-        s.rollback_total = result.total
+        if rollback:
+            s.rollback_total = result.total
+        else:
+            s.last_total = result.total
         return result.decision
 
     async def _evaluate(self, gate: EvaluateGatesInput) -> EvaluateGatesResult:
