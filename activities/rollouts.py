@@ -273,8 +273,8 @@ class RolloutActivities:
     async def retry_failed_targets(self, input: TargetSweepInput) -> TargetSweepResult:
         """Re-issue a new desired state to targets failed for a retryable reason, attempts left
         and backoff over (idempotent: keyed by rollout and attempt)."""
-        policy = await self._policy(input.rollout_id)
         async with session_scope(self._sessions) as session:
+            policy = await queries.load_policy(session, rollout_id=input.rollout_id)
             rollout = await queries.load_rollout(session, rollout_id=input.rollout_id)
 
         async def step(session: AsyncSession, after: str) -> SweepBatch:
