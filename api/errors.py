@@ -68,21 +68,23 @@ async def app_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return _render(request, exc)
 
 
-async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def invalid_request(errors: Sequence[Any], *, note: str = "") -> InvalidInput:
+    """The 422 of a request that failed validation (pydantic's `errors`): a body that is not
+    JSON, else each invalid field, the first named in the message (then `note`)."""
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _render(
-            request,
-            InvalidInput(
-                "the request body is not valid JSON",
-                details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
-            ),
+        return InvalidInput(
+            "the request body is not valid JSON",
+            details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
         )
     details = validation_details(errors)
     first = details[0]["field"] if details else None
     message = f"invalid value for {first}" if first else "the request is not valid"
-    return _render(request, InvalidInput(message, details=details))
+    return InvalidInput(message + note, details=details)
+
+
+async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _render(request, invalid_request(exc.errors()))
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:

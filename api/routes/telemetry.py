@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from api.deps import require
 from api.envelope import ok
-from api.errors import ErrorResponses, error_responses, validation_details
+from api.errors import ErrorResponses, error_responses, invalid_request
 from core.auth import Principal
-from core.errors import Forbidden, InvalidInput, Overloaded, PayloadTooLarge
+from core.errors import Forbidden, Overloaded, PayloadTooLarge
 from models.api import Envelope
 from models.enums import Role
 from models.telemetry import (
@@ -70,11 +70,6 @@ def parse_batch(body: bytes) -> TelemetryBatch:
         return TelemetryBatch.model_validate_json(body or b"{}")
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        if any(e.get("type") == "json_invalid" for e in errors):
-            raise InvalidInput(
-                "the request body is not valid JSON",
-                details=[{"field": "body", "message": "malformed JSON", "code": "json_invalid"}],
-            ) from None
         too_many = [e for e in errors if e.get("type") == "too_long" and len(e["loc"]) == 1]
         if too_many:
             raise PayloadTooLarge(
@@ -82,10 +77,9 @@ def parse_batch(body: bytes) -> TelemetryBatch:
                 "heartbeats per request",
                 details=[{"field": str(e["loc"][0]), "message": e["msg"]} for e in too_many],
             ) from None
-        details = validation_details([{**e, "loc": ("body", *e["loc"])} for e in errors])
-        first = details[0]["field"] if details else None
-        raise InvalidInput(
-            f"invalid value for {first}; the whole batch is rejected", details=details
+        raise invalid_request(
+            [{**e, "loc": ("body", *e["loc"])} for e in errors],
+            note="; the whole batch is rejected",
         ) from None
 
 
