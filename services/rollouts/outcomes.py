@@ -8,7 +8,7 @@ targets per state (one GROUP BY over the (rollout_id, stage, state) index), neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import text
@@ -37,9 +37,11 @@ _RECORD_OUTCOMES = text(
                     THEN 'rolled_back' ELSE reported.state END AS new_state,
                reported.reason_code
         FROM unnest(CAST(:vehicle_ids AS text[]), CAST(:states AS text[]),
-                    CAST(:reasons AS text[])) AS reported(vehicle_id, state, reason_code)
+                    CAST(:reasons AS text[]), CAST(:about AS uuid[]))
+             AS reported(vehicle_id, state, reason_code, about)
         JOIN rollout_targets t ON t.rollout_id = :rid AND t.vehicle_id = reported.vehicle_id
         WHERE t.state IN ('notified', 'updating', 'failed', 'blocked')
+          AND (reported.about IS NULL OR t.desired_state_id = reported.about)
           AND (t.state <> reported.state
                OR t.reason_code IS DISTINCT FROM reported.reason_code)
         ORDER BY t.vehicle_id
@@ -60,6 +62,7 @@ async def record_target_outcomes(
     rollout_id: int,
     outcomes: Sequence[tuple[str, str, str | None]],
     at: datetime | None = None,
+    about: Mapping[str, str] | None = None,
 ) -> int:
     """Record vehicles' outcomes inside one rollout, set-based: `(vehicle_id, state,
     reason_code)` with state `updating`, `succeeded`, `failed` or `blocked`; returns how many
@@ -71,7 +74,10 @@ async def record_target_outcomes(
     again is a no-op. reason_code is kept for failed and blocked, cleared otherwise. The
     rollout's counters (updating, succeeded, failed, blocked) move in the same statement; the
     last outcome of a vehicle listed twice wins. `at` (default now()) is when it happened,
-    the start of a retry's backoff.
+    the start of a retry's backoff. `about` (vehicle id -> desired state id: what the
+    reported event is about) moves a vehicle's target only while the target holds that
+    desired state (an event about another one, stale or issued outside the rollout, moves
+    nothing); a vehicle not in it is not checked.
     """
     latest: dict[str, tuple[str, str | None]] = {}
     for vehicle_id, state, reason_code in outcomes:
@@ -89,6 +95,7 @@ async def record_target_outcomes(
                 "vehicle_ids": list(latest),
                 "states": [v[0] for v in latest.values()],
                 "reasons": [v[1] for v in latest.values()],
+                "about": [(about or {}).get(vehicle_id) for vehicle_id in latest],
                 "at": at,
                 "created_by": rollout_workflow_id(rollout_id),
             },

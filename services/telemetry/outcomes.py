@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sqlalchemy import text
-
 from models.enums import EventType
 from models.telemetry import EventIn
 from services.rollouts.outcomes import record_target_outcomes
@@ -44,25 +42,13 @@ def pick_outcomes(group: Group) -> None:
 
 
 async def record_outcomes(group: Group) -> None:
-    """Each rollout's outcomes (in rollout id order) whose desired state is the one the
-    rollout issued to that vehicle, through `record_target_outcomes`."""
-    conn = await group.session.connection()
+    """Each rollout's outcomes (in rollout id order) through `record_target_outcomes`, which
+    moves a target only while it holds the desired state the event is about."""
     for rollout_id, events in sorted(group.outcomes.items()):
-        current = await conn.execute(
-            text(
-                "SELECT vehicle_id, desired_state_id FROM rollout_targets"
-                " WHERE rollout_id = :rid AND vehicle_id = ANY(CAST(:vids AS text[]))"
-            ),
-            {"rid": rollout_id, "vids": [e.vehicle_id for e in events]},
+        group.result.outcomes += await record_target_outcomes(
+            group.session,
+            rollout_id=rollout_id,
+            outcomes=[(e.vehicle_id, OUTCOME_OF_EVENT[e.type], e.reason_code) for e in events],
+            about={e.vehicle_id: str(e.desired_state_id) for e in events},
+            at=group.now,
         )
-        issued = {r.vehicle_id: r.desired_state_id for r in current}
-        outcomes = [
-            (e.vehicle_id, OUTCOME_OF_EVENT[e.type], e.reason_code)
-            for e in events
-            if issued.get(e.vehicle_id) is not None
-            and str(issued[e.vehicle_id]) == str(e.desired_state_id)
-        ]
-        if outcomes:
-            group.result.outcomes += await record_target_outcomes(
-                group.session, rollout_id=rollout_id, outcomes=outcomes, at=group.now
-            )
