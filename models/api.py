@@ -19,9 +19,7 @@ from models.defaults import (
     FailureAction,
 )
 from models.enums import WEEKDAYS, RolloutStatus, VehicleStatus, Weekday
-from models.workflows import (
-    RolloutCounts,
-)
+from models.workflows import RolloutCounts
 
 T = TypeVar("T")
 

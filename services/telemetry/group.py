@@ -143,8 +143,7 @@ def merge(group: Group) -> None:
     events = group.events
     heartbeats = group.heartbeats
     latest = group.latest
-    for req in group.live:
-        req.accepted = req.duplicates = 0
+    for req in group.live:  # their counts were reset when the group was opened
         for ev in req.batch.events:
             key = (ev.vehicle_id, ev.event_id)
             if key in owner:
