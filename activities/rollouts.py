@@ -22,6 +22,8 @@ from models.workflows import (
     ExpandTargetsInput,
     ExpandTargetsResult,
     GateAction,
+    GateCounts,
+    GateDecision,
     IssueStageInput,
     IssueStageProgress,
     IssueStageResult,
@@ -37,7 +39,7 @@ from models.workflows import (
 from services.audit import Actor
 from services.rollouts import issue, outcomes, plan, queries, rollback, status, sweeps
 from services.rollouts.counters import SweepBatch
-from workflows.policy import decide
+from workflows.policy import counted_total, decide, unsettled
 
 log = structlog.get_logger(__name__)
 
@@ -97,8 +99,12 @@ class RolloutActivities:
         Each batch is its own transaction; after it commits the activity heartbeats its
         cursor (last vehicle id), where a retried attempt resumes. A batch re-run changes
         nothing (only `planned` targets are taken), so resuming before the cursor is safe.
+        Between batches the failure threshold is checked over the rollout's counters: a
+        breach stops issuing at once (`halted`); the rest of the stage stays `planned`.
         """
         progress = resumed_progress(IssueStageProgress)
+        policy = await self._policy(input.rollout_id)
+        halted: GateDecision | None = None
         while True:
             async with session_scope(self._sessions) as session:
                 batch = await issue.issue_stage_batch(
@@ -122,6 +128,9 @@ class RolloutActivities:
             activity.heartbeat(progress)
             if batch.selected < input.batch_size:
                 break
+            halted = await self._breach(input, policy)
+            if halted is not None:
+                break
         counts = await self._progress(input.rollout_id)
         log.info(
             "rollout.stage_issued",
@@ -129,13 +138,28 @@ class RolloutActivities:
             stage=input.stage,
             issued=progress.issued,
             batches=progress.batches,
+            halted=halted.detail if halted else None,
         )
         return IssueStageResult(
             stage_index=input.stage_index,
             issued=progress.issued,
             batches=progress.batches,
             counts=counts,
+            halted=halted,
         )
+
+    async def _breach(self, input: IssueStageInput, policy: RolloutPolicy) -> GateDecision | None:
+        """The failure threshold between two batches, over the rollout's counters (one row):
+        the decision that stops issuing (pause or rollback), or None to go on."""
+        decision = decide(
+            policy=policy.gates,
+            total=counted_total(await self._progress(input.rollout_id)),
+            stage=GateCounts(),
+            is_canary=False,
+            bake_done=False,
+            acknowledged_failed=input.acknowledged_failed,
+        )
+        return decision if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK) else None
 
     @activity.defn(name="update_rollout_status")
     @domain_failures
@@ -233,6 +257,7 @@ class RolloutActivities:
             bake_done=input.bake_done,
             acknowledged_failed=input.acknowledged_failed,
             canary_forced=input.canary_forced,
+            is_last=input.is_last,
         )
         kind = "rollback" if input.rollback else "canary" if input.is_canary else "wave"
         # Through the SDK's meter: served with its metrics on MOTORCADE_WORKER_METRICS_ADDRESS.
@@ -248,7 +273,14 @@ class RolloutActivities:
                 reason=decision.reason,
                 detail=decision.detail,
             )
-        return EvaluateGatesResult(total=total, stage=stage, decision=decision, counts=counts)
+        return EvaluateGatesResult(
+            total=total,
+            stage=stage,
+            decision=decision,
+            counts=counts,
+            settled=unsettled(stage) == 0,
+            unsettled=unsettled(stage),
+        )
 
     @activity.defn(name="expire_apply_timeouts")
     @domain_failures

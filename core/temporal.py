@@ -1,12 +1,15 @@
 """Temporal constants and the client, in one place for the API, the worker and the tests, and
-the API's two calls into a rollout's workflow: start it, and send it an operator's control."""
+the API's three calls into a rollout's workflow: start it, send it an operator's control, and
+tell it (coalesced) that its vehicles' outcomes moved."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 
+import structlog
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -26,7 +29,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from core import tracing
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from models.enums import RolloutStatus
-from models.workflows import ControlRequest, ControlResult, RolloutInput
+from models.workflows import ControlRequest, ControlResult, OutcomesSignal, RolloutInput
+
+log = structlog.get_logger(__name__)
 
 ROLLOUT_TASK_QUEUE = "motorcade-rollouts"
 
@@ -151,6 +156,8 @@ async def start_rollout_workflow(
 
 # The name of the Update that controls a rollout (the API's and the CLI's way).
 CONTROL_UPDATE = "control"
+# The signal by which the ingest path tells a rollout that its vehicles' outcomes moved.
+OUTCOMES_SIGNAL = "outcomes"
 # How long the API waits for a workflow to accept or refuse a control Update.
 CONTROL_ANSWER_WITHIN = timedelta(seconds=20)
 
@@ -199,3 +206,87 @@ async def control_rollout(
             "the rollout's workflow did not answer in time (is a worker running?)",
             note="no answer from the rollout's workflow in time",
         ) from None
+
+
+class OutcomeSignals:
+    """The API's third call into rollout workflows: the `outcomes` signal, "look again", once
+    telemetry that moved a rollout's targets is committed, so its gates react in seconds
+    rather than at the next gate tick.
+
+    Coalesced per rollout: the first signal goes at once, then at most one every
+    `interval_seconds` (the events in between are summed into it), so a million events make
+    a handful of signals and the workflow's history stays bounded (FACTS.md: never a signal
+    per event). `notify` never blocks the ingest path: a background task sends. A signal that
+    cannot be sent (Temporal down, the workflow finished) is dropped: the rollout's gate tick
+    looks again anyway, within a minute.
+    """
+
+    def __init__(
+        self, connect: Callable[[], Awaitable[Client]], *, interval_seconds: float = 0.5
+    ) -> None:
+        self._connect = connect
+        self._interval = interval_seconds
+        self._last: dict[int, float] = {}  # rollout -> when its last signal went (monotonic)
+        self._waiting: dict[int, int] = {}  # rollout -> events not yet signalled
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.dropped = 0
+
+    def notify(self, moved: Mapping[int, int]) -> None:
+        """Rollouts whose targets moved (and by how many), from the ingest path."""
+        for rollout_id, count in moved.items():
+            self._waiting[rollout_id] = self._waiting.get(rollout_id, 0) + count
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outcome-signals")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _due(self, now: float) -> tuple[dict[int, int], float | None]:
+        """The rollouts whose signal may go now, and when the next one may (None: none
+        waits)."""
+        due: dict[int, int] = {}
+        later: float | None = None
+        for rollout_id, count in list(self._waiting.items()):
+            at = self._last.get(rollout_id, 0.0) + self._interval
+            if at <= now:
+                due[rollout_id] = count
+                del self._waiting[rollout_id]
+                self._last[rollout_id] = now
+            else:
+                later = at if later is None else min(later, at)
+        # Forget rollouts quiet for a while (bounded memory).
+        for rollout_id, at in list(self._last.items()):
+            if at + 10 * self._interval < now and rollout_id not in self._waiting:
+                del self._last[rollout_id]
+        return due, later
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, later = self._due(loop.time())
+            if due:
+                await asyncio.gather(*(self._send(r, n) for r, n in due.items()))
+                continue
+            self._wake.clear()
+            timeout = None if later is None else max(0.0, later - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _send(self, rollout_id: int, events: int) -> None:
+        try:
+            client = await self._connect()
+            await client.get_workflow_handle(rollout_workflow_id(rollout_id)).signal(
+                OUTCOMES_SIGNAL, OutcomesSignal(events=events), rpc_timeout=timedelta(seconds=5)
+            )
+            self.sent += 1
+        except (RPCError, DependencyUnavailable, TimeoutError) as exc:
+            self.dropped += 1
+            log.info("outcomes signal dropped", rollout_id=rollout_id, why=type(exc).__name__)

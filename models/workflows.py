@@ -31,10 +31,11 @@ from models.enums import WEEKDAYS, AuditSource, RolloutStatus, StatusReason
 ControlAction = Literal["pause", "resume", "rollback", "abort"]
 # The stop a rollout is asked to make (by an operator, or by its failure-threshold gate).
 StopRequest = Literal["abort", "rollback"]
-# Where the current stage is: window -> issue -> bake -> done.
-StagePhase = Literal["window", "issue", "bake", "done"]
-# Where the rollback of one stage is: issue -> bake (then the next stage).
-RollbackPhase = Literal["issue", "bake"]
+# Where the current stage is: window -> issue -> settle -> bake -> done. Runs started before
+# settling existed (no `settle-before-bake` marker in their history) go issue -> bake.
+StagePhase = Literal["window", "issue", "settle", "bake", "done"]
+# Where the rollback of one stage is: issue -> settle -> bake (then the next stage).
+RollbackPhase = Literal["issue", "settle", "bake"]
 
 
 class RolloutInput(BaseModel):
@@ -50,6 +51,8 @@ class RolloutInput(BaseModel):
     # Continue-as-new once a run's history reaches this many events (tests); None: only when
     # Temporal suggests it.
     continue_as_new_after_events: int | None = None
+    # Targets per batch when issuing (tests; None: ISSUE_BATCH_SIZE).
+    issue_batch_size: int | None = None
     state: RolloutState | None = None
 
 
@@ -100,6 +103,14 @@ class RolloutSignal(BaseModel):
     force: bool = False
 
     model_config = ConfigDict(populate_by_name=True)
+
+
+class OutcomesSignal(BaseModel):
+    """Body of the `outcomes` signal: the ingest path's "look again" after it committed
+    outcomes of this rollout's vehicles (coalesced: at most one per rollout per short
+    interval per process). The gates read the counts from PostgreSQL, never from here."""
+
+    events: int = 0
 
 
 # --- Workflow state and result -------------------------------------------------------------
@@ -266,6 +277,11 @@ class RolloutState(BaseModel):
     current_stage: int = 0
     # Runs of this workflow so far (1 + continue-as-new count).
     runs: int = 1
+    # --- judged by outcomes (v3) ---
+    # Outcome signals received (the ingest path's coalesced "look again"), over every run.
+    outcome_signals: int = 0
+    # When the periodic gate tick (sweeps, then the gates) is next due.
+    next_tick_at: datetime | None = None
 
 
 class RolloutResult(BaseModel):
@@ -301,6 +317,9 @@ class IssueStageInput(BaseModel):
     batch_size: int = ISSUE_BATCH_SIZE
     # Workflow time of the issue (the start of each vehicle's apply timeout); None: now().
     issued_at: datetime | None = None
+    # The failure threshold is checked between batches (failures an operator acknowledged
+    # by resuming after a FAILURE_THRESHOLD pause do not count).
+    acknowledged_failed: int = 0
 
 
 class IssueStageProgress(BaseModel):
@@ -316,6 +335,9 @@ class IssueStageResult(BaseModel):
     issued: int
     batches: int
     counts: RolloutCounts
+    # Set when a breached failure threshold stopped issuing between batches (the stage's
+    # remaining targets are still `planned`; issuing it again continues where it stopped).
+    halted: GateDecision | None = None
 
 
 class UpdateRolloutStatusInput(BaseModel):
@@ -364,6 +386,8 @@ class EvaluateGatesInput(BaseModel):
     canary_forced: bool = False
     # Gate the rollback: the rollback's own outcomes (rollback_gate_counts), no canary check.
     rollback: bool = False
+    # The last stage: judged once the whole rollout has settled.
+    is_last: bool = False
 
 
 class EvaluateGatesResult(BaseModel):
@@ -371,6 +395,9 @@ class EvaluateGatesResult(BaseModel):
     stage: GateCounts
     decision: GateDecision
     counts: RolloutCounts
+    # The stage's settle: every vehicle issued in it has an outcome (`policy.unsettled`).
+    settled: bool = True
+    unsettled: int = 0
 
 
 class TargetSweepInput(BaseModel):

@@ -36,6 +36,7 @@ from models.workflows import (
     GateDecision,
     GatePolicy,
     MaintenanceWindowSpec,
+    RolloutCounts,
     RolloutPolicy,
     StagePlan,
     Sweep,
@@ -185,6 +186,21 @@ def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
     )
 
 
+def counted_total(counts: RolloutCounts) -> GateCounts:
+    """The whole rollout's gate counts from its counters (one row, never a scan): every target
+    whose desired state went out is counted once in `notified`, the ones without a current
+    outcome are what is left after the current-state counters. What issuing checks between
+    batches."""
+    outcomes = counts.updating + counts.succeeded + counts.failed + counts.blocked
+    return GateCounts(
+        notified=max(0, counts.notified - outcomes),
+        updating=counts.updating,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        blocked=counts.blocked,
+    )
+
+
 def canary_healthy(counts: GateCounts, *, min_success_rate: float, min_samples: int) -> bool:
     reported = counts.succeeded + counts.failed
     if reported == 0:
@@ -201,6 +217,23 @@ def failure_threshold_breached(counts: GateCounts, *, max_failure_rate: float) -
     return Fraction(counts.failed, issued) > _exact(max_failure_rate)
 
 
+def unsettled(stage: GateCounts) -> int:
+    """The vehicles issued in a stage that have no outcome yet: still notified or applying, or
+    failed with a retry to come (a retryable reason, attempts left). `ready`, `failed` for good
+    (retries used up, a reason never retried, APPLY_TIMEOUT on the last attempt) and `blocked`
+    are outcomes. A stage is settled when this is 0."""
+    return stage.notified + stage.updating + stage.retryable
+
+
+def settle_detail(stage: GateCounts) -> str:
+    """What a settling stage waits for, as `waitingFor` says it: "43 of 500 vehicles still
+    applying"."""
+    detail = f"{stage.notified + stage.updating} of {stage.issued} vehicles still applying"
+    if stage.retryable:
+        detail += f", {stage.retryable} to be retried"
+    return detail
+
+
 def decide(
     *,
     policy: GatePolicy,
@@ -210,11 +243,18 @@ def decide(
     bake_done: bool,
     acknowledged_failed: int = 0,
     canary_forced: bool = False,
+    is_last: bool = False,
 ) -> GateDecision:
-    """One gate decision for a stage being baked (airbyte-style: pure, table-tested).
+    """One gate decision for a stage being settled or baked (airbyte-style: pure,
+    table-tested).
 
-    Order: the failure threshold first (at any time); then, once the bake is over, the canary
-    check (canary stage only); then proceed. Before the bake is over: wait.
+    Order: the failure threshold first (at any time, over every vehicle notified so far);
+    then, while the bake is not over, or the stage has vehicles without an outcome (a retry
+    or a re-notified blocked vehicle un-settles it), wait; then the canary check (canary
+    stage only, once settled and baked); then proceed. A stage is never judged on the clock
+    alone: `bake_done` is only true once the stage settled and then baked `bakeSeconds`.
+    The last stage (`is_last`) waits for the whole rollout to settle (a blocked vehicle of
+    an earlier stage notified again since): `completed` means every vehicle has an outcome.
 
     `acknowledged_failed`: failures an operator accepted by resuming after a FAILURE_THRESHOLD
     pause; they stay in the denominator but no longer count as failures. `canary_forced`: an
@@ -238,6 +278,10 @@ def decide(
         )
     if not bake_done:
         return GateDecision(action=GateAction.WAIT)
+    if unsettled(stage):
+        return GateDecision(action=GateAction.WAIT, detail=settle_detail(stage))
+    if is_last and unsettled(total):
+        return GateDecision(action=GateAction.WAIT, detail=f"the rollout: {settle_detail(total)}")
     if (
         is_canary
         and not canary_forced
@@ -264,11 +308,14 @@ def sweeps_due(
     first_issued_at: datetime | None,
     apply_seconds: int,
     rollback: bool = False,
+    window_open: bool = True,
 ) -> list[Sweep]:
     """The sweeps a gate tick runs before it judges, in order, each only when the last counts
     show work for it: apply timeouts once the first issue is `apply_seconds` old and vehicles
     are still applying (a rollback's as soon as returned vehicles are), retries while failed
-    vehicles have attempts left, re-checks while vehicles are blocked (not in a rollback)."""
+    vehicles have attempts left, re-checks while vehicles are blocked (not in a rollback).
+    Retries and re-checks issue desired states: never while the maintenance window is closed
+    (`window_open` False)."""
     applying = last.notified + last.updating > 0
     if rollback:
         return [Sweep.EXPIRE_APPLY_TIMEOUTS] if applying else []
@@ -278,9 +325,9 @@ def sweeps_due(
     )
     if timeouts_due and applying:
         due.append(Sweep.EXPIRE_APPLY_TIMEOUTS)
-    if last.retryable > 0:
+    if last.retryable > 0 and window_open:
         due.append(Sweep.RETRY_FAILED_TARGETS)
-    if last.blocked > 0:
+    if last.blocked > 0 and window_open:
         due.append(Sweep.RECHECK_BLOCKED)
     return due
 

@@ -5,13 +5,23 @@ Sequencing only: every rule is a pure function (`workflows.policy` for stages an
 steps this class inherits (`workflows.steps`: activity calls, status writes, durable waits).
 Vehicle lists never enter the history: activities return counts and the stage plan.
 
-Per stage: wait for the maintenance window (a durable timer until it opens; statusReason
-OUTSIDE_MAINTENANCE_WINDOW meanwhile), issue the desired state (batched, idempotent), then bake
-(a durable deadline) while a gate tick runs every `min(60, bake)` seconds: expire apply
-timeouts, retry retryable failures, recheck blocked vehicles, evaluate the gates. The failure
-threshold is checked at every tick (pause, or rollback as its `action` says); after the canary's
-bake the canary must be healthy, else the rollout pauses with CANARY_UNHEALTHY and never
-progresses on its own.
+A stage is judged on what its vehicles reported, never on the clock alone (SPEC.md):
+1. window: a durable timer until the maintenance window opens (statusReason
+   OUTSIDE_MAINTENANCE_WINDOW meanwhile);
+2. issue: the desired state goes out in batches; the failure threshold is checked between
+   batches over the rollout's counters, and a breach stops issuing at once (the rest of the
+   stage stays planned: held, then issued on when an operator resumes);
+3. settle: until every vehicle issued in the stage has an outcome (`policy.unsettled`:
+   ready, failed for good, APPLY_TIMEOUT, blocked); `waitingFor` says how many are left;
+4. bake: `bakeSeconds` from the moment it settled (a durable deadline), late failures still
+   counting; then the judge: the canary must be healthy (else CANARY_UNHEALTHY), the last
+   stage waits for the whole rollout to have settled (`completed` means every vehicle has an
+   outcome).
+While it settles and bakes, gates are evaluated at each gate tick (every `min(60, bake)` s;
+60 s while settling), after the sweeps due (apply timeouts; retries and re-checks of blocked
+vehicles only inside the window), and whenever the ingest path signals new outcomes
+(`outcomes`, coalesced per rollout; the gates only): the failure threshold pauses (or rolls
+back, as its `action` says) within seconds of the telemetry that crossed it.
 
 Operators: the `control` Update (the API; a validator refuses an invalid transition at once)
 and the `pause` / `resume` / `rollback` / `abort` signals (the `temporal` CLI, SPEC's JSON body)
@@ -27,10 +37,14 @@ unhealthy, the rollout pauses again, unless the operator resumes with `force: tr
 with its reason).
 
 Rollback: staged, last issued stage first, each touched vehicle back to its previous desired
-state (declarative: new desired states); each returned stage bakes min(its bake, 300 s) under
-the failure threshold over the rollback's own outcomes, and a breach pauses the rollback
-(FAILURE_THRESHOLD) before the next stage (resume continues it, abort stops it).
-Abort: stops; never-issued targets are skipped.
+state (declarative: new desired states); each returned stage issues, settles and bakes
+min(its bake, 300 s) under the failure threshold over the rollback's own outcomes, and a
+breach pauses the rollback (FAILURE_THRESHOLD) before the next stage (resume continues it,
+abort stops it). Abort: stops; never-issued targets are skipped.
+
+Versioning: runs that recorded the `settle-before-bake` marker settle; runs started before it
+(no marker in their history) go from issue straight to bake as they always did, so running
+rollouts replay (tests/workflows/test_history.py replays a saved run of each).
 
 History stays bounded: continue-as-new when Temporal suggests it, carrying `RolloutState`;
 the run resumes from the stage and phase it was in.
@@ -45,15 +59,18 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from core.temporal import CONTROL_UPDATE, ROLLOUT_WORKFLOW_TYPE
+    from core.temporal import CONTROL_UPDATE, OUTCOMES_SIGNAL, ROLLOUT_WORKFLOW_TYPE
     from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         ControlAction,
         ControlRequest,
         ControlResult,
+        EvaluateGatesResult,
         GateAction,
+        GateCounts,
         GateDecision,
         OperatorAction,
+        OutcomesSignal,
         RolloutInput,
         RolloutResult,
         RolloutSignal,
@@ -61,49 +78,62 @@ with workflow.unsafe.imports_passed_through():
         StagePlan,
     )
     from workflows import control
-    from workflows.policy import next_window_start
+    from workflows.policy import counted_total, next_window_start, settle_detail
 
 from workflows.steps import RolloutSteps, iso
 
 MAX_GATE_INTERVAL = 60
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
 ROLLBACK_MAX_BAKE = 300
+# Between gate ticks, a settling stage's progress reaches the row at most this often.
+SETTLE_NOTE_SECONDS = 5
 
 
 @dataclass(frozen=True)
-class BakeKind:
-    """What differs between a stage's bake and a rollback stage's bake (`_bake` runs both)."""
+class WatchKind:
+    """What differs between watching a stage (settle, then bake) and watching a rollback
+    stage (`_watch` runs both)."""
 
     label: str  # waiting_for while baking: "{label} of {stage} until {deadline}"
-    status: RolloutStatus  # the status while baking
+    status: RolloutStatus  # the status while settling and baking
+    settling_action: str  # the status write that says what the settle waits for
     baking_action: str  # audit action when the bake is announced
-    announce_at_start: bool  # announced before the first gate tick, else once it waits
     gate_failed_action: str  # audit action when a failing gate pauses it
     waiting_for_operator: str  # waiting_for while a failing gate holds it
-    # The rollback's bake: its gate counts the rollback's own outcomes (and the failures
+    # The rollback's watch: its gate counts the rollback's own outcomes (and the failures
     # acknowledged on resuming it), its status carries the stop's reason, and a failure
     # threshold pauses it whatever the gate's action (a stage's bake rolls back if it says so).
     rollback: bool
+    # Where it keeps its phase ("settle", "bake") and its bake deadline in `RolloutState`.
+    phase_field: str
+    until_field: str
 
 
-STAGE_BAKE = BakeKind(
+STAGE_WATCH = WatchKind(
     label="bake",
     status=RolloutStatus.RUNNING,
+    settling_action="rollout.settling",
     baking_action="rollout.baking",
-    announce_at_start=True,
     gate_failed_action="rollout.gate_failed",
     waiting_for_operator="an operator (resume, rollback or abort)",
     rollback=False,
+    phase_field="phase",
+    until_field="bake_until",
 )
-ROLLBACK_BAKE = BakeKind(
+ROLLBACK_WATCH = WatchKind(
     label="rollback bake",
     status=RolloutStatus.ROLLING_BACK,
+    settling_action="rollout.rollback_settling",
     baking_action="rollout.rollback_baking",
-    announce_at_start=False,
     gate_failed_action="rollout.rollback_gate_failed",
     waiting_for_operator="an operator (resume or abort)",
     rollback=True,
+    phase_field="rollback_phase",
+    until_field="rollback_bake_until",
 )
+# Runs that recorded this marker settle each stage before it bakes; runs started before it
+# (their histories have no marker) bake from the end of the issue, as they always did.
+SETTLE_PATCH = "settle-before-bake"
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
@@ -122,6 +152,10 @@ class RolloutWorkflow(RolloutSteps):
         self._input = input
         # What the main flow waits for while running (restored on resume).
         self._flow_waiting: str | None = self._state.waiting_for
+        # New outcomes were signalled since the gates last looked (`outcomes`).
+        self._outcomes_changed = False
+        # When the settle's progress was last written to the row.
+        self._noted_at: datetime | None = None
 
     # --- Control: one path for the Update and the signals -----------------------------------
 
@@ -158,6 +192,12 @@ class RolloutWorkflow(RolloutSteps):
     @workflow.signal(name="rollback")
     def rollback(self, body: RolloutSignal | None = None) -> None:
         self._signal("rollback", body)
+
+    @workflow.signal(name=OUTCOMES_SIGNAL)
+    def outcomes(self, body: OutcomesSignal | None = None) -> None:
+        """New outcomes of this rollout's vehicles are committed: the gates look again."""
+        self._state.outcome_signals += 1
+        self._outcomes_changed = True
 
     @workflow.update(name=CONTROL_UPDATE)
     def control_update(self, request: ControlRequest) -> ControlResult:
@@ -246,12 +286,15 @@ class RolloutWorkflow(RolloutSteps):
                 return
             s.phase = "issue"
         if s.phase == "issue":
-            await self._issue(stage)
-            s.phase = "bake"
-        if s.phase == "bake":
-            assert s.bake_until is not None
-            if await self._bake(STAGE_BAKE, stage, s.bake_until):
-                s.phase = "done"
+            if not await self._issue(stage):
+                s.phase = "window"  # a breach stopped issuing: held, then issued on
+                return
+            if workflow.patched(SETTLE_PATCH):
+                s.phase, s.bake_until = "settle", None
+            else:
+                s.phase = "bake"
+        if s.phase in ("settle", "bake") and await self._watch(STAGE_WATCH, stage):
+            s.phase = "done"
 
     async def _wait_for_window(self) -> bool:
         """Hold until the maintenance window is open and the rollout not paused. False when a
@@ -282,7 +325,9 @@ class RolloutWorkflow(RolloutSteps):
             await self._sleep_until(opens)
             self._maybe_continue_as_new()
 
-    async def _issue(self, stage: StagePlan) -> None:
+    async def _issue(self, stage: StagePlan) -> bool:
+        """Issue the stage (batched; the failure threshold checked between batches). False
+        when a breach stopped it: the rollout is then paused, or rolling back."""
         s = self._state
         await self._set_status(
             RolloutStatus.RUNNING,
@@ -290,30 +335,38 @@ class RolloutWorkflow(RolloutSteps):
             waiting_for=f"issuing {stage.name} ({stage.size} vehicles)",
         )
         now = workflow.now()
+        s.next_stage = stage.index + 1  # (a rollback returns it, even partly issued)
         if stage.size > 0:
             issued = await self._issue_stage(stage, now)
             s.counts = issued.counts
             if s.first_issued_at is None:
                 s.first_issued_at = now
-        s.next_stage = stage.index + 1
+            if issued.halted is not None:
+                s.last_total = counted_total(issued.counts)  # what a resume acknowledges
+                await self._gate_stops(STAGE_WATCH, issued.halted, f"issuing {stage.name}")
+                return False
+        s.next_tick_at = None
         s.bake_until = workflow.now() + timedelta(seconds=stage.bake_seconds)
+        return True
 
-    async def _bake(self, kind: BakeKind, stage: StagePlan, until: datetime) -> bool:
-        """Bake `stage` until `until` (a durable deadline kept in the state, so it survives
-        continue-as-new) with a gate tick every interval. True when the gates let it proceed;
-        False when a stop is pending, or when the gate of a stage's bake asks for a rollback.
-        A failing gate pauses it. A pause holds the ticks (nothing is issued or retried while
-        paused) but not the bake clock."""
+    async def _watch(self, kind: WatchKind, stage: StagePlan) -> bool:
+        """Settle, then bake, `stage` (or, `kind.rollback`, its rollback), judged by what its
+        vehicles report. Settle: until every vehicle issued in it has an outcome. Bake: then
+        `bakeSeconds` (a durable deadline kept in the state, so it survives continue-as-new)
+        during which late failures still count. True when the gates let it proceed; False when
+        a stop is pending, or when the gate of a stage asks for a rollback. A failing gate
+        pauses it; a pause holds the watch (nothing is issued or retried) but not the bake
+        clock.
+
+        The gates are evaluated at each gate tick (every `min(60, bake)` s, sweeps first), at
+        the bake's deadline, and whenever the ingest path signals new outcomes (`outcomes`:
+        the gates only, no sweeps), so a breach stops the rollout within seconds."""
         s = self._state
-        interval = self._input.gate_interval_seconds or min(
-            MAX_GATE_INTERVAL, max(1, stage.bake_seconds)
-        )
-        baking = f"{kind.label} of {stage.name} until {iso(until)}"
-        if not s.paused:
-            if kind.announce_at_start:
-                await self._announce_bake(kind, baking)
-            elif s.waiting_for != baking:
-                self._flow_waiting = baking
+        if getattr(s, kind.phase_field) == "bake":  # as runs before settling did
+            if not s.paused and not kind.rollback:
+                await self._announce_bake(kind, self._baking(kind, stage))
+            elif not s.paused and s.waiting_for != self._baking(kind, stage):
+                self._flow_waiting = self._baking(kind, stage)
         while True:
             await self._drain_actions()
             if control.stop_pending(s):
@@ -322,34 +375,129 @@ class RolloutWorkflow(RolloutSteps):
                 await self._wait_for_operator()
                 continue
             now = workflow.now()
-            bake_done = now >= until
-            if stage.size == 0:
-                decision = GateDecision(action=GateAction.PROCEED if bake_done else GateAction.WAIT)
-            else:
-                decision = await self._gate_tick(stage, bake_done, rollback=kind.rollback)
-            if decision.action == GateAction.PROCEED:
-                return True
+            until: datetime | None = getattr(s, kind.until_field)
+            settling = getattr(s, kind.phase_field) == "settle"
+            bake_done = not settling and until is not None and now >= until
+            signalled_only = self._outcomes_changed and not self._timer_woke(now, until)
+            self._outcomes_changed = False
+            result = await self._judge(stage, bake_done, kind, sweeps=not signalled_only)
+            if not signalled_only:
+                s.next_tick_at = now + timedelta(seconds=self._interval(stage, settling))
+            decision = result.decision if stage.size else GateDecision(action=GateAction.WAIT)
             if decision.action == GateAction.ROLLBACK and not kind.rollback:
                 control.rollback_by_gate(s, decision)
                 return False
             if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
-                control.pause_by_gate(s, decision)
-                self._flow_waiting = baking
-                await self._set_status(
-                    RolloutStatus.PAUSED,
-                    action=kind.gate_failed_action,
-                    status_reason=decision.reason,
-                    waiting_for=kind.waiting_for_operator,
-                    reason=decision.detail,
-                    keep_flow_waiting=True,
-                )
+                flow = s.waiting_for if settling else self._baking(kind, stage)
+                await self._gate_stops(kind, decision, flow or self._baking(kind, stage))
                 continue
-            if s.waiting_for != baking:
-                await self._announce_bake(kind, baking)
+            if settling and (result.settled or not stage.size):
+                await self._start_bake(kind, stage, now)
+                continue
+            if bake_done and (decision.action == GateAction.PROCEED or not stage.size):
+                return True
+            await self._say_waiting(kind, stage, settling, result, tick=not signalled_only)
             self._maybe_continue_as_new()
-            await self._sleep_until(min(now + timedelta(seconds=interval), until))
+            wake = s.next_tick_at
+            if until is not None and not settling and (wake is None or until < wake):
+                wake = until
+            await self._sleep_until(wake, outcomes=True)
 
-    async def _announce_bake(self, kind: BakeKind, baking: str) -> None:
+    def _interval(self, stage: StagePlan, settling: bool) -> int:
+        """Seconds between gate ticks: min(60, bake) while baking, 60 while settling (new
+        outcomes wake it at once anyway); `gate_interval_seconds` when the input sets it."""
+        if self._input.gate_interval_seconds:
+            return self._input.gate_interval_seconds
+        return MAX_GATE_INTERVAL if settling else min(MAX_GATE_INTERVAL, max(1, stage.bake_seconds))
+
+    def _timer_woke(self, now: datetime, until: datetime | None) -> bool:
+        """Whether a gate tick or the bake's deadline is due (else only a signal woke it)."""
+        s = self._state
+        due = s.next_tick_at is None or now >= s.next_tick_at
+        return due or (until is not None and now >= until)
+
+    async def _judge(
+        self, stage: StagePlan, bake_done: bool, kind: WatchKind, *, sweeps: bool
+    ) -> EvaluateGatesResult:
+        if not stage.size:
+            return EvaluateGatesResult(
+                total=GateCounts(),
+                stage=GateCounts(),
+                decision=GateDecision(action=GateAction.PROCEED),
+                counts=self._state.counts,
+            )
+        return await self._gate_tick(stage, bake_done, rollback=kind.rollback, sweeps=sweeps)
+
+    async def _start_bake(self, kind: WatchKind, stage: StagePlan, now: datetime) -> None:
+        """The stage settled: its bake starts now, announced."""
+        s = self._state
+        setattr(s, kind.phase_field, "bake")
+        setattr(s, kind.until_field, now + timedelta(seconds=self._bake_seconds(kind, stage)))
+        await self._announce_bake(kind, self._baking(kind, stage))
+
+    async def _say_waiting(
+        self,
+        kind: WatchKind,
+        stage: StagePlan,
+        settling: bool,
+        result: EvaluateGatesResult,
+        *,
+        tick: bool,
+    ) -> None:
+        """What it waits for: while settling "settle of canary: 3 of 5 vehicles still
+        applying" (the Web UI's current details at every evaluation; the row, and its stream
+        event, at each gate tick and at most every SETTLE_NOTE_SECONDS in between); while
+        baking, the bake's deadline."""
+        s = self._state
+        if not settling:
+            if s.waiting_for != self._baking(kind, stage):
+                await self._announce_bake(kind, self._baking(kind, stage))
+            return
+        waiting = f"settle of {stage.name}: {settle_detail(result.stage)}"
+        now = workflow.now()
+        due = (
+            tick
+            or not (s.waiting_for or "").startswith("settle")
+            or self._noted_at is None
+            or now >= self._noted_at + timedelta(seconds=SETTLE_NOTE_SECONDS)
+        )
+        if s.waiting_for != waiting and due:
+            self._noted_at = now
+            await self._set_status(
+                kind.status,
+                action=kind.settling_action,
+                status_reason=s.stop_reason if kind.rollback else None,
+                waiting_for=waiting,
+            )
+        else:
+            workflow.set_current_details(self._details(waiting))
+
+    def _bake_seconds(self, kind: WatchKind, stage: StagePlan) -> int:
+        return min(stage.bake_seconds, ROLLBACK_MAX_BAKE) if kind.rollback else stage.bake_seconds
+
+    def _baking(self, kind: WatchKind, stage: StagePlan) -> str:
+        return f"{kind.label} of {stage.name} until {iso(getattr(self._state, kind.until_field))}"
+
+    async def _gate_stops(self, kind: WatchKind, decision: GateDecision, flow: str) -> None:
+        """A failing gate: the rollout rolls back (a stage's gate that says so), or is held
+        (paused, with the gate's reason) until an operator acts; `flow` is what it waits for
+        once resumed."""
+        s = self._state
+        if decision.action == GateAction.ROLLBACK and not kind.rollback:
+            control.rollback_by_gate(s, decision)
+            return
+        control.pause_by_gate(s, decision)
+        self._flow_waiting = flow
+        await self._set_status(
+            RolloutStatus.PAUSED,
+            action=kind.gate_failed_action,
+            status_reason=decision.reason,
+            waiting_for=kind.waiting_for_operator,
+            reason=decision.detail,
+            keep_flow_waiting=True,
+        )
+
+    async def _announce_bake(self, kind: WatchKind, baking: str) -> None:
         s = self._state
         await self._set_status(
             kind.status,
@@ -388,12 +536,15 @@ class RolloutWorkflow(RolloutSteps):
                 )
                 result = await self._rollback_targets(stage.index)
                 s.counts = result.counts
-                s.rollback_bake_until = workflow.now() + timedelta(
-                    seconds=min(stage.bake_seconds, ROLLBACK_MAX_BAKE)
-                )
-                s.rollback_phase = "bake"
-            assert s.rollback_bake_until is not None
-            if not await self._bake(ROLLBACK_BAKE, stage, s.rollback_bake_until):
+                s.next_tick_at = None
+                if workflow.patched(SETTLE_PATCH):
+                    s.rollback_phase, s.rollback_bake_until = "settle", None
+                else:
+                    s.rollback_bake_until = workflow.now() + timedelta(
+                        seconds=self._bake_seconds(ROLLBACK_WATCH, stage)
+                    )
+                    s.rollback_phase = "bake"
+            if not await self._watch(ROLLBACK_WATCH, stage):
                 await self._abort()
                 return
             s.rollback_next -= 1

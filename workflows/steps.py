@@ -25,7 +25,6 @@ with workflow.unsafe.imports_passed_through():
         EvaluateGatesResult,
         ExpandTargetsInput,
         ExpandTargetsResult,
-        GateDecision,
         IssueStageInput,
         IssueStageResult,
         OperatorAction,
@@ -40,7 +39,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateRolloutStatusInput,
     )
     from workflows import control
-    from workflows.policy import CANARY, sweeps_due
+    from workflows.policy import CANARY, sweeps_due, window_open
 
 SHORT_ACTIVITY = timedelta(seconds=60)
 LONG_ACTIVITY = timedelta(hours=1)
@@ -66,6 +65,8 @@ class RolloutSteps:
     _state: RolloutState
     # What the main flow waits for while running (restored on resume).
     _flow_waiting: str | None
+    # New outcomes were signalled since the gates last looked.
+    _outcomes_changed: bool
 
     async def _expand_targets(self) -> ExpandTargetsResult:
         return await workflow.execute_activity_method(
@@ -84,8 +85,9 @@ class RolloutSteps:
                 release_version=s.release_version,
                 stage_index=stage.index,
                 stage=stage.name,
-                batch_size=ISSUE_BATCH_SIZE,
+                batch_size=self._input.issue_batch_size or ISSUE_BATCH_SIZE,
                 issued_at=issued_at,
+                acknowledged_failed=s.acknowledged_failed,
             ),
             start_to_close_timeout=LONG_ACTIVITY,
             heartbeat_timeout=LONG_HEARTBEAT,
@@ -143,11 +145,13 @@ class RolloutSteps:
         if updates:
             workflow.upsert_search_attributes(updates)
 
-    def _details(self) -> str:
-        """The Web UI's current details: status, stage, what it waits for and why."""
+    def _details(self, waiting_for: str | None = None) -> str:
+        """The Web UI's current details: status, stage, what it waits for (`waiting_for`, when
+        fresher than the row's) and why."""
         s = self._state
         stage = f"{s.stage} ({s.stage_index + 1}/{s.stage_count})" if s.stage else "-"
-        waiting = f"waiting for {s.waiting_for}" if s.waiting_for else "not waiting"
+        waiting_for = waiting_for or s.waiting_for
+        waiting = f"waiting for {waiting_for}" if waiting_for else "not waiting"
         reason = f" ({s.status_reason})" if s.status_reason else ""
         paused = ""
         if s.status == RolloutStatus.PAUSED:
@@ -207,12 +211,13 @@ class RolloutSteps:
             workflow.logger.exception("could not record the failure of the rollout")
 
     async def _gate_tick(
-        self, stage: StagePlan, bake_done: bool, *, rollback: bool = False
-    ) -> GateDecision:
-        """The sweeps due (`policy.sweeps_due`, judged by the last counts), then the gate
-        decision. A rollback's tick (`rollback`) sweeps only returned vehicles that never
-        report (they time out), and its gate is the failure threshold over the rollback's own
-        outcomes, with the rollback's acknowledged failures."""
+        self, stage: StagePlan, bake_done: bool, *, rollback: bool = False, sweeps: bool = True
+    ) -> EvaluateGatesResult:
+        """The sweeps due (`policy.sweeps_due`, judged by the last counts; none when `sweeps`
+        is False: a look at new outcomes), then the gates. A rollback's tick (`rollback`)
+        sweeps only returned vehicles that never report (they time out), and its gate is the
+        failure threshold over the rollback's own outcomes, with the rollback's acknowledged
+        failures. Retries and re-checks wait while the maintenance window is closed."""
         s = self._state
         now = workflow.now()
         due = sweeps_due(
@@ -221,8 +226,10 @@ class RolloutSteps:
             first_issued_at=s.first_issued_at,
             apply_seconds=s.policy.apply_seconds,
             rollback=rollback,
+            window_open=window_open(now, s.policy.window),
         )
-        await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
+        if sweeps:
+            await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
         result = await self._evaluate(
             EvaluateGatesInput(
                 rollout_id=s.rollout_id,
@@ -234,13 +241,14 @@ class RolloutSteps:
                 ),
                 canary_forced=not rollback and s.canary_forced_stage == stage.index,
                 rollback=rollback,
+                is_last=not rollback and stage.index == len(s.stages) - 1,
             )
         )
         if rollback:
             s.rollback_total = result.total
         else:
             s.last_total = result.total
-        return result.decision
+        return result
 
     async def _evaluate(self, gate: EvaluateGatesInput) -> EvaluateGatesResult:
         result = await workflow.execute_activity_method(
@@ -280,12 +288,17 @@ class RolloutSteps:
             retry_policy=DB_RETRY,
         )
 
-    async def _sleep_until(self, deadline: datetime | None) -> None:
-        """A durable timer that an operator action cuts short (None: until an action)."""
+    async def _sleep_until(self, deadline: datetime | None, *, outcomes: bool = False) -> None:
+        """A durable timer that an operator action cuts short (None: until an action), and
+        new outcomes too when `outcomes` (the `outcomes` signal)."""
         s = self._state
 
         def woken() -> bool:
-            return bool(s.pending_actions) or control.stop_pending(s)
+            return (
+                bool(s.pending_actions)
+                or control.stop_pending(s)
+                or (outcomes and self._outcomes_changed)
+            )
 
         if deadline is None:
             await workflow.wait_condition(woken)

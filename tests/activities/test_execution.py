@@ -184,9 +184,23 @@ async def test_evaluate_gates_counts_and_decides(
     acts = RolloutActivities(sessions)
     env = ActivityEnvironment()
     gate = EvaluateGatesInput(rollout_id=rollout_id, stage_index=0, is_canary=True, bake_done=True)
-    # Nobody reported: the canary is unhealthy (minSamples 1 by default).
+    # Nobody reported: not settled, so not judged (however long the bake was).
     result = await env.run(acts.evaluate_gates, gate)
     assert result.stage.notified == 10 and result.total.issued == 10
+    assert (result.settled, result.unsettled) == (False, 10)
+    assert (result.decision.action, result.decision.reason) == ("wait", None)
+    assert result.decision.detail == "10 of 10 vehicles still applying"
+    # Blocked is an outcome without a sample: 1 of 1 reported ready is not enough.
+    await _record(sessions, rollout_id, [(x, "blocked", "BATTERY_LOW") for x in v[1:]])
+    await _record(sessions, rollout_id, [(v[1], "succeeded", None)])
+    result = await env.run(acts.evaluate_gates, gate)
+    assert result.settled is False and result.unsettled == 1
+    await _record(sessions, rollout_id, [(v[0], "blocked", "BATTERY_LOW")])
+    result = await env.run(acts.evaluate_gates, gate)
+    assert result.settled is True
+    assert (result.decision.action, result.decision.reason) == ("proceed", None)
+    await _set_json(sessions, rollout_id, "gates", {"canaryHealthy": {"minSamples": 2}})
+    result = await env.run(acts.evaluate_gates, gate)
     assert (result.decision.action, result.decision.reason) == ("pause", "CANARY_UNHEALTHY")
     await _record(sessions, rollout_id, [(x, "succeeded", None) for x in v[1:]])
     result = await env.run(acts.evaluate_gates, gate)

@@ -18,6 +18,7 @@ from tests.factories import (
     Sessions,
     fleet_rollout,
 )
+from tests.workflows.conftest import Started, reporting_fleet
 from worker.main import run_worker
 
 RELEASE = "2026.2.0-worker"
@@ -38,7 +39,6 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
             "canary": {"size": 1, "bakeSeconds": 0},
             "waves": [{"percent": 100, "bakeSeconds": 0}],
         },
-        # nobody reports here: a canary gate that needs no samples
         gates=LENIENT_GATES,
     )
     config = settings.model_copy(
@@ -46,7 +46,7 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
     )
     task = asyncio.create_task(run_worker(config))
     try:
-        result = await dev_server_env.client.execute_workflow(
+        handle = await dev_server_env.client.start_workflow(
             ROLLOUT_WORKFLOW_TYPE,
             RolloutInput(
                 rollout_id=rollout_id, release_version=RELEASE, correlation_id=f"corr-{prefix}"
@@ -55,7 +55,9 @@ async def test_run_worker_runs_a_rollout_on_the_dev_server(
             task_queue=ROLLOUT_TASK_QUEUE,
             result_type=RolloutResult,
         )
-        assert result.status == "completed" and result.counts.notified == 6
+        async with reporting_fleet(sessions, Started(rollout_id, handle)):  # vehicles report
+            result = await handle.result()
+        assert result.status == "completed" and result.counts.succeeded == 6
         out, err = capfd.readouterr()
         lines = (out + err).splitlines()
         mine = f"workflow_id={rollout_workflow_id(rollout_id)}-{prefix}"

@@ -6,16 +6,24 @@ telemetry path's entry point)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
-from core.temporal import ROLLOUT_WORKFLOW_TYPE, initial_search_attributes, rollout_workflow_id
-from models.workflows import RolloutInput, RolloutResult, RolloutState
+from core.temporal import (
+    OUTCOMES_SIGNAL,
+    ROLLOUT_WORKFLOW_TYPE,
+    initial_search_attributes,
+    rollout_workflow_id,
+)
+from models.workflows import OutcomesSignal, RolloutInput, RolloutResult, RolloutState
 from services.rollouts.outcomes import record_target_outcomes
 from tests.factories import (
     Sessions,
@@ -58,6 +66,7 @@ async def start_rollout(
     gate_interval: int | None = None,
     continue_as_new_after: int | None = None,
     workflow_id: str | None = None,
+    issue_batch_size: int | None = None,
 ) -> WorkflowHandle[Any, RolloutResult]:
     """Start `RolloutWorkflow` as the API does (its id, input and initial search attributes);
     the keyword arguments are the test-only knobs of `RolloutInput`."""
@@ -69,6 +78,7 @@ async def start_rollout(
             correlation_id=correlation_id,
             gate_interval_seconds=gate_interval,
             continue_as_new_after_events=continue_as_new_after,
+            issue_batch_size=issue_batch_size,
         ),
         id=workflow_id or rollout_workflow_id(rollout_id),
         task_queue=task_queue,
@@ -103,6 +113,7 @@ async def rollout(
         timeouts: dict[str, Any] | None = None,
         retry: dict[str, Any] | None = None,
         gate_interval: int | None = GATE_INTERVAL,
+        issue_batch_size: int | None = None,
     ) -> Started:
         prefix = unique_prefix("wf")
         await make_fleet(sessions, prefix=prefix, count=120)
@@ -128,6 +139,7 @@ async def rollout(
             task_queue=task_queue,
             correlation_id=f"req-{prefix}",
             gate_interval=gate_interval,
+            issue_batch_size=issue_batch_size,
         )
         return Started(rollout_id, handle)
 
@@ -165,6 +177,24 @@ def baking(stage: str) -> Callable[[RolloutState], bool]:
     )
 
 
+def settling(stage: str) -> Callable[[RolloutState], bool]:
+    # Issued, waiting for its vehicles' outcomes.
+    return lambda s: (
+        s.status == "running"
+        and s.stage == stage
+        and (s.waiting_for or "").startswith(f"settle of {stage}: ")
+    )
+
+
+def rollback_settling(stage: str) -> Callable[[RolloutState], bool]:
+    # Its vehicles sent back, waiting for their outcomes.
+    return lambda s: (
+        s.status == "rolling_back"
+        and s.stage == stage
+        and (s.waiting_for or "").startswith(f"settle of {stage}: ")
+    )
+
+
 def rollback_baking(stage: str) -> Callable[[RolloutState], bool]:
     # The stage's own rollback bake (a stale "rollback bake of <previous stage>" must not count).
     return lambda s: (
@@ -178,13 +208,66 @@ def rollback_baking(stage: str) -> Callable[[RolloutState], bool]:
 
 
 async def report(
-    sessions: Sessions, rollout_id: int, vehicles: list[str], state: str, reason: str | None = None
-) -> None:
-    """The vehicles report `state` (and its reason code), as telemetry would record it."""
+    sessions: Sessions,
+    rollout_id: int,
+    vehicles: list[str],
+    state: str,
+    reason: str | None = None,
+    *,
+    handle: WorkflowHandle[Any, Any] | None = None,
+    at: datetime | None = None,
+) -> int:
+    """The vehicles report `state` (and its reason code), as telemetry would record it; with
+    `handle`, the rollout's workflow is then signalled as the ingest path signals it (its
+    gates look again at once). `at`: when it happened (default the database's now; the
+    time-skipping server's clock is ahead of it). How many targets moved."""
     async with session_scope(sessions) as session:
-        await record_target_outcomes(
-            session, rollout_id=rollout_id, outcomes=[(v, state, reason) for v in vehicles]
+        moved = await record_target_outcomes(
+            session,
+            rollout_id=rollout_id,
+            outcomes=[(v, state, reason) for v in vehicles],
+            at=at,
         )
+    if handle is not None and moved:
+        await handle.signal(OUTCOMES_SIGNAL, OutcomesSignal(events=moved))
+    return moved
+
+
+@contextlib.asynccontextmanager
+async def reporting_fleet(
+    sessions: Sessions,
+    started: Started,
+    *,
+    state: str = "succeeded",
+    reason: str | None = None,
+) -> AsyncIterator[None]:
+    """While open, the rollout's vehicles answer: every target notified (by a stage, a retry
+    or a rollback) reports `state` at once, and the workflow is signalled, as the ingest path
+    does. A fleet that always reports, for tests about sequencing and operators."""
+
+    async def answer() -> None:
+        while True:
+            notified = await fetch_all(
+                sessions,
+                "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r"
+                " AND state = 'notified'",
+                r=started.rollout_id,
+            )
+            if notified:
+                vehicles = [row["vehicle_id"] for row in notified]
+                with contextlib.suppress(RPCError):  # the workflow may have finished
+                    await report(
+                        sessions, started.rollout_id, vehicles, state, reason, handle=started.handle
+                    )
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(answer())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def through_healthy_canary(
@@ -193,11 +276,14 @@ async def through_healthy_canary(
     sessions: Sessions,
     rollout_id: int,
 ) -> list[str]:
-    """The canary reports ready and bakes out; returns wave-1's vehicles once it bakes."""
+    """The canary reports ready, settles and bakes out; returns wave-1's vehicles once wave-1
+    is issued (it settles once they report)."""
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
     await until(handle, baking("canary"))
-    await report(sessions, rollout_id, await stage_vehicles(sessions, rollout_id, 0), "succeeded")
     await env.sleep(HOUR + 60)
-    await until(handle, baking("wave-1"))
+    await until(handle, settling("wave-1"))
     return await stage_vehicles(sessions, rollout_id, 1)
 
 

@@ -24,7 +24,13 @@ from tests.factories import (
     fleet_rollout,
     strategy,
 )
-from tests.workflows.conftest import eventually, start_rollout, until
+from tests.workflows.conftest import (
+    Started,
+    eventually,
+    reporting_fleet,
+    start_rollout,
+    until,
+)
 from worker.main import build_worker
 
 RELEASE = "2026.2.0-update"
@@ -53,7 +59,8 @@ async def handle(
             workflow_id=rollout_workflow_id(rollout_id) + "-" + prefix,
         )
         try:
-            yield h
+            async with reporting_fleet(sessions, Started(rollout_id, h)):  # vehicles report
+                yield h
         finally:
             desc = await h.describe()
             if desc.status is not None and desc.status.name == "RUNNING":

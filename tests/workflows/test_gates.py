@@ -8,16 +8,26 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from models.workflows import GateCounts, GatePolicy, MaintenanceWindowSpec, Sweep
+from models.workflows import (
+    GateCounts,
+    GateDecision,
+    GatePolicy,
+    MaintenanceWindowSpec,
+    RolloutCounts,
+    Sweep,
+)
 from workflows.policy import (
     canary_healthy,
+    counted_total,
     decide,
     failure_threshold_breached,
     gate_policy,
     next_window_start,
     retry_backoff_seconds,
     rollout_policy,
+    settle_detail,
     sweeps_due,
+    unsettled,
     window_open,
 )
 
@@ -60,6 +70,7 @@ def test_failure_threshold(counts: GateCounts, rate: float, breached: bool) -> N
     assert failure_threshold_breached(counts, max_failure_rate=rate) is breached
 
 
+WAIT = ("wait", None)
 PAUSE_POLICY = GatePolicy(min_success_rate=0.9, min_samples=2, max_failure_rate=0.2)
 ROLLBACK_POLICY = PAUSE_POLICY.model_copy(update={"failure_action": "rollback"})
 
@@ -71,11 +82,11 @@ ROLLBACK_POLICY = PAUSE_POLICY.model_copy(update={"failure_action": "rollback"})
         (PAUSE_POLICY, c(notified=10), c(notified=10), True, False, 0, False, ("wait", None)),
         # canary bake over, healthy
         (PAUSE_POLICY, c(succeeded=10), c(succeeded=10), True, True, 0, False, ("proceed", None)),
-        # canary bake over, too few samples
+        # canary settled and baked, too few samples (blocked vehicles have not reported)
         (
             PAUSE_POLICY,
-            c(succeeded=1, notified=9),
-            c(succeeded=1, notified=9),
+            c(succeeded=1, blocked=9),
+            c(succeeded=1, blocked=9),
             True,
             True,
             0,
@@ -85,8 +96,8 @@ ROLLBACK_POLICY = PAUSE_POLICY.model_copy(update={"failure_action": "rollback"})
         # an unhealthy canary forced by an operator
         (
             PAUSE_POLICY,
-            c(succeeded=1, notified=9),
-            c(succeeded=1, notified=9),
+            c(succeeded=1, blocked=9),
+            c(succeeded=1, blocked=9),
             True,
             True,
             0,
@@ -94,7 +105,21 @@ ROLLBACK_POLICY = PAUSE_POLICY.model_copy(update={"failure_action": "rollback"})
             ("proceed", None),
         ),
         # a wave is not held to the canary rule
-        (PAUSE_POLICY, c(notified=10), c(notified=10), False, True, 0, False, ("proceed", None)),
+        (PAUSE_POLICY, c(blocked=10), c(blocked=10), False, True, 0, False, ("proceed", None)),
+        # never judged before every vehicle has an outcome: still applying...
+        (PAUSE_POLICY, c(notified=10), c(notified=10), False, True, 0, False, ("wait", None)),
+        (PAUSE_POLICY, c(succeeded=9, updating=1), c(updating=1), True, True, 0, False, WAIT),
+        # ...or failed with a retry to come
+        (
+            PAUSE_POLICY,
+            c(succeeded=9, failed=1),
+            c(failed=1, retryable=1),
+            False,
+            True,
+            0,
+            False,
+            WAIT,
+        ),
         # failure threshold mid-bake: pause...
         (
             PAUSE_POLICY,
@@ -294,3 +319,65 @@ def test_sweeps_due(
         sweeps_due(counts, now=T0, first_issued_at=issued, apply_seconds=3600, rollback=rollback)
         == due
     )
+
+
+def test_nothing_is_retried_or_rechecked_while_the_window_is_closed() -> None:
+    counts = GateCounts(notified=1, failed=2, retryable=2, blocked=1)
+    issued = T0 - timedelta(hours=2)
+    assert sweeps_due(
+        counts, now=T0, first_issued_at=issued, apply_seconds=3600, window_open=False
+    ) == [EXPIRE]  # a timeout issues nothing: it still runs
+
+
+@pytest.mark.parametrize(
+    ("stage", "left", "detail"),
+    [
+        (GateCounts(), 0, "0 of 0 vehicles still applying"),
+        (GateCounts(succeeded=4, failed=1, blocked=2), 0, "0 of 7 vehicles still applying"),
+        (
+            GateCounts(notified=40, updating=3, succeeded=457),
+            43,
+            "43 of 500 vehicles still applying",
+        ),
+        (
+            GateCounts(succeeded=8, failed=2, retryable=1),
+            1,
+            "0 of 10 vehicles still applying, 1 to be retried",
+        ),
+    ],
+)
+def test_a_stage_settles_once_every_vehicle_has_an_outcome(
+    stage: GateCounts, left: int, detail: str
+) -> None:
+    assert unsettled(stage) == left
+    assert settle_detail(stage) == detail
+
+
+def test_the_counters_give_the_whole_rollouts_gate_counts() -> None:
+    counts = RolloutCounts(
+        targeted=100, notified=40, updating=5, succeeded=20, failed=6, blocked=2, pending=60
+    )
+    total = counted_total(counts)
+    assert total == GateCounts(notified=7, updating=5, succeeded=20, failed=6, blocked=2)
+    assert total.issued == counts.notified
+    # 6 of 40 is over 10%: what issuing checks between batches
+    assert failure_threshold_breached(total, max_failure_rate=0.1)
+
+
+def test_the_last_stage_waits_for_the_whole_rollout_to_settle() -> None:
+    # wave-2 settled and baked, but a blocked canary vehicle was notified again since
+    total, stage = c(succeeded=59, notified=1), c(succeeded=30)
+
+    def judge(is_last: bool) -> GateDecision:
+        return decide(
+            policy=PAUSE_POLICY,
+            total=total,
+            stage=stage,
+            is_canary=False,
+            bake_done=True,
+            is_last=is_last,
+        )
+
+    assert judge(False).action == "proceed"  # not the last stage
+    last = judge(True)
+    assert (last.action, last.detail) == ("wait", "the rollout: 1 of 60 vehicles still applying")

@@ -2,6 +2,10 @@
 continue-as-new carries the state; saved histories of real runs replay with the current code
 (a change that would break running workflows fails here first).
 
+`rollout_before_settling_paused_resumed.json` is a run of the workflow as it was before stages
+settled (commit e5887ac: issue, then bake): it replays through the `settle-before-bake`
+patch's old branch, as rollouts started before that change and still running do.
+
 Record the saved histories again (after an intended, versioned change) with
 `MOTORCADE_RECORD_HISTORIES=1 pytest tests/workflows/test_history.py`.
 """
@@ -21,12 +25,18 @@ from temporalio.worker import Replayer
 
 from core.temporal import SA_ROLLOUT_STATUS
 from models.workflows import RolloutResult, RolloutSignal, RolloutState
-from tests.factories import (
-    LENIENT_GATES,
-    Sessions,
-    fleet_rollout,
+from tests.factories import LENIENT_GATES, Sessions, fleet_rollout, stage_vehicles
+from tests.workflows.conftest import (
+    HOUR,
+    NEVER_TIMES_OUT,
+    Started,
+    StartRollout,
+    report,
+    reporting_fleet,
+    settling,
+    start_rollout,
+    until,
 )
-from tests.workflows.conftest import HOUR, NEVER_TIMES_OUT, start_rollout, until
 from workflows.rollout import RolloutWorkflow
 
 RELEASE = "2026.2.0-hist"
@@ -68,9 +78,10 @@ async def _run(
         gate_interval=gate_interval,
         continue_as_new_after=can_after,
     )
-    if during is not None:
-        await during(handle)
-    result = await handle.result()
+    async with reporting_fleet(sessions, Started(rollout_id, handle)):
+        if during is not None:
+            await during(handle)
+        result = await handle.result()
     history = await handle.fetch_history()
     return handle, result, len(history.events)
 
@@ -86,8 +97,10 @@ async def test_history_length_does_not_grow_with_the_fleet(
     )
     assert small.status == large.status == "completed"
     assert (small.counts.notified, large.counts.notified) == (100, 10_000)
-    # Same order of length (the large one issues in more batches inside one activity).
-    assert large_events <= small_events * 1.2, (small_events, large_events)
+    # Same order of length, not 100 times longer: the large one issues in more batches inside
+    # one activity, and its vehicles take longer to report (each stage settles when they
+    # have), so the time-skipping server fits a few more gate ticks in while it waits.
+    assert large_events <= small_events * 2, (small_events, large_events)
     assert large_events < 10_240
 
 
@@ -131,12 +144,50 @@ async def test_a_run_with_signals_replays_and_is_saved(
         during=pause_and_resume,
     )
     assert result.status == "completed"
+    await _save(handle, "rollout_paused_resumed.json")
+
+
+async def _save(handle: WorkflowHandle[Any, RolloutResult], name: str) -> None:
+    """Replay the run with the current code; with MOTORCADE_RECORD_HISTORIES=1 save it."""
     history = await handle.fetch_history()
     replayer = Replayer(workflows=[RolloutWorkflow], data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
     if os.environ.get("MOTORCADE_RECORD_HISTORIES"):
         HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / "rollout_paused_resumed.json").write_text(history.to_json())
+        (HISTORIES / name).write_text(history.to_json())
+
+
+async def test_an_event_driven_pause_replays_and_is_saved(
+    rollout: StartRollout, sessions: Sessions
+) -> None:
+    """The canary's vehicles fail: the `outcomes` signal pauses the rollout while it settles
+    (FAILURE_THRESHOLD), then an operator aborts it."""
+    rollout_id, handle = await rollout(timeouts=NEVER_TIMES_OUT)
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary[:2], "failed", "SIGNATURE_INVALID", handle=handle)
+    state = await until(handle, lambda s: s.status == "paused")
+    assert state.status_reason == "FAILURE_THRESHOLD" and state.outcome_signals >= 1
+    await handle.signal("abort", RolloutSignal(reason="replay test", actor="alice"))
+    assert (await handle.result()).status == "aborted"
+    await _save(handle, "rollout_failure_paused.json")
+
+
+async def test_a_staged_rollback_replays_and_is_saved(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    """Every vehicle reports at once; an operator rolls back while wave-1 bakes: each stage's
+    rollback issues, settles and bakes."""
+    started = await rollout(gates=LENIENT_GATES, timeouts=NEVER_TIMES_OUT)
+    handle = started.handle
+    async with reporting_fleet(sessions, started):
+        await until(handle, lambda s: (s.waiting_for or "").startswith("bake of canary"))
+        await time_skipping_env.sleep(HOUR + 60)
+        await until(handle, lambda s: (s.waiting_for or "").startswith("bake of wave-1"))
+        await handle.signal("rollback", RolloutSignal(reason="replay test", actor="carol"))
+        result = await handle.result()
+    assert result.status == "rolled_back"
+    await _save(handle, "rollout_rolled_back.json")
 
 
 # Read at collection time (plain files, small).

@@ -13,14 +13,16 @@ from temporalio.testing import WorkflowEnvironment
 from models.workflows import RolloutSignal
 from tests.factories import Sessions, fetch_all, fetch_one, stage_vehicles
 from tests.workflows.conftest import (
-    GATE_INTERVAL,
     HOUR,
     NEVER_TIMES_OUT,
+    Started,
     StartRollout,
     audit_actions,
     baking,
     eventually,
     report,
+    reporting_fleet,
+    settling,
     target_states,
     through_healthy_canary,
     until,
@@ -32,10 +34,11 @@ async def test_canary_and_waves_complete_when_vehicles_succeed(
 ) -> None:
     rollout_id, handle = await rollout()  # default gates: 95% of at least 1, at most 5% failed
     for stage, name in enumerate(("canary", "wave-1", "wave-2")):
-        await until(handle, baking(name))
+        await until(handle, settling(name))
         vehicles = await stage_vehicles(sessions, rollout_id, stage)
-        await report(sessions, rollout_id, vehicles[:1], "updating")
-        await report(sessions, rollout_id, vehicles, "succeeded")
+        await report(sessions, rollout_id, vehicles[:1], "updating", handle=handle)
+        await report(sessions, rollout_id, vehicles, "succeeded", handle=handle)
+        await until(handle, baking(name))
         if name != "wave-2":
             await time_skipping_env.sleep(HOUR + 60)
     result = await handle.result()
@@ -53,12 +56,17 @@ async def test_unhealthy_canary_pauses_and_does_not_progress(
     time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
 ) -> None:
     rollout_id, handle = await rollout(
-        gates={"canaryHealthy": {"minSuccessRate": 0.9, "minSamples": 2}},
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0.9, "minSamples": 2},
+            "failureThreshold": {"maxFailureRate": 1},
+        },
         timeouts=NEVER_TIMES_OUT,
     )
-    await until(handle, baking("canary"))
+    await until(handle, settling("canary"))
     canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary[:1], "succeeded")  # 1 sample of the 2 needed
+    await report(sessions, rollout_id, canary[:1], "succeeded", handle=handle)
+    await report(sessions, rollout_id, canary[1:], "failed", "SIGNATURE_INVALID", handle=handle)
+    await until(handle, baking("canary"))  # settled: 1 of 3 ready
     await time_skipping_env.sleep(HOUR + 60)
     state = await until(handle, lambda s: s.status == "paused")
     assert state.status_reason == "CANARY_UNHEALTHY" and state.stage == "canary"
@@ -95,7 +103,7 @@ async def test_unhealthy_canary_pauses_and_does_not_progress(
     await handle.signal(
         "resume", RolloutSignal(reason="known flaky sensor", actor="dana", force=True)
     )
-    await until(handle, baking("wave-1"))
+    await until(handle, settling("wave-1"))
     await handle.signal("abort", RolloutSignal(reason="enough", actor="dana"))
     result = await handle.result()
     assert result.status == "aborted" and result.counts.notified == 30
@@ -111,7 +119,7 @@ async def test_unhealthy_canary_pauses_and_does_not_progress(
         ("rollout.gate_failed", "workflow"),
         ("rollout.resumed", "dana"),
     ]
-    assert "canary: 1 of 1 reported vehicles ready" in (audit[0]["reason"] or "")
+    assert "canary: 1 of 3 reported vehicles ready" in (audit[0]["reason"] or "")
 
 
 async def test_failure_threshold_mid_wave_pauses_until_resumed(
@@ -121,10 +129,11 @@ async def test_failure_threshold_mid_wave_pauses_until_resumed(
         gates={"failureThreshold": {"maxFailureRate": 0.1, "action": "pause"}},
         timeouts=NEVER_TIMES_OUT,
     )
+    started = Started(rollout_id, handle)
     wave = await through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
-    # 4 of the 30 notified so far fail (13% > 10%), mid-bake.
-    await report(sessions, rollout_id, wave[:4], "failed", "SIGNATURE_INVALID")
-    await time_skipping_env.sleep(GATE_INTERVAL + 60)
+    # 4 of the 30 notified so far fail (13% > 10%) while wave-1 settles: the outcomes
+    # signal pauses it at once (no gate tick comes: time does not move here).
+    await report(sessions, rollout_id, wave[:4], "failed", "SIGNATURE_INVALID", handle=handle)
     state = await until(handle, lambda s: s.status == "paused")
     assert (state.status_reason, state.stage) == ("FAILURE_THRESHOLD", "wave-1")
     await time_skipping_env.sleep(3 * HOUR)  # well past the wave's bake: still held
@@ -142,9 +151,10 @@ async def test_failure_threshold_mid_wave_pauses_until_resumed(
     }
     # Resume acknowledges the failures seen so far; the rollout goes on.
     await handle.signal("resume", RolloutSignal(reason="bad batch of modems", actor="erin"))
-    result = await handle.result()
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
     assert result.status == "completed" and result.counts.notified == 60
-    assert result.counts.failed == 4
+    assert result.counts.failed == 4 and result.counts.succeeded == 56
 
 
 async def test_waits_for_the_maintenance_window_then_proceeds(
@@ -154,7 +164,7 @@ async def test_waits_for_the_maintenance_window_then_proceeds(
     now = await time_skipping_env.get_current_time()
     opens = (now.astimezone(UTC) + timedelta(hours=2)).replace(second=0, microsecond=0)
     closes = opens + timedelta(hours=1)
-    rollout_id, handle = await rollout(
+    started = await rollout(
         bakes=(60, 60, 60),
         gates={
             "canaryHealthy": {"minSuccessRate": 0, "minSamples": 0},
@@ -169,6 +179,7 @@ async def test_waits_for_the_maintenance_window_then_proceeds(
         },
         timeouts=NEVER_TIMES_OUT,
     )
+    rollout_id, handle = started
     state = await until(handle, lambda s: s.status_reason == "OUTSIDE_MAINTENANCE_WINDOW")
     assert state.status == "running" and state.stage == "canary"
     assert state.waiting_for == f"the maintenance window, opening at {opens.isoformat()}".replace(
@@ -178,7 +189,8 @@ async def test_waits_for_the_maintenance_window_then_proceeds(
         sessions, "SELECT status_reason, notified FROM rollouts WHERE id = :r", r=rollout_id
     )
     assert row == {"status_reason": "OUTSIDE_MAINTENANCE_WINDOW", "notified": 0}
-    result = await handle.result()
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
     assert result.status == "completed" and result.counts.notified == 60
     first = await fetch_one(
         sessions,

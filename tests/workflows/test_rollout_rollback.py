@@ -23,6 +23,8 @@ from tests.workflows.conftest import (
     baking,
     report,
     rollback_baking,
+    rollback_settling,
+    settling,
     through_healthy_canary,
     until,
 )
@@ -36,7 +38,7 @@ async def test_failure_threshold_with_rollback_action_rolls_back(
         timeouts=NEVER_TIMES_OUT,
     )
     wave = await through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
-    await report(sessions, rollout_id, wave[:2], "failed", "INSUFFICIENT_STORAGE")
+    await report(sessions, rollout_id, wave[:2], "failed", "INSUFFICIENT_STORAGE", handle=handle)
     result = await handle.result()
     assert (result.status, result.status_reason) == ("rolled_back", "FAILURE_THRESHOLD")
     rows = await fetch_all(
@@ -61,9 +63,11 @@ async def test_failure_threshold_with_rollback_action_rolls_back(
     assert counters == {"succeeded": 0, "failed": 0}
 
 
-async def _applied(sessions: Sessions, rollout_id: int, vehicles: list[str]) -> None:
+async def _applied(
+    sessions: Sessions, handle: WorkflowHandle[Any, Any], rollout_id: int, vehicles: list[str]
+) -> None:
     """The vehicles report ready for the new release and now run it."""
-    await report(sessions, rollout_id, vehicles, "succeeded")
+    await report(sessions, rollout_id, vehicles, "succeeded", handle=handle)
     async with session_scope(sessions) as session:
         await session.exec(  # type: ignore[call-overload]
             text("UPDATE vehicles SET actual_release_version = :v WHERE id = ANY(:ids)"),
@@ -78,16 +82,19 @@ async def _rollback_started(
     rollout_id: int,
 ) -> tuple[list[str], list[str]]:
     """Canary and wave-1 applied (vehicles now run the new release), then an operator
-    rollback while wave-1 bakes; returns (canary, wave-1) vehicles."""
-    await until(handle, baking("canary"))
+    rollback while wave-1 bakes; returns (canary, wave-1) vehicles once wave-1's vehicles
+    were sent back (its rollback settles once they report)."""
+    await until(handle, settling("canary"))
     canary = await stage_vehicles(sessions, rollout_id, 0)
-    await _applied(sessions, rollout_id, canary)
+    await _applied(sessions, handle, rollout_id, canary)
+    await until(handle, baking("canary"))
     await env.sleep(HOUR + 60)
-    await until(handle, baking("wave-1"))
+    await until(handle, settling("wave-1"))
     wave = await stage_vehicles(sessions, rollout_id, 1)
-    await _applied(sessions, rollout_id, wave)
+    await _applied(sessions, handle, rollout_id, wave)
+    await until(handle, baking("wave-1"))
     await handle.signal("rollback", RolloutSignal(reason="regression", actor="carol"))
-    await until(handle, rollback_baking("wave-1"))
+    await until(handle, rollback_settling("wave-1"))
     return canary, wave
 
 
@@ -115,10 +122,12 @@ async def test_rollback_of_applied_stages_ends_rolled_back_when_vehiclesreport(
         {"stage": 1, "state": "notified", "desired": OLD_RELEASE, "n": 27},
         {"stage": 2, "state": "skipped", "desired": OLD_RELEASE, "n": 30},
     ]
-    await report(sessions, rollout_id, wave, "succeeded")  # ready for the rollback state
+    # ready for the rollback state: its rollback settles, then bakes
+    await report(sessions, rollout_id, wave, "succeeded", handle=handle)
+    await until(handle, rollback_baking("wave-1"))
     await time_skipping_env.sleep(400)  # past the rollback bake (min(bake, 300 s))
-    await until(handle, rollback_baking("canary"))
-    await report(sessions, rollout_id, canary, "succeeded")
+    await until(handle, rollback_settling("canary"))
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
     result = await handle.result()
     assert (result.status, result.status_reason) == ("rolled_back", "OPERATOR")
     assert await _rollback_rows(sessions, rollout_id) == [
@@ -136,12 +145,11 @@ async def test_failing_rollback_pauses_before_the_next_stage_until_resumed(
         timeouts=NEVER_TIMES_OUT,
     )
     canary, wave = await _rollback_started(time_skipping_env, handle, sessions, rollout_id)
-    # 5 of 27 fail to go back (18% > 5%): the rollback pauses itself.
-    await report(sessions, rollout_id, wave[:5], "failed", "INSUFFICIENT_STORAGE")
-    await time_skipping_env.sleep(400)  # the next rollback gate tick
+    # 5 of 27 fail to go back (18% > 5%): the rollback pauses itself, at once.
+    await report(sessions, rollout_id, wave[:5], "failed", "INSUFFICIENT_STORAGE", handle=handle)
     state = await until(handle, lambda s: s.status == "paused")
     assert (state.status_reason, state.stage) == ("FAILURE_THRESHOLD", "wave-1")
-    await report(sessions, rollout_id, wave[5:], "succeeded")
+    await report(sessions, rollout_id, wave[5:], "succeeded", handle=handle)
     await time_skipping_env.sleep(3 * HOUR)  # well past the rollback bake: still held
     row = await fetch_one(
         sessions, "SELECT status, status_reason FROM rollouts WHERE id = :r", r=rollout_id
@@ -156,8 +164,10 @@ async def test_failing_rollback_pauses_before_the_next_stage_until_resumed(
     }
     # A pause of the rollback is resumed (not rolled back again); it continues.
     await handle.signal("resume", RolloutSignal(reason="storage cleaned", actor="erin"))
-    await until(handle, rollback_baking("canary"))
-    await report(sessions, rollout_id, canary, "succeeded")
+    await until(handle, rollback_baking("wave-1"))  # settled while paused: it bakes now
+    await time_skipping_env.sleep(400)
+    await until(handle, rollback_settling("canary"))
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
     result = await handle.result()
     assert result.status == "rolled_back"
     assert await _rollback_rows(sessions, rollout_id) == [

@@ -5,6 +5,7 @@ rechecks of blocked vehicles."""
 from __future__ import annotations
 
 from sqlalchemy import text
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
@@ -16,6 +17,8 @@ from tests.workflows.conftest import (
     StartRollout,
     baking,
     report,
+    reporting_fleet,
+    settling,
     target_states,
     until,
 )
@@ -33,11 +36,11 @@ async def test_apply_timeout_fails_silent_vehicles(
         timeouts={"applySeconds": 900},
         retry={"maxAttempts": 1},
     )
-    await until(handle, baking("canary"))
+    await until(handle, settling("canary"))
     canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary[:1], "succeeded")
-    await report(sessions, rollout_id, canary[1:2], "updating")
-    result = await handle.result()
+    await report(sessions, rollout_id, canary[:1], "succeeded", handle=handle)
+    await report(sessions, rollout_id, canary[1:2], "updating", handle=handle)
+    result = await handle.result()  # every stage settles once its silent vehicles time out
     assert result.status == "completed"
     states = await target_states(sessions, rollout_id)
     assert states[:2] == [
@@ -49,7 +52,7 @@ async def test_apply_timeout_fails_silent_vehicles(
 async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
     time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
 ) -> None:
-    rollout_id, handle = await rollout(
+    started = await rollout(
         bakes=(HOUR, 60, 60),
         gates={
             "canaryHealthy": {"minSuccessRate": 0.3, "minSamples": 1},
@@ -58,12 +61,24 @@ async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
         timeouts=NEVER_TIMES_OUT,
         retry={"maxAttempts": 2, "backoffSeconds": 60},
     )
-    await until(handle, baking("canary"))
+    rollout_id, handle = started
+    await until(handle, settling("canary"))
     canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary[:1], "failed", "NETWORK_UNREACHABLE")
-    await report(sessions, rollout_id, canary[1:2], "failed", "SIGNATURE_INVALID")
-    await report(sessions, rollout_id, canary[2:], "succeeded")
-    result = await handle.result()
+    await report(sessions, rollout_id, canary[:1], "failed", "NETWORK_UNREACHABLE", handle=handle)
+    await report(sessions, rollout_id, canary[1:2], "failed", "SIGNATURE_INVALID", handle=handle)
+    await report(sessions, rollout_id, canary[2:], "succeeded", handle=handle)
+    # Not settled: the NETWORK_UNREACHABLE one has a retry to come.
+    state = await until(
+        handle, lambda s: s.last_total.retryable == 1 and s.last_total.succeeded == 1
+    )
+    assert state.phase == "settle"
+    # The Web UI's current details say so (read through the SDK's built-in query).
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert "settle of canary: 0 of 3 vehicles still applying, 1 to be retried" in (
+        metadata.current_details
+    )
+    async with reporting_fleet(sessions, started):  # the retried vehicle, then the waves
+        result = await handle.result()
     assert result.status == "completed"
     targets = {
         r["vehicle_id"]: (r["state"], r["reason_code"], r["attempt"])
@@ -74,7 +89,7 @@ async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
             r=rollout_id,
         )
     }
-    assert targets[canary[0]] == ("notified", None, 2)  # re-issued
+    assert targets[canary[0]] == ("succeeded", None, 2)  # re-issued, then ready
     assert targets[canary[1]] == ("failed", "SIGNATURE_INVALID", 1)  # never retried
     # Desired states are per target set: the retried vehicle points to the one of attempt 2,
     # the SIGNATURE_INVALID one still to the canary's.
@@ -94,7 +109,7 @@ async def test_retryable_failure_is_retried_and_signature_invalid_is_not(
 async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
     time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
 ) -> None:
-    rollout_id, handle = await rollout(
+    started = await rollout(
         bakes=(HOUR, 60, 60),
         gates={
             "canaryHealthy": {"minSuccessRate": 0.5, "minSamples": 1},
@@ -102,10 +117,12 @@ async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
         },
         timeouts=NEVER_TIMES_OUT,
     )
-    await until(handle, baking("canary"))
+    rollout_id, handle = started
+    await until(handle, settling("canary"))
     canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary[:2], "blocked", "BATTERY_LOW")
-    await report(sessions, rollout_id, canary[2:], "succeeded")
+    await report(sessions, rollout_id, canary[:2], "blocked", "BATTERY_LOW", handle=handle)
+    await report(sessions, rollout_id, canary[2:], "succeeded", handle=handle)
+    await until(handle, baking("canary"))  # blocked is an outcome: the canary settled
     await time_skipping_env.sleep(GATE_INTERVAL + 60)  # a tick sees them blocked
     async with session_scope(sessions) as session:
         conn = await session.connection()
@@ -116,7 +133,8 @@ async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
             ),
             {"v": canary[0]},
         )
-    result = await handle.result()
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
     assert result.status == "completed"
     rows = await fetch_all(
         sessions,
@@ -126,6 +144,6 @@ async def test_blocked_vehicle_is_rechecked_when_its_heartbeat_passes(
         v=canary[:2],
     )
     assert [(r["state"], r["reason_code"]) for r in rows] == [
-        ("notified", None),  # passes the checks now: back in the rollout
+        ("succeeded", None),  # passed the checks: notified again, then ready
         ("blocked", "BATTERY_LOW"),  # no heartbeat since: still blocked
     ]

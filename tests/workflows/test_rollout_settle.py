@@ -1,0 +1,246 @@
+"""A stage is judged on what its vehicles reported, never on the clock alone (SPEC.md,
+Rollouts): issue, settle, bake, judge. RolloutWorkflow on the time-skipping server with the
+real activities over PostgreSQL; vehicles report through `record_target_outcomes` (the
+telemetry path's entry point) and the workflow is signalled as the ingest path signals it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.testing import WorkflowEnvironment
+
+from models.workflows import RolloutSignal
+from tests.factories import Sessions, fetch_all, fetch_one, stage_vehicles
+from tests.workflows.conftest import (
+    HOUR,
+    NEVER_TIMES_OUT,
+    StartRollout,
+    audit_actions,
+    baking,
+    eventually,
+    report,
+    reporting_fleet,
+    settling,
+    target_states,
+    until,
+)
+
+
+async def _stage_states(sessions: Sessions, rollout_id: int, stage: int) -> dict[str, int]:
+    rows = await fetch_all(
+        sessions,
+        "SELECT state, count(*) AS n FROM rollout_targets WHERE rollout_id = :r AND stage = :s"
+        " GROUP BY state",
+        r=rollout_id,
+        s=stage,
+    )
+    return {row["state"]: row["n"] for row in rows}
+
+
+async def test_a_canary_whose_vehicles_report_after_its_bake_still_passes(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    # A 3-second canary bake, default gates (95% of at least 1 ready, at most 5% failed).
+    started = await rollout(bakes=(3, 3, 0))
+    rollout_id, handle = started
+    await until(handle, settling("canary"))
+    await time_skipping_env.sleep(20 * 60)  # the vehicles take 20 minutes to apply
+    state = await until(handle, settling("canary"))
+    assert state.status == "running" and not state.paused  # no false CANARY_UNHEALTHY
+    assert await _stage_states(sessions, rollout_id, 1) == {"planned": 27}
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
+    assert result.status == "completed" and result.counts.succeeded == 60
+    actions = await audit_actions(sessions, rollout_id)
+    assert "rollout.gate_failed" not in actions and "rollout.paused" not in actions
+
+
+async def test_waves_wait_for_every_vehicle_and_completed_means_all_reported(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    rollout_id, handle = await rollout(
+        gates={"failureThreshold": {"maxFailureRate": 0.5}}, timeouts=NEVER_TIMES_OUT
+    )
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
+    await until(handle, baking("canary"))
+    await time_skipping_env.sleep(HOUR + 60)
+
+    # wave-1: all but one vehicle report; hours later the wave is still settling and
+    # wave-2 has not started.
+    await until(handle, settling("wave-1"))
+    wave = await stage_vehicles(sessions, rollout_id, 1)
+    await report(sessions, rollout_id, wave[:-1], "succeeded", handle=handle)
+    await time_skipping_env.sleep(3 * HOUR)
+    state = await until(handle, settling("wave-1"))
+    assert state.waiting_for == "settle of wave-1: 1 of 27 vehicles still applying"
+    assert await _stage_states(sessions, rollout_id, 2) == {"planned": 30}
+    row = await fetch_one(sessions, "SELECT waiting_for FROM rollouts WHERE id = :r", r=rollout_id)
+    assert row["waiting_for"] == state.waiting_for  # what the dashboard shows
+    await report(sessions, rollout_id, wave[-1:], "succeeded", handle=handle)
+    await until(handle, baking("wave-1"))
+    await time_skipping_env.sleep(HOUR + 60)
+
+    # wave-2, the last: one vehicle silent for hours, so the rollout is not completed...
+    await until(handle, settling("wave-2"))
+    last = await stage_vehicles(sessions, rollout_id, 2)
+    await report(sessions, rollout_id, last[:-1], "succeeded", handle=handle)
+    await time_skipping_env.sleep(5 * HOUR)
+    state = await until(handle, settling("wave-2"))
+    assert state.status == "running"
+    # ...until it reports (a failure is an outcome too; 1 of 60 is under the threshold).
+    await report(sessions, rollout_id, last[-1:], "failed", "SIGNATURE_INVALID", handle=handle)
+    result = await handle.result()
+    assert result.status == "completed"
+    assert (result.counts.succeeded, result.counts.failed, result.counts.updating) == (59, 1, 0)
+    states = {(r["state"], r["reason_code"]) for r in await target_states(sessions, rollout_id)}
+    assert states == {("succeeded", None), ("failed", "SIGNATURE_INVALID")}
+
+
+async def test_a_failure_after_the_stage_settled_pauses_it_during_its_bake(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    rollout_id, handle = await rollout(
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0.5, "minSamples": 1},
+            "failureThreshold": {"maxFailureRate": 0.1},
+        },
+        timeouts=NEVER_TIMES_OUT,
+    )
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
+    await until(handle, baking("canary"))
+    await time_skipping_env.sleep(HOUR + 60)
+    await until(handle, settling("wave-1"))
+    wave = await stage_vehicles(sessions, rollout_id, 1)
+    # 23 ready, 4 blocked (an outcome): wave-1 settles and bakes.
+    await report(sessions, rollout_id, wave[4:], "succeeded", handle=handle)
+    await report(sessions, rollout_id, wave[:4], "blocked", "NOT_STATIONARY", handle=handle)
+    await until(handle, baking("wave-1"))
+    # Inside the bake the blocked vehicles try again and fail: 4 of 30 (13% > 10%).
+    await report(sessions, rollout_id, wave[:4], "failed", "SIGNATURE_INVALID", handle=handle)
+    state = await until(handle, lambda s: s.status == "paused")
+    assert (state.status_reason, state.stage, state.phase) == (
+        "FAILURE_THRESHOLD",
+        "wave-1",
+        "bake",
+    )
+    assert await _stage_states(sessions, rollout_id, 2) == {"planned": 30}
+    await handle.signal("abort", RolloutSignal(reason="bad modems", actor="ivy"))
+    assert (await handle.result()).status == "aborted"
+
+
+async def test_a_breach_stops_issuing_between_batches(
+    time_skipping_env: WorkflowEnvironment,
+    rollout: StartRollout,
+    sessions: Sessions,
+    engine: AsyncEngine,
+) -> None:
+    started = await rollout(
+        bakes=(2, HOUR, HOUR),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0, "minSamples": 0},
+            "failureThreshold": {"maxFailureRate": 0.2},
+        },
+        timeouts=NEVER_TIMES_OUT,
+        issue_batch_size=5,
+    )
+    rollout_id, handle = started
+    await until(handle, settling("canary"))  # the targets are planned
+    wave = sorted(await stage_vehicles(sessions, rollout_id, 1))
+    # Hold wave-1's second batch at its first vehicle (a row lock) while the first batch's
+    # vehicles fail: the issue must stop right after the second batch.
+    async with engine.connect() as blocker:
+        transaction = await blocker.begin()
+        await blocker.execute(
+            text("SELECT 1 FROM vehicles WHERE id = :v FOR UPDATE"), {"v": wave[5]}
+        )
+        canary = await stage_vehicles(sessions, rollout_id, 0)
+        await report(sessions, rollout_id, canary, "succeeded", handle=handle)
+        await eventually(
+            lambda: _stage_states(sessions, rollout_id, 1),
+            lambda states: states.get("notified") == 5,
+        )
+        first = wave[:5]
+        await report(sessions, rollout_id, first, "failed", "SIGNATURE_INVALID", handle=handle)
+        await transaction.rollback()
+    state = await until(handle, lambda s: s.status == "paused")
+    assert (state.status_reason, state.stage) == ("FAILURE_THRESHOLD", "wave-1")
+    assert await _stage_states(sessions, rollout_id, 1) == {
+        "failed": 5,
+        "notified": 5,
+        "planned": 17,
+    }
+    await asyncio.sleep(0.5)  # nothing more is issued while it is held
+    assert (await _stage_states(sessions, rollout_id, 1))["planned"] == 17
+    actions = await audit_actions(sessions, rollout_id)
+    assert actions[-1] == "rollout.gate_failed"
+
+    # Resume acknowledges the 5 failures; the rest of the stage is issued.
+    await handle.signal("resume", RolloutSignal(reason="bad batch", actor="jo"))
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
+    assert result.status == "completed" and result.counts.failed == 5
+    assert result.counts.succeeded == 55
+
+
+async def test_nothing_is_issued_outside_the_window_retries_included(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    now = (await time_skipping_env.get_current_time()).astimezone(UTC)
+    opens = (now + timedelta(minutes=10)).replace(second=0, microsecond=0)
+    closes = opens + timedelta(hours=1)
+    started = await rollout(
+        bakes=(60, 60, 60),
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0, "minSamples": 0},
+            "failureThreshold": {"maxFailureRate": 1},
+            "safetyChecks": {
+                "maintenanceWindow": {
+                    "start": opens.strftime("%H:%M"),
+                    "end": closes.strftime("%H:%M"),
+                    "timezone": "UTC",
+                }
+            },
+        },
+        timeouts=NEVER_TIMES_OUT,
+        # the first retry is due 90 minutes after the failure: the window has closed
+        retry={"maxAttempts": 2, "backoffSeconds": 5400},
+        gate_interval=1800,
+    )
+    rollout_id, handle = started
+    await time_skipping_env.sleep(15 * 60)  # the window opens
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    failed_at = await time_skipping_env.get_current_time()
+    await report(
+        sessions,
+        rollout_id,
+        canary[:1],
+        "failed",
+        "NETWORK_UNREACHABLE",
+        handle=handle,
+        at=failed_at,
+    )
+    await report(sessions, rollout_id, canary[1:], "succeeded", handle=handle)
+    async with reporting_fleet(sessions, started):
+        result = await handle.result()
+    assert result.status == "completed"
+    issued = await fetch_all(
+        sessions,
+        "SELECT vehicle_id, attempt, notified_at FROM rollout_targets WHERE rollout_id = :r",
+        r=rollout_id,
+    )
+    retried = [row for row in issued if row["attempt"] == 2]
+    assert [row["vehicle_id"] for row in retried] == canary[:1]
+    for row in issued:  # every issue, the retry included, inside an opening of the window
+        at: datetime = row["notified_at"]
+        assert (at - opens) % timedelta(days=1) < timedelta(hours=1), row
+    assert retried[0]["notified_at"] >= opens + timedelta(days=1)  # the next day's window
