@@ -36,6 +36,7 @@ from core.auth import TokenVerifier
 from core.db import autocommit_engine, create_engine, session_factory
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
+from core.temporal import OutcomeSignals
 from models.telemetry import TelemetryBatch
 from services.fleet import SummaryCache
 from services.ingest import IngestConfig, TelemetryIngestor
@@ -130,7 +131,8 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """What the app holds while it runs: the database engine and sessions, the Temporal
     connection, the token verifier; for the API the stream hub and the purge loop; for a
-    process serving ingest the telemetry ingestor. Stopped in reverse order."""
+    process serving ingest the telemetry ingestor and its rollouts' `outcomes` signals.
+    Stopped in reverse order."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,7 +157,15 @@ def _lifespan(
                 await app.state.stream.start()
                 running.push_async_callback(app.state.stream.stop)
             if _serves_ingest(settings, role):
-                app.state.ingestor = TelemetryIngestor(app.state.sessions, ingest_config(settings))
+                signals = OutcomeSignals(
+                    app.state.temporal.get,
+                    interval_seconds=settings.outcome_signal_interval_seconds,
+                )
+                await signals.start()
+                running.push_async_callback(signals.stop)
+                app.state.ingestor = TelemetryIngestor(
+                    app.state.sessions, ingest_config(settings), on_outcomes=signals.notify
+                )
                 await app.state.ingestor.start()
                 running.push_async_callback(app.state.ingestor.stop)
             if role == "api":

@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         description="Processes `motorcade ingest` runs on its port (one per core is the rule "
         "for a machine given to ingestion); each has its own queue and writers.",
     )
+    outcome_signal_interval_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="Telemetry that moves a rollout's vehicles signals its workflow (its gates "
+        "look again at once), at most once per rollout per this many seconds per process.",
+    )
     telemetry_refresh_seconds: int = Field(
         DEFAULT_TELEMETRY_REFRESH_SECONDS,
         ge=0,

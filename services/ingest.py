@@ -5,8 +5,10 @@ which queues it and waits. Writer tasks (`writers`, default 1: docs/telemetry.md
 each take everything queued (up to `group_max_items` items), write it with
 `services.telemetry.write_group` in one transaction, commit, and only then wake the waiting
 requests with their own counts: the `202` is sent after the events are durable in
-PostgreSQL. While one group commits, the next one fills, so the number of transactions per
-second stays flat as load grows.
+PostgreSQL. Before that, `on_outcomes` hears which rollouts' targets the group moved (the
+API signals their workflows, coalesced: their gates react in seconds). While one group
+commits, the next one fills, so the number of transactions per second stays flat as load
+grows.
 
 Backpressure: the queue is bounded by items (events + heartbeats, queued or being written).
 A request that does not fit raises `IngestOverloaded` at once (503 `OVERLOADED` with
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -98,11 +101,21 @@ class IngestStats:
     write_seconds: float = 0.0
 
 
+# Told, once a group is committed, how many targets it moved per rollout (non-blocking: the
+# API's coalesced `outcomes` signals, so the rollouts' gates look again at once).
+OutcomesCallback = Callable[[Mapping[int, int]], None]
+
+
 class TelemetryIngestor:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], config: IngestConfig | None = None
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        config: IngestConfig | None = None,
+        *,
+        on_outcomes: OutcomesCallback | None = None,
     ) -> None:
         self._sessions = sessions
+        self._on_outcomes = on_outcomes
         self.config = config or IngestConfig()
         self._queue: deque[_Pending] = deque()
         self._items = 0  # queued + being written
@@ -249,6 +262,8 @@ class TelemetryIngestor:
             ms=round(elapsed * 1000, 1),
             **{k: round(v * 1000, 1) for k, v in result.stats.items()},
         )
+        if result.rollouts_moved and self._on_outcomes is not None:
+            self._on_outcomes(result.rollouts_moved)
         for p in group:
             if not p.future.done():
                 p.future.set_result(p.request)

@@ -48,6 +48,9 @@ class GroupResult:
     heartbeats: int = 0
     vehicles_written: int = 0
     outcomes: int = 0
+    # Per rollout whose targets this group moved, how many: the rollouts whose gates must
+    # look again once the group is committed (`TelemetryIngestor`'s `on_outcomes`).
+    rollouts_moved: dict[int, int] = field(default_factory=dict)
     refused_requests: int = 0
     stats: dict[str, float] = field(default_factory=dict)
 

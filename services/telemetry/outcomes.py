@@ -43,12 +43,16 @@ def pick_outcomes(group: Group) -> None:
 
 async def record_outcomes(group: Group) -> None:
     """Each rollout's outcomes (in rollout id order) through `record_target_outcomes`, which
-    moves a target only while it holds the desired state the event is about."""
+    moves a target only while it holds the desired state the event is about; the rollouts
+    whose targets moved are noted (`GroupResult.rollouts_moved`) for their gates."""
     for rollout_id, events in sorted(group.outcomes.items()):
-        group.result.outcomes += await record_target_outcomes(
+        moved = await record_target_outcomes(
             group.session,
             rollout_id=rollout_id,
             outcomes=[(e.vehicle_id, OUTCOME_OF_EVENT[e.type], e.reason_code) for e in events],
             about={e.vehicle_id: str(e.desired_state_id) for e in events},
             at=group.now,
         )
+        group.result.outcomes += moved
+        if moved:
+            group.result.rollouts_moved[rollout_id] = moved

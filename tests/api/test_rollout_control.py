@@ -38,15 +38,11 @@ async def create_rollout(
             "UPDATE vehicles SET battery_percent = 90, stationary = true WHERE id = ANY(%s)",
             (ids,),
         )
-    body = rollout_body(
-        release,
-        targets={"vehicleIds": ids},
-        strategy={
-            "canary": {"size": 1, "bakeSeconds": 3600},
-            "waves": [{"percent": 100, "bakeSeconds": 0}],
-        },
-        **overrides,
+    overrides.setdefault(
+        "strategy",
+        {"canary": {"size": 1, "bakeSeconds": 3600}, "waves": [{"percent": 100, "bakeSeconds": 0}]},
     )
+    body = rollout_body(release, targets={"vehicleIds": ids}, **overrides)
     response = await http.post("/api/v1/rollouts", headers=operator, json=body)
     assert response.status_code == 201, response.text
     return int(response.json()["data"]["id"])
