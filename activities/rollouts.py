@@ -37,7 +37,7 @@ from models.workflows import (
     UpdateRolloutStatusResult,
 )
 from services.audit import Actor
-from services.rollouts import issue, outcomes, plan, queries, rollback, status, sweeps
+from services.rollouts import control, issue, outcomes, plan, queries, rollback, status, sweeps
 from services.rollouts.counters import SweepBatch
 from workflows.policy import counted_total, decide, unsettled
 
@@ -166,10 +166,23 @@ class RolloutActivities:
     async def update_rollout_status(
         self, input: UpdateRolloutStatusInput
     ) -> UpdateRolloutStatusResult:
-        """Write the rollout's status with its audit entry and change-feed event (once)."""
+        """Write the rollout's status with its audit entry and change-feed event (once). An
+        operator's action is audited here (source `temporal`) unless its API marker proves
+        that the API audited the request (`control.api_request_verified`)."""
         async with session_scope(self._sessions) as session:
             if input.status in (RolloutStatus.ABORTED, RolloutStatus.ROLLED_BACK):
                 await rollback.skip_planned_targets(session, rollout_id=input.rollout_id)
+            audited_by_api = (
+                input.control_action is not None
+                and input.api_marker is not None
+                and await control.api_request_verified(
+                    session,
+                    rollout_id=input.rollout_id,
+                    action=input.control_action,
+                    marker=input.api_marker,
+                    accepted_at=input.accepted_at,
+                )
+            )
             changed = await status.set_rollout_status(
                 session,
                 rollout_id=input.rollout_id,
@@ -186,7 +199,7 @@ class RolloutActivities:
                     correlation_id=input.correlation_id,
                 ),
                 reason=input.reason,
-                audit_entry=input.audit,
+                audit_entry=not audited_by_api,
             )
             counts = await queries.progress(session, rollout_id=input.rollout_id)
         if changed:

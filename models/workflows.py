@@ -4,7 +4,7 @@ counts, stage numbers, cutoffs and cursors; vehicles stay in PostgreSQL."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
@@ -116,20 +116,52 @@ class OutcomesSignal(BaseModel):
 # --- Workflow state and result -------------------------------------------------------------
 
 
+# How old the API's audit entry of a control request may be when the workflow accepts the
+# request and skips its own entry (`ApiRequestMarker`); an older one is audited again.
+API_MARKER_MAX_AGE = timedelta(minutes=10)
+# How long the workflow remembers the markers it has accepted (the age above plus a margin for
+# the clocks of PostgreSQL and the worker), and how many at most.
+API_MARKER_MEMORY = API_MARKER_MAX_AGE + timedelta(minutes=5)
+API_MARKER_MEMORY_SIZE = 100
+
+
+class ApiRequestMarker(BaseModel):
+    """What proves that a `control` Update comes from the REST API, which has audited the
+    request itself (`rollout.{action}_requested`, source `api`): the id of that audit entry
+    and a random nonce whose SHA-256 the entry's payload holds (`markerSha256`).
+
+    Only the API knows the nonce before the Update is sent, and PostgreSQL is written only by
+    Motorcade: someone with the `temporal` CLI cannot forge it. An accepted Update is in the
+    workflow's history, where the nonce can be read; so the workflow accepts each marker once
+    (it remembers the ids it accepted, `RolloutState.api_claims`) and only while its entry is
+    recent (`API_MARKER_MAX_AGE`). The `update_rollout_status` activity checks the entry
+    (`services.rollouts.control.api_request_verified`); whatever fails a check is audited
+    by the workflow as source `temporal`. Chosen over an HMAC with a shared secret: no key to
+    distribute to the API and the worker, and the API's entry is proven to exist.
+    """
+
+    audit_id: int
+    nonce: str = Field(min_length=16, max_length=128)
+
+
 class ControlRequest(BaseModel):
-    """Input of the `control` Update, the API's way to steer a running rollout. Its validator
-    refuses an invalid transition at once (resume of a rollout that is not paused, anything
-    on a finished one); the API answers that with 409 INVALID_STATE_TRANSITION. The API has
-    audited the request itself, so it sends `source="api"` and the workflow does not audit it
-    again; an Update from the `temporal` CLI is audited as source `temporal` (the default)."""
+    """Input of the `control` Update, the API's way to steer a running rollout (the `temporal`
+    CLI may send it too). The API's Update carries `api_marker` (the proof that the API has
+    audited the request); its validator refuses an invalid transition at once, and the API
+    answers 409 INVALID_STATE_TRANSITION (audited by the API as `rollout.{action}_rejected`).
+
+    Any other Update (no marker, or one already used) comes through Temporal: the workflow
+    audits it as source `temporal`, actor from the body, whatever its `source` says (the
+    field is accepted for old clients and ignored)."""
 
     action: ControlAction
     reason: str
     actor: str | None = None
-    source: AuditSource = AuditSource.TEMPORAL
+    source: str | None = None  # ignored: the marker, not this field, says where it came from
     correlation_id: str | None = None
     # resume only: pass a canary that is still unhealthy (the operator takes responsibility).
     force: bool = False
+    api_marker: ApiRequestMarker | None = None
 
 
 class ControlResult(BaseModel):
@@ -142,7 +174,9 @@ class ControlResult(BaseModel):
 
 class OperatorAction(BaseModel):
     """An operator's action (a signal or the `control` Update) accepted and not yet persisted
-    (audited and written to the rollout row)."""
+    (audited and written to the rollout row). `api_marker`: the API's proof, accepted once
+    by the workflow (`control.claim_api_marker`); `accepted_at`: the workflow's time when it
+    accepted the action (the marker's entry must be recent then)."""
 
     action: ControlAction
     reason: str | None = None
@@ -150,6 +184,15 @@ class OperatorAction(BaseModel):
     source: AuditSource = AuditSource.TEMPORAL
     correlation_id: str | None = None
     force: bool = False
+    api_marker: ApiRequestMarker | None = None
+    accepted_at: datetime | None = None
+
+
+class ApiMarkerClaim(BaseModel):
+    """An API marker the workflow has accepted (never accepted again), and when."""
+
+    audit_id: int
+    at: datetime
 
 
 # --- Gates and policy ----------------------------------------------------------------------
@@ -282,6 +325,8 @@ class RolloutState(BaseModel):
     outcome_signals: int = 0
     # When the periodic gate tick (sweeps, then the gates) is next due.
     next_tick_at: datetime | None = None
+    # The API markers accepted lately (each is accepted once; see ApiRequestMarker).
+    api_claims: list[ApiMarkerClaim] = Field(default_factory=list)
 
 
 class RolloutResult(BaseModel):
@@ -353,8 +398,12 @@ class UpdateRolloutStatusInput(BaseModel):
     source: AuditSource = AuditSource.SYSTEM
     reason: str | None = None
     correlation_id: str | None = None
-    # False when the API already audited the operator's request (source "api").
-    audit: bool = True
+    # An operator's action: which, and the API's marker when it came through the API. The
+    # audit entry is skipped only when the marker proves that the API audited this request
+    # (`services.rollouts.control.api_request_verified`, relative to `accepted_at`).
+    control_action: ControlAction | None = None
+    api_marker: ApiRequestMarker | None = None
+    accepted_at: datetime | None = None
 
 
 class UpdateRolloutStatusResult(BaseModel):

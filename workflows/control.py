@@ -9,16 +9,30 @@ say what the persisted change is). Gate-driven transitions (a failure threshold 
 back) and the start of a rollback are here too, so every change of `paused` and
 `stop_requested` has one home.
 
+Audit on the Temporal path: an action is audited by the workflow (source `temporal`) unless
+it carries the API's marker (`claim_api_marker` accepts each marker once; the activity checks
+it against the API's audit entry).
+
 No Temporal calls and no I/O: tests/workflows/test_control.py checks every row of the rules
 without a server.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import NamedTuple
 
 from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, StatusReason
-from models.workflows import ControlAction, GateDecision, OperatorAction, RolloutState
+from models.workflows import (
+    API_MARKER_MEMORY,
+    API_MARKER_MEMORY_SIZE,
+    ApiMarkerClaim,
+    ApiRequestMarker,
+    ControlAction,
+    GateDecision,
+    OperatorAction,
+    RolloutState,
+)
 
 
 class StatusChange(NamedTuple):
@@ -77,6 +91,28 @@ def accept(state: RolloutState, action: OperatorAction) -> None:
         state.stop_requested = action.action
         state.stop_action = action
         state.stop_reason = StatusReason.OPERATOR
+
+
+def claim_api_marker(
+    state: RolloutState, marker: ApiRequestMarker | None, now: datetime
+) -> ApiRequestMarker | None:
+    """The marker an accepted Update may rely on: None when it has none, or when an earlier
+    Update of this workflow already used it (a replay of a marker read from the history);
+    otherwise it is remembered, so it is never accepted again. Markers accepted longer ago
+    than `API_MARKER_MEMORY` are forgotten (their audit entry is too old to pass the check
+    anyway), and at most `API_MARKER_MEMORY_SIZE` are kept."""
+    if marker is None or not marker_claimable(state, marker):
+        return None
+    since = now - API_MARKER_MEMORY
+    claims = [claim for claim in state.api_claims if claim.at >= since]
+    claims.append(ApiMarkerClaim(audit_id=marker.audit_id, at=now))
+    state.api_claims = claims[-API_MARKER_MEMORY_SIZE:]
+    return marker
+
+
+def marker_claimable(state: RolloutState, marker: ApiRequestMarker | None) -> bool:
+    """Whether an Update carries a marker no earlier Update of this workflow has used."""
+    return marker is not None and all(c.audit_id != marker.audit_id for c in state.api_claims)
 
 
 def stop_pending(state: RolloutState) -> bool:

@@ -26,9 +26,10 @@ back, as its `action` says) within seconds of the telemetry that crossed it.
 Operators: the `control` Update (the API; a validator refuses an invalid transition at once)
 and the `pause` / `resume` / `rollback` / `abort` signals (the `temporal` CLI, SPEC's JSON body)
 go through one path: `control.refusal` decides whether the action is valid now,
-`control.accept` records it in the state; the main flow persists it (status row, audit entry
-for `source != "api"`, search attributes, current details). Handlers never await, so they need
-no lock.
+`control.accept` records it in the state; the main flow persists it (status row, search
+attributes, current details, and an audit entry as source `temporal`, unless the Update
+carries the API's marker, `ApiRequestMarker`: the API has audited it). Handlers never await,
+so they need no lock.
 
 Resume after a gate pause (`control.acknowledge_resume`): FAILURE_THRESHOLD - the failures seen
 so far are acknowledged (they no longer count; new failures beyond the threshold pause again).
@@ -62,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
     from core.temporal import CONTROL_UPDATE, OUTCOMES_SIGNAL, ROLLOUT_WORKFLOW_TYPE
     from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
+        ApiRequestMarker,
         ControlAction,
         ControlRequest,
         ControlResult,
@@ -159,23 +161,31 @@ class RolloutWorkflow(RolloutSteps):
 
     # --- Control: one path for the Update and the signals -----------------------------------
 
+    def _operator(
+        self,
+        action: ControlAction,
+        body: RolloutSignal | ControlRequest,
+        marker: ApiRequestMarker | None = None,
+    ) -> OperatorAction:
+        """The operator's action as the workflow records it: source `temporal` whatever the
+        body claims; only a claimed API marker spares it the workflow's own audit entry."""
+        return OperatorAction(
+            action=action,
+            reason=body.reason,
+            actor=body.actor or "temporal",
+            source=AuditSource.TEMPORAL,
+            correlation_id=body.correlation_id or self._state.correlation_id,
+            force=body.force,
+            api_marker=marker,
+            accepted_at=workflow.now(),
+        )
+
     def _signal(self, name: ControlAction, body: RolloutSignal | None) -> None:
-        body = body or RolloutSignal()
         refusal = control.refusal(self._state, name)
         if refusal is not None:
             workflow.logger.warning("signal ignored: %s", refusal)
             return
-        control.accept(
-            self._state,
-            OperatorAction(
-                action=name,
-                reason=body.reason,
-                actor=body.actor or "temporal",
-                source=AuditSource.TEMPORAL,  # whatever the body claims (SPEC.md)
-                correlation_id=body.correlation_id or self._state.correlation_id,
-                force=body.force,
-            ),
-        )
+        control.accept(self._state, self._operator(name, body or RolloutSignal()))
 
     @workflow.signal(name="pause")
     def pause(self, body: RolloutSignal | None = None) -> None:
@@ -202,22 +212,15 @@ class RolloutWorkflow(RolloutSteps):
     @workflow.update(name=CONTROL_UPDATE)
     def control_update(self, request: ControlRequest) -> ControlResult:
         """Accept a valid action (the validator ran first) and answer the status it leads to;
-        the main flow persists it (row, audit for non-API sources, search attributes)."""
-        control.accept(
-            self._state,
-            OperatorAction(
-                action=request.action,
-                reason=request.reason,
-                actor=request.actor or "api",
-                source=request.source,
-                correlation_id=request.correlation_id or self._state.correlation_id,
-                force=request.force,
-            ),
-        )
+        the main flow persists it (row, search attributes, and the audit entry unless the
+        API's marker proves that the API audited it)."""
+        s = self._state
+        marker = control.claim_api_marker(s, request.api_marker, workflow.now())
+        control.accept(s, self._operator(request.action, request, marker))
         return ControlResult(
             action=request.action,
-            status=control.projected_status(self._state),
-            paused=self._state.paused,
+            status=control.projected_status(s),
+            paused=s.paused,
         )
 
     @control_update.validator

@@ -124,7 +124,11 @@ class RolloutSteps:
                 source=operator.source if operator else AuditSource.SYSTEM,
                 reason=operator.reason if operator else reason,
                 correlation_id=(operator.correlation_id if operator else None) or s.correlation_id,
-                audit=not (operator is not None and operator.source == AuditSource.API),
+                # An operator's action is audited unless the activity finds that the API
+                # audited this very request (its marker, checked against PostgreSQL).
+                control_action=operator.action if operator else None,
+                api_marker=operator.api_marker if operator else None,
+                accepted_at=operator.accepted_at if operator else None,
             ),
             start_to_close_timeout=SHORT_ACTIVITY,
             retry_policy=DB_RETRY,

@@ -40,7 +40,6 @@ from models.api import (
     RolloutPlanOut,
     RolloutVehicleOut,
 )
-from models.enums import AuditSource
 from models.tables import Rollout
 from models.workflows import ControlRequest, RolloutCounts
 from services.rollouts import control, create, queries, status
@@ -269,10 +268,11 @@ async def _control(
     action: str,
     body: ControlBody,
 ) -> JSONResponse:
-    """Audit the request (committed), then ask the workflow through its `control` Update;
-    a refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too."""
+    """Audit the request (committed), then ask the workflow through its `control` Update,
+    which carries the marker of that entry (so the workflow does not audit it again); a
+    refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too."""
     actor = actor_of(request, principal)
-    rollout, refusal = await control.request_control(
+    rollout, refusal, marker = await control.request_control(
         session,
         scope=principal.scope,
         rollout_id=rollout_id,
@@ -306,9 +306,9 @@ async def _control(
                 action=action,  # type: ignore[arg-type]
                 reason=body.reason,
                 actor=principal.subject,
-                source=AuditSource.API,
                 correlation_id=actor.correlation_id,
                 force=body.force,
+                api_marker=marker,
             ),
         )
     except InvalidStateTransition as exc:

@@ -1,18 +1,28 @@
 """An operator's control of a rollout (pause, resume, rollback, abort): the request audited
 before it is sent to the workflow, and its outcome. The workflow decides whether the action
-is valid (its `control` Update's validator); a finished rollout is refused here at once."""
+is valid (its `control` Update's validator); a finished rollout is refused here at once.
+
+The Temporal side of the audit: the API's entry carries the SHA-256 of a random nonce, and the
+Update carries the entry's id and the nonce (`ApiRequestMarker`), so the workflow skips its own
+entry only for a request the API did audit (`api_request_verified`).
+"""
 
 from __future__ import annotations
 
-from typing import Any, get_args
+import hashlib
+import hmac
+import secrets
+from datetime import datetime
+from typing import Any, NamedTuple, get_args
 
+from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import InvalidInput
 from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
 from models.scope import Scope
 from models.tables import Rollout
-from models.workflows import ControlAction
+from models.workflows import API_MARKER_MAX_AGE, ApiRequestMarker, ControlAction
 from services import audit
 from services.audit import Actor, audit_scope
 from services.rollouts.queries import get_rollout
@@ -30,10 +40,10 @@ async def record_control(
     actor: Actor,
     result: str = "ok",
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> int:
     """The audit entry `rollout.{action}_{outcome}` (requested, rejected, failed) for an
-    operator's control request, in the caller's transaction."""
-    await audit.record(
+    operator's control request, in the caller's transaction; returns its id."""
+    entry = await audit.record(
         session,
         actor=actor,
         action=f"rollout.{action}_{outcome}",
@@ -44,6 +54,22 @@ async def record_control(
         result=result,
         **audit_scope(rollout.targets or {}),
     )
+    assert entry.id is not None  # flushed
+    return entry.id
+
+
+class ControlRequested(NamedTuple):
+    """What `request_control` recorded: the rollout, and either why it is refused at once
+    (a finished rollout) or the marker the `control` Update carries to the workflow."""
+
+    rollout: Rollout
+    refusal: str | None
+    marker: ApiRequestMarker | None
+
+
+def marker_digest(nonce: str) -> str:
+    """What the API's audit entry keeps of the marker's nonce (`markerSha256`)."""
+    return hashlib.sha256(nonce.encode()).hexdigest()
 
 
 async def request_control(
@@ -55,10 +81,12 @@ async def request_control(
     reason: str,
     actor: Actor,
     force: bool = False,
-) -> tuple[Rollout, str | None]:
-    """Audit an operator's control request. Returns the rollout and, when its status is
-    terminal (so no workflow could accept it), the refusal message; the refusal is audited
-    too (`rollout.{action}_rejected`, result `rejected`). The caller commits either way."""
+) -> ControlRequested:
+    """Audit an operator's control request. A finished rollout (no workflow could accept it)
+    is refused at once: the refusal is audited too (`rollout.{action}_rejected`, result
+    `rejected`) and returned. Otherwise the entry `rollout.{action}_requested` keeps the
+    SHA-256 of a fresh nonce, and the returned marker (entry id and nonce) lets the workflow
+    skip its own entry for this request. The caller commits either way."""
     if action not in CONTROL_ACTIONS:
         raise InvalidInput(f"unknown action {action!r}")
     if force and action != "resume":
@@ -67,7 +95,7 @@ async def request_control(
             details=[{"field": "force", "message": "only with resume"}],
         )
     rollout = await get_rollout(session, scope=scope, rollout_id=rollout_id)
-    detail = {"force": True} if force else {}
+    detail: dict[str, Any] = {"force": True} if force else {}
     if RolloutStatus(rollout.status) in TERMINAL_ROLLOUT_STATUSES:
         message = f"cannot {action} rollout {rollout_id}: it is {rollout.status}"
         await record_control(
@@ -80,14 +108,54 @@ async def request_control(
             result="rejected",
             detail={"message": message, **detail},
         )
-        return rollout, message
-    await record_control(
+        return ControlRequested(rollout, message, None)
+    nonce = secrets.token_urlsafe(24)
+    audit_id = await record_control(
         session,
         rollout=rollout,
         action=action,
         outcome="requested",
         reason=reason,
         actor=actor,
-        detail=detail,
+        detail={**detail, "markerSha256": marker_digest(nonce)},
     )
-    return rollout, None
+    return ControlRequested(rollout, None, ApiRequestMarker(audit_id=audit_id, nonce=nonce))
+
+
+_API_REQUEST = text(
+    """
+    SELECT payload ->> 'markerSha256' AS digest FROM audit_log
+    WHERE id = :audit_id AND target_type = 'rollout' AND target_id = :target_id
+      AND action = :action AND source = 'api' AND result = 'ok' AND at >= :since
+    """
+)
+
+
+async def api_request_verified(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    action: ControlAction,
+    marker: ApiRequestMarker,
+    accepted_at: datetime | None,
+) -> bool:
+    """Whether `marker` proves that the API audited this request: its entry (by primary key)
+    is this rollout's `rollout.{action}_requested`, source `api`, result `ok`, written at
+    most `API_MARKER_MAX_AGE` before the workflow accepted the Update (`accepted_at`), and
+    holds the SHA-256 of the marker's nonce. The workflow then skips its own entry; that each
+    marker is used once is the workflow's part (`workflows.control.claim_api_marker`)."""
+    if accepted_at is None:
+        return False
+    row = (
+        await (await session.connection()).execute(
+            _API_REQUEST,
+            {
+                "audit_id": marker.audit_id,
+                "target_id": str(rollout_id),
+                "action": f"rollout.{action}_requested",
+                "since": accepted_at - API_MARKER_MAX_AGE,
+            },
+        )
+    ).one_or_none()
+    digest = row.digest if row is not None else None
+    return isinstance(digest, str) and hmac.compare_digest(digest, marker_digest(marker.nonce))

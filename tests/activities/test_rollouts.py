@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -10,12 +11,17 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.rollouts import RolloutActivities
+from core.db import session_scope
+from models.enums import AuditSource
+from models.scope import Scope
 from models.workflows import (
     ExpandTargetsInput,
     IssueStageInput,
     RollbackTargetsInput,
     UpdateRolloutStatusInput,
 )
+from services.audit import Actor
+from services.rollouts import control
 from tests.factories import (
     OLD_RELEASE,
     Sessions,
@@ -401,3 +407,48 @@ async def test_unknown_rollout_is_a_non_retryable_failure(acts: RolloutActivitie
             acts.expand_targets, ExpandTargetsInput(rollout_id=987654321)
         )
     assert err.value.non_retryable and err.value.type == "RolloutNotFound"
+
+
+async def test_update_status_skips_only_the_entry_the_api_wrote(
+    sessions: Sessions, fleet: str, acts: RolloutActivities
+) -> None:
+    """An operator's action carries the API's marker when it came through the API: the entry
+    is skipped only when the marker proves the API's own entry for this very action."""
+    rollout_id = await _rollout(sessions, fleet)
+    async with session_scope(sessions) as session:
+        requested = await control.request_control(
+            session,
+            scope=Scope(),
+            rollout_id=rollout_id,
+            action="pause",
+            reason="investigating",
+            actor=Actor("alice", "operator", AuditSource.API),
+        )
+    env = ActivityEnvironment()
+    paused = UpdateRolloutStatusInput(
+        rollout_id=rollout_id,
+        status="paused",
+        status_reason="OPERATOR",
+        action="rollout.paused",
+        actor="alice",
+        source="temporal",
+        control_action="pause",
+        api_marker=requested.marker,
+        accepted_at=datetime.now(UTC),
+    )
+    assert (await env.run(acts.update_rollout_status, paused)).changed
+    # The same marker for another action proves nothing: audited as source temporal.
+    resumed = paused.model_copy(
+        update={
+            "status": "running",
+            "status_reason": None,
+            "action": "rollout.resumed",
+            "control_action": "resume",
+        }
+    )
+    assert (await env.run(acts.update_rollout_status, resumed)).changed
+    entries = await _audit_entries(sessions, rollout_id)
+    assert [(e["action"], e["source"], e["actor"]) for e in entries] == [
+        ("rollout.pause_requested", "api", "alice"),
+        ("rollout.resumed", "temporal", "alice"),
+    ]

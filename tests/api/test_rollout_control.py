@@ -115,6 +115,10 @@ async def test_control_a_running_rollout(
     )
     assert aborted.status_code == 202, aborted.text
     await wait_for_status(http, viewer, rid, "aborted")
+    # Each accepted action is audited once, by the API: its Update carried the marker of the
+    # API's entry, so the workflow wrote none of its own (each in the status's transaction).
+    for done in ("rollout.paused", "rollout.resumed", "rollout.aborted"):
+        assert audit_rows(database_url, rid, done) == []
 
     # Finished: refused at once, and the refusal is on record.
     again = await http.post(

@@ -4,12 +4,17 @@ running workflow."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from models.enums import RolloutStatus, StatusReason
 from models.workflows import (
+    API_MARKER_MAX_AGE,
+    API_MARKER_MEMORY,
+    API_MARKER_MEMORY_SIZE,
+    ApiRequestMarker,
     ControlAction,
     GateAction,
     GateCounts,
@@ -325,3 +330,42 @@ def test_start_rollback_ends_a_forward_pause() -> None:
     assert (s.rollback_next, s.rollback_phase, s.paused) == (2, "issue", False)
     assert s.pending_actions == [pause]
     assert not control.stop_pending(s)
+
+
+# --- Audit on the Temporal path: the API's marker, refusals ---------------------------------
+
+T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def marker(audit_id: int) -> ApiRequestMarker:
+    return ApiRequestMarker(audit_id=audit_id, nonce="n" * 32)
+
+
+def test_an_api_marker_is_accepted_once() -> None:
+    s = state(R.RUNNING)
+    assert control.claim_api_marker(s, None, T0) is None
+    assert control.claim_api_marker(s, marker(7), T0) == marker(7)
+    # The same marker again (read from the history and replayed): no longer the API's.
+    assert not control.marker_claimable(s, marker(7))
+    assert control.claim_api_marker(s, marker(7), T0 + timedelta(seconds=1)) is None
+    assert control.claim_api_marker(s, marker(8), T0) == marker(8)
+    assert [c.audit_id for c in s.api_claims] == [7, 8]
+
+
+def test_claims_are_forgotten_once_their_entry_is_too_old_to_pass() -> None:
+    s = state(R.RUNNING)
+    control.claim_api_marker(s, marker(1), T0)
+    later = T0 + API_MARKER_MEMORY + timedelta(seconds=1)
+    control.claim_api_marker(s, marker(2), later)
+    assert [c.audit_id for c in s.api_claims] == [2]
+    # An entry forgotten here is older than API_MARKER_MAX_AGE by then: the activity refuses
+    # it (services/rollouts/control.api_request_verified), so forgetting it opens nothing.
+    assert API_MARKER_MEMORY > API_MARKER_MAX_AGE
+
+
+def test_claims_are_bounded() -> None:
+    s = state(R.RUNNING)
+    for audit_id in range(API_MARKER_MEMORY_SIZE + 5):
+        control.claim_api_marker(s, marker(audit_id), T0)
+    assert len(s.api_claims) == API_MARKER_MEMORY_SIZE
+    assert s.api_claims[0].audit_id == 5

@@ -1,6 +1,6 @@
 """Operators steer rollouts with the real `temporal` CLI: a pause signal with the JSON body of
 SPEC.md pauses the rollout in PostgreSQL and leaves an audit entry with source `temporal`,
-whatever source its body claims."""
+whatever source its body claims; so does a `control` Update sent with the CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from worker.main import build_worker
 RELEASE = "2026.3.0-cli"
 
 
-async def temporal_cli(env: WorkflowEnvironment, *args: str) -> str:
+async def temporal_cli(env: WorkflowEnvironment, *args: str, succeeds: bool = True) -> str:
+    """Run the `temporal` CLI against `env`; its output (it must exit 0, or must not when
+    `succeeds` is False)."""
     address = env.client.service_client.config.target_host
     proc = await asyncio.create_subprocess_exec(
         localservers.venv_binary("temporal"),
@@ -31,7 +33,7 @@ async def temporal_cli(env: WorkflowEnvironment, *args: str) -> str:
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0, out.decode()
+    assert (proc.returncode == 0) is succeeds, out.decode()
     return out.decode()
 
 
@@ -72,14 +74,29 @@ async def wait_for_audit(sessions: Sessions, rollout_id: int, action: str, want:
     )
 
 
-async def test_pause_and_resume_with_the_temporal_cli(
-    dev_server_env: WorkflowEnvironment,
-    sessions: Sessions,
-    task_queue: str,
-) -> None:
+async def update(env: WorkflowEnvironment, workflow_id: str, body: dict, **kw: Any) -> str:
+    """`temporal workflow update execute` of the `control` Update, as an operator sends it."""
+    return await temporal_cli(
+        env,
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        workflow_id,
+        "--name",
+        "control",
+        "--input",
+        json.dumps(body),
+        **kw,
+    )
+
+
+async def start(
+    env: WorkflowEnvironment, sessions: Sessions, task_queue: str, name: str
+) -> tuple[int, str]:
     rollout_id, _ = await fleet_rollout(
         sessions,
-        name="cli",
+        name=name,
         vehicles=20,
         release=RELEASE,
         strategy={
@@ -88,13 +105,44 @@ async def test_pause_and_resume_with_the_temporal_cli(
         },
     )
     workflow_id = rollout_workflow_id(rollout_id)
+    await env.client.start_workflow(
+        ROLLOUT_WORKFLOW_TYPE,
+        RolloutInput(rollout_id=rollout_id, release_version=RELEASE),
+        id=workflow_id,
+        task_queue=task_queue,
+    )
+    return rollout_id, workflow_id
+
+
+async def test_an_update_through_the_cli_is_audited(
+    dev_server_env: WorkflowEnvironment,
+    sessions: Sessions,
+    task_queue: str,
+) -> None:
     async with build_worker(dev_server_env.client, sessions, task_queue=task_queue):
-        handle = await dev_server_env.client.start_workflow(
-            ROLLOUT_WORKFLOW_TYPE,
-            RolloutInput(rollout_id=rollout_id, release_version=RELEASE),
-            id=workflow_id,
-            task_queue=task_queue,
-        )
+        rollout_id, workflow_id = await start(dev_server_env, sessions, task_queue, "cliau")
+        try:
+            status_sql = "SELECT status, status_reason FROM rollouts WHERE id = :id"
+            await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
+            # An Update claiming to come from the API is audited as source temporal.
+            pause = {"action": "pause", "reason": "quiet", "actor": "mallory", "source": "api"}
+            answer = await update(dev_server_env, workflow_id, pause)
+            assert "status:paused" in answer, answer
+            await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("paused", "OPERATOR"))
+            paused = ("mallory", "temporal", "quiet")
+            await wait_for_audit(sessions, rollout_id, "rollout.paused", paused)
+        finally:
+            await dev_server_env.client.get_workflow_handle(workflow_id).terminate("test over")
+
+
+async def test_pause_and_resume_with_the_temporal_cli(
+    dev_server_env: WorkflowEnvironment,
+    sessions: Sessions,
+    task_queue: str,
+) -> None:
+    async with build_worker(dev_server_env.client, sessions, task_queue=task_queue):
+        rollout_id, workflow_id = await start(dev_server_env, sessions, task_queue, "cli")
+        handle = dev_server_env.client.get_workflow_handle(workflow_id)
         try:
             status_sql = "SELECT status, status_reason FROM rollouts WHERE id = :id"
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
