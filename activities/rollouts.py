@@ -27,6 +27,8 @@ from models.workflows import (
     IssueStageInput,
     IssueStageProgress,
     IssueStageResult,
+    RecordControlRefusalsInput,
+    RecordControlRefusalsResult,
     RollbackTargetsInput,
     RollbackTargetsResult,
     RolloutCounts,
@@ -60,6 +62,7 @@ class RolloutActivities:
             self.expand_targets,
             self.issue_stage,
             self.update_rollout_status,
+            self.record_control_refusals,
             self.rollback_targets,
             self.evaluate_gates,
             self.expire_apply_timeouts,
@@ -211,6 +214,29 @@ class RolloutActivities:
                 action=input.action,
             )
         return UpdateRolloutStatusResult(changed=changed, counts=counts)
+
+    @activity.defn(name="record_control_refusals")
+    @domain_failures
+    async def record_control_refusals(
+        self, input: RecordControlRefusalsInput
+    ) -> RecordControlRefusalsResult:
+        """Audit the signals and Updates the workflow refused (`rollout.{action}_refused`,
+        result `refused`), once each."""
+        async with session_scope(self._sessions) as session:
+            recorded = await control.record_refusals(
+                session,
+                rollout_id=input.rollout_id,
+                refusals=input.refusals,
+                dropped=input.dropped,
+            )
+        if recorded:
+            log.info(
+                "rollout.control_refused",
+                rollout_id=input.rollout_id,
+                recorded=recorded,
+                dropped=input.dropped,
+            )
+        return RecordControlRefusalsResult(recorded=recorded)
 
     @activity.defn(name="rollback_targets")
     @domain_failures

@@ -154,10 +154,12 @@ async def start_rollout_workflow(
         pass
 
 
-# The name of the Update that controls a rollout (the API's and the CLI's way).
+# The name of the Update that controls a rollout (the API's and the CLI's way), and the type
+# of the ApplicationError it fails with when the workflow refuses the action.
 CONTROL_UPDATE = "control"
 # The signal by which the ingest path tells a rollout that its vehicles' outcomes moved.
 OUTCOMES_SIGNAL = "outcomes"
+CONTROL_REFUSED = "ControlRefused"
 # How long the API waits for a workflow to accept or refuse a control Update.
 CONTROL_ANSWER_WITHIN = timedelta(seconds=20)
 

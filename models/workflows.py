@@ -92,7 +92,8 @@ class RolloutSignal(BaseModel):
 
     A signal comes through Temporal (the CLI, the Web UI), never from the API (which sends
     the `control` Update): the workflow audits it as source `temporal` whatever its body
-    claims (SPEC.md), so `source` is accepted and ignored.
+    claims (SPEC.md), so `source` is accepted and ignored. A signal the workflow refuses is
+    audited too (`rollout.{action}_refused`, result `refused`).
     """
 
     reason: str | None = None
@@ -123,6 +124,8 @@ API_MARKER_MAX_AGE = timedelta(minutes=10)
 # the clocks of PostgreSQL and the worker), and how many at most.
 API_MARKER_MEMORY = API_MARKER_MAX_AGE + timedelta(minutes=5)
 API_MARKER_MEMORY_SIZE = 100
+# Refused signals (and Updates) kept until the main flow audits them; more are counted.
+MAX_PENDING_REFUSALS = 20
 
 
 class ApiRequestMarker(BaseModel):
@@ -152,7 +155,10 @@ class ControlRequest(BaseModel):
 
     Any other Update (no marker, or one already used) comes through Temporal: the workflow
     audits it as source `temporal`, actor from the body, whatever its `source` says (the
-    field is accepted for old clients and ignored)."""
+    field is accepted for old clients and ignored). The validator lets such an Update through
+    even when it is invalid now, so that the handler can audit the refusal
+    (`rollout.{action}_refused`, result `refused`) before it fails the Update with an
+    `ApplicationError` of type `ControlRefused`: the caller still sees the refusal."""
 
     action: ControlAction
     reason: str
@@ -186,6 +192,9 @@ class OperatorAction(BaseModel):
     force: bool = False
     api_marker: ApiRequestMarker | None = None
     accepted_at: datetime | None = None
+    # Order among the signals and Updates this workflow received (RolloutState.control_seq),
+    # so refusals are audited in the order they happened around accepted actions.
+    seq: int = 0
 
 
 class ApiMarkerClaim(BaseModel):
@@ -193,6 +202,23 @@ class ApiMarkerClaim(BaseModel):
 
     audit_id: int
     at: datetime
+
+
+class ControlRefusal(BaseModel):
+    """A signal (or a `control` Update that did not come from the API) the workflow refused,
+    waiting for the main flow to audit it (`record_control_refusals`). `id` (from
+    `workflow.uuid4()`) makes the audit entry idempotent."""
+
+    id: str
+    action: ControlAction
+    via: Literal["signal", "update"]
+    message: str
+    status: RolloutStatus  # the status the rollout was in (or moving to) when it refused
+    at: datetime
+    actor: str = "temporal"
+    reason: str | None = None
+    correlation_id: str | None = None
+    seq: int = 0  # as OperatorAction.seq
 
 
 # --- Gates and policy ----------------------------------------------------------------------
@@ -325,8 +351,14 @@ class RolloutState(BaseModel):
     outcome_signals: int = 0
     # When the periodic gate tick (sweeps, then the gates) is next due.
     next_tick_at: datetime | None = None
+    # Refused signals and Updates not yet audited (at most MAX_PENDING_REFUSALS; the ones
+    # beyond are counted in refusals_dropped, which each refusal's audit entry carries).
+    pending_refusals: list[ControlRefusal] = Field(default_factory=list)
+    refusals_dropped: int = 0
     # The API markers accepted lately (each is accepted once; see ApiRequestMarker).
     api_claims: list[ApiMarkerClaim] = Field(default_factory=list)
+    # Signals and Updates received so far (the last OperatorAction.seq given).
+    control_seq: int = 0
 
 
 class RolloutResult(BaseModel):
@@ -409,6 +441,19 @@ class UpdateRolloutStatusInput(BaseModel):
 class UpdateRolloutStatusResult(BaseModel):
     changed: bool
     counts: RolloutCounts
+
+
+class RecordControlRefusalsInput(BaseModel):
+    """The refusals to audit (`rollout.{action}_refused`), and how many were dropped so far."""
+
+    rollout_id: int
+    refusals: list[ControlRefusal]
+    dropped: int = 0
+
+
+class RecordControlRefusalsResult(BaseModel):
+    # Entries written (a refusal audited by an earlier attempt is not written again).
+    recorded: int
 
 
 class RollbackTargetsInput(BaseModel):

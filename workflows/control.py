@@ -11,7 +11,9 @@ back) and the start of a rollback are here too, so every change of `paused` and
 
 Audit on the Temporal path: an action is audited by the workflow (source `temporal`) unless
 it carries the API's marker (`claim_api_marker` accepts each marker once; the activity checks
-it against the API's audit entry).
+it against the API's audit entry). A refused signal, or a refused Update without the API's
+marker, waits in `pending_refusals` (`refuse`, bounded) until the main flow audits it
+(`take_refusals`).
 
 No Temporal calls and no I/O: tests/workflows/test_control.py checks every row of the rules
 without a server.
@@ -26,9 +28,11 @@ from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, 
 from models.workflows import (
     API_MARKER_MEMORY,
     API_MARKER_MEMORY_SIZE,
+    MAX_PENDING_REFUSALS,
     ApiMarkerClaim,
     ApiRequestMarker,
     ControlAction,
+    ControlRefusal,
     GateDecision,
     OperatorAction,
     RolloutState,
@@ -115,6 +119,41 @@ def marker_claimable(state: RolloutState, marker: ApiRequestMarker | None) -> bo
     return marker is not None and all(c.audit_id != marker.audit_id for c in state.api_claims)
 
 
+def refuse(state: RolloutState, refusal: ControlRefusal) -> None:
+    """Keep a refusal for the main flow to audit; beyond `MAX_PENDING_REFUSALS` waiting, it
+    is only counted (`refusals_dropped`, carried by the next refusals' audit entries)."""
+    if len(state.pending_refusals) >= MAX_PENDING_REFUSALS:
+        state.refusals_dropped += 1
+        return
+    state.pending_refusals.append(refusal)
+
+
+def next_seq(state: RolloutState) -> int:
+    """The order of a signal or Update just received (`OperatorAction.seq`)."""
+    state.control_seq += 1
+    return state.control_seq
+
+
+def take_refusals(state: RolloutState, before: int | None = None) -> list[ControlRefusal]:
+    """The refusals waiting to be audited that came before the action numbered `before`
+    (None: all of them), removed from the state, oldest first."""
+    count = 0  # they wait in the order they came: the ones taken are the first ones
+    while count < len(state.pending_refusals) and (
+        before is None or state.pending_refusals[count].seq < before
+    ):
+        count += 1
+    taken, state.pending_refusals = state.pending_refusals[:count], state.pending_refusals[count:]
+    return taken
+
+
+def refusals_before_stop(state: RolloutState) -> int | None:
+    """Refusals to audit now, before the flow acts on a pending stop: those that came before
+    it (the others are audited after the stop's own entry). None: no stop pending, all."""
+    if not stop_pending(state) or state.stop_action is None:
+        return None
+    return state.stop_action.seq
+
+
 def stop_pending(state: RolloutState) -> bool:
     """A stop the main flow has yet to act on (once rolling back, only an abort)."""
     if state.rollback_next is not None and state.stop_requested == "rollback":
@@ -168,6 +207,7 @@ def rollback_by_gate(state: RolloutState, decision: GateDecision) -> None:
         actor="workflow",
         source=AuditSource.SYSTEM,
         correlation_id=state.correlation_id,
+        seq=state.control_seq + 1,  # after every signal and Update received so far
     )
 
 

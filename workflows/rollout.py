@@ -28,7 +28,9 @@ and the `pause` / `resume` / `rollback` / `abort` signals (the `temporal` CLI, S
 go through one path: `control.refusal` decides whether the action is valid now,
 `control.accept` records it in the state; the main flow persists it (status row, search
 attributes, current details, and an audit entry as source `temporal`, unless the Update
-carries the API's marker, `ApiRequestMarker`: the API has audited it). Handlers never await,
+carries the API's marker, `ApiRequestMarker`: the API has audited it). A refused signal, or a
+refused Update without the API's marker, is kept (`control.refuse`) and audited by the main
+flow at its next wake-up (`rollout.{action}_refused`, result `refused`). Handlers never await,
 so they need no lock.
 
 Resume after a gate pause (`control.acknowledge_resume`): FAILURE_THRESHOLD - the failures seen
@@ -55,16 +57,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from core.temporal import CONTROL_UPDATE, OUTCOMES_SIGNAL, ROLLOUT_WORKFLOW_TYPE
+    from core.temporal import (
+        CONTROL_REFUSED,
+        CONTROL_UPDATE,
+        OUTCOMES_SIGNAL,
+        ROLLOUT_WORKFLOW_TYPE,
+    )
     from models.enums import AuditSource, RolloutStatus, StatusReason
     from models.workflows import (
         ApiRequestMarker,
         ControlAction,
+        ControlRefusal,
         ControlRequest,
         ControlResult,
         EvaluateGatesResult,
@@ -178,14 +187,37 @@ class RolloutWorkflow(RolloutSteps):
             force=body.force,
             api_marker=marker,
             accepted_at=workflow.now(),
+            seq=control.next_seq(self._state),
+        )
+
+    def _refuse(
+        self, operator: OperatorAction, message: str, *, via: Literal["signal", "update"]
+    ) -> None:
+        """Keep a refusal for the main flow to audit (`rollout.{action}_refused`)."""
+        workflow.logger.warning("%s refused: %s", via, message)
+        control.refuse(
+            self._state,
+            ControlRefusal(
+                id=str(workflow.uuid4()),
+                action=operator.action,
+                via=via,
+                message=message,
+                status=control.projected_status(self._state),
+                at=workflow.now(),
+                actor=operator.actor or "temporal",
+                reason=operator.reason,
+                correlation_id=operator.correlation_id,
+                seq=operator.seq,
+            ),
         )
 
     def _signal(self, name: ControlAction, body: RolloutSignal | None) -> None:
+        operator = self._operator(name, body or RolloutSignal())
         refusal = control.refusal(self._state, name)
         if refusal is not None:
-            workflow.logger.warning("signal ignored: %s", refusal)
+            self._refuse(operator, refusal, via="signal")
             return
-        control.accept(self._state, self._operator(name, body or RolloutSignal()))
+        control.accept(self._state, operator)
 
     @workflow.signal(name="pause")
     def pause(self, body: RolloutSignal | None = None) -> None:
@@ -211,10 +243,16 @@ class RolloutWorkflow(RolloutSteps):
 
     @workflow.update(name=CONTROL_UPDATE)
     def control_update(self, request: ControlRequest) -> ControlResult:
-        """Accept a valid action (the validator ran first) and answer the status it leads to;
-        the main flow persists it (row, search attributes, and the audit entry unless the
-        API's marker proves that the API audited it)."""
+        """Accept a valid action and answer the status it leads to; the main flow persists
+        it (row, search attributes, and the audit entry unless the API's marker proves that
+        the API audited it). An invalid one gets here only without a usable API marker (the
+        validator let it through): its refusal is kept for the audit, then the Update fails
+        with `ControlRefused`."""
         s = self._state
+        refusal = control.refusal(s, request.action)
+        if refusal is not None:
+            self._refuse(self._operator(request.action, request), refusal, via="update")
+            raise ApplicationError(refusal, type=CONTROL_REFUSED, non_retryable=True)
         marker = control.claim_api_marker(s, request.api_marker, workflow.now())
         control.accept(s, self._operator(request.action, request, marker))
         return ControlResult(
@@ -225,9 +263,15 @@ class RolloutWorkflow(RolloutSteps):
 
     @control_update.validator
     def validate_control(self, request: ControlRequest) -> None:
+        """Refuse an invalid transition at once, before anything reaches the history, when
+        the Update comes from the API (it carries an unused marker; the API audits the
+        refusal itself). Any other Update is let through so that its handler audits the
+        refusal: Temporal keeps nothing of a rejected Update."""
+        if not control.marker_claimable(self._state, request.api_marker):
+            return
         refusal = control.refusal(self._state, request.action)
         if refusal is not None:
-            raise ValueError(refusal)
+            raise ApplicationError(refusal, type=CONTROL_REFUSED, non_retryable=True)
 
     @workflow.query(name="progress")
     def progress(self) -> RolloutState:
@@ -272,6 +316,7 @@ class RolloutWorkflow(RolloutSteps):
             raise ApplicationError(
                 f"rollout {s.rollout_id} failed: {err.cause or err}", type="RolloutFailed"
             ) from err
+        await self._drain_refusals()  # refused while it stopped (audited after the stop)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return RolloutResult(
             rollout_id=s.rollout_id,

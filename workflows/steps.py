@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         IssueStageInput,
         IssueStageResult,
         OperatorAction,
+        RecordControlRefusalsInput,
         RollbackTargetsInput,
         RollbackTargetsResult,
         RolloutInput,
@@ -106,8 +107,11 @@ class RolloutSteps:
         keep_flow_waiting: bool = False,
     ) -> None:
         """Persist the status (activity: row, audit entry, change-feed event), then the search
-        attributes and the current details."""
+        attributes and the current details. An operator's action is audited after the
+        refusals that came before it."""
         s = self._state
+        if operator is not None:
+            await self._drain_refusals(before=operator.seq)
         if not keep_flow_waiting:
             self._flow_waiting = waiting_for
         result = await workflow.execute_activity_method(
@@ -169,7 +173,8 @@ class RolloutSteps:
         )
 
     async def _drain_actions(self) -> None:
-        """Persist accepted pause/resume actions, in order."""
+        """Persist accepted pause/resume actions and audit refused ones, in the order they
+        came (refusals that came after a pending stop wait for the stop's own entry)."""
         s = self._state
         while s.pending_actions:
             action = s.pending_actions.pop(0)
@@ -192,6 +197,22 @@ class RolloutSteps:
                     waiting_for=self._flow_waiting,
                     operator=action,
                 )
+        await self._drain_refusals(before=control.refusals_before_stop(s))
+
+    async def _drain_refusals(self, before: int | None = None) -> None:
+        """Audit the refused signals and Updates waiting in the state that came before the
+        action numbered `before` (None: all), in one activity. Without such refusals it
+        schedules nothing, so histories without refusals replay unchanged."""
+        s = self._state
+        while refusals := control.take_refusals(s, before):
+            await workflow.execute_activity_method(
+                RolloutActivities.record_control_refusals,
+                RecordControlRefusalsInput(
+                    rollout_id=s.rollout_id, refusals=refusals, dropped=s.refusals_dropped
+                ),
+                start_to_close_timeout=SHORT_ACTIVITY,
+                retry_policy=DB_RETRY,
+            )
 
     async def _abort(self) -> None:
         await self._set_status(
@@ -302,6 +323,7 @@ class RolloutSteps:
                 bool(s.pending_actions)
                 or control.stop_pending(s)
                 or (outcomes and self._outcomes_changed)
+                or bool(s.pending_refusals)  # a refused signal or Update to audit
             )
 
         if deadline is None:

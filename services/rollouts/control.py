@@ -4,7 +4,8 @@ is valid (its `control` Update's validator); a finished rollout is refused here 
 
 The Temporal side of the audit: the API's entry carries the SHA-256 of a random nonce, and the
 Update carries the entry's id and the nonce (`ApiRequestMarker`), so the workflow skips its own
-entry only for a request the API did audit (`api_request_verified`).
+entry only for a request the API did audit (`api_request_verified`); the signals and Updates
+the workflow refuses are audited by it (`record_refusals`, `rollout.{action}_refused`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import InvalidInput
-from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus
 from models.scope import Scope
 from models.tables import Rollout
-from models.workflows import API_MARKER_MAX_AGE, ApiRequestMarker, ControlAction
+from models.workflows import API_MARKER_MAX_AGE, ApiRequestMarker, ControlAction, ControlRefusal
 from services import audit
 from services.audit import Actor, audit_scope
-from services.rollouts.queries import get_rollout
+from services.rollouts.queries import as_dict, get_rollout, rollout_columns
 
 CONTROL_ACTIONS = get_args(ControlAction)
 
@@ -159,3 +160,68 @@ async def api_request_verified(
     ).one_or_none()
     digest = row.digest if row is not None else None
     return isinstance(digest, str) and hmac.compare_digest(digest, marker_digest(marker.nonce))
+
+
+_AUDITED_REFUSALS = text(
+    """
+    SELECT payload ->> 'refusalId' AS refusal_id FROM audit_log
+    WHERE target_type = 'rollout' AND target_id = :target_id AND action = ANY(:actions)
+      AND payload ->> 'refusalId' = ANY(:ids)
+    """
+)
+
+
+async def record_refusals(
+    session: AsyncSession, *, rollout_id: int, refusals: list[ControlRefusal], dropped: int
+) -> int:
+    """Audit the signals and Updates the workflow refused: one entry each,
+    `rollout.{action}_refused`, source `temporal`, the actor and reason of their body, result
+    `refused`, payload `{action, via, message, status, refusedAt, refusalId, refusalsDropped}`
+    (refusals beyond the workflow's bound are only counted). Idempotent: a refusal already
+    audited (same `refusalId`, from the workflow) is not written again. Returns how many
+    entries it wrote."""
+    if not refusals:
+        return 0
+    row = await rollout_columns(session, rollout_id=rollout_id, columns="targets")
+    done = {
+        r.refusal_id
+        for r in await (await session.connection()).execute(
+            _AUDITED_REFUSALS,
+            {
+                "target_id": str(rollout_id),
+                "actions": sorted({f"rollout.{r.action}_refused" for r in refusals}),
+                "ids": [r.id for r in refusals],
+            },
+        )
+    }
+    scope = audit_scope(as_dict(row.targets))
+    written = 0
+    for refusal in refusals:
+        if refusal.id in done:
+            continue
+        await audit.record(
+            session,
+            actor=Actor(
+                subject=refusal.actor,
+                role=None,
+                source=AuditSource.TEMPORAL,
+                correlation_id=refusal.correlation_id,
+            ),
+            action=f"rollout.{refusal.action}_refused",
+            target_type="rollout",
+            target_id=str(rollout_id),
+            reason=refusal.reason,
+            payload={
+                "action": refusal.action,
+                "via": refusal.via,
+                "message": refusal.message,
+                "status": refusal.status,
+                "refusedAt": refusal.at.isoformat(),
+                "refusalId": refusal.id,
+                "refusalsDropped": dropped,
+            },
+            result="refused",
+            **scope,
+        )
+        written += 1
+    return written

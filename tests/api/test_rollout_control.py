@@ -119,6 +119,8 @@ async def test_control_a_running_rollout(
     # API's entry, so the workflow wrote none of its own (each in the status's transaction).
     for done in ("rollout.paused", "rollout.resumed", "rollout.aborted"):
         assert audit_rows(database_url, rid, done) == []
+    # The resume its validator refused is audited by the API alone.
+    assert audit_rows(database_url, rid, "rollout.resume_refused") == []
 
     # Finished: refused at once, and the refusal is on record.
     again = await http.post(

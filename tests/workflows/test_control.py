@@ -14,8 +14,10 @@ from models.workflows import (
     API_MARKER_MAX_AGE,
     API_MARKER_MEMORY,
     API_MARKER_MEMORY_SIZE,
+    MAX_PENDING_REFUSALS,
     ApiRequestMarker,
     ControlAction,
+    ControlRefusal,
     GateAction,
     GateCounts,
     GateDecision,
@@ -307,6 +309,7 @@ def test_a_failure_threshold_rolls_back() -> None:
         actor="workflow",
         source="system",
         correlation_id="req-1",
+        seq=1,  # after every signal and Update received so far
     )
     assert control.stop_pending(s)  # the forward flow stops for it
 
@@ -369,3 +372,52 @@ def test_claims_are_bounded() -> None:
         control.claim_api_marker(s, marker(audit_id), T0)
     assert len(s.api_claims) == API_MARKER_MEMORY_SIZE
     assert s.api_claims[0].audit_id == 5
+
+
+def refusal(n: int) -> ControlRefusal:
+    return ControlRefusal(
+        id=f"r{n}", action="resume", via="signal", message="no", status=R.RUNNING, at=T0
+    )
+
+
+def test_refusals_wait_bounded_and_the_rest_are_counted() -> None:
+    s = state(R.RUNNING)
+    for n in range(MAX_PENDING_REFUSALS + 3):
+        control.refuse(s, refusal(n))
+    assert [r.id for r in s.pending_refusals] == [f"r{n}" for n in range(MAX_PENDING_REFUSALS)]
+    assert s.refusals_dropped == 3
+    taken = control.take_refusals(s)
+    assert len(taken) == MAX_PENDING_REFUSALS and s.pending_refusals == []
+    control.refuse(s, refusal(99))
+    assert [r.id for r in s.pending_refusals] == ["r99"] and s.refusals_dropped == 3
+
+
+def test_refusals_are_taken_in_order_up_to_an_action() -> None:
+    s = state(R.RUNNING)
+    for seq in (1, 2, 4, 5):
+        control.refuse(s, refusal(seq).model_copy(update={"seq": seq}))
+    assert [r.seq for r in control.take_refusals(s, before=3)] == [1, 2]
+    assert [r.seq for r in control.take_refusals(s, before=3)] == []
+    assert [r.seq for r in control.take_refusals(s)] == [4, 5]
+
+
+def test_every_signal_and_update_is_numbered() -> None:
+    s = state(R.RUNNING)
+    assert [control.next_seq(s) for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("name", "stop_seq", "before"),
+    [
+        ("running", None, None),  # no stop pending: every refusal is audited now
+        ("abort requested", 4, 4),  # those after the abort wait for its entry
+        ("rolling back", 4, None),  # the rollback under way is the flow: all of them
+    ],
+)
+def test_refusals_wait_for_a_pending_stop(
+    name: str, stop_seq: int | None, before: int | None
+) -> None:
+    s = STATES[name].model_copy(deep=True)
+    if stop_seq is not None:
+        s.stop_action = operator("abort").model_copy(update={"seq": stop_seq})
+    assert control.refusals_before_stop(s) == before

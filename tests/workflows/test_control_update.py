@@ -1,7 +1,8 @@
 """The `control` Update on the dev server (the time-skipping server has no Updates): accepted
-transitions answer the status they lead to; invalid ones are refused by the validator at once,
-before anything is written to the history. The API's Updates (with its marker) are audited by
-the API alone; any other Update is audited by the workflow as source `temporal`."""
+transitions answer the status they lead to. The API's Updates (with its marker) are audited by
+the API alone, and its invalid ones are refused by the validator at once, before anything is
+written to the history; any other Update is audited by the workflow as source `temporal`, an
+invalid one too (accepted, audited as refused, then failed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
-from core.temporal import rollout_workflow_id
+from core.temporal import CONTROL_REFUSED, rollout_workflow_id
 from models.enums import AuditSource
 from models.scope import Scope
 from models.workflows import (
@@ -95,7 +96,7 @@ async def _refused(handle: WorkflowHandle[Any, Any], request: ControlRequest) ->
     with pytest.raises(WorkflowUpdateFailedError) as err:
         await handle.execute_update("control", request, result_type=ControlResult)
     cause = err.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "ValueError"
+    assert isinstance(cause, ApplicationError) and cause.type == CONTROL_REFUSED
     return cause.message
 
 
@@ -124,7 +125,8 @@ async def _operator_entries(sessions: Sessions, rollout_id: int) -> list[tuple[s
         sessions,
         "SELECT action, source, actor, result FROM audit_log WHERE target_type = 'rollout'"
         " AND target_id = :t AND (action IN ('rollout.paused', 'rollout.resumed',"
-        " 'rollout.aborted', 'rollout.rollback_started')) ORDER BY id",
+        " 'rollout.aborted', 'rollout.rollback_started') OR action LIKE '%\\_refused')"
+        " ORDER BY id",
         t=str(rollout_id),
     )
     return [(r["action"], r["source"], r["actor"], r["result"]) for r in rows]
@@ -155,6 +157,7 @@ async def test_control_update_pause_resume_abort(
         "status": "paused",
         "status_reason": "OPERATOR",
     }
+    # A refused Update from the CLI: accepted, audited as refused, then failed.
     assert (
         await _refused(handle, ControlRequest(action="pause", reason="again", actor="carol"))
         == "cannot pause: rollout is already paused"
@@ -197,12 +200,14 @@ async def test_control_update_pause_resume_abort(
     assert aborted.status == "aborted"
     result = await handle.result()
     assert result.status == "aborted"
-    # The API's requests are audited once, by the API; the CLI's are audited by the workflow.
+    # The API's requests are audited once, by the API; the CLI's are audited by the workflow,
+    # refused ones too.
     assert await _operator_entries(sessions, result.rollout_id) == [
         ("rollout.paused", "temporal", "alice", "ok"),
+        ("rollout.pause_refused", "temporal", "carol", "refused"),
     ]
-    # pause, resume, abort; the refused ones never got in.
-    assert await _accepted_updates(handle) == 3
+    # pause, the refused pause, resume, abort; the API's refused resume never got in.
+    assert await _accepted_updates(handle) == 4
 
 
 async def test_a_marker_that_proves_nothing_is_audited(
@@ -260,12 +265,11 @@ async def test_control_update_refuses_invalid_transitions(
         )
     result = await handle.result()
     assert result.status == "rolled_back"
-    assert (await _operator_entries(sessions, result.rollout_id))[0] == (
-        "rollout.rollback_started",
-        "temporal",
-        "temporal",
-        "ok",
-    )
+    entries = await _operator_entries(sessions, result.rollout_id)
+    assert entries[:2] == [
+        ("rollout.resume_refused", "temporal", "temporal", "refused"),
+        ("rollout.rollback_started", "temporal", "temporal", "ok"),
+    ]
     # Once the workflow has closed, the server itself refuses Updates (no validator runs):
     # RPCError NOT_FOUND "workflow execution already completed". The API answers that with
     # 409 too, the rollout's status read from PostgreSQL.

@@ -190,6 +190,43 @@ async def test_a_staged_rollback_replays_and_is_saved(
     await _save(handle, "rollout_rolled_back.json")
 
 
+async def test_a_run_with_refused_signals_replays(
+    time_skipping_env: WorkflowEnvironment, worker: None, sessions: Sessions, task_queue: str
+) -> None:
+    """Refused signals (audited by an activity the main flow schedules when it wakes) replay
+    with the current code: while baking, and while paused."""
+
+    async def refused_while_baking_and_paused(handle: WorkflowHandle[Any, RolloutResult]) -> None:
+        await until(handle, lambda s: (s.waiting_for or "").startswith("bake"))
+        await handle.signal("resume", RolloutSignal(reason="too early", actor="alice"))
+        await until(handle, lambda s: s.control_seq == 1 and not s.pending_refusals)
+        await handle.signal("pause", RolloutSignal(reason="look", actor="alice"))
+        await until(handle, lambda s: s.status == "paused")
+        await handle.signal("pause", RolloutSignal(reason="again", actor="alice"))
+        await until(handle, lambda s: s.control_seq == 3 and not s.pending_refusals)
+        await handle.signal("resume", RolloutSignal(reason="go on", actor="alice"))
+
+    handle, result, _ = await _run(
+        time_skipping_env,
+        sessions,
+        task_queue,
+        vehicles=100,
+        gate_interval=1800,
+        during=refused_while_baking_and_paused,
+    )
+    assert result.status == "completed"
+    history = await handle.fetch_history()
+    audits = [
+        e
+        for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name
+        == "record_control_refusals"
+    ]
+    assert len(audits) == 2
+    replayer = Replayer(workflows=[RolloutWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+
+
 # Read at collection time (plain files, small).
 SAVED = {path.name: path.read_text() for path in sorted(HISTORIES.glob("*.json"))}
 

@@ -21,6 +21,7 @@ from tests.workflows.conftest import (
     Started,
     StartRollout,
     baking,
+    eventually,
     reporting_fleet,
     until,
 )
@@ -213,4 +214,65 @@ async def test_rollback_returns_the_touched_vehicles(
         assert states == [
             {"state": "rolled_back", "desired": OLD_RELEASE, "n": 30},
             {"state": "skipped", "desired": OLD_RELEASE, "n": 30},
+        ]
+
+
+async def test_refused_signals_are_audited_at_once(
+    rollout: StartRollout, sessions: Sessions
+) -> None:
+    """A refused signal wakes the workflow, baking or paused, and is audited at once (no timer
+    fires here: time skips only when a test waits for a result or sleeps), in the order of
+    the signals around the accepted ones."""
+    started = await rollout(gates=LENIENT_GATES, timeouts=NEVER_TIMES_OUT)
+    rollout_id, handle = started
+
+    async def refused(action: str) -> list[dict[str, Any]]:
+        return await eventually(
+            lambda: fetch_all(
+                sessions,
+                "SELECT actor, source, reason, result, payload FROM audit_log"
+                " WHERE target_type = 'rollout' AND target_id = :t AND action = :a",
+                t=str(rollout_id),
+                a=f"rollout.{action}_refused",
+            ),
+            lambda rows: len(rows) == 1,
+        )
+
+    async with reporting_fleet(sessions, started):  # the canary settles, then bakes
+        await until(handle, baking("canary"))
+        await handle.signal("resume", RolloutSignal(reason="too early", actor="alice"))
+        (entry,) = await refused("resume")
+        assert entry["payload"]["message"] == "cannot resume: rollout is running, not paused"
+        assert {k: entry[k] for k in ("actor", "source", "reason", "result")} == {
+            "actor": "alice",
+            "source": "temporal",
+            "reason": "too early",
+            "result": "refused",
+        }
+        assert {k: entry["payload"][k] for k in ("action", "via", "status", "refusalsDropped")} == {
+            "action": "resume",
+            "via": "signal",
+            "status": "running",
+            "refusalsDropped": 0,
+        }
+
+        await handle.signal("pause", RolloutSignal(reason="investigating", actor="bob"))
+        await until(handle, lambda s: s.status == "paused")
+        await handle.signal("pause", RolloutSignal(reason="again", actor="bob"))  # waits for resume
+        (entry,) = await refused("pause")
+        assert entry["payload"]["message"] == "cannot pause: rollout is already paused"
+
+        await handle.signal("abort", RolloutSignal(reason="enough", actor="bob"))
+        assert (await handle.result()).status == "aborted"
+        operators = await fetch_all(
+            sessions,
+            "SELECT action FROM audit_log WHERE target_type = 'rollout' AND target_id = :t"
+            " AND source = 'temporal' ORDER BY id",
+            t=str(rollout_id),
+        )
+        assert [row["action"] for row in operators] == [
+            "rollout.resume_refused",
+            "rollout.paused",
+            "rollout.pause_refused",
+            "rollout.aborted",
         ]

@@ -1,6 +1,7 @@
 """Operators steer rollouts with the real `temporal` CLI: a pause signal with the JSON body of
 SPEC.md pauses the rollout in PostgreSQL and leaves an audit entry with source `temporal`,
-whatever source its body claims; so does a `control` Update sent with the CLI."""
+whatever source its body claims; so does a `control` Update sent with the CLI, and what the
+workflow refuses (a signal, an Update) is audited too, with result `refused`."""
 
 from __future__ import annotations
 
@@ -74,6 +75,18 @@ async def wait_for_audit(sessions: Sessions, rollout_id: int, action: str, want:
     )
 
 
+async def wait_for_refusal(sessions: Sessions, rollout_id: int, action: str, want: Any) -> None:
+    """The rollout's entry `rollout.{action}_refused` says (actor, source, reason, result,
+    via) == `want`."""
+    await wait_for_row(
+        sessions,
+        "SELECT actor, source, reason, result, payload ->> 'via' FROM audit_log"
+        " WHERE target_type = 'rollout' AND target_id = :id AND action = :action",
+        {"id": str(rollout_id), "action": f"rollout.{action}_refused"},
+        want,
+    )
+
+
 async def update(env: WorkflowEnvironment, workflow_id: str, body: dict, **kw: Any) -> str:
     """`temporal workflow update execute` of the `control` Update, as an operator sends it."""
     return await temporal_cli(
@@ -114,7 +127,7 @@ async def start(
     return rollout_id, workflow_id
 
 
-async def test_an_update_through_the_cli_is_audited(
+async def test_every_control_through_the_cli_is_audited(
     dev_server_env: WorkflowEnvironment,
     sessions: Sessions,
     task_queue: str,
@@ -124,6 +137,12 @@ async def test_an_update_through_the_cli_is_audited(
         try:
             status_sql = "SELECT status, status_reason FROM rollouts WHERE id = :id"
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("running", None))
+            # A signal the workflow refuses (resume of a running rollout) is audited.
+            early = {"reason": "too early", "actor": "alice"}
+            await signal(dev_server_env, workflow_id, "resume", early)
+            refused = ("alice", "temporal", "too early", "refused", "signal")
+            await wait_for_refusal(sessions, rollout_id, "resume", refused)
+
             # An Update claiming to come from the API is audited as source temporal.
             pause = {"action": "pause", "reason": "quiet", "actor": "mallory", "source": "api"}
             answer = await update(dev_server_env, workflow_id, pause)
@@ -131,6 +150,13 @@ async def test_an_update_through_the_cli_is_audited(
             await wait_for_row(sessions, status_sql, {"id": rollout_id}, ("paused", "OPERATOR"))
             paused = ("mallory", "temporal", "quiet")
             await wait_for_audit(sessions, rollout_id, "rollout.paused", paused)
+
+            # An Update the workflow refuses: the CLI is told, and the refusal is audited.
+            again = {"action": "pause", "reason": "again", "actor": "mallory", "source": "api"}
+            out = await update(dev_server_env, workflow_id, again, succeeds=False)
+            assert "cannot pause: rollout is already paused" in out, out
+            refused = ("mallory", "temporal", "again", "refused", "update")
+            await wait_for_refusal(sessions, rollout_id, "pause", refused)
         finally:
             await dev_server_env.client.get_workflow_handle(workflow_id).terminate("test over")
 

@@ -1,5 +1,5 @@
 """An operator's control, audited on both paths (services/rollouts/control.py): the API's
-entry and the marker that proves it to the workflow."""
+entry and the marker that proves it to the workflow, and the refusals the workflow audits."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 from sqlalchemy import text
 
 from core.db import session_scope
-from models.enums import AuditSource
+from models.enums import AuditSource, RolloutStatus
 from models.scope import Scope
-from models.workflows import ApiRequestMarker, ControlAction
+from models.workflows import ApiRequestMarker, ControlAction, ControlRefusal
 from services import audit
 from services.audit import Actor
 from services.rollouts import control
-from tests.factories import Sessions, fetch_one
+from tests.factories import Sessions, fetch_all, fetch_one
 
 API = Actor("alice", "operator", AuditSource.API, correlation_id="req-ctl")
 
@@ -137,3 +137,59 @@ async def test_an_entry_not_written_by_the_api_proves_nothing(
     assert entry.id is not None
     marker = ApiRequestMarker(audit_id=entry.id, nonce=nonce)
     assert not await verified(sessions, rollout_id, marker, accepted_at=datetime.now(UTC))
+
+
+async def test_refusals_are_audited_once_each(sessions: Sessions, rollout_id: int) -> None:
+    at = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+    refusals = [
+        ControlRefusal(
+            id=f"{rollout_id}-r1",
+            action="resume",
+            via="signal",
+            message="cannot resume: rollout is running, not paused",
+            status=RolloutStatus.RUNNING,
+            at=at,
+            actor="alice",
+            reason="go",
+            correlation_id="req-r1",
+        ),
+        ControlRefusal(
+            id=f"{rollout_id}-r2",
+            action="pause",
+            via="update",
+            message="cannot pause: rollout is already paused",
+            status=RolloutStatus.PAUSED,
+            at=at,
+        ),
+    ]
+    async with session_scope(sessions) as session:
+        first = await control.record_refusals(
+            session, rollout_id=rollout_id, refusals=refusals, dropped=3
+        )
+    # An activity runs at least once: the same refusals again write nothing.
+    async with session_scope(sessions) as session:
+        again = await control.record_refusals(
+            session, rollout_id=rollout_id, refusals=refusals, dropped=3
+        )
+    assert (first, again) == (2, 0)
+    rows = await fetch_all(
+        sessions,
+        "SELECT action, actor, role, source, reason, correlation_id, result, payload"
+        " FROM audit_log WHERE target_type = 'rollout' AND target_id = :t"
+        " AND action LIKE '%\\_refused' ORDER BY id",
+        t=str(rollout_id),
+    )
+    assert [(r["action"], r["actor"], r["role"], r["source"], r["result"]) for r in rows] == [
+        ("rollout.resume_refused", "alice", None, "temporal", "refused"),
+        ("rollout.pause_refused", "temporal", None, "temporal", "refused"),
+    ]
+    assert (rows[0]["reason"], rows[0]["correlation_id"]) == ("go", "req-r1")
+    assert rows[0]["payload"] == {
+        "action": "resume",
+        "via": "signal",
+        "message": "cannot resume: rollout is running, not paused",
+        "status": "running",
+        "refusedAt": at.isoformat(),
+        "refusalId": f"{rollout_id}-r1",
+        "refusalsDropped": 3,
+    }
