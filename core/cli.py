@@ -260,6 +260,17 @@ def _dev_key(settings, state_dir: Path) -> str | None:  # type: ignore[no-untype
     return key
 
 
+def _rate(text: str) -> float:
+    """A probability, 0 to 1 (the simulator's rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
 # `motorcade simulate` options named as the SimConfig fields they set; one left out keeps the
 # SimConfig default (the one place the defaults are written).
 SIMULATE_OPTIONS = (
@@ -287,7 +298,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     pairs = _pairs(args.release_failure_rate, option="--release-failure-rate", form="VERSION=RATE")
     if pairs is None:
         return 2
-    rates = {version: float(rate) for version, rate in pairs}
+    try:
+        rates = {version: _rate(rate) for version, rate in pairs}
+    except argparse.ArgumentTypeError as exc:
+        print(f"--release-failure-rate: {exc}", file=sys.stderr)
+        return 2
     chosen = {
         name: getattr(args, name) for name in SIMULATE_OPTIONS if getattr(args, name) is not None
     }
@@ -406,17 +421,17 @@ def _add_dev_commands(sub: Subcommands) -> None:
     p.add_argument("--api", help="API base URL (default http://MOTORCADE_API_HOST:PORT)")
     p.add_argument("--prefix", help="only vehicles whose id starts with this")
     # Rates and times left out keep SimConfig's defaults (SIMULATE_OPTIONS).
-    p.add_argument("--failure-rate", type=float, help="share of applies failing")
+    p.add_argument("--failure-rate", type=_rate, help="share of applies failing (0 to 1)")
     p.add_argument(
         "--release-failure-rate",
         action="append",
         metavar="VERSION=RATE",
-        help="failure rate for one release (repeatable)",
+        help="failure rate of the applies of one release, instead of --failure-rate (repeatable)",
     )
-    p.add_argument("--low-battery-rate", type=float)
-    p.add_argument("--moving-rate", type=float)
-    p.add_argument("--network-loss-rate", type=float)
-    p.add_argument("--offline-rate", type=float, help="chance per heartbeat to go offline")
+    p.add_argument("--low-battery-rate", type=_rate)
+    p.add_argument("--moving-rate", type=_rate)
+    p.add_argument("--network-loss-rate", type=_rate)
+    p.add_argument("--offline-rate", type=_rate, help="chance per heartbeat to go offline")
     p.add_argument("--heartbeat-seconds", type=float)
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--apply-seconds", type=float)

@@ -2,11 +2,24 @@
 
 Each vehicle polls its desired state (`GET /vehicles/{id}/desired-state` with its own device
 token, `If-None-Match`), and when it names a release the vehicle does not run:
-`desired_notified`, then a safety check (`blocked` with `BATTERY_LOW` or `NOT_STATIONARY`,
-retried at the next poll), `apply_start`, and after the apply time either `failed` (with
-`APPLY_FAILED`, or `NETWORK_UNREACHABLE` on a network loss) or `ready` (it then runs the
-release and its heartbeats say so). Heartbeats every `--heartbeat-seconds`; some vehicles go
-offline for a while (no heartbeat, no poll).
+`desired_notified`, then the safety checks at apply time, then `apply_start`, and after the
+apply time either `failed` (with `APPLY_FAILED`, or `NETWORK_UNREACHABLE` on a network loss) or
+`ready` (it then runs the release and its heartbeats say so). Heartbeats every
+`--heartbeat-seconds`; some vehicles go offline for a while (no heartbeat, no poll).
+
+The safety checks are the desired state's `constraints` when it carries them
+(`minBatteryPercent`, `requireStationary`, `maintenanceWindow`: the window rule is
+`workflows.policy.window_open`, the server's own), else the simulator's battery floor
+(`MOTORCADE_SAFETY_MIN_BATTERY_PERCENT`) and "parked". A check that fails reports `blocked`
+with `BATTERY_LOW`, `NOT_STATIONARY` or `OUTSIDE_MAINTENANCE_WINDOW`, once per desired state
+and reason; the vehicle checks again at every poll (meanwhile it charges or parks) and applies
+once they pass.
+
+A vehicle applying release `V` fails with `APPLY_FAILED` with probability
+`release_failure_rates[V]` (`--release-failure-rate V=RATE`) when given, else `failure_rate`.
+Apply outcomes are drawn from a random stream of their own per vehicle, seeded from `--seed`
+and the vehicle id: with a seed, the same vehicle's n-th apply has the same outcome in every
+run, whatever the timing.
 
 Telemetry goes through one gateway in the process (a gateway token): heartbeats and events of
 all vehicles are batched (up to 500 events and 500 heartbeats, every 200 ms) into
@@ -22,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +50,8 @@ import httpx
 
 from core.auth import mint_dev_token
 from models.enums import Role
+from models.workflows import MaintenanceWindowSpec
+from workflows.policy import window_open
 
 MAX_BATCH = 500
 
@@ -68,6 +85,57 @@ class Stats:
     errors: int = 0
     polls: int = 0
     states: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """The safety checks a vehicle applies before installing: the desired state's
+    `constraints`, each one it lacks (or all, on an old row without any) from the simulator's
+    defaults: its battery floor, parked required, no window."""
+
+    min_battery_percent: int
+    require_stationary: bool = True
+    window: MaintenanceWindowSpec | None = None
+
+    @classmethod
+    def read(cls, data: Mapping[str, Any] | None, *, default_min_battery: int) -> Constraints:
+        """From the desired state's `constraints` (camelCase JSON, or None); ValueError when
+        it is malformed."""
+        data = data or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"constraints is not an object: {data!r}")
+        battery = data.get("minBatteryPercent")
+        stationary = data.get("requireStationary")
+        window = data.get("maintenanceWindow")
+        checks = cls(
+            min_battery_percent=default_min_battery if battery is None else int(battery),
+            require_stationary=True if stationary is None else bool(stationary),
+            window=MaintenanceWindowSpec.model_validate(window) if window else None,
+        )
+        try:  # a time or zone the window rule cannot read fails here, not at apply time
+            window_open(datetime.now(UTC), checks.window)
+        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+            raise ValueError(f"unreadable maintenanceWindow {window!r}: {exc}") from None
+        return checks
+
+    def blocking(self, *, battery: int, stationary: bool, now: datetime) -> str | None:
+        """The reason code of the first check that fails now, or None."""
+        if battery < self.min_battery_percent:
+            return "BATTERY_LOW"
+        if self.require_stationary and not stationary:
+            return "NOT_STATIONARY"
+        if not window_open(now, self.window):
+            return "OUTSIDE_MAINTENANCE_WINDOW"
+        return None
+
+
+def outcome_rng(seed: int | None, vehicle_id: str) -> random.Random:
+    """The random stream of one vehicle's apply outcomes: from `seed` and the vehicle id when
+    seeded (stable across runs and processes), else from the system."""
+    if seed is None:
+        return random.Random()
+    digest = hashlib.sha256(f"{seed}:{vehicle_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 def iso_now() -> str:
@@ -157,6 +225,8 @@ class Vehicle:
         self.battery = rng.randint(20, 100) if rng.random() < config.low_battery_rate else 80
         self.stationary = rng.random() >= config.moving_rate
         self.done_ds: str | None = None
+        self.blocked_on: tuple[str, str] | None = None  # (desired state, reason) reported
+        self.outcomes = outcome_rng(config.seed, vid)
         self.offline_until = 0.0
         stats.states["idle"] += 1
 
@@ -242,33 +312,47 @@ class Vehicle:
         if not ds or not release or release == self.actual or ds == self.done_ds:
             self.etag = r.headers.get("etag")
             return
-        outcome = await self._apply(ds, release)
+        try:
+            constraints = Constraints.read(
+                data.get("constraints"), default_min_battery=self.config.min_battery_percent
+            )
+        except ValueError as exc:  # pydantic's ValidationError is one
+            self.stats.errors += 1
+            print(f"\n{self.id}: unreadable constraints: {exc}", file=sys.stderr)
+            return
+        outcome = await self.apply(ds, release, constraints)
         if outcome != "blocked":  # blocked: look again at the next poll
             self.etag = r.headers.get("etag")
             self.done_ds = ds
 
-    async def _apply(self, ds: str, release: str) -> str:
+    async def apply(self, ds: str, release: str, constraints: Constraints) -> str:
+        """Install desired state `ds` (release `release`) if `constraints` let it now, and
+        report each step; returns the outcome: `blocked`, `failed` or `ready`."""
         cfg = self.config
+        reason = constraints.blocking(
+            battery=self.battery, stationary=self.stationary, now=datetime.now(UTC)
+        )
+        if reason is not None and self.blocked_on == (ds, reason):
+            self._wait_out(reason)  # reported already: check again at the next poll
+            return "blocked"
         self._event("desired_notified", ds, release)
         self._set("updating")
-        if self.battery < cfg.min_battery_percent:
-            self._event("blocked", ds, release, "BATTERY_LOW")
+        if reason is not None:
+            self._event("blocked", ds, release, reason)
             self._set("blocked")
-            self.battery = min(100, self.battery + 15)  # it charges meanwhile
+            self.blocked_on = (ds, reason)
+            self._wait_out(reason)
             return "blocked"
-        if not self.stationary:
-            self._event("blocked", ds, release, "NOT_STATIONARY")
-            self._set("blocked")
-            self.stationary = True  # it parks eventually
-            return "blocked"
+        self.blocked_on = None
         self._event("apply_start", ds, release)
         await asyncio.sleep(cfg.apply_seconds * self.rng.uniform(0.5, 1.5))
         rate = cfg.release_failure_rates.get(release, cfg.failure_rate)
-        if self.rng.random() < cfg.network_loss_rate:
+        lost, failed = self.outcomes.random(), self.outcomes.random()
+        if lost < cfg.network_loss_rate:
             self._event("failed", ds, release, "NETWORK_UNREACHABLE")
             self._set("failed")
             return "failed"
-        if self.rng.random() < rate:
+        if failed < rate:
             self._event("failed", ds, release, "APPLY_FAILED")
             self._set("failed")
             return "failed"
@@ -277,6 +361,14 @@ class Vehicle:
         self._heartbeat()
         self._set("ready")
         return "ready"
+
+    def _wait_out(self, reason: str) -> None:
+        """What a blocked vehicle does before it checks again: it charges, or parks; a closed
+        window only passes."""
+        if reason == "BATTERY_LOW":
+            self.battery = min(100, self.battery + 15)
+        elif reason == "NOT_STATIONARY":
+            self.stationary = True
 
 
 async def list_fleet(

@@ -1,17 +1,34 @@
 """`motorcade simulate` against the real app: simulated vehicles poll their desired state,
-report desired_notified, apply_start and ready (or failed), and heartbeat the new release."""
+report desired_notified, apply_start and ready (or failed), and heartbeat the new release;
+at apply time they check the desired state's `constraints` (else their own defaults) and
+report `blocked` with the reason, once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import httpx
 import psycopg
+import pytest
 
+from core.auth import mint_dev_token
 from core.settings import Settings
-from devtools.simulate import SimConfig, simulate
-from tests.api.telemetry import set_desired
+from devtools.simulate import (
+    Constraints,
+    Gateway,
+    SimConfig,
+    Stats,
+    Vehicle,
+    outcome_rng,
+    simulate,
+)
+from models.enums import Role
+from tests.api.telemetry import set_desired, vehicle_row
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import wait_for_status
 from tests.factories import insert_signed_release, insert_vehicles
@@ -122,3 +139,157 @@ async def test_a_rollout_progresses_with_the_simulated_fleet(
         ).fetchall()
     assert states == [("succeeded", n)]
     assert statuses == [("in_sync", release, n)]
+
+
+# --- Safety checks at apply time ----------------------------------------------------------
+
+
+def _window(opens_in: timedelta, *, zone: str = "UTC") -> dict[str, Any]:
+    """A daily one-hour maintenance window (the desired state's camelCase JSON) that opens
+    `opens_in` from now, in local time of `zone`."""
+    start = datetime.now(UTC).astimezone(ZoneInfo(zone)) + opens_in
+    end = start + timedelta(hours=1)
+    return {"start": f"{start:%H:%M}", "end": f"{end:%H:%M}", "timezone": zone, "days": WEEK}
+
+
+WEEK = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+CLOSED = _window(timedelta(hours=2))
+OPEN_IN_BERLIN = _window(timedelta(minutes=-30), zone="Europe/Berlin")
+
+
+@pytest.mark.parametrize(
+    ("constraints", "battery", "stationary", "expected"),
+    [
+        # No constraints (an old desired state): the simulator's own floor (30), parked.
+        (None, 29, True, "BATTERY_LOW"),
+        (None, 30, True, None),
+        (None, 80, False, "NOT_STATIONARY"),
+        ({}, 80, False, "NOT_STATIONARY"),
+        # The desired state's checks win over the simulator's.
+        ({"minBatteryPercent": 50}, 45, True, "BATTERY_LOW"),
+        ({"minBatteryPercent": 10}, 20, True, None),
+        ({"requireStationary": False}, 80, False, None),
+        ({"requireStationary": True}, 80, False, "NOT_STATIONARY"),
+        ({"minBatteryPercent": 50, "requireStationary": True}, 20, False, "BATTERY_LOW"),
+        ({"maintenanceWindow": None}, 80, True, None),
+        ({"maintenanceWindow": CLOSED}, 80, True, "OUTSIDE_MAINTENANCE_WINDOW"),
+        ({"maintenanceWindow": OPEN_IN_BERLIN}, 80, True, None),
+        (
+            {"minBatteryPercent": 30, "requireStationary": False, "maintenanceWindow": CLOSED},
+            80,
+            False,
+            "OUTSIDE_MAINTENANCE_WINDOW",
+        ),
+        (
+            {"maintenanceWindow": {**OPEN_IN_BERLIN, "days": []}},
+            80,
+            True,
+            "OUTSIDE_MAINTENANCE_WINDOW",
+        ),
+    ],
+)
+def test_constraints_at_apply_time(
+    constraints: dict[str, Any] | None, battery: int, stationary: bool, expected: str | None
+) -> None:
+    checks = Constraints.read(constraints, default_min_battery=30)
+    now = datetime.now(UTC)
+    assert checks.blocking(battery=battery, stationary=stationary, now=now) == expected
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        "no",
+        {"maintenanceWindow": {"start": "25:00"}},
+        {"maintenanceWindow": {"start": "01:00", "end": "02:00", "timezone": "Mars/Base"}},
+    ],
+)
+def test_unreadable_constraints_are_refused(constraints: Any) -> None:
+    with pytest.raises(ValueError):
+        Constraints.read(constraints, default_min_battery=30)
+
+
+def test_a_seeded_vehicle_draws_the_same_outcomes_in_every_run() -> None:
+    draws = outcome_rng(7, "VIN-000042")
+    first = [draws.random() for _ in range(4)]
+    again = outcome_rng(7, "VIN-000042")
+    assert [again.random() for _ in range(4)] == first
+    assert outcome_rng(7, "VIN-000043").random() != first[0]
+    assert outcome_rng(8, "VIN-000042").random() != first[0]
+
+
+async def test_a_vehicle_outside_its_window_reports_blocked_once_then_applies(
+    api_base_url: str, api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    """A vehicle given a desired state whose window is closed reports `blocked`
+    OUTSIDE_MAINTENANCE_WINDOW once, however often it checks again; once the check passes it
+    applies."""
+    vid = f"{prefix}WIN"
+    insert_vehicles(database_url, [vid], release="1.0")
+    ds = set_desired(database_url, vid, "2.0")
+    key = api_settings.dev_key.get_secret_value()  # type: ignore[union-attr]
+    config = _config(api_base_url, prefix)
+    stats = Stats()
+    async with httpx.AsyncClient(base_url=api_base_url, timeout=30) as client:
+        gateway = Gateway(client, mint_dev_token(key, role=Role.GATEWAY), stats)
+        vehicle = Vehicle(vid, "1.0", "unused", config, gateway, client, stats, random.Random(1))
+        closed = Constraints.read({"maintenanceWindow": CLOSED}, default_min_battery=30)
+        assert await vehicle.apply(ds, "2.0", closed) == "blocked"
+        assert await vehicle.apply(ds, "2.0", closed) == "blocked"
+        await _flush(gateway)
+        assert _timeline(database_url, vid) == [
+            ("desired_notified", None),
+            ("blocked", "OUTSIDE_MAINTENANCE_WINDOW"),
+        ]
+        assert vehicle_row(database_url, vid)["status"] == "blocked"
+        opened = Constraints.read({"maintenanceWindow": None}, default_min_battery=30)
+        assert await vehicle.apply(ds, "2.0", opened) == "ready"
+        await _flush(gateway)
+    assert _timeline(database_url, vid)[2:] == [
+        ("desired_notified", None),
+        ("apply_start", None),
+        ("ready", None),
+    ]
+    assert vehicle_row(database_url, vid)["status"] == "in_sync"
+    assert stats.errors == 0
+
+
+async def test_without_constraints_a_vehicle_keeps_its_own_battery_floor(
+    api_base_url: str, api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    """Today's desired state carries no `constraints`: the simulated fleet checks its own floor
+    (here above any battery, so it never passes) and reports `blocked` BATTERY_LOW once per
+    vehicle while it polls again and again."""
+    ids = [f"{prefix}LOW{i}" for i in range(3)]
+    insert_vehicles(database_url, ids, release="1.0")
+    for vid in ids:
+        set_desired(database_url, vid, "2.0")
+    key = api_settings.dev_key.get_secret_value()  # type: ignore[union-attr]
+    config = _config(api_base_url, prefix, duration=3.0)
+    config.min_battery_percent = 101
+    stats = await simulate(config, key)
+    assert stats.errors == 0 and stats.polls >= 3 * len(ids)
+    with psycopg.connect(database_url) as conn:
+        kinds = conn.execute(
+            "SELECT type, reason_code, count(*) FROM timeline_events WHERE vehicle_id LIKE %s"
+            " GROUP BY 1, 2 ORDER BY 1",
+            (prefix + "%",),
+        ).fetchall()
+    assert kinds == [("blocked", "BATTERY_LOW", 3), ("desired_notified", None, 3)]
+    assert {vehicle_row(database_url, vid)["reason_codes"][0] for vid in ids} == {"BATTERY_LOW"}
+
+
+async def _flush(gateway: Gateway) -> None:
+    """Send what the gateway holds (its run loop ends once stopped and empty)."""
+    stop = asyncio.Event()
+    stop.set()
+    await gateway.run(stop)
+
+
+def _timeline(database_url: str, vid: str) -> list[tuple[str, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT type, reason_code FROM timeline_events WHERE vehicle_id = %s ORDER BY seq",
+            (vid,),
+        ).fetchall()
+    return [(kind, reason) for kind, reason in rows]

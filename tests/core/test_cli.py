@@ -201,6 +201,31 @@ def test_simulate_refuses_a_malformed_release_rate(
     assert simulated == []
 
 
+@pytest.mark.parametrize(
+    ("item", "said"),
+    [("2.0=often", "'often' is not a number"), ("2.0=1.5", "'1.5' is not between 0 and 1")],
+)
+def test_simulate_refuses_a_release_rate_that_is_no_probability(
+    item: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
+) -> None:
+    load_or_create_dev_key(tmp_path)
+    argv = ["simulate", "--state-dir", str(tmp_path), "--release-failure-rate", item]
+    assert main(argv) == 2
+    assert f"--release-failure-rate: {said}" in capsys.readouterr().err
+    assert simulated == []
+
+
+@pytest.mark.parametrize("option", ["--failure-rate", "--moving-rate", "--offline-rate"])
+def test_simulate_refuses_a_rate_above_one(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], simulated: list
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--state-dir", str(tmp_path), option, "1.5"])
+    assert exited.value.code == 2
+    assert "'1.5' is not between 0 and 1" in capsys.readouterr().err
+    assert simulated == []
+
+
 def test_the_roles_never_import_dev_tooling() -> None:
     """The CLI, with its parser built, and every role's entry point leave devtools/ alone: it
     is imported by the dev subcommands only, when they run."""
