@@ -37,6 +37,11 @@ LOCAL_ONLY_VARIABLES: dict[str, tuple[str, str]] = {
         "`1`",
         "`0`: `make dev` does not run `motorcade simulate` for the seeded fleet.",
     ),
+    "MOTORCADE_DEV_SIMULATE_ARGS": (
+        "(empty)",
+        "Options `make dev` gives `motorcade simulate`, split as a shell would: "
+        "`--release-failure-rate 2026.11.0=0.5 --poll-seconds 5`.",
+    ),
     "MOTORCADE_DEV_TEMPORAL_PORT": (
         "`7233`",
         "Port of the Temporal dev server `make dev` starts.",

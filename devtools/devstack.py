@@ -3,7 +3,8 @@
 PostgreSQL (MOTORCADE_DATABASE_URL, else an embedded server in .motorcade/pgdata), Temporal
 (MOTORCADE_TEMPORAL_ADDRESS, else `temporal server start-dev` with its Web UI on :8233 and a
 persistent database file), migrations, a seeded fleet (once), then the worker, the API and a
-simulated fleet (`motorcade simulate`, unless MOTORCADE_DEV_SIMULATE=0) as child processes.
+simulated fleet (`motorcade simulate`, unless MOTORCADE_DEV_SIMULATE=0; options from
+MOTORCADE_DEV_SIMULATE_ARGS, split as a shell would) as child processes.
 Ctrl-C stops everything this command started; a second run reuses the data.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,10 +43,13 @@ class Stack:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.logs: dict[str, Path] = {}
         self.embedded_pg: Path | None = None
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], log: Path | None = None):  # type: ignore[no-untyped-def]
         out = open(log, "ab") if log else None
+        if log:
+            self.logs[name] = log
         proc = subprocess.Popen(
             argv,
             env=env,
@@ -215,15 +220,26 @@ def _start_roles(stack: Stack, env: dict[str, str]) -> str:
     base = f"http://{API_HOST}:{API_PORT}"
     _wait_ready(base, [("worker", worker), ("api", api)])
     if os.environ.get("MOTORCADE_DEV_SIMULATE", "1") != "0":
+        options = simulate_options()
         log = stack.state_dir / "simulate.log"
-        say(f"simulated fleet: `motorcade simulate` (log: {log})")
+        shown = shlex.join(["motorcade", "simulate", *options])
+        say(f"simulated fleet: `{shown}` (log: {log})")
         stack.spawn(
             "simulate",
-            [motorcade, "simulate", "--api", base, "--state-dir", str(stack.state_dir)],
+            [motorcade, "simulate", "--api", base, "--state-dir", str(stack.state_dir), *options],
             env,
             log=log,
         )
     return base
+
+
+def simulate_options() -> list[str]:
+    """MOTORCADE_DEV_SIMULATE_ARGS split as a shell would: the options `make dev` gives its
+    simulated fleet (`motorcade simulate --help`), e.g. `--release-failure-rate 2026.11.0=0.5`."""
+    try:
+        return shlex.split(os.environ.get("MOTORCADE_DEV_SIMULATE_ARGS", ""))
+    except ValueError as exc:
+        raise SystemExit(f"MOTORCADE_DEV_SIMULATE_ARGS: {exc}") from None
 
 
 def _banner(base: str, env: dict[str, str], dev_key: str) -> str:
@@ -261,7 +277,9 @@ def _supervise(stack: Stack) -> int:
     while True:
         for name, proc in stack.children:
             if proc.poll() is not None:
-                say(f"{name} exited with code {proc.returncode}; stopping")
+                log = stack.logs.get(name)
+                said = f" (its output: {log})" if log else ""
+                say(f"{name} exited with code {proc.returncode}{said}; stopping")
                 return 1
         time.sleep(1)
 
