@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +27,6 @@ from devtools import localservers
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def dev_database(database_server_url: str) -> Iterator[str]:
-    name = f"motorcade_dev_{secrets.token_hex(4)}"
-    yield localservers.ensure_database(database_server_url, name)
-    localservers.drop_database(database_server_url, name)
-
-
 @dataclass
 class DevStack:
     """`motorcade dev` running; a thread collects its output line by line."""
@@ -45,14 +36,34 @@ class DevStack:
     ready: threading.Event = field(default_factory=threading.Event)  # it says Ctrl-C stops it
 
 
-def start_motorcade_dev(env: dict[str, str], state_dir: Path) -> DevStack:
-    """`motorcade dev` with 300 seeded vehicles, as a new user starts it."""
+@dataclass(frozen=True)
+class DevPorts:
+    """Free ports for a second stack beside a running `make dev`."""
+
+    api: int = field(default_factory=localservers.free_port)
+    temporal: int = field(default_factory=localservers.free_port)
+    ui: int = field(default_factory=localservers.free_port)
+
+    def environment(self, database_url: str, **extra: str) -> dict[str, str]:
+        """This process's environment without any MOTORCADE_ variable, plus the stack's
+        database, these ports and `extra`."""
+        return {k: v for k, v in os.environ.items() if not k.startswith("MOTORCADE_")} | {
+            "MOTORCADE_DATABASE_URL": database_url,
+            "MOTORCADE_API_PORT": str(self.api),
+            "MOTORCADE_DEV_TEMPORAL_PORT": str(self.temporal),
+            "MOTORCADE_DEV_TEMPORAL_UI_PORT": str(self.ui),
+            **extra,
+        }
+
+
+def start_motorcade_dev(env: dict[str, str], state_dir: Path, *, vehicles: int = 300) -> DevStack:
+    """`motorcade dev` with `vehicles` seeded vehicles, as a new user starts it."""
     proc = subprocess.Popen(
         [
             localservers.venv_binary("motorcade"),
             "dev",
             "--vehicles",
-            "300",
+            str(vehicles),
             "--state-dir",
             str(state_dir),
         ],
@@ -72,6 +83,27 @@ def start_motorcade_dev(env: dict[str, str], state_dir: Path) -> DevStack:
 
     threading.Thread(target=drain, daemon=True).start()
     return stack
+
+
+def dev_tokens(stack: DevStack) -> tuple[str, str]:
+    """The viewer and operator tokens `motorcade dev` printed."""
+    output = "".join(stack.lines)
+    viewer = re.search(r"VIEWER_TOKEN=(\S+)", output)
+    operator = re.search(r"OPERATOR_TOKEN=(\S+)", output)
+    assert viewer and operator, output[-2000:]
+    return viewer.group(1), operator.group(1)
+
+
+def stop_motorcade_dev(stack: DevStack, *signals: signal.Signals) -> int:
+    """Send `signals` (SIGINT by default) one after the other, as Ctrl-C or a supervisor
+    would; its exit code (killed after 60 s, and then TimeoutExpired)."""
+    for sig in signals or (signal.SIGINT,):
+        stack.proc.send_signal(sig)
+    try:
+        return stack.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        stack.proc.kill()
+        raise
 
 
 def listed_workflows(temporal_port: int, workflow_id: str) -> list[dict]:
@@ -103,20 +135,14 @@ def listed_workflows(temporal_port: int, workflow_id: str) -> list[dict]:
 
 
 def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) -> None:
-    api_port, temporal_port, ui_port = (localservers.free_port() for _ in range(3))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTORCADE_")} | {
-        "MOTORCADE_DATABASE_URL": dev_database,
-        "MOTORCADE_API_PORT": str(api_port),
-        "MOTORCADE_DEV_TEMPORAL_PORT": str(temporal_port),
-        "MOTORCADE_DEV_TEMPORAL_UI_PORT": str(ui_port),
-    }
-    stack = start_motorcade_dev(env, tmp_path)
+    ports = DevPorts()
+    api_port, temporal_port, ui_port = ports.api, ports.temporal, ports.ui
+    stack = start_motorcade_dev(ports.environment(dev_database), tmp_path)
     proc, lines = stack.proc, stack.lines
     try:
         assert stack.ready.wait(180), "motorcade dev did not come up:\n" + "".join(lines[-40:])
         output = "".join(lines)
-        viewer = re.search(r"VIEWER_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
-        operator = re.search(r"OPERATOR_TOKEN=(\S+)", output).group(1)  # type: ignore[union-attr]
+        viewer, operator = dev_tokens(stack)
         assert f"http://127.0.0.1:{ui_port}" in output
 
         base = f"http://127.0.0.1:{api_port}"
@@ -153,13 +179,7 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
     finally:
         # Two signals back to back (a supervisor signalling the group and the process): the
         # stop still finishes, exit 0, every port freed.
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        stop_motorcade_dev(stack, signal.SIGINT, signal.SIGTERM)
     assert proc.returncode == 0, "".join(lines[-30:])
     for port in (api_port, temporal_port, ui_port):
         assert not localservers.port_open("127.0.0.1", port), f"port {port} still open"
