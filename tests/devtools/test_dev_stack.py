@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools import localservers
+from devtools import devstack, localservers
 
 pytestmark = pytest.mark.slow
 
@@ -183,3 +183,17 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
     assert proc.returncode == 0, "".join(lines[-30:])
     for port in (api_port, temporal_port, ui_port):
         assert not localservers.port_open("127.0.0.1", port), f"port {port} still open"
+
+
+def test_the_simulator_options_are_split_as_a_shell_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "MOTORCADE_DEV_SIMULATE_ARGS", "--release-failure-rate '2026.11.0=0.5' --seed 3"
+    )
+    assert devstack.simulate_options() == ["--release-failure-rate", "2026.11.0=0.5", "--seed", "3"]
+    monkeypatch.delenv("MOTORCADE_DEV_SIMULATE_ARGS")
+    assert devstack.simulate_options() == []
+    monkeypatch.setenv("MOTORCADE_DEV_SIMULATE_ARGS", "--prefix 'VIN-")
+    with pytest.raises(SystemExit, match="MOTORCADE_DEV_SIMULATE_ARGS: No closing quotation"):
+        devstack.simulate_options()
