@@ -25,6 +25,7 @@ from tests.workflows.conftest import (
     reporting_fleet,
     settling,
     target_states,
+    through_healthy_canary,
     until,
 )
 
@@ -66,16 +67,9 @@ async def test_waves_wait_for_every_vehicle_and_completed_means_all_reported(
     rollout_id, handle = await rollout(
         gates={"failureThreshold": {"maxFailureRate": 0.5}}, timeouts=NEVER_TIMES_OUT
     )
-    await until(handle, settling("canary"))
-    canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
-    await until(handle, baking("canary"))
-    await time_skipping_env.sleep(HOUR + 60)
-
     # wave-1: all but one vehicle report; hours later the wave is still settling and
     # wave-2 has not started.
-    await until(handle, settling("wave-1"))
-    wave = await stage_vehicles(sessions, rollout_id, 1)
+    wave = await through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
     await report(sessions, rollout_id, wave[:-1], "succeeded", handle=handle)
     await time_skipping_env.sleep(3 * HOUR)
     state = await until(handle, settling("wave-1"))
@@ -113,13 +107,7 @@ async def test_a_failure_after_the_stage_settled_pauses_it_during_its_bake(
         },
         timeouts=NEVER_TIMES_OUT,
     )
-    await until(handle, settling("canary"))
-    canary = await stage_vehicles(sessions, rollout_id, 0)
-    await report(sessions, rollout_id, canary, "succeeded", handle=handle)
-    await until(handle, baking("canary"))
-    await time_skipping_env.sleep(HOUR + 60)
-    await until(handle, settling("wave-1"))
-    wave = await stage_vehicles(sessions, rollout_id, 1)
+    wave = await through_healthy_canary(time_skipping_env, handle, sessions, rollout_id)
     # 23 ready, 4 blocked (an outcome): wave-1 settles and bakes.
     await report(sessions, rollout_id, wave[4:], "succeeded", handle=handle)
     await report(sessions, rollout_id, wave[:4], "blocked", "NOT_STATIONARY", handle=handle)
