@@ -415,6 +415,23 @@ class AuditEntryOut(CamelModel):
     result: str
 
 
+class DesiredStateConstraints(CamelModel):
+    """The safety checks a desired state was issued under: the vehicle checks them again at
+    apply time and reports `blocked` (with `BATTERY_LOW`, `NOT_STATIONARY` or
+    `OUTSIDE_MAINTENANCE_WINDOW`) when one fails."""
+
+    min_battery_percent: int = Field(description="Apply only with at least this battery.")
+    require_stationary: bool = Field(description="Apply only while parked.")
+    maintenance_window: MaintenanceWindow | None = Field(
+        None, description="Apply only inside this window (null: at any time)."
+    )
+
+    @classmethod
+    def stored(cls, value: dict[str, Any] | None) -> DesiredStateConstraints | None:
+        """A desired state's `constraints` column (camelCase JSON; NULL for old rows)."""
+        return cls.model_validate(value) if value else None
+
+
 class DesiredStateOut(CamelModel):
     id: str
     vehicle_id: str | None = Field(
@@ -428,6 +445,9 @@ class DesiredStateOut(CamelModel):
     reason: str | None = None
     created_by: str
     created_at: datetime | None = None
+    constraints: DesiredStateConstraints | None = Field(
+        None, description="Null for a direct desired state written before constraints existed."
+    )
 
 
 class IssuedDesiredState(CamelModel):

@@ -163,6 +163,10 @@ class DesiredState(SQLModel, table=True):
     reason: str | None = Field(default=None, sa_column=Column(Text))
     created_by: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime | None = _now_column()
+    # The safety checks the vehicle applies again at apply time (migration 0012):
+    # {"minBatteryPercent", "requireStationary", "maintenanceWindow"}; NULL for a direct
+    # desired state written before them.
+    constraints: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB))
 
 
 class Rollout(SQLModel, table=True):

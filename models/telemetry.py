@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import AwareDatetime, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from models.api import CamelModel
+from models.api import CamelModel, DesiredStateConstraints
 from models.enums import EventType
 
 # Limits of one POST /telemetry (documented in docs/telemetry.md and the OpenAPI text).
@@ -86,6 +86,11 @@ class DesiredStateOut(CamelModel):
     signature: str | None = None
     signing_key_id: str | None = None
     created_at: datetime | None = None
+    constraints: DesiredStateConstraints | None = Field(
+        None,
+        description="The safety checks to apply again before applying (null: no desired state,"
+        " or one written before constraints existed).",
+    )
 
 
 class TimelineEventOut(CamelModel):

@@ -7,6 +7,7 @@ default unless acknowledged with a reason, and no vehicle inside an active rollo
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from services.pagination import (
     timestamp_key,
     where_any_of,
 )
+from services.safety import desired_state_constraints
 from services.scope import (
     rollouts_in_scope,
     vehicle_scope_sql,
@@ -165,8 +167,9 @@ _ISSUED_DELTAS = change_feed.vehicle_deltas_sql(
 
 
 def _issue_statement(where: str) -> str:
-    """One desired state per vehicle matching `where` (its previous one linked), the vehicle
-    pointed to it, `pending` (`offline` stays), and the deltas on the change feed."""
+    """One desired state per vehicle matching `where` (its previous one linked, its
+    `constraints` the effective safety checks), the vehicle pointed to it, `pending`
+    (`offline` stays), and the deltas on the change feed."""
     return f"""
         WITH todo AS (
             SELECT v.id AS vehicle_id, v.desired_state_id AS previous_desired_state_id,
@@ -178,9 +181,10 @@ def _issue_statement(where: str) -> str:
         ),
         desired_states_written AS (
             INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,
-                                        previous_desired_state_id, reason, created_by)
+                                        previous_desired_state_id, reason, created_by,
+                                        constraints)
             SELECT desired_state_id, vehicle_id, :release, NULL, previous_desired_state_id,
-                   :reason, :created_by
+                   :reason, :created_by, CAST(:constraints AS jsonb)
             FROM todo
         ),
         issued AS (
@@ -256,6 +260,13 @@ async def create_desired_states(
             "release": checked.release.version,
             "reason": body.reason,
             "created_by": actor.subject,
+            "constraints": json.dumps(
+                desired_state_constraints(
+                    min_battery_percent=checked.safety.min_battery_percent,
+                    require_stationary=checked.safety.require_stationary,
+                    window=safety_checks.get("maintenanceWindow"),
+                )
+            ),
         },
     )
     rows = issued.all()

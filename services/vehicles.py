@@ -207,12 +207,14 @@ class DesiredStateView:
     signature: str | None
     signing_key_id: str | None
     created_at: datetime | None
+    constraints: dict[str, Any] | None = None
 
     @property
     def etag(self) -> str:
-        """Strong ETag: changes whenever the desired state does."""
+        """Strong ETag: changes whenever the desired state does, its constraints included."""
+        constraints = json.dumps(self.constraints, sort_keys=True)
         digest = hashlib.sha256(
-            f"{self.desired_state_id}|{self.release_version}|{self.rollout_id}".encode()
+            f"{self.desired_state_id}|{self.release_version}|{self.rollout_id}|{constraints}".encode()
         ).hexdigest()[:32]
         return f'"{digest}"'
 
@@ -226,8 +228,8 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
             text(
                 """
                 SELECT v.id, v.desired_state_id, v.desired_release_version, v.rollout_id,
-                       ds.created_at, r.components, r.artifact_digest, r.signature,
-                       r.signing_key_id
+                       ds.created_at, ds.constraints, r.components, r.artifact_digest,
+                       r.signature, r.signing_key_id
                 FROM vehicles v
                 LEFT JOIN desired_states ds ON ds.id = v.desired_state_id
                 LEFT JOIN releases r ON r.version = v.desired_release_version
@@ -249,6 +251,7 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
         signature=row.signature,
         signing_key_id=row.signing_key_id,
         created_at=row.created_at,
+        constraints=row.constraints,
     )
 
 

@@ -21,6 +21,7 @@ from api.deps import (
 from api.envelope import ok, page
 from api.errors import ErrorResponses
 from models.api import (
+    DesiredStateConstraints,
     DesiredStateCreate,
     DesiredStateOut,
     DesiredStatesCreated,
@@ -45,6 +46,7 @@ def desired_state_out(d: DesiredState) -> DesiredStateOut:
         reason=d.reason,
         created_by=d.created_by,
         created_at=d.created_at,
+        constraints=DesiredStateConstraints.stored(d.constraints),
     )
 
 

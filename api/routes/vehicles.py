@@ -26,7 +26,14 @@ from api.envelope import ok, ok_json, page_json
 from api.errors import ErrorResponses
 from core.auth import Principal
 from core.errors import Forbidden
-from models.api import Envelope, ListEnvelope, VehicleBatchIn, VehicleIn, VehicleOut
+from models.api import (
+    DesiredStateConstraints,
+    Envelope,
+    ListEnvelope,
+    VehicleBatchIn,
+    VehicleIn,
+    VehicleOut,
+)
 from models.enums import Role
 from models.telemetry import DesiredStateOut, TimelineEventOut
 from services import vehicles as service
@@ -164,7 +171,9 @@ async def get_desired_state(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Any:
     """A device reads its own vehicle's desired state only (another vehicle: 403). Poll with
-    `If-None-Match: <ETag>`: `304` with no body while the desired state is unchanged."""
+    `If-None-Match: <ETag>`: `304` with no body while the desired state is unchanged.
+    `constraints` are the safety checks to apply again before applying (`minBatteryPercent`,
+    `requireStationary`, `maintenanceWindow`): report `blocked` when one fails."""
     if principal.vehicle_id != vehicle_id:
         raise Forbidden("a device may only read its own vehicle's desired state")
     view = await service.get_desired_state(session, vehicle_id=vehicle_id)
@@ -186,6 +195,7 @@ async def get_desired_state(
             signature=view.signature,
             signing_key_id=view.signing_key_id,
             created_at=view.created_at,
+            constraints=DesiredStateConstraints.stored(view.constraints),
         ),
     )
     return JSONResponse(body, headers=headers)

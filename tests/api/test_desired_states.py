@@ -224,3 +224,60 @@ async def test_desired_states_respect_active_rollouts_and_the_cap(
         "VALIDATION_ERROR",
     )
     assert "rollout" in too_many["error"]["message"]
+
+
+async def test_desired_states_carry_their_constraints(
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    token: Any,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    """The effective safety checks of a direct desired state go to its `constraints` column;
+    the list and the vehicle's own desired state show them, and its ETag follows them."""
+    release = f"{prefix}2027.3.0"
+    insert_signed_release(database_url, signing_key, release)
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="old")
+    window = {"start": "01:00", "end": "05:00", "timezone": "Europe/Berlin", "days": ["sat"]}
+    checks = {"minBatteryPercent": 55, "maintenanceWindow": window}
+    created = await http.post(
+        URL, headers=operator, json=body(release, {"vehicleIds": [vid]}, safetyChecks=checks)
+    )
+    assert created.status_code == 201, created.text
+    expected = {"minBatteryPercent": 55, "requireStationary": True, "maintenanceWindow": window}
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT d.id::text, d.constraints FROM desired_states d"
+            " JOIN vehicles v ON v.desired_state_id = d.id WHERE v.id = %s",
+            (vid,),
+        ).fetchone()
+    assert stored is not None and stored[1] == expected  # the stationary default filled in
+
+    listed = await http.get(URL, headers=viewer, params={"vehicleId": vid})
+    assert [d["constraints"] for d in listed.json()["data"]] == [expected]
+
+    device = bearer(token("device", vehicle_id=vid))
+    url = f"/api/v1/vehicles/{vid}/desired-state"
+    mine = await http.get(url, headers=device)
+    assert mine.status_code == 200, mine.text
+    data = mine.json()["data"]
+    assert (data["desiredStateId"], data["constraints"]) == (stored[0], expected)
+    etag = mine.headers["etag"]
+    assert (await http.get(url, headers={**device, "If-None-Match": etag})).status_code == 304
+    # Same desired state, other constraints: another ETag, so the vehicle reads them again.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE desired_states SET constraints = constraints || '{\"minBatteryPercent\": 70}'"
+            " WHERE id = %s",
+            (stored[0],),
+        )
+    again = await http.get(url, headers={**device, "If-None-Match": etag})
+    assert again.status_code == 200 and again.headers["etag"] != etag
+    assert again.json()["data"]["constraints"]["minBatteryPercent"] == 70
+    # A desired state written before constraints existed shows none.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE desired_states SET constraints = NULL WHERE id = %s", (stored[0],))
+    assert (await http.get(url, headers=device)).json()["data"]["constraints"] is None

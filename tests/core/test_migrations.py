@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import uuid
 
 import psycopg
 from alembic.autogenerate import compare_metadata
@@ -68,3 +70,51 @@ def test_audit_log_refuses_update(database_url: str) -> None:
         else:
             raise AssertionError("an UPDATE of audit_log was accepted")
         conn.rollback()
+
+
+def test_0012_gives_rollout_desired_states_their_rollout_constraints(
+    database_server_url: str,
+) -> None:
+    """A rollout's target-set desired states written before 0012 get its stored safety checks
+    (the fleet default for a missing one); a direct desired state has none (its checks were
+    only audited). Downgrading drops the column."""
+    name = f"motorcade_mig_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(database_server_url, name)
+    window = {"start": "01:00", "end": "05:00", "timezone": "UTC", "days": ["mon"]}
+    try:
+        upgrade(url, "0011")
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO rollouts (id, release_version, targets, strategy, gates, status,"
+                " created_by) OVERRIDING SYSTEM VALUE VALUES"
+                " (1, '2.0', '{}', '{}', %s, 'running', 't'), (2, '2.0', '{}', '{}', '{}',"
+                " 'running', 't')",
+                (
+                    json.dumps(
+                        {"safetyChecks": {"minBatteryPercent": 50, "maintenanceWindow": window}}
+                    ),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO desired_states (id, vehicle_id, release_version, rollout_id,"
+                " created_by) VALUES (%s, NULL, '2.0', 1, 't'), (%s, NULL, '2.0', 2, 't'),"
+                " (%s, 'v1', '2.0', NULL, 't')",
+                (str(uuid.UUID(int=1)), str(uuid.UUID(int=2)), str(uuid.UUID(int=3))),
+            )
+        upgrade(url)
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT constraints FROM desired_states ORDER BY id").fetchall()
+        assert [r[0] for r in rows] == [
+            {"minBatteryPercent": 50, "requireStationary": True, "maintenanceWindow": window},
+            {"minBatteryPercent": 30, "requireStationary": True, "maintenanceWindow": None},
+            None,
+        ]
+        downgrade(url, "0011")
+        with psycopg.connect(url) as conn:
+            columns = conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'desired_states' AND column_name = 'constraints'"
+            ).fetchall()
+        assert columns == []
+    finally:
+        localservers.drop_database(database_server_url, name)
