@@ -15,6 +15,7 @@ from temporalio import activity
 
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
+from models.defaults import DEFAULT_OFFLINE_AFTER_SECONDS
 from models.enums import AuditSource, RolloutStatus
 from models.workflows import (
     EvaluateGatesInput,
@@ -41,6 +42,7 @@ from models.workflows import (
 from services.audit import Actor
 from services.rollouts import control, issue, outcomes, plan, queries, rollback, status, sweeps
 from services.rollouts.counters import SweepBatch
+from services.safety import SafetyGate
 from workflows.policy import counted_total, decide, unsettled
 
 log = structlog.get_logger(__name__)
@@ -54,8 +56,15 @@ class RolloutActivities:
     """Activities with their dependencies injected (a session factory), registered on the
     worker as bound methods: `worker(activities=RolloutActivities(sessions).all())`."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS,
+    ) -> None:
         self._sessions = sessions
+        # How old a heartbeat the safety checks still trust (MOTORCADE_OFFLINE_AFTER_SECONDS).
+        self._offline_after = offline_after_seconds
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -107,6 +116,7 @@ class RolloutActivities:
         """
         progress = resumed_progress(IssueStageProgress)
         policy = await self._policy(input.rollout_id)
+        safety = self._safety(policy)
         halted: GateDecision | None = None
         while True:
             async with session_scope(self._sessions) as session:
@@ -118,8 +128,9 @@ class RolloutActivities:
                     after_vehicle_id=progress.last_vehicle_id,
                     batch_size=input.batch_size,
                     issued_at=input.issued_at,
+                    safety=safety,
                 )
-                if batch.issued:
+                if batch.issued or batch.blocked:
                     await status.publish_rollout(session, rollout_id=input.rollout_id)
             if batch.selected == 0:
                 break
@@ -245,6 +256,7 @@ class RolloutActivities:
         release, batch by batch (heartbeating), and mark the never-issued targets skipped."""
         async with session_scope(self._sessions) as session:
             skipped = await rollback.skip_planned_targets(session, rollout_id=input.rollout_id)
+        safety = self._safety(await self._policy(input.rollout_id))
 
         async def step(session: AsyncSession, after: str) -> SweepBatch:
             return await rollback.rollback_batch(
@@ -254,6 +266,7 @@ class RolloutActivities:
                 stage_index=input.stage_index,
                 now=input.now,
                 after_vehicle_id=after,
+                safety=safety,
             )
 
         reverted = await self._keyset_pass(step)
@@ -357,6 +370,7 @@ class RolloutActivities:
                 max_attempts=policy.max_attempts,
                 backoff_seconds=policy.backoff_seconds,
                 after_vehicle_id=after,
+                safety=self._safety(policy),
             )
 
         return await self._sweep("targets_retried", input, step)
@@ -364,16 +378,17 @@ class RolloutActivities:
     @activity.defn(name="recheck_blocked")
     @domain_failures
     async def recheck_blocked(self, input: TargetSweepInput) -> TargetSweepResult:
-        """Blocked targets whose latest heartbeat passes the safety checks -> notified."""
-        policy = await self._policy(input.rollout_id)
+        """Blocked targets whose latest heartbeat passes the safety checks -> notified (the
+        vehicles the server held back get their desired state); the others' reasons kept
+        current."""
+        safety = self._safety(await self._policy(input.rollout_id))
 
         async def step(session: AsyncSession, after: str) -> SweepBatch:
             return await sweeps.recheck_blocked(
                 session,
                 rollout_id=input.rollout_id,
                 now=input.now,
-                require_stationary=policy.require_stationary,
-                min_battery_percent=policy.min_battery_percent,
+                safety=safety,
                 after_vehicle_id=after,
             )
 
@@ -405,6 +420,9 @@ class RolloutActivities:
             activity.heartbeat(changed)
             if batch.done:
                 return changed
+
+    def _safety(self, policy: RolloutPolicy) -> SafetyGate:
+        return SafetyGate.of_policy(policy, offline_after_seconds=self._offline_after)
 
     async def _policy(self, rollout_id: int) -> RolloutPolicy:
         async with session_scope(self._sessions) as session:

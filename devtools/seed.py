@@ -4,7 +4,10 @@ Vehicles arrive through one binary COPY (psycopg 3 `cursor.copy`), their desired
 through one server-side `INSERT ... SELECT` from them, all in a single transaction; into empty
 tables the secondary indexes are dropped first and built once at the end. A million vehicles
 take about a minute. Every vehicle is `in_sync` on the oldest sample release; the newer
-releases are signed with the dev release-signing key and ready to roll out.
+releases are signed with the dev release-signing key and ready to roll out. Each has a last
+heartbeat that passes the fleet's default safety checks (seen within the last two minutes,
+parked, battery 40-100 %), so a rollout started right after seeding notifies them; the
+simulator's heartbeats (`motorcade simulate`) take over from there.
 """
 
 from __future__ import annotations
@@ -208,7 +211,7 @@ def _copy_vehicles(
                     in_sync,
                     seen[int(rand() * n_seen)],
                     40 + int(rand() * 61),
-                    rand() < 0.9,
+                    True,
                 )
             )
 

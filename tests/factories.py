@@ -49,15 +49,22 @@ def unique_prefix(name: str) -> str:
 _INSERT_VEHICLES = """
     INSERT INTO vehicles (id, model, region, ring, org, status, desired_release_version,
                           actual_release_version, last_seen_at, created_at, updated_at,
-                          reason_codes)
+                          reason_codes, battery_percent, stationary)
     SELECT r.id, r.model, r.region, r.ring, coalesce(r.org, 'default'),
-           coalesce(r.status, 'in_sync'), r.desired, r.actual, r.last_seen_at,
+           coalesce(r.status, 'in_sync'), r.desired, r.actual,
+           CASE WHEN r.seen_now THEN now() ELSE r.last_seen_at END,
            coalesce(r.created_at, now()), coalesce(r.created_at, now()),
-           coalesce(r.reason_codes, '{}')
+           coalesce(r.reason_codes, '{}'), r.battery_percent, r.stationary
     FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb))
          AS r(id text, model text, region text, ring text, org text, status text, desired text,
-              actual text, last_seen_at timestamptz, created_at timestamptz, reason_codes text[])
+              actual text, last_seen_at timestamptz, created_at timestamptz, reason_codes text[],
+              seen_now boolean, battery_percent smallint, stationary boolean)
 """
+
+# The last heartbeat of a fleet vehicle unless a test says otherwise: seen now (by the
+# database's clock), charged and parked, so the default safety checks (30 %, stationary)
+# let a rollout notify it.
+PASSING_HEARTBEAT: dict[str, Any] = {"seen_now": True, "battery_percent": 80, "stationary": True}
 
 
 def _vehicle_rows(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -66,7 +73,8 @@ def _vehicle_rows(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 async def make_fleet(sessions: Sessions, *, prefix: str, count: int) -> None:
     """`count` vehicles `{prefix}0000000`... spread over models, regions and rings, in sync on an
-    older release; their model/region names carry the prefix so tests can target them alone."""
+    older release, with a fresh passing heartbeat (`PASSING_HEARTBEAT`); their model/region
+    names carry the prefix so tests can target them alone."""
     rows = [
         {
             "id": f"{prefix}{i:07d}",
@@ -75,6 +83,7 @@ async def make_fleet(sessions: Sessions, *, prefix: str, count: int) -> None:
             "ring": RINGS[i % 3],
             "desired": OLD_RELEASE,
             "actual": OLD_RELEASE,
+            **PASSING_HEARTBEAT,
         }
         for i in range(count)
     ]
@@ -287,9 +296,10 @@ def insert_vehicles(
     region: str = "eu-west",
     ring: str = "broad",
     release: str | None = None,
+    battery_percent: int | None = PASSING_HEARTBEAT["battery_percent"],
 ) -> None:
-    """Vehicles `ids` of one place, in sync on `release`, seen now."""
-    now = datetime.now(UTC)
+    """Vehicles `ids` of one place, in sync on `release`, with a fresh passing heartbeat
+    (`PASSING_HEARTBEAT`; `battery_percent=None`: its battery unknown)."""
     rows = [
         {
             "id": vehicle_id,
@@ -298,7 +308,8 @@ def insert_vehicles(
             "ring": ring,
             "desired": release,
             "actual": release,
-            "last_seen_at": now,
+            **PASSING_HEARTBEAT,
+            "battery_percent": battery_percent,
         }
         for vehicle_id in ids
     ]

@@ -25,6 +25,7 @@ from activities.rollouts import RolloutActivities
 from core.db import create_engine, session_factory
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect, ensure_search_attributes
+from models.defaults import DEFAULT_OFFLINE_AFTER_SECONDS
 from worker.log_context import LogContextInterceptor
 from worker.schedules import ensure_reconcile_schedule
 from workflows.reconcile import ReconcileWorkflow
@@ -40,13 +41,15 @@ def build_worker(
     sessions: async_sessionmaker[AsyncSession],
     *,
     task_queue: str = ROLLOUT_TASK_QUEUE,
+    offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS,
 ) -> Worker:
+    rollouts = RolloutActivities(sessions, offline_after_seconds=offline_after_seconds)
     return Worker(
         client,
         interceptors=[LogContextInterceptor()],  # plus the client's (tracing), inherited
         task_queue=task_queue,
         workflows=[RolloutWorkflow, ReconcileWorkflow],
-        activities=[*RolloutActivities(sessions).all(), *ReconcileActivities(sessions).all()],
+        activities=[*rollouts.all(), *ReconcileActivities(sessions).all()],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 
@@ -75,7 +78,11 @@ async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = No
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        worker = build_worker(client, session_factory(engine))
+        worker = build_worker(
+            client,
+            session_factory(engine),
+            offline_after_seconds=settings.offline_after_seconds,
+        )
         async with worker:
             log.info(
                 "worker.started",

@@ -12,7 +12,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.temporal import rollout_workflow_id
 from models.defaults import SWEEP_BATCH_SIZE
 from services.rollouts.counters import SweepBatch, move_targets, run_sweep_batch
-from services.rollouts.issue import ROLLBACK_DESIRED_STATE, desired_states_written
+from services.rollouts.issue import (
+    NO_CHECKS,
+    ROLLBACK_DESIRED_STATE,
+    constraints_param,
+    desired_states_written,
+)
+from services.safety import SafetyGate
 
 
 async def skip_planned_targets(session: AsyncSession, *, rollout_id: int) -> int:
@@ -111,12 +117,14 @@ async def rollback_batch(
     stage_index: int | None = None,
     now: datetime | None = None,
     after_vehicle_id: str = "",
+    safety: SafetyGate = NO_CHECKS,
 ) -> SweepBatch:
     """Return the next `batch_size` issued targets (keyset after `after_vehicle_id`) to the
     desired release they had before.
 
     Declarative: a new desired state per release returned to (a target set: the id derives
-    from the workflow id and that release), which each such vehicle points to. A vehicle whose
+    from the workflow id and that release, carrying `safety.constraints()`, the rollout's
+    checks), which each such vehicle points to. A vehicle whose
     desired state has moved on since (another rollout or an operator) is left alone. A
     vehicle that had no known release before gets its desired state cleared. Those two, and a
     vehicle that already runs its previous release, end `rolled_back` at once; the others
@@ -135,6 +143,7 @@ async def rollback_batch(
             "reason": f"rollback of rollout {rollout_id}",
             "stage": stage_index,
             "now": now,
+            "constraints": constraints_param(safety),
         },
         batch_size=batch_size,
         after_vehicle_id=after_vehicle_id,

@@ -1,7 +1,8 @@
 """The sweeps a rollout runs while a stage bakes, each a keyset pass over its targets in
 batches (`SweepBatch`), set-based whatever the fleet size: apply timeouts expire, retryable
-failures are issued again once their backoff is over, blocked vehicles that pass the safety
-checks again go back to `notified`. The rollout's counters move in the same statements.
+failures are issued again once their backoff is over, blocked vehicles whose last heartbeat
+passes the safety checks are notified. The rollout's counters move in the same statements.
+The reconcile runs the blocked re-check too, for completed rollouts (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core.temporal import rollout_workflow_id
 from models.defaults import SWEEP_BATCH_SIZE
 from services.rollouts.counters import SweepBatch, move_targets, run_sweep_batch
-from services.rollouts.issue import desired_states_written
+from services.rollouts.issue import (
+    LAST_HEARTBEAT,
+    NO_CHECKS,
+    SAFETY_VERDICT,
+    constraints_param,
+    desired_states_written,
+)
+from services.safety import SafetyGate
 from workflows.policy import RETRYABLE_REASONS, retry_backoff_seconds
 
 # A failed target that the retry sweep may issue again (reason retryable, attempts left):
@@ -124,16 +132,17 @@ async def retry_failed_targets(
     backoff_seconds: int,
     batch_size: int = SWEEP_BATCH_SIZE,
     after_vehicle_id: str = "",
+    safety: SafetyGate = NO_CHECKS,
 ) -> SweepBatch:
     """Re-issue the desired state to targets that failed for a retryable reason, with
     attempts left, once their backoff (`retry_backoffs`, from the failure's `updated_at`) is
     over by `now`; the next `batch_size` after `after_vehicle_id`.
 
     Declarative and idempotent: a NEW desired state per attempt (a target set: every vehicle
-    on its k-th attempt points to the one whose id derives from the workflow id and k), the
-    target back to `notified` (attempt + 1, apply clock restarted at `now`). A vehicle whose
-    desired state is no longer this rollout's (another rollout or an operator moved it) is not
-    retried.
+    on its k-th attempt points to the one whose id derives from the workflow id and k,
+    carrying `safety.constraints()`), the target back to `notified` (attempt + 1, apply clock
+    restarted at `now`). A vehicle whose desired state is no longer this rollout's (another
+    rollout or an operator moved it) is not retried.
     """
     return await run_sweep_batch(
         session,
@@ -146,34 +155,81 @@ async def retry_failed_targets(
             "max_attempts": max_attempts,
             "now": now,
             "backoffs": retry_backoffs(max_attempts=max_attempts, backoff_seconds=backoff_seconds),
+            "constraints": constraints_param(safety),
         },
         batch_size=batch_size,
         after_vehicle_id=after_vehicle_id,
     )
 
 
+# Per blocked target: whether a later assignment took its vehicle (`superseded`: the vehicle
+# no longer holds the desired state it had when the target was held back, or this rollout's,
+# or a later rollout targets it), the safety verdict on its vehicle's last heartbeat
+# (`reason`, NULL: it passes) and whether that verdict is news (`fresh`: a held-back target is
+# judged on any heartbeat; one whose vehicle reported `blocked` only on a heartbeat since).
+# Only the targets with something to change are taken, so the keyset pass moves on: a new
+# verdict, or a held-back vehicle whose status no longer says so (an event, or the offline
+# marking and a heartbeat after it, derived it again: services/vehicle_status.py). The status
+# of a vehicle that reported its block itself is its events' (derived), unless the reason
+# changes.
 _RECHECK_BLOCKED = text(
-    """
+    f"""
     WITH todo AS MATERIALIZED (
-        SELECT t.vehicle_id, t.state AS old_state
+        SELECT t.vehicle_id, t.state AS old_state, t.desired_state_id,
+               ds.release_version AS release, judged.superseded, judged.reason
         FROM rollout_targets t
         JOIN vehicles v ON v.id = t.vehicle_id
-        WHERE t.rollout_id = :rid AND t.vehicle_id > :after
-          AND t.state = 'blocked'
-          AND v.last_seen_at >= t.updated_at
-          AND coalesce(v.battery_percent, -1) >= :min_battery
-          AND (NOT :stationary OR v.stationary IS TRUE)
+        JOIN desired_states ds ON ds.id = t.desired_state_id
+        {LAST_HEARTBEAT.format(narrow_range="")}
+        CROSS JOIN LATERAL (
+            SELECT v.desired_state_id IS DISTINCT FROM (CASE WHEN t.attempt = 0
+                                                             THEN t.previous_desired_state_id
+                                                             ELSE t.desired_state_id END)
+                   OR EXISTS (
+                       SELECT 1 FROM rollouts later
+                       JOIN rollout_targets taken
+                         ON taken.rollout_id = later.id AND taken.vehicle_id = t.vehicle_id
+                       WHERE later.id > :rid AND taken.state <> 'skipped') AS superseded,
+                   {SAFETY_VERDICT} AS reason,
+                   (t.attempt = 0 OR hb.seen_at >= t.updated_at) AS fresh
+        ) judged
+        WHERE t.rollout_id = :rid AND t.vehicle_id > :after AND t.state = 'blocked'
+          AND (judged.superseded
+               OR (judged.fresh
+                   AND (judged.reason IS NULL
+                        OR judged.reason IS DISTINCT FROM t.reason_code
+                        OR (t.attempt = 0 AND (v.status NOT IN ('blocked', 'offline')
+                                               OR v.reason_codes <> ARRAY[judged.reason])))))
         ORDER BY t.vehicle_id
         LIMIT :n
         FOR UPDATE OF t
     ),
-    vehicles_unblocked AS (
-        UPDATE vehicles v SET status = 'pending', updated_at = now()
-        FROM todo WHERE v.id = todo.vehicle_id AND v.status = 'blocked'
+    vehicles_notified AS (
+        UPDATE vehicles v
+        SET desired_release_version = todo.release, desired_state_id = todo.desired_state_id,
+            rollout_id = :rid,
+            status = CASE WHEN v.status = 'offline' THEN v.status ELSE 'pending' END,
+            reason_codes = '{{}}', updated_at = now()
+        FROM todo WHERE v.id = todo.vehicle_id AND NOT todo.superseded AND todo.reason IS NULL
+    ),
+    vehicles_held AS (
+        UPDATE vehicles v
+        SET status = CASE WHEN v.status = 'offline' THEN v.status ELSE 'blocked' END,
+            reason_codes = ARRAY[todo.reason], updated_at = now()
+        FROM todo
+        WHERE v.id = todo.vehicle_id AND NOT todo.superseded AND todo.reason IS NOT NULL
     ),
     """
     + move_targets(
-        "state = 'notified', reason_code = NULL, notified_at = :now, updated_at = :now",
+        """state = CASE WHEN todo.superseded THEN 'skipped'
+                        WHEN todo.reason IS NULL THEN 'notified' ELSE 'blocked' END,
+               reason_code = CASE WHEN todo.superseded THEN 'SUPERSEDED' ELSE todo.reason END,
+               attempt = CASE WHEN NOT todo.superseded AND todo.reason IS NULL
+                              THEN greatest(t.attempt, 1) ELSE t.attempt END,
+               notified_at = CASE WHEN NOT todo.superseded AND todo.reason IS NULL
+                                  THEN :now ELSE t.notified_at END,
+               updated_at = CASE WHEN NOT todo.superseded AND todo.reason IS NULL
+                                 THEN :now ELSE now() END""",
         sweep=True,
     )
 )
@@ -184,27 +240,31 @@ async def recheck_blocked(
     *,
     rollout_id: int,
     now: datetime,
-    require_stationary: bool,
-    min_battery_percent: int,
+    safety: SafetyGate,
     batch_size: int = SWEEP_BATCH_SIZE,
     after_vehicle_id: str = "",
 ) -> SweepBatch:
-    """Blocked targets whose vehicle's latest heartbeat (after the block) passes the safety
-    checks again (battery >= min, stationary when required) go back to `notified`, their
-    apply clock restarted at `now`; the next `batch_size` after `after_vehicle_id`.
+    """Blocked targets judged again by `safety` (the checks issuing applies,
+    `issue.SAFETY_VERDICT`, staleness included) on their vehicle's last heartbeat; the next
+    `batch_size` with something to change after `after_vehicle_id`:
 
-    The vehicle still holds this rollout's desired state (a block is not a failure and uses no
-    attempt): it proceeds on its next poll; its status returns from blocked to pending.
+    - it passes: the target is `notified` (apply clock restarted at `now`); the vehicle gets
+      the target's desired state (release, id, rollout: a vehicle the server held back never
+      had it; one that reported `blocked` holds it already) and `pending` (`offline` stays).
+      A held-back target uses its first attempt now; a reported block used one already.
+    - a check fails: the target stays `blocked`, its reason code the failing check's, and so
+      does the vehicle's status and reason codes (`offline` stays).
+    - the vehicle was taken by a later assignment (a direct desired state, another rollout):
+      the target is `skipped` with `SUPERSEDED`; the vehicle is left alone.
+
+    A target whose vehicle reported `blocked` itself is judged only on a heartbeat newer than
+    the block; one the server held back on any heartbeat. Rollout counters move in the same
+    statement (`blocked` down by those notified or skipped).
     """
     return await run_sweep_batch(
         session,
         _RECHECK_BLOCKED,
-        {
-            "rid": rollout_id,
-            "now": now,
-            "min_battery": min_battery_percent,
-            "stationary": require_stationary,
-        },
+        {"rid": rollout_id, "now": now, **safety.params()},
         batch_size=batch_size,
         after_vehicle_id=after_vehicle_id,
     )

@@ -326,7 +326,7 @@ async def test_heartbeats_coalesce_and_the_wide_row_lags_only_on_last_seen(
     """Latest heartbeat per vehicle wins; a heartbeat that changes nothing visible refreshes
     only the narrow row, and GET /vehicles/{id} and the offline marking read the fresh one."""
     vid = f"{prefix}0"
-    insert_vehicles(database_url, [vid], release="1.0")
+    insert_vehicles(database_url, [vid], release="1.0", battery_percent=None)
     start = vehicle_row(database_url, vid)["last_seen_at"]
     first = heartbeat(vid, sent_at=(start + timedelta(seconds=5)).isoformat(), battery=80)
     assert (await http.post(URL, json={"heartbeats": [first]}, headers=gateway)).status_code == 202
