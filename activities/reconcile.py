@@ -3,7 +3,10 @@
 `mark_offline_vehicles` commits batch by batch (one transaction per batch of at most
 `batch_size` vehicles) and heartbeats its keyset cursor, where a retried attempt resumes;
 re-running a batch changes nothing (already offline vehicles are skipped).
-`record_reconcile_drift` is one transaction, idempotent by its run key."""
+`record_reconcile_drift` is one transaction, idempotent by its run key.
+`recheck_completed_rollouts` notifies the blocked vehicles of completed rollouts whose last
+heartbeat now passes the rollout's checks (inside its window): one keyset pass per rollout,
+a transaction per batch; re-running it changes only what is still to change."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from temporalio import activity
 
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
+from models.safety import RecheckCompletedInput, RecheckCompletedResult
 from models.workflows import (
     MarkOfflineInput,
     MarkOfflineProgress,
@@ -26,6 +30,10 @@ from models.workflows import (
 )
 from services import reconcile as svc
 from services.fleet import refresh_fleet_counts
+from services.rollouts import status as rollout_status
+from services.rollouts import sweeps
+from services.safety import SafetyGate
+from workflows.policy import window_open
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +46,11 @@ class ReconcileActivities:
         self._sessions = sessions
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.mark_offline_vehicles, self.record_reconcile_drift]
+        return [
+            self.mark_offline_vehicles,
+            self.record_reconcile_drift,
+            self.recheck_completed_rollouts,
+        ]
 
     @activity.defn(name="mark_offline_vehicles")
     @domain_failures
@@ -100,3 +112,41 @@ class ReconcileActivities:
             groups=run.groups,
             created=run.created,
         )
+
+    @activity.defn(name="recheck_completed_rollouts")
+    @domain_failures
+    async def recheck_completed_rollouts(
+        self, input: RecheckCompletedInput
+    ) -> RecheckCompletedResult:
+        """The blocked targets of every completed rollout whose maintenance window is open at
+        `input.now`, judged again by its safety checks (`sweeps.recheck_blocked`, as while it
+        ran): notified when their vehicle's last heartbeat passes."""
+        async with session_scope(self._sessions) as session:
+            candidates = await svc.rollouts_with_blocked_targets(session)
+        result = RecheckCompletedResult(rollouts=len(candidates))
+        for rollout_id, policy in candidates:
+            if not window_open(input.now, policy.window):
+                result.outside_window += 1
+                continue
+            safety = SafetyGate.of_policy(policy, offline_after_seconds=input.offline_after_seconds)
+            changed, after = 0, ""
+            while True:
+                async with session_scope(self._sessions) as session:
+                    batch = await sweeps.recheck_blocked(
+                        session,
+                        rollout_id=rollout_id,
+                        now=input.now,
+                        safety=safety,
+                        batch_size=input.batch_size,
+                        after_vehicle_id=after,
+                    )
+                changed, after = changed + batch.changed, batch.last_vehicle_id
+                activity.heartbeat(rollout_id, after)
+                if batch.done:
+                    break
+            if changed:
+                async with session_scope(self._sessions) as session:
+                    await rollout_status.publish_rollout(session, rollout_id=rollout_id)
+                log.info("reconcile.blocked_rechecked", rollout_id=rollout_id, changed=changed)
+            result.changed += changed
+        return result

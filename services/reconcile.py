@@ -17,6 +17,12 @@ All set-based, whatever the fleet size: no per-vehicle Python loop. Functions ta
 - Drift: a vehicle that has a desired release different from the one it runs (a vehicle with
   no desired release has nothing to drift from). Counted per (desired, actual, status, region,
   model, org); a NULL actual release is stored as ''.
+- Blocked vehicles of completed rollouts: a completed rollout keeps its `blocked` targets, and
+  each is notified once a heartbeat passes that rollout's safety checks, inside its
+  maintenance window (SPEC.md, Rollouts). The rollouts to look at are read here
+  (`rollouts_with_blocked_targets`, by the `(status, id)` index and the `blocked` counter);
+  each is re-checked by the running rollout's own sweep (`services.rollouts.sweeps.
+  recheck_blocked`), batch by batch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.defaults import OFFLINE_BATCH_SIZE
-from models.enums import AuditSource, VehicleStatus
+from models.enums import AuditSource, RolloutStatus, VehicleStatus
 from models.reports import (
     DriftRowOut,
     HealthReport,
@@ -40,10 +46,13 @@ from models.reports import (
     ReconcileRunOut,
 )
 from models.scope import Scope
+from models.workflows import RolloutPolicy
 from services import audit as audit_log
 from services import change_feed
 from services.audit import Actor
+from services.rollouts.queries import as_dict
 from services.scope import vehicle_scope_sql
+from workflows.policy import rollout_policy
 
 RECONCILE_ACTOR = "reconcile"
 # The keyset start: before every `last_seen_key` (NULLs are the epoch there).
@@ -153,6 +162,26 @@ async def mark_offline(
         if batch.scanned < batch_size:
             return total
         after_key, after_id = batch.last_key, batch.last_id
+
+
+# --- Blocked vehicles of completed rollouts ----------------------------------------------
+
+
+async def rollouts_with_blocked_targets(session: AsyncSession) -> list[tuple[int, RolloutPolicy]]:
+    """The completed rollouts that still have blocked targets (their `blocked` counter), in id
+    order, each with its policy (safety checks and maintenance window)."""
+    conn = await session.connection()
+    rows = await conn.execute(
+        text(
+            "SELECT id, gates, timeouts, retry FROM rollouts"
+            " WHERE status = :completed AND blocked > 0 ORDER BY id"
+        ),
+        {"completed": RolloutStatus.COMPLETED.value},
+    )
+    return [
+        (int(r.id), rollout_policy(as_dict(r.gates), as_dict(r.timeouts), as_dict(r.retry)))
+        for r in rows
+    ]
 
 
 # --- Drift --------------------------------------------------------------------------------

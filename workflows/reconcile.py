@@ -1,9 +1,14 @@
 """`ReconcileWorkflow`: the periodic reconcile (SPEC.md, Temporal), started by the Temporal
 Schedule `motorcade-reconcile` (worker/schedules.py) on `motorcade-rollouts`.
 
-Marks vehicles offline that sent no heartbeat for `offline_after_seconds`, then records the
-fleet's desired-vs-actual drift as one reconcile run. Both activities work in PostgreSQL and
-return counts; the history is a handful of events per run.
+Marks vehicles offline that sent no heartbeat for `offline_after_seconds`, notifies the
+blocked vehicles of completed rollouts whose last heartbeat now passes their rollout's safety
+checks (inside its maintenance window), then records the fleet's desired-vs-actual drift as
+one reconcile run. The activities work in PostgreSQL and return counts; the history is a
+handful of events per run.
+
+The blocked re-check came later: runs started before it replay without it
+(`workflow.patched(BLOCKED_RECHECK_PATCH)`; tests/workflows/histories/reconcile/).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
     from core.temporal import RECONCILE_WORKFLOW_TYPE
+    from models.safety import RecheckCompletedInput
     from models.workflows import (
         MarkOfflineInput,
         ReconcileInput,
@@ -26,6 +32,9 @@ with workflow.unsafe.imports_passed_through():
 MARK_OFFLINE_TIMEOUT = timedelta(minutes=10)
 MARK_OFFLINE_HEARTBEAT = timedelta(minutes=1)
 RECORD_DRIFT_TIMEOUT = timedelta(minutes=5)
+RECHECK_BLOCKED_TIMEOUT = timedelta(minutes=10)
+RECHECK_BLOCKED_HEARTBEAT = timedelta(minutes=1)
+BLOCKED_RECHECK_PATCH = "reconcile-recheck-blocked-of-completed-rollouts"
 # Its activities are retried less long than a rollout's (workflows/steps.py): the next
 # scheduled run comes within minutes anyway.
 RECONCILE_RETRY = RetryPolicy(
@@ -59,6 +68,18 @@ class ReconcileWorkflow:
             heartbeat_timeout=MARK_OFFLINE_HEARTBEAT,
             retry_policy=RECONCILE_RETRY,
         )
+        if workflow.patched(BLOCKED_RECHECK_PATCH):
+            workflow.set_current_details("re-checking the blocked vehicles of completed rollouts")
+            await workflow.execute_activity_method(
+                ReconcileActivities.recheck_completed_rollouts,
+                RecheckCompletedInput(
+                    now=workflow.now(),
+                    offline_after_seconds=input.offline_after_seconds,
+                ),
+                start_to_close_timeout=RECHECK_BLOCKED_TIMEOUT,
+                heartbeat_timeout=RECHECK_BLOCKED_HEARTBEAT,
+                retry_policy=RECONCILE_RETRY,
+            )
         workflow.set_current_details(f"recording drift ({offline.marked} marked offline)")
         drift = await workflow.execute_activity_method(
             ReconcileActivities.record_reconcile_drift,

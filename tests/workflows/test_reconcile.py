@@ -1,15 +1,20 @@
-"""`ReconcileWorkflow` on the time-skipping server with the real worker, and the reconcile
-Schedule on the dev server."""
+"""`ReconcileWorkflow` on the time-skipping server with the real worker, its saved histories
+replayed, and the reconcile Schedule on the dev server."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from sqlalchemy import text
-from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy
+from temporalio.client import ScheduleActionStartWorkflow, ScheduleOverlapPolicy, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from core.settings import Settings
 from core.temporal import RECONCILE_WORKFLOW_TYPE
@@ -17,6 +22,11 @@ from models.workflows import ReconcileInput, ReconcileResult
 from tests.factories import LONG_AGO, Sessions, add_vehicles, statuses, unique_prefix
 from worker.main import build_worker
 from worker.schedules import ensure_reconcile_schedule
+from workflows.reconcile import ReconcileWorkflow
+
+# Saved runs: one from before the blocked re-check (replayed without it: workflow.patched),
+# one with it. Record the latter again with MOTORCADE_RECORD_HISTORIES=1.
+HISTORIES = Path(__file__).parent / "histories" / "reconcile"
 
 
 async def test_reconcile_workflow_marks_offline_and_records_a_run(
@@ -54,6 +64,10 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
         )
     assert result.run_key.startswith(workflow_id + "@")
     assert result.marked_offline >= len(stale) and result.drifted >= len(fresh)
+    if os.environ.get("MOTORCADE_RECORD_HISTORIES"):
+        handle = time_skipping_env.client.get_workflow_handle(workflow_id)
+        history = await handle.fetch_history()
+        (HISTORIES / "reconcile_with_blocked_recheck.json").write_text(history.to_json())
     async with sessions() as session:
         conn = await session.connection()
         got = await statuses(conn, prefix)
@@ -83,6 +97,16 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
             {"p": prefix + "%"},
         )
         assert {s: int(n) for s, n in counted} == dict(Counter(got.values()))
+
+
+# Read at collection time (plain files, small).
+SAVED = {path.name: path.read_text() for path in sorted(HISTORIES.glob("*.json"))}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+async def test_saved_reconcile_histories_replay(name: str) -> None:
+    replayer = Replayer(workflows=[ReconcileWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(WorkflowHistory.from_json(name, SAVED[name]))
 
 
 async def test_ensure_reconcile_schedule_creates_then_updates(
