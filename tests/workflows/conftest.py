@@ -114,9 +114,12 @@ async def rollout(
         retry: dict[str, Any] | None = None,
         gate_interval: int | None = GATE_INTERVAL,
         issue_batch_size: int | None = None,
+        prepare: Callable[[str], Awaitable[None]] | None = None,
     ) -> Started:
         prefix = unique_prefix("wf")
         await make_fleet(sessions, prefix=prefix, count=120)
+        if prepare is not None:  # the fleet as the test wants it before the rollout starts
+            await prepare(prefix)
         rollout_id = await make_rollout(
             sessions,
             release_version=RELEASE,

@@ -12,11 +12,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import WorkflowEnvironment
 
+from core.db import session_scope
 from models.workflows import RolloutSignal
-from tests.factories import Sessions, fetch_all, fetch_one, stage_vehicles
+from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one, stage_vehicles
 from tests.workflows.conftest import (
+    GATE_INTERVAL,
     HOUR,
     NEVER_TIMES_OUT,
+    RELEASE,
     StartRollout,
     audit_actions,
     baking,
@@ -232,3 +235,77 @@ async def test_nothing_is_issued_outside_the_window_retries_included(
         at: datetime = row["notified_at"]
         assert (at - opens) % timedelta(days=1) < timedelta(hours=1), row
     assert retried[0]["notified_at"] >= opens + timedelta(days=1)  # the next day's window
+
+
+async def test_vehicles_whose_heartbeat_fails_are_held_back_then_notified(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    async def low_batteries(prefix: str) -> None:
+        await _heartbeat(sessions, f"{prefix}%", battery=10)
+
+    started = await rollout(
+        gates={
+            "canaryHealthy": {"minSuccessRate": 0, "minSamples": 0},
+            "failureThreshold": {"maxFailureRate": 1},
+            "safetyChecks": {"minBatteryPercent": 40, "requireStationary": True},
+        },
+        timeouts=NEVER_TIMES_OUT,
+        prepare=low_batteries,
+    )
+    rollout_id, handle = started
+    # The canary's vehicles said 10%: none is notified; blocked is an outcome, so it settles.
+    await until(handle, baking("canary"))
+    canary = sorted(await stage_vehicles(sessions, rollout_id, 0))
+    held = await fetch_all(
+        sessions,
+        "SELECT t.state, t.reason_code, t.notified_at, v.desired_release_version AS desired,"
+        " v.status FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id"
+        " WHERE t.rollout_id = :r AND t.stage = 0",
+        r=rollout_id,
+    )
+    assert (
+        held
+        == [
+            {
+                "state": "blocked",
+                "reason_code": "BATTERY_LOW",
+                "notified_at": None,
+                "desired": OLD_RELEASE,
+                "status": "blocked",
+            }
+        ]
+        * 3
+    )
+    await time_skipping_env.sleep(GATE_INTERVAL + 60)  # a gate tick: still held back
+    assert await _stage_states(sessions, rollout_id, 0) == {"blocked": 3}
+
+    # One charges and reports: the next gate tick notifies it (its desired state now names
+    # the release); the others stay held back.
+    await _heartbeat(sessions, canary[0], battery=85)
+    async with reporting_fleet(sessions, started):
+        await time_skipping_env.sleep(GATE_INTERVAL + 60)
+        await eventually(
+            lambda: _stage_states(sessions, rollout_id, 0),
+            lambda states: states == {"blocked": 2, "succeeded": 1},
+        )
+    row = await fetch_one(
+        sessions,
+        "SELECT desired_release_version AS desired FROM vehicles WHERE id = :v",
+        v=canary[0],
+    )
+    assert row["desired"] == RELEASE
+    await handle.signal("abort", RolloutSignal(reason="test over", actor="kim"))
+    assert (await handle.result()).status == "aborted"
+
+
+async def _heartbeat(sessions: Sessions, vehicles: str, *, battery: int) -> None:
+    """A fresh heartbeat, parked, at `battery`%, of the vehicles whose id is LIKE `vehicles`
+    (as the ingest path leaves it on the vehicle's row)."""
+    async with session_scope(sessions) as session:
+        await (await session.connection()).execute(
+            text(
+                "UPDATE vehicles SET battery_percent = :b, stationary = true,"
+                " last_seen_at = clock_timestamp() WHERE id LIKE :v"
+            ),
+            {"b": battery, "v": vehicles},
+        )
