@@ -279,10 +279,15 @@ class RolloutActivities:
     async def evaluate_gates(self, input: EvaluateGatesInput) -> EvaluateGatesResult:
         """Gate counts (the whole rollout and the stage, one GROUP BY each) and the pure
         decision of `policy.decide`. Read-only. `rollback`: the rollback's own outcomes
-        (`rollback_gate_counts`), gated by the same failure threshold."""
+        (`rollback_gate_counts`), gated by the same failure threshold. `quick` (a look at new
+        outcomes, many a minute while a large stage reports): the whole rollout from its
+        counters' row (`policy.counted_total`, as issuing checks it between batches), the
+        stage's GROUP BY only once nothing is applying any more (it may have settled)."""
         rid = input.rollout_id
+        stage_counted = True
         async with session_scope(self._sessions) as session:
             policy = await queries.load_policy(session, rollout_id=rid)
+            counts = await queries.progress(session, rollout_id=rid)
             if input.rollback:
                 total = await outcomes.rollback_gate_counts(
                     session, rollout_id=rid, stage_index=None
@@ -291,16 +296,21 @@ class RolloutActivities:
                     session, rollout_id=rid, stage_index=input.stage_index
                 )
             else:
-                total = await outcomes.gate_counts(
-                    session, rollout_id=rid, stage_index=None, max_attempts=policy.max_attempts
-                )
-                stage = await outcomes.gate_counts(
-                    session,
-                    rollout_id=rid,
-                    stage_index=input.stage_index,
-                    max_attempts=policy.max_attempts,
-                )
-            counts = await queries.progress(session, rollout_id=rid)
+                if input.quick:  # the counters' row, and the stage once nothing applies
+                    total = counted_total(counts)
+                    stage_counted = total.notified + total.updating == 0
+                else:
+                    total = await outcomes.gate_counts(
+                        session, rollout_id=rid, stage_index=None, max_attempts=policy.max_attempts
+                    )
+                stage = GateCounts()
+                if stage_counted:
+                    stage = await outcomes.gate_counts(
+                        session,
+                        rollout_id=rid,
+                        stage_index=input.stage_index,
+                        max_attempts=policy.max_attempts,
+                    )
         decision = decide(
             policy=policy.gates,
             total=total,
@@ -330,8 +340,9 @@ class RolloutActivities:
             stage=stage,
             decision=decision,
             counts=counts,
-            settled=unsettled(stage) == 0,
+            settled=stage_counted and unsettled(stage) == 0,
             unsettled=unsettled(stage),
+            stage_counted=stage_counted,
         )
 
     @activity.defn(name="expire_apply_timeouts")

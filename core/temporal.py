@@ -292,3 +292,6 @@ class OutcomeSignals:
         except (RPCError, DependencyUnavailable, TimeoutError) as exc:
             self.dropped += 1
             log.info("outcomes signal dropped", rollout_id=rollout_id, why=type(exc).__name__)
+        except Exception:  # never let one signal end the loop: the gates would go deaf
+            self.dropped += 1
+            log.exception("outcomes signal failed", rollout_id=rollout_id)

@@ -482,6 +482,9 @@ class EvaluateGatesInput(BaseModel):
     rollback: bool = False
     # The last stage: judged once the whole rollout has settled.
     is_last: bool = False
+    # A look at new outcomes before the bake is over: the failure threshold from the
+    # rollout's counters (one row); the stage is counted only once nothing is applying.
+    quick: bool = False
 
 
 class EvaluateGatesResult(BaseModel):
@@ -492,6 +495,8 @@ class EvaluateGatesResult(BaseModel):
     # The stage's settle: every vehicle issued in it has an outcome (`policy.unsettled`).
     settled: bool = True
     unsettled: int = 0
+    # False for a quick look that did not count the stage (`stage` is then empty).
+    stage_counted: bool = True
 
 
 class TargetSweepInput(BaseModel):

@@ -142,9 +142,6 @@ ROLLBACK_WATCH = WatchKind(
     phase_field="rollback_phase",
     until_field="rollback_bake_until",
 )
-# Runs that recorded this marker settle each stage before it bakes; runs started before it
-# (their histories have no marker) bake from the end of the issue, as they always did.
-SETTLE_PATCH = "settle-before-bake"
 
 
 @workflow.defn(name=ROLLOUT_WORKFLOW_TYPE)
@@ -193,8 +190,11 @@ class RolloutWorkflow(RolloutSteps):
     def _refuse(
         self, operator: OperatorAction, message: str, *, via: Literal["signal", "update"]
     ) -> None:
-        """Keep a refusal for the main flow to audit (`rollout.{action}_refused`)."""
+        """Keep a refusal for the main flow to audit (`rollout.{action}_refused`); a run from
+        before refusals were audited only logs it (it replays as it ran)."""
         workflow.logger.warning("%s refused: %s", via, message)
+        if not self._judged_by_outcomes():
+            return
         control.refuse(
             self._state,
             ControlRefusal(
@@ -282,6 +282,7 @@ class RolloutWorkflow(RolloutSteps):
     @workflow.run
     async def run(self, input: RolloutInput) -> RolloutResult:
         s = self._state
+        self._judged_by_outcomes()  # a new run records its rules first
         try:
             if not s.expanded:
                 await self._set_status(
@@ -337,7 +338,7 @@ class RolloutWorkflow(RolloutSteps):
             if not await self._issue(stage):
                 s.phase = "window"  # a breach stopped issuing: held, then issued on
                 return
-            if workflow.patched(SETTLE_PATCH):
+            if self._judged_by_outcomes():
                 s.phase, s.bake_until = "settle", None
             else:
                 s.phase = "bake"
@@ -364,13 +365,20 @@ class RolloutWorkflow(RolloutSteps):
                 if opens is not None
                 else "a maintenance window (none is configured to open)"
             )
-            await self._set_status(
-                RolloutStatus.RUNNING,
-                action="rollout.waiting_for_window",
-                status_reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
-                waiting_for=waiting,
-            )
-            await self._sleep_until(opens)
+            judged = self._judged_by_outcomes()
+            if not judged or (s.waiting_for, s.status_reason) != (
+                waiting,
+                StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
+            ):
+                await self._set_status(
+                    RolloutStatus.RUNNING,
+                    action="rollout.waiting_for_window",
+                    status_reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
+                    waiting_for=waiting,
+                )
+            # Outcomes of earlier stages wake it only to continue-as-new when suggested.
+            await self._sleep_until(opens, outcomes=judged)
+            self._outcomes_changed = False
             self._maybe_continue_as_new()
 
     async def _issue(self, stage: StagePlan) -> bool:
@@ -428,8 +436,13 @@ class RolloutWorkflow(RolloutSteps):
             bake_done = not settling and until is not None and now >= until
             signalled_only = self._outcomes_changed and not self._timer_woke(now, until)
             self._outcomes_changed = False
-            result = await self._judge(stage, bake_done, kind, sweeps=not signalled_only)
-            if not signalled_only:
+            # A tick: the sweeps, then every count. Runs judged by outcomes tick on their
+            # timer only (an operator's wake-up is no tick); runs from before ticked at every
+            # wake-up that was not an outcome signal (they replay as they ran).
+            tick = self._tick_due(now) if self._judged_by_outcomes() else not signalled_only
+            quick = signalled_only and not bake_done and self._judged_by_outcomes()
+            result = await self._judge(stage, bake_done, kind, sweeps=tick, quick=quick)
+            if tick:
                 s.next_tick_at = now + timedelta(seconds=self._interval(stage, settling))
             decision = result.decision if stage.size else GateDecision(action=GateAction.WAIT)
             if decision.action == GateAction.ROLLBACK and not kind.rollback:
@@ -444,11 +457,13 @@ class RolloutWorkflow(RolloutSteps):
                 continue
             if bake_done and (decision.action == GateAction.PROCEED or not stage.size):
                 return True
-            await self._say_waiting(kind, stage, settling, result, tick=not signalled_only)
+            await self._say_waiting(kind, stage, settling, result, tick=tick)
             self._maybe_continue_as_new()
             wake = s.next_tick_at
-            if until is not None and not settling and (wake is None or until < wake):
-                wake = until
+            # The bake's deadline, while it is ahead (once past, a stage that un-settled
+            # meanwhile waits for its vehicles: the next tick, or their outcomes).
+            if until is not None and not settling and now < until:
+                wake = until if wake is None else min(wake, until)
             await self._sleep_until(wake, outcomes=True)
 
     def _interval(self, stage: StagePlan, settling: bool) -> int:
@@ -458,6 +473,10 @@ class RolloutWorkflow(RolloutSteps):
             return self._input.gate_interval_seconds
         return MAX_GATE_INTERVAL if settling else min(MAX_GATE_INTERVAL, max(1, stage.bake_seconds))
 
+    def _tick_due(self, now: datetime) -> bool:
+        s = self._state
+        return s.next_tick_at is None or now >= s.next_tick_at
+
     def _timer_woke(self, now: datetime, until: datetime | None) -> bool:
         """Whether a gate tick or the bake's deadline is due (else only a signal woke it)."""
         s = self._state
@@ -465,7 +484,7 @@ class RolloutWorkflow(RolloutSteps):
         return due or (until is not None and now >= until)
 
     async def _judge(
-        self, stage: StagePlan, bake_done: bool, kind: WatchKind, *, sweeps: bool
+        self, stage: StagePlan, bake_done: bool, kind: WatchKind, *, sweeps: bool, quick: bool
     ) -> EvaluateGatesResult:
         if not stage.size:
             return EvaluateGatesResult(
@@ -474,7 +493,9 @@ class RolloutWorkflow(RolloutSteps):
                 decision=GateDecision(action=GateAction.PROCEED),
                 counts=self._state.counts,
             )
-        return await self._gate_tick(stage, bake_done, rollback=kind.rollback, sweeps=sweeps)
+        return await self._gate_tick(
+            stage, bake_done, rollback=kind.rollback, sweeps=sweeps, quick=quick
+        )
 
     async def _start_bake(self, kind: WatchKind, stage: StagePlan, now: datetime) -> None:
         """The stage settled: its bake starts now, announced."""
@@ -500,6 +521,8 @@ class RolloutWorkflow(RolloutSteps):
         if not settling:
             if s.waiting_for != self._baking(kind, stage):
                 await self._announce_bake(kind, self._baking(kind, stage))
+            return
+        if not result.stage_counted:  # a quick look: the count is the last one written
             return
         waiting = f"settle of {stage.name}: {settle_detail(result.stage)}"
         now = workflow.now()
@@ -585,7 +608,7 @@ class RolloutWorkflow(RolloutSteps):
                 result = await self._rollback_targets(stage.index)
                 s.counts = result.counts
                 s.next_tick_at = None
-                if workflow.patched(SETTLE_PATCH):
+                if self._judged_by_outcomes():
                     s.rollback_phase, s.rollback_bake_until = "settle", None
                 else:
                     s.rollback_bake_until = workflow.now() + timedelta(

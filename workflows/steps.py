@@ -42,6 +42,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows import control
     from workflows.policy import CANARY, sweeps_due, window_open
 
+# Runs that recorded this marker are judged by outcomes (stages settle before they bake, new
+# outcomes wake the gates, refusals are audited, nothing is retried outside the window);
+# runs started before it (no marker in their history) keep the rules they ran with.
+SETTLE_PATCH = "settle-before-bake"
+
 SHORT_ACTIVITY = timedelta(seconds=60)
 LONG_ACTIVITY = timedelta(hours=1)
 LONG_HEARTBEAT = timedelta(minutes=2)
@@ -235,14 +240,27 @@ class RolloutSteps:
         except ActivityError:
             workflow.logger.exception("could not record the failure of the rollout")
 
+    def _judged_by_outcomes(self) -> bool:
+        """Whether this run has the rules of SETTLE_PATCH (the SDK keeps the answer for the
+        run: a run from before answers False throughout, so it replays as it ran)."""
+        return workflow.patched(SETTLE_PATCH)
+
     async def _gate_tick(
-        self, stage: StagePlan, bake_done: bool, *, rollback: bool = False, sweeps: bool = True
+        self,
+        stage: StagePlan,
+        bake_done: bool,
+        *,
+        rollback: bool = False,
+        sweeps: bool = True,
+        quick: bool = False,
     ) -> EvaluateGatesResult:
         """The sweeps due (`policy.sweeps_due`, judged by the last counts; none when `sweeps`
         is False: a look at new outcomes), then the gates. A rollback's tick (`rollback`)
         sweeps only returned vehicles that never report (they time out), and its gate is the
         failure threshold over the rollback's own outcomes, with the rollback's acknowledged
-        failures. Retries and re-checks wait while the maintenance window is closed."""
+        failures. Retries and re-checks wait while the maintenance window is closed. `quick`:
+        a look at new outcomes before the bake is over, from the rollout's counters (the
+        stage is counted only once nothing is applying any more)."""
         s = self._state
         now = workflow.now()
         due = sweeps_due(
@@ -251,7 +269,7 @@ class RolloutSteps:
             first_issued_at=s.first_issued_at,
             apply_seconds=s.policy.apply_seconds,
             rollback=rollback,
-            window_open=window_open(now, s.policy.window),
+            window_open=window_open(now, s.policy.window) or not self._judged_by_outcomes(),
         )
         if sweeps:
             await self._sweeps(due, TargetSweepInput(rollout_id=s.rollout_id, now=now))
@@ -267,10 +285,13 @@ class RolloutSteps:
                 canary_forced=not rollback and s.canary_forced_stage == stage.index,
                 rollback=rollback,
                 is_last=not rollback and stage.index == len(s.stages) - 1,
+                quick=quick and not rollback,
             )
         )
         if rollback:
             s.rollback_total = result.total
+        elif quick:  # the counters know no retries to come: keep the last tick's
+            s.last_total = result.total.model_copy(update={"retryable": s.last_total.retryable})
         else:
             s.last_total = result.total
         return result
@@ -338,7 +359,14 @@ class RolloutSteps:
             pass
 
     async def _wait_for_operator(self) -> None:
-        await self._sleep_until(None)
+        """Until an operator acts. Outcomes keep coming while a rollout is held: each signal
+        lengthens the history, so they wake it only to continue-as-new when Temporal
+        suggests it (the gates look again once it is resumed)."""
+        judged = self._judged_by_outcomes()
+        await self._sleep_until(None, outcomes=judged)
+        if judged and self._outcomes_changed:
+            self._outcomes_changed = False
+            self._maybe_continue_as_new()
 
     def _maybe_continue_as_new(self) -> None:
         info = workflow.info()

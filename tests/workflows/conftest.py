@@ -115,6 +115,7 @@ async def rollout(
         gate_interval: int | None = GATE_INTERVAL,
         issue_batch_size: int | None = None,
         prepare: Callable[[str], Awaitable[None]] | None = None,
+        continue_as_new_after: int | None = None,
     ) -> Started:
         prefix = unique_prefix("wf")
         await make_fleet(sessions, prefix=prefix, count=120)
@@ -143,6 +144,7 @@ async def rollout(
             correlation_id=f"req-{prefix}",
             gate_interval=gate_interval,
             issue_batch_size=issue_batch_size,
+            continue_as_new_after=continue_as_new_after,
         )
         return Started(rollout_id, handle)
 

@@ -2,9 +2,10 @@
 continue-as-new carries the state; saved histories of real runs replay with the current code
 (a change that would break running workflows fails here first).
 
-`rollout_before_settling_paused_resumed.json` is a run of the workflow as it was before stages
-settled (commit e5887ac: issue, then bake): it replays through the `settle-before-bake`
-patch's old branch, as rollouts started before that change and still running do.
+`rollout_before_settling_*.json` are runs of the workflow as it was before stages settled
+(commit e5887ac: issue, then bake; a refused signal only logged): they replay through the
+`settle-before-bake` patch's old branch, as rollouts started before that change and still
+running do.
 
 Record the saved histories again (after an intended, versioned change) with
 `MOTORCADE_RECORD_HISTORIES=1 pytest tests/workflows/test_history.py`.

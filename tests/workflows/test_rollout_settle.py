@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.testing import WorkflowEnvironment
 
 from core.db import session_scope
-from models.workflows import RolloutSignal
+from core.temporal import OUTCOMES_SIGNAL
+from models.workflows import OutcomesSignal, RolloutSignal
 from tests.factories import OLD_RELEASE, Sessions, fetch_all, fetch_one, stage_vehicles
 from tests.workflows.conftest import (
     GATE_INTERVAL,
@@ -309,3 +310,50 @@ async def _heartbeat(sessions: Sessions, vehicles: str, *, battery: int) -> None
             ),
             {"b": battery, "v": vehicles},
         )
+
+
+async def test_a_stage_that_unsettles_in_its_bake_waits_past_it_without_spinning(
+    time_skipping_env: WorkflowEnvironment, rollout: StartRollout, sessions: Sessions
+) -> None:
+    rollout_id, handle = await rollout(
+        gates={"canaryHealthy": {"minSuccessRate": 0, "minSamples": 0}},
+        timeouts=NEVER_TIMES_OUT,
+    )
+    await until(handle, settling("canary"))
+    canary = await stage_vehicles(sessions, rollout_id, 0)
+    await report(sessions, rollout_id, canary[:2], "succeeded", handle=handle)
+    await report(sessions, rollout_id, canary[2:], "blocked", "NOT_STATIONARY", handle=handle)
+    await until(handle, baking("canary"))
+    # The blocked one parks and starts applying: the canary is not settled any more.
+    await report(sessions, rollout_id, canary[2:], "updating", handle=handle)
+    await time_skipping_env.sleep(3 * HOUR)  # the bake ends meanwhile
+    state = await until(handle, lambda s: s.stage == "canary" and s.phase == "bake")
+    assert state.status == "running"
+    assert await _stage_states(sessions, rollout_id, 1) == {"planned": 27}
+    # It waited on its gate tick (every GATE_INTERVAL), not in a loop of evaluations.
+    history = await handle.fetch_history()
+    evaluations = sum(
+        1
+        for event in history.events
+        if event.activity_task_scheduled_event_attributes.activity_type.name == "evaluate_gates"
+    )
+    assert evaluations <= 3 * HOUR // GATE_INTERVAL + 10, evaluations
+    await report(sessions, rollout_id, canary[2:], "succeeded", handle=handle)
+    await until(handle, settling("wave-1"))
+    await handle.signal("abort", RolloutSignal(reason="test over", actor="lee"))
+    assert (await handle.result()).status == "aborted"
+
+
+async def test_a_held_rollout_continues_as_new_while_outcomes_keep_coming(
+    rollout: StartRollout, sessions: Sessions
+) -> None:
+    handle = (await rollout(timeouts=NEVER_TIMES_OUT, continue_as_new_after=150)).handle
+    await until(handle, settling("canary"))
+    await handle.signal("pause", RolloutSignal(reason="hold", actor="max"))
+    await until(handle, lambda s: s.status == "paused")
+    for _ in range(60):  # the ingest path's signals while vehicles keep reporting
+        await handle.signal(OUTCOMES_SIGNAL, OutcomesSignal(events=1))
+    state = await until(handle, lambda s: s.runs > 1 and s.outcome_signals == 60)
+    assert state.status == "paused" and state.paused and state.phase == "settle"
+    await handle.signal("abort", RolloutSignal(reason="test over", actor="max"))
+    assert (await handle.result()).status == "aborted"
