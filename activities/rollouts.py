@@ -5,7 +5,9 @@ by rollout, stage and batch, never the run id) and ends with a non-retryable
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -16,7 +18,7 @@ from temporalio import activity
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
 from models.defaults import DEFAULT_OFFLINE_AFTER_SECONDS
-from models.enums import AuditSource, RolloutStatus
+from models.enums import AuditSource, RolloutStatus, StatusReason
 from models.workflows import (
     EvaluateGatesInput,
     EvaluateGatesResult,
@@ -43,7 +45,7 @@ from services.audit import Actor
 from services.rollouts import control, issue, outcomes, plan, queries, rollback, status, sweeps
 from services.rollouts.counters import SweepBatch
 from services.safety import SafetyGate
-from workflows.policy import counted_total, decide, unsettled
+from workflows.policy import counted_total, decide, unsettled, window_open
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +120,7 @@ class RolloutActivities:
         policy = await self._policy(input.rollout_id)
         safety = self._safety(policy)
         halted: GateDecision | None = None
+        began = time.monotonic()
         while True:
             async with session_scope(self._sessions) as session:
                 batch = await issue.issue_stage_batch(
@@ -142,7 +145,7 @@ class RolloutActivities:
             activity.heartbeat(progress)
             if batch.selected < input.batch_size:
                 break
-            halted = await self._breach(input, policy)
+            halted = await self._breach(input, policy, elapsed=time.monotonic() - began)
             if halted is not None:
                 break
         counts = await self._progress(input.rollout_id)
@@ -162,9 +165,13 @@ class RolloutActivities:
             halted=halted,
         )
 
-    async def _breach(self, input: IssueStageInput, policy: RolloutPolicy) -> GateDecision | None:
-        """The failure threshold between two batches, over the rollout's counters (one row):
-        the decision that stops issuing (pause or rollback), or None to go on."""
+    async def _breach(
+        self, input: IssueStageInput, policy: RolloutPolicy, *, elapsed: float
+    ) -> GateDecision | None:
+        """What stops issuing between two batches, or None to go on: the failure threshold
+        over the rollout's counters (one row): pause or rollback; the maintenance window
+        closed since the issue began (`issued_at`, the workflow's time, plus the `elapsed`
+        seconds): a wait for it, with OUTSIDE_MAINTENANCE_WINDOW."""
         decision = decide(
             policy=policy.gates,
             total=counted_total(await self._progress(input.rollout_id)),
@@ -173,7 +180,16 @@ class RolloutActivities:
             bake_done=False,
             acknowledged_failed=input.acknowledged_failed,
         )
-        return decision if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK) else None
+        if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
+            return decision
+        now = (input.issued_at or datetime.now(UTC)) + timedelta(seconds=elapsed)
+        if not window_open(now, policy.window):
+            return GateDecision(
+                action=GateAction.WAIT,
+                reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
+                detail="the maintenance window closed while the stage was being issued",
+            )
+        return None
 
     @activity.defn(name="update_rollout_status")
     @domain_failures

@@ -382,8 +382,9 @@ class RolloutWorkflow(RolloutSteps):
             self._maybe_continue_as_new()
 
     async def _issue(self, stage: StagePlan) -> bool:
-        """Issue the stage (batched; the failure threshold checked between batches). False
-        when a breach stopped it: the rollout is then paused, or rolling back."""
+        """Issue the stage (batched; the failure threshold and the window checked between
+        batches). False when that stopped it: a breach pauses the rollout (or rolls it back);
+        a closed window holds the rest of the stage until it opens."""
         s = self._state
         await self._set_status(
             RolloutStatus.RUNNING,
@@ -398,6 +399,8 @@ class RolloutWorkflow(RolloutSteps):
             if s.first_issued_at is None:
                 s.first_issued_at = now
             if issued.halted is not None:
+                if issued.halted.reason == StatusReason.OUTSIDE_MAINTENANCE_WINDOW:
+                    return False  # the rest waits for the window to open again
                 s.last_total = counted_total(issued.counts)  # what a resume acknowledges
                 await self._gate_stops(STAGE_WATCH, issued.halted, f"issuing {stage.name}")
                 return False

@@ -332,3 +332,40 @@ async def test_staged_rollback_moves_counters(
     )
     assert canary.reverted == 10
     assert canary.counts.failed == 0 and canary.counts.succeeded == 0
+
+
+async def test_issuing_stops_between_batches_once_the_window_has_closed(
+    sessions: Sessions,
+) -> None:
+    rollout_id, _ = await fleet_rollout(
+        sessions,
+        name="wn",
+        vehicles=40,
+        release=NEW_RELEASE,
+        strategy=strategy(canary_size=2, waves=[{"percent": 100, "bakeSeconds": 60}]),
+    )
+    # Open 11:00-12:00 UTC every day; the issue began at 12:00:00, as it closed.
+    window = {"start": "11:00", "end": "12:00", "timezone": "UTC"}
+    await _set_json(sessions, rollout_id, "gates", {"safetyChecks": {"maintenanceWindow": window}})
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    await env.run(acts.expand_targets, ExpandTargetsInput(rollout_id=rollout_id))
+    wave = IssueStageInput(
+        rollout_id=rollout_id,
+        release_version=NEW_RELEASE,
+        stage_index=1,
+        stage="wave-1",
+        batch_size=5,
+        issued_at=T0,
+    )
+    result = await env.run(acts.issue_stage, wave)
+    assert result.issued == 5 and result.batches == 1  # the first batch, then it stopped
+    assert result.halted is not None
+    assert result.halted.reason == "OUTSIDE_MAINTENANCE_WINDOW"
+    targeted = result.counts.targeted
+    assert result.counts.pending == targeted - 5  # the rest of the stage (and the canary)
+    # Inside the window it goes on to the end.
+    inside = await env.run(
+        acts.issue_stage, wave.model_copy(update={"issued_at": T0 - timedelta(minutes=30)})
+    )
+    assert inside.halted is None and inside.issued == targeted - 2 - 5
