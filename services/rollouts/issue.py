@@ -122,39 +122,36 @@ _BATCH_BOUNDS = text(
 )
 
 # Per target of the batch still `planned`, in one statement: the safety verdict on its
-# vehicle's last heartbeat (`checked`); the target `notified`, or `blocked` with the reason
-# (its desired state kept, to be sent when a heartbeat passes: sweeps.recheck_blocked); the
-# stage's desired state written once; a notified vehicle's desired release, desired state and
-# rollout, a held-back one's status and reason codes (its desired state untouched). Every
-# table is bounded by the batch's range, so the planner sees `batch_size` rows on each. The
-# target and desired-state columns are unindexed: heap-only (HOT) updates (a held-back
-# vehicle's reason codes are indexed: those few are not).
+# vehicle's last heartbeat (`checked`, joined in the targets' UPDATE itself); the target
+# `notified`, or `blocked` with the reason (its desired state kept, to be sent when a heartbeat
+# passes: sweeps.recheck_blocked); the stage's desired state written once; a notified
+# vehicle's desired release, desired state and rollout, a held-back one's status and reason
+# codes (its desired state untouched), in one UPDATE of the vehicles. Every table is bounded
+# by the batch's range, so the planner sees `batch_size` rows on each (range scans joined by
+# hash or merge, no per-row index lookups). The target and desired-state columns are
+# unindexed: heap-only (HOT) updates (a held-back vehicle's reason codes are indexed: those
+# few are not).
 _ISSUE_BATCH = text(
     f"""
-    WITH checked AS MATERIALIZED (
-        SELECT t.vehicle_id, {SAFETY_VERDICT} AS blocked_reason
-        FROM rollout_targets t
-        JOIN vehicles v ON v.id = t.vehicle_id AND v.id > :after AND v.id <= :last
+    WITH moved AS (
+        UPDATE rollout_targets t
+        SET state = CASE WHEN checked.blocked_reason IS NULL THEN 'notified' ELSE 'blocked' END,
+            reason_code = checked.blocked_reason,
+            attempt = t.attempt + CASE WHEN checked.blocked_reason IS NULL THEN 1 ELSE 0 END,
+            desired_state_id = CAST(:desired_state_id AS uuid),
+            notified_at = CASE WHEN checked.blocked_reason IS NULL
+                               THEN coalesce(CAST(:issued_at AS timestamptz), now()) END,
+            updated_at = now()
+        FROM vehicles v
         {
         LAST_HEARTBEAT.format(
             narrow_range="AND narrow.vehicle_id > :after AND narrow.vehicle_id <= :last"
         )
     }
+        CROSS JOIN LATERAL (SELECT {SAFETY_VERDICT} AS blocked_reason) checked
         WHERE t.rollout_id = :rid AND t.stage = :stage AND t.state = 'planned'
           AND t.vehicle_id > :after AND t.vehicle_id <= :last
-    ),
-    moved AS (
-        UPDATE rollout_targets t
-        SET state = CASE WHEN c.blocked_reason IS NULL THEN 'notified' ELSE 'blocked' END,
-            reason_code = c.blocked_reason,
-            attempt = t.attempt + CASE WHEN c.blocked_reason IS NULL THEN 1 ELSE 0 END,
-            desired_state_id = CAST(:desired_state_id AS uuid),
-            notified_at = CASE WHEN c.blocked_reason IS NULL
-                               THEN coalesce(CAST(:issued_at AS timestamptz), now()) END,
-            updated_at = now()
-        FROM checked c
-        WHERE t.rollout_id = :rid AND t.vehicle_id = c.vehicle_id AND t.state = 'planned'
-          AND t.vehicle_id > :after AND t.vehicle_id <= :last
+          AND v.id = t.vehicle_id AND v.id > :after AND v.id <= :last
         RETURNING t.vehicle_id, t.state, t.reason_code
     ),
     desired_state AS (
@@ -165,26 +162,22 @@ _ISSUE_BATCH = text(
         WHERE EXISTS (SELECT 1 FROM moved)
         ON CONFLICT (id) DO NOTHING
     ),
-    vehicles_issued AS (
+    vehicles_moved AS (
         UPDATE vehicles v
-        SET desired_release_version = :release,
-            desired_state_id = CAST(:desired_state_id AS uuid),
-            rollout_id = :rid,
+        SET desired_release_version = CASE WHEN moved.state = 'notified' THEN :release
+                                           ELSE v.desired_release_version END,
+            desired_state_id = CASE WHEN moved.state = 'notified'
+                                    THEN CAST(:desired_state_id AS uuid)
+                                    ELSE v.desired_state_id END,
+            rollout_id = CASE WHEN moved.state = 'notified' THEN CAST(:rid AS bigint)
+                              ELSE v.rollout_id END,
             status = CASE WHEN v.status = 'offline' THEN v.status
-                          ELSE 'pending' END,
+                          WHEN moved.state = 'notified' THEN 'pending' ELSE 'blocked' END,
+            reason_codes = CASE WHEN moved.state = 'notified' THEN v.reason_codes
+                                ELSE ARRAY[moved.reason_code] END,
             updated_at = now()
         FROM moved
-        WHERE v.id = moved.vehicle_id AND moved.state = 'notified'
-          AND v.id > :after AND v.id <= :last
-    ),
-    vehicles_held AS (
-        UPDATE vehicles v
-        SET status = CASE WHEN v.status = 'offline' THEN v.status ELSE 'blocked' END,
-            reason_codes = ARRAY[moved.reason_code],
-            updated_at = now()
-        FROM moved
-        WHERE v.id = moved.vehicle_id AND moved.state = 'blocked'
-          AND v.id > :after AND v.id <= :last
+        WHERE v.id = moved.vehicle_id AND v.id > :after AND v.id <= :last
     )
     SELECT count(*) FILTER (WHERE state = 'notified') AS issued,
            count(*) FILTER (WHERE state = 'blocked') AS blocked
