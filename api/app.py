@@ -44,7 +44,7 @@ from services.stream import StreamHub, ticket_secret
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.5.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.4.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
