@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from models.api import CamelModel, DesiredStateConstraints
@@ -21,8 +21,23 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_DETAILS_KEYS = 32
 
 REASON_CODE_PATTERN = r"^[A-Z][A-Z0-9_]{0,63}$"
-VehicleId = Annotated[str, Field(min_length=1, max_length=128)]
-Version = Annotated[str, Field(min_length=1, max_length=128)]
+# PostgreSQL stores no NUL character (U+0000) in text or jsonb: one inside a group commit
+# would fail every request of the group, so it is refused here, with its request alone.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NUL_REFUSED = "must not contain the NUL character (U+0000)"
+VehicleId = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+Version = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a JSON value (keys included) holds a NUL character anywhere."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 class _StrictIn(CamelModel):
@@ -53,6 +68,13 @@ class EventIn(_StrictIn):
         None, pattern=REASON_CODE_PATTERN, description="UPPER_SNAKE, at most 64 characters."
     )
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("details")
+    @classmethod
+    def _details_storable(cls, details: dict[str, Any]) -> dict[str, Any]:
+        if _holds_nul(details):
+            raise ValueError(f"details {NUL_REFUSED}")
+        return details
 
     @model_validator(mode="after")
     def _reason(self) -> EventIn:

@@ -51,6 +51,12 @@ async def test_one_bad_item_rejects_the_whole_batch(
         ({**good[2], "surprise": 1}, "events.2.surprise"),
         ({**good[2], "type": "failed"}, "events.2"),  # failed needs a reasonCode
         ({**good[2], "occurredAt": "2026-11-28T10:00:00"}, "events.2.occurredAt"),  # no zone
+        # NUL (U+0000), which PostgreSQL cannot store, anywhere a string goes
+        ({**good[2], "details": {"note": "a\u0000b"}}, "events.2.details"),
+        ({**good[2], "details": {"k\u0000": [1, {"x": "y"}]}}, "events.2.details"),
+        ({**good[2], "details": {"deep": [{"x": "\u0000"}]}}, "events.2.details"),
+        ({**good[2], "releaseVersion": "1.\u00002"}, "events.2.releaseVersion"),
+        ({**good[2], "vehicleId": vid + "\u0000"}, "events.2.vehicleId"),
     ]
     for bad, field in cases:
         r = await http.post(URL, json={"events": [*good[:2], bad]}, headers=gateway)
@@ -169,3 +175,22 @@ async def test_overload_is_503_with_retry_after(
         retried = await client.post(URL, json=second, headers=gateway)
         assert retried.status_code == 202 and retried.json()["data"]["accepted"] == 500
     assert event_count(database_url, prefix) == 1000
+
+
+async def test_a_nul_in_one_request_fails_no_other_request(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    """U+0000 inside a group commit failed the whole group (issue 19): 1 bad request among
+    30 good ones sent together gave many of the good ones a 500. It is refused alone now."""
+    vids = [f"{prefix}{i}" for i in range(30)]
+    insert_vehicles(database_url, vids, release="1.0")
+    good = [{"events": [event(vid, 1, "apply_start")]} for vid in vids]
+    bad = {"events": [event(vids[0], 2, "apply_start", details={"note": "\u0000"})]}
+    answers = await asyncio.gather(
+        *(http.post(URL, json=body, headers=gateway) for body in [*good[:15], bad, *good[15:]])
+    )
+    codes = [r.status_code for r in answers]
+    assert codes[15] == 422, answers[15].text
+    assert codes[:15] + codes[16:] == [202] * 30
+    assert answers[15].json()["error"]["details"][0]["field"] == "events.0.details"
+    assert event_count(database_url, prefix) == 30
