@@ -447,7 +447,7 @@ class RolloutWorkflow(RolloutSteps):
             result = await self._judge(stage, bake_done, kind, sweeps=tick, quick=quick)
             if tick:
                 s.next_tick_at = now + timedelta(seconds=self._interval(stage, settling))
-            decision = result.decision if stage.size else GateDecision(action=GateAction.WAIT)
+            decision = result.decision
             if decision.action == GateAction.ROLLBACK and not kind.rollback:
                 control.rollback_by_gate(s, decision)
                 return False
@@ -455,10 +455,10 @@ class RolloutWorkflow(RolloutSteps):
                 flow = s.waiting_for if settling else self._baking(kind, stage)
                 await self._gate_stops(kind, decision, flow or self._baking(kind, stage))
                 continue
-            if settling and (result.settled or not stage.size):
+            if settling and result.settled:
                 await self._start_bake(kind, stage, now)
                 continue
-            if bake_done and (decision.action == GateAction.PROCEED or not stage.size):
+            if bake_done and decision.action == GateAction.PROCEED:
                 return True
             await self._say_waiting(kind, stage, settling, result, tick=tick)
             self._maybe_continue_as_new()
@@ -482,18 +482,17 @@ class RolloutWorkflow(RolloutSteps):
 
     def _timer_woke(self, now: datetime, until: datetime | None) -> bool:
         """Whether a gate tick or the bake's deadline is due (else only a signal woke it)."""
-        s = self._state
-        due = s.next_tick_at is None or now >= s.next_tick_at
-        return due or (until is not None and now >= until)
+        return self._tick_due(now) or (until is not None and now >= until)
 
     async def _judge(
         self, stage: StagePlan, bake_done: bool, kind: WatchKind, *, sweeps: bool, quick: bool
     ) -> EvaluateGatesResult:
-        if not stage.size:
+        if not stage.size:  # settled from the start; it proceeds once its bake is over
+            action = GateAction.PROCEED if bake_done else GateAction.WAIT
             return EvaluateGatesResult(
                 total=GateCounts(),
                 stage=GateCounts(),
-                decision=GateDecision(action=GateAction.PROCEED),
+                decision=GateDecision(action=action),
                 counts=self._state.counts,
             )
         return await self._gate_tick(
