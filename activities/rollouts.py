@@ -135,6 +135,7 @@ class RolloutActivities:
                 )
                 if batch.issued or batch.blocked:
                     await status.publish_rollout(session, rollout_id=input.rollout_id)
+                counts = await queries.progress(session, rollout_id=input.rollout_id)
             if batch.selected == 0:
                 break
             progress = IssueStageProgress(
@@ -145,10 +146,9 @@ class RolloutActivities:
             activity.heartbeat(progress)
             if batch.selected < input.batch_size:
                 break
-            halted = await self._breach(input, policy, elapsed=time.monotonic() - began)
+            halted = _breach(input, policy, counts, elapsed=time.monotonic() - began)
             if halted is not None:
                 break
-        counts = await self._progress(input.rollout_id)
         log.info(
             "rollout.stage_issued",
             rollout_id=input.rollout_id,
@@ -164,32 +164,6 @@ class RolloutActivities:
             counts=counts,
             halted=halted,
         )
-
-    async def _breach(
-        self, input: IssueStageInput, policy: RolloutPolicy, *, elapsed: float
-    ) -> GateDecision | None:
-        """What stops issuing between two batches, or None to go on: the failure threshold
-        over the rollout's counters (one row): pause or rollback; the maintenance window
-        closed since the issue began (`issued_at`, the workflow's time, plus the `elapsed`
-        seconds): a wait for it, with OUTSIDE_MAINTENANCE_WINDOW."""
-        decision = decide(
-            policy=policy.gates,
-            total=counted_total(await self._progress(input.rollout_id)),
-            stage=GateCounts(),
-            is_canary=False,
-            bake_done=False,
-            acknowledged_failed=input.acknowledged_failed,
-        )
-        if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
-            return decision
-        now = (input.issued_at or datetime.now(UTC)) + timedelta(seconds=elapsed)
-        if not window_open(now, policy.window):
-            return GateDecision(
-                action=GateAction.WAIT,
-                reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
-                detail="the maintenance window closed while the stage was being issued",
-            )
-        return None
 
     @activity.defn(name="update_rollout_status")
     @domain_failures
@@ -458,3 +432,30 @@ class RolloutActivities:
     async def _progress(self, rollout_id: int) -> RolloutCounts:
         async with session_scope(self._sessions) as session:
             return await queries.progress(session, rollout_id=rollout_id)
+
+
+def _breach(
+    input: IssueStageInput, policy: RolloutPolicy, counts: RolloutCounts, *, elapsed: float
+) -> GateDecision | None:
+    """What stops issuing between two batches, or None to go on: the failure threshold over
+    the rollout's counters as the batch left them (`counts`): pause or rollback; the
+    maintenance window closed since the issue began (`issued_at`, the workflow's time, plus
+    the `elapsed` seconds): a wait for it, with OUTSIDE_MAINTENANCE_WINDOW."""
+    decision = decide(
+        policy=policy.gates,
+        total=counted_total(counts),
+        stage=GateCounts(),
+        is_canary=False,
+        bake_done=False,
+        acknowledged_failed=input.acknowledged_failed,
+    )
+    if decision.action in (GateAction.PAUSE, GateAction.ROLLBACK):
+        return decision
+    now = (input.issued_at or datetime.now(UTC)) + timedelta(seconds=elapsed)
+    if not window_open(now, policy.window):
+        return GateDecision(
+            action=GateAction.WAIT,
+            reason=StatusReason.OUTSIDE_MAINTENANCE_WINDOW,
+            detail="the maintenance window closed while the stage was being issued",
+        )
+    return None
