@@ -20,11 +20,12 @@ from temporalio import activity
 
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
-from models.safety import RecheckCompletedInput, RecheckCompletedResult
 from models.workflows import (
     MarkOfflineInput,
     MarkOfflineProgress,
     MarkOfflineResult,
+    RecheckCompletedInput,
+    RecheckCompletedResult,
     RecordDriftInput,
     RecordDriftResult,
 )

@@ -23,6 +23,7 @@ from models.defaults import (
     DEFAULT_REQUIRE_STATIONARY,
     ISSUE_BATCH_SIZE,
     OFFLINE_BATCH_SIZE,
+    SWEEP_BATCH_SIZE,
     FailureAction,
 )
 from models.enums import WEEKDAYS, AuditSource, RolloutStatus, StatusReason
@@ -557,6 +558,27 @@ class RecordDriftResult(BaseModel):
     drifted: int
     groups: int
     created: bool
+
+
+class RecheckCompletedInput(BaseModel):
+    """The reconcile's safety pass (`recheck_completed_rollouts`): the blocked vehicles of
+    completed rollouts are notified once a heartbeat passes their rollout's checks."""
+
+    # The workflow's time: whether each rollout's maintenance window is open, and the
+    # `notified_at` of the targets notified.
+    now: datetime
+    # How old a heartbeat the checks still trust (the reconcile's offline cutoff age).
+    offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS
+    batch_size: int = SWEEP_BATCH_SIZE
+
+
+class RecheckCompletedResult(BaseModel):
+    # Completed rollouts with blocked targets, and those of them left alone because their
+    # maintenance window is closed.
+    rollouts: int = 0
+    outside_window: int = 0
+    # Targets moved: notified, their reason code changed, or skipped (superseded).
+    changed: int = 0
 
 
 class ReconcileResult(BaseModel):

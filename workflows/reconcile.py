@@ -21,9 +21,9 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
     from core.temporal import RECONCILE_WORKFLOW_TYPE
-    from models.safety import RecheckCompletedInput
     from models.workflows import (
         MarkOfflineInput,
+        RecheckCompletedInput,
         ReconcileInput,
         ReconcileResult,
         RecordDriftInput,

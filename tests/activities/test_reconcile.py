@@ -12,8 +12,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.reconcile import ReconcileActivities
 from activities.rollouts import RolloutActivities
 from core.db import session_scope
-from models.safety import RecheckCompletedInput
-from models.workflows import ExpandTargetsInput, IssueStageInput
+from models.workflows import ExpandTargetsInput, IssueStageInput, RecheckCompletedInput
 from services.rollouts.issue import target_set_desired_state_id
 from tests.factories import (
     OLD_RELEASE,
