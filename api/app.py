@@ -13,6 +13,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from api.authgate import AuthGateMiddleware
+from api.bodylimit import BodyLimitMiddleware, document_body_limits
 from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
@@ -44,7 +46,7 @@ from services.stream import StreamHub, ticket_secret
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.4.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.5.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -189,14 +191,19 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings, role: str) -> None:
-    """Outermost last: request context, CORS, then the write policies closest to the routes."""
-    if role == "api":  # the ingest role serves no write they apply to (telemetry is exempt)
+    """Outermost last: request context, CORS, deprecation headers, the body limit (before
+    anything reads a body or verifies a token), the write rate limit, the auth gate (401
+    before any body is read), then idempotency closest to the routes."""
+    if role == "api":  # the ingest role serves no write it applies to (telemetry is exempt)
         app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(AuthGateMiddleware)
+    if role == "api":
         app.add_middleware(
             RateLimitMiddleware,
             per_minute=settings.rate_limit_writes_per_minute,
             burst=settings.rate_limit_write_burst,
         )
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(DeprecationMiddleware)
     if settings.cors_origins:
         app.add_middleware(
@@ -264,6 +271,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema["security"] = [{"bearer": []}]
     document_idempotency(schema)
     document_rate_limits(schema)
+    document_body_limits(schema)
     document_deprecations(schema)
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():

@@ -14,6 +14,7 @@ from core.auth import Principal, TokenError, TokenVerifier
 from core.errors import MotorcadeError
 
 _STATE_KEY = "caller"
+_ERROR_KEY = "caller_error"
 
 
 async def caller_of(scope: Scope) -> Principal | None:
@@ -31,8 +32,9 @@ async def caller_of(scope: Scope) -> Principal | None:
         if verifier is not None:
             try:
                 principal = await verifier.verify(token.strip())
-            except TokenError:  # the route answers 401 itself
+            except TokenError as exc:  # the route (or api/authgate.py) answers 401
                 principal = None
+                state[_ERROR_KEY] = exc
     state[_STATE_KEY] = principal
     return principal
 
@@ -42,6 +44,12 @@ def verified_caller(scope: Scope) -> Principal | None:
     was valid (the routes' dependency takes it instead of verifying the token again)."""
     cached: Principal | None = scope.get("state", {}).get(_STATE_KEY)
     return cached
+
+
+def caller_error(scope: Scope) -> TokenError | None:
+    """Why `caller_of` found no valid token in a bearer header (None: it did not verify one)."""
+    error: TokenError | None = scope.get("state", {}).get(_ERROR_KEY)
+    return error
 
 
 def client_address(scope: Scope) -> str:

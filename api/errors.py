@@ -25,6 +25,7 @@ from core.errors import (
     MethodNotAllowed,
     MotorcadeError,
     NotFound,
+    PayloadTooLarge,
     ReleaseSignatureInvalid,
     SafetyPolicyWeakened,
     Unauthenticated,
@@ -100,6 +101,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
         mapped = Forbidden()
     elif exc.status_code == 400:
         mapped = InvalidInput(str(exc.detail))
+    elif exc.status_code == 413:  # api/bodylimit.py cut a body a route was reading
+        mapped = PayloadTooLarge(str(exc.detail))
     else:
         mapped = MotorcadeError(str(exc.detail))
         mapped.status = exc.status_code

@@ -31,9 +31,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodylimit import body_limit, too_large
 from api.caller import caller_of, send_error
 from core.db import session_scope
-from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput, PayloadTooLarge
+from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
 from core.settings import Settings
 from services import audit
 from services import idempotency as service
@@ -44,8 +45,6 @@ HEADER = b"idempotency-key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
 VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-# A keyed request's body is read whole (to fingerprint it) up to this size.
-MAX_BODY_BYTES = 1024 * 1024
 # A response larger than this is not stored (none of the API's POST answers come close).
 MAX_STORED_RESPONSE_BYTES = 1024 * 1024
 # Paths whose POSTs do not use Idempotency-Key (see the module docstring and docs/api.md).
@@ -100,13 +99,15 @@ class IdempotencyMiddleware:
         if principal is None:  # the route answers 401 (or the probe answers as usual)
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
-        if body is None:
-            await send_error(scope, send, PayloadTooLarge())
-            return
-
         app_state = scope["app"].state
         settings: Settings = app_state.settings
+        # A keyed request's body is read whole (to fingerprint it), up to the path's limit.
+        limit = body_limit(settings, scope["path"])
+        body = await _read_body(receive, limit)
+        if body is None:
+            await send_error(scope, send, too_large(limit))
+            return
+
         sessions: async_sessionmaker[AsyncSession] = app_state.sessions
         caller = principal.subject
         async with session_scope(sessions) as session:
@@ -216,8 +217,8 @@ class IdempotencyMiddleware:
         await send({"type": "http.response.body", "body": content})
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None past MAX_BODY_BYTES."""
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None past `limit` bytes."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -226,7 +227,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             break
         parts.append(message.get("body", b""))
         size += len(parts[-1])
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             return None
         if not message.get("more_body", False):
             break

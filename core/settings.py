@@ -23,6 +23,7 @@ from models.defaults import (
     DEFAULT_OFFLINE_AFTER_SECONDS,
     DEFAULT_REQUIRE_STATIONARY,
     DEFAULT_TELEMETRY_BATTERY_STEP,
+    DEFAULT_TELEMETRY_MAX_BODY_BYTES,
     DEFAULT_TELEMETRY_REFRESH_SECONDS,
 )
 
@@ -199,6 +200,21 @@ class Settings(BaseSettings):
     )
     rate_limit_write_burst: int = Field(
         20, ge=1, description="Writes a caller may make at once before the rate applies."
+    )
+    # Request bodies (docs/api.md, "Request size").
+    max_body_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        description="Largest request body on every route but POST /api/v1/telemetry, checked "
+        "before the body is parsed and before authentication (Content-Length at once, a "
+        "streamed body as it arrives): past it, 413 PAYLOAD_TOO_LARGE. Fits 10,000 vehicle "
+        "ids of up to 48 characters in a rollout or 500 vehicles in one registration.",
+    )
+    telemetry_max_body_bytes: int = Field(
+        DEFAULT_TELEMETRY_MAX_BODY_BYTES,
+        ge=1024,
+        description="Largest POST /api/v1/telemetry body (a full batch of 1,000 events and "
+        "1,000 heartbeats fits in 1 MiB); past it, 413 PAYLOAD_TOO_LARGE.",
     )
 
     # Live updates (MOTORCADE_STREAM_*; docs/api.md, "Live updates").

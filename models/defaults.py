@@ -31,6 +31,7 @@ DEFAULT_INGEST_QUEUE_MAX_ITEMS = 50_000
 DEFAULT_INGEST_GROUP_MAX_ITEMS = 10_000
 DEFAULT_INGEST_GROUP_WAIT_MS = 2.0
 DEFAULT_INGEST_WRITERS = 1
+DEFAULT_TELEMETRY_MAX_BODY_BYTES = 1024 * 1024  # one POST /telemetry body
 
 # --- Batches: rows one transaction moves -------------------------------------------------
 ISSUE_BATCH_SIZE = 5000  # targets a stage issues (or a rollback stage returns)

@@ -17,7 +17,6 @@ from models.enums import EventType
 # Limits of one POST /telemetry (documented in docs/telemetry.md and the OpenAPI text).
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_HEARTBEATS_PER_REQUEST = 1000
-MAX_BODY_BYTES = 1024 * 1024
 MAX_DETAILS_KEYS = 32
 
 REASON_CODE_PATTERN = r"^[A-Z][A-Z0-9_]{0,63}$"

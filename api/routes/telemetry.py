@@ -14,15 +14,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from api.bodylimit import body_limit, too_large
 from api.deps import require
 from api.envelope import ok
 from api.errors import ErrorResponses, error_responses, invalid_request
 from core.auth import Principal
 from core.errors import Forbidden, Overloaded, PayloadTooLarge
+from core.settings import Settings
 from models.api import Envelope
 from models.enums import Role
 from models.telemetry import (
-    MAX_BODY_BYTES,
     MAX_EVENTS_PER_REQUEST,
     MAX_HEARTBEATS_PER_REQUEST,
     EventIn,
@@ -39,7 +40,8 @@ TELEMETRY_ROLES = frozenset({Role.DEVICE, Role.GATEWAY})
 _BODY_SCHEMA = {"$ref": "#/components/schemas/TelemetryBatch"}
 DESCRIPTION = (
     f"At most {MAX_EVENTS_PER_REQUEST} events, {MAX_HEARTBEATS_PER_REQUEST} heartbeats and "
-    f"{MAX_BODY_BYTES} bytes per request (else 413 `PAYLOAD_TOO_LARGE`). One invalid item "
+    "`MOTORCADE_TELEMETRY_MAX_BODY_BYTES` (1 MiB) per request (else 413 "
+    "`PAYLOAD_TOO_LARGE`). One invalid item "
     "rejects the whole batch (422, `details` naming its index and field) and nothing of it is "
     "stored; a vehicle that is unknown or outside the caller's scope is 404. A device may "
     "post only for its own vehicle (403). `202` with `{accepted, duplicates}` is sent only "
@@ -50,17 +52,21 @@ DESCRIPTION = (
 )
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (declared or sent)."""
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes the path's limit (declared or sent;
+    api/bodylimit.py enforces the same limit before the route, this is the route's own
+    guard should it ever be mounted without it)."""
+    settings: Settings = request.app.state.settings
+    limit = body_limit(settings, request.url.path)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

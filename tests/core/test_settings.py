@@ -67,3 +67,8 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secrets_do_not_show_in_repr() -> None:
     assert KEY not in repr(make(dev_key=KEY))
+
+
+def test_telemetry_has_the_larger_body_limit() -> None:
+    s = make()
+    assert s.telemetry_max_body_bytes > s.max_body_bytes > 0
