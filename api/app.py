@@ -20,7 +20,7 @@ from api.deps import TemporalConnection, ViewerDep
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware, TracingMiddleware
-from api.ratelimit import RateLimitMiddleware, document_rate_limits
+from api.ratelimit import RateLimitMiddleware, TelemetryLimits, document_rate_limits
 from api.routes import (
     audit,
     desired_states,
@@ -113,6 +113,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.role = role
+    app.state.telemetry_limits = TelemetryLimits(settings)
     app.state.stream_secret = ticket_secret(
         settings.stream_ticket_secret.get_secret_value() if settings.stream_ticket_secret else None,
         settings.dev_key.get_secret_value() if settings.dev_key else None,

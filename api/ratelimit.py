@@ -1,12 +1,17 @@
-"""Rate limits on writes per caller (SPEC.md: 429 `RATE_LIMITED` with `Retry-After`).
+"""Rate limits per caller (SPEC.md: 429 `RATE_LIMITED` with `Retry-After`): on writes, and on
+telemetry.
 
 A token bucket per caller per API process: `MOTORCADE_RATE_LIMIT_WRITE_BURST` writes at once,
 refilled at `MOTORCADE_RATE_LIMIT_WRITES_PER_MINUTE` (0 turns the limit off). The caller is the
 verified token's subject; a request without a valid token is counted by client address (it
 gets 401 from its route, but cannot flood the token verifier for free). Reads are not limited.
 
-`POST /api/v1/telemetry` is excluded: ingestion has its own backpressure (503 `OVERLOADED` when
-the ingest queue is full), and a gateway legitimately posts for many vehicles at once.
+`POST /api/v1/telemetry` is excluded from the write limit and has its own (`TelemetryLimits`):
+counted in items (events + heartbeats), what the ingest path pays for, per token subject, with
+separate budgets for devices (one vehicle each) and gateways (many vehicles behind one token).
+A request costs one item before its body is read (so invalid or empty requests are limited
+too) and the rest of its items once parsed. The ingest queue's 503 `OVERLOADED` stays the
+fleet-wide backpressure; this limit keeps one caller from taking the whole queue.
 With N API replicas a caller may make up to N times the limit; the limit protects each
 process, and a shared limiter (PostgreSQL or a gateway in front) can replace this one.
 """
@@ -22,10 +27,14 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.caller import caller_of, client_address, send_error
+from core.auth import Principal
 from core.errors import RateLimited
+from core.settings import Settings
+from models.enums import Role
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-EXCLUDED_PATHS = frozenset({"/api/v1/telemetry"})
+TELEMETRY_PATH = "/api/v1/telemetry"
+EXCLUDED_PATHS = frozenset({TELEMETRY_PATH})
 
 
 @dataclass
@@ -55,9 +64,12 @@ class TokenBucketLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def take(self, caller: str) -> float | None:
+    def take(self, caller: str, cost: float = 1.0) -> float | None:
+        """Take `cost` tokens (at most the burst: a cost larger than the bucket waits for a
+        full one)."""
         if not self.enabled:
             return None
+        cost = min(cost, self.burst)
         now = self.clock()
         bucket = self._buckets.get(caller)
         if bucket is None:
@@ -67,10 +79,10 @@ class TokenBucketLimiter:
         else:
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
             bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return None
-        return (1.0 - bucket.tokens) / self.rate
+        return (cost - bucket.tokens) / self.rate
 
     def _forget_idle(self, now: float) -> None:
         """Drop the buckets that have refilled (forgetting them changes nothing); if every
@@ -131,24 +143,68 @@ class RateLimitMiddleware:
         )
 
 
+class TelemetryLimits:
+    """The telemetry budgets of one process: a token bucket of items per device subject and
+    one per gateway subject (`MOTORCADE_RATE_LIMIT_{DEVICE,GATEWAY}_TELEMETRY_*`; 0 a minute
+    turns one off)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limiters = {
+            Role.DEVICE: TokenBucketLimiter(
+                per_minute=settings.rate_limit_device_telemetry_items_per_minute,
+                burst=settings.rate_limit_device_telemetry_burst,
+            ),
+            Role.GATEWAY: TokenBucketLimiter(
+                per_minute=settings.rate_limit_gateway_telemetry_items_per_minute,
+                burst=settings.rate_limit_gateway_telemetry_burst,
+            ),
+        }
+
+    def charge(self, principal: Principal, items: int) -> None:
+        """Take `items` from the caller's bucket, or raise 429 `RATE_LIMITED`."""
+        limiter = self.limiters.get(principal.role)
+        if limiter is None or items <= 0:
+            return
+        wait = limiter.take(principal.subject, float(items))
+        if wait is None:
+            return
+        seconds = retry_after_header(wait)
+        raise RateLimited(
+            f"too much telemetry from this {principal.role.value}: at most "
+            f"{limiter.burst:g} items (events + heartbeats) at once and "
+            f"{limiter.rate * 60:g} a minute per token; retry in {seconds} s",
+            retry_after=seconds,
+        )
+
+
+def _too_many(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+    }
+
+
 def document_rate_limits(schema: dict[str, Any]) -> None:
-    """Add the 429 answer (with Retry-After) to every limited write of the OpenAPI document."""
+    """Add the 429 answer (with Retry-After) to every limited write of the OpenAPI document,
+    and to POST /telemetry (its own limit)."""
     for path, operations in schema.get("paths", {}).items():
+        if path == TELEMETRY_PATH and "post" in operations:
+            operations["post"].setdefault("responses", {})["429"] = _too_many(
+                "RATE_LIMITED: too many telemetry items (events + heartbeats) by this device "
+                "or gateway token; retry after `Retry-After` seconds"
+            )
+            continue
         if not path.startswith("/api/") or path in EXCLUDED_PATHS:
             continue
         for method, operation in operations.items():
             if method.upper() not in WRITE_METHODS:
                 continue
-            operation.setdefault("responses", {})["429"] = {
-                "description": "RATE_LIMITED: too many writes by this caller; retry after "
-                "`Retry-After` seconds",
-                "headers": {
-                    "Retry-After": {
-                        "description": "Seconds to wait before retrying",
-                        "schema": {"type": "integer", "minimum": 1},
-                    }
-                },
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}
-                },
-            }
+            operation.setdefault("responses", {})["429"] = _too_many(
+                "RATE_LIMITED: too many writes by this caller; retry after `Retry-After` seconds"
+            )

@@ -258,6 +258,9 @@ def start_stack(url: str, dev_key: str, state_dir: Path) -> tuple[Stack, str]:
         # any limit: the figures are the gate's, not the rate limiter's.
         "MOTORCADE_RATE_LIMIT_WRITE_BURST": "100000",
         "MOTORCADE_RATE_LIMIT_WRITES_PER_MINUTE": "100000",
+        # Nor the background telemetry (one gateway token at --rate events/s).
+        "MOTORCADE_RATE_LIMIT_GATEWAY_TELEMETRY_ITEMS_PER_MINUTE": "0",
+        "MOTORCADE_RATE_LIMIT_DEVICE_TELEMETRY_ITEMS_PER_MINUTE": "0",
     }
     cli = [sys.executable, "-m", "core.cli"]
     stack.spawn("worker", [*cli, "worker"], env)

@@ -195,12 +195,39 @@ class Settings(BaseSettings):
         description="Sustained writes (POST, PUT, PATCH, DELETE under /api/) per caller (token "
         "subject; client address without a valid token) per API process: a token bucket "
         "refilled at this rate. 0 turns the limit off. Past it: 429 RATE_LIMITED with "
-        "Retry-After. POST /api/v1/telemetry is not limited here (its own backpressure: 503 "
-        "OVERLOADED).",
+        "Retry-After. POST /api/v1/telemetry is not counted here: it has its own limits "
+        "(MOTORCADE_RATE_LIMIT_*_TELEMETRY_*).",
     )
     rate_limit_write_burst: int = Field(
         20, ge=1, description="Writes a caller may make at once before the rate applies."
     )
+    # Telemetry is limited in items (events + heartbeats; a request costs at least 1, charged
+    # before its body is read), per token subject, per process (docs/api.md, "Rate limits").
+    rate_limit_device_telemetry_items_per_minute: float = Field(
+        600,
+        ge=0,
+        description="Telemetry items (events + heartbeats) a device token (per subject) may "
+        "post per minute per process: a token bucket refilled at this rate; every request "
+        "costs at least 1, charged before its body is read. 0 turns the limit off. Past it: "
+        "429 RATE_LIMITED with Retry-After.",
+    )
+    rate_limit_device_telemetry_burst: int = Field(
+        2000,
+        ge=1,
+        description="Telemetry items a device may post at once (one full batch: 1,000 events "
+        "and 1,000 heartbeats) before its rate applies.",
+    )
+    rate_limit_gateway_telemetry_items_per_minute: float = Field(
+        120_000,
+        ge=0,
+        description="Telemetry items a gateway token (per subject) may post per minute per "
+        "process (a gateway sends for many vehicles: size it for its fleet, e.g. two items a "
+        "minute per vehicle behind it). 0 turns the limit off.",
+    )
+    rate_limit_gateway_telemetry_burst: int = Field(
+        20_000, ge=1, description="Telemetry items a gateway may post at once."
+    )
+
     # Request bodies (docs/api.md, "Request size").
     max_body_bytes: int = Field(
         512 * 1024,
@@ -215,6 +242,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest POST /api/v1/telemetry body (a full batch of 1,000 events and "
         "1,000 heartbeats fits in 1 MiB); past it, 413 PAYLOAD_TOO_LARGE.",
+    )
+
+    # Gateways (docs/telemetry.md).
+    allow_fleet_gateways: bool | None = Field(
+        None,
+        description="Whether a gateway token without any scope claim (regions, models, orgs) "
+        "may post telemetry for the whole fleet. Unset: refused when MOTORCADE_ENV=production "
+        "(403 FORBIDDEN), allowed otherwise (`make dev`'s simulator is such a gateway).",
     )
 
     # Live updates (MOTORCADE_STREAM_*; docs/api.md, "Live updates").
@@ -289,6 +324,13 @@ class Settings(BaseSettings):
             if not self.oidc_issuer:
                 raise ValueError("MOTORCADE_OIDC_ISSUER is required when MOTORCADE_ENV=production")
         return self
+
+    @property
+    def fleet_gateways_allowed(self) -> bool:
+        """MOTORCADE_ALLOW_FLEET_GATEWAYS, or its default for this environment."""
+        if self.allow_fleet_gateways is not None:
+            return self.allow_fleet_gateways
+        return self.env != "production"
 
     @property
     def libpq_database_url(self) -> str:

@@ -274,7 +274,8 @@ def start_role_process(
     quiet: bool = False,
 ) -> subprocess.Popen[bytes]:
     """`motorcade <role>` (`api`, `ingest`) on 127.0.0.1:`port`, as `start_ingest_process`
-    describes: its own process group, a dev key, a test environment."""
+    describes: its own process group, a dev key, a test environment, no telemetry rate limit
+    (the benchmarks' one gateway token measures ingestion, not the limiter)."""
     env = {
         **os.environ,
         "MOTORCADE_DATABASE_URL": database_url,
@@ -282,6 +283,8 @@ def start_role_process(
         "MOTORCADE_ENV": "test",
         "MOTORCADE_LOG_LEVEL": log_level,
         "MOTORCADE_LOG_FORMAT": "json",
+        "MOTORCADE_RATE_LIMIT_DEVICE_TELEMETRY_ITEMS_PER_MINUTE": "0",
+        "MOTORCADE_RATE_LIMIT_GATEWAY_TELEMETRY_ITEMS_PER_MINUTE": "0",
     }
     command = [sys.executable, "-m", "core.cli", role, "--host", "127.0.0.1"]
     command += ["--port", str(port), *(extra or [])]

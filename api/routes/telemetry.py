@@ -18,8 +18,9 @@ from api.bodylimit import body_limit, too_large
 from api.deps import require
 from api.envelope import ok
 from api.errors import ErrorResponses, error_responses, invalid_request
+from api.ratelimit import TelemetryLimits
 from core.auth import Principal
-from core.errors import Forbidden, Overloaded, PayloadTooLarge
+from core.errors import Forbidden, Overloaded, PayloadTooLarge, RateLimited
 from core.settings import Settings
 from models.api import Envelope
 from models.enums import Role
@@ -41,7 +42,10 @@ _BODY_SCHEMA = {"$ref": "#/components/schemas/TelemetryBatch"}
 DESCRIPTION = (
     f"At most {MAX_EVENTS_PER_REQUEST} events, {MAX_HEARTBEATS_PER_REQUEST} heartbeats and "
     "`MOTORCADE_TELEMETRY_MAX_BODY_BYTES` (1 MiB) per request (else 413 "
-    "`PAYLOAD_TOO_LARGE`). One invalid item "
+    "`PAYLOAD_TOO_LARGE`). Each device and gateway token has a budget of items (events + "
+    "heartbeats) per minute; past it, 429 `RATE_LIMITED` with `Retry-After`. In production a "
+    "gateway token must carry a scope claim (regions, models or orgs; else 403 `FORBIDDEN`) "
+    "unless `MOTORCADE_ALLOW_FLEET_GATEWAYS=true`. One invalid item "
     "rejects the whole batch (422, `details` naming its index and field) and nothing of it is "
     "stored; a vehicle that is unknown or outside the caller's scope is 404. A device may "
     "post only for its own vehicle (403). `202` with `{accepted, duplicates}` is sent only "
@@ -69,6 +73,21 @@ async def read_body(request: Request) -> bytes:
             raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def check_gateway(principal: Principal, settings: Settings) -> None:
+    """In production a gateway token must be bound to a scope (regions, models or orgs),
+    unless MOTORCADE_ALLOW_FLEET_GATEWAYS says fleet-wide gateways are allowed."""
+    if (
+        principal.role is Role.GATEWAY
+        and principal.scope.unrestricted
+        and not settings.fleet_gateways_allowed
+    ):
+        raise Forbidden(
+            "this gateway token has no scope (regions, models or orgs claim) and fleet-wide "
+            "gateways are not allowed here: issue it a scope, or set "
+            "MOTORCADE_ALLOW_FLEET_GATEWAYS=true"
+        )
 
 
 def parse_batch(body: bytes) -> TelemetryBatch:
@@ -120,7 +139,7 @@ def check_device(principal: Principal, batch: TelemetryBatch) -> None:
     description=DESCRIPTION,
     responses={
         **ErrorResponses.write,
-        **error_responses(PayloadTooLarge, Overloaded),
+        **error_responses(PayloadTooLarge, RateLimited, Overloaded),
     },
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}
@@ -130,7 +149,11 @@ async def post_telemetry(
     request: Request,
     principal: Principal = Depends(require(TELEMETRY_ROLES)),
 ) -> Any:
+    check_gateway(principal, request.app.state.settings)
+    limits: TelemetryLimits = request.app.state.telemetry_limits
+    limits.charge(principal, 1)  # before the body is read: empty and invalid requests count
     batch = parse_batch(await read_body(request))
+    limits.charge(principal, len(batch.events) + len(batch.heartbeats) - 1)
     check_device(principal, batch)
     ingestor: TelemetryIngestor = request.app.state.ingestor
     done = await ingestor.submit(batch=batch, scope=principal.scope)

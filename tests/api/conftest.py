@@ -51,6 +51,10 @@ def api_settings(
             # reaches (tests/api/test_rate_limits.py serves an app with a small one).
             "rate_limit_write_burst": 100_000,
             "rate_limit_writes_per_minute": 100_000,
+            # Likewise its telemetry: every test's gateway is one subject (`dev-gateway`);
+            # tests/api/telemetry/test_limits.py serves apps with small telemetry limits.
+            "rate_limit_device_telemetry_items_per_minute": 0,
+            "rate_limit_gateway_telemetry_items_per_minute": 0,
         }
     )
 

@@ -63,6 +63,16 @@ def test_token_bucket_callers_are_independent_and_idle_ones_forgotten() -> None:
     assert limiter.take("alice") is None
 
 
+def test_token_bucket_costs_and_a_cost_larger_than_the_bucket() -> None:
+    """Telemetry takes its items at once; a cost past the burst waits for a full bucket."""
+    clock = FakeClock()
+    limiter = TokenBucketLimiter(per_minute=60, burst=10, clock=clock)
+    assert limiter.take("gw", 8) is None
+    assert limiter.take("gw", 3) == 1.0  # 2 left: one more second for the third
+    assert limiter.take("big", 50) is None  # capped at the burst: a full bucket pays it
+    assert limiter.take("big", 50) == 10.0
+
+
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert [retry_after_header(s) for s in (0.0, 0.2, 1.0, 1.01, 59.5)] == [1, 1, 1, 2, 60]
 
@@ -122,7 +132,7 @@ async def test_unauthenticated_writes_are_limited_by_address(
     assert_error(await limited_api.post("/api/v1/desired-states", json={}), 429, "RATE_LIMITED")
 
 
-async def test_telemetry_is_not_rate_limited_here(
+async def test_telemetry_is_not_counted_as_writes(
     limited_api: httpx.AsyncClient, token: Any, database_url: str, prefix: str
 ) -> None:
     vehicle = f"{prefix}rl"

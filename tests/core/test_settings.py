@@ -69,6 +69,21 @@ def test_secrets_do_not_show_in_repr() -> None:
     assert KEY not in repr(make(dev_key=KEY))
 
 
-def test_telemetry_has_the_larger_body_limit() -> None:
+PROD = {"env": "production", "oidc_issuer": "https://id.example"}
+
+
+def test_fleet_wide_gateways_refused_by_default_in_production_only() -> None:
+    assert make(**PROD).fleet_gateways_allowed is False
+    assert make(**PROD, allow_fleet_gateways=True).fleet_gateways_allowed is True
+    assert make().fleet_gateways_allowed is True  # dev: make dev's simulator is one
+    assert make(env="test").fleet_gateways_allowed is True
+    assert make(allow_fleet_gateways=False).fleet_gateways_allowed is False
+
+
+def test_every_limit_is_on_by_default_and_telemetry_has_the_larger_body() -> None:
     s = make()
+    assert s.rate_limit_device_telemetry_items_per_minute > 0
+    assert s.rate_limit_gateway_telemetry_items_per_minute > (
+        s.rate_limit_device_telemetry_items_per_minute
+    )
     assert s.telemetry_max_body_bytes > s.max_body_bytes > 0
