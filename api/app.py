@@ -53,7 +53,8 @@ Motorcade rolls software out to vehicle fleets safely. Every success body is
 `{"data", "metadata", "timestamp"}`; every error body is
 `{"error": {"code", "message", "details"}, "metadata": {"requestId"}, "timestamp"}`.
 Lists use keyset pagination (`limit`, opaque `cursor`, `metadata.nextCursor`).
-Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`.
+Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`;
+`/metrics` takes the operators' metrics secret (`MOTORCADE_METRICS_TOKEN`) instead of a JWT.
 """
 
 
@@ -267,7 +268,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas.update(body.pop("$defs", {}))
     schemas["TelemetryBatch"] = body
     schema["components"]["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+        "metricsToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The operators' metrics secret (MOTORCADE_METRICS_TOKEN), not a JWT",
+        },
     }
     schema["security"] = [{"bearer": []}]
     document_idempotency(schema)
@@ -277,5 +283,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []
+    for operation in schema["paths"].get("/metrics", {}).values():
+        operation["security"] = [{"metricsToken": []}]
     app.openapi_schema = schema
     return schema

@@ -45,6 +45,23 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+MIN_SECRET_LENGTH = 32
+PLACEHOLDER_MARKS = ("change-me", "changeme", "example", "placeholder", "secret")
+
+
+def secret_weakness(value: str) -> str | None:
+    """Why a shared secret is too weak for production (None: it will do): shorter than 32
+    characters, a placeholder, or too few distinct characters (`aaaa...`, `0101...`)."""
+    lowered = value.lower()
+    if any(mark in lowered for mark in PLACEHOLDER_MARKS):
+        return "is a placeholder: generate one (openssl rand -hex 32)"
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"must be at least {MIN_SECRET_LENGTH} characters (openssl rand -hex 32)"
+    if len(set(value)) < 8:
+        return "has too few distinct characters: generate one (openssl rand -hex 32)"
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOTORCADE_", extra="ignore")
 
@@ -244,12 +261,18 @@ class Settings(BaseSettings):
         "1,000 heartbeats fits in 1 MiB); past it, 413 PAYLOAD_TOO_LARGE.",
     )
 
-    # Gateways (docs/telemetry.md).
+    # Gateways and the operators' metrics credential (docs/security.md).
     allow_fleet_gateways: bool | None = Field(
         None,
         description="Whether a gateway token without any scope claim (regions, models, orgs) "
         "may post telemetry for the whole fleet. Unset: refused when MOTORCADE_ENV=production "
         "(403 FORBIDDEN), allowed otherwise (`make dev`'s simulator is such a gateway).",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="The bearer secret Prometheus sends to GET /metrics (an operator "
+        "credential, never a user token); unset: /metrics answers 404. In production at "
+        "least 32 characters, not a placeholder (openssl rand -hex 32).",
     )
 
     # Live updates (MOTORCADE_STREAM_*; docs/api.md, "Live updates").
@@ -314,6 +337,12 @@ class Settings(BaseSettings):
             raise ValueError(f"identity-provider algorithms must be asymmetric, not {bad}")
         return value
 
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty value (`MOTORCADE_METRICS_TOKEN=` from docker-compose) is no token."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.dev_key is not None and len(self.dev_key.get_secret_value()) < 32:
@@ -323,6 +352,10 @@ class Settings(BaseSettings):
                 raise ValueError("MOTORCADE_DEV_KEY is refused when MOTORCADE_ENV=production")
             if not self.oidc_issuer:
                 raise ValueError("MOTORCADE_OIDC_ISSUER is required when MOTORCADE_ENV=production")
+            if self.metrics_token is not None:
+                weakness = secret_weakness(self.metrics_token.get_secret_value())
+                if weakness:
+                    raise ValueError(f"MOTORCADE_METRICS_TOKEN {weakness}")
         return self
 
     @property

@@ -11,6 +11,7 @@ Ctrl-C stops everything this command started; a second run reuses the data.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import signal
@@ -183,6 +184,15 @@ def run_dev(*, vehicles: int, state_dir: Path) -> int:
         stack.stop()
 
 
+def dev_metrics_token(dev_key: str) -> str:
+    """The dev stack's metrics secret (MOTORCADE_METRICS_TOKEN), unless one is set: derived
+    from the dev key, so it stays the same from one `make dev` to the next."""
+    return (
+        os.environ.get("MOTORCADE_METRICS_TOKEN")
+        or hashlib.sha256(f"motorcade-dev-metrics:{dev_key}".encode()).hexdigest()
+    )
+
+
 def _start_servers(stack: Stack, dev_key: str) -> dict[str, str]:
     """PostgreSQL and Temporal (started unless configured); returns the environment the
     children run with."""
@@ -191,6 +201,7 @@ def _start_servers(stack: Stack, dev_key: str) -> dict[str, str]:
         "MOTORCADE_ENV": "dev",
         "MOTORCADE_DATABASE_URL": _database_url(stack),
         "MOTORCADE_DEV_KEY": dev_key,
+        "MOTORCADE_METRICS_TOKEN": dev_metrics_token(dev_key),
         "MOTORCADE_LOG_FORMAT": os.environ.get("MOTORCADE_LOG_FORMAT", "console"),
         "MOTORCADE_TRUSTED_KEYS_FILE": str(stack.state_dir / "trusted-keys.json"),
     }
@@ -262,9 +273,12 @@ def _banner(base: str, env: dict[str, str], dev_key: str) -> str:
             "Dev tokens (12 h; more with `.venv/bin/motorcade token --role ...`):",
             f"  export VIEWER_TOKEN={viewer}",
             f"  export OPERATOR_TOKEN={operator}",
+            "Metrics secret (MOTORCADE_METRICS_TOKEN; /metrics takes no user token):",
+            f"  export METRICS_TOKEN={env['MOTORCADE_METRICS_TOKEN']}",
             "",
             "Try:",
             f'  curl -H "Authorization: Bearer $VIEWER_TOKEN" {base}/api/v1/vehicles?limit=3',
+            f'  curl -H "Authorization: Bearer $METRICS_TOKEN" {base}/metrics',
             "",
             "Ctrl-C stops everything this command started.",
             "",

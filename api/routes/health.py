@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.deps import ViewerDep
 from api.envelope import ok
 from core.db import ping
+from core.errors import NotFound, Unauthenticated
+from core.settings import Settings
 from models.enums import RolloutStatus
 from services.rollouts import queries
 
@@ -53,8 +55,33 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request, _: ViewerDep) -> Response:
+def check_metrics_token(request: Request) -> None:
+    """/metrics is an operator endpoint with its own credential: `Authorization: Bearer
+    <MOTORCADE_METRICS_TOKEN>`, compared in constant time; no user token (a viewer's sees
+    fleet-wide counts) opens it. Without a configured secret the endpoint is off (404)."""
+    settings: Settings = request.app.state.settings
+    if settings.metrics_token is None:
+        raise NotFound("/metrics is off: set MOTORCADE_METRICS_TOKEN to serve it")
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    expected = settings.metrics_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), expected):
+        raise Unauthenticated(
+            "/metrics needs the metrics secret (Authorization: Bearer "
+            "<MOTORCADE_METRICS_TOKEN>), not a user token"
+        )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (the operators' metrics secret, not a user token)",
+    response_class=Response,
+    responses={
+        401: {"description": "UNAUTHENTICATED: no metrics secret, or another one"},
+        404: {"description": "NOT_FOUND: MOTORCADE_METRICS_TOKEN is not set (metrics off)"},
+    },
+)
+async def metrics(request: Request) -> Response:
+    check_metrics_token(request)
     if getattr(request.app.state, "role", "api") != "ingest":
         try:
             async with request.app.state.engine.connect() as conn:

@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
+from pydantic import SecretStr
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
@@ -31,6 +32,16 @@ from worker.main import build_worker
 def signing_key() -> Ed25519PrivateKey:
     """The release-signing key the app under test trusts (see api_settings)."""
     return generate_signing_key()
+
+
+# The operators' metrics secret of the app under test (MOTORCADE_METRICS_TOKEN).
+METRICS_TOKEN = secrets.token_hex(32)
+
+
+@pytest.fixture(scope="session")
+def metrics_auth() -> dict[str, str]:
+    """The headers Prometheus sends to the app under test's /metrics."""
+    return {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +66,7 @@ def api_settings(
             # tests/api/telemetry/test_limits.py serves apps with small telemetry limits.
             "rate_limit_device_telemetry_items_per_minute": 0,
             "rate_limit_gateway_telemetry_items_per_minute": 0,
+            "metrics_token": SecretStr(METRICS_TOKEN),
         }
     )
 

@@ -131,9 +131,9 @@ async def test_unknown_vehicle_is_404(http: httpx.AsyncClient, viewer: dict) -> 
     assert_error(await http.get("/api/v1/vehicles/NOPE-0", headers=viewer), 404, "NOT_FOUND")
 
 
-async def test_metrics_with_a_token(http: httpx.AsyncClient, viewer: dict) -> None:
+async def test_metrics_with_the_metrics_secret(http: httpx.AsyncClient, metrics_auth: dict) -> None:
     await http.get("/healthz")
-    response = await http.get("/metrics", headers=viewer)
+    response = await http.get("/metrics", headers=metrics_auth)
     assert response.status_code == 200
     assert "motorcade_http_requests_total" in response.text
     assert 'route="/healthz"' in response.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -16,18 +17,19 @@ from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect
 from devtools.localservers import free_port
 from models.enums import RolloutStatus
-from tests.api.conftest import samples
+from tests.api.conftest import samples, serve_app
+from tests.api.test_envelopes import assert_error
 from tests.api.test_rollout_control import create_rollout, wait_for_status
 from tests.factories import Sessions
 from worker.main import build_worker
 
 
 async def test_requests_are_counted_by_route_template_never_by_path(
-    http: httpx.AsyncClient, viewer: dict, prefix: str
+    http: httpx.AsyncClient, viewer: dict, metrics_auth: dict, prefix: str
 ) -> None:
     missing = await http.get(f"/api/v1/vehicles/{prefix}nope", headers=viewer)
     assert missing.status_code == 404
-    text = (await http.get("/metrics", headers=viewer)).text
+    text = (await http.get("/metrics", headers=metrics_auth)).text
     counted = samples(text, "motorcade_http_requests_total")
     assert any('route="/vehicles/{vehicle_id}"' in k and 'status="404"' in k for k in counted), [
         k for k in counted if "vehicles" in k
@@ -37,10 +39,39 @@ async def test_requests_are_counted_by_route_template_never_by_path(
     assert any('route="/vehicles/{vehicle_id}"' in k for k in latency)
 
 
-async def test_rollouts_by_status_match_the_table(
-    http: httpx.AsyncClient, viewer: dict, database_url: str
+async def test_metrics_take_the_operators_secret_never_a_user_token(
+    http: httpx.AsyncClient, viewer: dict, operator: dict, metrics_auth: dict
 ) -> None:
-    text = (await http.get("/metrics", headers=viewer)).text
+    """/metrics counts the whole fleet (rollouts by status, requests): no JWT reads it, a
+    viewer's included; only the secret in MOTORCADE_METRICS_TOKEN, compared in full."""
+    secret = metrics_auth["Authorization"].removeprefix("Bearer ")
+    every: list[dict[str, Any]] = [
+        {},
+        viewer,
+        operator,
+        {"Authorization": f"Bearer {secret[:-1]}"},
+        {"Authorization": f"Bearer {secret}x"},
+        {"Authorization": f"Basic {secret}"},
+        {"Authorization": "Bearer ²".encode()},  # not ASCII: 401, never a 500
+    ]
+    for headers in every:
+        body = assert_error(await http.get("/metrics", headers=headers), 401, "UNAUTHENTICATED")
+        assert "MOTORCADE_METRICS_TOKEN" in body["error"]["message"]
+    response = await http.get("/metrics", headers=metrics_auth)
+    assert response.status_code == 200
+    assert "motorcade_rollouts" in response.text
+
+
+async def test_metrics_are_off_without_a_secret(api_settings: Settings, viewer: dict) -> None:
+    off = api_settings.model_copy(update={"metrics_token": None})
+    async with serve_app(off) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        assert_error(await client.get("/metrics", headers=viewer), 404, "NOT_FOUND")
+
+
+async def test_rollouts_by_status_match_the_table(
+    http: httpx.AsyncClient, metrics_auth: dict, database_url: str
+) -> None:
+    text = (await http.get("/metrics", headers=metrics_auth)).text
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT status, count(*) FROM rollouts GROUP BY status").fetchall()
     table = {str(status): int(n) for status, n in rows}

@@ -39,7 +39,8 @@ PROBE = (200, 200, 200, 200, 200, 200)
 MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/healthz"): PROBE,
     ("GET", "/readyz"): PROBE,
-    ("GET", "/metrics"): READ,
+    # its own credential (MOTORCADE_METRICS_TOKEN): no user token reads it
+    ("GET", "/metrics"): (401, 401, 401, 401, 401, 401),
     ("GET", "/openapi.json"): READ,
     ("GET", "/docs"): READ,
     ("GET", "/api/v1/vehicles"): READ,

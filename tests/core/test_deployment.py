@@ -16,6 +16,7 @@ import asyncio
 import copy
 import json
 import re
+import secrets
 import socket
 import subprocess
 import tomllib
@@ -271,10 +272,22 @@ def test_motorcade_roles_run_in_production_mode() -> None:
         env = environment_of(SERVICES[name])
         assert env["MOTORCADE_ENV"] == "production"
         assert env["MOTORCADE_DATABASE_URL"].startswith("postgresql://")
-    resolved = resolved_compose()["services"]
-    env = environment_of(resolved["api"])
-    settings = Settings.model_validate({k[len("MOTORCADE_") :].lower(): v for k, v in env.items()})
+    # .env.example's placeholders are refused in production (a secret must be generated)...
+    example = env_example_values()
+    with pytest.raises(ValueError, match="placeholder"):
+        settings_of(resolved_compose(example)["services"]["api"])
+    # ...and with them filled in as its comments say, the API's settings validate.
+    filled = {
+        k: secrets.token_hex(32) if v.startswith("change-me") else v for k, v in example.items()
+    }
+    settings = settings_of(resolved_compose(filled)["services"]["api"])
     assert settings.env == "production" and settings.oidc_issuer
+    assert settings.metrics_token is not None
+
+
+def settings_of(service: dict[str, Any]) -> Settings:
+    env = environment_of(service)
+    return Settings.model_validate({k[len("MOTORCADE_") :].lower(): v for k, v in env.items()})
 
 
 def test_bind_mounted_files_exist_and_scripts_parse() -> None:

@@ -72,6 +72,27 @@ def test_secrets_do_not_show_in_repr() -> None:
 PROD = {"env": "production", "oidc_issuer": "https://id.example"}
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("short", "at least 32"),
+        ("change-me-openssl-rand-hex-32-change-me", "placeholder"),
+        ("ab" * 20, "distinct"),
+    ],
+)
+def test_production_refuses_a_weak_metrics_token(value: str, why: str) -> None:
+    with pytest.raises(ValidationError, match=f"MOTORCADE_METRICS_TOKEN .*{why}"):
+        make(**PROD, metrics_token=value)
+
+
+def test_metrics_token_strong_or_unset() -> None:
+    strong = "3f9c1e7a5b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f3a5b7c9d1e"
+    assert make(**PROD, metrics_token=strong).metrics_token is not None
+    assert make(**PROD).metrics_token is None  # /metrics off
+    assert make(**PROD, metrics_token="").metrics_token is None  # compose's empty default
+    assert make(metrics_token="dev").metrics_token is not None  # dev: any value
+
+
 def test_fleet_wide_gateways_refused_by_default_in_production_only() -> None:
     assert make(**PROD).fleet_gateways_allowed is False
     assert make(**PROD, allow_fleet_gateways=True).fleet_gateways_allowed is True

@@ -150,6 +150,12 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
         assert httpx.get(f"http://127.0.0.1:{ui_port}/").status_code == 200
 
         auth = {"Authorization": f"Bearer {viewer}"}
+        # /metrics takes the printed metrics secret, not the viewer token.
+        metrics_token = re.search(r"METRICS_TOKEN=(\S+)", output)
+        assert metrics_token, output[-2000:]
+        metrics_auth = {"Authorization": f"Bearer {metrics_token.group(1)}"}
+        assert httpx.get(f"{base}/metrics", headers=metrics_auth).status_code == 200
+        assert httpx.get(f"{base}/metrics", headers=auth).status_code == 401
         vehicles = httpx.get(f"{base}/api/v1/vehicles?limit=500", headers=auth).json()
         assert len(vehicles["data"]) == 300
         assert {v["status"] for v in vehicles["data"]} == {"in_sync"}

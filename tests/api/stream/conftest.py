@@ -7,15 +7,18 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from core.settings import Settings
-from tests.api.conftest import serve_app
+from tests.api.conftest import METRICS_TOKEN, serve_app
 from tests.api.stream import READ_GUARD
 
 
 @pytest.fixture
 def stream_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"stream_keepalive_seconds": 300})
+    return settings.model_copy(
+        update={"stream_keepalive_seconds": 300, "metrics_token": SecretStr(METRICS_TOKEN)}
+    )
 
 
 @pytest.fixture

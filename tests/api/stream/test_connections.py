@@ -10,11 +10,12 @@ from collections.abc import Callable
 import httpx
 import psycopg
 import uvicorn
+from pydantic import SecretStr
 
 from api.app import create_app
 from core.settings import Settings
 from devtools.localservers import free_port
-from tests.api.conftest import bearer, samples, serve_app
+from tests.api.conftest import METRICS_TOKEN, bearer, samples, serve_app
 from tests.api.stream import READ_GUARD, open_stream
 
 
@@ -32,7 +33,11 @@ async def test_keep_alive_comments(settings: Settings, token: Callable[..., str]
 
 
 async def test_a_client_that_reads_nothing_is_let_go(
-    settings: Settings, token: Callable[..., str], database_url: str, prefix: str
+    settings: Settings,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+    metrics_auth: dict,
 ) -> None:
     """A subscriber that stops reading (a hung tab, a dead proxy that keeps the socket):
     once an event write has been blocked for `stream_stall_seconds`, the next keep-alive ends
@@ -43,6 +48,7 @@ async def test_a_client_that_reads_nothing_is_let_go(
             "stream_keepalive_seconds": 0.3,
             "stream_stall_seconds": 1.0,
             "stream_queue_max_events": 100_000,  # not dropped as slow: it must stall
+            "metrics_token": SecretStr(METRICS_TOKEN),
         }
     )
     viewer = bearer(token("viewer"))
@@ -67,7 +73,7 @@ async def test_a_client_that_reads_nothing_is_let_go(
             assert head.startswith(b"HTTP/1.1 200"), head[:200]
 
             async def subscribers() -> tuple[float, float]:
-                text = (await client.get("/metrics", headers=viewer)).text
+                text = (await client.get("/metrics", headers=metrics_auth)).text
                 return (
                     samples(text, "motorcade_sse_subscribers")[""],
                     samples(text, "motorcade_sse_stalled_total").get("", 0),
@@ -124,14 +130,16 @@ async def test_shutdown_with_an_open_stream_is_prompt(
     assert hub.connections_open == 0  # the lifespan's shutdown closed them
 
 
-async def test_disconnected_client_is_reclaimed(app_url: str, viewer: dict) -> None:
+async def test_disconnected_client_is_reclaimed(
+    app_url: str, viewer: dict, metrics_auth: dict
+) -> None:
     async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
         async with open_stream(client, viewer):
             pass
     # The app of this test: its hub, reached through the served app's state.
     async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
         for _ in range(200):
-            metrics = (await client.get("/metrics", headers=viewer)).text
+            metrics = (await client.get("/metrics", headers=metrics_auth)).text
             if (open_streams := samples(metrics, "motorcade_sse_subscribers")[""]) == 0:
                 break
             await asyncio.sleep(0.05)
