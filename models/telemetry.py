@@ -8,11 +8,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from models.api import CamelModel, DesiredStateConstraints
 from models.enums import EventType
+from models.storable import StorableText, StorableTime, json_problems
+
+# The error type of a value PostgreSQL cannot store; its `ctx["path"]` continues the field's
+# location into `details` (api/routes/telemetry.py names the field with it).
+UNSTORABLE = "unstorable"
 
 # Limits of one POST /telemetry (documented in docs/telemetry.md and the OpenAPI text).
 MAX_EVENTS_PER_REQUEST = 1000
@@ -20,23 +26,10 @@ MAX_HEARTBEATS_PER_REQUEST = 1000
 MAX_DETAILS_KEYS = 32
 
 REASON_CODE_PATTERN = r"^[A-Z][A-Z0-9_]{0,63}$"
-# PostgreSQL stores no NUL character (U+0000) in text or jsonb: one inside a group commit
-# would fail every request of the group, so it is refused here, with its request alone.
-NO_NUL_PATTERN = r"^[^\x00]*$"
-NUL_REFUSED = "must not contain the NUL character (U+0000)"
-VehicleId = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
-Version = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
-
-
-def _holds_nul(value: Any) -> bool:
-    """Whether a JSON value (keys included) holds a NUL character anywhere."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
-    return False
+# What PostgreSQL would refuse inside a group commit (failing every request of the group) is
+# refused here, with its request alone: models/storable.py.
+VehicleId = Annotated[StorableText, Field(min_length=1, max_length=128)]
+Version = Annotated[StorableText, Field(min_length=1, max_length=128)]
 
 
 class _StrictIn(CamelModel):
@@ -47,7 +40,7 @@ class _StrictIn(CamelModel):
 
 class HeartbeatIn(_StrictIn):
     vehicle_id: VehicleId
-    sent_at: AwareDatetime
+    sent_at: StorableTime
     battery_percent: int | None = Field(None, ge=0, le=100)
     stationary: bool | None = None
     actual_release_version: Version | None = None
@@ -60,7 +53,7 @@ class EventIn(_StrictIn):
         ge=1, le=2**63 - 1, description="Per vehicle, increasing from 1: orders events."
     )
     type: EventType
-    occurred_at: AwareDatetime
+    occurred_at: StorableTime
     desired_state_id: uuid.UUID | None = None
     release_version: Version | None = None
     reason_code: str | None = Field(
@@ -71,8 +64,13 @@ class EventIn(_StrictIn):
     @field_validator("details")
     @classmethod
     def _details_storable(cls, details: dict[str, Any]) -> dict[str, Any]:
-        if _holds_nul(details):
-            raise ValueError(f"details {NUL_REFUSED}")
+        if details:
+            for path, problem in json_problems(details):
+                raise PydanticCustomError(
+                    UNSTORABLE,
+                    "{problem}",
+                    {"problem": problem, "path": path},
+                )
         return details
 
     @model_validator(mode="after")

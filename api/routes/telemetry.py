@@ -7,6 +7,7 @@ only once the group holding its events has committed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,11 @@ from core.errors import Forbidden, Overloaded, PayloadTooLarge, RateLimited
 from core.settings import Settings
 from models.api import Envelope
 from models.enums import Role
+from models.storable import NUL_REFUSED, STORABLE_TEXT_PATTERN, SURROGATE_REFUSED, json_problems
 from models.telemetry import (
     MAX_EVENTS_PER_REQUEST,
     MAX_HEARTBEATS_PER_REQUEST,
+    UNSTORABLE,
     EventIn,
     HeartbeatIn,
     TelemetryAccepted,
@@ -94,7 +97,7 @@ def parse_batch(body: bytes) -> TelemetryBatch:
     try:
         return TelemetryBatch.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        errors: list[Any] = exc.errors(include_url=False)
         too_many = [e for e in errors if e.get("type") == "too_long" and len(e["loc"]) == 1]
         if too_many:
             raise PayloadTooLarge(
@@ -102,10 +105,37 @@ def parse_batch(body: bytes) -> TelemetryBatch:
                 "heartbeats per request",
                 details=[{"field": str(e["loc"][0]), "message": e["msg"]} for e in too_many],
             ) from None
+        if any(e.get("type") == "json_invalid" for e in errors):
+            errors = _lone_surrogates(body) or errors
         raise invalid_request(
-            [{**e, "loc": ("body", *e["loc"])} for e in errors],
-            note="; the whole batch is rejected",
+            [_located(e) for e in errors], note="; the whole batch is rejected"
         ) from None
+
+
+def _located(error: Any) -> Any:
+    """A validation error located in the body, down to the place inside `details` that
+    PostgreSQL could not store; a storable-text pattern's mismatch said in words."""
+    loc = ("body", *error["loc"], *error.get("ctx", {}).get("path", ()))
+    if error.get("type") == "string_pattern_mismatch" and (
+        error.get("ctx", {}).get("pattern") == STORABLE_TEXT_PATTERN
+    ):
+        return {**error, "loc": loc, "msg": NUL_REFUSED}
+    return {**error, "loc": loc}
+
+
+def _lone_surrogates(body: bytes) -> list[dict[str, Any]]:
+    """A body the JSON parser refused, read again (failure path only) by one that decodes a
+    lone surrogate escape (`\\ud800`) instead of refusing it: the places holding one, as
+    validation errors naming their field. Empty when the body is invalid for another reason."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    return [
+        {"loc": path, "msg": problem, "type": UNSTORABLE}
+        for path, problem in json_problems(raw)
+        if problem.endswith(SURROGATE_REFUSED)
+    ]
 
 
 def check_device(principal: Principal, batch: TelemetryBatch) -> None:

@@ -5,6 +5,7 @@ the device's desired state (ETag, 304) and the timeline (keyset pages)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from core.settings import Settings
 from tests.api.conftest import HOLD_INGEST_WRITER, bearer, serve_app
 from tests.api.telemetry import URL, event, event_count, heartbeat, set_desired, vehicle_row
 from tests.factories import insert_vehicles
+
+JSON = {"Content-Type": "application/json"}
 
 
 async def test_device_posts_only_for_its_own_vehicle(
@@ -52,9 +55,9 @@ async def test_one_bad_item_rejects_the_whole_batch(
         ({**good[2], "type": "failed"}, "events.2"),  # failed needs a reasonCode
         ({**good[2], "occurredAt": "2026-11-28T10:00:00"}, "events.2.occurredAt"),  # no zone
         # NUL (U+0000), which PostgreSQL cannot store, anywhere a string goes
-        ({**good[2], "details": {"note": "a\u0000b"}}, "events.2.details"),
-        ({**good[2], "details": {"k\u0000": [1, {"x": "y"}]}}, "events.2.details"),
-        ({**good[2], "details": {"deep": [{"x": "\u0000"}]}}, "events.2.details"),
+        ({**good[2], "details": {"note": "a\u0000b"}}, "events.2.details.note"),
+        ({**good[2], "details": {"k\u0000": [1, {"x": "y"}]}}, "events.2.details"),  # a key
+        ({**good[2], "details": {"deep": [{"x": "\u0000"}]}}, "events.2.details.deep.0.x"),
         ({**good[2], "releaseVersion": "1.\u00002"}, "events.2.releaseVersion"),
         ({**good[2], "vehicleId": vid + "\u0000"}, "events.2.vehicleId"),
     ]
@@ -76,6 +79,73 @@ async def test_one_bad_item_rejects_the_whole_batch(
     assert r.json()["error"]["details"][0]["field"] == "events.3.vehicleId"
     assert event_count(database_url, prefix) == 0
     assert vehicle_row(database_url, vid)["last_event_seq"] == 0
+
+
+def raw_json(body: dict[str, Any]) -> bytes:
+    """The body as a device could send it but httpx's `json=` never would: lone surrogates as
+    `\\ud800` escapes, NaN and Infinity as bare words."""
+    return json.dumps(body).encode()
+
+
+async def test_what_postgresql_cannot_store_is_refused_naming_the_field(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str
+) -> None:
+    """Every string of a batch, every number of `details` and every timestamp PostgreSQL
+    would refuse (or store but never read back) is a 422 naming the field, before any group:
+    a lone surrogate (JSON `\\ud800`, which the JSON parser refused as the whole body, field
+    `body`), NaN, Infinity and floats beyond ±1.8e308 in `details` (jsonb refused them inside
+    the group: a 500), a timestamp outside years 1-9999 in UTC (stored, then unreadable)."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    good = [event(vid, s, "apply_start") for s in (1, 2, 3, 4)]
+    lone = "\ud800"
+    cases = [
+        ({**good[3], "vehicleId": vid + lone}, "events.3.vehicleId"),
+        ({**good[3], "eventId": lone}, "events.3.eventId"),
+        ({**good[3], "releaseVersion": "1." + lone}, "events.3.releaseVersion"),
+        ({**good[3], "type": "failed", "reasonCode": "X" + lone}, "events.3.reasonCode"),
+        ({**good[3], "desiredStateId": lone}, "events.3.desiredStateId"),
+        ({**good[3], "details": {"a": {"b": "x\udc00y"}}}, "events.3.details.a.b"),
+        ({**good[3], "details": {"a": [1, {"k" + lone: 1}]}}, "events.3.details.a.1"),
+        ({**good[3], "details": {"a": {"b": float("nan")}}}, "events.3.details.a.b"),
+        ({**good[3], "details": {"a": [float("inf")]}}, "events.3.details.a.0"),
+        ({**good[3], "details": {"a": -float("inf")}}, "events.3.details.a"),
+        ({**good[3], "occurredAt": "0001-01-01T00:30:00+01:00"}, "events.3.occurredAt"),
+        ({**good[3], "occurredAt": "9999-12-31T23:30:00-01:00"}, "events.3.occurredAt"),
+    ]
+    for bad, field in cases:
+        body = raw_json({"events": [*good[:3], bad]})
+        r = await http.post(URL, content=body, headers={**gateway, **JSON})
+        assert r.status_code == 422, (field, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "VALIDATION_ERROR", (field, err)
+        assert err["details"][0]["field"] == field and err["details"][0]["index"] == 3, err
+    overflow = raw_json({"events": [{**good[3], "details": {"a": {"b": 1.0}}}]})
+    r = await http.post(
+        URL, content=overflow.replace(b"1.0", b"1e400"), headers={**gateway, **JSON}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["details"][0]["field"] == "events.0.details.a.b"
+    for hb, field in [
+        ({**heartbeat(vid), "actualReleaseVersion": lone}, "heartbeats.1.actualReleaseVersion"),
+        ({**heartbeat(vid), "sentAt": "0001-01-01T00:00:00+00:01"}, "heartbeats.1.sentAt"),
+    ]:
+        body = raw_json({"heartbeats": [heartbeat(vid), hb]})
+        r = await http.post(URL, content=body, headers={**gateway, **JSON})
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["error"]["details"][0]["field"] == field
+    assert event_count(database_url, prefix) == 0
+    assert vehicle_row(database_url, vid)["last_event_seq"] == 0
+    # What stays storable is taken: integers of any size JSON carries, the year 1 and 9999
+    # edges in UTC, a surrogate pair (one character, not a lone half).
+    fine = {
+        **good[0],
+        "occurredAt": "0001-01-01T00:30:00-01:00",
+        "details": {"big": 10**40, "tiny": 1e-400, "pair": "\U0001f697"},
+    }
+    r = await http.post(URL, content=raw_json({"events": [fine]}), headers={**gateway, **JSON})
+    assert r.status_code == 202, r.text
+    assert event_count(database_url, prefix) == 1
 
 
 async def test_size_limits_are_413(
@@ -192,5 +262,5 @@ async def test_a_nul_in_one_request_fails_no_other_request(
     codes = [r.status_code for r in answers]
     assert codes[15] == 422, answers[15].text
     assert codes[:15] + codes[16:] == [202] * 30
-    assert answers[15].json()["error"]["details"][0]["field"] == "events.0.details"
+    assert answers[15].json()["error"]["details"][0]["field"] == "events.0.details.note"
     assert event_count(database_url, prefix) == 30
