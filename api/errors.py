@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.envelope import error_body
+from core.db import connection_lost
 from core.errors import (
     Conflict,
     DependencyUnavailable,
@@ -117,33 +118,11 @@ async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     return _render(request, MotorcadeError())
 
 
-# SQLSTATEs of a lost connection: class 08 (connection exception) and the server shutting
-# down (57P01-57P03); a client-side failure has none.
-LOST_CONNECTION_STATES = ("57P01", "57P02", "57P03")
-TRANSIENT_REFUSALS = ("the database system is", "too many clients", "remaining connection slots")
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return bool(exc.connection_invalidated) or (
-            exc.orig is not None and _connection_lost(exc.orig)
-        )
-    if isinstance(exc, psycopg.OperationalError):
-        state = exc.sqlstate
-        if state is None:  # raised by the client: a broken connection, or one not made
-            text = str(exc)
-            # The server refused it: a missing database or role is configuration (a 500),
-            # a server starting, stopping or full is transient.
-            return "FATAL:" not in text or any(t in text for t in TRANSIENT_REFUSALS)
-        return state.startswith("08") or state in LOST_CONNECTION_STATES
-    return False
-
-
 async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """The connection to PostgreSQL broke under a request (the server restarted or failed
     over): 503 with Retry-After, never a 500; the broken connection is not pooled again
     (core/db.py). Any other database error goes on to the last-resort 500."""
-    if not _connection_lost(exc):
+    if not connection_lost(exc):
         raise exc
     log.warning("database connection lost", path=request.url.path, error=type(exc).__name__)
     return _render(

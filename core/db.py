@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import psycopg.types.json
+import sqlalchemy.exc
 from psycopg.rows import dict_row
 from pydantic_core import from_json
 from sqlalchemy.ext.asyncio import (
@@ -78,6 +79,39 @@ async def ping(engine: AsyncEngine) -> None:
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:
     """The same pool, its connections lent in autocommit: for reads only."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+# SQLSTATEs of a lost connection: class 08 (connection exception) and the server shutting
+# down (57P01-57P03); a client-side failure has none.
+LOST_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+TRANSIENT_REFUSALS = ("the database system is", "too many clients", "remaining connection slots")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` (psycopg's, or SQLAlchemy's wrapping one) says the connection to
+    PostgreSQL was lost or refused for a transient reason: worth a retry elsewhere."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return bool(exc.connection_invalidated) or (
+            exc.orig is not None and connection_lost(exc.orig)
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        if state is None:  # raised by the client: a broken connection, or one not made
+            text = str(exc)
+            # The server refused it: a missing database or role is configuration (a 500),
+            # a server starting, stopping or full is transient.
+            return "FATAL:" not in text or any(t in text for t in TRANSIENT_REFUSALS)
+        return state.startswith("08") or state in LOST_CONNECTION_STATES
+    return False
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, raised by psycopg on its own connection (the
+    telemetry path's driver statements) or wrapped by SQLAlchemy (the ORM's); None for any
+    other error."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        exc = exc.orig if exc.orig is not None else exc
+    return exc.sqlstate if isinstance(exc, psycopg.Error) else None
 
 
 async def driver_of(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:

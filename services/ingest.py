@@ -26,13 +26,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import psycopg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.errors import NotFound, Overloaded
+from core.db import connection_lost, sqlstate_of
+from core.errors import InvalidInput, MotorcadeError, NotFound, Overloaded
 from models.defaults import (
     DEFAULT_INGEST_GROUP_MAX_ITEMS,
     DEFAULT_INGEST_GROUP_WAIT_MS,
@@ -41,11 +43,12 @@ from models.defaults import (
 )
 from models.scope import Scope
 from models.telemetry import TelemetryBatch
-from services.telemetry import GroupRequest, WideWritePolicy, write_group
+from services.telemetry import GroupRequest, GroupResult, WideWritePolicy, write_group
 
 log = structlog.stdlib.get_logger("motorcade.ingest")
 
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
+DATA_ERROR_CLASSES = {"22", "23"}  # data exception, integrity constraint violation
 GROUP_ATTEMPTS = 4  # a group meeting one of those is written again, up to this many times
 
 QUEUED_ITEMS = Gauge(
@@ -74,6 +77,37 @@ class IngestRefused(NotFound):
     """The request names a vehicle that is unknown or outside the caller's scope."""
 
 
+class IngestDataRejected(InvalidInput):
+    """PostgreSQL refused a value of this request (a data error that validation let through),
+    written alone: nothing of it is stored."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(
+            "the database refused a value of this batch (SQLSTATE "
+            f"{sqlstate}, a data error); nothing of it was stored",
+            details=[{"field": "body", "message": "a value cannot be stored", "code": sqlstate}],
+        )
+
+
+class IngestFailed(MotorcadeError):
+    """The request failed alone for a reason of the server's (the log says which)."""
+
+    message = "internal error: the telemetry was not stored"
+
+
+def _isolable(exc: Exception) -> bool:
+    """Whether a failed group is worth writing request by request: not when the connection
+    was lost (every request would meet it) nor on contention retried to exhaustion."""
+    return not connection_lost(exc) and sqlstate_of(exc) not in RETRYABLE_SQLSTATES
+
+
+def _described(exc: Exception) -> dict[str, str | None]:
+    """What the log says of a database failure: the driver's error class and SQLSTATE (the
+    message may quote the values: never logged)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return {"error": type(orig).__name__, "sqlstate": sqlstate_of(exc)}
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     queue_max_items: int = DEFAULT_INGEST_QUEUE_MAX_ITEMS
@@ -98,6 +132,8 @@ class IngestStats:
     heartbeats: int = 0
     overloaded: int = 0
     retries: int = 0
+    isolated_groups: int = 0  # groups that failed and were written request by request
+    failed_requests: int = 0  # requests that failed alone (422 or 500)
     write_seconds: float = 0.0
 
 
@@ -219,7 +255,62 @@ class TelemetryIngestor:
                 QUEUED_ITEMS.dec(done)
 
     async def _write(self, group: list[_Pending]) -> None:
+        """Write the group; if it fails for a reason that is not a lost connection or
+        contention, write each of its requests alone, so only the guilty one fails."""
         started = time.perf_counter()
+        try:
+            result = await self._commit(group)
+        except Exception as exc:
+            if not _isolable(exc):
+                log.error("telemetry group failed", requests=len(group), **_described(exc))
+                raise
+            if len(group) == 1:
+                self._fail(group[0], exc)
+                return
+            log.warning(
+                "telemetry group failed; writing its requests one by one",
+                requests=len(group),
+                **_described(exc),
+            )
+            self.stats.isolated_groups += 1
+            for p in group:
+                await self._write_alone(p)
+            return
+        self._committed(group, result, started)
+
+    async def _write_alone(self, pending: _Pending) -> None:
+        """One request of a failed group, in a transaction of its own."""
+        started = time.perf_counter()
+        try:
+            result = await self._commit([pending])
+        except Exception as exc:
+            if _isolable(exc):
+                self._fail(pending, exc)
+            else:
+                log.error("telemetry request failed", requests=1, **_described(exc))
+                pending.future.set_exception(exc)
+            return
+        self._committed([pending], result, started)
+
+    def _fail(self, pending: _Pending, exc: Exception) -> None:
+        """A request that fails on its own: a value PostgreSQL refuses (a data error, SQLSTATE
+        class 22 or 23) is the caller's (422); anything else is a fault of ours (500). Logged
+        once, by kind and SQLSTATE: never the statement or its values."""
+        described = _described(exc)
+        state = described["sqlstate"]
+        self.stats.failed_requests += 1
+        if state is not None and state[:2] in DATA_ERROR_CLASSES:
+            log.warning("telemetry request refused by PostgreSQL", **described)
+            pending.future.set_exception(IngestDataRejected(state))
+        else:  # a bug stays a bug: a traceback, unless the driver's message may quote values
+            database = isinstance(exc, DBAPIError | psycopg.Error)
+            log.error("telemetry request failed", exc_info=None if database else exc, **described)
+            pending.future.set_exception(IngestFailed())
+
+    async def _commit(self, group: list[_Pending]) -> GroupResult:
+        """One transaction for the group, again (up to `GROUP_ATTEMPTS`) on a serialization
+        failure or deadlock, whether psycopg raised it on the session's own connection (the
+        driver statements of services/telemetry) or SQLAlchemy wrapped it (the ORM's)."""
         for attempt in range(GROUP_ATTEMPTS):  # write_group resets each request's counts
             try:
                 async with self._sessions() as session:
@@ -233,15 +324,16 @@ class TelemetryIngestor:
                     except BaseException:
                         await session.rollback()
                         raise
-                break
-            except (OperationalError, DBAPIError) as exc:
-                sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-                if sqlstate in RETRYABLE_SQLSTATES and attempt < GROUP_ATTEMPTS - 1:
+                return result
+            except Exception as exc:
+                if sqlstate_of(exc) in RETRYABLE_SQLSTATES and attempt < GROUP_ATTEMPTS - 1:
                     self.stats.retries += 1
                     await asyncio.sleep(0.01 * (attempt + 1))
                     continue
-                log.error("telemetry group failed", error=type(exc).__name__, sqlstate=sqlstate)
                 raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _committed(self, group: list[_Pending], result: GroupResult, started: float) -> None:
         elapsed = time.perf_counter() - started
         GROUP_SECONDS.observe(elapsed)
         INGESTED.labels("event").inc(result.events_inserted)
