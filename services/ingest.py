@@ -12,9 +12,16 @@ grows.
 
 Backpressure: the queue is bounded by items (events + heartbeats, queued or being written).
 A request that does not fit raises `IngestOverloaded` at once (503 `OVERLOADED` with
-`Retry-After`); nothing is dropped silently and memory stays bounded. A group that fails on
-a deadlock or serialization error is retried whole (its transaction rolled back); another
-failure fails the requests of that group (500), never half of them.
+`Retry-After`); nothing is dropped silently and memory stays bounded.
+
+Failures: a group that meets a deadlock or serialization failure is retried whole (its
+transaction rolled back), whether psycopg raised it on the driver connection or SQLAlchemy
+wrapped it. A group that fails for any other reason but a lost connection is written again
+request by request, each in a transaction of its own, so only the guilty request fails: 422
+for a value PostgreSQL refused (a data error, SQLSTATE class 22 or 23), 500 for anything
+else. Validation (models/storable.py) refuses what PostgreSQL would refuse before a request
+joins a group: this is the second line, for what it cannot know (a constraint, a trigger, a
+bug). It costs nothing while groups succeed. A lost connection fails the whole group (503).
 """
 
 from __future__ import annotations

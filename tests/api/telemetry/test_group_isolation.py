@@ -89,12 +89,15 @@ class OwnApp:
         return ingestor
 
 
-@pytest.fixture
-async def own_app(api_settings: Settings, own_database: str) -> AsyncIterator[OwnApp]:
+@pytest.fixture(params=["api", "ingest"])
+async def own_app(
+    api_settings: Settings, own_database: str, request: pytest.FixtureRequest
+) -> AsyncIterator[OwnApp]:
+    """`motorcade api` or `motorcade ingest` (the same app, its ingestion role alone)."""
     settings = api_settings.model_copy(
         update={"database_url": normalize_database_url(own_database), "ingest_writers": 1}
     )
-    app = create_app(settings)
+    app = create_app(settings, role=request.param)
     async with serve_app(app) as base:
         yield OwnApp(base, own_database, app)
 
