@@ -47,6 +47,25 @@ def text_problem(value: str) -> str | None:
     return NUL_REFUSED if found.group() == "\x00" else SURROGATE_REFUSED
 
 
+def storable_flat(value: dict[str, Any]) -> bool:
+    """The fast path for the common `details`: True when an object holds only storable keys and
+    scalars (False when it holds a nested value or anything `json_problems` would name)."""
+    search = _UNSTORABLE.search
+    for key, item in value.items():
+        if search(key) is not None:
+            return False
+        kind = type(item)
+        if kind is str:
+            if search(item) is not None:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif kind is not int and kind is not bool and item is not None:
+            return False
+    return True
+
+
 def json_problems(value: Any, path: Path = ()) -> Iterator[tuple[Path, str]]:
     """Each place in a JSON value that jsonb cannot store, and why, in document order. A bad
     key is named by the object holding it (the key itself is what cannot be shown)."""

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from models.api import CamelModel, DesiredStateConstraints
 from models.enums import EventType
-from models.storable import StorableText, StorableTime, json_problems
+from models.storable import StorableText, StorableTime, json_problems, storable_flat
 
 # The error type of a value PostgreSQL cannot store; its `ctx["path"]` continues the field's
 # location into `details` (api/routes/telemetry.py names the field with it).
@@ -64,7 +64,7 @@ class EventIn(_StrictIn):
     @field_validator("details")
     @classmethod
     def _details_storable(cls, details: dict[str, Any]) -> dict[str, Any]:
-        if details:
+        if details and not storable_flat(details):
             for path, problem in json_problems(details):
                 raise PydanticCustomError(
                     UNSTORABLE,

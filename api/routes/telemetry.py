@@ -105,7 +105,9 @@ def parse_batch(body: bytes) -> TelemetryBatch:
                 "heartbeats per request",
                 details=[{"field": str(e["loc"][0]), "message": e["msg"]} for e in too_many],
             ) from None
-        if any(e.get("type") == "json_invalid" for e in errors):
+        if any(
+            e.get("type") == "json_invalid" and "hex escape" in e.get("msg", "") for e in errors
+        ):  # how pydantic's JSON parser says it met a lone surrogate escape
             errors = _lone_surrogates(body) or errors
         raise invalid_request(
             [_located(e) for e in errors], note="; the whole batch is rejected"
