@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -210,3 +211,71 @@ def _connected_pids(port: int) -> set[int]:
                     if target.startswith("socket:[") and target[8:-1] in inodes:
                         pids.add(int(pid))
     return pids
+
+
+async def test_a_request_postgresql_refuses_fails_alone_in_the_process(
+    own_database: str,
+    dev_key: str,
+    token: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """`motorcade ingest` as a process (the API's ingestor, services/ingest.py): a request
+    PostgreSQL refuses (a CHECK constraint validation cannot know of) among good ones sent
+    together, in one group (it waits 300 ms for them): only it fails, 422; the good ones are
+    202 and stored. Its log says so once, with the SQLSTATE and never the value."""
+    monkeypatch.setenv("MOTORCADE_INGEST_GROUP_WAIT_MS", "300")
+    vids = [f"good-{i}" for i in range(8)]
+    insert_vehicles(own_database, [*vids, "poisoned"], release="1.0")
+    with psycopg.connect(own_database) as conn:
+        conn.execute(
+            "ALTER TABLE timeline_events ADD CONSTRAINT no_poison"
+            " CHECK (reason_code IS DISTINCT FROM 'POISON')"
+        )
+    gateway = bearer(token("gateway"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_ingest_process(own_database, dev_key, port, quiet=False)
+
+    def body(vid: str, **kw: Any) -> dict[str, Any]:
+        kind, reason = kw.get("kind", "apply_start"), kw.get("reason")
+        return {
+            "events": [
+                {
+                    "eventId": str(uuid.uuid4()),
+                    "vehicleId": vid,
+                    "seq": 1,
+                    "type": kind,
+                    "occurredAt": now_iso(),
+                    "reasonCode": reason,
+                }
+            ]
+        }
+
+    bodies = [*map(body, vids[:4]), body("poisoned", kind="failed", reason="POISON")]
+    bodies += map(body, vids[4:])
+    try:
+        await wait_http_ready(base)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            answers = await asyncio.gather(
+                *(client.post("/api/v1/telemetry", json=b, headers=gateway) for b in bodies)
+            )
+    finally:
+        stop_process(proc, timeout=10)
+    codes = [r.status_code for r in answers]
+    assert codes == [202] * 4 + [422] + [202] * 4, [r.text for r in answers]
+    assert answers[4].json()["error"]["code"] == "VALIDATION_ERROR"
+    with psycopg.connect(own_database) as conn:
+        stored = conn.execute(
+            "SELECT vehicle_id FROM timeline_events ORDER BY vehicle_id"
+        ).fetchall()
+    assert [s[0] for s in stored] == sorted(vids)
+    logged = capfd.readouterr()
+    lines = [json.loads(line) for line in (logged.out + logged.err).splitlines() if '{"' in line]
+    split = [line for line in lines if line.get("event", "").startswith("telemetry group failed")]
+    refused = [line for line in lines if line.get("event", "").startswith("telemetry request")]
+    assert [(s["requests"], s["sqlstate"]) for s in split] == [(9, "23514")], lines
+    assert [(r["event"], r["sqlstate"]) for r in refused] == [
+        ("telemetry request refused by PostgreSQL", "23514")
+    ]
+    assert "POISON" not in logged.out + logged.err
