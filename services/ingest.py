@@ -69,6 +69,17 @@ INGESTED = Counter(
 OVERLOADED = Counter(
     "motorcade_ingest_overloaded_total", "Requests refused with 503 OVERLOADED (queue full)."
 )
+ISOLATED_GROUPS = Counter(
+    "motorcade_ingest_isolated_groups_total",
+    "Groups that failed (not on a lost connection or contention) and were written again"
+    " request by request.",
+)
+FAILED_REQUESTS = Counter(
+    "motorcade_ingest_failed_requests_total",
+    "Requests that failed alone once their group was written request by request, by kind"
+    " (data: a value PostgreSQL refused, 422; internal: 500).",
+    ["kind"],
+)
 GROUP_SECONDS = Histogram(
     "motorcade_ingest_group_seconds",
     "Time to write and commit one group of telemetry requests.",
@@ -280,6 +291,7 @@ class TelemetryIngestor:
                 **_described(exc),
             )
             self.stats.isolated_groups += 1
+            ISOLATED_GROUPS.inc()
             for p in group:
                 await self._write_alone(p)
             return
@@ -307,9 +319,11 @@ class TelemetryIngestor:
         state = described["sqlstate"]
         self.stats.failed_requests += 1
         if state is not None and state[:2] in DATA_ERROR_CLASSES:
+            FAILED_REQUESTS.labels("data").inc()
             log.warning("telemetry request refused by PostgreSQL", **described)
             pending.future.set_exception(IngestDataRejected(state))
         else:  # a bug stays a bug: a traceback, unless the driver's message may quote values
+            FAILED_REQUESTS.labels("internal").inc()
             database = isinstance(exc, DBAPIError | psycopg.Error)
             log.error("telemetry request failed", exc_info=None if database else exc, **described)
             pending.future.set_exception(IngestFailed())

@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from api.app import create_app
 from core.settings import Settings, normalize_database_url
@@ -153,6 +154,12 @@ async def _one_group(
     return list(await asyncio.gather(*sent))
 
 
+def _failed_requests(kind: str) -> float:
+    """motorcade_ingest_failed_requests_total{kind} of this process (/metrics)."""
+    labels = {"kind": kind}
+    return REGISTRY.get_sample_value("motorcade_ingest_failed_requests_total", labels) or 0.0
+
+
 async def test_a_group_postgresql_fails_is_written_request_by_request(
     own_app: OwnApp, gateway: dict
 ) -> None:
@@ -187,6 +194,7 @@ async def test_a_group_postgresql_fails_is_written_request_by_request(
     poisoned = {"events": [event("poisoned", 1, "failed", reason="POISON")]}
     boom = {"heartbeats": [heartbeat("boom")], "events": [event("boom", 1, "apply_start")]}
     bodies = [*good[:4], poisoned, *good[4:8], boom, *good[8:]]
+    counted = {kind: _failed_requests(kind) for kind in ("data", "internal")}
     async with httpx.AsyncClient(base_url=own_app.base, timeout=30) as client:
         answers = await _one_group(own_app, client, gateway, bodies)
     codes = [r.status_code for r in answers]
@@ -200,6 +208,7 @@ async def test_a_group_postgresql_fails_is_written_request_by_request(
     assert all(r.json()["data"]["accepted"] == 1 for r in answers if r.status_code == 202)
     stats = own_app.ingestor.stats
     assert stats.isolated_groups == 1 and stats.failed_requests == 2
+    assert {k: _failed_requests(k) - n for k, n in counted.items()} == {"data": 1, "internal": 1}
     assert event_count(url, "good-") == 10
     assert event_count(url, "poisoned") == 0 and event_count(url, "boom") == 0
     with psycopg.connect(url) as conn:
