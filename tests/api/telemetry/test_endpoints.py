@@ -112,6 +112,7 @@ async def test_what_postgresql_cannot_store_is_refused_naming_the_field(
         ({**good[3], "details": {"a": -float("inf")}}, "events.3.details.a"),
         ({**good[3], "occurredAt": "0001-01-01T00:30:00+01:00"}, "events.3.occurredAt"),
         ({**good[3], "occurredAt": "9999-12-31T23:30:00-01:00"}, "events.3.occurredAt"),
+        ({**good[3], "seq": 2**63}, "events.3.seq"),  # past bigint (bounded before issue 19)
     ]
     for bad, field in cases:
         body = raw_json({"events": [*good[:3], bad]})
@@ -129,6 +130,7 @@ async def test_what_postgresql_cannot_store_is_refused_naming_the_field(
     for hb, field in [
         ({**heartbeat(vid), "actualReleaseVersion": lone}, "heartbeats.1.actualReleaseVersion"),
         ({**heartbeat(vid), "sentAt": "0001-01-01T00:00:00+00:01"}, "heartbeats.1.sentAt"),
+        ({**heartbeat(vid), "batteryPercent": 2**15}, "heartbeats.1.batteryPercent"),  # smallint
     ]:
         body = raw_json({"heartbeats": [heartbeat(vid), hb]})
         r = await http.post(URL, content=body, headers={**gateway, **JSON})
