@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from api.authgate import AuthGateMiddleware
 from api.bodylimit import BodyLimitMiddleware, document_body_limits
 from api.deprecation import DeprecationMiddleware, document_deprecations
-from api.deps import TemporalConnection, ViewerDep
+from api.deps import TemporalConnection, ViewerDep, storable_parameters
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware, TracingMiddleware
@@ -111,6 +111,7 @@ def create_app(
         # a stream ticket travels) as soon as a tracer provider exists: our TracingMiddleware
         # makes the server span instead (core/tracing.py).
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        dependencies=[Depends(storable_parameters)],  # no U+0000 in a query or path parameter
     )
     app.state.settings = settings
     app.state.role = role

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from models.defaults import (
@@ -19,6 +19,7 @@ from models.defaults import (
     FailureAction,
 )
 from models.enums import WEEKDAYS, RolloutStatus, VehicleStatus, Weekday
+from models.text import check_storable_json
 from models.workflows import RolloutCounts
 
 T = TypeVar("T")
@@ -29,9 +30,42 @@ class CamelModel(BaseModel):
 
 
 class StrictCamelModel(CamelModel):
-    """Request bodies: unknown fields are refused, so a typo never goes unnoticed."""
+    """Request bodies: unknown fields are refused, so a typo never goes unnoticed, and every
+    string in every field (inside lists, `metadata` and other JSON objects, keys included)
+    is one PostgreSQL can store (`models.text`): U+0000 or a lone surrogate is a 422 naming
+    the field, never a failed statement."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return check_storable_json(value)
+
+
+ZONED_TIME = "an ISO-8601 time with a zone, for example 2026-11-28T10:00:00Z"
+
+
+def _zoned_time(value: Any) -> Any:
+    """Only an ISO-8601 text with a zone (pydantic alone would take `0.5` or `1700000000` as
+    Unix time, and a time without a zone as local)."""
+    if isinstance(value, datetime):
+        at = value
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(ZONED_TIME) from None
+    else:
+        raise ValueError(ZONED_TIME)
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(ZONED_TIME)
+    return at
+
+
+ZonedDateTime = Annotated[datetime, BeforeValidator(_zoned_time)]
+"""A time a client sends (a query parameter, a body field): ISO-8601 with a zone, nothing
+else."""
 
 
 # Envelopes ---------------------------------------------------------------------------------

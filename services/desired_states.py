@@ -8,7 +8,6 @@ default unless acknowledged with a reason, and no vehicle inside an active rollo
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,14 +106,7 @@ def desired_state_list_statement(
         (col(DesiredState.release_version), filters.release_versions),
     )
     if cursor:
-        at, ident = decode_cursor(cursor, DESIRED_STATE_SORT)
-        try:
-            after_id = uuid.UUID(str(ident))
-        except ValueError:
-            raise InvalidInput(
-                "the cursor is not valid for this list and sort",
-                details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
-            ) from None
+        at, after_id = decode_cursor(cursor, DESIRED_STATE_SORT, id_kind="uuid")
         stmt = stmt.where(
             tuple_(col(DesiredState.created_at), col(DesiredState.id)) < tuple_(at, after_id)
         )

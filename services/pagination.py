@@ -9,15 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.errors import InvalidInput
+from models.text import storable_text
 
 S = TypeVar("S", bound=Select[Any])
 
@@ -45,24 +47,51 @@ def check_rollout_ids(values: Iterable[str]) -> None:
             )
 
 
+# What a cursor's sort value or id is: a bigint, a text (storable in PostgreSQL), an RFC 3339
+# timestamp with a zone (as `isoformat` writes it), or a UUID. Each list names the kinds of its
+# cursor's parts, and `decode_cursor` refuses anything else (422 naming `cursor`) before a
+# value reaches a comparison or the database.
+CursorKind = Literal["int", "text", "timestamp", "uuid"]
+
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+
+
+def _cursor_part(kind: CursorKind, raw: Any) -> Any:
+    """`raw` (a cursor's JSON value) as a value of `kind`; ValueError when it is not one."""
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError("not an integer")
+        if not BIGINT_MIN <= raw <= BIGINT_MAX:
+            raise ValueError("out of range")
+        return raw
+    if not isinstance(raw, str) or not storable_text(raw):
+        raise ValueError("not a text")
+    if kind == "text":
+        return raw
+    if kind == "uuid":
+        return uuid.UUID(raw)
+    if len(raw) > 64:
+        raise ValueError("not a timestamp")
+    at = datetime.fromisoformat(raw)
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("a timestamp without a zone")
+    return at
+
+
 @dataclass(frozen=True)
 class SortKey:
-    """One allowed sort: the API name, the column and how to put its value in a cursor."""
+    """One allowed sort: the API name, the column and the kind of its value in a cursor."""
 
     name: str
     column: Any
-    encode: Callable[[Any], Any] = lambda v: v
-    decode: Callable[[Any], Any] = lambda v: v
+    kind: CursorKind = "text"
+
+    def encode(self, value: Any) -> Any:
+        return value.isoformat() if self.kind == "timestamp" else value
 
 
 def timestamp_key(name: str, column: Any) -> SortKey:
-    def enc(v: datetime) -> str:
-        return v.isoformat()
-
-    def dec(v: str) -> datetime:
-        return datetime.fromisoformat(v)
-
-    return SortKey(name, column, enc, dec)
+    return SortKey(name, column, "timestamp")
 
 
 @dataclass(frozen=True)
@@ -94,25 +123,41 @@ def encode_cursor(sort: Sort, value: Any, ident: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, sort: Sort) -> tuple[Any, Any]:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a cursor value")
+
+
+def decode_cursor(cursor: str, sort: Sort, *, id_kind: CursorKind) -> tuple[Any, Any]:
+    """The sort value and the id a cursor of `sort` carries, each checked to be of its kind
+    (the sort key's, `id_kind`); anything else, whatever it is (not base64, not JSON, NaN or
+    Infinity, a float, a nested object, an integer beyond bigint, a text with U+0000, a
+    timestamp without a zone, a cursor of another sort), is 422 naming `cursor`."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(data, dict) or data.get("s") != sort.label:
+        data = json.loads(
+            base64.urlsafe_b64decode(padded.encode("ascii")), parse_constant=_refuse_constant
+        )
+        if not isinstance(data, dict) or set(data) != {"s", "v", "i"}:
+            raise ValueError("not a cursor")
+        if data["s"] != sort.label:
             raise ValueError("cursor from another sort")
-        return sort.key.decode(data["v"]), data["i"]
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        value = _cursor_part(sort.key.kind, data["v"])
+        ident = _cursor_part(id_kind, data["i"])
+        return value, ident
+    except (ValueError, TypeError, binascii.Error, UnicodeError, RecursionError):
         raise InvalidInput(
             "the cursor is not valid for this list and sort",
             details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
         ) from None
 
 
-def keyset(stmt: S, *, sort: Sort, id_column: Any, cursor: str | None, limit: int) -> S:
+def keyset(
+    stmt: S, *, sort: Sort, id_column: Any, id_kind: CursorKind, cursor: str | None, limit: int
+) -> S:
     """Apply the keyset condition, the order and limit+1 (one extra row says hasMore)."""
     col = sort.key.column
     if cursor:
-        value, ident = decode_cursor(cursor, sort)
+        value, ident = decode_cursor(cursor, sort, id_kind=id_kind)
         if sort.key.column is id_column:
             cond: ColumnElement[bool] = id_column < ident if sort.descending else id_column > ident
         elif sort.descending:
@@ -130,7 +175,13 @@ def keyset(stmt: S, *, sort: Sort, id_column: Any, cursor: str | None, limit: in
 
 
 def keyset_sql(
-    sort: Sort, *, alias: str, cursor: str | None, limit: int, params: dict[str, Any]
+    sort: Sort,
+    *,
+    alias: str,
+    id_kind: CursorKind,
+    cursor: str | None,
+    limit: int,
+    params: dict[str, Any],
 ) -> str:
     """`keyset` for a statement written in SQL (psycopg placeholders) over a table with an `id`
     column under `alias`: the keyset condition (` AND ...`), the order and limit+1; the values
@@ -141,12 +192,12 @@ def keyset_sql(
     cmp, direction = ("<", " DESC") if sort.descending else (">", "")
     condition = ""
     if cursor:
-        value, after = decode_cursor(cursor, sort)
-        params["after_id"] = str(after)
+        value, after = decode_cursor(cursor, sort, id_kind=id_kind)
+        params["after_id"] = after
         if by_id:
             condition = f" AND {ident} {cmp} %(after_id)s"
         else:
-            params["after_value"] = value if isinstance(value, datetime) else str(value)
+            params["after_value"] = value
             condition = f" AND ({column}, {ident}) {cmp} (%(after_value)s, %(after_id)s)"
     params["limit"] = limit + 1
     order = f"{ident}{direction}" if by_id else f"{column}{direction}, {ident}{direction}"

@@ -28,7 +28,12 @@ async def list_releases(
 ) -> tuple[list[Release], str | None]:
     order = parse_sort(sort, RELEASE_SORTS, "-createdAt")
     stmt = keyset(
-        select(Release), sort=order, id_column=col(Release.version), cursor=cursor, limit=limit
+        select(Release),
+        sort=order,
+        id_column=col(Release.version),
+        id_kind="text",
+        cursor=cursor,
+        limit=limit,
     )
     rows = list((await session.exec(stmt)).all())
     attr = "created_at" if order.key.name == "createdAt" else "version"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -130,7 +129,7 @@ def vehicle_list_query(
     # then sorts every vehicle of those statuses).
     by_key = bool(filters.statuses) or order.key.name == "status"
     alias = "k" if by_key and order.key.name != "lastSeenAt" else "v"
-    tail = keyset_sql(order, alias=alias, cursor=cursor, limit=limit, params=params)
+    tail = keyset_sql(order, alias=alias, id_kind="text", cursor=cursor, limit=limit, params=params)
     columns = f"{VEHICLE_COLUMNS}, v.last_seen_key"
     filtered = "".join(clauses)
     if not by_key:
@@ -148,7 +147,9 @@ def vehicle_list_query(
                 f"(SELECT {columns} FROM vehicles_by_status k JOIN vehicles v ON v.id = k.id"
                 f" WHERE k.status = %(k_status_{i})s{filtered}{tail})"
             )
-        merged = keyset_sql(order, alias="s", cursor=None, limit=limit, params=params)
+        merged = keyset_sql(
+            order, alias="s", id_kind="text", cursor=None, limit=limit, params=params
+        )
         statement = f"SELECT * FROM ({' UNION ALL '.join(branches)}) s{merged}"
     return statement, params, order
 
@@ -255,7 +256,7 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
     )
 
 
-TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq)), descending=True)
+TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq), "int"), descending=True)
 TIMELINE_COLUMNS = (
     "e.event_id, e.vehicle_id, e.seq, e.type, e.occurred_at, e.received_at,"
     " e.desired_state_id, e.release_version, e.reason_code, e.details"
@@ -270,14 +271,8 @@ def timeline_query(
     params.update(id=vehicle_id, limit=limit + 1)
     after = ""
     if cursor:
-        seq, ident = decode_cursor(cursor, TIMELINE_SORT)
-        try:
-            params.update(after_seq=int(seq), after_id=uuid.UUID(str(ident)))
-        except (TypeError, ValueError):
-            raise InvalidInput(
-                "the cursor is not valid for this list and sort",
-                details=[{"field": "cursor", "message": "use nextCursor from the previous page"}],
-            ) from None
+        seq, ident = decode_cursor(cursor, TIMELINE_SORT, id_kind="uuid")
+        params.update(after_seq=seq, after_id=ident)
         after = " AND (e.seq, e.event_id) < (%(after_seq)s, %(after_id)s)"
     statement = (
         f"SELECT {TIMELINE_COLUMNS} FROM vehicles v LEFT JOIN LATERAL ("

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import CursorQuery, LimitQuery, SessionDep, ViewerDep, multi
 from api.envelope import page
 from api.errors import ErrorResponses
-from models.api import AuditEntryOut, ListEnvelope
+from models.api import AuditEntryOut, ListEnvelope, ZonedDateTime
 from models.tables import AuditEntry
 from services import audit as service
 
@@ -21,9 +20,12 @@ router = APIRouter(prefix="/audit-log", tags=["audit"])
 
 ActorQuery = Annotated[list[str] | None, Query(description="Repeatable or comma-separated.")]
 FromQuery = Annotated[
-    datetime | None, Query(alias="from", description="Entries at or after (RFC 3339, zoned).")
+    ZonedDateTime | None,
+    Query(alias="from", description="Entries at or after (ISO-8601 with a zone)."),
 ]
-ToQuery = Annotated[datetime | None, Query(alias="to", description="Entries before (zoned).")]
+ToQuery = Annotated[
+    ZonedDateTime | None, Query(alias="to", description="Entries before (ISO-8601 with a zone).")
+]
 
 
 def audit_out(e: AuditEntry) -> AuditEntryOut:

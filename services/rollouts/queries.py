@@ -41,7 +41,7 @@ async def count_by_status(conn: AsyncConnection) -> dict[str, int]:
 
 
 ROLLOUT_SORTS = (
-    SortKey("id", col(Rollout.id)),
+    SortKey("id", col(Rollout.id), "int"),
     timestamp_key("createdAt", col(Rollout.created_at)),
     SortKey("status", col(Rollout.status)),
 )
@@ -65,7 +65,9 @@ async def list_rollouts(
         (col(Rollout.status), statuses),
         (col(Rollout.release_version), release_versions),
     )
-    stmt = keyset(stmt, sort=order, id_column=col(Rollout.id), cursor=cursor, limit=limit)
+    stmt = keyset(
+        stmt, sort=order, id_column=col(Rollout.id), id_kind="int", cursor=cursor, limit=limit
+    )
     rows = list((await session.exec(stmt)).all())
     attr = {"id": "id", "createdAt": "created_at", "status": "status"}[order.key.name]
     return split_page(
@@ -124,8 +126,8 @@ async def list_rollout_vehicles(
         (col(RolloutTarget.stage), indexes),
     )
     if cursor:
-        _, after = decode_cursor(cursor, ROLLOUT_VEHICLE_SORT)
-        stmt = stmt.where(col(RolloutTarget.vehicle_id) > str(after))
+        _, after = decode_cursor(cursor, ROLLOUT_VEHICLE_SORT, id_kind="text")
+        stmt = stmt.where(col(RolloutTarget.vehicle_id) > after)
     stmt = stmt.order_by(col(RolloutTarget.vehicle_id)).limit(limit + 1)
     rows = [
         RolloutVehicleRow(
