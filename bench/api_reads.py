@@ -253,7 +253,7 @@ def show_plans(url: str) -> int:
     tables."""
     print("\nquery plans of the list endpoints (EXPLAIN, the API's own statements):")
     seq_scans = 0
-    engine = sqlalchemy.create_engine(normalize_database_url(url))
+    engine = sqlalchemy.create_engine(normalize_database_url(url), hide_parameters=True)
 
     @sqlalchemy.event.listens_for(engine, "before_cursor_execute", retval=True)
     def explain(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _m: Any) -> Any:

@@ -49,6 +49,10 @@ def create_engine(settings: Settings | None = None, *, url: str | None = None) -
         max_overflow=pool,
         pool_pre_ping=False,
         pool_recycle=1800,
+        # A failed statement's error (logged, and kept from the client) never carries the
+        # values bound to it: a vehicle id, a reason, a token hash (core/logging.py redacts
+        # PostgreSQL's own DETAIL echo of a row besides).
+        hide_parameters=True,
     )
     tracing.instrument_engine(engine)  # database spans when tracing is on
     return engine

@@ -139,3 +139,96 @@ def test_a_served_app_logs_no_token_from_a_header_and_no_secret_from_a_payload(
     assert '"path": "/api/v1/releases"' in written or "/api/v1/releases" in written
     assert JWT not in written and operator not in written and secret not in written
     assert issued not in written
+
+
+def _log_in_a_fresh_process(body: str, fmt: str = "json", **env: str) -> str:
+    """What `body` logs (stderr) under the real logging config, in a fresh process (logging is
+    configured once per process)."""
+    script = "from core.logging import configure_logging, get_logger\n"
+    script += f"configure_logging(fmt={fmt!r}, level='INFO')\nlog = get_logger('t')\n"
+    script += textwrap.dedent(body)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+TICKET = "eyJleHAiOjQxMDI0NDQ4MDAsIm4iOiJ4In0.3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tokens_and_tickets_are_redacted_by_value_at_any_depth(fmt: str) -> None:
+    """A JWT or a stream ticket under a key no rule names, in a URL's query string, in a list
+    nested 40 levels deep, in an object's text: none reaches the line; the rest of the event
+    does."""
+    written = _log_in_a_fresh_process(
+        f"""
+        deep = {{"visible": "kept-1"}}
+        for _ in range(40):
+            deep = {{"level": [deep], "jwt": None}}
+        class Url:
+            def __str__(self):
+                return "https://api/stream?lastEventId=3&ticket={TICKET}"
+        log.info(
+            "request",
+            note="got {JWT} from the IdP",
+            value="{TICKET}",
+            url="/api/v1/stream?ticket={TICKET}&topics=vehicles",
+            query="access_token={JWT}&x=1",
+            deep=deep,
+            obj=Url(),
+            kept="kept-2",
+        )
+        log.info("GET /api/v1/stream?ticket={TICKET.split(".")[0]}XYZ.abc")
+        """,
+        fmt,
+    )
+    assert JWT not in written and TICKET not in written
+    assert TICKET.split(".")[0] not in written and TICKET.split(".")[1] not in written
+    assert "kept-2" in written and "topics=vehicles" in written and "lastEventId=3" in written
+    assert "kept-1" not in written  # below the depth limit: replaced, not left raw
+    assert "nested too deep" in written
+
+
+def test_a_database_error_logs_no_bound_value_and_no_row(database_url: str) -> None:
+    """A unique and a check violation through the app's own engine (core/db.py), logged with
+    their tracebacks: neither the values bound to the statement (SQLAlchemy's `[parameters:`)
+    nor PostgreSQL's DETAIL echo of the row (`Key (id)=(...)`, `Failing row contains`)
+    reaches the line; the error's kind and constraint do."""
+    secret = "VIN-PRIVATE-4242"
+    written = _log_in_a_fresh_process(
+        f"""
+        import asyncio
+        from sqlalchemy import text
+        from core.db import create_engine
+
+        async def main():
+            engine = create_engine(url={database_url!r})
+            async with engine.connect() as conn:
+                await conn.execute(text(
+                    "CREATE TEMP TABLE leak (id text PRIMARY KEY, n int CHECK (n > 0))"
+                ))
+                await conn.execute(text("INSERT INTO leak VALUES (:id, 1)"), {{"id": {secret!r}}})
+                for sql, params in (
+                    ("INSERT INTO leak VALUES (:id, 1)", {{"id": {secret!r}}}),
+                    ("INSERT INTO leak VALUES (:id, -1)", {{"id": {secret!r} + "-2"}}),
+                ):
+                    try:
+                        async with conn.begin_nested():
+                            await conn.execute(text(sql), params)
+                    except Exception:
+                        log.exception("unhandled error", path="/api/v1/vehicles")
+            await engine.dispose()
+
+        asyncio.run(main())
+        """
+    )
+    assert "UniqueViolation" in written and "CheckViolation" in written
+    assert "leak_pkey" in written
+    assert secret not in written, written
