@@ -177,6 +177,11 @@ class Settings(BaseSettings):
     trusted_keys_file: str | None = Field(
         None, description="JSON file of trusted ed25519 release-signing public keys."
     )
+    scoped_vehicle_registration: bool = Field(
+        False,
+        description="An operator with scopes may register vehicles inside its scope (a taken"
+        " id is then a 409 however the vehicle is scoped: it tells that the id exists).",
+    )
 
     # Idempotency keys on POST (docs/api.md).
     idempotency_retention_hours: int = Field(

@@ -357,9 +357,13 @@ class SafetyNow(CamelModel):
 class Overlap(CamelModel):
     """Targeted vehicles already inside another active rollout."""
 
-    vehicles: int = 0
+    vehicles: int = Field(0, description="How many of the targeted vehicles are held.")
     sample_vehicle_ids: list[str] = Field(default_factory=list)
-    rollout_ids: list[int] = Field(default_factory=list)
+    rollout_ids: list[int] = Field(
+        default_factory=list,
+        description="The holding rollouts the caller can see: one outside a scoped caller's"
+        " scope is neither named nor counted.",
+    )
 
 
 class RolloutPlanOut(CamelModel):

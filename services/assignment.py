@@ -15,17 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.errors import Conflict
 from models.api import Overlap, RolloutTargets, SafetyChecks
 from models.enums import TERMINAL_ROLLOUT_STATUSES, RolloutStatus, TargetState
 from models.scope import Scope
-from models.tables import Release
+from models.tables import Release, Rollout
 from services.audit import Actor
 from services.releases import load_verified_release
 from services.safety import EffectiveSafety, SafetyDefaults, resolve_safety
-from services.scope import check_targets_in_scope
+from services.scope import check_targets_in_scope, rollouts_in_scope, vehicle_scope_sql
 from services.signing import TrustedKeys
 from services.targets import REQUEST_MATCH, match_params, stored_array_match, stored_arrays
 
@@ -118,12 +119,19 @@ async def lock_fleet_assignment(session: AsyncSession) -> None:
 
 
 async def find_overlap(
-    session: AsyncSession, *, targets: dict[str, Any], exclude_rollout_id: int | None = None
+    session: AsyncSession,
+    *,
+    targets: dict[str, Any],
+    scope: Scope,
+    exclude_rollout_id: int | None = None,
 ) -> Overlap:
-    """Vehicles selected by `targets` that are already inside another active rollout: one
-    whose status is not terminal and that holds them (a target row not yet finished, or,
-    before its expansion, a match of its stored targets)."""
+    """Vehicles selected by `targets` (inside `scope`) that are already inside another active
+    rollout: one whose status is not terminal and that holds them (a target row not yet
+    finished, or, before its expansion, a match of its stored targets). Only the rollouts the
+    caller can see (`services.scope`) are named: a scoped caller learns that some of its own
+    vehicles are held, never the id or the number of rollouts outside its scope."""
     conn = await session.connection()
+    in_scope, scope_params = vehicle_scope_sql(scope, "v")
     row = (
         await conn.execute(
             text(
@@ -140,12 +148,12 @@ async def find_overlap(
                     JOIN rollout_targets t ON t.rollout_id = a.id
                     JOIN vehicles v ON v.id = t.vehicle_id
                     WHERE a.stage_count > 0 AND t.state = ANY(CAST(:holding AS text[]))
-                      AND {REQUEST_MATCH}
+                      AND {REQUEST_MATCH}{in_scope}
                     UNION ALL
                     SELECT v.id, a.id
                     FROM active a
                     JOIN vehicles v ON {stored_array_match()}
-                    WHERE a.stage_count = 0 AND {REQUEST_MATCH}
+                    WHERE a.stage_count = 0 AND {REQUEST_MATCH}{in_scope}
                 )
                 SELECT (SELECT count(*) FROM (SELECT DISTINCT vehicle_id FROM held) vehicles)
                            AS vehicles,
@@ -157,23 +165,34 @@ async def find_overlap(
             ),
             {
                 **match_params(targets),
+                **scope_params,
                 "holding": list(HOLDING_TARGET_STATES),
                 "active": list(ACTIVE_ROLLOUT_STATUSES),
                 "exclude": exclude_rollout_id or 0,
             },
         )
     ).one()
+    rollout_ids = [int(r) for r in row.rollouts or []]
+    if rollout_ids and not scope.unrestricted:
+        visible = await session.exec(
+            select(Rollout.id).where(col(Rollout.id).in_(rollout_ids), *rollouts_in_scope(scope))
+        )
+        shown = set(visible.all())
+        rollout_ids = [r for r in rollout_ids if r in shown]
     return Overlap(
         vehicles=int(row.vehicles),
         sample_vehicle_ids=list(row.sample or []),
-        rollout_ids=[int(r) for r in row.rollouts or []],
+        rollout_ids=rollout_ids,
     )
 
 
 def overlap_conflict(overlap: Overlap, *, what: str) -> Conflict:
+    """The 409 of an overlap: how many of the caller's targeted vehicles are held, a sample of
+    them, and the holding rollouts the caller can see (`find_overlap`)."""
+    named = ", ".join(str(r) for r in overlap.rollout_ids)
     return Conflict(
-        f"{overlap.vehicles} targeted vehicle(s) are already inside active rollout(s) "
-        f"{', '.join(str(r) for r in overlap.rollout_ids)}; {what} would take them twice. "
+        f"{overlap.vehicles} targeted vehicle(s) are already inside another active rollout"
+        f"{f' (visible to you: {named})' if named else ''}; {what} would take them twice. "
         "Narrow the targets, or wait for (or abort) the other rollout(s)",
         details=[
             {
@@ -186,7 +205,8 @@ def overlap_conflict(overlap: Overlap, *, what: str) -> Conflict:
         + [
             {
                 "field": "targets",
-                "message": f"{overlap.vehicles} vehicle(s) in rollout(s) {overlap.rollout_ids}",
+                "message": f"{overlap.vehicles} vehicle(s) inside another active rollout"
+                + (f"; visible to you: {overlap.rollout_ids}" if overlap.rollout_ids else ""),
                 "code": "OVERLAP_SUMMARY",
             }
         ],

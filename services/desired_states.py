@@ -212,7 +212,7 @@ async def _check_selection(
             f"{max_vehicles}: use a rollout (POST /api/v1/rollouts), which stages and gates",
             details=[{"field": "targets", "message": f"at most {max_vehicles} vehicles"}],
         )
-    overlap = await find_overlap(session, targets=targets)
+    overlap = await find_overlap(session, targets=targets, scope=scope)
     if overlap.vehicles:
         raise overlap_conflict(overlap, what="this desired state")
 

@@ -116,6 +116,37 @@ def check_targets_in_scope(targets: dict[str, Any], scope: Scope) -> None:
         )
 
 
+REGISTRATION_NEEDS_FLEET_SCOPE = (
+    "registering vehicles needs an operator without scopes: vehicle ids are one namespace"
+    " for the whole fleet"
+)
+
+
+def check_may_register(
+    vehicles: Sequence[Mapping[str, Any]], scope: Scope, *, scoped: bool
+) -> None:
+    """Refuse (403) a registration a scoped caller may not make. Vehicle ids are one
+    namespace for the fleet, so registering one tells whether it is taken, wherever the
+    vehicle is: unless `scoped` registration is allowed (`MOTORCADE_SCOPED_VEHICLE_REGISTRATION`),
+    a scoped caller registers nothing, and its answer (this one) is the same whatever the
+    ids, taken or free, inside or outside its scope. When allowed, each vehicle must be
+    inside the scope (its region, model and org), also before any id is looked up."""
+    if scope.unrestricted:
+        return
+    if not scoped:
+        raise Forbidden(
+            REGISTRATION_NEEDS_FLEET_SCOPE,
+            details=[{"field": "vehicles", "message": REGISTRATION_NEEDS_FLEET_SCOPE}],
+        )
+    outside = [
+        {"field": f"vehicles.{i}", "message": "outside the caller's scope"}
+        for i, v in enumerate(vehicles)
+        if not allows_vehicle(scope, region=v["region"], model=v["model"], org=v["org"])
+    ]
+    if outside:
+        raise Forbidden("a vehicle is outside the caller's scope", details=outside)
+
+
 def rollouts_in_scope(scope: Scope) -> list[Any]:
     """ORM conditions: the rollout's targets (JSONB lists) are inside `scope`."""
     conditions = []

@@ -15,7 +15,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.db import fetch
-from core.errors import Conflict, Forbidden, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from models.api import VehicleIn
 from models.enums import VehicleStatus
 from models.scope import Scope
@@ -33,7 +33,7 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
-from services.scope import allows_vehicle, match_sql, vehicle_scope_sql
+from services.scope import check_may_register, match_sql, vehicle_scope_sql
 from services.vehicle_status import derive_status
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -332,13 +332,21 @@ _REGISTER = text(
 
 
 async def register_vehicles(
-    session: AsyncSession, *, vehicles: list[VehicleIn], scope: Scope, actor: Actor
+    session: AsyncSession,
+    *,
+    vehicles: list[VehicleIn],
+    scope: Scope,
+    actor: Actor,
+    scoped_registration: bool = False,
 ) -> list[dict[str, Any]]:
-    """Register new vehicles, all or none (the caller commits): an id twice in the request is
-    422, a vehicle outside a scoped caller's scope 403, an id registered already 409, and
-    nothing is stored. Their status is `derive_status`'s for a vehicle with nothing to
-    converge to, seen at registration. Audited as `vehicle.registered` (one entry per
-    request, in its transaction); the change feed announces them (`vehicle.updated`)."""
+    """Register new vehicles, all or none (the caller commits): a scoped caller 403 unless
+    `scoped_registration` (then a vehicle outside its scope 403), both before any id is
+    looked up (`services.scope.check_may_register`); an id twice in the request 422, an id
+    registered already 409, and nothing is stored. Their status is `derive_status`'s for a
+    vehicle with nothing to converge to, seen at registration. Audited as
+    `vehicle.registered` (one entry per request, in its transaction); the change feed
+    announces them (`vehicle.updated`)."""
+    check_may_register([v.model_dump() for v in vehicles], scope, scoped=scoped_registration)
     seen: dict[str, int] = {}
     details: list[dict[str, Any]] = []
     for index, v in enumerate(vehicles):
@@ -347,13 +355,6 @@ async def register_vehicles(
         seen[v.id] = index
     if details:
         raise InvalidInput("a vehicle id appears twice in the request", details=details)
-    outside = [
-        {"field": f"vehicles.{i}", "message": "outside the caller's scope"}
-        for i, v in enumerate(vehicles)
-        if not allows_vehicle(scope, region=v.region, model=v.model, org=v.org)
-    ]
-    if outside:
-        raise Forbidden("a vehicle is outside the caller's scope", details=outside)
     now = datetime.now(UTC)
     status = derive_status(
         desired_release=None,

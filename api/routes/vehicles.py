@@ -16,6 +16,7 @@ from api.deps import (
     OperatorDep,
     ReadConnectionDep,
     SessionDep,
+    SettingsDep,
     SortQuery,
     ViewerDep,
     actor_of,
@@ -124,16 +125,24 @@ async def register_vehicles(
     body: VehicleIn | VehicleBatchIn,
     principal: OperatorDep,
     session: SessionDep,
+    settings: SettingsDep,
 ) -> Any:
     """One vehicle (`{"id", "model", "region", "ring", "org", "metadata"}`) or a batch
-    (`{"vehicles": [...]}`, at most 500), all or none: an id twice in the request is 422, a
-    vehicle outside a scoped caller's scope 403, an id registered already 409 `CONFLICT`
-    (`details` name each), and nothing is stored. A new vehicle has no desired state: its
+    (`{"vehicles": [...]}`, at most 500), all or none: an id twice in the request is 422, an
+    id registered already 409 `CONFLICT` (`details` name each), and nothing is stored. Vehicle
+    ids are one namespace for the fleet, so registering tells whether an id is taken: an
+    operator with scopes gets 403 `FORBIDDEN` (the same answer whatever the ids), unless
+    `MOTORCADE_SCOPED_VEHICLE_REGISTRATION` lets it register inside its scope (a vehicle
+    outside it 403). A new vehicle has no desired state: its
     status is `in_sync` until a desired state or a rollout reaches it. Audited as
     `vehicle.registered`; announced on the stream (`vehicle.updated`, `registered: true`)."""
     vehicles = body.vehicles if isinstance(body, VehicleBatchIn) else [body]
     created = await service.register_vehicles(
-        session, vehicles=vehicles, scope=principal.scope, actor=actor_of(request, principal)
+        session,
+        vehicles=vehicles,
+        scope=principal.scope,
+        actor=actor_of(request, principal),
+        scoped_registration=settings.scoped_vehicle_registration,
     )
     headers = {"Location": f"/api/v1/vehicles/{created[0]['id']}"} if len(created) == 1 else {}
     return JSONResponse(

@@ -110,7 +110,7 @@ async def plan_rollout_request(
     checked = v.checked
     targeted, blocked = await safety_now(session, targets=checked.targets, safety=checked.safety)
     stages: list[StagePlan] = plan_from_strategy(targeted, body.strategy.model_dump(by_alias=True))
-    overlap = await find_overlap(session, targets=checked.targets)
+    overlap = await find_overlap(session, targets=checked.targets, scope=request.scope)
     unacknowledged = bool(checked.safety.weakened) and checked.acknowledgement is None
     problems = []
     if unacknowledged:
@@ -146,7 +146,7 @@ async def create_rollout(
     v = await validate_rollout(session, body=body, request=request)
     targets, actor = v.checked.targets, request.actor
     await lock_fleet_assignment(session)
-    overlap = await find_overlap(session, targets=targets)
+    overlap = await find_overlap(session, targets=targets, scope=request.scope)
     if overlap.vehicles:
         raise overlap_conflict(overlap, what="this rollout")
     rollout = Rollout(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -22,10 +23,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.testing import WorkflowEnvironment
 
+from core.settings import Settings
 from core.temporal import rollout_workflow_id
 from services.fleet import refresh_fleet_counts
 from services.reconcile import record_drift
-from tests.api.conftest import all_pages, bearer
+from tests.api.conftest import all_pages, bearer, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.factories import insert_signed_release, insert_vehicles
@@ -462,3 +464,174 @@ async def test_audit_reads_stay_inside_the_scope(
         "/api/v1/audit-log", params={"targetId": ",".join(outside)}, headers=headers
     )
     assert hidden.status_code == 200 and hidden.json()["data"] == []
+
+
+# --- Writes: what a refusal tells a scoped operator -----------------------------------------
+
+_VOLATILE = re.compile(r'"(requestId|timestamp)":"[^"]*"')
+
+
+def same_answer(a: httpx.Response, b: httpx.Response, *replace: tuple[str, str]) -> None:
+    """`a` and `b` are the same answer, byte for byte, apart from the request id and the
+    timestamp (and, in `b`, the texts `replace` names swapped for `a`'s)."""
+    text_b = b.text
+    for old, new in replace:
+        text_b = text_b.replace(old, new)
+    assert a.status_code == b.status_code
+    assert _VOLATILE.sub("", a.text) == _VOLATILE.sub("", text_b), (a.text, b.text)
+
+
+def _registration(vid: str, region: str, **over: str) -> dict[str, str]:
+    return {"id": vid, "model": "m", "region": region, "ring": "r", "org": "default", **over}
+
+
+async def test_registration_tells_a_scoped_operator_nothing_about_ids(
+    http: httpx.AsyncClient,
+    operator: dict,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+) -> None:
+    """By default a scoped operator registers nothing, and its answer is the same whatever
+    the id: one that exists outside its scope, one that exists nowhere, for a vehicle inside
+    or outside its scope."""
+    north, south = f"{prefix}north", f"{prefix}south"
+    taken = f"{prefix}TAKEN"
+    insert_vehicles(database_url, [taken], region=south)
+    scoped = bearer(token("operator", scopes={"regions": [north]}))
+    free = f"{prefix}FREE"
+    answers = [
+        await http.post("/api/v1/vehicles", headers=scoped, json=_registration(vid, region))
+        for vid in (taken, free)
+        for region in (north, south)
+    ]
+    assert_error(answers[0], 403, "FORBIDDEN")
+    for other in answers[1:]:
+        same_answer(answers[0], other)
+    batch = {"vehicles": [_registration(free, north), _registration(taken, north)]}
+    same_answer(answers[0], await http.post("/api/v1/vehicles", headers=scoped, json=batch))
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, region FROM vehicles WHERE id LIKE %s ORDER BY id", (f"{prefix}%",)
+        ).fetchall()
+    assert rows == [(taken, south)]
+    # The unscoped operator is told the id is taken (the comparison could fail).
+    unscoped = await http.post(
+        "/api/v1/vehicles", headers=operator, json=_registration(taken, north)
+    )
+    assert_error(unscoped, 409, "CONFLICT")
+
+
+async def test_allowed_scoped_registration_answers_alike_wherever_an_id_is_taken(
+    token: Callable[..., str], api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    """With `MOTORCADE_SCOPED_VEHICLE_REGISTRATION`, a taken id is a 409 that says the same
+    whether the vehicle holding it is inside the caller's scope or outside, and a vehicle
+    outside the scope is a 403 that says the same whether its id exists or not."""
+    north, south = f"{prefix}north", f"{prefix}south"
+    inside, outside = f"{prefix}IN", f"{prefix}OUT"
+    insert_vehicles(database_url, [inside], region=north)
+    insert_vehicles(database_url, [outside], region=south)
+    scoped = bearer(token("operator", scopes={"regions": [north]}))
+    allowed = api_settings.model_copy(update={"scoped_vehicle_registration": True})
+    async with serve_app(allowed) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        post = http.post
+        held_inside = await post(
+            "/api/v1/vehicles", headers=scoped, json=_registration(inside, north)
+        )
+        held_outside = await post(
+            "/api/v1/vehicles", headers=scoped, json=_registration(outside, north)
+        )
+        assert_error(held_inside, 409, "CONFLICT")
+        same_answer(held_inside, held_outside, (outside, inside))
+        refused = await post("/api/v1/vehicles", headers=scoped, json=_registration(outside, south))
+        fresh = await post(
+            "/api/v1/vehicles", headers=scoped, json=_registration(f"{prefix}NEW", south)
+        )
+        assert_error(refused, 403, "FORBIDDEN")
+        same_answer(refused, fresh)
+        created = await post(
+            "/api/v1/vehicles", headers=scoped, json=_registration(f"{prefix}NEW", north)
+        )
+        assert created.status_code == 201, created.text
+
+
+def _hidden_rollout(database_url: str, release: str, vehicle_ids: list[str]) -> int:
+    """An active rollout, not yet expanded, over `vehicle_ids` (as the workflow would leave
+    it before its first stage; no worker runs here)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO rollouts (release_version, targets, status, created_by)"
+            " VALUES (%s, %s, 'running', 'test') RETURNING id",
+            (release, json.dumps({"vehicleIds": vehicle_ids})),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _finish(database_url: str, rollout_id: int) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (rollout_id,))
+
+
+async def test_an_overlap_names_no_rollout_outside_the_scope(
+    http: httpx.AsyncClient,
+    operator: dict,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    """A scoped operator whose targets are held by a rollout outside its scope (it also
+    targets the other region) is told how many of its own vehicles are held, never that
+    rollout's id nor how many vehicles or rollouts lie outside: the dry run and the 409 are
+    the same answers for two different hidden rollouts of different sizes. A holding rollout
+    inside its scope is named."""
+    north, south = f"{prefix}north", f"{prefix}south"
+    release = f"{prefix}2031.1.0"
+    insert_signed_release(database_url, signing_key, release)
+    mine = [f"{prefix}N1", f"{prefix}N2"]
+    theirs = [f"{prefix}S{i}" for i in range(1, 6)]
+    insert_vehicles(database_url, mine, region=north)
+    insert_vehicles(database_url, theirs, region=south)
+    scoped = bearer(token("operator", scopes={"regions": [north]}))
+    body = rollout_body(release, targets={"regions": [north], "vehicleIds": mine[:1]})
+
+    async def answers() -> tuple[httpx.Response, httpx.Response]:
+        dry = await http.post("/api/v1/rollouts?dryRun=true", headers=scoped, json=body)
+        assert dry.status_code == 200, dry.text
+        create = await http.post("/api/v1/rollouts", headers=scoped, json=body)
+        assert_error(create, 409, "CONFLICT")
+        return dry, create
+
+    first = _hidden_rollout(database_url, release, [mine[0], *theirs[:1]])
+    dry_1, refused_1 = await answers()
+    assert dry_1.json()["data"]["overlap"] == {
+        "vehicles": 1,
+        "sampleVehicleIds": mine[:1],
+        "rolloutIds": [],
+    }
+    assert dry_1.json()["data"]["canStart"] is False
+    _finish(database_url, first)
+    second = _hidden_rollout(database_url, release, [mine[0], *theirs])
+    dry_2, refused_2 = await answers()
+    same_answer(dry_1, dry_2)
+    same_answer(refused_1, refused_2)
+    for hidden in (first, second):
+        for answer in (dry_1, dry_2, refused_1, refused_2):
+            assert not re.search(rf"\b{hidden}\b", _VOLATILE.sub("", answer.text)), answer.text
+    # The unscoped operator is told which rollout (the comparison could fail) ...
+    unscoped = await http.post("/api/v1/rollouts?dryRun=true", headers=operator, json=body)
+    assert unscoped.json()["data"]["overlap"]["rolloutIds"] == [second]
+    _finish(database_url, second)
+    # ... and so is the scoped one, of a holding rollout inside its scope.
+    visible = _hidden_rollout(database_url, release, mine)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE rollouts SET targets = %s WHERE id = %s",
+            (json.dumps({"regions": [north], "vehicleIds": mine}), visible),
+        )
+    dry, refused = await answers()
+    assert dry.json()["data"]["overlap"]["rolloutIds"] == [visible]
+    assert str(visible) in refused.json()["error"]["message"]
+    _finish(database_url, visible)

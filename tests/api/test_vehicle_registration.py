@@ -7,7 +7,8 @@ from collections.abc import Callable
 import httpx
 import psycopg
 
-from tests.api.conftest import bearer
+from core.settings import Settings
+from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
 
 
@@ -106,7 +107,27 @@ async def test_bad_input_is_refused_with_its_field(
     assert stored(database_url, [f"{prefix}X", f"{prefix}Y0"]) == []
 
 
-async def test_a_scoped_operator_registers_only_inside_its_scope(
+async def test_a_scoped_operator_registers_nothing_by_default(
+    http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
+) -> None:
+    """Vehicle ids are one namespace for the fleet: by default a scoped operator may not
+    register (tests/api/test_scoping_leaks.py shows the answer tells it nothing)."""
+    scoped = bearer(token("operator", scopes={"regions": ["eu-west"]}))
+    inside = await http.post("/api/v1/vehicles", headers=scoped, json=vehicle(f"{prefix}IN"))
+    body = assert_error(inside, 403, "FORBIDDEN")
+    assert body["error"]["details"][0]["field"] == "vehicles"
+    assert stored(database_url, [f"{prefix}IN"]) == []
+
+
+async def test_a_scoped_operator_registers_only_inside_its_scope_when_allowed(
+    token: Callable[..., str], api_settings: Settings, database_url: str, prefix: str
+) -> None:
+    allowed = api_settings.model_copy(update={"scoped_vehicle_registration": True})
+    async with serve_app(allowed) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await _registers_only_inside_its_scope(http, token, database_url, prefix)
+
+
+async def _registers_only_inside_its_scope(
     http: httpx.AsyncClient, token: Callable[..., str], database_url: str, prefix: str
 ) -> None:
     scoped = bearer(token("operator", scopes={"regions": ["eu-west"]}))
