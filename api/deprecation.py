@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -63,8 +64,11 @@ def deprecation_headers(
     ]
     successor = extension.get("successor")
     if successor:
+        # Each value percent-encoded: a path parameter is the client's text, and a control
+        # character in a header value fails the response (a 500 instead of the answer).
+        quoted = {name: quote(str(value), safe="") for name, value in path_params.items()}
         try:
-            target = successor.format(**path_params)
+            target = successor.format(**quoted)
         except (KeyError, IndexError, ValueError):
             target = successor
         headers.append(

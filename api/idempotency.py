@@ -36,6 +36,7 @@ from api.caller import caller_of, send_error
 from core.db import session_scope
 from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
 from core.settings import Settings
+from models.text import storable_text
 from services import audit
 from services import idempotency as service
 
@@ -70,6 +71,9 @@ class IdempotencyMiddleware:
             or scope["method"] != "POST"
             or not scope["path"].startswith("/api/")
             or scope["path"].rstrip("/") in self.excluded_paths
+            # A path PostgreSQL cannot store is never recorded: the route refuses it (422,
+            # api.deps.storable_parameters) or there is no such route (404).
+            or not storable_text(scope["path"])
         ):
             await self.app(scope, receive, send)
             return

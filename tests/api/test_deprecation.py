@@ -47,6 +47,15 @@ async def test_the_legacy_events_route_is_deprecated_and_still_answers(
     assert_deprecated(response, missing)
     assert_error(await http.get(f"/api/v1/vehicles/{vehicle}/events"), 401, "UNAUTHENTICATED")
 
+    # The successor link carries the id percent-encoded: a control character, a space or a
+    # non-Latin-1 letter in it is the route's answer (here 404), not a broken header (500).
+    for raw, encoded in (("a%0Ab", "a%0Ab"), ("a b", "a%20b"), ("%E2%82%AC", "%E2%82%AC")):
+        response = await http.get(f"/api/v1/vehicles/{raw}/events", headers=viewer)
+        assert_error(response, 404, "NOT_FOUND")
+        assert response.headers["link"] == (
+            f'</api/v1/vehicles/{encoded}/timeline>; rel="successor-version"'
+        )
+
 
 def test_the_openapi_document_marks_it_deprecated() -> None:
     doc = openapi_document()

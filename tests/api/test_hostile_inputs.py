@@ -263,3 +263,46 @@ async def test_audit_log_takes_zoned_iso_8601_times(http: httpx.AsyncClient, vie
     for value in ("2026-01-10T12:00:00Z", "2026-01-10T13:00:00+01:00", "2026-01-10T12:00:00.5Z"):
         response = await http.get("/api/v1/audit-log", params={"to": value}, headers=viewer)
         assert response.status_code == 200, response.text
+
+
+async def test_nul_in_the_path_of_a_keyed_post_is_422(
+    http: httpx.AsyncClient, operator: dict, prefix: str
+) -> None:
+    """The idempotency middleware records a keyed POST's path before any route runs: a NUL
+    there is refused, not sent to PostgreSQL."""
+    headers = {**operator, "Idempotency-Key": f"{prefix}nul-path"}
+    for url in ("/api/v1/rollouts/1%00/pause", "/api/v1/vehicles%00"):
+        response = await http.post(url, headers=headers, json={"reason": "r"})
+        assert response.status_code in (404, 422), response.text
+        assert_error(response, response.status_code, response.json()["error"]["code"])
+
+
+async def test_nul_in_any_parameter_of_any_operation_is_never_a_500(
+    http: httpx.AsyncClient, operator: dict
+) -> None:
+    """Every operation the API describes, each of its query and path parameters in turn set
+    to a text with U+0000 (the others left out or set to `1`): a 4xx in the envelope, never
+    a 500 (the stream is left out: it answers with events, not a body)."""
+    spec = (await http.get("/openapi.json", headers=operator)).json()
+    tried = 0
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if path.endswith("/stream") or method not in ("get", "post"):
+                continue
+            params = op.get("parameters", [])
+            for target in [p for p in params if p["in"] in ("query", "path")]:
+                url = path
+                query = {}
+                for p in params:
+                    value = "a\x00b" if p is target else "1"
+                    if p["in"] == "path":
+                        url = url.replace("{" + p["name"] + "}", value.replace("\x00", "%00"))
+                    elif p is target:
+                        query[p["name"]] = value
+                response = await http.request(
+                    method.upper(), url, params=query, headers=operator, json={}
+                )
+                tried += 1
+                assert 400 <= response.status_code < 500, (method, url, query, response.text)
+                assert_error(response, response.status_code, response.json()["error"]["code"])
+    assert tried >= 20
