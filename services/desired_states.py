@@ -105,6 +105,12 @@ def desired_state_list_statement(
         (col(DesiredState.rollout_id), [int(r) for r in filters.rollout_ids]),
         (col(DesiredState.release_version), filters.release_versions),
     )
+    if filters.rollout_ids and not scope.unrestricted:  # a rollout outside selects nothing
+        stmt = stmt.where(
+            col(DesiredState.rollout_id).in_(
+                select(col(Rollout.id)).where(*rollouts_in_scope(scope))
+            )
+        )
     if cursor:
         at, after_id = decode_cursor(cursor, DESIRED_STATE_SORT, id_kind="uuid")
         stmt = stmt.where(
@@ -127,6 +133,19 @@ async def list_desired_states(
     the desired states addressed to the vehicle and the target-set one it now points to."""
     stmt = desired_state_list_statement(scope=scope, filters=filters, cursor=cursor, limit=limit)
     rows = list((await session.exec(stmt)).all())
+    ids = {d.rollout_id for d in rows if d.rollout_id is not None}
+    if ids and not scope.unrestricted:
+        # A vehicle's desired state may come from a rollout that also reaches outside the
+        # caller's scope: that rollout's id is not shown (the row is kept, detached from the
+        # session so the change is never written).
+        seen = await session.exec(
+            select(col(Rollout.id)).where(col(Rollout.id).in_(ids), *rollouts_in_scope(scope))
+        )
+        visible = set(seen.all())
+        for d in rows:
+            if d.rollout_id is not None and d.rollout_id not in visible:
+                session.expunge(d)
+                d.rollout_id = None
     return split_page(
         rows,
         sort=DESIRED_STATE_SORT,

@@ -14,6 +14,7 @@ dimensions: `regions`, `models`, `orgs` (None: not restricted). Two rules:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,6 +156,22 @@ def rollouts_in_scope(scope: Scope) -> list[Any]:
         conditions.append(func.jsonb_array_length(func.coalesce(named, literal([], JSONB))) > 0)
         conditions.append(named.op("<@")(literal(list(allowed), JSONB)))
     return conditions
+
+
+def rollout_scope_sql(scope: Scope, alias: str = "r") -> tuple[str, dict[str, Any]]:
+    """`rollouts_in_scope` as SQL text for the driver (psycopg placeholders): ` AND ...`
+    restricting rollouts `alias` to those whose targets are inside `scope`, and its
+    parameters."""
+    clauses, params = [], {}
+    for dimension, allowed in restrictions(scope):
+        name = f"rollout_scope_{dimension}"
+        named = f"{alias}.targets -> '{dimension}'"
+        params[name] = json.dumps(list(allowed))
+        clauses.append(
+            f" AND jsonb_array_length(coalesce({named}, '[]'::jsonb)) > 0"
+            f" AND {named} <@ CAST(%({name})s AS jsonb)"
+        )
+    return "".join(clauses), params
 
 
 def audit_entries_in_scope(scope: Scope) -> list[Any]:

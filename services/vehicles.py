@@ -33,7 +33,7 @@ from services.pagination import (
     split_page,
     timestamp_key,
 )
-from services.scope import check_may_register, match_sql, vehicle_scope_sql
+from services.scope import check_may_register, match_sql, rollout_scope_sql, vehicle_scope_sql
 from services.vehicle_status import derive_status
 
 REASON_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -116,6 +116,13 @@ def vehicle_list_query(
             " AND v.rollout_id = ANY(%(rollout_ids)s::bigint[]) AND v.id IN (SELECT vehicle_id"
             " FROM rollout_targets WHERE rollout_id = ANY(%(rollout_ids)s::bigint[]))"
         )
+        if not scope.unrestricted:  # a rollout outside the scope selects nothing
+            inside, rollout_params = rollout_scope_sql(scope, "r")
+            params.update(rollout_params)
+            clauses.append(
+                " AND v.rollout_id IN (SELECT r.id FROM rollouts r"
+                f" WHERE r.id = ANY(%(rollout_ids)s::bigint[]){inside})"
+            )
     if filters.reason_codes:
         clauses.append(" AND v.reason_codes && %(reason_codes)s::text[]")
         params["reason_codes"] = list(filters.reason_codes)
@@ -167,7 +174,7 @@ async def list_vehicles(
     statement, params, order = vehicle_list_query(
         scope=scope, filters=filters, sort=sort, cursor=cursor, limit=limit
     )
-    rows = await fetch(conn, statement, params)
+    rows = await hide_unseen_rollouts(conn, scope=scope, rows=await fetch(conn, statement, params))
     key = order.key.column.name
     return split_page(
         rows, sort=order, limit=limit, value_of=lambda r: r[key], id_of=lambda r: r["id"]
@@ -191,7 +198,31 @@ async def get_vehicle_view(
     )
     if not rows:
         raise NotFound(f"vehicle {vehicle_id!r} not found")
-    return rows[0]
+    [row] = await hide_unseen_rollouts(conn, scope=scope, rows=rows)
+    return row
+
+
+async def hide_unseen_rollouts(
+    conn: AsyncConnection[Any], *, scope: Scope, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rows` (with `rollout_id`) with the id of a rollout outside `scope` removed: a scoped
+    caller's vehicle may be inside a rollout that also reaches outside its scope, and that
+    rollout's id is not the caller's to see (`GET /rollouts/{id}` is 404 for it). One more
+    statement, only for a scoped caller and a page that names rollouts."""
+    ids = sorted({r["rollout_id"] for r in rows if r["rollout_id"] is not None})
+    if scope.unrestricted or not ids:
+        return rows
+    inside, params = rollout_scope_sql(scope, "r")
+    seen = await fetch(
+        conn,
+        f"SELECT r.id FROM rollouts r WHERE r.id = ANY(%(ids)s){inside}",
+        {"ids": ids, **params},
+    )
+    visible = {r["id"] for r in seen}
+    for row in rows:
+        if row["rollout_id"] not in visible:
+            row["rollout_id"] = None
+    return rows
 
 
 # --- One vehicle's desired state (for the vehicle itself) and its timeline -----------------
