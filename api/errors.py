@@ -32,12 +32,20 @@ from core.errors import (
     Unauthenticated,
 )
 from models.api import ErrorEnvelope
+from models.text import UNSTORABLE
 
 log = structlog.stdlib.get_logger("motorcade.api")
 
 
 def _field_path(loc: Sequence[Any]) -> tuple[str | None, int | None]:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # A name is the client's text (an unknown body field): one PostgreSQL cannot store (U+0000,
+    # a lone surrogate) is shown with U+FFFD in its place, so the answer itself can be stored
+    # (an Idempotency-Key records it) and logged.
+    parts = [
+        UNSTORABLE.sub("\ufffd", str(p))
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+    ]
     index = next((int(p) for p in loc if isinstance(p, int)), None)
     return (".".join(parts) or None), index
 

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.api.test_envelopes import assert_error
@@ -43,6 +44,7 @@ LISTS = [
     ("/api/v1/rollouts?sort=createdAt", "createdAt", '"2026-01-01T00:00:00+00:00"', "3",
      "timestamp", "int"),
     ("/api/v1/rollouts?sort=status", "status", '"running"', "3", "text", "int"),
+    ("/api/v1/rollouts/{rollout}/vehicles", "vehicleId", '"V1"', '"V1"', "text", "text"),
     ("/api/v1/releases", "-createdAt", '"2026-01-01T00:00:00+00:00"', '"1.0.0"', "timestamp",
      "text"),
     ("/api/v1/releases?sort=version", "version", '"1.0.0"', '"1.0.0"', "text", "text"),
@@ -103,7 +105,14 @@ async def test_a_forged_cursor_is_422_naming_cursor_on_every_list(
     id_kind: str,
 ) -> None:
     insert_vehicles(database_url, [f"{prefix}V"])
-    url = url.format(vehicle=f"{prefix}V")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO rollouts (release_version, targets, strategy, status, created_by)"
+            " VALUES ('1.0', '{}', %s, 'aborted', 'test') RETURNING id",
+            (json.dumps({"waves": [{"percent": 100, "bakeSeconds": 0}]}),),
+        ).fetchone()
+    assert row is not None
+    url = url.format(vehicle=f"{prefix}V", rollout=row[0])
     sep = "&" if "?" in url else "?"
     good = forged(f'{{"s": "{label}", "v": {value}, "i": {ident}}}')
     accepted = await http.get(f"{url}{sep}cursor={good}", headers=viewer)
@@ -306,3 +315,19 @@ async def test_nul_in_any_parameter_of_any_operation_is_never_a_500(
                 assert 400 <= response.status_code < 500, (method, url, query, response.text)
                 assert_error(response, response.status_code, response.json()["error"]["code"])
     assert tried >= 20
+
+
+async def test_a_refusal_never_echoes_a_nul_and_is_replayed_under_its_key(
+    http: httpx.AsyncClient, operator: dict, prefix: str
+) -> None:
+    """An unknown body field whose name holds U+0000 is named in the 422 with U+FFFD in its
+    place: the answer is text PostgreSQL can store, so its Idempotency-Key records it and
+    a retry gets the same answer (not IDEMPOTENCY_KEY_IN_USE)."""
+    headers = {**operator, "Idempotency-Key": f"{prefix}nul-field"}
+    body = {**_vehicle(f"{prefix}K"), "colo\x00r": "red"}
+    first = await http.post("/api/v1/vehicles", headers=headers, json=body)
+    assert_names(first, "colo\ufffdr")
+    assert "\\u0000" not in first.text
+    again = await http.post("/api/v1/vehicles", headers=headers, json=body)
+    assert again.status_code == 422, again.text
+    assert again.json()["error"] == first.json()["error"]
