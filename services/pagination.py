@@ -25,6 +25,7 @@ S = TypeVar("S", bound=Select[Any])
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 
 
 def check_choices(values: Iterable[str], choices: Sequence[str], *, field: str, noun: str) -> None:
@@ -38,9 +39,12 @@ def check_choices(values: Iterable[str], choices: Sequence[str], *, field: str, 
 
 
 def check_rollout_ids(values: Iterable[str]) -> None:
-    """Refuse (422) a `rolloutId` filter's value that is not a rollout id."""
+    """Refuse (422) a `rolloutId` filter's value that is not a rollout id: ASCII digits
+    (`str.isdigit` also takes `²` and other scripts' digits) within bigint."""
     for value in values:
-        if not value.isdigit():
+        if not (
+            value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= BIGINT_MAX
+        ):
             raise InvalidInput(
                 f"rolloutId {value!r} is not a rollout id",
                 details=[{"field": "rolloutId", "message": "a positive integer"}],
@@ -52,8 +56,6 @@ def check_rollout_ids(values: Iterable[str]) -> None:
 # cursor's parts, and `decode_cursor` refuses anything else (422 naming `cursor`) before a
 # value reaches a comparison or the database.
 CursorKind = Literal["int", "text", "timestamp", "uuid"]
-
-BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 
 
 def _cursor_part(kind: CursorKind, raw: Any) -> Any:

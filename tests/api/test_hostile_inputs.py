@@ -331,3 +331,14 @@ async def test_a_refusal_never_echoes_a_nul_and_is_replayed_under_its_key(
     again = await http.post("/api/v1/vehicles", headers=headers, json=body)
     assert again.status_code == 422, again.text
     assert again.json()["error"] == first.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 30, "9" * 5000, str(2**63), "0x10", "-1", "1.0"])
+async def test_a_rollout_id_filter_is_a_bigint_in_ascii_digits(
+    http: httpx.AsyncClient, viewer: dict, value: str
+) -> None:
+    """`rolloutId` (vehicles, desired states): `str.isdigit` takes `²` and any length; the
+    filter takes ASCII digits within bigint only, else 422 naming it (was a 500)."""
+    for url in ("/api/v1/vehicles", "/api/v1/desired-states"):
+        response = await http.get(url, params={"rolloutId": value}, headers=viewer)
+        assert_names(response, "rolloutId")
