@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from core.auth import Principal
 from core.logging import REDACTED, redact
+from models.enums import Role
+from services.stream import issue_ticket
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
 
@@ -159,7 +162,8 @@ def _log_in_a_fresh_process(body: str, fmt: str = "json", **env: str) -> str:
     return done.stderr
 
 
-TICKET = "eyJleHAiOjQxMDI0NDQ4MDAsIm4iOiJ4In0.3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+# A stream ticket as the app issues them (its shape is what redaction must recognize).
+TICKET = issue_ticket(Principal(subject="s", role=Role.VIEWER, regions=("eu-west",)), b"k" * 32)[0]
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
