@@ -77,6 +77,14 @@ BAD = {
 }
 
 
+EXTREMES = {
+    "int": [str(-(2**63)), str(2**63 - 1), "0"],
+    "text": ['""', '"\\u00e9\\ud83d\\ude00"', '"' + "x" * 500 + '"'],
+    "timestamp": ['"0001-01-01T00:00:00+14:00"', '"9999-12-31T23:59:59.999999-14:00"'],
+    "uuid": ['"00000000-0000-0000-0000-000000000000"', '"ffffffff-ffff-ffff-ffff-ffffffffffff"'],
+}
+
+
 def _cursors(label: str, value: str, ident: str, kinds: tuple[str, str]) -> list[str]:
     out = [f'{{"s": "{label}", "v": {bad}, "i": {ident}}}' for bad in BAD[kinds[0]]]
     out += [f'{{"s": "{label}", "v": {value}, "i": {bad}}}' for bad in BAD[kinds[1]]]
@@ -117,6 +125,12 @@ async def test_a_forged_cursor_is_422_naming_cursor_on_every_list(
     good = forged(f'{{"s": "{label}", "v": {value}, "i": {ident}}}')
     accepted = await http.get(f"{url}{sep}cursor={good}", headers=viewer)
     assert accepted.status_code == 200, accepted.text  # the shape the list writes is taken
+    for kind, part in ((value_kind, "v"), (id_kind, "i")):
+        for extreme in EXTREMES[kind]:  # the edges of each kind are valid cursors too
+            parts = {"v": value, "i": ident, part: extreme}
+            cursor = forged(f'{{"s": "{label}", "v": {parts["v"]}, "i": {parts["i"]}}}')
+            response = await http.get(f"{url}{sep}cursor={cursor}", headers=viewer)
+            assert response.status_code == 200, (extreme, response.text)
     raw_bytes = base64.urlsafe_b64encode(bytes(range(256))[:90]).decode().rstrip("=")
     for cursor in [*_cursors(label, value, ident, (value_kind, id_kind)), raw_bytes, "%%%", "e30"]:
         response = await http.get(f"{url}{sep}cursor={cursor}", headers=viewer)
