@@ -109,7 +109,12 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
     elif exc.status_code == 403:
         mapped = Forbidden()
     elif exc.status_code == 400:
-        mapped = InvalidInput(str(exc.detail))
+        # FastAPI's own 400 is a body its JSON parser gave up on (an integer past its digit
+        # limit, nesting past its depth): named like any malformed body.
+        mapped = InvalidInput(
+            str(exc.detail),
+            details=[{"field": "body", "message": str(exc.detail), "code": "json_invalid"}],
+        )
     elif exc.status_code == 413:  # api/bodylimit.py cut a body a route was reading
         mapped = PayloadTooLarge(str(exc.detail))
     else:

@@ -356,3 +356,30 @@ async def test_a_rollout_id_filter_is_a_bigint_in_ascii_digits(
     for url in ("/api/v1/vehicles", "/api/v1/desired-states"):
         response = await http.get(url, params={"rolloutId": value}, headers=viewer)
         assert_names(response, "rolloutId")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"x": 1e999}', "metadata"),
+        ('{"x": -Infinity}', "metadata"),
+        ('{"x": [NaN]}', "metadata"),
+        ('{"x": ' + "9" * 5000 + "}", "body"),
+        ("[" * 5000 + "]" * 5000, "body"),
+        ('{"a": ' * 3000 + "1" + "}" * 3000, "body"),
+    ],
+)
+async def test_json_numbers_and_nesting_no_database_can_take_are_422(
+    http: httpx.AsyncClient, operator: dict, database_url: str, prefix: str, raw: str, field: str
+) -> None:
+    """`metadata` is free JSON, but only JSON PostgreSQL's jsonb takes: no Infinity or NaN
+    (Python's parser reads `1e999` as infinity), no integer past the parser's limit, no
+    nesting past its depth. Each is a 422, and nothing is stored."""
+    vid = f"{prefix}J"
+    body = json.dumps(_vehicle(vid, metadata={"m": "RAW"})).replace('"RAW"', raw)
+    kwargs = _raw(body)
+    headers = {**operator, **kwargs.pop("headers")}
+    response = await http.post("/api/v1/vehicles", headers=headers, **kwargs)
+    assert_names(response, field)
+    listed = await http.get(f"/api/v1/vehicles?q={prefix}", headers=operator)
+    assert listed.json()["data"] == []
