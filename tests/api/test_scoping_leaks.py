@@ -706,3 +706,37 @@ async def test_a_vehicle_names_no_rollout_outside_the_scope(
     finally:
         _finish(database_url, hidden)
         _finish(database_url, visible)
+
+
+async def test_targeting_an_id_outside_the_scope_answers_as_a_missing_id(
+    http: httpx.AsyncClient,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    """A scoped operator naming the id of a vehicle outside its scope in its targets (with its
+    own region, as its scope requires) gets the answer an id that exists nowhere gets, byte
+    for byte: from the dry run (what creating the rollout would do) and from a direct desired
+    state."""
+    north, south = f"{prefix}north", f"{prefix}south"
+    release = f"{prefix}2033.1.0"
+    insert_signed_release(database_url, signing_key, release)
+    elsewhere, nowhere = f"{prefix}S1", f"{prefix}S9"
+    insert_vehicles(database_url, [elsewhere], region=south)
+    scoped = bearer(token("operator", scopes={"regions": [north]}))
+    for url, make in (
+        ("/api/v1/rollouts?dryRun=true", lambda t: rollout_body(release, targets=t)),
+        (
+            "/api/v1/desired-states",
+            lambda t: {"releaseVersion": release, "targets": t, "reason": "test"},
+        ),
+    ):
+        answers = [
+            await http.post(
+                url, headers=scoped, json=make({"regions": [north], "vehicleIds": [vid]})
+            )
+            for vid in (elsewhere, nowhere)
+        ]
+        assert answers[0].status_code in (200, 422), answers[0].text
+        same_answer(answers[0], answers[1], (nowhere, elsewhere))
