@@ -10,6 +10,11 @@ dimensions: `regions`, `models`, `orgs` (None: not restricted). Two rules:
   `models` and `orgs`) is inside when, on each restricted dimension, it names at least one
   value and every value it names is allowed; naming nothing there is outside. A write whose
   targets are outside is refused (403).
+
+A scoped caller learns nothing of what is outside: not its existence (out-of-scope ids answer
+as absent ones), not its ids (a rollout id it cannot see is left out of an overlap and of its
+own vehicles' rows), not its counts. Registering a vehicle would tell whether an id is taken
+anywhere in the fleet, so a scoped caller registers none unless allowed (`check_may_register`).
 """
 
 from __future__ import annotations
