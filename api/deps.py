@@ -23,7 +23,7 @@ from core.db import driver_connection, session_scope
 from core.errors import DependencyUnavailable, Forbidden, InvalidInput, Unauthenticated
 from core.settings import Settings
 from models.enums import AuditSource, Role
-from models.text import UNSTORABLE_MESSAGE, storable_text
+from models.storable import UNSTORABLE_MESSAGE, storable_text
 from services.assignment import AssignmentRequest
 from services.audit import Actor
 from services.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -99,7 +99,7 @@ async def get_principal(request: Request) -> Principal:
 
 async def storable_parameters(request: Request) -> None:
     """Every query and path parameter of every route is text PostgreSQL can store
-    (`models.text`): U+0000 (`%00`) anywhere is a 422 naming the parameter, before a filter,
+    (`models.storable`): U+0000 (`%00`) anywhere is a 422 naming the parameter, before a filter,
     a sort, a search or an id reaches a statement (where it was a 500). One check for every
     route (the app's own dependency), so no parameter is left out."""
     for kind, items in (

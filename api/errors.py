@@ -32,7 +32,7 @@ from core.errors import (
     Unauthenticated,
 )
 from models.api import ErrorEnvelope
-from models.text import UNSTORABLE
+from models.storable import UNSTORABLE
 
 log = structlog.stdlib.get_logger("motorcade.api")
 

@@ -36,7 +36,7 @@ from api.caller import caller_of, send_error
 from core.db import session_scope
 from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
 from core.settings import Settings
-from models.text import storable_text
+from models.storable import storable_text
 from services import audit
 from services import idempotency as service
 

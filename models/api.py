@@ -19,7 +19,7 @@ from models.defaults import (
     FailureAction,
 )
 from models.enums import WEEKDAYS, RolloutStatus, VehicleStatus, Weekday
-from models.text import check_storable_json
+from models.storable import check_storable_json
 from models.workflows import RolloutCounts
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ class CamelModel(BaseModel):
 class StrictCamelModel(CamelModel):
     """Request bodies: unknown fields are refused, so a typo never goes unnoticed, and every
     string in every field (inside lists, `metadata` and other JSON objects, keys included)
-    is one PostgreSQL can store (`models.text`): U+0000 or a lone surrogate is a 422 naming
+    is one PostgreSQL can store (`models.storable`): U+0000 or a lone surrogate is a 422 naming
     the field, never a failed statement."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")

@@ -14,6 +14,11 @@ a group commit would otherwise fail the transaction of every request merged with
   reader could load it back, and the vehicle's rows and timeline would fail every read.
 
 `json_problems` walks a JSON value (keys included) and names each place that breaks a rule.
+
+One module for every way a client's text comes in: telemetry's models use `StorableText`,
+`json_problems` and `storable_flat` (its hot path); every other request body is checked by
+`models.api.StrictCamelModel` with `check_storable_json`, a field by `StorableStr`, and query
+and path parameters by `api.deps` with `storable_text`.
 """
 
 from __future__ import annotations
@@ -24,24 +29,30 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 NUL_REFUSED = "must not contain the NUL character (U+0000)"
 SURROGATE_REFUSED = "must not contain a lone surrogate (U+D800 to U+DFFF)"
 NOT_FINITE = "must be a finite number (not NaN, Infinity or beyond ±1.8e308)"
+UNSTORABLE_MESSAGE = "must not contain U+0000 (NUL) or a lone surrogate (U+D800 to U+DFFF)"
 
 STORABLE_TEXT_PATTERN = r"^[^\x00]*$"
 StorableText = Annotated[str, Field(pattern=STORABLE_TEXT_PATTERN)]
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 # A place in a JSON value: its keys and list indexes from the root.
 Path = tuple[str | int, ...]
 
 
+def storable_text(value: str) -> bool:
+    """Whether PostgreSQL can store `value` as text or inside jsonb."""
+    return UNSTORABLE.search(value) is None
+
+
 def text_problem(value: str) -> str | None:
     """Why PostgreSQL cannot store this string (in `text` or jsonb), or None when it can."""
-    found = _UNSTORABLE.search(value)
+    found = UNSTORABLE.search(value)
     if found is None:
         return None
     return NUL_REFUSED if found.group() == "\x00" else SURROGATE_REFUSED
@@ -50,7 +61,7 @@ def text_problem(value: str) -> str | None:
 def storable_flat(value: dict[str, Any]) -> bool:
     """The fast path for the common `details`: True when an object holds only storable keys and
     scalars (False when it holds a nested value or anything `json_problems` would name)."""
-    search = _UNSTORABLE.search
+    search = UNSTORABLE.search
     for key, item in value.items():
         if search(key) is not None:
             return False
@@ -99,3 +110,39 @@ StorableTime = Annotated[
         le=datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ),
 ]
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first place (a dotted path, `""` for `value` itself, prefixed by `path`) where
+    PostgreSQL cannot store a JSON value, and why; None when it can store all of it."""
+    for where, problem in json_problems(value):
+        dotted = _dotted(where)
+        return (f"{path}.{dotted}" if path and dotted else path or dotted), problem
+    return None
+
+
+def check_storable_json(value: Any) -> Any:
+    """`value` unchanged, or ValueError naming where inside it, and why, PostgreSQL could
+    not store it (a nested model was checked already by its own validators)."""
+    if isinstance(value, BaseModel):
+        return value
+    found = unstorable(value)
+    if found is None:
+        return value
+    where, message = found
+    raise ValueError(f"{where}: {message}" if where else message)
+
+
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+StorableStr = Annotated[str, AfterValidator(_storable)]
+"""A string field PostgreSQL can store (422 naming the field otherwise)."""

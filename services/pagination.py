@@ -19,7 +19,7 @@ from sqlalchemy import Select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.errors import InvalidInput
-from models.text import storable_text
+from models.storable import storable_text
 
 S = TypeVar("S", bound=Select[Any])
 
