@@ -8,13 +8,18 @@ Validation is strict: the algorithm must be one we accept for the key that verif
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import structlog
+from cachetools import TLRUCache
 from joserfc import jws, jwt
 from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet, OctKey
@@ -28,6 +33,8 @@ from models.scope import Scope
 DEV_ISSUER = "motorcade-dev"
 DEV_ALGORITHM = "HS256"
 SCOPE_CLAIMS = ("regions", "models", "orgs")
+
+log = structlog.stdlib.get_logger("motorcade.auth")
 
 
 class TokenError(Unauthenticated):
@@ -44,7 +51,8 @@ class Principal:
     models: tuple[str, ...] | None = None
     orgs: tuple[str, ...] | None = None
     vehicle_id: str | None = None
-    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # When the credential expires (epoch seconds): its `exp`. A stream ends then.
+    expires_at: float | None = field(default=None, compare=False)
 
     @property
     def scope(self) -> Scope:
@@ -71,6 +79,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     except ValueError:
         raise TokenError("token names no known role") from None
     vehicle_id = claims.get("vehicleId")
+    expires = claims.get("exp")
     if role is Role.DEVICE and not (isinstance(vehicle_id, str) and vehicle_id):
         raise TokenError("a device token must name its vehicleId")
     return Principal(
@@ -80,74 +89,153 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         models=_scope(claims, "models"),
         orgs=_scope(claims, "orgs"),
         vehicle_id=vehicle_id if isinstance(vehicle_id, str) else None,
-        claims=claims,
+        expires_at=float(expires) if isinstance(expires, int | float) else None,
     )
 
 
 class JwksCache:
-    """Fetches the issuer's JWKS (discovering its URL if needed) and caches it for a while.
+    """The issuer's JWKS (its URL discovered from the issuer's metadata unless configured),
+    fetched over HTTP and cached for `jwks_cache_seconds`.
 
-    An unknown `kid` refreshes the set at most once every 30 s, to follow key rotation
-    without letting bad tokens hammer the identity provider.
+    - Single-flight: at most one refresh runs at a time; every request that needs it awaits
+      the same task and shares its result. What to do (serve, refresh, refuse) is decided
+      synchronously, with no await between the check and starting the refresh.
+    - One refresh (discovery, then the key set) is bounded by `jwks_timeout_seconds`.
+    - Stale-while-error: past `jwks_cache_seconds` the cached keys are still served while a
+      refresh runs in the background, and for `jwks_stale_seconds` more while refreshes fail.
+    - At most one fetch per `jwks_min_refresh_seconds`: after a failure (an identity provider
+      that is down or hangs costs one timeout per period, not one per request), and for an
+      unknown `kid` (key rotation is followed, but a token naming a key the set does not hold
+      is refused without a fetch until the period has passed).
+    - The discovered JWKS URL is cached like the keys (and discovered again after a failure).
     """
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: httpx.AsyncClient | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._clock = clock
         self._keys: KeySet | None = None
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
+        self._kids: frozenset[str | None] = frozenset()
+        self._fetched_at = 0.0  # when the keys were fetched (clock)
+        self._attempted_at: float | None = None  # when the last refresh started (clock)
+        self._jwks_url: tuple[str, float] | None = None  # discovered, and when
+        self._refresh: asyncio.Task[None] | None = None
+        self.fetches = 0  # refreshes started (for operators and tests)
 
     async def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=5.0)
+            self._client = httpx.AsyncClient(timeout=self._settings.jwks_timeout_seconds)
         return self._client
 
-    async def _jwks_url(self) -> str:
+    async def _url(self) -> str:
         if self._settings.oidc_jwks_url:
             return self._settings.oidc_jwks_url
+        now = self._clock()
+        if self._jwks_url is not None and now - self._jwks_url[1] < self._cache_seconds:
+            return self._jwks_url[0]
         issuer = (self._settings.oidc_issuer or "").rstrip("/")
         response = await (await self._http()).get(f"{issuer}/.well-known/openid-configuration")
         response.raise_for_status()
-        return str(response.json()["jwks_uri"])
+        url = response.json()["jwks_uri"]
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise ValueError("the issuer's metadata has no jwks_uri")
+        self._jwks_url = (url, now)
+        return url
 
-    async def get(self, kid: str | None) -> KeySet:
-        now = time.monotonic()
-        fresh = now - self._fetched_at < self._settings.jwks_cache_seconds
-        known = self._keys is not None and (
-            kid is None or any(k.kid == kid for k in self._keys.keys)
+    @property
+    def _cache_seconds(self) -> float:
+        return float(self._settings.jwks_cache_seconds)
+
+    def _may_fetch(self, now: float) -> bool:
+        return self._refresh is None and (
+            self._attempted_at is None
+            or now - self._attempted_at >= self._settings.jwks_min_refresh_seconds
         )
-        if self._keys is not None and fresh and (known or now - self._fetched_at < 30):
-            return self._keys
-        async with self._lock:
-            if self._keys is None or time.monotonic() - self._fetched_at >= 30 or not fresh:
-                try:
-                    response = await (await self._http()).get(await self._jwks_url())
-                    response.raise_for_status()
-                    self._keys = KeySet.import_key_set(response.json())
-                    self._fetched_at = time.monotonic()
-                except (httpx.HTTPError, ValueError, KeyError, JoseError) as exc:
-                    if self._keys is None:
-                        raise TokenError("the identity provider's keys are unavailable") from exc
-        assert self._keys is not None
+
+    def _start_refresh(self, now: float) -> asyncio.Task[None]:
+        self._attempted_at = now
+        self.fetches += 1
+        self._refresh = asyncio.create_task(self._fetch(), name="jwks-refresh")
+        return self._refresh
+
+    async def _fetch(self) -> None:
+        """One refresh; it never raises (its outcome is the cache's state), and clears itself."""
+        try:
+            async with asyncio.timeout(self._settings.jwks_timeout_seconds):
+                response = await (await self._http()).get(await self._url())
+                response.raise_for_status()
+                keys = KeySet.import_key_set(response.json())
+            self._keys = keys
+            self._kids = frozenset(k.kid for k in keys.keys)
+            self._fetched_at = self._clock()
+        except Exception:  # anything the network or the IdP does: logged, the cache decides
+            self._jwks_url = None  # discover again next time: the URL may have moved
+            log.warning("jwks.refresh_failed", exc_info=True)
+        finally:
+            self._refresh = None
+
+    def _serve(self, kid: str | None, now: float) -> KeySet:
+        """The cached keys if they may still be used for `kid`; else TokenError."""
+        if self._keys is None:
+            raise TokenError("the identity provider's keys are unavailable")
+        if now - self._fetched_at >= self._cache_seconds + self._settings.jwks_stale_seconds:
+            raise TokenError("the identity provider's keys are unavailable (too old)")
+        if kid is not None and kid not in self._kids:
+            raise TokenError("the token's key (kid) is not one of the identity provider's")
         return self._keys
 
+    async def get(self, kid: str | None) -> KeySet:
+        now = self._clock()
+        age = now - self._fetched_at
+        usable = self._keys is not None and age < (
+            self._cache_seconds + self._settings.jwks_stale_seconds
+        )
+        if usable and (kid is None or kid in self._kids):
+            if age >= self._cache_seconds and self._may_fetch(now):
+                # Expired: served while a refresh runs in the background (and while refreshes
+                # fail, within the stale bound); no request waits for it.
+                self._start_refresh(now)
+            return self._serve(kid, now)
+        # No usable keys, or a kid the set does not hold: only a refresh can help.
+        task = self._refresh
+        if task is None and self._may_fetch(now):
+            task = self._start_refresh(now)
+        if task is not None:
+            await asyncio.shield(task)  # single flight: one refresh however many wait
+        return self._serve(kid, self._clock())
+
     async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
         if self._client is not None:
             await self._client.aclose()
 
 
-# A token verified once is trusted again, without its signature being checked, for at most
-# this long and never past its expiry: its claims cannot change (the signature covers them).
-# Bounded: the oldest entries go first.
-VERIFIED_TOKEN_SECONDS = 60.0
-VERIFIED_TOKEN_ENTRIES = 10_000
-
-
 class TokenVerifier:
+    """Verifies bearer tokens, and remembers the verified ones: a token seen again within
+    `token_cache_seconds` (never past its `exp`) is not verified again (its claims cannot
+    change: the signature covers them). The cache holds `token_cache_entries`, least recently
+    used evicted first, keyed by the token's SHA-256 (32 bytes, not the token's ~1 KB)."""
+
     def __init__(self, settings: Settings, jwks: JwksCache | None = None) -> None:
-        self._verified: dict[str, tuple[Principal, float]] = {}
         self._settings = settings
+        self._verified: TLRUCache[bytes, tuple[Principal, float]] | None = (
+            TLRUCache(
+                maxsize=settings.token_cache_entries,
+                ttu=lambda _key, value, _now: value[1],
+                timer=time.time,
+            )
+            if settings.token_cache_entries > 0
+            else None
+        )
         self._dev_key = (
             OctKey.import_key(settings.dev_key.get_secret_value()) if settings.dev_key else None
         )
@@ -156,16 +244,15 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """The caller of a bearer token; a token verified in the last minute is not verified
         again (the signature check was a tenth of a read's CPU)."""
-        known = self._verified.get(token)
+        if self._verified is None:
+            return (await self._verify(token))[0]
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        known = self._verified.get(digest)
         if known is not None:
-            if time.time() < known[1]:
-                return known[0]
-            del self._verified[token]
+            return known[0]
         principal, expires = await self._verify(token)
-        if len(self._verified) >= VERIFIED_TOKEN_ENTRIES:
-            del self._verified[next(iter(self._verified))]
-        until = min(time.time() + VERIFIED_TOKEN_SECONDS, expires)
-        self._verified[token] = (principal, until)
+        until = min(time.time() + self._settings.token_cache_seconds, expires)
+        self._verified[digest] = (principal, until)
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float]:

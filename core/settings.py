@@ -106,6 +106,45 @@ class Settings(BaseSettings):
         description="Asymmetric algorithms accepted from the identity provider.",
     )
     jwks_cache_seconds: int = Field(300, ge=0, description="How long fetched JWKS are cached.")
+    jwks_timeout_seconds: float = Field(
+        5,
+        gt=0,
+        le=60,
+        description="Most one JWKS refresh (the issuer's discovery document, then its key "
+        "set) may take. Refreshes are single-flight: however many requests need the keys, one "
+        "refresh runs and they share its result, so no request waits longer than this once.",
+    )
+    jwks_stale_seconds: int = Field(
+        3600,
+        ge=0,
+        description="While the identity provider cannot be reached, keys older than "
+        "MOTORCADE_JWKS_CACHE_SECONDS are still used for at most this long past their expiry "
+        "(stale-while-error); past it, tokens are refused until a refresh succeeds.",
+    )
+    jwks_min_refresh_seconds: float = Field(
+        30,
+        ge=0,
+        description="The JWKS is fetched at most once per this many seconds: after a failed "
+        "refresh the next is tried no sooner (an identity provider that is down costs one "
+        "timeout per period, not one per request), and a token whose `kid` is not in the "
+        "cached set triggers a refresh at most this often; meanwhile it is refused without a "
+        "fetch.",
+    )
+    token_cache_entries: int = Field(
+        250_000,
+        ge=0,
+        description="Verified tokens remembered per process, least recently used evicted "
+        "first (about 1 KB each: the default holds a 250,000-vehicle fleet's device tokens in "
+        "about 250 MB). A token seen again within MOTORCADE_TOKEN_CACHE_SECONDS is not "
+        "verified again. 0 turns the cache off.",
+    )
+    token_cache_seconds: float = Field(
+        300,
+        ge=0,
+        description="How long a verified token is trusted without checking its signature "
+        "again (never past its `exp`); as long as the JWKS is cached, so a device that "
+        "calls every few minutes is verified once per this period.",
+    )
     dev_key: SecretStr | None = Field(
         None,
         description="HS256 key for dev tokens (`make dev` generates one under .motorcade/). "
