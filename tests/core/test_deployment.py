@@ -281,6 +281,12 @@ def test_motorcade_roles_run_in_production_mode() -> None:
         k: secrets.token_hex(32) if v.startswith("change-me") else v for k, v in example.items()
     }
     settings = settings_of(resolved_compose(filled)["services"]["api"])
+    # The stream ticket secret left as shipped is refused by itself.
+    ticket_left = filled | {
+        "MOTORCADE_STREAM_TICKET_SECRET": example["MOTORCADE_STREAM_TICKET_SECRET"]
+    }
+    with pytest.raises(ValueError, match="MOTORCADE_STREAM_TICKET_SECRET is a placeholder"):
+        settings_of(resolved_compose(ticket_left)["services"]["api"])
     assert settings.env == "production" and settings.oidc_issuer
     assert settings.metrics_token is not None
 

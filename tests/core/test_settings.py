@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from core.settings import Settings
 
 KEY = "k" * 40
+ISSUER = "https://id.example"
+ENV_EXAMPLE = (Path(__file__).parents[2] / ".env.example").read_text()
+PLACEHOLDER = next(
+    line.partition("=")[2]
+    for line in ENV_EXAMPLE.splitlines()
+    if line.startswith("MOTORCADE_STREAM_TICKET_SECRET=")
+)
 
 
 def make(**kw: object) -> Settings:
@@ -67,6 +77,34 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_secrets_do_not_show_in_repr() -> None:
     assert KEY not in repr(make(dev_key=KEY))
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        (PLACEHOLDER, "placeholder"),
+        ("CHANGE-ME-" + secrets.token_hex(32), "placeholder"),
+        (secrets.token_hex(15), "at least 32 bytes"),
+        ("x" * 64, "entropy"),
+        ("0123456789abcdef" * 4, "entropy"),
+        ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab", "entropy"),
+    ],
+    ids=["env-example", "placeholder-marker", "short", "one-char", "pattern", "low-entropy"],
+)
+def test_production_refuses_a_weak_stream_ticket_secret(secret: str, why: str) -> None:
+    """A ticket secret an attacker can guess mints feed-wide tickets: production refuses to
+    start with one, and says why."""
+    with pytest.raises(ValidationError, match="MOTORCADE_STREAM_TICKET_SECRET ") as info:
+        make(env="production", oidc_issuer=ISSUER, stream_ticket_secret=secret)
+    assert why in str(info.value) and "openssl rand -hex 32" in str(info.value)
+    assert secret not in str(info.value)  # the message does not repeat the secret
+    make(env="test", stream_ticket_secret=secret)  # outside production: accepted
+
+
+def test_production_accepts_a_generated_stream_ticket_secret() -> None:
+    for secret in (secrets.token_hex(32), secrets.token_urlsafe(32), None):
+        settings = make(env="production", oidc_issuer=ISSUER, stream_ticket_secret=secret)
+        assert settings.env == "production"
 
 
 PROD = {"env": "production", "oidc_issuer": "https://id.example"}
