@@ -26,8 +26,10 @@ whose queue is full is dropped: its queue is replaced by one final `resync` even
 stream ends. Vehicle updates arrive as batched rows (up to `VEHICLE_DELTAS_PER_ROW` deltas),
 so a storm is a bounded number of events.
 
-Tickets: HMAC-SHA256 over the caller's subject, role, scopes and expiry with a server secret
-(`MOTORCADE_STREAM_TICKET_SECRET`; every replica with the same secret accepts them).
+Tickets: HMAC-SHA256 over the caller's subject, role, scopes, issue time and expiry with a
+server secret (`MOTORCADE_STREAM_TICKET_SECRET`; every replica with the same secret accepts
+them). A ticket lives `MOTORCADE_STREAM_TICKET_SECONDS` at most, never past the token it was
+issued for; a longer one is refused even with a valid MAC.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ log = structlog.stdlib.get_logger("motorcade.stream")
 
 CHANNEL = "motorcade_change_feed"
 TOPICS = ("vehicles", "rollouts", "audit")
-TICKET_SECONDS = 60
+TICKET_SECONDS = 60  # the default of MOTORCADE_STREAM_TICKET_SECONDS
+TICKET_LEEWAY_SECONDS = 5  # clock skew between the replica that issues and the one that reads
+TICKET_MAX_CHARS = 2048
+STREAM_ROLES = frozenset({Role.VIEWER, Role.OPERATOR})  # who may read the stream
 PAGE_ROWS = 500
 
 SUBSCRIBERS = Gauge(
@@ -98,15 +103,24 @@ def ticket_secret(configured: str | None, dev_key: str | None) -> bytes:
 
 
 def issue_ticket(
-    principal: Principal, secret: bytes, *, seconds: int = TICKET_SECONDS
+    principal: Principal,
+    secret: bytes,
+    *,
+    seconds: int = TICKET_SECONDS,
+    now: float | None = None,
 ) -> tuple[str, datetime]:
-    expires = int(time.time()) + seconds
+    """A ticket for `principal`, valid `seconds` and never past its token's own expiry."""
+    issued = int(time.time() if now is None else now)
+    expires = issued + seconds
+    if principal.expires_at is not None:
+        expires = max(issued, min(expires, int(principal.expires_at)))
     claims = {
         "sub": principal.subject,
         "role": principal.role.value,
         "regions": list(principal.regions) if principal.regions is not None else None,
         "models": list(principal.models) if principal.models is not None else None,
         "orgs": list(principal.orgs) if principal.orgs is not None else None,
+        "iat": issued,
         "exp": expires,
         "n": _b64(secrets.token_bytes(9)),
     }
@@ -115,34 +129,70 @@ def issue_ticket(
     return f"{body}.{mac}", datetime.fromtimestamp(expires, UTC)
 
 
-def verify_ticket(ticket: str, secret: bytes) -> Principal:
+def _ticket_dims(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TokenError("the ticket is malformed")
+    return tuple(value)
+
+
+def _ticket_int(claims: dict[str, Any], name: str) -> int:
+    value = claims.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+        raise TokenError("the ticket is malformed")
+    return value
+
+
+def verify_ticket(
+    ticket: str, secret: bytes, *, max_seconds: int = TICKET_SECONDS, now: float | None = None
+) -> Principal:
+    """The caller a ticket was issued to, or TokenError (401). Refused besides a bad MAC:
+    anything not ASCII or not shaped as `issue_ticket` makes it, a role that may not read the
+    stream, and a lifetime (from issue to expiry, and from now to expiry) longer than
+    `max_seconds` plus a few seconds of clock skew between replicas: a ticket minted with a
+    leaked secret cannot be made to live long."""
+    if len(ticket) > TICKET_MAX_CHARS or not ticket.isascii():
+        raise TokenError("the ticket is malformed")
     body, dot, mac = ticket.partition(".")
-    if not dot or not body or not mac or len(ticket) > 2048:
+    if not dot or not body or not mac:
         raise TokenError("the ticket is malformed")
     expected = _b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())
-    if not hmac.compare_digest(expected, mac):
+    if not hmac.compare_digest(expected.encode(), mac.encode()):
         raise TokenError("the ticket is not valid")
     try:
         claims = json.loads(_unb64(body))
-        expires = int(claims["exp"])
-        role = Role(claims["role"])
-
-        def dims(name: str) -> tuple[str, ...] | None:
-            value = claims.get(name)
-            return None if value is None else tuple(str(v) for v in value)
-
-        principal = Principal(
-            subject=str(claims["sub"]),
-            role=role,
-            regions=dims("regions"),
-            models=dims("models"),
-            orgs=dims("orgs"),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise TokenError("the ticket is malformed") from exc
-    if expires <= time.time():
+    if not isinstance(claims, dict):
+        raise TokenError("the ticket is malformed")
+    issued, expires = _ticket_int(claims, "iat"), _ticket_int(claims, "exp")
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise TokenError("the ticket is malformed")
+    try:
+        role = Role(str(claims.get("role")))
+    except (ValueError, TypeError):
+        raise TokenError("the ticket is malformed") from None
+    if role not in STREAM_ROLES:
+        raise TokenError(f"a ticket for the {role.value} role is not accepted")
+    current = time.time() if now is None else now
+    longest = max_seconds + TICKET_LEEWAY_SECONDS
+    if expires - issued > longest or expires - current > longest:
+        raise TokenError("the ticket's lifetime is longer than a ticket's")
+    if issued > current + TICKET_LEEWAY_SECONDS:
+        raise TokenError("the ticket was issued in the future")
+    if expires <= current:
         raise TokenError("the ticket has expired")
-    return principal
+    return Principal(
+        subject=subject,
+        role=role,
+        regions=_ticket_dims(claims, "regions"),
+        models=_ticket_dims(claims, "models"),
+        orgs=_ticket_dims(claims, "orgs"),
+        expires_at=float(expires),
+    )
 
 
 @contextlib.asynccontextmanager

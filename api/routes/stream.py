@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -43,14 +45,19 @@ TOPICS_DESCRIPTION = (
     "/stream/tickets",
     status_code=201,
     summary="A short-lived ticket for a browser EventSource",
-    description="A ticket valid for 60 s, bound to the caller (subject, role, scopes): "
+    description="A ticket valid for `MOTORCADE_STREAM_TICKET_SECONDS` (default 60 s; never "
+    "past the caller's token's expiry), bound to the caller (subject, role, scopes): "
     "`GET /api/v1/stream?ticket=...` accepts it in place of the Authorization header, "
-    "as often as needed until it expires. Not subject to Idempotency-Key (each call "
-    "returns a new ticket; nothing is stored).",
+    "as often as needed until it expires; a stream opened with it ends when it expires. "
+    "Not subject to Idempotency-Key (each call returns a new ticket; nothing is stored).",
     responses=ErrorResponses.read,
 )
 async def create_ticket(request: Request, principal: ViewerDep) -> dict[str, Any]:
-    ticket, expires = service.issue_ticket(principal, request.app.state.stream_secret)
+    ticket, expires = service.issue_ticket(
+        principal,
+        request.app.state.stream_secret,
+        seconds=request.app.state.settings.stream_ticket_seconds,
+    )
     return ok(request, {"ticket": ticket, "expiresAt": expires})
 
 
@@ -58,25 +65,36 @@ async def _stream_principal(request: Request, ticket: str | None) -> Principal:
     if ticket is None:
         principal = await get_principal(request)
     else:
-        principal = service.verify_ticket(ticket, request.app.state.stream_secret)
+        principal = service.verify_ticket(
+            ticket,
+            request.app.state.stream_secret,
+            max_seconds=request.app.state.settings.stream_ticket_seconds,
+        )
         request.state.principal = principal
     if principal.role not in READ_ROLES:
         raise Forbidden(f"the {principal.role.value} role may not do this")
     return principal
 
 
+# ASCII digits only: str.isdigit also takes "²" (int() does not) and other scripts' digits.
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
 def _last_event_id(query: str | None, header: str | None) -> int | None:
-    raw = query if query is not None else header
-    if raw is None or raw.strip() == "":
-        return None
-    raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 18:
-        field = "lastEventId" if query is not None else "Last-Event-ID"
-        raise InvalidInput(
-            "the last event id must be an event id this stream sent",
-            details=[{"field": field, "message": "a non-negative integer"}],
-        )
-    return int(raw)
+    """The event to resume after: `lastEventId=` or `Last-Event-ID`; with both, the later
+    (a browser's EventSource reconnecting to a URL that carries `lastEventId=` sends the id of
+    the last event it received in the header)."""
+    found: list[int] = []
+    for field, raw in (("lastEventId", query), ("Last-Event-ID", header)):
+        if raw is None or raw.strip() == "":
+            continue
+        if not _EVENT_ID.fullmatch(raw.strip()):
+            raise InvalidInput(
+                "the last event id must be an event id this stream sent",
+                details=[{"field": field, "message": "an event id: 1 to 18 digits 0-9"}],
+            )
+        found.append(int(raw.strip()))
+    return max(found) if found else None
 
 
 class StreamResponse(EventSourceResponse):
@@ -138,7 +156,8 @@ def _resync(reason: str) -> ServerSentEvent:
     "caller's scope. Resume with `Last-Event-ID` (or `lastEventId=`): every missed event, "
     "then live ones. A `resync` event (no id) means: re-read the state, then open a new "
     "stream without a last event id; the stream ends after it. Keep-alive comments every "
-    "15 s. Authorization header, or `ticket=` from POST /api/v1/stream/tickets.",
+    "15 s. Authorization header, or `ticket=` from POST /api/v1/stream/tickets; the stream "
+    "ends when that token or ticket expires (resume with a fresh one and `lastEventId=`).",
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
         **ErrorResponses.read,
@@ -173,6 +192,8 @@ async def stream(
     if not hub.ready:
         raise DependencyUnavailable("the change feed is not reachable yet")
     topic_set, scope = frozenset(chosen), principal.scope
+    expires_at = principal.expires_at
+    seconds_left = math.inf if expires_at is None else max(0.0, expires_at - time.time())
     shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
 
     async def events() -> AsyncIterator[ServerSentEvent | bytes]:
@@ -182,11 +203,15 @@ async def stream(
         if last is not None and last > cursor:
             sub.after = last  # another replica may be a little ahead: never send twice
 
-        async def end_on_shutdown() -> None:
-            await shutdown.wait()
+        async def end_on_shutdown_or_expiry() -> None:
+            # The stream ends when the server stops, or when the credential it was opened
+            # with (the token's exp, the ticket's) expires: the client reconnects with a
+            # fresh one and resumes from its last event id.
+            with anyio.move_on_after(seconds_left):
+                await shutdown.wait()
             sub.stop()
 
-        watcher = asyncio.create_task(end_on_shutdown())
+        watcher = asyncio.create_task(end_on_shutdown_or_expiry())
         try:
             yield ServerSentEvent(comment="subscribed")  # registered: nothing after is missed
             if last is not None and last < cursor:

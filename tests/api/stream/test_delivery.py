@@ -57,6 +57,11 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
     async with open_stream(client, viewer, topics="vehicles", lastEventId=str(d)) as sse:
         assert int((await sse.mine(prefix))["id"]) == e
         assert int((await sse.mine(prefix))["id"]) == f
+    # Both: the later wins (an EventSource opened with lastEventId= reconnects to the same URL
+    # and sends the id of the last event it received in the header): no event twice.
+    headers = {**viewer, "Last-Event-ID": str(e)}
+    async with open_stream(client, headers, topics="vehicles", lastEventId=str(c)) as sse:
+        assert int((await sse.mine(prefix))["id"]) == f
 
 
 async def test_a_row_committed_after_a_later_id_is_not_skipped(
