@@ -10,31 +10,44 @@ from starlette.requests import Request
 from starlette.types import Scope, Send
 
 from api.envelope import error_body
-from core.auth import Principal, TokenError, TokenVerifier
-from core.errors import MotorcadeError
+from core.auth import Principal, TokenVerifier
+from core.errors import MotorcadeError, Unauthenticated
 
 _STATE_KEY = "caller"
 _ERROR_KEY = "caller_error"
 
 
+def bearer_token(scope: Scope) -> str:
+    """The bearer token of the request: the one reader of the Authorization header, for the
+    middlewares and the routes alike. Unauthenticated (401) when there is none, when there are
+    several (a proxy and a client could otherwise each see a different one), or when it is
+    not `Bearer <token>`."""
+    values = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
+    if not values:
+        raise Unauthenticated("a bearer token is required")
+    if len(values) > 1:
+        raise Unauthenticated("send one Authorization header, not several")
+    scheme, _, token = values[0].decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("use the Authorization: Bearer <token> scheme")
+    return token.strip()
+
+
 async def caller_of(scope: Scope) -> Principal | None:
-    """The principal of a valid bearer token, or None (no token, or one that does not verify:
-    the route answers 401 itself). Cached in the request's state."""
+    """The principal of a valid bearer token, or None (no token, several, or one that does
+    not verify: `caller_error` says which). Cached in the request's state."""
     state: dict[str, Any] = scope.setdefault("state", {})
     if _STATE_KEY in state:
         cached: Principal | None = state[_STATE_KEY]
         return cached
     principal: Principal | None = None
-    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    try:
+        token = bearer_token(scope)
         verifier: TokenVerifier | None = getattr(scope["app"].state, "verifier", None)
         if verifier is not None:
-            try:
-                principal = await verifier.verify(token.strip())
-            except TokenError as exc:  # the route (or api/authgate.py) answers 401
-                principal = None
-                state[_ERROR_KEY] = exc
+            principal = await verifier.verify(token)
+    except Unauthenticated as exc:  # TokenError included: api/authgate.py answers the 401
+        state[_ERROR_KEY] = exc
     state[_STATE_KEY] = principal
     return principal
 
@@ -46,9 +59,10 @@ def verified_caller(scope: Scope) -> Principal | None:
     return cached
 
 
-def caller_error(scope: Scope) -> TokenError | None:
-    """Why `caller_of` found no valid token in a bearer header (None: it did not verify one)."""
-    error: TokenError | None = scope.get("state", {}).get(_ERROR_KEY)
+def caller_error(scope: Scope) -> Unauthenticated | None:
+    """Why `caller_of` found no valid caller (no Authorization header, several, another
+    scheme, or a token that does not verify); None when it did not look or found one."""
+    error: Unauthenticated | None = scope.get("state", {}).get(_ERROR_KEY)
     return error
 
 

@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
-from api.caller import verified_caller
+from api.caller import bearer_token, verified_caller
 from core import temporal
 from core.auth import Principal, TokenVerifier
 from core.db import driver_connection, session_scope
-from core.errors import DependencyUnavailable, Forbidden, InvalidInput, Unauthenticated
+from core.errors import DependencyUnavailable, Forbidden, InvalidInput
 from core.settings import Settings
 from models.enums import AuditSource, Role
 from models.storable import UNSTORABLE_MESSAGE, storable_text
@@ -85,14 +85,9 @@ async def get_principal(request: Request) -> Principal:
     if principal is not None:
         request.state.principal = principal
         return principal
-    header = request.headers.get("authorization")
-    if not header:
-        raise Unauthenticated("a bearer token is required")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("use the Authorization: Bearer <token> scheme")
+    token = bearer_token(request.scope)  # the one reader of the header: 401 if not one
     verifier: TokenVerifier = request.app.state.verifier
-    principal = await verifier.verify(token.strip())  # TokenError: 401
+    principal = await verifier.verify(token)  # TokenError: 401
     request.state.principal = principal
     return principal
 
