@@ -174,9 +174,14 @@ class JwksCache:
             self._keys = keys
             self._kids = frozenset(k.kid for k in keys.keys)
             self._fetched_at = self._clock()
-        except Exception:  # anything the network or the IdP does: logged, the cache decides
+        except Exception as exc:  # anything the network or the IdP does: the cache decides
             self._jwks_url = None  # discover again next time: the URL may have moved
-            log.warning("jwks.refresh_failed", exc_info=True)
+            log.warning(
+                "jwks.refresh_failed",
+                error=type(exc).__name__,
+                message=str(exc)[:200],
+                retry_after_seconds=self._settings.jwks_min_refresh_seconds,
+            )
         finally:
             self._refresh = None
 
