@@ -28,6 +28,7 @@ from core.settings import Settings
 from devtools.localservers import free_port
 from models.enums import Role
 from tests.api.conftest import bearer
+from tests.api.stream import open_stream
 
 GUARD = 60  # waiting longer than this for a report is a failure (not a measured time)
 
@@ -169,6 +170,112 @@ async def test_eventsource_receives_live_events_and_resumes_after_a_drop(
                 "browser-3",
                 "browser-4",
             ]
+        finally:
+            stop(browser.pid)
+            await browser.wait()
+
+
+# The page of docs/api.md ("Tickets for browsers"): it mints its ticket itself, remembers the
+# last event id, and when the stream has ended at the ticket's expiry (the browser's own retry
+# with the expired ticket is refused: the source is CLOSED) mints a new ticket and opens a new
+# EventSource with lastEventId=.
+RENEWING_PAGE = """<!doctype html><html><body><script>
+const q = new URLSearchParams(location.search);
+const api = q.get('api');
+const report = (kind, body) => fetch('/report', {method: 'POST',
+  body: JSON.stringify({kind, ...body})});
+let lastEventId = null;
+let source = null;
+async function connect() {
+  const {data} = await (await fetch(api + '/api/v1/stream/tickets', {method: 'POST',
+    headers: {Authorization: 'Bearer ' + q.get('token')}})).json();
+  report('ticket', {lastEventId});
+  const query = new URLSearchParams({topics: 'vehicles', ticket: data.ticket});
+  if (lastEventId !== null) query.set('lastEventId', lastEventId);
+  source = new EventSource(api + '/api/v1/stream?' + query);
+  source.onopen = () => report('open', {});
+  source.addEventListener('vehicle.updated', (e) => {
+    lastEventId = e.lastEventId;
+    report('event', {id: e.lastEventId, data: JSON.parse(e.data)});
+  });
+  source.onerror = () => {
+    report('error', {state: source.readyState});
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 200);
+  };
+}
+connect();
+</script></body></html>"""
+
+
+async def test_eventsource_renews_its_ticket_when_the_stream_ends_at_expiry(
+    chromium: str,
+    settings: Settings,
+    dev_key: str,
+    database_url: str,
+    tmp_path: Any,
+) -> None:
+    """Tickets live 3 s here: each stream ends at its ticket's expiry, the browser's own retry
+    is refused (401), and the page mints a new ticket and resumes with lastEventId=: every
+    event arrives once, in order, across the renewals."""
+    reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def page(_: Request) -> HTMLResponse:
+        return HTMLResponse(RENEWING_PAGE)
+
+    async def report(request: Request) -> Response:
+        await reports.put(json.loads(await request.body()))
+        return Response(status_code=204)
+
+    page_port, api_port = free_port(), free_port()
+    origin = f"http://127.0.0.1:{page_port}"
+    api = f"http://127.0.0.1:{api_port}"
+    api_settings = settings.model_copy(
+        update={"cors_origins": [origin], "stream_ticket_seconds": 3}
+    )
+    pages = Starlette(routes=[Route("/", page), Route("/report", report, methods=["POST"])])
+    seen: list[dict[str, Any]] = []
+
+    async def next_report(kind: str) -> dict[str, Any]:
+        while True:
+            item = await asyncio.wait_for(reports.get(), GUARD)
+            seen.append(item)
+            if item["kind"] == kind:
+                return item
+
+    token = mint_dev_token(dev_key, role=Role.VIEWER)
+    async with serve(pages, page_port), serve(create_app(api_settings), api_port):
+        async with httpx.AsyncClient(base_url=api, timeout=GUARD) as client:
+            async with open_stream(client, bearer(token), topics="vehicles"):
+                pass  # the stream hub is up before the page's short tickets are minted
+        browser = await asyncio.create_subprocess_exec(
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"{origin}/?api={api}&token={token}",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            await next_report("open")
+            ids = [feed(database_url, "renew-1")]
+            got = [await next_report("event")]
+            for n in (2, 3):
+                # The stream ends at the ticket's expiry; the retry is refused; a new ticket.
+                renewed = await next_report("ticket")
+                assert renewed["lastEventId"] == got[-1]["id"]
+                ids.append(feed(database_url, f"renew-{n}"))  # written while renewing
+                got.append(await next_report("event"))
+            assert [int(e["id"]) for e in got] == ids
+            assert [e["data"]["vehicles"][0]["id"] for e in got] == [
+                "renew-1",
+                "renew-2",
+                "renew-3",
+            ]
+            assert any(r["kind"] == "error" and r["state"] == 2 for r in seen)  # CLOSED
         finally:
             stop(browser.pid)
             await browser.wait()
