@@ -24,6 +24,7 @@ from joserfc import jws, jwt
 from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet, OctKey
 from joserfc.jwt import JWTClaimsRegistry
+from prometheus_client import Counter
 
 from core.errors import Unauthenticated
 from core.settings import Settings
@@ -35,6 +36,11 @@ DEV_ALGORITHM = "HS256"
 SCOPE_CLAIMS = ("regions", "models", "orgs")
 
 log = structlog.stdlib.get_logger("motorcade.auth")
+JWKS_REFRESHES = Counter(
+    "motorcade_jwks_refreshes_total",
+    "Refreshes of the identity provider's JWKS (discovery included), by outcome.",
+    ["outcome"],
+)
 
 
 class TokenError(Unauthenticated):
@@ -174,8 +180,10 @@ class JwksCache:
             self._keys = keys
             self._kids = frozenset(k.kid for k in keys.keys)
             self._fetched_at = self._clock()
+            JWKS_REFRESHES.labels("ok").inc()
         except Exception as exc:  # anything the network or the IdP does: the cache decides
             self._jwks_url = None  # discover again next time: the URL may have moved
+            JWKS_REFRESHES.labels("error").inc()
             log.warning(
                 "jwks.refresh_failed",
                 error=type(exc).__name__,

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
+from prometheus_client import REGISTRY
 
 from core.auth import JwksCache, Principal, TokenError, TokenVerifier
 from core.settings import Settings
@@ -152,6 +153,11 @@ def tokens(idp: Idp, n: int, key: ECKey = KEY, kid: str = "k1") -> list[str]:
     ]
 
 
+def refreshes(outcome: str) -> float:
+    """motorcade_jwks_refreshes_total{outcome} as /metrics shows it."""
+    return REGISTRY.get_sample_value("motorcade_jwks_refreshes_total", {"outcome": outcome}) or 0
+
+
 def refused(results: list[Any]) -> int:
     return sum(isinstance(r, TokenError) for r in results)
 
@@ -168,6 +174,7 @@ async def test_an_idp_in_trouble_costs_one_fetch_for_100_new_tokens(idp: Idp, tr
     back, one refresh (discovery, then the key set) serves the next 100."""
     clock = Clock()
     rig = Rig(settings_for(idp), clock)
+    errors, oks = refreshes("error"), refreshes("ok")
     try:
         if trouble == "stopped":
             idp.stop()
@@ -193,6 +200,7 @@ async def test_an_idp_in_trouble_costs_one_fetch_for_100_new_tokens(idp: Idp, tr
         assert verified(results) == 100, [r for r in results if not isinstance(r, Principal)][:3]
         assert rig.attempts == 3  # + discovery and the key set, once
         assert idp.requests[seen:] == ["/.well-known/openid-configuration", "/jwks"]
+        assert (refreshes("error") - errors, refreshes("ok") - oks) == (1, 1)
     finally:
         await rig.verifier.aclose()
 
