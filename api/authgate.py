@@ -30,13 +30,8 @@ def _ticket_stream(scope: Scope) -> bool:
 
 
 def _unauthenticated(scope: Scope) -> Unauthenticated:
-    """The 401 the route would have given (the same messages as `api.deps.get_principal`)."""
-    header = dict(scope.get("headers") or []).get(b"authorization")
-    if not header:
-        return Unauthenticated("a bearer token is required")
-    scheme, _, token = header.decode("latin-1").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return Unauthenticated("use the Authorization: Bearer <token> scheme")
+    """The 401 the route would have given: why `caller_of` (api/caller.py, the one reader of
+    the Authorization header) found no caller."""
     return caller_error(scope) or Unauthenticated()
 
 

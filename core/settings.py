@@ -361,13 +361,6 @@ class Settings(BaseSettings):
         description="How long a stream ticket is valid; a stream opened with one ends when it "
         "expires (the browser then mints a new ticket and resumes with lastEventId=).",
     )
-    stream_ticket_seconds: int = Field(
-        60,
-        ge=1,
-        le=3600,
-        description="How long a stream ticket is valid; a stream opened with one ends when it "
-        "expires (the browser then mints a new ticket and resumes with lastEventId=).",
-    )
     stream_keepalive_seconds: float = Field(
         15, gt=0, le=300, description="Seconds between keep-alive comments on an idle stream."
     )

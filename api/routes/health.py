@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.caller import bearer_token
 from api.envelope import ok
 from core.db import ping
 from core.errors import NotFound, Unauthenticated
@@ -62,9 +63,12 @@ def check_metrics_token(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.metrics_token is None:
         raise NotFound("/metrics is off: set MOTORCADE_METRICS_TOKEN to serve it")
-    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    try:
+        sent = bearer_token(request.scope)  # the one reader: several headers are refused
+    except Unauthenticated:
+        sent = None
     expected = settings.metrics_token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), expected):
+    if sent is None or not hmac.compare_digest(sent.encode("utf-8", "replace"), expected):
         raise Unauthenticated(
             "/metrics needs the metrics secret (Authorization: Bearer "
             "<MOTORCADE_METRICS_TOKEN>), not a user token"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.api.conftest import METRICS_TOKEN
 from tests.api.test_envelopes import assert_error
 
 GARBAGE = "Bearer not-a-token"
@@ -21,6 +22,7 @@ GARBAGE = "Bearer not-a-token"
         ("GET", "/api/v1/vehicles", "viewer"),  # the route reads the header
         ("POST", "/api/v1/stream/tickets", "viewer"),  # a write: the middlewares read it first
         ("POST", "/api/v1/stream/tickets", "operator+viewer"),  # two valid tokens
+        ("GET", "/metrics", "metrics"),  # the operators' metrics secret, outside /api/
     ],
 )
 async def test_two_authorization_headers_are_refused_in_either_order(
@@ -33,6 +35,8 @@ async def test_two_authorization_headers_are_refused_in_either_order(
 ) -> None:
     if role == "operator+viewer":
         headers = [f"Bearer {token('operator')}", f"Bearer {token('viewer')}"]
+    elif role == "metrics":
+        headers = [f"Bearer {METRICS_TOKEN}", GARBAGE]
     else:
         headers = [f"Bearer {token(role)}", GARBAGE]
     if first == "garbage":
@@ -41,7 +45,8 @@ async def test_two_authorization_headers_are_refused_in_either_order(
         method, path, headers=[("Authorization", value) for value in headers]
     )
     body = assert_error(response, 401, "UNAUTHENTICATED")
-    assert "one Authorization header" in body["error"]["message"]
+    if role != "metrics":  # /metrics names its own credential
+        assert "one Authorization header" in body["error"]["message"]
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
