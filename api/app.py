@@ -84,10 +84,12 @@ def ingest_config(settings: Settings) -> IngestConfig:
         group_max_items=settings.ingest_group_max_items,
         group_wait_ms=settings.ingest_group_wait_ms,
         writers=settings.ingest_writers,
+        max_clock_skew_seconds=settings.max_clock_skew_seconds,
         policy=WideWritePolicy(
             offline_after_seconds=settings.offline_after_seconds,
             refresh_seconds=settings.telemetry_refresh_seconds,
             battery_step=settings.telemetry_battery_step,
+            max_seq_jump=settings.max_seq_jump,
         ),
     )
 

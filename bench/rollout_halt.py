@@ -297,7 +297,8 @@ class Bench:
         self.db = psycopg.connect(url, autocommit=True)
         self.operator = _bearer(mint_dev_token(dev_key, role=Role.OPERATOR, subject="bench"))
         self.gateway = _bearer(mint_dev_token(dev_key, role=Role.GATEWAY, subject="bench"))
-        self.seq = int(time.time() * 1000)
+        self.epoch = int(time.time())  # each run's counter: a new epoch, from 1
+        self.seq = 0
 
     def telemetry(self, *, events: list[dict] | None = None, beats: list[dict] | None = None):  # type: ignore[no-untyped-def]
         r = self.http.post(
@@ -314,6 +315,7 @@ class Bench:
             "eventId": str(uuid.uuid4()),
             "vehicleId": vid,
             "seq": self.seq,
+            "epoch": self.epoch,
             "type": kind,
             "occurredAt": iso_now(),
             "desiredStateId": ds,

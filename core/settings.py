@@ -21,6 +21,8 @@ from models.defaults import (
     DEFAULT_INGEST_GROUP_WAIT_MS,
     DEFAULT_INGEST_QUEUE_MAX_ITEMS,
     DEFAULT_INGEST_WRITERS,
+    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+    DEFAULT_MAX_SEQ_JUMP,
     DEFAULT_MIN_BATTERY_PERCENT,
     DEFAULT_OFFLINE_AFTER_SECONDS,
     DEFAULT_REQUIRE_STATIONARY,
@@ -236,6 +238,19 @@ class Settings(BaseSettings):
         ge=1,
         le=100,
         description="Battery change (points) written to the vehicles row at once.",
+    )
+    max_clock_skew_seconds: int = Field(
+        DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+        ge=0,
+        le=86400,
+        description="Telemetry dated (sentAt, occurredAt, epoch) more than this many seconds "
+        "past the server's clock at receipt is refused (422); liveness is the receive time.",
+    )
+    max_seq_jump: int = Field(
+        DEFAULT_MAX_SEQ_JUMP,
+        ge=1,
+        description="An event whose seq is more than this past its vehicle's newest stored seq "
+        "of the same epoch (or past 0 in a new epoch) is refused (422).",
     )
     api_ingest: bool = Field(
         True, description="`motorcade api` also serves POST /telemetry and desired states."

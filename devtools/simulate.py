@@ -220,7 +220,10 @@ class Vehicle:
         self.rng = rng
         self.headers = {"Authorization": f"Bearer {token}"}
         self.etag: str | None = None
-        self.seq = int(time.time() * 1000)
+        # Nothing persists between runs: each run's counter is a new epoch (its start, Unix
+        # seconds), counting from 1 (docs/telemetry.md, "Clocks and counters").
+        self.epoch = int(time.time())
+        self.seq = 0
         self.state = "idle"
         self.battery = rng.randint(20, 100) if rng.random() < config.low_battery_rate else 80
         self.stationary = rng.random() >= config.moving_rate
@@ -242,6 +245,7 @@ class Vehicle:
                 "eventId": str(uuid.uuid4()),
                 "vehicleId": self.id,
                 "seq": self.seq,
+                "epoch": self.epoch,
                 "type": kind,
                 "occurredAt": iso_now(),
                 "desiredStateId": ds,

@@ -103,6 +103,10 @@ class Vehicle(SQLModel, table=True):
     last_event_seq: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
     )
+    # Its epoch (migration 0013): the newest event is the greatest (epoch, seq).
+    last_event_epoch: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
     last_event_type: str | None = Field(default=None, sa_column=Column(Text))
     last_event_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     last_event_release_version: str | None = Field(default=None, sa_column=Column(Text))
@@ -121,7 +125,11 @@ class VehicleTelemetry(SQLModel, table=True):
     __table_args__ = ({"postgresql_with": {"fillfactor": "50"}},)
 
     vehicle_id: str = Field(sa_column=Column(Text, primary_key=True))
+    # The server's receive time of the latest heartbeat (liveness, migration 0013).
     last_seen_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    # What orders the values below: the `sentAt` of the heartbeat that wrote them, capped at
+    # its arrival (services/telemetry/clock.py).
+    heartbeat_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
     battery_percent: int | None = Field(default=None, sa_column=Column(SmallInteger))
     stationary: bool | None = Field(default=None)
     actual_release_version: str | None = Field(default=None, sa_column=Column(Text))
@@ -255,13 +263,15 @@ class TimelineEvent(SQLModel, table=True):
     __tablename__ = "timeline_events"
     __table_args__ = (
         PrimaryKeyConstraint("vehicle_id", "event_id"),
-        Index("ix_timeline_vehicle_seq", "vehicle_id", "seq"),
+        Index("ix_timeline_vehicle_epoch_seq", "vehicle_id", "epoch", "seq"),
         {"postgresql_partition_by": "HASH (vehicle_id)"},
     )
 
     vehicle_id: str = Field(sa_column=Column(Text, nullable=False))
     event_id: uuid.UUID = Field(sa_column=Column(UUID, nullable=False))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # The device's counter generation (migration 0013): a timeline is ordered by (epoch, seq).
+    epoch: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     type: str = Field(sa_column=Column(Text, nullable=False))
     occurred_at: datetime = Field(sa_column=Column(TIMEZONE, nullable=False))
     received_at: datetime | None = _now_column()

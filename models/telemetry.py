@@ -50,7 +50,19 @@ class EventIn(_StrictIn):
     event_id: uuid.UUID = Field(description="Chosen by the vehicle; deduplicates.")
     vehicle_id: VehicleId
     seq: int = Field(
-        ge=1, le=2**63 - 1, description="Per vehicle, increasing from 1: orders events."
+        ge=1,
+        le=2**63 - 1,
+        description="Per vehicle and epoch, increasing from 1: orders events. At most "
+        "MOTORCADE_MAX_SEQ_JUMP past the newest stored in the same epoch.",
+    )
+    epoch: int = Field(
+        0,
+        ge=0,
+        le=2**63 - 1,
+        description="The generation of the vehicle's `seq` counter (default 0): a device "
+        "whose counter restarts (reinstalled, storage lost) sends a greater epoch, and events "
+        "order by (epoch, seq). Suggested: the Unix time, in seconds, at which the counter "
+        "started; never more than the server's time plus MOTORCADE_MAX_CLOCK_SKEW_SECONDS.",
     )
     type: EventType
     occurred_at: StorableTime
@@ -116,6 +128,7 @@ class TimelineEventOut(CamelModel):
     event_id: str
     vehicle_id: str
     seq: int
+    epoch: int = 0
     type: str
     occurred_at: datetime
     received_at: datetime | None = None

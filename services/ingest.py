@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import psycopg
 import structlog
@@ -47,10 +48,12 @@ from models.defaults import (
     DEFAULT_INGEST_GROUP_WAIT_MS,
     DEFAULT_INGEST_QUEUE_MAX_ITEMS,
     DEFAULT_INGEST_WRITERS,
+    DEFAULT_MAX_CLOCK_SKEW_SECONDS,
 )
 from models.scope import Scope
 from models.telemetry import TelemetryBatch
 from services.telemetry import GroupRequest, GroupResult, WideWritePolicy, write_group
+from services.telemetry.clock import future_fields
 
 log = structlog.stdlib.get_logger("motorcade.ingest")
 
@@ -132,6 +135,7 @@ class IngestConfig:
     group_max_items: int = DEFAULT_INGEST_GROUP_MAX_ITEMS
     group_wait_ms: float = DEFAULT_INGEST_GROUP_WAIT_MS
     writers: int = DEFAULT_INGEST_WRITERS
+    max_clock_skew_seconds: int = DEFAULT_MAX_CLOCK_SKEW_SECONDS
     policy: WideWritePolicy = field(default_factory=WideWritePolicy)
 
 
@@ -206,7 +210,21 @@ class TelemetryIngestor:
         per_second = rate / self.stats.write_seconds
         return max(1, min(30, round(self._items / per_second)))
 
-    async def submit(self, *, batch: TelemetryBatch, scope: Scope) -> GroupRequest:
+    async def submit(
+        self, *, batch: TelemetryBatch, scope: Scope, received_at: datetime | None = None
+    ) -> GroupRequest:
+        """Queue the batch, received at `received_at` (default: now) by the server's clock,
+        and wait for its group's commit. A time more than the allowed skew past it is refused
+        (422, nothing queued), as is (after the group) an event whose `seq` jumps too far."""
+        received_at = received_at or datetime.now(UTC)
+        future = future_fields(
+            batch, received_at=received_at, max_skew_seconds=self.config.max_clock_skew_seconds
+        )
+        if future:
+            raise InvalidInput(
+                f"{future[0]['field']} is {future[0]['message']}; the whole batch is rejected",
+                details=future,
+            )
         items = max(1, len(batch.events) + len(batch.heartbeats))
         if self._closing or not self._tasks:
             raise IngestOverloaded("telemetry ingestion is shutting down", retry_after=1)
@@ -218,7 +236,8 @@ class TelemetryIngestor:
                 retry_after=self.retry_after(),
             )
         loop = asyncio.get_running_loop()
-        pending = _Pending(GroupRequest(batch=batch, scope=scope), items, loop.create_future())
+        request = GroupRequest(batch=batch, scope=scope, received_at=received_at)
+        pending = _Pending(request, items, loop.create_future())
         self._items += items
         QUEUED_ITEMS.inc(items)
         self._queue.append(pending)
@@ -231,6 +250,11 @@ class TelemetryIngestor:
                 pending.future.add_done_callback(lambda f: f.exception())
         if done.refused is not None:
             raise IngestRefused("the batch names an unknown vehicle", details=done.refused)
+        if done.invalid is not None:
+            raise InvalidInput(
+                f"{done.invalid[0]['field']} jumps too far; the whole batch is rejected",
+                details=done.invalid,
+            )
         return done
 
     # -- writers -------------------------------------------------------------------------

@@ -52,14 +52,19 @@ def check_rollout_ids(values: Iterable[str]) -> None:
 
 
 # What a cursor's sort value or id is: a bigint, a text (storable in PostgreSQL), an RFC 3339
-# timestamp with a zone (as `isoformat` writes it), or a UUID. Each list names the kinds of its
+# timestamp with a zone (as `isoformat` writes it), a UUID, or a timeline position (a seq at
+# epoch 0, else `[epoch, seq]`; decoded as the pair). Each list names the kinds of its
 # cursor's parts, and `decode_cursor` refuses anything else (422 naming `cursor`) before a
 # value reaches a comparison or the database.
-CursorKind = Literal["int", "text", "timestamp", "uuid"]
+CursorKind = Literal["int", "text", "timestamp", "uuid", "epoch_seq"]
 
 
 def _cursor_part(kind: CursorKind, raw: Any) -> Any:
     """`raw` (a cursor's JSON value) as a value of `kind`; ValueError when it is not one."""
+    if kind == "epoch_seq":
+        if isinstance(raw, list) and len(raw) == 2:
+            return _cursor_part("int", raw[0]), _cursor_part("int", raw[1])
+        return 0, _cursor_part("int", raw)
     if kind == "int":
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ValueError("not an integer")

@@ -287,11 +287,17 @@ async def get_desired_state(session: AsyncSession, *, vehicle_id: str) -> Desire
     )
 
 
-TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq), "int"), descending=True)
+TIMELINE_SORT = Sort(SortKey("seq", col(TimelineEvent.seq), "epoch_seq"), descending=True)
 TIMELINE_COLUMNS = (
-    "e.event_id, e.vehicle_id, e.seq, e.type, e.occurred_at, e.received_at,"
+    "e.event_id, e.vehicle_id, e.seq, e.epoch, e.type, e.occurred_at, e.received_at,"
     " e.desired_state_id, e.release_version, e.reason_code, e.details"
 )
+
+
+def _timeline_position(event: dict[str, Any]) -> Any:
+    """A cursor's value: the event's `seq`, or `[epoch, seq]` past epoch 0 (the cursors of
+    timelines without epochs keep their form)."""
+    return [event["epoch"], event["seq"]] if event["epoch"] else event["seq"]
 
 
 def timeline_query(
@@ -302,13 +308,13 @@ def timeline_query(
     params.update(id=vehicle_id, limit=limit + 1)
     after = ""
     if cursor:
-        seq, ident = decode_cursor(cursor, TIMELINE_SORT, id_kind="uuid")
-        params.update(after_seq=seq, after_id=ident)
-        after = " AND (e.seq, e.event_id) < (%(after_seq)s, %(after_id)s)"
+        (epoch, seq), ident = decode_cursor(cursor, TIMELINE_SORT, id_kind="uuid")
+        params.update(after_epoch=epoch, after_seq=seq, after_id=ident)
+        after = " AND (e.epoch, e.seq, e.event_id) < (%(after_epoch)s, %(after_seq)s, %(after_id)s)"
     statement = (
         f"SELECT {TIMELINE_COLUMNS} FROM vehicles v LEFT JOIN LATERAL ("
         f" SELECT * FROM timeline_events e WHERE e.vehicle_id = %(id)s{after}"
-        " ORDER BY e.seq DESC, e.event_id DESC LIMIT %(limit)s) e ON true"
+        " ORDER BY e.epoch DESC, e.seq DESC, e.event_id DESC LIMIT %(limit)s) e ON true"
         f" WHERE v.id = %(id)s{where}"
     )
     return statement, params
@@ -317,9 +323,9 @@ def timeline_query(
 async def list_timeline(
     conn: AsyncConnection[Any], *, scope: Scope, vehicle_id: str, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """A vehicle's timeline, newest first (`seq` descending, then event id): keyset over the
-    `(vehicle_id, seq)` index of one partition. One statement: no row at all when the vehicle
-    is not inside `scope` (404), one row of nulls when it has no events."""
+    """A vehicle's timeline, newest first (`(epoch, seq)` descending, then event id): keyset
+    over the `(vehicle_id, epoch, seq)` index of one partition. One statement: no row at all
+    when the vehicle is not inside `scope` (404), one row of nulls when it has no events."""
     statement, params = timeline_query(
         scope=scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
     )
@@ -331,7 +337,7 @@ async def list_timeline(
         events,
         sort=TIMELINE_SORT,
         limit=limit,
-        value_of=lambda e: e["seq"],
+        value_of=_timeline_position,
         id_of=lambda e: str(e["event_id"]),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -53,8 +54,12 @@ DESCRIPTION = (
     "stored; a vehicle that is unknown or outside the caller's scope is 404. A device may "
     "post only for its own vehicle (403). `202` with `{accepted, duplicates}` is sent only "
     "once the events are committed. Events deduplicate on (`vehicleId`, `eventId`) and order "
-    "by `seq` (from 1): a late event enters the timeline but never moves the status "
-    "backwards. Heartbeats coalesce per vehicle (latest `sentAt` wins). Past the ingest "
+    "by (`epoch`, `seq`) (`seq` from 1, `epoch` default 0: a greater epoch starts a new "
+    "counter): a late event enters the timeline but never moves the status backwards; a "
+    "`seq` more than MOTORCADE_MAX_SEQ_JUMP past the vehicle's newest is 422. A `sentAt`, "
+    "`occurredAt` or `epoch` (Unix seconds) more than MOTORCADE_MAX_CLOCK_SKEW_SECONDS past "
+    "the server's clock is 422. `lastSeenAt` is the server's receive time; heartbeats "
+    "coalesce per vehicle (latest `sentAt`, capped at its arrival, wins). Past the ingest "
     "queue's bound: 503 `OVERLOADED` with `Retry-After`."
 )
 
@@ -181,6 +186,7 @@ async def post_telemetry(
     request: Request,
     principal: Principal = Depends(require(TELEMETRY_ROLES)),
 ) -> Any:
+    received_at = datetime.now(UTC)  # the server's clock decides liveness, not the device's
     check_gateway(principal, request.app.state.settings)
     limits: TelemetryLimits = request.app.state.telemetry_limits
     limits.charge(principal, 1)  # before the body is read: empty and invalid requests count
@@ -188,7 +194,7 @@ async def post_telemetry(
     limits.charge(principal, len(batch.events) + len(batch.heartbeats) - 1)
     check_device(principal, batch)
     ingestor: TelemetryIngestor = request.app.state.ingestor
-    done = await ingestor.submit(batch=batch, scope=principal.scope)
+    done = await ingestor.submit(batch=batch, scope=principal.scope, received_at=received_at)
     body = ok(
         request,
         TelemetryAccepted(

@@ -216,6 +216,7 @@ def timeline_out(e: Mapping[str, Any]) -> TimelineEventOut:
         event_id=str(e["event_id"]),
         vehicle_id=e["vehicle_id"],
         seq=e["seq"],
+        epoch=e["epoch"],
         type=e["type"],
         occurred_at=e["occurred_at"],
         received_at=e["received_at"],
@@ -240,7 +241,7 @@ async def get_timeline(
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
 ) -> Any:
-    """Ordered by `seq` descending (a late event appears in its place), then event id."""
+    """Newest first by (`epoch`, `seq`) (a late event appears in its place), then event id."""
     rows, next_cursor = await service.list_timeline(
         conn, scope=principal.scope, vehicle_id=vehicle_id, cursor=cursor, limit=limit
     )

@@ -38,12 +38,13 @@ _WRITE_DERIVED = f"""
             stationary = locked.stationary,
             actual_release_version = locked.actual_release_version,
             last_event_seq = locked.last_event_seq,
+            last_event_epoch = locked.last_event_epoch,
             last_event_type = locked.last_event_type,
             last_event_desired_state_id = locked.last_event_desired_state_id,
             last_event_release_version = locked.last_event_release_version,
             last_event_reason_code = locked.last_event_reason_code,
             updated_at = CASE WHEN verdict.changed THEN now() ELSE v.updated_at END
-        FROM ingest_locked locked
+        FROM ingest_locked_e locked
         JOIN json_to_recordset(%(verdicts)s::json)
              AS verdict(id text, status text, codes text[], changed boolean)
              ON verdict.id = locked.vehicle_id

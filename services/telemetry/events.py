@@ -9,16 +9,16 @@ import psycopg
 from services.telemetry.group import Group
 
 _INSERT_STAGED_EVENTS = """
-    INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at, desired_state_id,
-                                 release_version, reason_code, details)
-    SELECT vehicle_id, event_id, seq, type, occurred_at, desired_state_id, release_version,
-           reason_code, details::jsonb
-    FROM ingest_events
+    INSERT INTO timeline_events (vehicle_id, event_id, epoch, seq, type, occurred_at,
+                                 desired_state_id, release_version, reason_code, details)
+    SELECT vehicle_id, event_id, epoch, seq, type, occurred_at, desired_state_id,
+           release_version, reason_code, details::jsonb
+    FROM ingest_events_e
 """
 # Which staged events this transaction wrote (the others were there already).
 _WRITTEN_HERE = """
     SELECT te.vehicle_id, te.event_id
-    FROM ingest_events staged
+    FROM ingest_events_e staged
     JOIN timeline_events te
       ON te.vehicle_id = staged.vehicle_id AND te.event_id = staged.event_id
     WHERE te.xmin::text = (pg_current_xact_id()::xid)::text
@@ -54,20 +54,21 @@ async def insert_events(group: Group) -> None:
 
 
 async def _insert_new_events(group: Group) -> bool:
-    """The common case, cheaper: when every event of the group is newer (by `seq`) than the
-    newest stored for its vehicle (read under the lock), none can be a duplicate of a vehicle
-    that numbers its events as SPEC.md says, so they go in with a plain INSERT: the unique
-    index checks each key while inserting it, where `ON CONFLICT` first probes the index
-    for every row and then inserts (perf: that probe was an eighth of PostgreSQL's time).
+    """The common case, cheaper: when every event of the group is newer (by `(epoch, seq)`)
+    than the newest stored for its vehicle (read under the lock), none can be a duplicate of
+    a vehicle that numbers its events as SPEC.md says, so they go in with a plain INSERT: the
+    unique index checks each key while inserting it, where `ON CONFLICT` first probes the
+    index for every row and then inserts (perf: that probe was an eighth of PostgreSQL's time).
     Inside a savepoint: a duplicate all the same (an event id reused under a new seq) rolls
     back to it and the caller inserts with `ON CONFLICT`. Returns whether it inserted."""
-    lowest: dict[str, int] = {}
+    lowest: dict[str, tuple[int, int]] = {}
     for ev in group.events:
+        key = (ev.epoch, ev.seq)
         low = lowest.get(ev.vehicle_id)
-        if low is None or ev.seq < low:
-            lowest[ev.vehicle_id] = ev.seq
-    stored_seq = group.stored_seq
-    if any(seq <= stored_seq.get(vehicle_id, 0) for vehicle_id, seq in lowest.items()):
+        if low is None or key < low:
+            lowest[ev.vehicle_id] = key
+    stored = group.stored
+    if any(key <= stored.get(vehicle_id, (0, 0)) for vehicle_id, key in lowest.items()):
         return False
     driver = group.driver
     await driver.execute("SAVEPOINT ingest_events")

@@ -13,21 +13,24 @@ import psycopg
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.defaults import (
+    DEFAULT_MAX_SEQ_JUMP,
     DEFAULT_OFFLINE_AFTER_SECONDS,
     DEFAULT_TELEMETRY_BATTERY_STEP,
     DEFAULT_TELEMETRY_REFRESH_SECONDS,
 )
 from models.scope import Scope
-from models.telemetry import EventIn, HeartbeatIn, TelemetryBatch
+from models.telemetry import EventIn, TelemetryBatch
 
 
 @dataclass(frozen=True)
 class WideWritePolicy:
-    """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md)."""
+    """When the wide `vehicles` row is rewritten for a heartbeat (docs/data-model.md), and
+    how far an event's `seq` may jump (services/telemetry/clock.py)."""
 
     offline_after_seconds: int = DEFAULT_OFFLINE_AFTER_SECONDS
     refresh_seconds: int = DEFAULT_TELEMETRY_REFRESH_SECONDS
     battery_step: int = DEFAULT_TELEMETRY_BATTERY_STEP
+    max_seq_jump: int = DEFAULT_MAX_SEQ_JUMP
 
 
 @dataclass
@@ -39,6 +42,12 @@ class GroupRequest:
     accepted: int = 0
     duplicates: int = 0
     refused: list[dict[str, Any]] | None = None  # NOT_FOUND details when refused
+    # When the request arrived (the server's clock): its heartbeats' lastSeenAt, and the
+    # latest time their values can claim. None: the group's `now`.
+    received_at: datetime | None = None
+    # VALIDATION_ERROR details when refused for a `seq` jumping too far (lock.py); unlike
+    # `refused`, kept when the group is written again: it is what the group is redone for.
+    invalid: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -63,6 +72,16 @@ class UnknownVehicle(Redo):
     """The optimistic pass found a vehicle it could not resolve."""
 
 
+class SeqJumped(Redo):
+    """An event's `seq` jumps too far past its vehicle's newest stored (clock.py): the
+    requests holding such events are refused and the group written again without them.
+    `stored` holds the newest stored (epoch, seq) of the vehicles locked."""
+
+    def __init__(self, stored: dict[str, tuple[int, int]]) -> None:
+        super().__init__("a seq jumps too far")
+        self.stored = stored
+
+
 class RowMoved(Redo):
     """A locked wide row was not where the lock found it. Only this transaction can move a
     row it holds locked, and the heartbeat refresh leaves those rows to the wide update
@@ -80,6 +99,7 @@ class LockedRow(NamedTuple):
     last_seen_at: datetime | None
     actual_release_version: str | None
     last_event_seq: int  # after this group
+    last_event_epoch: int
     last_event_type: str | None
     last_event_desired_state_id: str | None
     last_event_release_version: str | None
@@ -91,6 +111,7 @@ class LockedRow(NamedTuple):
     rollout_id: int | None
     created_at: datetime
     stored_seq: int  # before this group
+    stored_epoch: int
 
 
 @dataclass(slots=True)
@@ -107,12 +128,13 @@ class Group:
     # merge(): the group as one batch
     owner: dict[tuple[str, uuid.UUID], GroupRequest] = field(default_factory=dict)
     events: list[EventIn] = field(default_factory=list)  # deduplicated, first wins
-    heartbeats: dict[str, HeartbeatIn] = field(default_factory=dict)  # newest per vehicle
+    # The newest heartbeat per vehicle, as staged (staging.py `HEARTBEAT_TYPES`).
+    heartbeats: dict[str, StagedHeartbeat] = field(default_factory=dict)
     latest: dict[str, EventIn] = field(default_factory=dict)  # highest seq per vehicle
     # heartbeats.upsert_narrow_rows: vehicles whose status a heartbeat may change
     flagged: list[str] = field(default_factory=list)
-    # lock.lock_wide_rows: the newest seq stored per vehicle, the rows to derive
-    stored_seq: dict[str, int] = field(default_factory=dict)
+    # lock.lock_wide_rows: the newest (epoch, seq) stored per vehicle, the rows to derive
+    stored: dict[str, tuple[int, int]] = field(default_factory=dict)
     to_derive: list[LockedRow] = field(default_factory=list)
     # events.insert_events: the events this transaction stored
     inserted: set[tuple[str, uuid.UUID]] = field(default_factory=set)
@@ -137,16 +159,33 @@ class Group:
         self.cpu = cpu
 
 
+class StagedHeartbeat(NamedTuple):
+    """A vehicle's newest heartbeat of the group, as staged: its values, the time that
+    orders them (`sentAt` capped at its arrival, clock.py), and the latest arrival of any
+    heartbeat of the vehicle in the group (its lastSeenAt)."""
+
+    vehicle_id: str
+    heartbeat_at: datetime
+    received_at: datetime
+    battery_percent: int | None
+    stationary: bool | None
+    actual_release_version: str | None
+
+
 def merge(group: Group) -> None:
     """The group as one batch: events deduplicated (first wins), the newest heartbeat and
-    the highest-`seq` event per vehicle (ties: the lowest `eventId`, as the SQL that stages
-    the group picks it). (An event already stored cannot be the vehicle's new latest: its seq
-    was merged when it was stored, in the same transaction.)"""
+    the greatest-`(epoch, seq)` event per vehicle (ties: the lowest `eventId`, as the SQL
+    that stages the group picks it). (An event already stored cannot be the vehicle's new
+    latest: its seq was merged when it was stored, in the same transaction.) Heartbeats are
+    ordered by `heartbeat_time` (clock.py), the later of equals wins; the vehicle's
+    lastSeenAt is the latest arrival of any of its heartbeats."""
     owner = group.owner
     events = group.events
     heartbeats = group.heartbeats
     latest = group.latest
+    now = group.now
     for req in group.live:  # their counts were reset when the group was opened
+        received = req.received_at or now
         for ev in req.batch.events:
             key = (ev.vehicle_id, ev.event_id)
             if key in owner:
@@ -157,11 +196,26 @@ def merge(group: Group) -> None:
             best = latest.get(ev.vehicle_id)
             if (
                 best is None
-                or ev.seq > best.seq
-                or (ev.seq == best.seq and ev.event_id < best.event_id)
+                or ev.epoch > best.epoch
+                or (
+                    ev.epoch == best.epoch
+                    and (ev.seq > best.seq or (ev.seq == best.seq and ev.event_id < best.event_id))
+                )
             ):
                 latest[ev.vehicle_id] = ev
         for hb in req.batch.heartbeats:
+            at = hb.sent_at if hb.sent_at < received else received  # clock.heartbeat_time
             newest = heartbeats.get(hb.vehicle_id)
-            if newest is None or hb.sent_at >= newest.sent_at:
-                heartbeats[hb.vehicle_id] = hb
+            if newest is None or at >= newest.heartbeat_at:
+                heartbeats[hb.vehicle_id] = StagedHeartbeat(
+                    hb.vehicle_id,
+                    at,
+                    received
+                    if newest is None or received > newest.received_at
+                    else newest.received_at,
+                    hb.battery_percent,
+                    hb.stationary,
+                    hb.actual_release_version,
+                )
+            elif received > newest.received_at:  # older values, later arrival: liveness
+                heartbeats[hb.vehicle_id] = newest._replace(received_at=received)

@@ -8,37 +8,36 @@ from datetime import timedelta
 
 from services.telemetry.group import Group, UnknownVehicle
 
-# The latest heartbeat wins by `sentAt`; a first narrow row starts from what the wide row
-# knew. Returns how many vehicles it matched and the flagged ones (see upsert_narrow_rows).
+# lastSeenAt is the server's receive time (the latest wins); the values are those of the
+# heartbeat with the latest `heartbeat_at` (its `sentAt` capped at its arrival, clock.py): a
+# late delivery refreshes lastSeenAt only. A first narrow row takes the heartbeat's values
+# over what the wide row knew (its fields left out keep the wide row's). Returns how many
+# vehicles it matched and the flagged ones (see upsert_narrow_rows).
 _UPSERT_NARROW = """
     WITH upserted AS (
-        INSERT INTO vehicle_telemetry AS stored (vehicle_id, last_seen_at, battery_percent,
-            stationary, actual_release_version)
-        SELECT touched.vehicle_id, greatest(touched.sent_at, v.last_seen_at),
-               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(touched.battery_percent, v.battery_percent)
-                    ELSE v.battery_percent END,
-               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(touched.stationary, v.stationary)
-                    ELSE v.stationary END,
-               CASE WHEN touched.sent_at >= coalesce(v.last_seen_at, '-infinity')
-                    THEN coalesce(touched.actual_release_version, v.actual_release_version)
-                    ELSE v.actual_release_version END
-        FROM ingest_touched touched JOIN vehicles v ON v.id = touched.vehicle_id
+        INSERT INTO vehicle_telemetry AS stored (vehicle_id, last_seen_at, heartbeat_at,
+            battery_percent, stationary, actual_release_version)
+        SELECT touched.vehicle_id, greatest(touched.received_at, v.last_seen_at),
+               touched.heartbeat_at,
+               coalesce(touched.battery_percent, v.battery_percent),
+               coalesce(touched.stationary, v.stationary),
+               coalesce(touched.actual_release_version, v.actual_release_version)
+        FROM ingest_touched_e touched JOIN vehicles v ON v.id = touched.vehicle_id
         WHERE touched.has_heartbeat
         ORDER BY touched.vehicle_id
         ON CONFLICT (vehicle_id) DO UPDATE SET
-            last_seen_at = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
-                THEN EXCLUDED.last_seen_at ELSE stored.last_seen_at END,
+            last_seen_at = greatest(EXCLUDED.last_seen_at, stored.last_seen_at),
+            heartbeat_at = CASE
+                WHEN EXCLUDED.heartbeat_at >= coalesce(stored.heartbeat_at, '-infinity')
+                THEN EXCLUDED.heartbeat_at ELSE stored.heartbeat_at END,
             battery_percent = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                WHEN EXCLUDED.heartbeat_at >= coalesce(stored.heartbeat_at, '-infinity')
                 THEN EXCLUDED.battery_percent ELSE stored.battery_percent END,
             stationary = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                WHEN EXCLUDED.heartbeat_at >= coalesce(stored.heartbeat_at, '-infinity')
                 THEN EXCLUDED.stationary ELSE stored.stationary END,
             actual_release_version = CASE
-                WHEN EXCLUDED.last_seen_at > coalesce(stored.last_seen_at, '-infinity')
+                WHEN EXCLUDED.heartbeat_at >= coalesce(stored.heartbeat_at, '-infinity')
                 THEN EXCLUDED.actual_release_version ELSE stored.actual_release_version END
         RETURNING stored.vehicle_id, stored.actual_release_version
     )
@@ -54,12 +53,13 @@ _REFRESH_WIDE = """
     UPDATE vehicles v
     SET last_seen_at = narrow.last_seen_at, battery_percent = narrow.battery_percent,
         stationary = narrow.stationary
-    FROM ingest_touched touched
+    FROM ingest_touched_e touched
     JOIN vehicle_telemetry narrow ON narrow.vehicle_id = touched.vehicle_id
     WHERE v.id = touched.vehicle_id AND touched.has_heartbeat
       -- not the rows locked for derivation (a new latest event, or flagged): the wide
       -- update of derive.py writes those, by the address the lock read them at
-      AND touched.event_seq <= v.last_event_seq AND NOT touched.vehicle_id = ANY(%(flagged)s)
+      AND (touched.event_epoch, touched.event_seq) <= (v.last_event_epoch, v.last_event_seq)
+      AND NOT touched.vehicle_id = ANY(%(flagged)s)
       AND v.status <> 'offline'
       AND coalesce(narrow.actual_release_version, v.actual_release_version)
           IS NOT DISTINCT FROM v.actual_release_version

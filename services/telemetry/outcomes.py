@@ -34,6 +34,7 @@ def pick_outcomes(group: Group) -> None:
             latest_new is not None
             and (vehicle_id, latest_new.event_id) in inserted
             and row.last_event_seq == latest_new.seq
+            and row.last_event_epoch == latest_new.epoch
             and row.rollout_id is not None
             and latest_new.desired_state_id is not None
         ):

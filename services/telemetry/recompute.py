@@ -19,8 +19,9 @@ async def recompute_statuses(
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Recompute the status of these vehicles from scratch (their desired state, the latest
-    event of their timeline by `seq`, their latest heartbeat) and return every vehicle whose
-    stored status or reason codes differ. The consistency check of the telemetry path."""
+    event of their timeline by `(epoch, seq)` (ties: the lowest event id, as the write path
+    picks it), their latest heartbeat) and return every vehicle whose stored status or
+    reason codes differ. The consistency check of the telemetry path."""
     now = now or datetime.now(UTC)
     conn = await session.connection()
     rows = await conn.execute(
@@ -40,7 +41,7 @@ async def recompute_statuses(
             LEFT JOIN LATERAL (
                 SELECT type, desired_state_id, release_version, reason_code
                 FROM timeline_events te WHERE te.vehicle_id = v.id
-                ORDER BY seq DESC LIMIT 1
+                ORDER BY epoch DESC, seq DESC, event_id LIMIT 1
             ) latest ON true
             WHERE v.id = ANY(CAST(:ids AS text[]))
             ORDER BY v.id

@@ -14,11 +14,12 @@ from services.telemetry.group import (
     GroupRequest,
     GroupResult,
     Redo,
+    SeqJumped,
     WideWritePolicy,
     merge,
 )
 from services.telemetry.heartbeats import refresh_wide_rows, upsert_narrow_rows
-from services.telemetry.lock import lock_wide_rows
+from services.telemetry.lock import lock_wide_rows, refuse_jumps
 from services.telemetry.outcomes import pick_outcomes, record_outcomes
 from services.telemetry.refuse import refuse_requests
 from services.telemetry.staging import stage, staging_connection
@@ -39,15 +40,24 @@ async def write_group(
     common case) are written optimistically, without a separate existence check: the narrow
     upsert joins `vehicles` and counts what it matched; a shortfall rolls the transaction
     back and writes the group again after refusing the requests that name unknown
-    vehicles."""
+    vehicles. A request holding an event whose `seq` jumps too far is marked invalid
+    (`GroupRequest.invalid`) and the group written again without it, the same way."""
     now = now or datetime.now(UTC)
+    for req in requests:
+        req.invalid = None
     checked = any(not r.scope.unrestricted for r in requests)
-    if not checked:
+    while True:  # each SeqJumped marks at least one more request invalid
         try:
-            return await _write_group(session, requests, policy, now, checked=False)
-        except Redo:
+            return await _write_group(session, requests, policy, now, checked=checked)
+        except SeqJumped as jumped:
             await session.rollback()
-    return await _write_group(session, requests, policy, now, checked=True)
+            if not refuse_jumps(requests, jumped.stored, policy.max_seq_jump):
+                raise RuntimeError("a seq jumped too far, but no request holds it") from None
+        except Redo:
+            if checked:
+                raise
+            await session.rollback()
+            checked = True
 
 
 async def _write_group(
@@ -100,10 +110,10 @@ async def _open(
         req.accepted = req.duplicates = 0
         req.refused = None
     driver = await staging_connection(session)
-    live = list(requests)
+    live = [r for r in requests if r.invalid is None]
     if checked and await refuse_requests(driver, live):
         live = [r for r in live if r.refused is None]
-        result.refused_requests = len(requests) - len(live)
+    result.refused_requests = len(requests) - len(live)
     group = Group(
         session=session,
         driver=driver,

@@ -118,3 +118,53 @@ def test_0012_gives_rollout_desired_states_their_rollout_constraints(
         assert columns == []
     finally:
         localservers.drop_database(database_server_url, name)
+
+
+def test_0013_brings_a_future_last_seen_back_and_orders_by_epoch(
+    database_server_url: str,
+) -> None:
+    """A vehicle frozen online by a heartbeat dated 2099 before 0013 is brought back to the
+    migration's time (both rows), so it can go offline; a narrow row's values keep their
+    order (`heartbeat_at` from `last_seen_at`); stored events are epoch 0. Down again drops
+    the columns and restores the `(vehicle_id, seq)` index."""
+    name = f"motorcade_mig_{secrets.token_hex(4)}"
+    url = localservers.ensure_database(database_server_url, name)
+    try:
+        upgrade(url, "0012")
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO vehicles (id, model, region, ring, last_seen_at) VALUES"
+                " ('frozen', 'm', 'r', 'g', '2099-01-01Z'),"
+                " ('honest', 'm', 'r', 'g', '2026-01-01Z')"
+            )
+            conn.execute(
+                "INSERT INTO vehicle_telemetry (vehicle_id, last_seen_at) VALUES"
+                " ('frozen', '2099-01-01Z'), ('honest', '2026-01-01Z')"
+            )
+            conn.execute(
+                "INSERT INTO timeline_events (vehicle_id, event_id, seq, type, occurred_at)"
+                " VALUES ('honest', %s, 7, 'ready', now())",
+                (str(uuid.UUID(int=1)),),
+            )
+        upgrade(url)
+        with psycopg.connect(url) as conn:
+            wide = conn.execute(
+                "SELECT id, last_seen_at <= now(), last_event_epoch FROM vehicles ORDER BY id"
+            ).fetchall()
+            narrow = conn.execute(
+                "SELECT vehicle_id, last_seen_at <= now(), heartbeat_at = last_seen_at"
+                " FROM vehicle_telemetry ORDER BY vehicle_id"
+            ).fetchall()
+            epochs = conn.execute("SELECT epoch FROM timeline_events").fetchall()
+        assert wide == [("frozen", True, 0), ("honest", True, 0)]
+        assert narrow == [("frozen", True, True), ("honest", True, True)]
+        assert epochs == [(0,)]
+        downgrade(url, "0012")
+        with psycopg.connect(url) as conn:
+            indexes = conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'timeline_events'"
+                " AND indexname LIKE 'ix_%'"
+            ).fetchall()
+        assert indexes == [("ix_timeline_vehicle_seq",)]
+    finally:
+        localservers.drop_database(database_server_url, name)
