@@ -117,7 +117,8 @@ async def _load(plan: LoadPlan, counters: LoadCounters, stop: Any) -> None:
     posts_per_second = plan.rate / plan.batch
     beats_per_post = round(plan.heartbeat_rate / posts_per_second)
     n = len(plan.vehicles)
-    seq = [int(time.time() * 1000)] * n
+    epoch = int(time.time())  # this run's counters: a new epoch, each from 1
+    seq = [0] * n
     cursor = {"event": 0, "beat": 0, "slot": 0}
     started = time.perf_counter()
 
@@ -134,6 +135,7 @@ async def _load(plan: LoadPlan, counters: LoadCounters, stop: Any) -> None:
                     "eventId": str(uuid.uuid4()),
                     "vehicleId": vid,
                     "seq": seq[i],
+                    "epoch": epoch,
                     "type": kind,
                     "occurredAt": iso_now(),
                     "desiredStateId": ds,

@@ -25,8 +25,9 @@ Telemetry goes through one gateway in the process (a gateway token): heartbeats 
 all vehicles are batched (up to 500 events and 500 heartbeats, every 200 ms) into
 `POST /telemetry`; on 503 the batch is resent after the server's `Retry-After`, on a network
 error after a backoff, with the same event ids (the server deduplicates), so nothing a
-vehicle reported is lost. `seq` starts from the clock in milliseconds, so a restarted
-simulator keeps increasing.
+vehicle reported is lost. Each run is a new `epoch` (its start, in Unix seconds) whose `seq`
+counts from 1, so a restarted simulator's events order after the last run's
+(docs/telemetry.md, "Clocks and counters").
 
 On a terminal, a progress line shows the vehicles by state and the traffic.
 """
