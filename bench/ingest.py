@@ -322,14 +322,18 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, float]:
                 " ORDER BY id"
             ).fetchall()
         figures["fleet"] = len(fleet)
-        t0 = datetime.now(UTC)
-        rounds = [
-            ("hb_first", t0 + timedelta(seconds=1)),
-            ("hb_narrow", t0 + timedelta(seconds=61)),
-            ("hb_wide", t0 + timedelta(seconds=61 + 700)),
-        ]
-        for name, sent_at in rounds:
-            bodies = heartbeat_bodies(fleet, sent_at)  # type: ignore[arg-type]
+        # lastSeenAt is the server's receive time (docs/telemetry.md, "Clocks and
+        # counters"): a round cannot be dated later by its `sentAt`, so before the wide
+        # round the wide rows' lastSeenAt is moved 700 s back (then vacuumed), past the
+        # refresh interval, as if the vehicles had last been written that long ago.
+        for name in ("hb_first", "hb_narrow", "hb_wide"):
+            if name == "hb_wide":
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(
+                        "UPDATE vehicles SET last_seen_at = last_seen_at - interval '700 s'"
+                    )
+                    conn.execute("VACUUM vehicles")
+            bodies = heartbeat_bodies(fleet, datetime.now(UTC))  # type: ignore[arg-type]
             seconds, _, busy = await send_all(base, token, bodies, args.clients)
             figures[f"{name}_seconds"] = seconds
             figures[f"{name}_503"] = busy
