@@ -28,13 +28,26 @@ def future_fields(
     `max_skew_seconds` after `received_at`, as validation details; empty when none is."""
     limit = received_at + timedelta(seconds=max_skew_seconds)
     epoch_limit = int(limit.timestamp())
+    # The limit in the zone of the times compared (pydantic's tzinfo, one object per
+    # offset): datetimes of one tzinfo object compare without asking it for its offset,
+    # which costs microseconds a comparison (perf).
+    zone: Any = None
+    local = limit
     message = f"more than {max_skew_seconds} s ahead of the server's clock"
     details: list[dict[str, Any]] = []
     for index, hb in enumerate(batch.heartbeats):
-        if hb.sent_at > limit:
+        sent = hb.sent_at
+        if sent.tzinfo is not zone:
+            zone = sent.tzinfo
+            local = limit.astimezone(zone)
+        if sent > local:
             details.append(_detail(f"heartbeats.{index}.sentAt", index, message))
     for index, ev in enumerate(batch.events):
-        if ev.occurred_at > limit:
+        occurred = ev.occurred_at
+        if occurred.tzinfo is not zone:
+            zone = occurred.tzinfo
+            local = limit.astimezone(zone)
+        if occurred > local:
             details.append(_detail(f"events.{index}.occurredAt", index, message))
         if ev.epoch > epoch_limit:
             details.append(_detail(f"events.{index}.epoch", index, f"{message} (in Unix seconds)"))

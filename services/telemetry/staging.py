@@ -5,7 +5,7 @@ no row-by-row statement, no per-value text escaping in Python."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -29,7 +29,7 @@ _STAGING_TABLES = (
         reason_code text, details text
     ) ON COMMIT DELETE ROWS
     """,
-    # Its newest heartbeat per vehicle (group.py `StagedHeartbeat`).
+    # Its newest heartbeat per vehicle (group.py `MergedHeartbeat`).
     """
     CREATE TEMP TABLE IF NOT EXISTS ingest_heartbeats_e (
         vehicle_id text, heartbeat_at timestamptz, received_at timestamptz,
@@ -100,7 +100,7 @@ async def _copy(
     driver: psycopg.AsyncConnection[Any],
     table: str,
     types: list[str],
-    rows: Collection[Sequence[Any]],
+    rows: Sequence[Sequence[Any]],
 ) -> None:
     async with driver.cursor() as cur:
         async with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
@@ -113,7 +113,15 @@ async def stage(group: Group) -> None:
     """COPY the group's merged heartbeats and events; then one row per vehicle touched."""
     driver = group.driver
     if group.heartbeats:
-        await _copy(driver, "ingest_heartbeats_e", _HEARTBEAT_TYPES, group.heartbeats.values())
+        await _copy(
+            driver,
+            "ingest_heartbeats_e",
+            _HEARTBEAT_TYPES,
+            [
+                (v, at, received, h.battery_percent, h.stationary, h.actual_release_version)
+                for v, (h, at, received) in group.heartbeats.items()
+            ],
+        )
     if group.events:
         await _copy(
             driver,

@@ -139,10 +139,10 @@ def test_a_heartbeat_claiming_the_future_does_not_outrank_the_next_one() -> None
         scope=Scope(),
         received_at=NOW + timedelta(seconds=10),
     )
-    staged = _merged(ahead, honest).heartbeats["V1"]
-    assert staged.battery_percent == 90
-    assert staged.heartbeat_at == NOW + timedelta(seconds=10)
-    assert staged.received_at == NOW + timedelta(seconds=10)
+    merged, at, received = _merged(ahead, honest).heartbeats["V1"]
+    assert merged.battery_percent == 90
+    assert at == NOW + timedelta(seconds=10)
+    assert received == NOW + timedelta(seconds=10)
 
 
 def test_a_late_heartbeat_refreshes_liveness_only() -> None:
@@ -156,10 +156,10 @@ def test_a_late_heartbeat_refreshes_liveness_only() -> None:
         scope=Scope(),
         received_at=NOW + timedelta(seconds=1),
     )
-    staged = _merged(newer, late).heartbeats["V1"]
-    assert staged.battery_percent == 70
-    assert staged.heartbeat_at == NOW - timedelta(seconds=10)
-    assert staged.received_at == NOW + timedelta(seconds=1)
+    merged, at, received = _merged(newer, late).heartbeats["V1"]
+    assert merged.battery_percent == 70
+    assert at == NOW - timedelta(seconds=10)
+    assert received == NOW + timedelta(seconds=1)
 
 
 def test_the_latest_event_of_a_group_is_the_greatest_epoch_then_seq() -> None:
