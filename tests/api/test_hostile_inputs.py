@@ -39,7 +39,8 @@ LISTS = [
     ("/api/v1/vehicles?sort=lastSeenAt", "lastSeenAt", '"2026-01-01T00:00:00+00:00"', '"V1"',
      "timestamp", "text"),
     ("/api/v1/vehicles?sort=-status", "-status", '"in_sync"', '"V1"', "text", "text"),
-    ("/api/v1/vehicles/{vehicle}/timeline", "-seq", "5", f'"{uuid.uuid4()}"', "int", "uuid"),
+    ("/api/v1/vehicles/{vehicle}/timeline", "-seq", "5", f'"{uuid.uuid4()}"', "epoch_seq",
+     "uuid"),
     ("/api/v1/rollouts?sort=-id", "-id", "3", "3", "int", "int"),
     ("/api/v1/rollouts?sort=createdAt", "createdAt", '"2026-01-01T00:00:00+00:00"', "3",
      "timestamp", "int"),
@@ -75,6 +76,16 @@ BAD = {
     "timestamp": [*NOT_TEXT, '"2026-01-01T00:00:00"', '"2026-01-01"', '"yesterday"'],
     "uuid": [*NOT_TEXT, '"not-a-uuid"', '"12"'],
 }
+# A timeline position: a seq, or [epoch, seq] past epoch 0 (each part an int).
+BAD["epoch_seq"] = [
+    *(b for b in BAD["int"] if b != "[1, 2]"),
+    "[1]",
+    "[1, 2, 3]",
+    "[1.5, 2]",
+    "[1, Infinity]",
+    f"[{2**63}, 1]",
+    '["1", 2]',
+]
 
 
 EXTREMES = {
@@ -82,6 +93,7 @@ EXTREMES = {
     "text": ['""', '"\\u00e9\\ud83d\\ude00"', '"' + "x" * 500 + '"'],
     "timestamp": ['"0001-01-01T00:00:00+14:00"', '"9999-12-31T23:59:59.999999-14:00"'],
     "uuid": ['"00000000-0000-0000-0000-000000000000"', '"ffffffff-ffff-ffff-ffff-ffffffffffff"'],
+    "epoch_seq": [str(2**63 - 1), "0", f"[{2**63 - 1}, {2**63 - 1}]", "[1, 2]"],
 }
 
 

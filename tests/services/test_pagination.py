@@ -157,3 +157,23 @@ def test_filter_values_are_one_of_their_choices() -> None:
     check_rollout_ids(["1", "42"])
     with pytest.raises(InvalidInput, match="'4x' is not a rollout id"):
         check_rollout_ids(["1", "4x"])
+
+
+POSITION = Sort(SortKey("seq", col(Vehicle.id), "epoch_seq"), descending=True)
+
+
+def test_a_timeline_position_is_a_seq_or_an_epoch_and_a_seq() -> None:
+    ident = uuid.uuid4()
+    seq_only = encode_cursor(POSITION, 7, str(ident))
+    assert decode_cursor(seq_only, POSITION, id_kind="uuid") == ((0, 7), ident)
+    pair = encode_cursor(POSITION, [1700000000, 3], str(ident))
+    assert decode_cursor(pair, POSITION, id_kind="uuid") == ((1700000000, 3), ident)
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["[1]", "[1, 2, 3]", "[1.5, 2]", "[1, Infinity]", f"[{2**63}, 1]", '["1", 2]', "[true, 1]",
+     "[[1], 2]", "1.5", '"5"', "null"],
+)  # fmt: skip
+def test_a_timeline_position_refuses_anything_else(part: str) -> None:
+    _refused(_raw(f'{{"s": "-seq", "v": {part}, "i": "{uuid.uuid4()}"}}'), POSITION, "uuid")
