@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.envelope import error_body
 from core.db import connection_lost
@@ -97,6 +98,9 @@ async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
     return _render(request, invalid_request(exc.errors()))
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     mapped: MotorcadeError
@@ -123,7 +127,24 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
         mapped.code = "HTTP_ERROR" if exc.status_code < 500 else "INTERNAL"
     if exc.headers:
         mapped.headers.update(exc.headers)
+    if exc.status_code == 405:
+        mapped.headers["Allow"] = allowed_methods(request)
     return _render(request, mapped)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the path answers (RFC 9110 `Allow`): Starlette's 405 names only the
+    methods of the first route matching the path, and GET and POST of one path are two
+    routes here. Asked of the routes themselves, for each method."""
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -86,6 +86,18 @@ async def test_unknown_route_and_method(http: httpx.AsyncClient, viewer: dict) -
     assert_error(await http.delete("/api/v1/vehicles", headers=viewer), 405, "METHOD_NOT_ALLOWED")
 
 
+async def test_405_allow_names_every_method_of_the_path(
+    http: httpx.AsyncClient, viewer: dict
+) -> None:
+    """GET and POST /api/v1/vehicles are two routes; `Allow` names both (schemathesis ST205)."""
+    response = await http.options("/api/v1/vehicles", headers=viewer)
+    assert_error(response, 405, "METHOD_NOT_ALLOWED")
+    assert set(response.headers["allow"].split(", ")) == {"GET", "POST"}
+    response = await http.put("/api/v1/rollouts/1/pause", headers=viewer)
+    assert_error(response, 405, "METHOD_NOT_ALLOWED")
+    assert response.headers["allow"] == "POST"
+
+
 async def test_malformed_json_is_422(http: httpx.AsyncClient, operator: dict) -> None:
     response = await http.post(
         "/api/v1/rollouts",
