@@ -283,6 +283,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     document_rate_limits(schema)
     document_body_limits(schema)
     document_deprecations(schema)
+    if f"{API_PREFIX}/stream" in schema["paths"]:
+        stream.document_stream_events(schema, f"{API_PREFIX}/stream")
     for path in ("/healthz", "/readyz"):
         for operation in schema["paths"].get(path, {}).values():
             operation["security"] = []

@@ -249,3 +249,145 @@ async def stream(
         shutdown_grace_period=1,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+# --- The stream in the OpenAPI document -------------------------------------------------------
+
+_REF = "#/components/schemas/"
+_NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+_NULLABLE_INT = {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+
+# The `data` of each event (a JSON object), as components beside the REST resources whose
+# schemas they share (VehicleStatus, VehicleDesired, RolloutStatus, RolloutCounts,
+# AuditEntryOut). Open objects: a delta names only what changed.
+EVENT_PAYLOADS: dict[str, dict[str, Any]] = {
+    "VehicleDelta": {
+        "type": "object",
+        "description": "What changed on one vehicle (a partial VehicleOut), with its scope.",
+        "required": ["id", "region", "model", "org"],
+        "properties": {
+            "id": {"type": "string"},
+            "region": {"type": "string"},
+            "model": {"type": "string"},
+            "org": {"type": "string"},
+            "status": {"$ref": _REF + "VehicleStatus"},
+            "reasonCodes": {"type": "array", "items": {"type": "string"}},
+            "desired": {"$ref": _REF + "VehicleDesired"},
+            "registered": {"type": "boolean", "description": "Present when just registered."},
+        },
+    },
+    "VehicleUpdatedEvent": {
+        "type": "object",
+        "description": "`vehicle.updated`: up to 500 vehicles' deltas, in id order (each inside "
+        "the subscriber's scope).",
+        "required": ["vehicles"],
+        "properties": {
+            "vehicles": {"type": "array", "minItems": 1, "items": {"$ref": _REF + "VehicleDelta"}}
+        },
+    },
+    "RolloutUpdatedEvent": {
+        "type": "object",
+        "description": "`rollout.updated`: the rollout's status now (the fields of RolloutOut "
+        "that move; `counts` is RolloutOut's `progress`). At creation only id, status, stage.",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "integer"},
+            "status": {"$ref": _REF + "RolloutStatus"},
+            "statusReason": _NULLABLE_STRING,
+            "stage": _NULLABLE_STRING,
+            "stageIndex": _NULLABLE_INT,
+            "stageCount": _NULLABLE_INT,
+            "waitingFor": _NULLABLE_STRING,
+            "counts": {"$ref": _REF + "RolloutCounts"},
+        },
+    },
+    "AuditCreatedEvent": {
+        "description": "`audit.created`: the new entry as GET /api/v1/audit-log lists it, with "
+        "the scope it was recorded in.",
+        "allOf": [
+            {"$ref": _REF + "AuditEntryOut"},
+            {
+                "type": "object",
+                "properties": {
+                    "scope": {
+                        "type": "object",
+                        "properties": {
+                            name: {
+                                "anyOf": [
+                                    {"type": "array", "items": {"type": "string"}},
+                                    {"type": "null"},
+                                ]
+                            }
+                            for name in ("regions", "models", "orgs")
+                        },
+                    }
+                },
+            },
+        ],
+    },
+    "FleetSummaryEvent": {
+        "type": "object",
+        "description": "`fleet.summary`: the counts changed; re-read GET /api/v1/fleet/summary "
+        "(it carries no counts: they are scoped there).",
+        "required": ["reason"],
+        "properties": {
+            "reason": {"type": "string", "enum": ["refreshed", "reconcile"]},
+            "refreshedAt": {"type": "string", "format": "date-time"},
+            "seconds": {"type": "number"},
+            "runId": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+        },
+    },
+    "ResyncEvent": {
+        "type": "object",
+        "description": "`resync` (no id; the stream ends after it): re-read the state, then "
+        "open a new stream without a last event id.",
+        "required": ["reason"],
+        "properties": {"reason": {"type": "string", "enum": ["EVENTS_EXPIRED", "SLOW_SUBSCRIBER"]}},
+    },
+}
+_EVENTS = {
+    "vehicle.updated": "VehicleUpdatedEvent",
+    "rollout.updated": "RolloutUpdatedEvent",
+    "audit.created": "AuditCreatedEvent",
+    "fleet.summary": "FleetSummaryEvent",
+}
+
+
+def _event_schema(name: str, payload: str, *, with_id: bool) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "title": name,
+        "required": ["event", "data", *(["id"] if with_id else [])],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": _REF + payload},
+            },
+            "id": {
+                "type": "string",
+                "pattern": "^[1-9][0-9]*$",
+                "description": "The change-feed id: resume after it with Last-Event-ID.",
+            },
+        },
+    }
+    return schema
+
+
+def document_stream_events(schema: dict[str, Any], path: str) -> None:
+    """Describe each event of GET /api/v1/stream in the OpenAPI document: under OpenAPI 3.1, a
+    `text/event-stream` schema describes one event (`event`, `data`, `id`), and each event's
+    `data` is JSON (`contentSchema`) of its payload component."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(EVENT_PAYLOADS)
+    operation = schema["paths"][path]["get"]
+    for parameter in operation.get("parameters", []):
+        if parameter["name"] == "lastEventId":  # resume from the oldest event still kept
+            parameter["example"] = "0"
+    variants = [_event_schema(name, payload, with_id=True) for name, payload in _EVENTS.items()]
+    variants.append(_event_schema(service.RESYNC, "ResyncEvent", with_id=False))
+    operation["responses"]["200"] = {
+        "description": "One event per change inside the caller's scope (see the description).",
+        "content": {"text/event-stream": {"schema": {"oneOf": variants}}},
+    }
