@@ -179,7 +179,12 @@ def check_device(principal: Principal, batch: TelemetryBatch) -> None:
         **error_responses(PayloadTooLarge, RateLimited, Overloaded),
     },
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}
+        # An empty body is an empty batch (`parse_batch`): 202 with nothing accepted.
+        "requestBody": {
+            "required": False,
+            "description": "The batch; an empty body is an empty batch.",
+            "content": {"application/json": {"schema": _BODY_SCHEMA}},
+        }
     },
 )
 async def post_telemetry(
