@@ -297,7 +297,13 @@ def document_idempotency(schema: dict[str, Any]) -> None:
                 "the first response again (header `Idempotent-Replayed: true`); with another "
                 "request, 422 `IDEMPOTENCY_KEY_MISMATCH`; while the first is still running, "
                 "409 `IDEMPOTENCY_KEY_IN_USE`. Scoped to the caller, kept at least 24 h.",
-                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                # The middleware's rule (VALID_KEY), so a client knows it before a 422.
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_KEY_LENGTH,
+                    "pattern": VALID_KEY.pattern,
+                },
             }
         )
         responses = operation.setdefault("responses", {})

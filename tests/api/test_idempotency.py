@@ -4,6 +4,7 @@ a concurrent duplicate, per-caller keys, failures not stored, the telemetry exce
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -208,6 +209,25 @@ async def test_invalid_keys_and_unauthenticated_requests(
     ok = await http.post(URL, headers=keyed(operator, longest), json={})
     assert_error(ok, 422, "VALIDATION_ERROR")
     assert key_row(database_url, "dev-operator", longest) is not None
+
+
+async def test_the_document_states_which_keys_are_valid(
+    http: httpx.AsyncClient, operator: dict, viewer: dict
+) -> None:
+    """The OpenAPI document gives the key's rule (schemathesis ST202 sent keys the schema
+    allowed and the middleware refused): a key the pattern refuses is 422, one it allows
+    is taken."""
+    document = (await http.get("/openapi.json", headers=viewer)).json()
+    (header,) = [
+        p for p in document["paths"][URL]["post"]["parameters"] if p["name"] == "Idempotency-Key"
+    ]
+    pattern = re.compile(header["schema"]["pattern"])
+    for bad in ("with space", "é", "tab\there", "x" * 256):
+        assert not pattern.match(bad)
+        response = await http.post(URL, headers={**operator, "Idempotency-Key": bad.encode()})
+        assert_error(response, 422, "VALIDATION_ERROR")
+    for good in ("k", "a-b_c.d~!#", "k" * 255):
+        assert pattern.match(good)
 
 
 async def test_telemetry_does_not_use_idempotency_keys(
