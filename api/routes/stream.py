@@ -78,6 +78,9 @@ async def _stream_principal(request: Request, ticket: str | None) -> Principal:
 
 # ASCII digits only: str.isdigit also takes "²" (int() does not) and other scripts' digits.
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
+LAST_EVENT_ID_PATTERN = r"^ *([0-9]{1,18})? *$"  # the document's form of `_last_event_id`
+_TOPIC = f"({'|'.join(service.TOPICS)})"
+TOPICS_PATTERN = f"^ *{_TOPIC}? *(, *{_TOPIC}? *)*$"  # comma-separated, blanks skipped
 
 
 def _last_event_id(query: str | None, header: str | None) -> int | None:
@@ -382,8 +385,35 @@ def document_stream_events(schema: dict[str, Any], path: str) -> None:
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(EVENT_PAYLOADS)
     operation = schema["paths"][path]["get"]
+    # What the route takes, so a client knows it before a 422: `_last_event_id` (blank is
+    # none; a header carries no surrounding spaces) and `multi` over the topics.
+    patterns = {
+        "lastEventId": LAST_EVENT_ID_PATTERN,
+        "Last-Event-ID": "^([0-9]{1,18})?$",
+        "topics": TOPICS_PATTERN,
+    }
     for parameter in operation.get("parameters", []):
-        if parameter["name"] == "lastEventId":  # resume from the oldest event still kept
+        name = parameter["name"]
+        if name not in patterns:
+            continue
+        # Absent or a value: FastAPI's `anyOf [..., null]` would read as the text "null".
+        (schema,) = [
+            b
+            for b in parameter["schema"].get("anyOf", [parameter["schema"]])
+            if b.get("type") != "null"
+        ]
+        schema = {
+            **schema,
+            "title": parameter["schema"].get("title"),
+            "description": parameter["schema"].get("description"),
+        }
+        schema = {k: v for k, v in schema.items() if v is not None}
+        if schema.get("type") == "array":
+            schema["items"] = {**schema.get("items", {}), "pattern": patterns[name]}
+        else:
+            schema["pattern"] = patterns[name]
+        parameter["schema"] = schema
+        if name == "lastEventId":  # resume from the oldest event still kept
             parameter["example"] = "0"
     variants = [_event_schema(name, payload, with_id=True) for name, payload in _EVENTS.items()]
     variants.append(_event_schema(service.RESYNC, "ResyncEvent", with_id=False))

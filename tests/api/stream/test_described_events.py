@@ -5,6 +5,7 @@ ST108): under OpenAPI 3.1 the `text/event-stream` schema describes one event (`e
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -80,3 +81,29 @@ async def test_each_event_matches_the_openapi_description(
         wire = {"event": got["event"], "id": got["id"], "data": json.dumps(got["data"])}
         validate(document, {"oneOf": variants}, wire)
         validate(document, payloads[name]["contentSchema"], got["data"])
+
+
+async def test_the_document_states_which_last_event_ids_and_topics_are_valid(
+    client: httpx.AsyncClient, viewer: dict
+) -> None:
+    """lastEventId, Last-Event-ID and topics carry the rules the route applies, and are
+    absent or a value, never null (schemathesis ST202 sent 32 digits, unknown topics and
+    the text "null", which the schema allowed and the route refused with 422)."""
+    document = (await client.get("/openapi.json", headers=viewer)).json()
+    parameters = {
+        p["name"]: p["schema"] for p in document["paths"]["/api/v1/stream"]["get"]["parameters"]
+    }
+    cases: list[tuple[str, Any, list[str], list[str]]] = [
+        ("lastEventId", lambda v: {"params": {"lastEventId": v}}, ["1", " 42 ", ""], ["a"]),
+        ("Last-Event-ID", lambda v: {"headers": {**viewer, "Last-Event-ID": v}}, ["1"], []),
+        ("topics", lambda v: {"params": {"topics": v}}, ["audit", " vehicles ,rollouts"], []),
+    ]
+    for name, send, good, bad in cases:
+        schema = parameters[name]
+        pattern = re.compile(schema.get("pattern") or schema["items"]["pattern"])
+        assert all(pattern.match(v) for v in good), name
+        for value in [*bad, "0" * 19, "-1", "1.5", "vehicles,x"]:
+            assert not pattern.match(value), (name, value)
+            kwargs: dict[str, Any] = {"headers": viewer, **send(value)}
+            response = await client.get("/api/v1/stream", **kwargs)
+            assert response.status_code == 422, (name, value, response.text)
