@@ -249,8 +249,9 @@ class Settings(BaseSettings):
     max_seq_jump: int = Field(
         DEFAULT_MAX_SEQ_JUMP,
         ge=1,
-        description="An event whose seq is more than this past its vehicle's newest stored seq "
-        "of the same epoch (or past 0 in a new epoch) is refused (422).",
+        description="An event whose seq is more than this past both its vehicle's newest stored "
+        "seq of the same epoch (0 in a new epoch) and the server's clock in milliseconds is "
+        "refused (422).",
     )
     api_ingest: bool = Field(
         True, description="`motorcade api` also serves POST /telemetry and desired states."

@@ -64,12 +64,20 @@ def heartbeat_time(sent_at: datetime, received_at: datetime) -> datetime:
 
 
 def seq_jump_too_far(
-    *, stored_epoch: int, stored_seq: int, epoch: int, seq: int, max_jump: int
+    *, stored_epoch: int, stored_seq: int, epoch: int, seq: int, max_jump: int, now: datetime
 ) -> bool:
     """Whether an event would move its vehicle's newest `(epoch, seq)` absurdly far: more
-    than `max_jump` past the newest stored `seq` of the same epoch, or past 0 in a new
-    epoch. An event of an older epoch is late: it moves nothing, so it is never too far."""
+    than `max_jump` past the newest stored `seq` of the same epoch (past 0 in a new epoch)
+    and past the server's clock in milliseconds (plus the same bound), so a device that
+    numbers its events by its clock in milliseconds keeps going however long it was silent.
+    An event of an older epoch is late: it moves nothing, so it is never too far."""
     if epoch < stored_epoch:
         return False
     base = stored_seq if epoch == stored_epoch else 0
-    return seq > base + max_jump
+    return seq > max(base, clock_milliseconds(now)) + max_jump
+
+
+def clock_milliseconds(now: datetime) -> int:
+    """The server's clock as a millisecond counter (what a device numbering its events by
+    its clock sends as `seq`)."""
+    return int(now.timestamp() * 1000)

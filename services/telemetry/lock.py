@@ -8,6 +8,7 @@ comes back to Python is what the pure `derive_status` needs, as `LockedRow`s."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -108,6 +109,7 @@ async def lock_wide_rows(group: Group) -> None:
                 epoch=new.epoch,
                 seq=new.seq,
                 max_jump=max_jump,
+                now=group.now,
             ):
                 jumped = True
         if row.derive:
@@ -119,7 +121,10 @@ async def lock_wide_rows(group: Group) -> None:
 
 
 def refuse_jumps(
-    requests: list[GroupRequest], stored: dict[str, tuple[int, int]], max_jump: int
+    requests: list[GroupRequest],
+    stored: dict[str, tuple[int, int]],
+    max_jump: int,
+    now: datetime,
 ) -> int:
     """Mark invalid (whole) each live request holding an event whose `seq` jumps too far past
     its vehicle's newest stored (epoch, seq); returns how many were marked."""
@@ -136,13 +141,15 @@ def refuse_jumps(
                 epoch=ev.epoch,
                 seq=ev.seq,
                 max_jump=max_jump,
+                now=now,
             ):
                 details.append(
                     {
                         "field": f"events.{index}.seq",
                         "index": index,
                         "message": f"more than {max_jump} past the vehicle's newest seq in "
-                        f"epoch {ev.epoch} ({newest[1] if ev.epoch == newest[0] else 0})",
+                        f"epoch {ev.epoch} ({newest[1] if ev.epoch == newest[0] else 0}) "
+                        "and past the server's clock in milliseconds",
                         "code": "seq_jump",
                     }
                 )

@@ -51,7 +51,7 @@ async def write_group(
             return await _write_group(session, requests, policy, now, checked=checked)
         except SeqJumped as jumped:
             await session.rollback()
-            if not refuse_jumps(requests, jumped.stored, policy.max_seq_jump):
+            if not refuse_jumps(requests, jumped.stored, policy.max_seq_jump, now):
                 raise RuntimeError("a seq jumped too far, but no request holds it") from None
         except Redo:
             if checked:

@@ -141,8 +141,9 @@ async def test_a_late_heartbeat_does_not_overwrite_newer_values(
 async def test_a_huge_seq_is_refused_and_the_vehicle_moves_on(
     http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str, sessions: Any
 ) -> None:
-    """`seq` 2^63-1 (or just past MOTORCADE_MAX_SEQ_JUMP) is 422 naming the field, nothing of
-    its batch stored; the vehicle's next events still move its status."""
+    """`seq` 2^63-1 (or MOTORCADE_MAX_SEQ_JUMP past the server's clock in milliseconds) is 422
+    naming the field, nothing of its batch stored; the vehicle's next events still move its
+    status, a jump past the stored seq but not past the clock included."""
     vid = f"{prefix}0"
     insert_vehicles(database_url, [vid], release="1.0")
     ds = set_desired(database_url, vid, "2.0")
@@ -150,17 +151,19 @@ async def test_a_huge_seq_is_refused_and_the_vehicle_moves_on(
         URL, json={"events": [event(vid, 1, "desired_notified", ds)]}, headers=gateway
     )
     assert ok.status_code == 202
-    for seq in (2**63 - 1, 1 + 1_000_001):
+    clock_ms = int(datetime.now(UTC).timestamp() * 1000)
+    for seq in (2**63 - 1, clock_ms + 1_000_000 + 600_000):
         body = {"events": [event(vid, 2, "apply_start", ds), event(vid, seq, "ready", ds)]}
         r = await http.post(URL, json=body, headers=gateway)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == "VALIDATION_ERROR"
         assert [d["field"] for d in r.json()["error"]["details"]] == ["events.1.seq"]
     assert event_count(database_url, prefix) == 1
-    edge = {"events": [event(vid, 1 + 1_000_000, "failed", ds, reason="APPLY_FAILED")]}
+    far = 1 + 1_000_000 + 1  # past the stored seq by more than the bound, not past the clock
+    edge = {"events": [event(vid, far, "failed", ds, reason="APPLY_FAILED")]}
     assert (await http.post(URL, json=edge, headers=gateway)).status_code == 202
     row = vehicle_row(database_url, vid)
-    assert (row["status"], row["last_event_seq"]) == ("failed", 1_000_001)
+    assert (row["status"], row["last_event_seq"]) == ("failed", far)
     await consistent(sessions, [vid])
 
 
@@ -178,7 +181,7 @@ async def test_a_group_refuses_only_the_request_whose_seq_jumps(
         )
 
     good = request(event(vid, 1, "apply_start"))
-    bad = request(event(other, 1, "apply_start"), event(vid, 5_000_000, "ready"))
+    bad = request(event(other, 1, "apply_start"), event(vid, 2**62, "ready"))
     fine = request(event(other, 2, "ready"))
     async with sessions() as session:
         await write_group(session, requests=[good, bad, fine], policy=WideWritePolicy())

@@ -17,6 +17,7 @@ from services.telemetry.clock import future_fields, heartbeat_time, seq_jump_too
 from services.telemetry.group import Group, GroupRequest, GroupResult, WideWritePolicy, merge
 
 NOW = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
 
 
 def iso(t: datetime) -> str:
@@ -89,11 +90,18 @@ def test_a_heartbeat_is_ordered_by_its_sent_at_capped_at_its_arrival() -> None:
     ("stored", "new", "too_far"),
     [
         ((0, 10), (0, 11), False),
-        ((0, 10), (0, 1_000_010), False),  # exactly the bound
-        ((0, 10), (0, 1_000_011), True),
+        # Past the stored seq by more than the bound, but not past the server's clock in ms:
+        # taken (a device numbering its events by its clock, silent for 17 minutes).
+        ((0, 10), (0, 1_000_011), False),
+        ((0, NOW_MS - 1_020_000), (0, NOW_MS), False),
+        ((0, NOW_MS), (0, NOW_MS + 1_000_000), False),  # exactly the bound past both
+        ((0, NOW_MS), (0, NOW_MS + 1_000_001), True),
+        ((0, 1), (0, NOW_MS + 1_000_001), True),
         ((0, 0), (0, 2**63 - 1), True),  # one huge seq
+        ((NOW_MS, 10**15), (NOW_MS, 10**15 + 1_000_000), False),  # the bound past the stored
+        ((NOW_MS, 10**15), (NOW_MS, 10**15 + 1_000_001), True),
         ((0, 5_000), (7, 1), False),  # a counter restart: a new epoch from 1
-        ((0, 5_000), (7, 1_000_001), True),  # a new epoch counts from 0
+        ((0, 10**15), (7, NOW_MS + 1_000_001), True),  # a new epoch counts from 0
         ((7, 3), (0, 2**63 - 1), False),  # an older epoch: late, moves nothing
         ((7, 3), (7, 2), False),  # late within the epoch
     ],
@@ -108,6 +116,7 @@ def test_how_far_a_seq_may_jump(
             epoch=new[0],
             seq=new[1],
             max_jump=1_000_000,
+            now=NOW,
         )
         is too_far
     )
