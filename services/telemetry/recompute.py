@@ -41,7 +41,7 @@ async def recompute_statuses(
             LEFT JOIN LATERAL (
                 SELECT type, desired_state_id, release_version, reason_code
                 FROM timeline_events te WHERE te.vehicle_id = v.id
-                ORDER BY epoch DESC, seq DESC, event_id LIMIT 1
+                ORDER BY epoch DESC, seq DESC, received_at, event_id LIMIT 1
             ) latest ON true
             WHERE v.id = ANY(CAST(:ids AS text[]))
             ORDER BY v.id

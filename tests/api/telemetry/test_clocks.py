@@ -283,3 +283,24 @@ async def test_stored_status_matches_a_recomputation_across_epochs(
     results.append(await http.post(URL, json={"heartbeats": hbs}, headers=gateway))
     assert all(r.status_code == 202 for r in results)
     await consistent(sessions, ids)
+
+
+async def test_a_tie_on_epoch_and_seq_keeps_the_first_stored_and_recompute_agrees(
+    http: httpx.AsyncClient, gateway: dict, database_url: str, prefix: str, sessions: Any
+) -> None:
+    """A buggy device sends two events with the same `(epoch, seq)` in two requests, the
+    second with a lower event id and another type: the first stored stays the latest (the
+    write path replaces it only for a greater position), and the consistency check picks
+    the same one (it ordered ties by event id alone, and reported a mismatch)."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid], release="1.0")
+    ds = set_desired(database_url, vid, "2.0")
+    first = event(vid, 1, "apply_start", ds)
+    first["eventId"] = "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    second = event(vid, 1, "failed", ds, reason="APPLY_FAILED")
+    second["eventId"] = "00000000-0000-4000-8000-000000000000"
+    for item in (first, second):
+        r = await http.post(URL, json={"events": [item]}, headers=gateway)
+        assert r.status_code == 202, r.text
+    assert vehicle_row(database_url, vid)["status"] == "updating"
+    await consistent(sessions, [vid])
