@@ -34,7 +34,11 @@ from models.enums import Role
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 TELEMETRY_PATH = "/api/v1/telemetry"
-EXCLUDED_PATHS = frozenset({TELEMETRY_PATH})
+# A stream ticket is minted every ticket lifetime by every open stream (the stream ends when
+# its ticket does): counting it as a write would spend a user's write budget, one per open
+# tab a minute, and a 429 would end the stream. Minting costs one HMAC: no row, no Temporal.
+TICKETS_PATH = "/api/v1/stream/tickets"
+EXCLUDED_PATHS = frozenset({TELEMETRY_PATH, TICKETS_PATH})
 
 
 @dataclass

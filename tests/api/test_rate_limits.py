@@ -152,3 +152,14 @@ async def test_telemetry_is_not_counted_as_writes(
         }
         response = await limited_api.post("/api/v1/telemetry", headers=device, json=batch)
         assert response.status_code == 202, response.text
+
+
+async def test_stream_tickets_are_not_counted_as_writes(
+    limited_api: httpx.AsyncClient, token: Any
+) -> None:
+    """Each open stream mints a ticket every ticket lifetime (its stream ends with it): many
+    tabs must neither spend the user's writes nor lose their streams to a 429."""
+    carol = bearer(token("viewer", subject=f"carol-{uuid.uuid4()}"))
+    for _ in range(BURST * 3):
+        response = await limited_api.post("/api/v1/stream/tickets", headers=carol)
+        assert response.status_code == 201, response.text
