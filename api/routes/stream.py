@@ -212,7 +212,8 @@ async def stream(
             # The stream ends when the server stops, or when the credential it was opened
             # with (the token's exp, the ticket's) expires: the client reconnects with a
             # fresh one and resumes from its last event id.
-            with anyio.move_on_after(seconds_left):
+            left = math.inf if expires_at is None else expires_at - time.time()
+            with anyio.move_on_after(max(0.0, left)):
                 await shutdown.wait()
             sub.stop()
 
@@ -226,6 +227,8 @@ async def stream(
                 async for page in hub.backfill(after=last, upto=cursor, sub=sub):
                     if page:
                         yield b"".join(event.wire() for event in page)
+                    if expires_at is not None and time.time() >= expires_at:
+                        return  # a long backfill ends with its credential too
             while True:
                 # What has queued up goes out in one write (one wake-up per burst).
                 batch = [await sub.queue.get()]

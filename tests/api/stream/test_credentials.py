@@ -19,7 +19,7 @@ from tests.api.conftest import bearer, serve_app
 from tests.api.stream import READ_GUARD, SSE, delta, feed_vehicles, open_stream
 from tests.api.test_envelopes import assert_error
 
-TICKET_SECONDS = 2  # short, so a test sees its streams end
+TICKET_SECONDS = 5  # short, so a test sees its streams end; long enough to open one under load
 
 
 @pytest.fixture
