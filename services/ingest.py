@@ -399,8 +399,11 @@ class TelemetryIngestor:
             ms=round(elapsed * 1000, 1),
             **{k: round(v * 1000, 1) for k, v in result.stats.items()},
         )
-        if result.rollouts_moved and self._on_outcomes is not None:
-            self._on_outcomes(result.rollouts_moved)
-        for p in group:
+        for p in group:  # committed: answered whatever the notification below does
             if not p.future.done():
                 p.future.set_result(p.request)
+        if result.rollouts_moved and self._on_outcomes is not None:
+            try:
+                self._on_outcomes(result.rollouts_moved)
+            except Exception:  # the rollouts still look again at their next tick
+                log.exception("telemetry outcomes notification failed")

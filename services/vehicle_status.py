@@ -1,7 +1,7 @@
 """A vehicle's status, derived by one pure function (SPEC.md, Vehicles and telemetry).
 
 Inputs: the desired state (release and desired-state id), the release the vehicle reports
-running, its latest timeline event (by `seq`), when it was last seen and when it was
+running, its latest timeline event (by `(epoch, seq)`), when it was last seen and when it was
 registered. No I/O: the telemetry path, the consistency check and the tests call it alike.
 
 Rules, first match wins:
