@@ -66,6 +66,11 @@ async def test_a_burst_of_outcomes_is_a_handful_of_signals(
             lambda: _signals_in_history(client, rollout_workflow_id(rollout_id)),
             lambda got: sum(got) == 3000,
         )
+
+        async def accounted() -> int:  # the last send may be in history before its answer
+            return signals.sent + signals.dropped
+
+        await eventually(accounted, lambda n: n >= len(received))
     finally:
         await signals.stop()
     # The first at once, then at most one per half second (and the trailing one): a handful
