@@ -61,6 +61,50 @@ async def serve(app: Any, port: int) -> AsyncIterator[uvicorn.Server]:
         await asyncio.wait_for(task, GUARD)
 
 
+class ReportingPage:
+    """A page served from an origin of its own whose script POSTs what it sees to `/report`
+    (`{"kind": ..., ...}`): `next(kind)` waits for the next report of that kind, and `seen`
+    keeps every report read so far."""
+
+    def __init__(self, html: str) -> None:
+        self.reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.port = free_port()
+        self.origin = f"http://127.0.0.1:{self.port}"
+
+        async def page(_: Request) -> HTMLResponse:
+            return HTMLResponse(html)
+
+        async def report(request: Request) -> Response:
+            await self.reports.put(json.loads(await request.body()))
+            return Response(status_code=204)
+
+        self.app = Starlette(routes=[Route("/", page), Route("/report", report, methods=["POST"])])
+
+    async def next(self, kind: str) -> dict[str, Any]:
+        while True:
+            item = await asyncio.wait_for(self.reports.get(), GUARD)
+            self.seen.append(item)
+            if item["kind"] == kind:
+                return item
+
+
+async def open_chromium(chromium: str, profile: Any, url: str) -> asyncio.subprocess.Process:
+    """Headless chromium on `url`, its renderers in its own process group (`stop` ends it)."""
+    return await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        url,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def stop(pid: int) -> None:
     """End the browser this test started: its process group (it and its helpers)."""
     with contextlib.suppress(ProcessLookupError):
@@ -100,28 +144,13 @@ async def test_eventsource_receives_live_events_and_resumes_after_a_drop(
     database_url: str,
     tmp_path: Any,
 ) -> None:
-    reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def page(_: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE)
-
-    async def report(request: Request) -> Response:
-        await reports.put(json.loads(await request.body()))
-        return Response(status_code=204)
-
-    page_port, api_port = free_port(), free_port()
-    origin = f"http://127.0.0.1:{page_port}"
+    pages = ReportingPage(PAGE)
+    api_port = free_port()
     api = f"http://127.0.0.1:{api_port}"
-    api_settings = settings.model_copy(update={"cors_origins": [origin]})
-    pages = Starlette(routes=[Route("/", page), Route("/report", report, methods=["POST"])])
+    api_settings = settings.model_copy(update={"cors_origins": [pages.origin]})
+    next_report = pages.next
 
-    async def next_report(kind: str) -> dict[str, Any]:
-        while True:
-            item = await asyncio.wait_for(reports.get(), GUARD)
-            if item["kind"] == kind:
-                return item
-
-    async with serve(pages, page_port):
+    async with serve(pages.app, pages.port):
         async with serve(create_app(api_settings), api_port):
             async with httpx.AsyncClient(base_url=api, timeout=GUARD) as client:
                 issued = await client.post(
@@ -130,19 +159,8 @@ async def test_eventsource_receives_live_events_and_resumes_after_a_drop(
                 )
                 assert issued.status_code == 201, issued.text
                 ticket = issued.json()["data"]["ticket"]
-            url = f"{origin}/?api={api}&ticket={ticket}"
-            browser = await asyncio.create_subprocess_exec(
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={tmp_path / 'profile'}",
-                url,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # its renderers in its own group, ended with it
-            )
+            url = f"{pages.origin}/?api={api}&ticket={ticket}"
+            browser = await open_chromium(chromium, tmp_path / "profile", url)
             try:
                 await next_report("open")
                 first = feed(database_url, "browser-1")
@@ -217,48 +235,21 @@ async def test_eventsource_renews_its_ticket_when_the_stream_ends_at_expiry(
     """Tickets live 3 s here: each stream ends at its ticket's expiry, the browser's own retry
     is refused (401), and the page mints a new ticket and resumes with lastEventId=: every
     event arrives once, in order, across the renewals."""
-    reports: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def page(_: Request) -> HTMLResponse:
-        return HTMLResponse(RENEWING_PAGE)
-
-    async def report(request: Request) -> Response:
-        await reports.put(json.loads(await request.body()))
-        return Response(status_code=204)
-
-    page_port, api_port = free_port(), free_port()
-    origin = f"http://127.0.0.1:{page_port}"
+    pages = ReportingPage(RENEWING_PAGE)
+    api_port = free_port()
     api = f"http://127.0.0.1:{api_port}"
     api_settings = settings.model_copy(
-        update={"cors_origins": [origin], "stream_ticket_seconds": 3}
+        update={"cors_origins": [pages.origin], "stream_ticket_seconds": 3}
     )
-    pages = Starlette(routes=[Route("/", page), Route("/report", report, methods=["POST"])])
-    seen: list[dict[str, Any]] = []
-
-    async def next_report(kind: str) -> dict[str, Any]:
-        while True:
-            item = await asyncio.wait_for(reports.get(), GUARD)
-            seen.append(item)
-            if item["kind"] == kind:
-                return item
+    next_report, seen = pages.next, pages.seen
 
     token = mint_dev_token(dev_key, role=Role.VIEWER)
-    async with serve(pages, page_port), serve(create_app(api_settings), api_port):
+    async with serve(pages.app, pages.port), serve(create_app(api_settings), api_port):
         async with httpx.AsyncClient(base_url=api, timeout=GUARD) as client:
             async with open_stream(client, bearer(token), topics="vehicles"):
                 pass  # the stream hub is up before the page's short tickets are minted
-        browser = await asyncio.create_subprocess_exec(
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"{origin}/?api={api}&token={token}",
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        url = f"{pages.origin}/?api={api}&token={token}"
+        browser = await open_chromium(chromium, tmp_path / "profile", url)
         try:
             await next_report("open")
             ids = [feed(database_url, "renew-1")]
