@@ -31,7 +31,6 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.bodylimit import body_limit, too_large
 from api.caller import caller_of, send_error
 from core.db import session_scope
 from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
@@ -105,12 +104,9 @@ class IdempotencyMiddleware:
             return
         app_state = scope["app"].state
         settings: Settings = app_state.settings
-        # A keyed request's body is read whole (to fingerprint it), up to the path's limit.
-        limit = body_limit(settings, scope["path"])
-        body = await _read_body(receive, limit)
-        if body is None:
-            await send_error(scope, send, too_large(limit))
-            return
+        # A keyed request's body is read whole (to fingerprint it); api/bodylimit.py, outside
+        # this middleware, cuts it at the path's limit (413) as it is read.
+        body = await _read_body(receive)
 
         sessions: async_sessionmaker[AsyncSession] = app_state.sessions
         caller = principal.subject
@@ -221,18 +217,14 @@ class IdempotencyMiddleware:
         await send({"type": "http.response.body", "body": content})
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None past `limit` bytes."""
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body."""
     parts: list[bytes] = []
-    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
         parts.append(message.get("body", b""))
-        size += len(parts[-1])
-        if size > limit:
-            return None
         if not message.get("more_body", False):
             break
     return b"".join(parts)

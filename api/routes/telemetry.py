@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.bodylimit import body_limit, too_large
 from api.deps import require
 from api.envelope import ok
 from api.errors import ErrorResponses, error_responses, invalid_request
@@ -62,25 +61,6 @@ DESCRIPTION = (
     "coalesce per vehicle (latest `sentAt`, capped at its arrival, wins). Past the ingest "
     "queue's bound: 503 `OVERLOADED` with `Retry-After`."
 )
-
-
-async def read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it passes the path's limit (declared or sent;
-    api/bodylimit.py enforces the same limit before the route, this is the route's own
-    guard should it ever be mounted without it)."""
-    settings: Settings = request.app.state.settings
-    limit = body_limit(settings, request.url.path)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def check_gateway(principal: Principal, settings: Settings) -> None:
@@ -195,7 +175,8 @@ async def post_telemetry(
     check_gateway(principal, request.app.state.settings)
     limits: TelemetryLimits = request.app.state.telemetry_limits
     limits.charge(principal, 1)  # before the body is read: empty and invalid requests count
-    batch = parse_batch(await read_body(request))
+    # api/bodylimit.py bounds the body (413) as it is read, before any route or auth.
+    batch = parse_batch(await request.body())
     limits.charge(principal, len(batch.events) + len(batch.heartbeats) - 1)
     check_device(principal, batch)
     ingestor: TelemetryIngestor = request.app.state.ingestor
