@@ -33,21 +33,21 @@ def future_fields(
     # which costs microseconds a comparison (perf).
     zone: Any = None
     local = limit
+
+    def ahead(at: datetime) -> bool:
+        nonlocal zone, local
+        if at.tzinfo is not zone:
+            zone = at.tzinfo
+            local = limit.astimezone(zone)
+        return at > local
+
     message = f"more than {max_skew_seconds} s ahead of the server's clock"
     details: list[dict[str, Any]] = []
     for index, hb in enumerate(batch.heartbeats):
-        sent = hb.sent_at
-        if sent.tzinfo is not zone:
-            zone = sent.tzinfo
-            local = limit.astimezone(zone)
-        if sent > local:
+        if ahead(hb.sent_at):
             details.append(_detail(f"heartbeats.{index}.sentAt", index, message))
     for index, ev in enumerate(batch.events):
-        occurred = ev.occurred_at
-        if occurred.tzinfo is not zone:
-            zone = occurred.tzinfo
-            local = limit.astimezone(zone)
-        if occurred > local:
+        if ahead(ev.occurred_at):
             details.append(_detail(f"events.{index}.occurredAt", index, message))
         if ev.epoch > epoch_limit:
             details.append(_detail(f"events.{index}.epoch", index, f"{message} (in Unix seconds)"))
