@@ -64,17 +64,17 @@ def heartbeat_time(sent_at: datetime, received_at: datetime) -> datetime:
 
 
 def seq_jump_too_far(
-    *, stored_epoch: int, stored_seq: int, epoch: int, seq: int, max_jump: int, now: datetime
+    *, stored_epoch: int, stored_seq: int, epoch: int, seq: int, max_jump: int, clock_ms: int
 ) -> bool:
     """Whether an event would move its vehicle's newest `(epoch, seq)` absurdly far: more
     than `max_jump` past the newest stored `seq` of the same epoch (past 0 in a new epoch)
-    and past the server's clock in milliseconds (plus the same bound), so a device that
+    and past the server's clock in milliseconds (`clock_ms`, plus the same bound), so a device that
     numbers its events by its clock in milliseconds keeps going however long it was silent.
     An event of an older epoch is late: it moves nothing, so it is never too far."""
     if epoch < stored_epoch:
         return False
     base = stored_seq if epoch == stored_epoch else 0
-    return seq > max(base, clock_milliseconds(now)) + max_jump
+    return seq > max(base, clock_ms) + max_jump
 
 
 def clock_milliseconds(now: datetime) -> int:

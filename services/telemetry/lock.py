@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import RowMaker
 
-from services.telemetry.clock import seq_jump_too_far
+from services.telemetry.clock import clock_milliseconds, seq_jump_too_far
 from services.telemetry.group import Group, GroupRequest, LockedRow, SeqJumped, UnknownVehicle
 
 
@@ -95,6 +95,7 @@ async def lock_wide_rows(group: Group) -> None:
     stored = group.stored
     to_derive = group.to_derive
     max_jump = group.policy.max_seq_jump
+    clock_ms = clock_milliseconds(group.now)
     with_events = 0
     jumped = False
     for row in rows:
@@ -109,7 +110,7 @@ async def lock_wide_rows(group: Group) -> None:
                 epoch=new.epoch,
                 seq=new.seq,
                 max_jump=max_jump,
-                now=group.now,
+                clock_ms=clock_ms,
             ):
                 jumped = True
         if row.derive:
@@ -129,6 +130,7 @@ def refuse_jumps(
     """Mark invalid (whole) each live request holding an event whose `seq` jumps too far past
     its vehicle's newest stored (epoch, seq); returns how many were marked."""
     marked = 0
+    clock_ms = clock_milliseconds(now)
     for req in requests:
         if req.invalid is not None or req.refused is not None:
             continue
@@ -141,7 +143,7 @@ def refuse_jumps(
                 epoch=ev.epoch,
                 seq=ev.seq,
                 max_jump=max_jump,
-                now=now,
+                clock_ms=clock_ms,
             ):
                 details.append(
                     {

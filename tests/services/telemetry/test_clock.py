@@ -116,7 +116,7 @@ def test_how_far_a_seq_may_jump(
             epoch=new[0],
             seq=new[1],
             max_jump=1_000_000,
-            now=NOW,
+            clock_ms=NOW_MS,
         )
         is too_far
     )
