@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api.envelope import error_body
-from core.db import connection_lost
+from core.db import database_unavailable
 from core.errors import (
     Conflict,
     DependencyUnavailable,
@@ -152,16 +152,27 @@ async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     return _render(request, MotorcadeError())
 
 
+def unavailable(why: str) -> DependencyUnavailable:
+    """The 503 of a database that cannot serve now (`core.db.database_unavailable`)."""
+    messages = {
+        "pool": "the server has no free database connection; retry",
+        "timeout": "the database did not answer in time; retry",
+        "lost": "the database connection was lost; retry",
+    }
+    return DependencyUnavailable(messages.get(why), retry_after=1 if why == "lost" else 2)
+
+
 async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """The connection to PostgreSQL broke under a request (the server restarted or failed
-    over): 503 with Retry-After, never a 500; the broken connection is not pooled again
-    (core/db.py). Any other database error goes on to the last-resort 500."""
-    if not connection_lost(exc):
+    """The database cannot serve this request now: the connection broke (the server
+    restarted or failed over; it is not pooled again, core/db.py), a statement or lock
+    timeout ended it (SQLSTATE 57014, 55P03, 25P03), or no pooled connection was free in
+    time (the pool's TimeoutError): 503 `UNAVAILABLE` with Retry-After, never a 500. Any
+    other database error goes on to the last-resort 500."""
+    why = database_unavailable(exc)
+    if why is None:
         raise exc
-    log.warning("database connection lost", path=request.url.path, error=type(exc).__name__)
-    return _render(
-        request, DependencyUnavailable("the database connection was lost; retry", retry_after=1)
-    )
+    log.warning("database unavailable", path=request.url.path, why=why, error=type(exc).__name__)
+    return _render(request, unavailable(why))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -170,6 +181,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(psycopg.OperationalError, database_error_handler)
     app.add_exception_handler(sqlalchemy.exc.DBAPIError, database_error_handler)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, database_error_handler)
     app.add_exception_handler(Exception, unhandled_handler)
 
 

@@ -109,6 +109,28 @@ def connection_lost(exc: BaseException) -> bool:
     return False
 
 
+# SQLSTATEs of a database too slow to answer in time: a statement cancelled by
+# statement_timeout (57014, query_canceled), a lock not granted within lock_timeout (55P03,
+# lock_not_available), a transaction idle past idle_in_transaction_session_timeout (25P03).
+TIMEOUT_STATES = ("57014", "55P03", "25P03")
+
+
+def database_unavailable(exc: BaseException) -> str | None:
+    """Why `exc` says the database cannot serve now (a retry later may succeed): `lost` (the
+    connection broke or was refused, `connection_lost`), `timeout` (a statement or lock
+    timeout), `pool` (no pooled connection within the pool timeout); None for anything
+    else (a bug or a refusal stays what it is)."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # QueuePool: no connection in time
+        return "pool"
+    if type(exc).__name__ == "PoolTimeout":  # psycopg_pool's, should one ever be used
+        return "pool"
+    if connection_lost(exc):
+        return "lost"
+    if sqlstate_of(exc) in TIMEOUT_STATES:
+        return "timeout"
+    return None
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE of a database error, raised by psycopg on its own connection (the
     telemetry path's driver statements) or wrapped by SQLAlchemy (the ORM's); None for any

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.db import connection_lost, sqlstate_of
+from core.db import database_unavailable, sqlstate_of
 from core.errors import InvalidInput, MotorcadeError, NotFound, Overloaded
 from models.defaults import (
     DEFAULT_INGEST_GROUP_MAX_ITEMS,
@@ -117,9 +117,10 @@ class IngestFailed(MotorcadeError):
 
 
 def _isolable(exc: Exception) -> bool:
-    """Whether a failed group is worth writing request by request: not when the connection
-    was lost (every request would meet it) nor on contention retried to exhaustion."""
-    return not connection_lost(exc) and sqlstate_of(exc) not in RETRYABLE_SQLSTATES
+    """Whether a failed group is worth writing request by request: not when the database is
+    unavailable (the connection lost, a statement or lock timeout, the pool exhausted: every
+    request would meet it, and each answers 503) nor on contention retried to exhaustion."""
+    return database_unavailable(exc) is None and sqlstate_of(exc) not in RETRYABLE_SQLSTATES
 
 
 def _described(exc: Exception) -> dict[str, str | None]:
@@ -304,7 +305,10 @@ class TelemetryIngestor:
             result = await self._commit(group)
         except Exception as exc:
             if not _isolable(exc):
-                log.error("telemetry group failed", requests=len(group), **_described(exc))
+                why = database_unavailable(exc)  # transient: each request answers 503
+                (log.warning if why else log.error)(
+                    "telemetry group failed", requests=len(group), why=why, **_described(exc)
+                )
                 raise
             if len(group) == 1:
                 self._fail(group[0], exc)
