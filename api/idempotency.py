@@ -6,12 +6,26 @@ so one mechanism serves every route, present and future.
   request runs as usual and the route answers 401.
 - The request's fingerprint is a sha256 of method, path, query and (canonical JSON) body; the
   body itself is never stored.
-- First request: the key is claimed `in_flight` (committed at once), the route runs, and its
-  response (status, headers, body) is stored before it is sent. A 5xx, a 429 or an error
-  releases the key instead, so the client may retry.
+- First request: the key is claimed `in_flight` under a fresh fencing token (committed at
+  once), the route runs, and its response (status, headers, body) is stored before it is sent
+  if the endpoint succeeded (a status below 400). Any error answer (422, 401, 403, 404, 409,
+  413, 429, 5xx: a validation failure, a refusal, a conflict with a concurrent request, a
+  rate limit or a fault; the route's transaction rolled back, or the route says a retry is
+  safe) releases the key instead, so the client may retry (`stored_status`, docs/api.md).
+- Fencing: a key in flight for longer than `MOTORCADE_IDEMPOTENCY_IN_FLIGHT_TIMEOUT_SECONDS`
+  is taken over by a retry of the same request, under a new token. Only the current token
+  completes or releases the key; the slow original's transaction cannot even commit (the key's
+  execution mark, written in that transaction, matches no row).
+- Executed: every transaction the route commits marks the key executed in the same
+  transaction (core/db.py, `idempotency_guard`), with what the route says it created
+  (`note_created`). A key whose work committed is never taken over; if its response was never
+  stored (the process died in between), a retry answers the created resource re-read (its
+  route's status, `Idempotent-Replayed: true`), or 409 `IDEMPOTENCY_KEY_IN_USE` saying so.
 - Same key, same request: the stored response is sent again, with `Idempotent-Replayed: true`.
   Same key, other request: 422 `IDEMPOTENCY_KEY_MISMATCH`. Still in flight: 409
   `IDEMPOTENCY_KEY_IN_USE`.
+- The database unavailable (lost, too slow, the pool exhausted) while claiming: 503
+  `UNAVAILABLE` with `Retry-After`, like any route.
 - Keys live `MOTORCADE_IDEMPOTENCY_RETENTION_HOURS` (at least 24), then `purge_loop` deletes
   them.
 
@@ -23,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -32,7 +47,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.caller import caller_of, send_error
-from core.db import session_scope
+from api.errors import unavailable
+from core.db import IdempotencyGuard, database_unavailable, idempotency_guard, session_scope
 from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
 from core.settings import Settings
 from models.storable import storable_text
@@ -54,9 +70,19 @@ EXCLUDED_PATHS = frozenset({"/api/v1/telemetry", "/api/v1/stream/tickets"})
 _NOT_STORED = frozenset({"content-length", "date", "server", "set-cookie", "x-request-id"})
 
 
-def _stored_status(status: int) -> bool:
-    """The responses a replay returns; the others release the key (the client may retry)."""
-    return status < 500 and status != 429
+def stored_status(status: int) -> bool:
+    """The responses a replay returns: the endpoint executed and succeeded. Every error
+    answer releases the key instead (Stripe saves neither a validation failure nor a
+    conflict with a concurrent request): a 422 of any code, 401, 403, 404, 409 (`CONFLICT`,
+    `INVALID_STATE_TRANSITION`, `IDEMPOTENCY_*`), 413, 429 and 5xx. The route's transaction
+    rolled back (nothing was written), or the route answered that a retry is safe."""
+    return status < 400
+
+
+EXECUTED_WITHOUT_RESPONSE = (
+    "a request with this Idempotency-Key was executed, but its server stopped before it "
+    "could answer; it will not run again: look its result up, or send a new key"
+)
 
 
 class IdempotencyMiddleware:
@@ -110,22 +136,30 @@ class IdempotencyMiddleware:
 
         sessions: async_sessionmaker[AsyncSession] = app_state.sessions
         caller = principal.subject
-        async with session_scope(sessions) as session:
-            claim = await service.claim(
-                session,
-                caller=caller,
-                key=key,
-                method="POST",
-                path=scope["path"],
-                request_hash=service.fingerprint(
+        try:
+            async with session_scope(sessions) as session:
+                claim = await service.claim(
+                    session,
+                    caller=caller,
+                    key=key,
                     method="POST",
                     path=scope["path"],
-                    query=scope.get("query_string", b"").decode("latin-1"),
-                    body=body,
-                ),
-                retention=timedelta(hours=settings.idempotency_retention_hours),
-                stale_after=timedelta(seconds=settings.idempotency_in_flight_timeout_seconds),
-            )
+                    request_hash=service.fingerprint(
+                        method="POST",
+                        path=scope["path"],
+                        query=scope.get("query_string", b"").decode("latin-1"),
+                        body=body,
+                    ),
+                    retention=timedelta(hours=settings.idempotency_retention_hours),
+                    stale_after=timedelta(seconds=settings.idempotency_in_flight_timeout_seconds),
+                )
+        except Exception as exc:
+            why = database_unavailable(exc)
+            if why is None:
+                raise
+            log.warning("idempotency: the database is unavailable", why=why)
+            await send_error(scope, send, unavailable(why))
+            return
         if claim.outcome == "mismatch":
             await send_error(scope, send, IdempotencyKeyMismatch())
             return
@@ -136,7 +170,59 @@ class IdempotencyMiddleware:
             assert claim.response is not None
             await _send_stored(send, claim.response)
             return
-        await self._run_owned(scope, receive, send, body, sessions, caller, key)
+        if claim.outcome == "executed":
+            await self._answer_executed(scope, send, claim)
+            return
+        assert claim.token is not None
+        await self._run_owned(scope, receive, send, body, sessions, caller, key, claim.token)
+
+    async def _answer_executed(self, scope: Scope, send: Send, claim: service.Claim) -> None:
+        """A retry of a request whose work committed but whose response was never stored:
+        the resource it created, re-read through its own GET route with the caller's
+        credentials, under the status the route named; else 409 saying what happened."""
+        if claim.resource is None or not claim.resource.startswith("/api/"):
+            await send_error(scope, send, IdempotencyKeyInUse(EXECUTED_WITHOUT_RESPONSE))
+            return
+        path = claim.resource
+        dropped = {HEADER, b"content-length", b"content-type", b"transfer-encoding"}
+        read_scope = {
+            **scope,
+            "method": "GET",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [(k, v) for k, v in scope.get("headers") or [] if k not in dropped],
+        }
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def no_body() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(read_scope, no_body, capture)
+        if start is None or int(start["status"]) != 200:
+            await send_error(scope, send, IdempotencyKeyInUse(EXECUTED_WITHOUT_RESPONSE))
+            return
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in start.get("headers", [])
+            if k.decode("latin-1").lower() not in _NOT_STORED and k.lower() != b"etag"
+        ]
+        headers.append(("location", path))
+        log.info("idempotency: answered a lost response from its resource", resource=path)
+        await _send_stored(
+            send,
+            service.StoredResponse(
+                status=claim.status or 200, headers=headers, body=b"".join(chunks).decode()
+            ),
+        )
 
     async def _run_owned(
         self,
@@ -147,9 +233,11 @@ class IdempotencyMiddleware:
         sessions: async_sessionmaker[AsyncSession],
         caller: str,
         key: str,
+        token: uuid.UUID,
     ) -> None:
-        """Run the route holding the key; store its response before sending it (so a retry
-        right after the answer replays it), or release the key."""
+        """Run the route holding the key (every commit marks it executed); store its
+        response before sending it (so a retry right after the answer replays it), or
+        release the key. Both only under `token`: a takeover made them no-ops."""
         body_sent = False
 
         async def replay_receive() -> Message:
@@ -185,17 +273,20 @@ class IdempotencyMiddleware:
                 return
             await send(message)
 
+        guard = IdempotencyGuard(caller=caller, key=key, token=token)
         try:
-            await self.app(scope, replay_receive, buffered_send)
+            with idempotency_guard(guard):
+                await self.app(scope, replay_receive, buffered_send)
         except BaseException:
-            await asyncio.shield(_release(sessions, caller, key))
+            if not guard.executed:  # committed work keeps its mark: never run again
+                await asyncio.shield(_release(sessions, caller, key, token))
             raise
         if passthrough or start is None:
-            await asyncio.shield(_release(sessions, caller, key))
+            await asyncio.shield(_release(sessions, caller, key, token))
             return
         status = int(start["status"])
         content = b"".join(chunks)
-        if _stored_status(status):
+        if stored_status(status):
             stored = service.StoredResponse(
                 status=status,
                 headers=[
@@ -207,12 +298,17 @@ class IdempotencyMiddleware:
             )
             try:
                 async with session_scope(sessions) as session:
-                    await service.complete(session, caller=caller, key=key, response=stored)
+                    stored_it = await service.complete(
+                        session, caller=caller, key=key, token=token, response=stored
+                    )
+                if not stored_it:
+                    log.warning("idempotency: the key was taken over; the response not stored")
             except Exception:
-                # The write happened: answer it. The key stays in flight until it goes stale.
+                # The write happened: answer it. The key stays marked executed (a retry
+                # answers from what it created, or 409).
                 log.warning("idempotency: storing the response failed", exc_info=True)
         else:
-            await asyncio.shield(_release(sessions, caller, key))
+            await asyncio.shield(_release(sessions, caller, key, token))
         await send(start)
         await send({"type": "http.response.body", "body": content})
 
@@ -230,10 +326,14 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(parts)
 
 
-async def _release(sessions: async_sessionmaker[AsyncSession], caller: str, key: str) -> None:
+async def _release(
+    sessions: async_sessionmaker[AsyncSession], caller: str, key: str, token: uuid.UUID
+) -> None:
     try:
         async with session_scope(sessions) as session:
-            await service.release(session, caller=caller, key=key)
+            released = await service.release(session, caller=caller, key=key, token=token)
+        if not released:
+            log.info("idempotency: nothing to release (the key was taken over)")
     except Exception:
         log.warning("idempotency: releasing the key failed", exc_info=True)
 

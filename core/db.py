@@ -9,29 +9,43 @@ round trips) as psycopg's own connection, and `fetch` runs one statement on it. 
 execution machinery was more than half of the API's CPU on those routes. Telemetry ingestion
 (binary COPY) reaches the psycopg connection under its session with `session_driver`; both
 unwrap it with `driver_of`.
+
+A request holding an `Idempotency-Key` (api/idempotency.py) marks its key executed inside its
+own transaction (`idempotency_guard`, a `before_commit` hook on every session): the work and
+the mark commit together, so a retry never runs committed work again, and a request whose key
+was taken over by a retry (the fence) cannot commit at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import psycopg.types.json
 import sqlalchemy.exc
+import structlog
 from psycopg.rows import dict_row
 from pydantic_core import from_json
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import tracing
+from core.errors import IdempotencyKeyInUse
 from core.settings import Settings, normalize_database_url
+
+log = structlog.stdlib.get_logger("motorcade.db")
 
 # json/jsonb values are parsed by pydantic's (Rust) parser, not the json module: the same
 # values, a fraction of the CPU on a page of vehicles with their metadata.
@@ -178,3 +192,74 @@ async def fetch(
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(statement, params, binary=True)
             return await cur.fetchall()
+
+
+@dataclass
+class IdempotencyGuard:
+    """The Idempotency-Key a request holds (api/idempotency.py), and what the route says it
+    created (`note_created`): marked executed in every transaction the request commits."""
+
+    caller: str
+    key: str
+    token: uuid.UUID
+    resource: str | None = None
+    status: int | None = None
+    executed: bool = False
+
+
+_GUARD: ContextVar[IdempotencyGuard | None] = ContextVar("motorcade_idempotency", default=None)
+
+
+@contextmanager
+def idempotency_guard(guard: IdempotencyGuard) -> Iterator[IdempotencyGuard]:
+    """While the request runs under its key: every commit marks the key executed."""
+    reset = _GUARD.set(guard)
+    try:
+        yield guard
+    finally:
+        _GUARD.reset(reset)
+
+
+def note_created(resource: str, *, status: int = 201) -> None:
+    """A route names what its request creates (the path a GET re-reads, and the status it
+    answers), before it commits: a retry whose first response was lost (the process died
+    after the commit) answers `status` with that resource instead of running again. Outside
+    a keyed request it does nothing."""
+    guard = _GUARD.get()
+    if guard is not None:
+        guard.resource, guard.status = resource, status
+
+
+# The one statement that marks a key executed (the columns of services/idempotency.py).
+MARK_EXECUTED = text(
+    "UPDATE idempotency_keys SET executed_at = coalesce(executed_at, now()),"
+    " resource = coalesce(CAST(:resource AS text), resource),"
+    " response_status = coalesce(CAST(:status AS smallint), response_status)"
+    " WHERE caller = :caller AND key = :key AND token = :token AND state = 'in_flight'"
+)
+
+
+@event.listens_for(Session, "before_commit")
+def _mark_key_executed(session: Session) -> None:
+    """Inside the committing transaction: mark the request's key executed (with what it
+    created). No row matches when a retry took the key over (the fence): the commit fails,
+    so the request that lost its key writes nothing."""
+    guard = _GUARD.get()
+    if guard is None:
+        return
+    result = session.execute(
+        MARK_EXECUTED,
+        {
+            "caller": guard.caller,
+            "key": guard.key,
+            "token": guard.token,
+            "resource": guard.resource,
+            "status": guard.status,
+        },
+    )
+    if not getattr(result, "rowcount", 0):
+        log.warning("idempotency: the key was taken over; this request's work is rolled back")
+        raise IdempotencyKeyInUse(
+            "this request's Idempotency-Key was taken over by a retry; nothing was written"
+        )
+    guard.executed = True

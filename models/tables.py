@@ -354,6 +354,16 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: dict[str, Any] | None = _json_column("null", nullable=True)
     created_at: datetime | None = _now_column()
     expires_at: datetime = Field(sa_column=Column(TIMEZONE, nullable=False))
+    # The fencing token of the current claim (a takeover draws a new one): only its holder
+    # completes or releases the key.
+    token: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        sa_column=Column(UUID, nullable=False, server_default=text("gen_random_uuid()")),
+    )
+    # Set inside the route's own transaction: its work committed (never run again).
+    executed_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    # What the request created (a path re-read to answer a retry whose response was lost).
+    resource: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class ReconcileRun(SQLModel, table=True):

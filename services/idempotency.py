@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -41,12 +42,17 @@ class StoredResponse:
 
 @dataclass(frozen=True)
 class Claim:
-    """What a request under a key may do: `new` (it owns the key: run it), `replay` (send
-    `response`), `mismatch` (the key was used for another request), `in_flight` (a request
-    under this key is still running)."""
+    """What a request under a key may do: `new` (it owns the key under `token`: run it),
+    `replay` (send `response`), `mismatch` (the key was used for another request),
+    `in_flight` (a request under this key is still running), `executed` (a request under this
+    key committed its work but its response was never stored: its process died in between;
+    `resource` and `status` say what it created, when the route named it)."""
 
-    outcome: Literal["new", "replay", "mismatch", "in_flight"]
+    outcome: Literal["new", "replay", "mismatch", "in_flight", "executed"]
     response: StoredResponse | None = None
+    token: uuid.UUID | None = None
+    resource: str | None = None
+    status: int | None = None
 
 
 def fingerprint(*, method: str, path: str, query: str, body: bytes) -> str:
@@ -65,11 +71,15 @@ def fingerprint(*, method: str, path: str, query: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+# A takeover draws a new token (the fence): the previous holder's complete, release and
+# execution mark then match no row. A key whose work committed (`executed_at`) is never taken
+# over before it expires, however long ago it was claimed.
 _CLAIM = text(
     """
     INSERT INTO idempotency_keys
-        (caller, key, method, path, request_hash, state, created_at, expires_at)
-    VALUES (:caller, :key, :method, :path, :hash, 'in_flight', now(), now() + :retention)
+        (caller, key, method, path, request_hash, state, created_at, expires_at, token)
+    VALUES (:caller, :key, :method, :path, :hash, 'in_flight', now(), now() + :retention,
+            gen_random_uuid())
     ON CONFLICT (caller, key) DO UPDATE SET
         method = excluded.method,
         path = excluded.path,
@@ -78,18 +88,22 @@ _CLAIM = text(
         response_status = NULL,
         response_body = NULL,
         created_at = now(),
-        expires_at = excluded.expires_at
+        expires_at = excluded.expires_at,
+        token = excluded.token,
+        executed_at = NULL,
+        resource = NULL
     WHERE idempotency_keys.expires_at <= now()
        OR (idempotency_keys.state = 'in_flight'
+           AND idempotency_keys.executed_at IS NULL
            AND idempotency_keys.created_at < now() - :stale_after
            AND idempotency_keys.request_hash = excluded.request_hash)
-    RETURNING 1
+    RETURNING token
     """
 )
 
 _EXISTING = text(
-    "SELECT request_hash, state, response_status, response_body FROM idempotency_keys"
-    " WHERE caller = :caller AND key = :key"
+    "SELECT request_hash, state, response_status, response_body, executed_at, resource"
+    " FROM idempotency_keys WHERE caller = :caller AND key = :key"
 )
 
 
@@ -106,7 +120,8 @@ async def claim(
 ) -> Claim:
     """Take the key for this request, or say why not. An expired key is taken over (as if
     absent); so is one left `in_flight` for longer than `stale_after` with the same request
-    (its process died before it answered)."""
+    and no committed work (its process died before its transaction committed). The new
+    claim's `token` is what `complete`, `release` and `mark_executed` must present."""
     params = {
         "caller": caller,
         "key": key,
@@ -120,50 +135,63 @@ async def claim(
     for _ in range(3):  # the row may vanish in between (its first request failed: released)
         taken = (await conn.execute(_CLAIM, params)).first()
         if taken is not None:
-            return Claim("new")
+            return Claim("new", token=taken[0])
         row = (await conn.execute(_EXISTING, {"caller": caller, "key": key})).first()
         if row is None:
             continue
-        stored_hash, state, status, body = row
+        stored_hash, state, status, body, executed_at, resource = row
         if stored_hash != request_hash:
             return Claim("mismatch")
-        if state != COMPLETED or status is None:
-            return Claim("in_flight")
-        return Claim("replay", StoredResponse.from_row(int(status), body or {}))
+        if state == COMPLETED and status is not None:
+            return Claim("replay", StoredResponse.from_row(int(status), body or {}))
+        if executed_at is not None:
+            return Claim("executed", resource=resource, status=status)
+        return Claim("in_flight")
     return Claim("in_flight")
 
 
 async def complete(
-    session: AsyncSession, *, caller: str, key: str, response: StoredResponse
-) -> None:
-    """Store the first response under the key (the request that owns it)."""
+    session: AsyncSession,
+    *,
+    caller: str,
+    key: str,
+    token: uuid.UUID,
+    response: StoredResponse,
+) -> bool:
+    """Store the first response under the key, if `token` still holds it; False (nothing
+    changed) when a retry took the key over in the meantime."""
     conn = await session.connection()
-    await conn.execute(
+    result = await conn.execute(
         text(
             "UPDATE idempotency_keys SET state = 'completed', response_status = :status,"
             " response_body = CAST(:body AS jsonb)"
-            " WHERE caller = :caller AND key = :key AND state = 'in_flight'"
+            " WHERE caller = :caller AND key = :key AND token = :token"
+            " AND state = 'in_flight'"
         ),
         {
             "caller": caller,
             "key": key,
+            "token": token,
             "status": response.status,
             "body": json.dumps(response.as_json()),
         },
     )
+    return bool(getattr(result, "rowcount", 0))
 
 
-async def release(session: AsyncSession, *, caller: str, key: str) -> None:
-    """Forget an in-flight key whose request failed (5xx, error, rate limit): the client may
-    retry under the same key."""
+async def release(session: AsyncSession, *, caller: str, key: str, token: uuid.UUID) -> bool:
+    """Forget an in-flight key whose request answered an error (nothing stored: the client may
+    retry under the same key), if `token` still holds it; False (nothing changed) when a
+    retry took the key over in the meantime."""
     conn = await session.connection()
-    await conn.execute(
+    result = await conn.execute(
         text(
             "DELETE FROM idempotency_keys"
-            " WHERE caller = :caller AND key = :key AND state = 'in_flight'"
+            " WHERE caller = :caller AND key = :key AND token = :token AND state = 'in_flight'"
         ),
-        {"caller": caller, "key": key},
+        {"caller": caller, "key": key, "token": token},
     )
+    return bool(getattr(result, "rowcount", 0))
 
 
 async def purge_expired(

@@ -20,6 +20,7 @@ from api.deps import (
 )
 from api.envelope import ok, page
 from api.errors import ErrorResponses
+from core.db import note_created
 from models.api import Envelope, ListEnvelope, ReleaseCreate, ReleaseOut
 from services import releases as service
 
@@ -87,6 +88,7 @@ async def create_release(
         actor=actor_of(request, principal),
         trusted_keys=trusted_keys_of(settings),
     )
+    note_created(f"/api/v1/releases/{release.version}")  # a retry's lost answer (idempotency)
     return JSONResponse(
         ok(request, ReleaseOut.model_validate(release)),
         status_code=201,

@@ -26,7 +26,7 @@ from api.envelope import ok, page
 from api.errors import ErrorResponses
 from core import temporal
 from core.auth import Principal
-from core.db import session_scope
+from core.db import note_created, session_scope
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from core.settings import Settings
 from models.api import (
@@ -133,6 +133,7 @@ async def create_rollout(
         await session.rollback()  # read-only: nothing to commit
         return JSONResponse(ok(request, plan, dryRun=True), status_code=200)
     rollout = await create.create_rollout(session, body=body, request=assignment)
+    note_created(f"/api/v1/rollouts/{rollout.id}")  # a retry's lost answer (idempotency)
     await session.commit()  # the workflow starts only once the row it refers to is durable
     await session.refresh(rollout)
     assert rollout.id is not None

@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 
+from core.db import IdempotencyGuard, idempotency_guard, note_created
+from core.errors import IdempotencyKeyInUse
 from core.settings import Settings
 from devtools.localservers import free_port
 from services import idempotency as service
@@ -99,17 +101,50 @@ async def test_replay_returns_the_first_response_and_writes_once(
     assert counts(database_url, release, ids) == (6, 2)
 
 
-async def test_an_error_response_is_replayed_too(
-    http: httpx.AsyncClient, operator: dict, prefix: str
+async def test_a_validation_failure_is_not_stored(
+    http: httpx.AsyncClient, operator: dict, database_url: str, prefix: str
 ) -> None:
+    """A 422 (here an unknown release) saves nothing: the endpoint wrote nothing, so the key
+    is released and the same request is judged again, not replayed (Stripe's rule)."""
     key = str(uuid.uuid4())
     body = ds_body(f"{prefix}no-such-release", [f"{prefix}0"])
     first = await http.post(URL, headers=keyed(operator, key), json=body)
     assert first.status_code in (404, 422), first.text
+    assert key_row(database_url, "dev-operator", key) is None
     again = await http.post(URL, headers=keyed(operator, key), json=body)
     assert again.status_code == first.status_code
-    assert again.headers["idempotent-replayed"] == "true"
-    assert again.json() == first.json()
+    assert "idempotent-replayed" not in again.headers
+    assert again.json()["metadata"]["requestId"] != first.json()["metadata"]["requestId"]
+
+
+async def test_an_overlap_conflict_is_not_replayed_once_the_other_rollout_ends(
+    http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
+) -> None:
+    """A 409 CONFLICT (the vehicles are inside another active rollout) is not stored: once
+    the other rollout ends, the same request under the same key creates the rollout."""
+    release, ids = fleet
+    holder = await http.post(
+        "/api/v1/rollouts",
+        headers=operator,
+        json=rollout_body(release, targets={"vehicleIds": ids}),
+    )
+    assert holder.status_code == 201, holder.text
+    key = str(uuid.uuid4())
+    body = rollout_body(release, name=f"second {uuid.uuid4()}", targets={"vehicleIds": ids})
+    refused = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert_error(refused, 409, "CONFLICT")
+    assert key_row(database_url, "dev-operator", key) is None
+
+    with psycopg.connect(database_url) as conn:  # the other rollout ends
+        conn.execute(
+            "UPDATE rollouts SET status = 'aborted' WHERE id = %s", (holder.json()["data"]["id"],)
+        )
+    created = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert created.status_code == 201, created.text
+    assert "idempotent-replayed" not in created.headers
+    replay = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+    assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == created.json()
 
 
 async def test_same_key_with_another_body_is_a_mismatch(
@@ -207,8 +242,9 @@ async def test_invalid_keys_and_unauthenticated_requests(
     # The longest valid key works.
     longest = "k" * 255
     ok = await http.post(URL, headers=keyed(operator, longest), json={})
-    assert_error(ok, 422, "VALIDATION_ERROR")
-    assert key_row(database_url, "dev-operator", longest) is not None
+    body = assert_error(ok, 422, "VALIDATION_ERROR")  # the body's fault, not the key's
+    assert all(d["field"] != "Idempotency-Key" for d in body["error"]["details"])
+    assert key_row(database_url, "dev-operator", longest) is None  # a 422 is not stored
 
 
 async def test_the_document_states_which_keys_are_valid(
@@ -372,8 +408,8 @@ async def test_the_api_purges_expired_keys_in_the_background(
 async def test_creating_a_rollout_and_controlling_it_replay_too(
     http: httpx.AsyncClient, operator: dict, database_url: str, fleet: tuple[str, list[str]]
 ) -> None:
-    """One mechanism for every POST: a rollout is created once (one row, one workflow), and a
-    refused control request is refused once (one audit entry)."""
+    """One mechanism for every POST: a rollout is created once (one row, one workflow); a
+    refused control request is not stored (a conflict saves nothing), so it is judged again."""
     release, ids = fleet
     name = f"idempotent {uuid.uuid4()}"
     body = rollout_body(release, name=name, targets={"vehicleIds": ids})
@@ -394,13 +430,107 @@ async def test_creating_a_rollout_and_controlling_it_replay_too(
     url = f"/api/v1/rollouts/{rid}/pause"
     refused = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
     assert_error(refused, 409, "INVALID_STATE_TRANSITION")
-    replay = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
-    assert replay.status_code == 409 and replay.headers["idempotent-replayed"] == "true"
-    assert replay.json() == refused.json()
+    # A refusal is not stored: judged again (and audited again), never replayed.
+    again = await http.post(url, headers=keyed(operator, key), json={"reason": "late"})
+    assert_error(again, 409, "INVALID_STATE_TRANSITION")
+    assert "idempotent-replayed" not in again.headers
     with psycopg.connect(database_url) as conn:
         audited = conn.execute(
             "SELECT count(*) FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
             " AND action = 'rollout.pause_rejected'",
             (str(rid),),
         ).fetchone()
-    assert audited == (1,)
+    assert audited == (2,)
+
+
+def claim_args(prefix: str) -> dict[str, Any]:
+    return {
+        "caller": f"{prefix}c",
+        "key": "k",
+        "method": "POST",
+        "path": "/api/v1/x",
+        "retention": timedelta(hours=24),
+        "stale_after": timedelta(seconds=120),
+    }
+
+
+def backdate_claim(database_url: str, caller: str) -> None:
+    """The claim of `caller` looks older than any in-flight timeout (its request is slow)."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '10 minutes'"
+            " WHERE caller = %s",
+            (caller,),
+        )
+
+
+async def test_a_stale_owner_cannot_release_complete_or_commit_after_a_takeover(
+    sessions: Sessions, database_url: str, prefix: str
+) -> None:
+    """Fencing: a slow first request whose key a retry took over (new token) changes nothing:
+    its release deletes nothing, its complete stores nothing, and its own transaction cannot
+    commit (the execution mark it writes there matches no row)."""
+    args = claim_args(prefix)
+    caller = args["caller"]
+    vehicle = f"{prefix}v"
+    insert_vehicles(database_url, [vehicle])
+    async with sessions() as session:
+        first = await service.claim(session, request_hash="a", **args)
+        await session.commit()
+    assert first.outcome == "new" and first.token is not None
+    backdate_claim(database_url, caller)
+    async with sessions() as session:
+        second = await service.claim(session, request_hash="a", **args)
+        await session.commit()
+    assert second.outcome == "new" and second.token not in (None, first.token)
+
+    response = service.StoredResponse(status=201, headers=[], body='{"stale": true}')
+    async with sessions() as session:
+        assert not await service.release(session, caller=caller, key="k", token=first.token)
+        assert not await service.complete(
+            session, caller=caller, key="k", token=first.token, response=response
+        )
+        await session.commit()
+    async with sessions() as session:
+        assert (await service.claim(session, request_hash="a", **args)).outcome == "in_flight"
+        await session.rollback()
+
+    async def work(token: uuid.UUID, ring: str) -> None:
+        async with sessions() as session:
+            with idempotency_guard(IdempotencyGuard(caller=caller, key="k", token=token)) as g:
+                note_created(f"/api/v1/vehicles/{vehicle}", status=201)
+                await session.execute(
+                    text("UPDATE vehicles SET ring = :ring WHERE id = :id"),
+                    {"ring": ring, "id": vehicle},
+                )
+                try:
+                    await session.commit()
+                except BaseException:
+                    await session.rollback()
+                    raise
+                assert g.executed
+
+    with pytest.raises(IdempotencyKeyInUse):
+        await work(first.token, "stale")
+    await work(second.token, "current")
+    with psycopg.connect(database_url) as conn:
+        ring = conn.execute("SELECT ring FROM vehicles WHERE id = %s", (vehicle,)).fetchone()
+    assert ring == ("current",)  # the stale owner's write never committed
+
+    # The key's work committed: it is never taken over, however old (the retry answers
+    # from what it created instead).
+    backdate_claim(database_url, caller)
+    async with sessions() as session:
+        executed = await service.claim(session, request_hash="a", **args)
+        await session.rollback()
+    assert executed.outcome == "executed"
+    assert (executed.resource, executed.status) == (f"/api/v1/vehicles/{vehicle}", 201)
+    async with sessions() as session:
+        assert await service.complete(
+            session, caller=caller, key="k", token=second.token, response=response
+        )
+        await session.commit()
+    async with sessions() as session:
+        replay = await service.claim(session, request_hash="a", **args)
+        await session.rollback()
+    assert replay.outcome == "replay" and replay.response == response
