@@ -35,7 +35,7 @@ from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
 from core import tracing
 from core.auth import TokenVerifier
-from core.db import autocommit_engine, create_engine, session_factory
+from core.db import autocommit_engine, connection_options, create_engine, session_factory
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import OutcomeSignals
@@ -143,7 +143,7 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
+        engine = create_engine(settings, role="ingest" if role == "ingest" else "api")
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.read_engine = autocommit_engine(engine)
@@ -160,6 +160,7 @@ def _lifespan(
                     settings.libpq_database_url,
                     queue_max_events=settings.stream_queue_max_events,
                     poll_seconds=settings.stream_poll_seconds,
+                    options=connection_options(settings, "listen"),
                 )
                 await app.state.stream.start()
                 running.push_async_callback(app.state.stream.stop)

@@ -10,6 +10,14 @@ execution machinery was more than half of the API's CPU on those routes. Telemet
 (binary COPY) reaches the psycopg connection under its session with `session_driver`; both
 unwrap it with `driver_of`.
 
+Every connection carries the timeouts of its process's role (`connection_options`):
+`statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout`, sent in the
+startup packet (libpq `options=-c ...`), so a stuck statement, a lock wait or a forgotten
+transaction ends instead of holding a pooled connection forever (docs/architecture.md,
+"Database timeouts"). A request that waits longer than `MOTORCADE_DATABASE_POOL_TIMEOUT_SECONDS`
+for a pooled connection fails at once. `database_unavailable` names those failures (and a lost
+connection): the API answers them 503 `UNAVAILABLE` with `Retry-After`.
+
 A request holding an `Idempotency-Key` (api/idempotency.py) marks its key executed inside its
 own transaction (`idempotency_guard`, a `before_commit` hook on every session): the work and
 the mark commit together, so a retry never runs committed work again, and a request whose key
@@ -18,12 +26,13 @@ was taken over by a retry (the fence) cannot commit at all.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import psycopg.types.json
@@ -47,20 +56,67 @@ from core.settings import Settings, normalize_database_url
 
 log = structlog.stdlib.get_logger("motorcade.db")
 
+# The role of a process's connections: each gets its own timeouts (`connection_options`).
+# `listen` is the stream's LISTEN connection (idle outside a transaction by design: no idle
+# timeout applies to it, and it runs no statement that could hang); `migrate` is unbounded.
+ConnectionRole = Literal["api", "ingest", "worker", "listen", "migrate"]
+
 # json/jsonb values are parsed by pydantic's (Rust) parser, not the json module: the same
 # values, a fraction of the CPU on a page of vehicles with their metadata.
 psycopg.types.json.set_json_loads(from_json)
 
 
-def create_engine(settings: Settings | None = None, *, url: str | None = None) -> AsyncEngine:
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def role_timeouts(settings: Settings, role: ConnectionRole) -> dict[str, int]:
+    """The server-side timeouts (milliseconds, 0 = none) of a connection of `role`."""
+    idle = _ms(settings.database_idle_in_transaction_timeout_seconds)
+    if role == "api":
+        statement = settings.database_api_statement_timeout_seconds
+        lock = settings.database_api_lock_timeout_seconds
+    elif role == "ingest":
+        statement = settings.database_ingest_statement_timeout_seconds
+        lock = settings.database_ingest_lock_timeout_seconds
+    elif role == "worker":
+        statement = settings.database_worker_statement_timeout_seconds
+        lock = settings.database_worker_lock_timeout_seconds
+    elif role == "listen":
+        statement, lock, idle = settings.database_api_statement_timeout_seconds, 0, 0
+    else:
+        return {"statement_timeout": 0, "lock_timeout": 0, "idle_in_transaction_session_timeout": 0}
+    return {
+        "statement_timeout": _ms(statement),
+        "lock_timeout": _ms(lock),
+        "idle_in_transaction_session_timeout": idle,
+    }
+
+
+def connection_options(settings: Settings, role: ConnectionRole) -> str:
+    """libpq `options` setting the role's timeouts for the whole session."""
+    return " ".join(f"-c {name}={value}" for name, value in role_timeouts(settings, role).items())
+
+
+def create_engine(
+    settings: Settings | None = None,
+    *,
+    url: str | None = None,
+    role: ConnectionRole = "api",
+    pool_size: int | None = None,
+) -> AsyncEngine:
+    """The process's engine: its pool (`pool_size` connections plus as many overflow,
+    `MOTORCADE_DATABASE_POOL_TIMEOUT_SECONDS` of wait at most) and its role's timeouts."""
     target = normalize_database_url(url) if url else settings.database_url if settings else None
     if target is None:
         raise ValueError("create_engine needs settings or a url")
-    pool = settings.database_pool_size if settings else 5
+    pool = pool_size or (settings.database_pool_size if settings else 5)
     engine = create_async_engine(
         target,
         pool_size=pool,
         max_overflow=pool,
+        pool_timeout=settings.database_pool_timeout_seconds if settings else 30,
+        connect_args={"options": connection_options(settings, role)} if settings else {},
         pool_pre_ping=False,
         pool_recycle=1800,
         # A failed statement's error (logged, and kept from the client) never carries the
@@ -88,10 +144,25 @@ async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncItera
             raise
 
 
-async def ping(engine: AsyncEngine) -> None:
-    """Reach PostgreSQL through the pool once (the readiness probe)."""
-    async with engine.connect() as conn:
-        await conn.exec_driver_sql("SELECT 1")
+async def probe(conninfo: str, *, within_seconds: float) -> None:
+    """Reach PostgreSQL on a connection of its own, opened and closed here, the whole of it
+    (connecting included) bounded by `within_seconds` (the readiness probe: it never waits
+    for, nor takes, a connection of the request pool)."""
+    whole = max(1, int(within_seconds))
+
+    async def check() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=whole,
+            options=f"-c statement_timeout={_ms(within_seconds)}",
+        )
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            await conn.close()
+
+    await asyncio.wait_for(check(), within_seconds)
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:

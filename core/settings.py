@@ -102,7 +102,66 @@ class Settings(BaseSettings):
         description="PostgreSQL URL (psycopg 3). `make dev`/`make test` start an embedded "
         "server when it is not set.",
     )
-    database_pool_size: int = Field(10, ge=1, le=200, description="Connections per process.")
+    database_pool_size: int = Field(
+        10,
+        ge=1,
+        le=200,
+        description="Connections per process (the pool may open as many again in overflow).",
+    )
+    database_pool_timeout_seconds: float = Field(
+        5,
+        gt=0,
+        le=60,
+        description="How long a request waits for a pooled connection before it answers 503 "
+        "`UNAVAILABLE` with `Retry-After` (the pool is exhausted): shorter than a client's "
+        "request budget, so the client hears back and retries.",
+    )
+    database_api_statement_timeout_seconds: float = Field(
+        15,
+        ge=0,
+        description="PostgreSQL `statement_timeout` of the API's connections: a statement "
+        "running longer is cancelled and the request answers 503 `UNAVAILABLE` with "
+        "`Retry-After`. 0: none.",
+    )
+    database_api_lock_timeout_seconds: float = Field(
+        5,
+        ge=0,
+        description="PostgreSQL `lock_timeout` of the API's connections: a request waiting "
+        "longer for a row or advisory lock (the fleet-assignment lock of rollout creation and "
+        "desired states included) answers 503 `UNAVAILABLE` with `Retry-After`. 0: none.",
+    )
+    database_ingest_statement_timeout_seconds: float = Field(
+        15,
+        ge=0,
+        description="PostgreSQL `statement_timeout` of `motorcade ingest`'s connections (a "
+        "telemetry group's COPY and merge). 0: none.",
+    )
+    database_ingest_lock_timeout_seconds: float = Field(
+        5,
+        ge=0,
+        description="PostgreSQL `lock_timeout` of `motorcade ingest`'s connections. 0: none.",
+    )
+    database_worker_statement_timeout_seconds: float = Field(
+        120,
+        ge=0,
+        description="PostgreSQL `statement_timeout` of the worker's activities (a failed "
+        "attempt is retried by Temporal). The longest statements measured: planning 100,000 "
+        "vehicles 1.35 s, a 10,000-vehicle stage issued in 0.4 s, a million planned in 9 s "
+        "(bench/rollout_scale.py): ten times the worst. 0: none.",
+    )
+    database_worker_lock_timeout_seconds: float = Field(
+        30,
+        ge=0,
+        description="PostgreSQL `lock_timeout` of the worker's activities. 0: none.",
+    )
+    database_idle_in_transaction_timeout_seconds: float = Field(
+        60,
+        ge=0,
+        description="PostgreSQL `idle_in_transaction_session_timeout` of the API, ingest and "
+        "worker connections: a transaction left open and idle longer is ended by the server "
+        "(its locks released). Not applied to the stream's LISTEN connection (idle outside "
+        "any transaction) nor to migrations. 0: none.",
+    )
     temporal_address: str = Field("127.0.0.1:7233", description="Temporal frontend host:port.")
     temporal_namespace: str = Field("default", description="Temporal namespace.")
     worker_metrics_address: str = Field(

@@ -318,8 +318,13 @@ class StreamHub:
         *,
         queue_max_events: int = 1000,
         poll_seconds: float = 5.0,
+        options: str = "",
     ) -> None:
         self.conninfo = conninfo
+        # libpq `options` of every connection of the hub (core.db.connection_options, role
+        # `listen`): a statement timeout, no idle-in-transaction timeout (the LISTEN connection
+        # idles outside any transaction by design).
+        self.options = options
         self.queue_max_events = queue_max_events
         self.poll_seconds = poll_seconds
         self.cursor = 0  # every id <= cursor is final (delivered, or a rolled-back hole)
@@ -345,9 +350,11 @@ class StreamHub:
 
     async def _connect(self) -> None:
         self._reader = await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, row_factory=dict_row
+            self.conninfo, autocommit=True, row_factory=dict_row, options=self.options
         )
-        self._listen = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        self._listen = await psycopg.AsyncConnection.connect(
+            self.conninfo, autocommit=True, options=self.options
+        )
         await self._listen.execute(f"LISTEN {CHANNEL}")
         if not self._started:
             # Start at the newest row visible now; rows below it may belong to transactions
@@ -488,7 +495,7 @@ class StreamHub:
     ) -> AsyncIterator[list[Event]]:
         """Rows in (after, upto], final by construction, in pages, filtered for `sub`."""
         async with await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, row_factory=dict_row
+            self.conninfo, autocommit=True, row_factory=dict_row, options=self.options
         ) as conn:
             while after < upto:
                 rows = await (
@@ -530,6 +537,8 @@ class StreamHub:
             self._rollout_scopes[str(r["id"])] = r["targets"] or {}
 
     async def oldest_id(self) -> int | None:
-        async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            self.conninfo, autocommit=True, options=self.options
+        ) as conn:
             row = await (await conn.execute("SELECT min(id) FROM change_feed")).fetchone()
             return None if row is None or row[0] is None else int(row[0])

@@ -69,7 +69,7 @@ async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = No
     await ensure_search_attributes(client, settings.temporal_namespace)
     if reconcile_schedule if reconcile_schedule is not None else settings.env != "test":
         await ensure_reconcile_schedule(client, settings)
-    engine = create_engine(settings)
+    engine = create_engine(settings, role="worker")  # the activities' timeouts
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

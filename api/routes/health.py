@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.caller import bearer_token
 from api.envelope import ok
-from core.db import ping
+from core.db import probe
 from core.errors import NotFound, Unauthenticated
 from core.settings import Settings
 from models.enums import RolloutStatus
@@ -32,25 +32,52 @@ async def healthz(request: Request) -> dict[str, object]:
     return ok(request, {"status": "ok"})
 
 
+# The whole readiness check (connecting included) answers within this many seconds.
+READY_TIMEOUT_SECONDS = 3.0
+
+
 @router.get(
     "/readyz",
     summary="Readiness: PostgreSQL and Temporal are reachable",
     responses={503: {"description": "a dependency is not reachable"}},
 )
 async def readyz(request: Request) -> JSONResponse:
+    # PostgreSQL on a short connection of its own (never one of the request pool, so an
+    # exhausted pool or a stalled database cannot hold the probe), and Temporal, checked
+    # together, each bounded by READY_TIMEOUT_SECONDS connection included; and whether the
+    # request pool has a connection to lend (`pool`: `ok` or `exhausted`). 503 when either
+    # dependency does not answer in time or the pool is exhausted. (A comment, not a
+    # docstring: the OpenAPI document keeps its description.)
+    settings: Settings = request.app.state.settings
     checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(ping(request.app.state.engine), timeout=3)
-        checks["database"] = "ok"
-    except Exception:
-        checks["database"] = "unavailable"
-    if getattr(request.app.state, "role", "api") != "ingest":  # ingest never uses Temporal
+
+    async def database() -> None:
         try:
+            await probe(settings.libpq_database_url, within_seconds=READY_TIMEOUT_SECONDS)
+            checks["database"] = "ok"
+        except Exception:
+            checks["database"] = "unavailable"
+
+    async def temporal() -> None:
+        async def check() -> None:
             client = await request.app.state.temporal.get()
-            await asyncio.wait_for(client.service_client.check_health(), timeout=3)
+            await client.service_client.check_health()
+
+        try:
+            await asyncio.wait_for(check(), timeout=READY_TIMEOUT_SECONDS)
             checks["temporal"] = "ok"
         except Exception:
             checks["temporal"] = "unavailable"
+
+    # The request pool itself: every connection (overflow included) lent out means requests
+    # wait for one, then answer 503; not ready, so a balancer sends them elsewhere.
+    pool = request.app.state.engine.pool
+    capacity = 2 * settings.database_pool_size  # create_engine: as many again in overflow
+    checks["pool"] = "exhausted" if pool.checkedout() >= capacity else "ok"
+    probes = [database()]
+    if getattr(request.app.state, "role", "api") != "ingest":  # ingest never uses Temporal
+        probes.append(temporal())
+    await asyncio.gather(*probes)
     healthy = all(v == "ok" for v in checks.values())
     body = ok(request, {"status": "ok" if healthy else "unavailable", "checks": checks})
     return JSONResponse(body, status_code=200 if healthy else 503)

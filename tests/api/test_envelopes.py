@@ -33,7 +33,7 @@ async def test_healthz_needs_no_token(http: httpx.AsyncClient) -> None:
 async def test_readyz_checks_database_and_temporal(http: httpx.AsyncClient) -> None:
     response = await http.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json()["data"]["checks"] == {"database": "ok", "temporal": "ok"}
+    assert response.json()["data"]["checks"] == {"database": "ok", "temporal": "ok", "pool": "ok"}
 
 
 async def test_success_envelope(
