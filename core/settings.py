@@ -334,8 +334,11 @@ class Settings(BaseSettings):
     idempotency_in_flight_timeout_seconds: int = Field(
         120,
         ge=30,
-        description="A request still in flight under its key after this long (its process "
-        "died) no longer blocks the key: a retry with the same body takes it over.",
+        description="A request still in flight under its key after this long, with nothing "
+        "committed (its process died, or it is only slow), no longer blocks the key: a retry "
+        "with the same body takes it over under a new fencing token, and the first request "
+        "can then neither commit, store its response nor release the key. A key whose work "
+        "committed is never taken over (docs/api.md).",
     )
     idempotency_purge_interval_seconds: int = Field(
         3600,
