@@ -128,37 +128,40 @@ class Vehicles:
             (rollout_id,),
         )
         todo = [(vid, ds) for vid, ds in rows if (vid, ds) not in self.answered]
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         for start in range(0, len(todo), 1000):
-            chunk = todo[start : start + 1000]
-            events = [
-                {
-                    "eventId": str(uuid.uuid4()),
-                    "vehicleId": vid,
-                    "seq": self._next_seq(vid),
-                    "type": "ready",
-                    "occurredAt": now,
-                    "desiredStateId": ds,
-                    "releaseVersion": RELEASE,
-                }
-                for vid, ds in chunk
-            ]
-            r = self.http.post("/api/v1/telemetry", json={"events": events}, headers=self.headers)
-            self.posts[r.status_code] = self.posts.get(r.status_code, 0) + 1
-            assert r.status_code == 202, r.text
-            self.answered.update(chunk)
+            self._post(todo[start : start + 1000])
         return len(todo)
+
+    def _post(self, chunk: list[tuple[str, str]]) -> None:
+        """One POST /telemetry: a `ready` for each (vehicle, desired state)."""
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        events = [
+            {
+                "eventId": str(uuid.uuid4()),
+                "vehicleId": vid,
+                "seq": self._next_seq(vid),
+                "type": "ready",
+                "occurredAt": now,
+                "desiredStateId": ds,
+                "releaseVersion": RELEASE,
+            }
+            for vid, ds in chunk
+        ]
+        r = self.http.post("/api/v1/telemetry", json={"events": events}, headers=self.headers)
+        self.posts[r.status_code] = self.posts.get(r.status_code, 0) + 1
+        assert r.status_code == 202, r.text
+        self.answered.update(chunk)
 
     def until_finished(
         self, rollout_id: int, api: httpx.Client, *, within: float
     ) -> dict[str, Any]:
-        """Answer for the notified vehicles until the rollout reaches a terminal status (or
-        pauses); the rollout as it then is."""
+        """Answer for the notified vehicles until the rollout reaches a terminal status; the
+        rollout as it then is."""
 
         def finished() -> dict[str, Any] | None:
             self.answer(rollout_id)
             current = rollout(api, self.cluster, rollout_id)
-            return current if current["status"] in TERMINAL | {"paused"} else None
+            return current if current["status"] in TERMINAL else None
 
         return dict(
             wait_until(finished, within=within, every=0.5, what=f"rollout {rollout_id} ends")

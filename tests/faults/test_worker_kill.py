@@ -17,15 +17,19 @@ pointing at its stage's desired state, one `ready` per vehicle stored; the rollo
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import psycopg
+import pytest
 from temporalio.client import Client
 
 from core.temporal import rollout_workflow_id
 from services.rollouts.issue import target_set_desired_state_id
 from tests.faults.cluster import Cluster, wait_until
 from tests.faults.conftest import Vehicles, create_rollout, fleet, rollout_body, signed_release
+
+pytestmark = pytest.mark.slow
 
 CANARY = 10
 WAVE = 12_000
@@ -65,8 +69,6 @@ async def _last_heartbeat(address: str, rollout_id: int) -> tuple[int, str | Non
     details = pending[0].heartbeat_details.payloads
     cursor = None
     if details:
-        import json
-
         cursor = json.loads(details[0].data).get("last_vehicle_id")
     return pending[0].attempt, cursor
 

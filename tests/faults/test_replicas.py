@@ -1,0 +1,208 @@
+"""Two API replicas, two workers and two ingest processes on one database and one Temporal.
+
+A rollout of 2,000 vehicles (canary, two waves) is created through API 1, paused and resumed
+through API 2; the vehicles answer through both ingest processes in turn; both workers poll
+the one task queue, so the workflow and its activities run on either. Afterwards: the rollout
+completed, one workflow ran it, every target notified exactly once, the counters equal the
+targets. A live stream on API 1 saw what was written through the others: the pause and the
+resume made through API 2 (`rollout.updated`), and the vehicles that answered through ingest 2
+(`vehicle.updated`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from core.temporal import rollout_workflow_id
+from models.enums import Role
+from tests.faults.cluster import Cluster, wait_until
+from tests.faults.conftest import (
+    Vehicles,
+    create_rollout,
+    fleet,
+    rollout,
+    rollout_body,
+    signed_release,
+)
+
+pytestmark = pytest.mark.slow
+
+VEHICLES = 2_000
+REGION = "faults-rep"
+
+
+class Stream:
+    """`GET /api/v1/stream` read in a thread: its events (name, data) as they arrive."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], topics: str) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.subscribed = threading.Event()
+        self._client = httpx.Client(base_url=base_url, timeout=httpx.Timeout(10, read=None))
+        self._args = (headers, topics)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        headers, topics = self._args
+        name, data = "", ""
+        try:
+            with self._client.stream(
+                "GET", "/api/v1/stream", params={"topics": topics}, headers=headers
+            ) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith(": subscribed"):
+                        self.subscribed.set()
+                    elif line.startswith("event:"):
+                        name = line.partition(":")[2].strip()
+                    elif line.startswith("data:"):
+                        data = line.partition(":")[2].strip()
+                    elif line == "" and name:
+                        self.events.append((name, json.loads(data) if data else {}))
+                        name, data = "", ""
+        except httpx.HTTPError:
+            pass  # closed by `close()`
+
+    def saw(self, predicate: Any) -> bool:
+        return any(predicate(name, data) for name, data in list(self.events))
+
+    def close(self) -> None:
+        self._client.close()
+        self._thread.join(timeout=5)
+
+
+class TwoGateways(Vehicles):
+    """The vehicles, answering through ingest 1 and ingest 2 in turn (one POST each)."""
+
+    def __init__(self, cluster: Cluster, first: httpx.Client, second: httpx.Client) -> None:
+        super().__init__(cluster, first)
+        self.clients = [first, second]
+        self.through_second: set[str] = set()
+        self._turn = 0
+
+    def answer(self, rollout_id: int) -> int:
+        sent = 0
+        while True:
+            self.http = self.clients[self._turn % 2]
+            before = set(self.answered)
+            # one POST of at most 1,000 through this gateway
+            n = self._answer_some(rollout_id)
+            if self._turn % 2 == 1:
+                self.through_second.update(v for v, _ in self.answered - before)
+            self._turn += 1
+            sent += n
+            if n < 1000:
+                return sent
+
+    def _answer_some(self, rollout_id: int) -> int:
+        rows = self.cluster.sql(
+            "SELECT t.vehicle_id, t.desired_state_id::text FROM rollout_targets t"
+            " WHERE t.rollout_id = %s AND t.state = 'notified' ORDER BY t.vehicle_id",
+            (rollout_id,),
+        )
+        todo = [(vid, ds) for vid, ds in rows if (vid, ds) not in self.answered][:1000]
+        if not todo:
+            return 0
+        self._post(todo)
+        return len(todo)
+
+
+async def _workflow_runs(address: str, rollout_id: int) -> list[str]:
+    client = await Client.connect(address)
+    query = f"WorkflowId = '{rollout_workflow_id(rollout_id)}'"
+    return [str(w.status.name if w.status else None) async for w in client.list_workflows(query)]
+
+
+def test_two_of_everything_complete_a_rollout_once_and_stream_across(cluster: Cluster) -> None:
+    for name in ("api-1", "api-2"):
+        cluster.add_api(name)
+    for name in ("ingest-1", "ingest-2"):
+        cluster.add_ingest(name)
+    for name in ("worker-1", "worker-2"):
+        cluster.add_worker(name)
+    for name in list(cluster.procs):
+        if name != "temporal":
+            cluster.start(name)
+    release = signed_release(cluster)
+    fleet(cluster, "RP", VEHICLES, REGION)
+    viewer = cluster.token(Role.VIEWER, "fault-viewer")
+    operator = cluster.token(Role.OPERATOR, "fault-operator")
+    stream = Stream(cluster["api-1"].base_url, viewer, "vehicles,rollouts")
+    try:
+        assert stream.subscribed.wait(30), "the stream on API 1 did not open"
+        with (
+            cluster.client("api-1") as api1,
+            cluster.client("api-2") as api2,
+            cluster.client("ingest-1") as in1,
+            cluster.client("ingest-2") as in2,
+        ):
+            vehicles = TwoGateways(cluster, in1, in2)
+            body = rollout_body(
+                REGION,
+                release=release,
+                canary=20,
+                waves=[{"percent": 50, "bakeSeconds": 1}, {"percent": 100, "bakeSeconds": 1}],
+            )
+            created = create_rollout(api1, cluster, body)
+            assert created.status_code == 201, created.text
+            rid = int(created.json()["data"]["id"])
+
+            def streamed(status: str) -> bool:
+                return stream.saw(
+                    lambda n, d: (
+                        n == "rollout.updated" and d.get("id") == rid and d.get("status") == status
+                    )
+                )
+
+            wait_until(lambda: streamed("running"), within=60, what="running, on API 1")
+            paused = api2.post(
+                f"/api/v1/rollouts/{rid}/pause", json={"reason": "replica B"}, headers=operator
+            )
+            assert paused.status_code == 202, paused.text
+            wait_until(lambda: streamed("paused"), within=30, what="paused via B, seen on A")
+            resumed = api2.post(
+                f"/api/v1/rollouts/{rid}/resume", json={"reason": "replica B"}, headers=operator
+            )
+            assert resumed.status_code == 202, resumed.text
+            final = vehicles.until_finished(rid, api2, within=180)
+            assert rollout(api1, cluster, rid)["status"] == final["status"]
+            second = set(vehicles.through_second)
+
+            def deltas_seen() -> bool:
+                seen = {
+                    v["id"]
+                    for n, d in list(stream.events)
+                    if n == "vehicle.updated"
+                    for v in d.get("vehicles", [])
+                    if v.get("status") == "in_sync"
+                }
+                return second <= seen
+
+            wait_until(deltas_seen, within=60, what="ingest 2's vehicles, streamed on API 1")
+    finally:
+        stream.close()
+
+    assert final["status"] == "completed", final
+    assert final["progress"]["targeted"] == final["progress"]["succeeded"] == VEHICLES
+    assert len(second) >= VEHICLES // 4, len(second)
+    assert cluster.sql(
+        "SELECT state, attempt, count(*) FROM rollout_targets WHERE rollout_id = %s GROUP BY 1, 2",
+        (rid,),
+    ) == [("succeeded", 1, VEHICLES)]
+    counters = cluster.one(
+        "SELECT targeted, notified, succeeded, failed, blocked FROM rollouts WHERE id = %s",
+        (rid,),
+    )
+    assert counters == (VEHICLES, VEHICLES, VEHICLES, 0, 0), counters
+    assert (
+        cluster.one("SELECT count(*) FROM desired_states WHERE rollout_id = %s", (rid,)) == 3
+    )  # one per stage
+    assert asyncio.run(_workflow_runs(cluster.temporal_address, rid)) == ["COMPLETED"]
+    print(f"vehicles answered through ingest 2: {len(second)}")
