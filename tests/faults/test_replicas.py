@@ -2,18 +2,23 @@
 
 A rollout of 2,000 vehicles (canary, two waves) is created through API 1, paused and resumed
 through API 2; the vehicles answer through both ingest processes in turn; both workers poll
-the one task queue, so the workflow and its activities run on either. Afterwards: the rollout
-completed, one workflow ran it, every target notified exactly once, the counters equal the
-targets. A live stream on API 1 saw what was written through the others: the pause and the
-resume made through API 2 (`rollout.updated`), and the vehicles that answered through ingest 2
-(`vehicle.updated`).
+the one task queue. The worker the workflow runs on is frozen (SIGSTOP) for 15 s while the
+pause is sent: the workflow task handed to its open poll times out (10 s) and the other
+worker answers the pause; the frozen one, woken up (SIGCONT), finishes what it held.
+
+Afterwards: the rollout completed, one workflow ran it, every target notified exactly once,
+the counters equal the targets. A live stream on API 1 saw what was written through the
+others: the pause and the resume made through API 2 (`rollout.updated`), and the vehicles
+that answered through ingest 2 (`vehicle.updated`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -35,6 +40,7 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.slow
 
 VEHICLES = 2_000
+FREEZE_SECONDS = 15
 REGION = "faults-rep"
 
 
@@ -162,11 +168,25 @@ def test_two_of_everything_complete_a_rollout_once_and_stream_across(cluster: Cl
                 )
 
             wait_until(lambda: streamed("running"), within=60, what="running, on API 1")
+            # Freeze (SIGSTOP) the worker the workflow runs on, for FREEZE_SECONDS: the other
+            # one takes the workflow over (a task handed to the frozen worker's open poll is
+            # given to the other after the 10 s workflow task timeout).
+            frozen = next(
+                name
+                for name in ("worker-1", "worker-2")
+                if f'"workflow_id": "{rollout_workflow_id(rid)}"' in cluster[name].log.read_text()
+            )
+            cluster[frozen].signal(signal.SIGSTOP)
+            frozen_at = time.monotonic()
             paused = api2.post(
                 f"/api/v1/rollouts/{rid}/pause", json={"reason": "replica B"}, headers=operator
             )
             assert paused.status_code == 202, paused.text
-            wait_until(lambda: streamed("paused"), within=30, what="paused via B, seen on A")
+            took_over = time.monotonic() - frozen_at
+            time.sleep(max(0.0, FREEZE_SECONDS - (time.monotonic() - frozen_at)))
+            cluster[frozen].signal(signal.SIGCONT)
+            wait_until(lambda: streamed("paused"), within=90, what="paused via B, seen on A")
+            paused_after = time.monotonic() - frozen_at
             resumed = api2.post(
                 f"/api/v1/rollouts/{rid}/resume", json={"reason": "replica B"}, headers=operator
             )
@@ -205,4 +225,9 @@ def test_two_of_everything_complete_a_rollout_once_and_stream_across(cluster: Cl
         cluster.one("SELECT count(*) FROM desired_states WHERE rollout_id = %s", (rid,)) == 3
     )  # one per stage
     assert asyncio.run(_workflow_runs(cluster.temporal_address, rid)) == ["COMPLETED"]
-    print(f"vehicles answered through ingest 2: {len(second)}")
+    assert cluster[frozen].running()
+    print(
+        f"{frozen} frozen {FREEZE_SECONDS} s: the pause through API 2 was answered after"
+        f" {took_over:.1f} s; the rollout paused {paused_after:.1f} s after the freeze;"
+        f" vehicles answered through ingest 2: {len(second)}"
+    )
