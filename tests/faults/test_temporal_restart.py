@@ -89,6 +89,7 @@ def test_temporal_stopped_mid_bake_resumes_and_starts_nothing_twice(cluster: Clu
         cluster["temporal"].kill()
         stopped = time.monotonic()
         ready = api.get("/readyz")
+        read = rollout(api, cluster, rid_a)  # reads answer from PostgreSQL
         beat = ingest.post(
             "/api/v1/telemetry",
             json={
@@ -147,6 +148,7 @@ def test_temporal_stopped_mid_bake_resumes_and_starts_nothing_twice(cluster: Clu
         f"{resumed:.1f} s after Temporal was back; rollouts {rollouts}"
     )
     assert ready.status_code == 503, ready.text
+    assert read["status"] == "running", read
     assert beat.status_code == 202, beat.text
     assert final_a["status"] == "completed", final_a
     assert final_a["progress"]["succeeded"] == final_a["progress"]["targeted"] == 100
