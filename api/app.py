@@ -159,8 +159,11 @@ def _lifespan(
                 app.state.stream = StreamHub(
                     settings.libpq_database_url,
                     queue_max_events=settings.stream_queue_max_events,
+                    queue_max_bytes=settings.stream_queue_max_bytes,
                     poll_seconds=settings.stream_poll_seconds,
                     options=connection_options(settings, "listen"),
+                    max_per_caller=settings.stream_max_per_caller,
+                    backfill_pool_size=settings.stream_backfill_pool_size,
                 )
                 await app.state.stream.start()
                 running.push_async_callback(app.state.stream.stop)

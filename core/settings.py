@@ -350,8 +350,33 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Audit entries older than this many days are deleted (oldest first, in "
-        "batches); 0, the default, keeps them forever. Set it to what your compliance regime "
-        "requires (docs/audit_log.md); nothing else ever deletes or changes an entry.",
+        "batches, by the retention Schedule); 0, the default, keeps them forever. Set it to "
+        "what your compliance regime requires (docs/audit_log.md); nothing else ever deletes "
+        "or changes an entry.",
+    )
+    # Retention (MOTORCADE_*_RETENTION_*; docs/operations.md, "The change feed and retention").
+    retention_interval_seconds: int = Field(
+        3600,
+        ge=60,
+        le=7 * 86400,
+        description="How often the retention Schedule (`motorcade-retention`, ensured at "
+        "worker start) purges the change feed, timeline events and audit entries past their "
+        "retention.",
+    )
+    change_feed_retention_hours: int = Field(
+        24,
+        ge=1,
+        le=24 * 365,
+        description="Change-feed rows (the stream's events) older than this are deleted; a "
+        "stream resumed from before the oldest kept row gets a `resync` event "
+        "(EVENTS_EXPIRED). The newest row is always kept.",
+    )
+    timeline_retention_days: int = Field(
+        90,
+        ge=0,
+        description="Vehicle timeline events received more than this many days ago are "
+        "deleted, partition by partition, in batches; 0 keeps them forever. A vehicle's "
+        "status does not depend on them (its latest event is kept on the vehicle).",
     )
 
     # Rate limits on writes (MOTORCADE_RATE_LIMIT_*; docs/api.md).
@@ -455,6 +480,28 @@ class Settings(BaseSettings):
         le=100_000,
         description="Events a stream subscriber may have unread; past it the subscriber gets "
         "a final resync event and its stream is closed.",
+    )
+    stream_queue_max_bytes: int = Field(
+        8 << 20,
+        ge=64 << 10,
+        le=1 << 30,
+        description="Bytes (as sent) a stream subscriber may have unread; past it the "
+        "subscriber gets a final resync event (SLOW_SUBSCRIBER) and its stream is closed. "
+        "Bounds a stream's memory (a vehicle.updated event of 500 deltas is about 75 KB).",
+    )
+    stream_max_per_caller: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="Open streams one caller (token subject) may hold on one API process; one "
+        "more answers 429 RATE_LIMITED with Retry-After. 0: no cap.",
+    )
+    stream_backfill_pool_size: int = Field(
+        4,
+        ge=1,
+        le=100,
+        description="PostgreSQL connections per API process for resume reads (a stream "
+        "opened with Last-Event-ID); more resumes at once wait for one.",
     )
     stream_poll_seconds: float = Field(
         5,

@@ -264,6 +264,7 @@ class TimelineEvent(SQLModel, table=True):
     __table_args__ = (
         PrimaryKeyConstraint("vehicle_id", "event_id"),
         Index("ix_timeline_vehicle_epoch_seq", "vehicle_id", "epoch", "seq"),
+        Index("ix_timeline_received", "received_at"),  # retention (migration 0016)
         {"postgresql_partition_by": "HASH (vehicle_id)"},
     )
 

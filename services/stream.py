@@ -8,23 +8,37 @@ fans them out to the in-memory subscribers, each filtered to the subscriber's to
 
 Commit order. Ids come from a sequence when a row is inserted, but transactions commit in any
 order: a reader that only asks `id > last` would skip a row whose transaction commits after a
-later id was read. The hub delivers rows only up to the first hole (an id not visible yet). A
-hole is waited for until every transaction that was in progress when the hole was first seen
-has ended (`pg_snapshot_xmin` of a later snapshot reaches the `pg_snapshot_xmax` of that one):
-the row's transaction had taken its id before a later id was visible, so it was one of them.
-Then the hole is read once more and, still empty, is a rolled-back insert: skipped. Everything
-up to the hub's `cursor` is therefore final, which is what makes resume exact: a subscriber
-registers (taking the cursor, no await in between), backfills `(lastEventId, cursor]` from
-PostgreSQL in pages, then receives live rows (> cursor): no gap, no duplicate.
+later id was read. The hub delivers rows only up to the first hole (an id not visible yet).
+Every feed writer holds the feed writers' lock (`pg_advisory_xact_lock_shared(FEED_LOCK)`,
+shared, so writers never wait for one another) from before it draws its first feed id to its
+end: the statement-level `BEFORE INSERT` trigger on `change_feed` takes it (migration 0016;
+migration 0009 made the trigger, which also assigns the transaction its id). A missing id
+below a visible one was drawn before that snapshot, so its owner held the lock then. The hub
+notes the transactions holding the lock just after the snapshot in which it saw the hole
+(`pg_locks`, by virtual transaction id), and waits until none of THOSE holds it any more;
+then it takes a new snapshot: a missing id below the greatest id seen with the hole is, still
+missing, a rolled-back insert (or a sequence jump) and is skipped. Only feed writers are
+waited for: a transaction that never wrote to the feed (`BEGIN; UPDATE vehicles ...` left
+open in a psql session, holding an xid) does not hold the lock and does not stall the feed.
+A feed writer left open does (its row is not visible yet); the database's
+`idle_in_transaction_session_timeout` bounds that. Everything up to the hub's `cursor` is
+therefore final, which is what makes resume exact: a subscriber registers (taking the cursor,
+no await in between), backfills `(lastEventId, cursor]` from PostgreSQL in pages, then
+receives live rows (> cursor): no gap, no duplicate.
 
-The premise: a transaction holds its transaction id before it draws a feed id. A
-statement-level `BEFORE INSERT` trigger on `change_feed` (migration 0009) calls
-`pg_current_xact_id()`, which assigns one, before the statement evaluates any row's id.
+Resume reads come from a small pool of their own (`stream_backfill_pool_size` connections,
+application_name `motorcade-stream-backfill`), one page per checkout: a burst of reconnecting
+clients waits for a connection, it never opens one each. Each page also reads the oldest id
+still kept (in the same statement, so the same snapshot): a resume from before it (the
+retention purge deleted what it asked for) gets one `resync` event (`EVENTS_EXPIRED`), then
+the live events.
 
-Backpressure: each subscriber's queue is bounded (`stream_queue_max_events`). A subscriber
-whose queue is full is dropped: its queue is replaced by one final `resync` event and its
-stream ends. Vehicle updates arrive as batched rows (up to `VEHICLE_DELTAS_PER_ROW` deltas),
-so a storm is a bounded number of events.
+Backpressure: each subscriber's queue is bounded in events (`stream_queue_max_events`) and in
+bytes as sent (`stream_queue_max_bytes`). A subscriber past either bound is dropped: its queue
+is replaced by one final `resync` event (`SLOW_SUBSCRIBER`) and its stream ends. Vehicle
+updates arrive as batched rows (up to `VEHICLE_DELTAS_PER_ROW` deltas), so a storm is a
+bounded number of events. Each caller (token subject) holds at most `stream_max_per_caller`
+streams per API process (`claim`/`release`); one more is refused (429 RATE_LIMITED).
 
 Tickets: HMAC-SHA256 over the caller's subject, role, scopes, issue time and expiry with a
 server secret (`MOTORCADE_STREAM_TICKET_SECRET`; every replica with the same secret accepts
@@ -51,6 +65,7 @@ import psycopg
 import structlog
 from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 from sse_starlette import ServerSentEvent
 
 from core.auth import Principal, TokenError
@@ -67,6 +82,15 @@ TICKET_LEEWAY_SECONDS = 5  # clock skew between the replica that issues and the 
 TICKET_MAX_CHARS = 2048
 STREAM_ROLES = frozenset({Role.VIEWER, Role.OPERATOR})  # who may read the stream
 PAGE_ROWS = 500
+# The feed writers' lock: `pg_advisory_xact_lock_shared(28003, 26211)`, taken by every
+# statement that inserts into change_feed (migration 0016); pg_locks shows it as advisory,
+# classid 28003, objid 26211, objsubid 2 (the two-key form).
+FEED_LOCK = (28003, 26211)
+APPLICATION_NAMES = {
+    "listen": "motorcade-stream-listen",
+    "reader": "motorcade-stream-reader",
+    "backfill": "motorcade-stream-backfill",
+}
 
 SUBSCRIBERS = Gauge(
     "motorcade_sse_subscribers", "Open Server-Sent Events streams of this API process."
@@ -74,6 +98,10 @@ SUBSCRIBERS = Gauge(
 DROPPED = Counter(
     "motorcade_sse_dropped_subscribers_total",
     "Streams closed with a resync event because the subscriber fell behind its queue bound.",
+)
+REFUSED = Counter(
+    "motorcade_sse_refused_total",
+    "Streams refused (429) because their caller already held MOTORCADE_STREAM_MAX_PER_CALLER.",
 )
 DELIVERED = Counter(
     "motorcade_sse_events_total", "Events put on subscribers' queues (after scope filtering)."
@@ -269,9 +297,11 @@ class Subscriber:
     topics: frozenset[str]
     scope: Scope
     bound: int
+    max_bytes: int = 8 << 20
     queue: asyncio.Queue[Event] = field(init=False)
     after: int = 0  # never deliver an id at or below this (dedup against the backfill)
     dropped: bool = False
+    queued_bytes: int = 0  # the encoded size of what is queued, unread
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.bound + 1)  # +1: room for the final resync
@@ -282,11 +312,24 @@ class Subscriber:
         event = scoped_event(row, self.scope, rollout_scopes)
         if event is None:
             return
-        if self.queue.qsize() >= self.bound:
+        size = len(event.wire())
+        if self.queue.qsize() >= self.bound or self.queued_bytes + size > self.max_bytes:
             self.drop()
             return
         self.queue.put_nowait(event)
+        self.queued_bytes += size
         DELIVERED.inc()
+
+    async def get(self) -> Event:
+        return self._taken(await self.queue.get())
+
+    def get_nowait(self) -> Event:
+        return self._taken(self.queue.get_nowait())
+
+    def _taken(self, event: Event) -> Event:
+        if event.id:
+            self.queued_bytes -= len(event.wire())
+        return event
 
     def stop(self) -> None:
         """End the stream after what it has queued (the server is stopping)."""
@@ -299,6 +342,7 @@ class Subscriber:
         self.dropped = True
         while not self.queue.empty():
             self.queue.get_nowait()
+        self.queued_bytes = 0
         self.queue.put_nowait(Event(0, RESYNC, {"reason": "SLOW_SUBSCRIBER"}))
         DROPPED.inc()
 
@@ -309,6 +353,38 @@ _READ = """
     SELECT id, topic, event, entity_id, payload, region, model, org
     FROM change_feed WHERE id > %(after)s AND id <= %(upto)s ORDER BY id LIMIT %(limit)s
 """
+# A resume page and the oldest id still kept, in one statement (one snapshot): rows the
+# retention purge deleted before this read show as `oldest` above what was asked for.
+_RESUME_PAGE = """
+    SELECT page.*, kept.oldest FROM (SELECT min(id) AS oldest FROM change_feed) kept
+    LEFT JOIN LATERAL (
+        SELECT id, topic, event, entity_id, payload, region, model, org
+        FROM change_feed WHERE id > %(after)s AND id <= %(upto)s ORDER BY id LIMIT %(limit)s
+    ) page ON true
+    ORDER BY page.id
+"""
+# The transactions holding the feed writers' lock now (virtual transaction ids: unique while
+# the server runs; a prepared transaction's too).
+_FEED_WRITERS = f"""
+    SELECT virtualtransaction FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = {FEED_LOCK[0]} AND objid = {FEED_LOCK[1]}
+      AND objsubid = 2
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+class HistoryExpired(Exception):
+    """A resume asked for rows the retention purge has deleted (or never kept)."""
+
+
+@dataclass
+class _Hole:
+    """The first id the hub cannot see yet, and what it waits for before skipping it."""
+
+    first: int
+    upto: int  # the greatest id visible with it: every missing id below was drawn by then
+    writers: frozenset[str] | None = None  # feed writers in progress just after that snapshot
+    resolved: bool = False  # all of them have ended, before the current snapshot was taken
 
 
 class StreamHub:
@@ -317,8 +393,12 @@ class StreamHub:
         conninfo: str,
         *,
         queue_max_events: int = 1000,
+        queue_max_bytes: int = 8 << 20,
         poll_seconds: float = 5.0,
         options: str = "",
+        max_per_caller: int = 0,
+        backfill_pool_size: int = 4,
+        backfill_wait_seconds: float = 10.0,
     ) -> None:
         self.conninfo = conninfo
         # libpq `options` of every connection of the hub (core.db.connection_options, role
@@ -326,15 +406,34 @@ class StreamHub:
         # idles outside any transaction by design).
         self.options = options
         self.queue_max_events = queue_max_events
+        self.queue_max_bytes = queue_max_bytes
         self.poll_seconds = poll_seconds
+        self.max_per_caller = max_per_caller  # 0: no cap
         self.cursor = 0  # every id <= cursor is final (delivered, or a rolled-back hole)
         self.subscribers: set[Subscriber] = set()
+        self.per_caller: dict[str, int] = {}
         self._rollout_scopes: dict[str, Any] = {}
-        self._hole: tuple[int, int] | None = None  # (first missing id, xmax when first seen)
+        self._hole: _Hole | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listen: psycopg.AsyncConnection[Any] | None = None
         self._reader: psycopg.AsyncConnection[Any] | None = None
+        self._backfill: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = (
+            AsyncConnectionPool(
+                conninfo,
+                min_size=0,
+                max_size=backfill_pool_size,
+                timeout=backfill_wait_seconds,
+                open=False,
+                kwargs={
+                    "autocommit": True,
+                    "row_factory": dict_row,
+                    "application_name": APPLICATION_NAMES["backfill"],
+                    "options": options,
+                },
+                name="stream-backfill",
+            )
+        )
         self._closed = False
         self._started = False
         self.advanced = asyncio.Condition()
@@ -346,42 +445,45 @@ class StreamHub:
     async def start(self) -> None:
         """Start in the background: the API starts (and /readyz answers) without PostgreSQL;
         streams answer 503 until the hub has connected."""
+        await self._backfill.open(wait=False)
         self._tasks = [asyncio.create_task(self._run(), name="stream-hub")]
 
     async def _connect(self) -> None:
         self._reader = await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, row_factory=dict_row, options=self.options
+            self.conninfo,
+            autocommit=True,
+            row_factory=dict_row,
+            application_name=APPLICATION_NAMES["reader"],
+            options=self.options,
         )
         self._listen = await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, options=self.options
+            self.conninfo,
+            autocommit=True,
+            application_name=APPLICATION_NAMES["listen"],
+            options=self.options,
         )
         await self._listen.execute(f"LISTEN {CHANNEL}")
         if not self._started:
-            # Start at the newest row visible now; rows below it may belong to transactions
-            # still open, so the hub is ready (streams are served) only once all of those
-            # have ended: then every id up to the cursor is final, as the cursor promises.
+            # Start at the newest row visible now; rows below it may belong to feed writers
+            # still open, so the hub is ready (streams are served) only once those have
+            # ended: then every id up to the cursor is final, as the cursor promises.
             conn = self._reader
             async with _snapshot(conn):
                 row = await (
-                    await conn.execute(
-                        "SELECT coalesce(max(id), 0) AS m,"
-                        " pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax"
-                        " FROM change_feed"
-                    )
+                    await conn.execute("SELECT coalesce(max(id), 0) AS m FROM change_feed")
                 ).fetchone()
             assert row is not None
+            writers = await self._feed_writers(conn)
             while True:
-                now = await (
-                    await conn.execute(
-                        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
-                    )
-                ).fetchone()
-                assert now is not None
-                if int(now["xmin"]) >= int(row["xmax"]):
+                if not writers & await self._feed_writers(conn):
                     break
                 await asyncio.sleep(0.05)
             self.cursor = int(row["m"])
             self._started = True
+
+    async def _feed_writers(self, conn: psycopg.AsyncConnection[Any]) -> frozenset[str]:
+        rows = await (await conn.execute(_FEED_WRITERS)).fetchall()
+        return frozenset(r["virtualtransaction"] for r in rows)
 
     async def _close_connections(self) -> None:
         for conn in (self._listen, self._reader):
@@ -423,10 +525,34 @@ class StreamHub:
         for sub in list(self.subscribers):
             sub.stop()
         await self._close_connections()
+        with contextlib.suppress(Exception):
+            await self._backfill.close()
+
+    # The per-caller cap: the route claims before it answers and releases when the response
+    # ends (StreamResponse), so a refused stream costs no subscription.
+    def claim(self, caller: str) -> bool:
+        held = self.per_caller.get(caller, 0)
+        if self.max_per_caller and held >= self.max_per_caller:
+            REFUSED.inc()
+            return False
+        self.per_caller[caller] = held + 1
+        return True
+
+    def release(self, caller: str) -> None:
+        held = self.per_caller.get(caller, 0) - 1
+        if held > 0:
+            self.per_caller[caller] = held
+        else:
+            self.per_caller.pop(caller, None)
 
     # Subscribers register and take the cursor in one synchronous step (no await between).
     def subscribe(self, topics: frozenset[str], scope: Scope) -> tuple[Subscriber, int]:
-        sub = Subscriber(topics=topics, scope=scope, bound=self.queue_max_events)
+        sub = Subscriber(
+            topics=topics,
+            scope=scope,
+            bound=self.queue_max_events,
+            max_bytes=self.queue_max_bytes,
+        )
         sub.after = self.cursor
         self.subscribers.add(sub)
         SUBSCRIBERS.set(len(self.subscribers))
@@ -454,14 +580,12 @@ class StreamHub:
         True when there may be more to read right away (a full page, or a hole to wait on)."""
         assert self._reader is not None
         conn = self._reader
+        hole = self._hole
+        if hole is not None and hole.writers is not None and not hole.resolved:
+            # Before the snapshot: once none of the hole's possible owners holds the lock,
+            # the snapshot below sees the rows of those that committed.
+            hole.resolved = not (hole.writers & await self._feed_writers(conn))
         async with _snapshot(conn):
-            snap = await (
-                await conn.execute(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,"
-                    " pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax"
-                )
-            ).fetchone()
-            assert snap is not None
             rows = await (
                 await conn.execute(_READ, {"after": self.cursor, "upto": 2**62, "limit": PAGE_ROWS})
             ).fetchall()
@@ -470,49 +594,67 @@ class StreamHub:
             waiting = False
             for row in rows:
                 if row["id"] != expected:
-                    if self._hole is None or self._hole[0] != expected:
-                        self._hole = (expected, int(snap["xmax"]))
-                    if int(snap["xmin"]) < self._hole[1]:
-                        waiting = True  # a transaction that may own the hole is still open
+                    hole = self._hole
+                    covered = hole is not None and row["id"] - 1 <= hole.upto
+                    if not (covered and hole is not None and hole.resolved):
+                        if covered and hole is not None:
+                            hole.first = expected  # drawn before the hole's snapshot too
+                        else:
+                            self._hole = _Hole(first=expected, upto=rows[-1]["id"])
+                        waiting = True  # a feed writer that may own the hole is still open
                         break
-                    self._hole = None  # rolled back (or a sequence jump): skip it
+                    # Every possible owner has ended and the id is still missing: rolled back
+                    # (or a sequence jump): skip it.
                 deliver.append(row)
                 expected = row["id"] + 1
             await self._load_rollout_scopes(conn, deliver)
+        if waiting and self._hole is not None and self._hole.writers is None:
+            # After the snapshot: the feed writers in progress when it was taken (the hole's
+            # owner among them) hold the lock now, or have ended.
+            self._hole.writers = await self._feed_writers(conn)
         for row in deliver:
             for sub in list(self.subscribers):
                 sub.offer(row, self._rollout_scopes)
         if deliver:
             self.cursor = deliver[-1]["id"]
+            if self._hole is not None and not waiting and self.cursor >= self._hole.upto:
+                self._hole = None
             async with self.advanced:
                 self.advanced.notify_all()
         if waiting:
-            await asyncio.sleep(0.02)  # re-check the hole shortly (bounded by open transactions)
+            await asyncio.sleep(0.02)  # re-check the hole shortly (bounded by feed writers)
         return waiting or len(rows) == PAGE_ROWS
 
     async def backfill(
         self, *, after: int, upto: int, sub: Subscriber
     ) -> AsyncIterator[list[Event]]:
-        """Rows in (after, upto], final by construction, in pages, filtered for `sub`."""
-        async with await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, row_factory=dict_row, options=self.options
-        ) as conn:
-            while after < upto:
+        """Rows in (after, upto], final by construction, in pages, filtered for `sub`; each
+        page read on a pooled connection, returned before the page is sent. HistoryExpired
+        when a row asked for is no longer kept (the purge's deletes start at the oldest row,
+        so a gap below the oldest kept id is history deleted)."""
+        while after < upto:
+            async with self._backfill.connection() as conn:
                 rows = await (
-                    await conn.execute(_READ, {"after": after, "upto": upto, "limit": PAGE_ROWS})
+                    await conn.execute(
+                        _RESUME_PAGE, {"after": after, "upto": upto, "limit": PAGE_ROWS}
+                    )
                 ).fetchall()
+                oldest = rows[0]["oldest"] if rows else None
+                if oldest is None or after < int(oldest) - 1:
+                    raise HistoryExpired
+                rows = [r for r in rows if r["id"] is not None]
                 if not rows:
                     return
                 after = rows[-1]["id"]
                 await self._load_rollout_scopes(conn, rows)
-                page = []
-                for row in rows:
-                    if row["topic"] not in sub.topics:
-                        continue
-                    event = scoped_event(row, sub.scope, self._rollout_scopes)
-                    if event is not None:
-                        page.append(event)
-                yield page
+            page = []
+            for row in rows:
+                if row["topic"] not in sub.topics:
+                    continue
+                event = scoped_event(row, sub.scope, self._rollout_scopes)
+                if event is not None:
+                    page.append(event)
+            yield page
 
     async def _load_rollout_scopes(
         self, conn: psycopg.AsyncConnection[Any], rows: list[dict[str, Any]]
@@ -535,10 +677,3 @@ class StreamHub:
             self._rollout_scopes.clear()
         for r in await cur.fetchall():
             self._rollout_scopes[str(r["id"])] = r["targets"] or {}
-
-    async def oldest_id(self) -> int | None:
-        async with await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, options=self.options
-        ) as conn:
-            row = await (await conn.execute("SELECT min(id) FROM change_feed")).fetchone()
-            return None if row is None or row[0] is None else int(row[0])

@@ -7,7 +7,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -21,9 +21,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import READ_ROLES, ViewerDep, get_principal, multi
 from api.envelope import ok
-from api.errors import ErrorResponses
+from api.errors import ErrorResponses, error_responses
 from core.auth import Principal
-from core.errors import DependencyUnavailable, Forbidden, InvalidInput, Unauthenticated
+from core.errors import DependencyUnavailable, Forbidden, InvalidInput, RateLimited, Unauthenticated
 from services import stream as service
 
 router = APIRouter(tags=["stream"])
@@ -110,9 +110,16 @@ class StreamResponse(EventSourceResponse):
     bounded queue; this is for one that reads nothing at all, whose socket would otherwise be
     held until TCP gives up."""
 
-    def __init__(self, *args: Any, stalled_after: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        stalled_after: float,
+        on_close: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stalled_after = stalled_after
+        self.on_close = on_close  # runs once the response has ended, however it ended
         self._writing_since: float | None = None
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
@@ -139,6 +146,9 @@ class StreamResponse(EventSourceResponse):
             # subscription is gone); returning lets the server close the connection.
             STALLED.inc()
             log.warning("stream.stalled", seconds=self.stalled_after)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _ping_event() -> ServerSentEvent:
@@ -157,13 +167,17 @@ def _resync(reason: str) -> ServerSentEvent:
     description="`text/event-stream` of `vehicle.updated`, `rollout.updated`, `audit.created` "
     "and `fleet.summary` events, each with its change-feed `id` and a JSON delta, inside the "
     "caller's scope. Resume with `Last-Event-ID` (or `lastEventId=`): every missed event, "
-    "then live ones. A `resync` event (no id) means: re-read the state, then open a new "
-    "stream without a last event id; the stream ends after it. Keep-alive comments every "
-    "15 s. Authorization header, or `ticket=` from POST /api/v1/stream/tickets; the stream "
+    "then live ones; from before the oldest event still kept (retention), one `resync` "
+    "event (`EVENTS_EXPIRED`: re-read the state), then live ones. A `resync` event (no id) "
+    "with `SLOW_SUBSCRIBER` ends the stream: re-read the state, then open a new stream without "
+    "a last event id. A caller holds at most `MOTORCADE_STREAM_MAX_PER_CALLER` streams per "
+    "server (one more: 429 RATE_LIMITED). Keep-alive comments every 15 s. Authorization "
+    "header, or `ticket=` from POST /api/v1/stream/tickets; the stream "
     "ends when that token or ticket expires (resume with a fresh one and `lastEventId=`).",
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
         **ErrorResponses.read,
+        **error_responses(RateLimited),
     },
     response_model=None,
 )
@@ -198,12 +212,18 @@ async def stream(
     hub: service.StreamHub = request.app.state.stream
     if not hub.ready:
         raise DependencyUnavailable("the change feed is not reachable yet")
+    caller = principal.subject
+    if not hub.claim(caller):
+        raise RateLimited(
+            f"this caller already has {hub.max_per_caller} streams open on this server: "
+            "close one (or reuse it) and retry",
+            retry_after=5,
+        )
     topic_set, scope = frozenset(chosen), principal.scope
     shutdown = anyio.Event()  # set by sse-starlette when the server is stopping
 
     async def events() -> AsyncIterator[ServerSentEvent | bytes]:
         # Registered only once the response streams, so a client gone before is never held.
-        oldest = await hub.oldest_id() if last is not None else None
         sub, cursor = hub.subscribe(topic_set, scope)
         if last is not None and last > cursor:
             sub.after = last  # another replica may be a little ahead: never send twice
@@ -221,19 +241,20 @@ async def stream(
         try:
             yield ServerSentEvent(comment="subscribed")  # registered: nothing after is missed
             if last is not None and last < cursor:
-                if oldest is None or last < oldest - 1:
+                try:
+                    async for page in hub.backfill(after=last, upto=cursor, sub=sub):
+                        if page:
+                            yield b"".join(event.wire() for event in page)
+                        if expires_at is not None and time.time() >= expires_at:
+                            return  # a long backfill ends with its credential too
+                except service.HistoryExpired:
+                    # What it asked for was purged: re-read the state; live events follow.
                     yield _resync("EVENTS_EXPIRED")
-                    return
-                async for page in hub.backfill(after=last, upto=cursor, sub=sub):
-                    if page:
-                        yield b"".join(event.wire() for event in page)
-                    if expires_at is not None and time.time() >= expires_at:
-                        return  # a long backfill ends with its credential too
             while True:
                 # What has queued up goes out in one write (one wake-up per burst).
-                batch = [await sub.queue.get()]
+                batch = [await sub.get()]
                 while len(batch) < WRITE_BATCH and not sub.queue.empty():
-                    batch.append(sub.queue.get_nowait())
+                    batch.append(sub.get_nowait())
                 ending = next((e for e in batch if e.event in (service.RESYNC, "")), None)
                 wire = b"".join(e.wire() for e in batch if e.event not in (service.RESYNC, ""))
                 if wire:
@@ -253,6 +274,7 @@ async def stream(
         stalled_after=request.app.state.settings.stream_stall_seconds,
         shutdown_event=shutdown,
         shutdown_grace_period=1,
+        on_close=lambda: hub.release(caller),
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
@@ -345,8 +367,9 @@ EVENT_PAYLOADS: dict[str, dict[str, Any]] = {
     },
     "ResyncEvent": {
         "type": "object",
-        "description": "`resync` (no id; the stream ends after it): re-read the state, then "
-        "open a new stream without a last event id.",
+        "description": "`resync` (no id): re-read the state. `SLOW_SUBSCRIBER`: the stream "
+        "ends after it (open a new one without a last event id); `EVENTS_EXPIRED` (the last "
+        "event id is older than the feed keeps): live events follow.",
         "required": ["reason"],
         "properties": {"reason": {"type": "string", "enum": ["EVENTS_EXPIRED", "SLOW_SUBSCRIBER"]}},
     },

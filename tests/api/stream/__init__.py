@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -95,6 +96,21 @@ def feed_vehicles(database_url: str, deltas: list[dict[str, Any]]) -> int:
         ).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def aged_feed_rows(database_url: str, ages: list[timedelta]) -> list[int]:
+    """`vehicle.updated` rows created `age` ago each, in id order; their ids."""
+    with psycopg.connect(database_url) as conn:
+        ids = []
+        for n, age in enumerate(ages):
+            row = conn.execute(
+                "INSERT INTO change_feed (topic, event, payload, created_at)"
+                " VALUES ('vehicles', 'vehicle.updated', %s, now() - %s) RETURNING id",
+                (json.dumps({"vehicles": [delta(f"aged-{n}")]}), age),
+            ).fetchone()
+            assert row is not None
+            ids.append(int(row[0]))
+        return ids
 
 
 def delta(vid: str, region: str = "eu-west", status: str = "updating") -> dict[str, Any]:

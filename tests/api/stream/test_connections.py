@@ -48,6 +48,7 @@ async def test_a_client_that_reads_nothing_is_let_go(
             "stream_keepalive_seconds": 0.3,
             "stream_stall_seconds": 1.0,
             "stream_queue_max_events": 100_000,  # not dropped as slow: it must stall
+            "stream_queue_max_bytes": 1 << 30,
             "metrics_token": SecretStr(METRICS_TOKEN),
         }
     )

@@ -142,7 +142,8 @@ async def test_a_last_event_id_older_than_the_feed_gets_resync(
     settings: Settings, token: Callable[..., str], own_database: str
 ) -> None:
     """The feed of a database of its own loses its first rows (as a retention purge would):
-    a resume from before them cannot be served event by event."""
+    a resume from before them cannot be served event by event: one resync, then live
+    events."""
     url = own_database
     ids = [feed_vehicles(url, [delta(f"purged-{n}")]) for n in range(3)]
     with psycopg.connect(url) as conn:
@@ -154,7 +155,10 @@ async def test_a_last_event_id_older_than_the_feed_gets_resync(
             got = await sse.event()
             assert got is not None and got["event"] == "resync"
             assert got["data"] == {"reason": "EVENTS_EXPIRED"}
-            assert await sse.next() is None
+            # Then the live events: the stream goes on.
+            live = feed_vehicles(url, [delta("after-resync")])
+            got = await sse.event()
+            assert got is not None and got["id"] == str(live)
         # From the oldest row still there, the resume is served.
         async with open_stream(c, viewer, lastEventId=str(ids[1])) as sse:
             got = await sse.event()
@@ -212,3 +216,29 @@ async def test_the_hub_reconnects_and_reads_what_was_written_meanwhile(
             got = await sse.mine(prefix)
             assert got["id"] == str(row_id)
             assert not set(hub.backend_pids()) & set(pids)  # new connections
+
+
+async def test_an_unrelated_open_transaction_does_not_stall_the_feed(
+    client: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
+) -> None:
+    """A transaction that holds an xid and never writes the feed (a psql session left open
+    after `BEGIN; UPDATE ...`) is not waited for: a hole behind it (an insert rolled back)
+    is skipped once its own writer has ended, and the next event arrives while the unrelated
+    transaction is still open."""
+    insert = (
+        "INSERT INTO change_feed (topic, event, payload) VALUES"
+        " ('vehicles', 'vehicle.updated', %s) RETURNING id"
+    )
+    async with open_stream(client, viewer, topics="vehicles") as sse:
+        with psycopg.connect(database_url) as unrelated:
+            unrelated.execute("SELECT pg_current_xact_id()")  # holds an xid, left open
+            with psycopg.connect(database_url) as rolled_back:
+                hole = rolled_back.execute(insert, (json.dumps({"vehicles": [delta("none")]}),))
+                hole_id = hole.fetchone()[0]  # type: ignore[index]
+                rolled_back.rollback()
+            after = feed_vehicles(database_url, [delta(f"{prefix}after")])
+            assert hole_id < after
+            got = await sse.mine(prefix)  # READ_GUARD: a stall fails here
+            assert got["id"] == str(after)
+            assert unrelated.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            unrelated.rollback()

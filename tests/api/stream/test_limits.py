@@ -1,0 +1,132 @@
+"""Limits of a stream: its queue's bytes, the streams one caller may hold, the connections
+that resumes use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import httpx
+import psycopg
+
+from core.settings import Settings
+from services.stream import APPLICATION_NAMES
+from tests.api.conftest import bearer, serve_app
+from tests.api.stream import SSE, aged_feed_rows, open_stream
+
+
+async def test_a_subscriber_past_its_bytes_is_dropped_with_resync(
+    settings: Settings, token: Callable[..., str], database_url: str, prefix: str
+) -> None:
+    """Few events (far below the count bound) of many bytes: the byte bound drops it."""
+    small = settings.model_copy(
+        update={"stream_queue_max_events": 100_000, "stream_queue_max_bytes": 64 << 10}
+    )
+    async with serve_app(small) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with open_stream(client, bearer(token("viewer")), topics="vehicles") as sse:
+            # One statement of 40 rows of about 4 KB (160 KB): one wake-up fans them out.
+            with psycopg.connect(database_url) as conn:
+                conn.execute(
+                    "INSERT INTO change_feed (topic, event, payload)"
+                    " SELECT 'vehicles', 'vehicle.updated',"
+                    " jsonb_build_object('vehicles', jsonb_build_array(jsonb_build_object("
+                    " 'id', %s || n, 'region', 'eu-west', 'model', 'atlas', 'org', NULL,"
+                    " 'status', 'updating', 'pad', repeat('x', 4000))))"
+                    " FROM generate_series(1, 40) n",
+                    (prefix,),
+                )
+            received = 0
+            while True:
+                item = await sse.event()
+                assert item is not None, "the stream ended without a resync event"
+                if item["event"] == "resync":
+                    break
+                if prefix in json.dumps(item["data"]):
+                    received += 1
+                    assert received < 40, "every event was delivered: no byte bound"
+            assert item["data"] == {"reason": "SLOW_SUBSCRIBER"}
+            assert received <= 16  # 64 KB of 4 KB events
+            assert await sse.next() is None
+
+
+async def test_one_stream_more_than_the_per_caller_cap_is_429(
+    settings: Settings, token: Callable[..., str]
+) -> None:
+    capped = settings.model_copy(update={"stream_max_per_caller": 2})
+    alice = bearer(token("viewer", subject="alice"))
+    bob = bearer(token("viewer", subject="bob"))
+    async with serve_app(capped) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with open_stream(client, alice), open_stream(client, alice):
+            refused = await client.get("/api/v1/stream", headers=alice)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "RATE_LIMITED"
+            assert int(refused.headers["Retry-After"]) > 0
+            async with open_stream(client, bob):  # another caller is not counted with alice
+                pass
+        # Closed streams give their places back.
+        async with open_stream(client, alice), open_stream(client, alice):
+            pass
+
+
+async def test_a_burst_of_resumes_uses_at_most_the_pool(
+    settings: Settings, token: Callable[..., str], own_database: str
+) -> None:
+    """200 clients resume at once: the reads come from the hub's pool (2 connections here),
+    not from a connection each. Counted in pg_stat_activity of a database of the test's own
+    (the app's request pool is not touched by a stream)."""
+    ids = aged_feed_rows(own_database, [timedelta(0)] * 5)
+    own = settings.model_copy(
+        update={
+            "database_url": own_database,
+            "stream_backfill_pool_size": 2,
+            "stream_max_per_caller": 0,
+        }
+    )
+    database = own_database.rsplit("/", 1)[1]
+    peak = {"all": 0, "backfill": 0}
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        async with await psycopg.AsyncConnection.connect(own_database, autocommit=True) as conn:
+            while not done.is_set():
+                row = await (
+                    await conn.execute(
+                        "SELECT count(*), count(*) FILTER (WHERE application_name = %s)"
+                        " FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                        (APPLICATION_NAMES["backfill"], database),
+                    )
+                ).fetchone()
+                assert row is not None
+                peak["all"] = max(peak["all"], row[0])
+                peak["backfill"] = max(peak["backfill"], row[1])
+                await asyncio.sleep(0.005)
+
+    viewer = bearer(token("viewer"))
+    limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
+    async with (
+        serve_app(own) as url,
+        httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client,
+    ):
+        async with open_stream(client, viewer):
+            pass  # the hub is up
+
+        async def resume() -> list[str]:
+            headers = {**viewer, "Last-Event-ID": str(ids[0])}
+            async with client.stream("GET", "/api/v1/stream", headers=headers) as r:
+                assert r.status_code == 200, await r.aread()
+                sse = SSE(r)
+                return [(await sse.event() or {}).get("id", "") for _ in ids[1:]]
+
+        sampler = asyncio.create_task(sample())
+        try:
+            got = await asyncio.gather(*(resume() for _ in range(200)))
+        finally:
+            done.set()
+            await sampler
+    assert got == [[str(i) for i in ids[1:]]] * 200  # every resume was served, exactly
+    assert 1 <= peak["backfill"] <= 2
+    # The hub's listening and reading connections, the pool, and the one connection the
+    # app's request pool keeps after its start-up housekeeping (idempotency-key purge).
+    assert peak["all"] <= 2 + 2 + 1
