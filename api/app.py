@@ -137,7 +137,8 @@ def _lifespan(
     settings: Settings, role: str
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """What the app holds while it runs: the database engine and sessions, the Temporal
-    connection, the token verifier; for the API the stream hub and the purge loop; for a
+    connection, the token verifier; for the API the stream hub and the idempotency-key purge
+    loop (the other retention runs in the worker's `motorcade-retention` Schedule); for a
     process serving ingest the telemetry ingestor and its rollouts' `outcomes` signals.
     Stopped in reverse order."""
 
@@ -181,11 +182,7 @@ def _lifespan(
                 running.push_async_callback(app.state.ingestor.stop)
             if role == "api":
                 purge = asyncio.create_task(
-                    purge_loop(
-                        app.state.sessions,
-                        settings.idempotency_purge_interval_seconds,
-                        audit_retention_days=settings.audit_retention_days,
-                    )
+                    purge_loop(app.state.sessions, settings.idempotency_purge_interval_seconds)
                 )
                 running.push_async_callback(_cancel, purge)
             yield

@@ -52,7 +52,6 @@ from core.db import IdempotencyGuard, database_unavailable, idempotency_guard, s
 from core.errors import IdempotencyKeyInUse, IdempotencyKeyMismatch, InvalidInput
 from core.settings import Settings
 from models.storable import storable_text
-from services import audit
 from services import idempotency as service
 
 log = structlog.stdlib.get_logger("motorcade.api.idempotency")
@@ -349,25 +348,17 @@ async def _send_stored(send: Send, response: service.StoredResponse) -> None:
     await send({"type": "http.response.body", "body": content})
 
 
-async def purge_loop(
-    sessions: async_sessionmaker[AsyncSession],
-    interval_seconds: float,
-    *,
-    audit_retention_days: int = 0,
-) -> None:
+async def purge_loop(sessions: async_sessionmaker[AsyncSession], interval_seconds: float) -> None:
     """Housekeeping of each API process, now and then every `interval_seconds` until
-    cancelled: delete expired idempotency keys, and audit entries past their retention (when
-    one is set). Both deletes are idempotent, so replicas may overlap; a failure is logged and
-    retried at the next round."""
+    cancelled: delete expired idempotency keys. Idempotent, so replicas may overlap; a failure
+    is logged and retried at the next round. (The audit log, the change feed and the timeline
+    are purged by the worker's `motorcade-retention` Schedule, activities/retention.py.)"""
     while True:
         try:
             async with session_scope(sessions) as session:
                 deleted = await service.purge_expired(session)
             if deleted:
                 log.info("idempotency keys purged", deleted=deleted)
-            expired = await audit.purge_expired(sessions, retention_days=audit_retention_days)
-            if expired:
-                log.info("audit entries past their retention purged", deleted=expired)
         except Exception:
             log.warning("housekeeping: purge failed", exc_info=True)
         await asyncio.sleep(interval_seconds)

@@ -108,6 +108,7 @@ async def ensure_search_attributes(client: Client, namespace: str | None = None)
 
 ROLLOUT_WORKFLOW_TYPE = "RolloutWorkflow"
 RECONCILE_WORKFLOW_TYPE = "ReconcileWorkflow"
+RETENTION_WORKFLOW_TYPE = "RetentionWorkflow"
 
 
 def initial_search_attributes(

@@ -588,4 +588,49 @@ class ReconcileResult(BaseModel):
     drifted: int
 
 
+# --- Retention (workflows/retention.py, activities/retention.py) ---------------------------
+
+RETENTION_BATCH_SIZE = 5000
+
+
+class RetentionInput(BaseModel):
+    """What the schedule starts `RetentionWorkflow` with: how long each kind of row is kept
+    (0 days: forever; the change feed is always purged)."""
+
+    change_feed_hours: int = 24
+    timeline_days: int = 90
+    audit_days: int = 0
+    batch_size: int = RETENTION_BATCH_SIZE
+    # At most this many batches per activity and run: a backlog is worked off over the next
+    # runs, and no attempt runs for hours.
+    max_batches: int = 200
+
+
+class PurgeInput(BaseModel):
+    cutoff: datetime
+    batch_size: int = RETENTION_BATCH_SIZE
+    max_batches: int = 200
+
+
+class PurgeProgress(BaseModel):
+    """Heartbeat details of a purge: where a retried attempt resumes (`partition`: the
+    timeline's, by index) and what it deleted so far."""
+
+    partition: int = 0
+    deleted: int = 0
+    batches: int = 0
+
+
+class PurgeResult(BaseModel):
+    deleted: int = 0
+    batches: int = 0
+    done: bool = True  # False: stopped at max_batches with rows still past retention
+
+
+class RetentionResult(BaseModel):
+    change_feed: PurgeResult
+    timeline: PurgeResult | None = None  # None: kept forever (0 days)
+    audit: PurgeResult | None = None
+
+
 RolloutInput.model_rebuild()

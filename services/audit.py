@@ -249,30 +249,33 @@ async def purge_expired(
     now: datetime | None = None,
 ) -> int:
     """Delete entries older than `retention_days` (0: keep forever), oldest first, `batch` at
-    a time, each batch its own transaction (the `(at, id)` index finds them). The only delete
-    of the audit log (a trigger refuses any other DELETE, and every UPDATE). Returns how many
-    went."""
+    a time, each batch its own transaction (`purge_batch`). Returns how many went."""
     if retention_days <= 0:
         return 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     total = 0
     while True:
         async with sessions() as session:
-            conn = await session.connection()
-            # The one path allowed to delete (migration 0007): transaction-local, so it ends
-            # with this batch's transaction.
-            await conn.execute(
-                text("SELECT set_config(:name, 'on', true)"), {"name": PURGE_SETTING}
-            )
-            result = await conn.execute(
-                text(
-                    "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log"
-                    " WHERE at < :cutoff ORDER BY at, id LIMIT :batch)"
-                ),
-                {"cutoff": cutoff, "batch": batch},
-            )
+            deleted = await purge_batch(session, cutoff=cutoff, batch=batch)
             await session.commit()
-        deleted = max(result.rowcount or 0, 0)
         total += deleted
         if deleted < batch:
             return total
+
+
+async def purge_batch(session: AsyncSession, *, cutoff: datetime, batch: int) -> int:
+    """Delete up to `batch` entries older than `cutoff`, oldest first (the `(at, id)` index
+    finds them): the only delete of the audit log (a trigger refuses any other DELETE, and
+    every UPDATE). The caller commits; idempotent. Returns how many went."""
+    conn = await session.connection()
+    # The one path allowed to delete (migration 0007): transaction-local, so it ends with
+    # this batch's transaction.
+    await conn.execute(text("SELECT set_config(:name, 'on', true)"), {"name": PURGE_SETTING})
+    result = await conn.execute(
+        text(
+            "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log"
+            " WHERE at < :cutoff ORDER BY at, id LIMIT :batch)"
+        ),
+        {"cutoff": cutoff, "batch": batch},
+    )
+    return max(result.rowcount or 0, 0)  # type: ignore[attr-defined]

@@ -74,6 +74,14 @@ def own_database(database_server_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+async def own_sessions(settings: Settings, own_database: str) -> AsyncIterator[Sessions]:
+    """Sessions of `own_database`."""
+    engine = create_engine(settings.model_copy(update={"database_url": own_database}))
+    yield session_factory(engine)
+    await engine.dispose()
+
+
 def status_keys_drift(url: str) -> list[tuple[str, str, str]]:
     """The `(status, id)` pairs found only in `vehicles` or only in `vehicles_by_status`."""
     with psycopg.connect(url) as conn:

@@ -1,10 +1,10 @@
-"""The worker: `RolloutWorkflow`, `ReconcileWorkflow` and their activities on
-`motorcade-rollouts`.
+"""The worker: `RolloutWorkflow`, `ReconcileWorkflow`, `RetentionWorkflow` and their
+activities on `motorcade-rollouts`.
 
 `build_worker` wires a worker for any client and session factory (the tests use it with the
 time-skipping server); `run_worker` is `motorcade worker`: connect, register the search
-attributes, ensure the reconcile schedule, run until SIGINT/SIGTERM or cancellation, then shut
-down gracefully.
+attributes, ensure the reconcile and retention schedules, run until SIGINT/SIGTERM or
+cancellation, then shut down gracefully.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.reconcile import ReconcileActivities
+from activities.retention import RetentionActivities
 from activities.rollouts import RolloutActivities
 from core.db import create_engine, session_factory
 from core.settings import Settings
 from core.temporal import ROLLOUT_TASK_QUEUE, connect, ensure_search_attributes
 from models.defaults import DEFAULT_OFFLINE_AFTER_SECONDS
 from worker.log_context import LogContextInterceptor
-from worker.schedules import ensure_reconcile_schedule
+from worker.schedules import ensure_reconcile_schedule, ensure_retention_schedule
 from workflows.reconcile import ReconcileWorkflow
+from workflows.retention import RetentionWorkflow
 from workflows.rollout import RolloutWorkflow
 
 log = structlog.get_logger(__name__)
@@ -48,8 +50,12 @@ def build_worker(
         client,
         interceptors=[LogContextInterceptor()],  # plus the client's (tracing), inherited
         task_queue=task_queue,
-        workflows=[RolloutWorkflow, ReconcileWorkflow],
-        activities=[*rollouts.all(), *ReconcileActivities(sessions).all()],
+        workflows=[RolloutWorkflow, ReconcileWorkflow, RetentionWorkflow],
+        activities=[
+            *rollouts.all(),
+            *ReconcileActivities(sessions).all(),
+            *RetentionActivities(sessions).all(),
+        ],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
     )
 
@@ -57,9 +63,9 @@ def build_worker(
 async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = None) -> None:
     """Run the worker until SIGINT/SIGTERM (or cancellation).
 
-    `reconcile_schedule`: create or update the reconcile Schedule first; by default everywhere
-    but `MOTORCADE_ENV=test`, so a test's worker never leaves a schedule behind that would mark
-    the other tests' vehicles offline.
+    `reconcile_schedule`: create or update the reconcile and retention Schedules first; by
+    default everywhere but `MOTORCADE_ENV=test`, so a test's worker never leaves a schedule
+    behind that would mark the other tests' vehicles offline or purge their rows.
     """
     client = await connect(
         settings.temporal_address,
@@ -69,6 +75,7 @@ async def run_worker(settings: Settings, *, reconcile_schedule: bool | None = No
     await ensure_search_attributes(client, settings.temporal_namespace)
     if reconcile_schedule if reconcile_schedule is not None else settings.env != "test":
         await ensure_reconcile_schedule(client, settings)
+        await ensure_retention_schedule(client, settings)
     engine = create_engine(settings, role="worker")  # the activities' timeouts
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,10 +1,12 @@
-"""Temporal Schedules the worker keeps in place at start: today one, `motorcade-reconcile`,
-which runs `ReconcileWorkflow` every MOTORCADE_RECONCILE_INTERVAL_SECONDS on `motorcade-rollouts`.
+"""Temporal Schedules the worker keeps in place at start, both on `motorcade-rollouts`:
+`motorcade-reconcile` runs `ReconcileWorkflow` every MOTORCADE_RECONCILE_INTERVAL_SECONDS;
+`motorcade-retention` runs `RetentionWorkflow` every MOTORCADE_RETENTION_INTERVAL_SECONDS
+(hourly), with the retention settings of the worker that last ensured it.
 
-`ensure_reconcile_schedule` creates the schedule, or updates it when it exists (a new interval
-or input after a deploy), keeping its state: a schedule an operator paused stays paused.
-Overlap policy SKIP: a slow run is never joined by a second one; catch-up is limited to one
-interval, so a worker back from a long outage runs one reconcile, not a backlog.
+`ensure_*_schedule` creates a schedule, or updates it when it exists (a new interval or input
+after a deploy), keeping its state: a schedule an operator paused stays paused. Overlap
+policy SKIP: a slow run is never joined by a second one; catch-up is limited to one interval,
+so a worker back from a long outage runs once, not a backlog.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from temporalio.client import (
 )
 
 from core.settings import Settings
-from core.temporal import RECONCILE_WORKFLOW_TYPE, ROLLOUT_TASK_QUEUE
-from models.workflows import ReconcileInput
+from core.temporal import RECONCILE_WORKFLOW_TYPE, RETENTION_WORKFLOW_TYPE, ROLLOUT_TASK_QUEUE
+from models.workflows import ReconcileInput, RetentionInput
 
 log = structlog.get_logger(__name__)
 
 RECONCILE_SCHEDULE_ID = "motorcade-reconcile"
 # A run that has not finished by then is abandoned (the next slot starts a fresh one).
 RECONCILE_RUN_TIMEOUT = timedelta(minutes=30)
+RETENTION_SCHEDULE_ID = "motorcade-retention"
+RETENTION_RUN_TIMEOUT = timedelta(hours=2)
 
 
 def reconcile_schedule(
@@ -80,6 +84,60 @@ async def ensure_reconcile_schedule(
     desired = reconcile_schedule(
         settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
     )
+    await _ensure(client, schedule_id, desired, interval)
+
+
+def retention_schedule(
+    settings: Settings,
+    *,
+    interval: timedelta | None = None,
+    task_queue: str = ROLLOUT_TASK_QUEUE,
+    workflow_id: str = RETENTION_SCHEDULE_ID,
+) -> Schedule:
+    """The retention schedule: every MOTORCADE_RETENTION_INTERVAL_SECONDS, the retention
+    settings as its workflow's input."""
+    interval = interval or timedelta(seconds=settings.retention_interval_seconds)
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            RETENTION_WORKFLOW_TYPE,
+            RetentionInput(
+                change_feed_hours=settings.change_feed_retention_hours,
+                timeline_days=settings.timeline_retention_days,
+                audit_days=settings.audit_retention_days,
+            ),
+            id=workflow_id,
+            task_queue=task_queue,
+            execution_timeout=RETENTION_RUN_TIMEOUT,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=max(interval, timedelta(seconds=10)),
+        ),
+        state=ScheduleState(
+            note="Deletes change-feed rows, timeline events and audit entries past their "
+            "retention (Motorcade)."
+        ),
+    )
+
+
+async def ensure_retention_schedule(
+    client: Client,
+    settings: Settings,
+    *,
+    schedule_id: str = RETENTION_SCHEDULE_ID,
+    interval: timedelta | None = None,
+    task_queue: str = ROLLOUT_TASK_QUEUE,
+) -> None:
+    """Create the retention schedule, or bring an existing one up to date (idempotent)."""
+    interval = interval or timedelta(seconds=settings.retention_interval_seconds)
+    desired = retention_schedule(
+        settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
+    )
+    await _ensure(client, schedule_id, desired, interval)
+
+
+async def _ensure(client: Client, schedule_id: str, desired: Schedule, interval: timedelta) -> None:
     try:
         await client.create_schedule(schedule_id, desired)
         log.info("schedule.created", schedule_id=schedule_id, every=interval.total_seconds())
