@@ -130,3 +130,26 @@ async def test_a_burst_of_resumes_uses_at_most_the_pool(
     # The hub's listening and reading connections, the pool, and the one connection the
     # app's request pool keeps after its start-up housekeeping (idempotency-key purge).
     assert peak["all"] <= 2 + 2 + 1
+
+
+async def test_a_resume_after_the_pooled_connection_died_is_served(
+    settings: Settings, token: Callable[..., str], own_database: str
+) -> None:
+    """The pool's idle connection is terminated (as by a PostgreSQL restart): the next resume
+    gets a fresh one instead of failing."""
+    ids = aged_feed_rows(own_database, [timedelta(0)] * 3)
+    own = settings.model_copy(update={"database_url": own_database})
+    viewer = bearer(token("viewer"))
+    async with serve_app(own) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for _ in range(2):
+            async with open_stream(client, viewer, lastEventId=str(ids[0])) as sse:
+                assert [(await sse.event() or {}).get("id") for _ in ids[1:]] == [
+                    str(i) for i in ids[1:]
+                ]
+            with psycopg.connect(own_database, autocommit=True) as conn:
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND datname = current_database()",
+                    (APPLICATION_NAMES["backfill"],),
+                ).fetchone()
+            assert killed is not None and killed[0] >= 1
