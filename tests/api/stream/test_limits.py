@@ -59,9 +59,10 @@ async def test_one_stream_more_than_the_per_caller_cap_is_429(
     bob = bearer(token("viewer", subject="bob"))
     async with serve_app(capped) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         async with open_stream(client, alice), open_stream(client, alice):
-            refused = await client.get("/api/v1/stream", headers=alice)
-            assert refused.status_code == 429, refused.text
-            assert refused.json()["error"]["code"] == "RATE_LIMITED"
+            async with client.stream("GET", "/api/v1/stream", headers=alice) as refused:
+                assert refused.status_code == 429  # (a stream opened would never end a .get)
+                body = json.loads(await refused.aread())
+            assert body["error"]["code"] == "RATE_LIMITED"
             assert int(refused.headers["Retry-After"]) > 0
             async with open_stream(client, bob):  # another caller is not counted with alice
                 pass
