@@ -120,14 +120,18 @@ class Vehicles:
         self.seqs[vehicle_id] = self.seqs.get(vehicle_id, 0) + 1
         return self.seqs[vehicle_id]
 
-    def answer(self, rollout_id: int) -> int:
-        """`ready` for each newly notified target of the rollout; how many were sent."""
+    def unanswered(self, rollout_id: int) -> list[tuple[str, str]]:
+        """The rollout's notified targets not answered yet, in vehicle id order."""
         rows = self.cluster.sql(
             "SELECT t.vehicle_id, t.desired_state_id::text FROM rollout_targets t"
             " WHERE t.rollout_id = %s AND t.state = 'notified' ORDER BY t.vehicle_id",
             (rollout_id,),
         )
-        todo = [(vid, ds) for vid, ds in rows if (vid, ds) not in self.answered]
+        return [(vid, ds) for vid, ds in rows if (vid, ds) not in self.answered]
+
+    def answer(self, rollout_id: int) -> int:
+        """`ready` for each newly notified target of the rollout; how many were sent."""
+        todo = self.unanswered(rollout_id)
         for start in range(0, len(todo), 1000):
             self._post(todo[start : start + 1000])
         return len(todo)

@@ -85,38 +85,24 @@ class Stream:
 
 
 class TwoGateways(Vehicles):
-    """The vehicles, answering through ingest 1 and ingest 2 in turn (one POST each)."""
+    """The vehicles, answering through ingest 1 and ingest 2: every other newly notified
+    vehicle (in vehicle id order) through each, so both carry about half of every stage
+    whatever the timing of the test's polls."""
 
     def __init__(self, cluster: Cluster, first: httpx.Client, second: httpx.Client) -> None:
         super().__init__(cluster, first)
         self.clients = [first, second]
         self.through_second: set[str] = set()
-        self._turn = 0
 
     def answer(self, rollout_id: int) -> int:
-        sent = 0
-        while True:
-            self.http = self.clients[self._turn % 2]
-            before = set(self.answered)
-            # one POST of at most 1,000 through this gateway
-            n = self._answer_some(rollout_id)
-            if self._turn % 2 == 1:
-                self.through_second.update(v for v, _ in self.answered - before)
-            self._turn += 1
-            sent += n
-            if n < 1000:
-                return sent
-
-    def _answer_some(self, rollout_id: int) -> int:
-        rows = self.cluster.sql(
-            "SELECT t.vehicle_id, t.desired_state_id::text FROM rollout_targets t"
-            " WHERE t.rollout_id = %s AND t.state = 'notified' ORDER BY t.vehicle_id",
-            (rollout_id,),
-        )
-        todo = [(vid, ds) for vid, ds in rows if (vid, ds) not in self.answered][:1000]
-        if not todo:
-            return 0
-        self._post(todo)
+        todo = self.unanswered(rollout_id)
+        for turn, client in enumerate(self.clients):
+            mine = todo[turn::2]
+            self.http = client
+            for start in range(0, len(mine), 1000):
+                self._post(mine[start : start + 1000])
+            if turn == 1:
+                self.through_second.update(vid for vid, _ in mine)
         return len(todo)
 
 
