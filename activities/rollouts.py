@@ -18,7 +18,7 @@ from temporalio import activity
 from activities.common import domain_failures, resumed_progress
 from core.db import session_scope
 from models.defaults import DEFAULT_OFFLINE_AFTER_SECONDS
-from models.enums import AuditSource, RolloutStatus, StatusReason
+from models.enums import TERMINAL_ROLLOUT_STATUSES, AuditSource, RolloutStatus, StatusReason
 from models.workflows import (
     EvaluateGatesInput,
     EvaluateGatesResult,
@@ -206,6 +206,20 @@ class RolloutActivities:
                 audit_entry=not audited_by_api,
             )
             counts = await queries.progress(session, rollout_id=input.rollout_id)
+            finished = None
+            if not changed:
+                row = await queries.rollout_columns(
+                    session, rollout_id=input.rollout_id, columns="status, status_reason"
+                )
+                if row.status != input.status and row.status in TERMINAL_ROLLOUT_STATUSES:
+                    finished = row
+        if finished is not None:
+            return UpdateRolloutStatusResult(
+                changed=False,
+                counts=counts,
+                finished_as=RolloutStatus(finished.status),
+                finished_reason=finished.status_reason,
+            )
         if changed:
             log.info(
                 "rollout.status",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 
@@ -17,10 +18,17 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -124,6 +132,11 @@ def initial_search_attributes(
     )
 
 
+# How long one attempt to start a rollout's workflow may take (the API's attempt and each of
+# the reconcile's): past it the start is ambiguous, and the rollout stays `pending`.
+START_WORKFLOW_WITHIN = timedelta(seconds=5)
+
+
 async def start_rollout_workflow(
     client: Client,
     *,
@@ -131,28 +144,75 @@ async def start_rollout_workflow(
     release_version: str,
     correlation_id: str | None,
     created_by: str,
-) -> None:
-    """Start workflow `rollout-{id}` on the rollouts' task queue (once: a workflow started
-    already is left as it is)."""
+    task_queue: str = ROLLOUT_TASK_QUEUE,
+) -> bool:
+    """Start workflow `rollout-{id}` on the rollouts' task queue, at most once whoever calls
+    it and however often: id conflict policy USE_EXISTING (a workflow running under the id is
+    left as it is: no error, no second run) and id reuse policy REJECT_DUPLICATE (a closed
+    one is never run again). The API calls it once after its commit, the reconcile for every
+    `pending` rollout older than MOTORCADE_ROLLOUT_START_GRACE_SECONDS.
+
+    Returns True when the workflow runs (started now or earlier), False when its id is taken
+    by a closed workflow (Temporal will never run this rollout). Raises whatever the start
+    raised otherwise (Temporal unreachable, `TimeoutError` after `START_WORKFLOW_WITHIN`):
+    an ambiguous outcome (the workflow may exist), so the caller leaves the rollout
+    `pending` and the reconcile tries again."""
     try:
-        await client.start_workflow(
-            ROLLOUT_WORKFLOW_TYPE,
-            RolloutInput(
-                rollout_id=rollout_id,
-                release_version=release_version,
-                correlation_id=correlation_id,
+        await asyncio.wait_for(
+            client.start_workflow(
+                ROLLOUT_WORKFLOW_TYPE,
+                RolloutInput(
+                    rollout_id=rollout_id,
+                    release_version=release_version,
+                    correlation_id=correlation_id,
+                ),
+                id=rollout_workflow_id(rollout_id),
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=initial_search_attributes(
+                    rollout_id=rollout_id,
+                    release_version=release_version,
+                    status=RolloutStatus.PENDING.value,
+                ),
+                memo={"correlationId": correlation_id, "createdBy": created_by},
+                rpc_timeout=START_WORKFLOW_WITHIN,
             ),
-            id=rollout_workflow_id(rollout_id),
-            task_queue=ROLLOUT_TASK_QUEUE,
-            search_attributes=initial_search_attributes(
-                rollout_id=rollout_id,
-                release_version=release_version,
-                status=RolloutStatus.PENDING.value,
-            ),
-            memo={"correlationId": correlation_id, "createdBy": created_by},
+            timeout=START_WORKFLOW_WITHIN.total_seconds() + 1,
         )
     except WorkflowAlreadyStartedError:
-        pass
+        return False  # closed already (a running one is USE_EXISTING's: no error)
+    return True
+
+
+async def rollout_workflow_exists(client: Client, *, rollout_id: int) -> bool | None:
+    """Whether workflow `rollout-{id}` exists: True running, False closed, None no such
+    workflow. Raises when Temporal does not answer."""
+    try:
+        described = await client.get_workflow_handle(rollout_workflow_id(rollout_id)).describe(
+            rpc_timeout=START_WORKFLOW_WITHIN
+        )
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return described.status == WorkflowExecutionStatus.RUNNING
+
+
+def control_update_id(
+    *, action: str, rollout_id: int, caller: str, idempotency_key: str | None, request_id: str
+) -> str:
+    """The id of the `control` Update an API request sends: Temporal answers a second Update
+    with the same id (while the workflow runs) with the first one's outcome, applied once.
+    From the request's Idempotency-Key when it has one, scoped to the caller, the action and
+    the rollout (so one key never answers another rollout or action), hashed; else from its
+    X-Request-ID (or the id the API gave it), so a client retrying with the same request id
+    is de-duplicated too."""
+    if idempotency_key:
+        material = f"key|{caller}|{action}|{rollout_id}|{idempotency_key}"
+    else:
+        material = f"request|{caller}|{action}|{rollout_id}|{request_id}"
+    return f"{action}-{hashlib.sha256(material.encode()).hexdigest()[:40]}"
 
 
 # The name of the Update that controls a rollout (the API's and the CLI's way), and the type
@@ -174,12 +234,22 @@ class ControlUnanswered(DependencyUnavailable):
         self.note = note
 
 
+class WorkflowMissing(InvalidStateTransition):
+    """The rollout's workflow does not exist (not started yet: a `pending` rollout)."""
+
+
 async def control_rollout(
-    connect: Callable[[], Awaitable[Client]], *, rollout_id: int, request: ControlRequest
+    connect: Callable[[], Awaitable[Client]],
+    *,
+    rollout_id: int,
+    request: ControlRequest,
+    update_id: str | None = None,
 ) -> ControlResult:
     """Send an operator's action to the rollout's workflow as its `control` Update (on the
-    client `connect` gives) and return its answer. Raises `InvalidStateTransition` when the
-    workflow refuses it (its validator) or is no longer running, `ControlUnanswered` when
+    client `connect` gives) and return its answer. `update_id` (`control_update_id`): a
+    retried request with the same id gets the first one's outcome, applied once. Raises
+    `InvalidStateTransition` when the workflow refuses it (its validator) or is no longer
+    running (`WorkflowMissing` when there is no such workflow), `ControlUnanswered` when
     Temporal did not answer, or no answer came in time."""
     try:
         client = await connect()
@@ -187,6 +257,7 @@ async def control_rollout(
             client.get_workflow_handle(rollout_workflow_id(rollout_id)).execute_update(
                 CONTROL_UPDATE,
                 request,
+                id=update_id,
                 result_type=ControlResult,
                 rpc_timeout=CONTROL_ANSWER_WITHIN,
             ),
@@ -199,7 +270,11 @@ async def control_rollout(
             message or "the rollout refused this action in its current state"
         ) from None
     except RPCError as exc:
-        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise WorkflowMissing(
+                f"cannot {request.action} rollout {rollout_id}: its workflow is not running"
+            ) from None
+        if exc.status == RPCStatusCode.FAILED_PRECONDITION:
             raise InvalidStateTransition(
                 f"cannot {request.action} rollout {rollout_id}: its workflow is no longer running"
             ) from None

@@ -39,3 +39,9 @@ DEFAULT_TELEMETRY_MAX_BODY_BYTES = 1024 * 1024  # one POST /telemetry body
 ISSUE_BATCH_SIZE = 5000  # targets a stage issues (or a rollback stage returns)
 SWEEP_BATCH_SIZE = 1000  # targets a sweep (timeouts, retries, blocked re-checks) moves
 OFFLINE_BATCH_SIZE = 10_000  # vehicles the reconcile marks offline
+
+# A `pending` rollout this old whose workflow does not exist is started by the reconcile
+# (MOTORCADE_ROLLOUT_START_GRACE_SECONDS).
+DEFAULT_ROLLOUT_START_GRACE_SECONDS = 30
+# Pending rollouts read per statement by the reconcile's start pass (keyset on id).
+PENDING_START_BATCH_SIZE = 100

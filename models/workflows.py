@@ -21,8 +21,10 @@ from models.defaults import (
     DEFAULT_MIN_SUCCESS_RATE,
     DEFAULT_OFFLINE_AFTER_SECONDS,
     DEFAULT_REQUIRE_STATIONARY,
+    DEFAULT_ROLLOUT_START_GRACE_SECONDS,
     ISSUE_BATCH_SIZE,
     OFFLINE_BATCH_SIZE,
+    PENDING_START_BATCH_SIZE,
     SWEEP_BATCH_SIZE,
     FailureAction,
 )
@@ -442,6 +444,11 @@ class UpdateRolloutStatusInput(BaseModel):
 class UpdateRolloutStatusResult(BaseModel):
     changed: bool
     counts: RolloutCounts
+    # The row's status after the write, when it is terminal and not the one asked for: the
+    # write was refused (no transition out of a terminal status) and the workflow ends at
+    # once. None otherwise (and in results recorded before it existed).
+    finished_as: RolloutStatus | None = None
+    finished_reason: str | None = None
 
 
 class RecordControlRefusalsInput(BaseModel):
@@ -525,6 +532,31 @@ class ReconcileInput(BaseModel):
     # the workflow's start time.
     run_key: str | None = None
     batch_size: int = OFFLINE_BATCH_SIZE
+    # A pending rollout this old whose workflow does not exist is started.
+    start_grace_seconds: int = DEFAULT_ROLLOUT_START_GRACE_SECONDS
+
+
+class StartPendingInput(BaseModel):
+    """The reconcile's start of `pending` rollouts created before `created_before`."""
+
+    created_before: datetime
+    batch_size: int = PENDING_START_BATCH_SIZE
+
+
+class StartPendingProgress(BaseModel):
+    """Heartbeat of the start pass: where a retried attempt resumes, what it did so far."""
+
+    after_id: int = 0
+    started: int = 0
+    running: int = 0
+    refused: int = 0
+
+
+class StartPendingResult(BaseModel):
+    pending: int = 0  # pending rollouts past the grace period looked at
+    started: int = 0  # workflows started now (none existed)
+    running: int = 0  # a workflow exists and runs (it writes `running` soon)
+    refused: int = 0  # a closed workflow holds the id: marked failed (WORKFLOW_START_FAILED)
 
 
 class MarkOfflineInput(BaseModel):
@@ -550,6 +582,11 @@ class RecordDriftInput(BaseModel):
     run_key: str
     marked_offline: int = 0
     cutoff: datetime | None = None
+    # What the run's other steps changed (its audit entry is written only when the run
+    # changed something): blocked vehicles notified, pending rollouts started or refused.
+    rechecked: int = 0
+    started_rollouts: int = 0
+    refused_rollouts: int = 0
 
 
 class RecordDriftResult(BaseModel):

@@ -91,7 +91,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import control
     from workflows.policy import counted_total, next_window_start, settle_detail
 
-from workflows.steps import RolloutSteps, iso
+from workflows.steps import RolloutAlreadyFinished, RolloutSteps, iso
 
 MAX_GATE_INTERVAL = 60
 # A rollback stage bakes min(its bake, this) before the next stage is returned.
@@ -312,6 +312,10 @@ class RolloutWorkflow(RolloutSteps):
                 await self._set_status(
                     RolloutStatus.COMPLETED, action="rollout.completed", waiting_for=None
                 )
+        except RolloutAlreadyFinished:
+            # Its row is terminal already (aborted while its workflow was not started yet):
+            # nothing was issued, nothing is; the run ends with the row's status.
+            workflow.logger.warning("rollout %s is %s already: ending", s.rollout_id, s.status)
         except ActivityError as err:
             await self._fail(err)
             raise ApplicationError(

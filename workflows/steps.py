@@ -67,6 +67,12 @@ SWEEP_ACTIVITIES: dict[Sweep, SweepActivity] = {
 }
 
 
+class RolloutAlreadyFinished(Exception):
+    """The rollout's row is terminal already (aborted before its workflow started, for one):
+    the status write was refused, and the run ends at once (`RolloutWorkflow.run` catches it;
+    never a failed workflow task)."""
+
+
 class RolloutSteps:
     """The steps `RolloutWorkflow` sequences, over its state (set by its `__init__`)."""
 
@@ -146,6 +152,14 @@ class RolloutSteps:
             retry_policy=DB_RETRY,
         )
         s.counts = result.counts
+        if result.finished_as is not None:  # no transition out of a terminal status
+            s.status, s.waiting_for = result.finished_as, None
+            why = result.finished_reason
+            known = why is not None and why in {r.value for r in StatusReason}
+            s.status_reason = StatusReason(why) if why is not None and known else None
+            self._upsert_search_attributes()
+            workflow.set_current_details(self._details())
+            raise RolloutAlreadyFinished(s.status)
         s.status, s.status_reason, s.waiting_for = status, status_reason, waiting_for
         self._upsert_search_attributes()
         workflow.set_current_details(self._details())
@@ -240,7 +254,7 @@ class RolloutSteps:
                 waiting_for=None,
                 reason=str(err.cause or err)[:500],
             )
-        except ActivityError:
+        except (ActivityError, RolloutAlreadyFinished):
             workflow.logger.exception("could not record the failure of the rollout")
 
     def _judged_by_outcomes(self) -> bool:

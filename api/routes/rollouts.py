@@ -26,7 +26,7 @@ from api.envelope import ok, page
 from api.errors import ErrorResponses
 from core import temporal
 from core.auth import Principal
-from core.db import note_created, session_scope
+from core.db import note_created
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from core.settings import Settings
 from models.api import (
@@ -40,8 +40,9 @@ from models.api import (
     RolloutPlanOut,
     RolloutVehicleOut,
 )
+from models.enums import RolloutStatus
 from models.tables import Rollout
-from models.workflows import ControlRequest, RolloutCounts
+from models.workflows import ControlRequest, ControlResult, RolloutCounts
 from services.rollouts import control, create, queries, status
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"])
@@ -119,9 +120,18 @@ async def create_rollout(
     """Validates (the release exists and its signature verifies against the trusted keys,
     targets inside the caller's scope, safety policy not weaker than the fleet default unless
     acknowledged, no targeted vehicle inside another active rollout: else 409 `CONFLICT`),
-    stores the rollout, commits, then starts workflow `rollout-{id}` on task queue
-    `motorcade-rollouts`. If Temporal cannot be reached the rollout is marked `failed`
-    (`WORKFLOW_START_FAILED`) and the answer is 503 with `Retry-After`.
+    stores the rollout `pending` (`waitingFor` "its workflow to start"), commits, then tries
+    once to start workflow `rollout-{id}` on task queue `motorcade-rollouts`. The committed
+    `pending` row is the durable intent to start: 201 with the rollout as stored, whether the
+    start went through or not. When Temporal was unreachable or did not answer within 5 s
+    (the outcome is ambiguous: the workflow may exist), the answer carries
+    `metadata.workflowStart: "pending"` (else `"started"`), a warning is logged, and the
+    reconcile Schedule starts it within a minute once its row is older than
+    MOTORCADE_ROLLOUT_START_GRACE_SECONDS (30 s). Starting twice is harmless (id conflict
+    policy USE_EXISTING, reuse policy REJECT_DUPLICATE): never a second workflow, never a
+    doubled rollout; meanwhile its vehicles stay reserved (the overlap check) and it can be
+    aborted. So during a Temporal outage this answers 201 and the rollout starts later; only
+    a database outage answers 503.
 
     `?dryRun=true` validates the same way, then answers 200 with the plan: vehicles per
     stage, how many the safety checks would block now, the overlap with active rollouts and
@@ -134,9 +144,10 @@ async def create_rollout(
         return JSONResponse(ok(request, plan, dryRun=True), status_code=200)
     rollout = await create.create_rollout(session, body=body, request=assignment)
     note_created(f"/api/v1/rollouts/{rollout.id}")  # a retry's lost answer (idempotency)
-    await session.commit()  # the workflow starts only once the row it refers to is durable
+    await session.commit()  # the intent to start is durable before the workflow starts
     await session.refresh(rollout)
     assert rollout.id is not None
+    started = "started"
     try:
         await temporal.start_rollout_workflow(
             await get_temporal(request),
@@ -145,18 +156,16 @@ async def create_rollout(
             correlation_id=actor.correlation_id,
             created_by=actor.subject,
         )
-    except Exception as exc:
+    except Exception as exc:  # ambiguous: the reconcile finishes the start
+        started = "pending"
         log.warning(
-            "workflow start failed", rollout_id=rollout.id, error=repr(exc)[:300], exc_info=True
+            "rollout.workflow_start_pending",
+            rollout_id=rollout.id,
+            error=repr(exc)[:300],
+            note="the reconcile starts it after MOTORCADE_ROLLOUT_START_GRACE_SECONDS",
         )
-        async with session_scope(request.app.state.sessions) as failed_session:
-            await status.mark_start_failed(failed_session, rollout_id=rollout.id, actor=actor)
-        raise DependencyUnavailable(
-            "the rollout was stored but its workflow could not be started; "
-            "it is marked failed (WORKFLOW_START_FAILED): create it again"
-        ) from None
     return JSONResponse(
-        ok(request, rollout_out(rollout, settings)),
+        ok(request, rollout_out(rollout, settings), workflowStart=started),
         status_code=201,
         headers={"Location": f"/api/v1/rollouts/{rollout.id}"},
     )
@@ -271,8 +280,24 @@ async def _control(
 ) -> JSONResponse:
     """Audit the request (committed), then ask the workflow through its `control` Update,
     which carries the marker of that entry (so the workflow does not audit it again); a
-    refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too."""
+    refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too.
+
+    The Update's id comes from the request (`temporal.control_update_id`: its
+    Idempotency-Key, scoped to caller, action and rollout, else its X-Request-ID): a retry
+    of a request whose answer was lost (503, a dropped connection) gets the first Update's
+    outcome from Temporal, applied once, and writes no second `requested` entry.
+
+    An abort of a `pending` rollout whose workflow does not exist (its start is still to
+    come) is written here (`status.abort_unstarted`: the row locked, still `pending`); a
+    workflow started later finds it `aborted` and ends at once."""
     actor = actor_of(request, principal)
+    update_id = temporal.control_update_id(
+        action=action,
+        rollout_id=rollout_id,
+        caller=principal.subject,
+        idempotency_key=request.headers.get("idempotency-key"),
+        request_id=actor.correlation_id or "",
+    )
     rollout, refusal, marker = await control.request_control(
         session,
         scope=principal.scope,
@@ -281,6 +306,7 @@ async def _control(
         reason=body.reason,
         actor=actor,
         force=body.force,
+        update_id=update_id,
     )
     await session.commit()  # the request is on record whatever happens next
 
@@ -299,19 +325,39 @@ async def _control(
 
     if refusal is not None:
         raise InvalidStateTransition(refusal)
+    control_request = ControlRequest(
+        action=action,  # type: ignore[arg-type]
+        reason=body.reason,
+        actor=principal.subject,
+        correlation_id=actor.correlation_id,
+        force=body.force,
+        api_marker=marker,
+    )
     try:
-        answer = await temporal.control_rollout(
-            lambda: get_temporal(request),
-            rollout_id=rollout_id,
-            request=ControlRequest(
-                action=action,  # type: ignore[arg-type]
-                reason=body.reason,
-                actor=principal.subject,
-                correlation_id=actor.correlation_id,
-                force=body.force,
-                api_marker=marker,
-            ),
-        )
+        try:
+            answer = await temporal.control_rollout(
+                lambda: get_temporal(request),
+                rollout_id=rollout_id,
+                request=control_request,
+                update_id=update_id,
+            )
+        except temporal.WorkflowMissing:
+            if action != "abort":
+                raise
+            if await status.abort_unstarted(
+                session, rollout_id=rollout_id, actor=actor, reason=body.reason
+            ):
+                await session.commit()
+                log.info("rollout.aborted_before_start", rollout_id=rollout_id)
+                answer = ControlResult(action="abort", status=RolloutStatus.ABORTED, paused=False)
+            else:  # its workflow started meanwhile (the row is no longer pending): ask it
+                await session.rollback()
+                answer = await temporal.control_rollout(
+                    lambda: get_temporal(request),
+                    rollout_id=rollout_id,
+                    request=control_request,
+                    update_id=update_id,
+                )
     except InvalidStateTransition as exc:
         await outcome("rejected", "rejected", exc.message)
         raise
@@ -348,8 +394,16 @@ def _control_route(action: str, summary: str) -> None:
         "then sent to the workflow as its `control` Update. 202 with the rollout and the "
         "workflow's answer once the workflow accepted it; 409 `INVALID_STATE_TRANSITION` at "
         "once when the rollout is finished or the workflow refuses the transition (audited "
-        f"as `rollout.{action}_rejected`); 503 when Temporal does not answer. "
-        f"CLI equivalent: `temporal workflow signal --workflow-id rollout-ID --name {action} "
+        f"as `rollout.{action}_rejected`); 503 when Temporal does not answer. The Update's id "
+        "comes from the request's Idempotency-Key (else its X-Request-ID): a retry with the "
+        "same key gets the first Update's outcome, applied once. "
+        + (
+            "A `pending` rollout whose workflow has not started is aborted at once (the "
+            "workflow, started later, ends without issuing). "
+            if action == "abort"
+            else ""
+        )
+        + f"CLI equivalent: `temporal workflow signal --workflow-id rollout-ID --name {action} "
         '--input \'{"reason": "...", "actor": "..."}\'`.'
     )
     router.add_api_route(

@@ -82,12 +82,19 @@ async def request_control(
     reason: str,
     actor: Actor,
     force: bool = False,
+    update_id: str | None = None,
 ) -> ControlRequested:
     """Audit an operator's control request. A finished rollout (no workflow could accept it)
     is refused at once: the refusal is audited too (`rollout.{action}_rejected`, result
     `rejected`) and returned. Otherwise the entry `rollout.{action}_requested` keeps the
-    SHA-256 of a fresh nonce, and the returned marker (entry id and nonce) lets the workflow
-    skip its own entry for this request. The caller commits either way."""
+    SHA-256 of a fresh nonce and the Update's id (`updateId`), and the returned marker (entry
+    id and nonce) lets the workflow skip its own entry for this request. The caller commits
+    either way.
+
+    A retry (an entry of this rollout already carries `update_id`) writes no second entry:
+    Temporal answers its Update with the first one's outcome. (Should the first Update never
+    have reached Temporal, the retry's marker does not verify, and the workflow audits the
+    action itself, as source `temporal`: audited once more, never lost.)"""
     if action not in CONTROL_ACTIONS:
         raise InvalidInput(f"unknown action {action!r}")
     if force and action != "resume":
@@ -111,6 +118,13 @@ async def request_control(
         )
         return ControlRequested(rollout, message, None)
     nonce = secrets.token_urlsafe(24)
+    if update_id is not None:
+        earlier = await _requested_entry(
+            session, rollout_id=rollout_id, action=action, update_id=update_id
+        )
+        if earlier is not None:
+            return ControlRequested(rollout, None, ApiRequestMarker(audit_id=earlier, nonce=nonce))
+        detail["updateId"] = update_id
     audit_id = await record_control(
         session,
         rollout=rollout,
@@ -121,6 +135,33 @@ async def request_control(
         detail={**detail, "markerSha256": marker_digest(nonce)},
     )
     return ControlRequested(rollout, None, ApiRequestMarker(audit_id=audit_id, nonce=nonce))
+
+
+_REQUESTED = text(
+    """
+    SELECT id FROM audit_log
+    WHERE target_type = 'rollout' AND target_id = :target_id AND action = :action
+      AND source = 'api' AND payload ->> 'updateId' = :update_id
+    ORDER BY id LIMIT 1
+    """
+)
+
+
+async def _requested_entry(
+    session: AsyncSession, *, rollout_id: int, action: str, update_id: str
+) -> int | None:
+    """The id of the `rollout.{action}_requested` entry written for the Update `update_id`
+    (an earlier attempt of the same request), if any."""
+    return (
+        await (await session.connection()).execute(
+            _REQUESTED,
+            {
+                "target_id": str(rollout_id),
+                "action": f"rollout.{action}_requested",
+                "update_id": update_id,
+            },
+        )
+    ).scalar_one_or_none()
 
 
 _API_REQUEST = text(

@@ -24,6 +24,7 @@ from services.assignment import (
     overlap_conflict,
 )
 from services.audit import record_write
+from services.rollouts.status import WAITING_FOR_START
 from services.safety import EffectiveSafety
 from services.targets import REQUEST_MATCH, match_params
 from workflows.policy import plan_from_strategy
@@ -158,6 +159,7 @@ async def create_rollout(
         timeouts=body.timeouts.model_dump(by_alias=True),
         retry=body.retry.model_dump(by_alias=True),
         status=RolloutStatus.PENDING.value,
+        waiting_for=WAITING_FOR_START,
         safety_acknowledgement=v.checked.acknowledgement,
         correlation_id=actor.correlation_id,
         created_by=actor.subject,

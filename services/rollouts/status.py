@@ -3,15 +3,22 @@ only writer of `rollouts.status` (with its stage, reason and what it waits for).
 publishes a `rollout.updated` stream event; a change of status or stage also adds its audit
 entry.
 
-The workflow sets every status through the `update_rollout_status` activity; the API sets
-one, `failed` when the workflow could not be started (`mark_start_failed`). Progress without
-a status change (a batch issued, a sweep) is announced by `publish_rollout`.
+The workflow sets every status through the `update_rollout_status` activity. Two writers act
+on a `pending` rollout whose workflow does not exist: the API's abort (`abort_unstarted`), and
+the reconcile, which marks `failed` (`WORKFLOW_START_FAILED`, `mark_start_refused`) a pending
+rollout whose workflow Temporal will never run (it is closed already). Progress without a
+status change (a batch issued, a sweep) is announced by `publish_rollout`.
+
+No transition leaves a terminal status (`TERMINAL_ROLLOUT_STATUSES`): `set_rollout_status`
+refuses it (returns False, logs a warning, writes nothing) and the workflow, told so by its
+activity (`UpdateRolloutStatusResult.status`), ends at once without issuing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -22,8 +29,12 @@ from services.audit import Actor, audit_scope
 from services.rollouts.counters import COUNTS_COLUMNS
 from services.rollouts.queries import as_dict, rollout_columns
 
+log = structlog.get_logger(__name__)
+
 # Who writes a status the workflow decided on its own (a gate, a stage's end).
 WORKFLOW = Actor(subject="workflow", role=None, source=AuditSource.SYSTEM)
+# A new rollout's `waitingFor` until its workflow writes its first status (`running`).
+WAITING_FOR_START = "its workflow to start"
 
 _WRITE = text(
     """
@@ -96,7 +107,8 @@ async def set_rollout_status(
     changed, publish its `rollout.updated` event and, for a transition of status or stage,
     the audit entry `action` (unless `audit_entry` is False: the API audited the operator's
     request itself). Returns whether it changed (False for a re-run of the same change:
-    idempotent).
+    idempotent; False too, with a warning and nothing written, for a transition out of a
+    terminal status: a finished rollout never runs again).
 
     `stage`/`stage_index` None keep the current ones. `started_at` is set on the first
     `running`, `finished_at` on a terminal status.
@@ -108,6 +120,16 @@ async def set_rollout_status(
         columns="status, status_reason, stage, stage_index, waiting_for, targets",
         for_update=True,
     )
+    if current.status != status and RolloutStatus(current.status) in TERMINAL_ROLLOUT_STATUSES:
+        log.warning(
+            "rollout.status_refused",
+            rollout_id=rollout_id,
+            current=current.status,
+            wanted=status,
+            action=action,
+            why="no transition out of a terminal status",
+        )
+        return False
     new_stage = current.stage if stage is None else stage
     new_index = current.stage_index if stage_index is None else stage_index
     wanted = (status, status_reason, new_stage, new_index, waiting_for)
@@ -149,16 +171,49 @@ async def set_rollout_status(
     return True
 
 
-async def mark_start_failed(session: AsyncSession, *, rollout_id: int, actor: Actor) -> None:
-    """The rollout is stored but its workflow could not be started: `failed`
-    (`WORKFLOW_START_FAILED`), audited as `rollout.start_failed` by the system on behalf of
-    the caller."""
-    await set_rollout_status(
+async def mark_start_refused(session: AsyncSession, *, rollout_id: int, why: str) -> bool:
+    """A `pending` rollout whose workflow Temporal will never run (its id is taken by a closed
+    workflow: id reuse policy REJECT_DUPLICATE): `failed` (`WORKFLOW_START_FAILED`), audited as
+    `rollout.start_failed` by the reconcile. Only from `pending` (the row is locked and checked
+    again): returns whether it wrote."""
+    current = await rollout_columns(
+        session, rollout_id=rollout_id, columns="status", for_update=True
+    )
+    if current.status != RolloutStatus.PENDING:
+        return False
+    return await set_rollout_status(
         session,
         rollout_id=rollout_id,
         status=RolloutStatus.FAILED,
         action="rollout.start_failed",
         status_reason=StatusReason.WORKFLOW_START_FAILED,
-        actor=Actor(actor.subject, actor.role, AuditSource.SYSTEM, actor.correlation_id),
+        actor=Actor("reconcile", None, AuditSource.SYSTEM),
+        reason=why[:500],
         result="error",
+    )
+
+
+async def abort_unstarted(
+    session: AsyncSession, *, rollout_id: int, actor: Actor, reason: str
+) -> bool:
+    """Abort a `pending` rollout whose workflow does not exist (its start is still to come):
+    `aborted` (`OPERATOR`), audited `rollout.aborted` by the operator, as the workflow would
+    write it. The row is locked and must still be `pending`: a workflow that started
+    meanwhile has written `running` first (then this returns False and the caller asks the
+    workflow instead), or it will find the row `aborted` and end at once. Returns whether it
+    aborted."""
+    current = await rollout_columns(
+        session, rollout_id=rollout_id, columns="status", for_update=True
+    )
+    if current.status != RolloutStatus.PENDING:
+        return False
+    return await set_rollout_status(
+        session,
+        rollout_id=rollout_id,
+        status=RolloutStatus.ABORTED,
+        action="rollout.aborted",
+        status_reason=StatusReason.OPERATOR,
+        waiting_for=None,
+        actor=actor,
+        reason=reason,
     )
