@@ -6,7 +6,10 @@ re-running a batch changes nothing (already offline vehicles are skipped).
 `record_reconcile_drift` is one transaction, idempotent by its run key.
 `recheck_completed_rollouts` notifies the blocked vehicles of completed rollouts whose last
 heartbeat now passes the rollout's checks (inside its window): one keyset pass per rollout,
-a transaction per batch; re-running it changes only what is still to change."""
+a transaction per batch; re-running it changes only what is still to change.
+`start_pending_rollouts` finishes the start of every `pending` rollout past the grace period
+whose workflow does not exist (through the Temporal client the worker injects), with the
+same start function and conflict policies as the API: re-running it starts nothing twice."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
+from temporalio.client import Client
 
 from activities.common import domain_failures, resumed_progress
+from core import temporal
 from core.db import session_scope
 from models.workflows import (
     MarkOfflineInput,
@@ -28,6 +33,9 @@ from models.workflows import (
     RecheckCompletedResult,
     RecordDriftInput,
     RecordDriftResult,
+    StartPendingInput,
+    StartPendingProgress,
+    StartPendingResult,
 )
 from services import reconcile as svc
 from services.fleet import refresh_fleet_counts
@@ -43,15 +51,83 @@ class ReconcileActivities:
     """Activities with their session factory injected:
     `Worker(activities=ReconcileActivities(sessions).all())`."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        client: Client | None = None,
+        task_queue: str = temporal.ROLLOUT_TASK_QUEUE,
+    ) -> None:
         self._sessions = sessions
+        # Starts pending rollouts' workflows on `task_queue` (the worker's own).
+        self._client = client
+        self._task_queue = task_queue
 
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.mark_offline_vehicles,
             self.record_reconcile_drift,
             self.recheck_completed_rollouts,
+            self.start_pending_rollouts,
         ]
+
+    @activity.defn(name="start_pending_rollouts")
+    @domain_failures
+    async def start_pending_rollouts(self, input: StartPendingInput) -> StartPendingResult:
+        """Start the workflow of every `pending` rollout created before
+        `input.created_before`, batch by batch (keyset on id, heartbeating the cursor):
+        no workflow under its id, started now (USE_EXISTING / REJECT_DUPLICATE, so a start
+        racing the API's is harmless); a running one, left alone (it writes `running` as soon
+        as a worker runs it); a closed one (Temporal will never run this id again), the
+        rollout is marked `failed` (`WORKFLOW_START_FAILED`). Temporal unreachable: the
+        attempt fails and is retried (the rollouts stay `pending`, nothing is lost)."""
+        if self._client is None:
+            raise RuntimeError("start_pending_rollouts needs a Temporal client")
+        progress = resumed_progress(StartPendingProgress)
+        pending = 0
+        while True:
+            async with session_scope(self._sessions) as session:
+                batch = await svc.pending_rollouts(
+                    session,
+                    created_before=input.created_before,
+                    after_id=progress.after_id,
+                    limit=input.batch_size,
+                )
+            for rollout in batch:
+                pending += 1
+                exists = await temporal.rollout_workflow_exists(self._client, rollout_id=rollout.id)
+                runs = exists is None and await temporal.start_rollout_workflow(
+                    self._client,
+                    rollout_id=rollout.id,
+                    release_version=rollout.release_version,
+                    correlation_id=rollout.correlation_id,
+                    created_by=rollout.created_by or "unknown",
+                    task_queue=self._task_queue,
+                )
+                if runs:
+                    progress.started += 1
+                    log.warning("reconcile.rollout_started", rollout_id=rollout.id)
+                elif exists:
+                    progress.running += 1
+                else:  # closed: the id is never reused (REJECT_DUPLICATE)
+                    async with session_scope(self._sessions) as session:
+                        refused = await rollout_status.mark_start_refused(
+                            session,
+                            rollout_id=rollout.id,
+                            why="its workflow id is held by a closed workflow",
+                        )
+                    progress.refused += int(refused)
+                    log.warning("reconcile.rollout_start_refused", rollout_id=rollout.id)
+                progress.after_id = rollout.id
+                activity.heartbeat(progress)
+            if len(batch) < input.batch_size:
+                break
+        return StartPendingResult(
+            pending=pending,
+            started=progress.started,
+            running=progress.running,
+            refused=progress.refused,
+        )
 
     @activity.defn(name="mark_offline_vehicles")
     @domain_failures
@@ -92,6 +168,9 @@ class ReconcileActivities:
                 run_key=input.run_key,
                 marked_offline=input.marked_offline,
                 cutoff=input.cutoff,
+                rechecked=input.rechecked,
+                started_rollouts=input.started_rollouts,
+                refused_rollouts=input.refused_rollouts,
             )
         # The fleet summary's materialization, refreshed once per run (after the offline
         # marking, so the counts include it); its own transaction, short lock on two tables.

@@ -26,6 +26,7 @@ from models.defaults import (
     DEFAULT_MIN_BATTERY_PERCENT,
     DEFAULT_OFFLINE_AFTER_SECONDS,
     DEFAULT_REQUIRE_STATIONARY,
+    DEFAULT_ROLLOUT_START_GRACE_SECONDS,
     DEFAULT_TELEMETRY_BATTERY_STEP,
     DEFAULT_TELEMETRY_MAX_BODY_BYTES,
     DEFAULT_TELEMETRY_REFRESH_SECONDS,
@@ -246,6 +247,13 @@ class Settings(BaseSettings):
     )
     reconcile_interval_seconds: int = Field(
         60, ge=5, le=86400, description="How often the reconcile Schedule runs."
+    )
+    rollout_start_grace_seconds: int = Field(
+        DEFAULT_ROLLOUT_START_GRACE_SECONDS,
+        ge=0,
+        le=86400,
+        description="A `pending` rollout older than this whose workflow does not exist is "
+        "started by the reconcile (the API's own start failed, timed out or never ran).",
     )
     # Telemetry ingestion (docs/telemetry.md).
     ingest_queue_max_items: int = Field(

@@ -17,6 +17,14 @@ All set-based, whatever the fleet size: no per-vehicle Python loop. Functions ta
 - Drift: a vehicle that has a desired release different from the one it runs (a vehicle with
   no desired release has nothing to drift from). Counted per (desired, actual, status, region,
   model, org); a NULL actual release is stored as ''.
+- Pending rollouts to start: a `pending` rollout created before the grace period whose
+  workflow does not exist (the API's start failed, timed out, or the API died between its
+  commit and the start) is started by the reconcile's activity (`core.temporal.
+  start_rollout_workflow`, USE_EXISTING / REJECT_DUPLICATE: a second start is harmless).
+  Read here batch by batch (`pending_rollouts`, keyset on id over the `(status, id)` index).
+- The audit entry `fleet.reconciled` is written only for a run that changed something:
+  vehicles marked offline, blocked vehicles notified, pending rollouts started (or marked
+  failed), or drift different from the previous run's (a quiet fleet adds no entry a minute).
 - Blocked vehicles of completed rollouts: a completed rollout keeps its `blocked` targets, and
   each is notified once a heartbeat passes that rollout's safety checks, inside its
   maintenance window (SPEC.md, Rollouts). The rollouts to look at are read here
@@ -164,6 +172,41 @@ async def mark_offline(
         after_key, after_id = batch.last_key, batch.last_id
 
 
+# --- Pending rollouts to start ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingRollout:
+    id: int
+    release_version: str
+    correlation_id: str | None
+    created_by: str | None
+
+
+async def pending_rollouts(
+    session: AsyncSession, *, created_before: datetime, after_id: int = 0, limit: int
+) -> list[PendingRollout]:
+    """The next `limit` `pending` rollouts after `after_id` (id order) created before
+    `created_before`: the `(status, id)` index, few rows (a pending rollout starts within
+    seconds)."""
+    rows = await (await session.connection()).execute(
+        text(
+            "SELECT id, release_version, correlation_id, created_by FROM rollouts"
+            " WHERE status = :pending AND id > :after AND created_at < :before"
+            " ORDER BY id LIMIT :n"
+        ),
+        {
+            "pending": RolloutStatus.PENDING.value,
+            "after": after_id,
+            "before": created_before,
+            "n": limit,
+        },
+    )
+    return [
+        PendingRollout(int(r.id), r.release_version, r.correlation_id, r.created_by) for r in rows
+    ]
+
+
 # --- Blocked vehicles of completed rollouts ----------------------------------------------
 
 
@@ -194,13 +237,18 @@ async def record_drift(
     marked_offline: int = 0,
     cutoff: datetime | None = None,
     correlation_id: str | None = None,
+    rechecked: int = 0,
+    started_rollouts: int = 0,
+    refused_rollouts: int = 0,
 ) -> RecordedRun:
     """Record one reconcile run and the fleet's drift, once per `run_key`.
 
     A second call with the same key (a retried activity) changes nothing and returns the run
     recorded the first time (`created=False`); a concurrent one waits on the unique key and
-    then does the same. Writes the audit entry `fleet.reconciled` and, when vehicles were
-    marked offline, one `fleet.summary` change-feed event.
+    then does the same. Writes the audit entry `fleet.reconciled` only when the run changed
+    something (vehicles marked offline, `rechecked` blocked vehicles notified, pending
+    rollouts started or refused, or drift other than the previous run's) and, when vehicles
+    were marked offline, one `fleet.summary` change-feed event.
     """
     conn = await session.connection()
     run_id = (
@@ -222,6 +270,9 @@ async def record_drift(
         "driftByStatus": by_status,
         "markedOffline": marked_offline,
         "offlineCutoff": cutoff.isoformat() if cutoff else None,
+        "rechecked": rechecked,
+        "startedRollouts": started_rollouts,
+        "refusedRollouts": refused_rollouts,
     }
     await conn.execute(
         text(
@@ -230,14 +281,23 @@ async def record_drift(
         ),
         {"drifted": drifted, "summary": json.dumps(summary), "run_id": run_id},
     )
-    await audit_log.record(
-        session,
-        actor=Actor(RECONCILE_ACTOR, None, AuditSource.SYSTEM, correlation_id or run_key),
-        action="fleet.reconciled",
-        target_type="fleet",
-        target_id=None,
-        payload={"runId": run_id, "runKey": run_key, **summary},
+    previous = (
+        await conn.execute(
+            text(
+                "SELECT summary FROM reconcile_runs WHERE id < :run_id"
+                " AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
+            ),
+            {"run_id": run_id},
+        )
+    ).scalar_one_or_none()
+    before = as_dict(previous)
+    drift_changed = (before.get("drifted", 0), before.get("driftByStatus", {})) != (
+        drifted,
+        by_status,
     )
+    changed = marked_offline or rechecked or started_rollouts or refused_rollouts
+    if changed or drift_changed:
+        await _audit_run(session, run_id, run_key, summary, correlation_id)
     if marked_offline:
         await change_feed.publish(
             session,
@@ -248,6 +308,24 @@ async def record_drift(
         )
     return RecordedRun(
         run_id=int(run_id), run_key=run_key, drifted=drifted, groups=groups, created=True
+    )
+
+
+async def _audit_run(
+    session: AsyncSession,
+    run_id: int,
+    run_key: str,
+    summary: dict[str, Any],
+    correlation_id: str | None,
+) -> None:
+    """The run's audit entry `fleet.reconciled` (a run that changed something)."""
+    await audit_log.record(
+        session,
+        actor=Actor(RECONCILE_ACTOR, None, AuditSource.SYSTEM, correlation_id or run_key),
+        action="fleet.reconciled",
+        target_type="fleet",
+        target_id=None,
+        payload={"runId": run_id, "runKey": run_key, **summary},
     )
 
 

@@ -53,7 +53,7 @@ def build_worker(
         workflows=[RolloutWorkflow, ReconcileWorkflow, RetentionWorkflow],
         activities=[
             *rollouts.all(),
-            *ReconcileActivities(sessions).all(),
+            *ReconcileActivities(sessions, client=client, task_queue=task_queue).all(),
             *RetentionActivities(sessions).all(),
         ],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,

@@ -3,6 +3,9 @@
 `motorcade-retention` runs `RetentionWorkflow` every MOTORCADE_RETENTION_INTERVAL_SECONDS
 (hourly), with the retention settings of the worker that last ensured it.
 
+(The reconcile run also starts `pending` rollouts whose workflow did not start, after
+MOTORCADE_ROLLOUT_START_GRACE_SECONDS: workflows/reconcile.py.)
+
 `ensure_*_schedule` creates a schedule, or updates it when it exists (a new interval or input
 after a deploy), keeping its state: a schedule an operator paused stays paused. Overlap
 policy SKIP: a slow run is never joined by a second one; catch-up is limited to one interval,
@@ -55,7 +58,10 @@ def reconcile_schedule(
     return Schedule(
         action=ScheduleActionStartWorkflow(
             RECONCILE_WORKFLOW_TYPE,
-            ReconcileInput(offline_after_seconds=settings.offline_after_seconds),
+            ReconcileInput(
+                offline_after_seconds=settings.offline_after_seconds,
+                start_grace_seconds=settings.rollout_start_grace_seconds,
+            ),
             id=workflow_id,
             task_queue=task_queue,
             execution_timeout=RECONCILE_RUN_TIMEOUT,
@@ -66,7 +72,8 @@ def reconcile_schedule(
             catchup_window=max(interval, timedelta(seconds=10)),
         ),
         state=ScheduleState(
-            note="Marks vehicles offline and records desired-vs-actual drift (Motorcade)."
+            note="Marks vehicles offline, starts pending rollouts whose workflow did not start,"
+            " and records desired-vs-actual drift (Motorcade)."
         ),
     )
 

@@ -7,8 +7,14 @@ checks (inside its maintenance window), then records the fleet's desired-vs-actu
 one reconcile run. The activities work in PostgreSQL and return counts; the history is a
 handful of events per run.
 
-The blocked re-check came later: runs started before it replay without it
-(`workflow.patched(BLOCKED_RECHECK_PATCH)`; tests/workflows/histories/reconcile/).
+Then it starts the workflow of every `pending` rollout older than `start_grace_seconds`
+(MOTORCADE_ROLLOUT_START_GRACE_SECONDS) whose workflow does not exist: the API's own start
+failed, timed out, or the API died between its commit and the start. The run's audit entry
+(`fleet.reconciled`) is written only when the run changed something.
+
+The blocked re-check and the pending start came later: runs started before them replay
+without them (`workflow.patched(BLOCKED_RECHECK_PATCH)`, `workflow.patched(
+START_PENDING_PATCH)`; tests/workflows/histories/reconcile/).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         ReconcileInput,
         ReconcileResult,
         RecordDriftInput,
+        StartPendingInput,
     )
 
 MARK_OFFLINE_TIMEOUT = timedelta(minutes=10)
@@ -35,6 +42,9 @@ RECORD_DRIFT_TIMEOUT = timedelta(minutes=5)
 RECHECK_BLOCKED_TIMEOUT = timedelta(minutes=10)
 RECHECK_BLOCKED_HEARTBEAT = timedelta(minutes=1)
 BLOCKED_RECHECK_PATCH = "reconcile-recheck-blocked-of-completed-rollouts"
+START_PENDING_PATCH = "reconcile-start-pending-rollouts"
+START_PENDING_TIMEOUT = timedelta(minutes=5)
+START_PENDING_HEARTBEAT = timedelta(minutes=1)
 # Its activities are retried less long than a rollout's (workflows/steps.py): the next
 # scheduled run comes within minutes anyway.
 RECONCILE_RETRY = RetryPolicy(
@@ -68,9 +78,10 @@ class ReconcileWorkflow:
             heartbeat_timeout=MARK_OFFLINE_HEARTBEAT,
             retry_policy=RECONCILE_RETRY,
         )
+        rechecked = started = refused = 0
         if workflow.patched(BLOCKED_RECHECK_PATCH):
             workflow.set_current_details("re-checking the blocked vehicles of completed rollouts")
-            await workflow.execute_activity_method(
+            recheck = await workflow.execute_activity_method(
                 ReconcileActivities.recheck_completed_rollouts,
                 RecheckCompletedInput(
                     now=workflow.now(),
@@ -80,10 +91,29 @@ class ReconcileWorkflow:
                 heartbeat_timeout=RECHECK_BLOCKED_HEARTBEAT,
                 retry_policy=RECONCILE_RETRY,
             )
+            rechecked = recheck.changed
+        if workflow.patched(START_PENDING_PATCH):
+            grace = timedelta(seconds=input.start_grace_seconds)
+            workflow.set_current_details("starting pending rollouts whose workflow did not start")
+            pending = await workflow.execute_activity_method(
+                ReconcileActivities.start_pending_rollouts,
+                StartPendingInput(created_before=workflow.now() - grace),
+                start_to_close_timeout=START_PENDING_TIMEOUT,
+                heartbeat_timeout=START_PENDING_HEARTBEAT,
+                retry_policy=RECONCILE_RETRY,
+            )
+            started, refused = pending.started, pending.refused
         workflow.set_current_details(f"recording drift ({offline.marked} marked offline)")
         drift = await workflow.execute_activity_method(
             ReconcileActivities.record_reconcile_drift,
-            RecordDriftInput(run_key=run_key, marked_offline=offline.marked, cutoff=cutoff),
+            RecordDriftInput(
+                run_key=run_key,
+                marked_offline=offline.marked,
+                cutoff=cutoff,
+                rechecked=rechecked,
+                started_rollouts=started,
+                refused_rollouts=refused,
+            ),
             start_to_close_timeout=RECORD_DRIFT_TIMEOUT,
             retry_policy=RECONCILE_RETRY,
         )

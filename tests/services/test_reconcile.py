@@ -217,3 +217,33 @@ async def test_latest_report_and_health_respect_the_scope(session: AsyncSession)
     ]
     r1 = await svc.fleet_health(session, scope=Scope(regions=(prefix + "r2",)))
     assert r1.total == 2 and r1.by_status["blocked"] == 2
+
+
+async def test_a_run_that_changed_nothing_writes_no_audit_entry(session: AsyncSession) -> None:
+    """The reconcile's audit entry says what a run changed: a run with nothing marked
+    offline, nothing re-checked, no rollout started and the same drift as the run before it
+    writes none (it still records its run); one that started a pending rollout writes one."""
+    conn = await session.connection()
+    prefix = unique_prefix("quiet")
+    first = await svc.record_drift(session, run_key=f"{prefix}-1")
+    quiet = await svc.record_drift(session, run_key=f"{prefix}-2")
+    assert quiet.created and quiet.drifted == first.drifted
+    started = await svc.record_drift(session, run_key=f"{prefix}-3", started_rollouts=1)
+
+    async def entries(run_key: str) -> list[Any]:
+        rows = await conn.execute(
+            text(
+                "SELECT payload FROM audit_log WHERE action = 'fleet.reconciled'"
+                " AND correlation_id = :k"
+            ),
+            {"k": run_key},
+        )
+        return [r.payload for r in rows]
+
+    assert await entries(f"{prefix}-2") == []
+    [entry] = await entries(f"{prefix}-3")
+    assert entry["runId"] == started.run_id and entry["startedRollouts"] == 1
+    # Drift that moved is a change too.
+    await add_vehicles(conn, prefix=prefix, tag="D", count=2, last_seen_at=CUTOFF, desired="9.9")
+    await svc.record_drift(session, run_key=f"{prefix}-4")
+    assert len(await entries(f"{prefix}-4")) == 1

@@ -57,7 +57,13 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
     async with build_worker(time_skipping_env.client, sessions, task_queue=task_queue):
         result = await time_skipping_env.client.execute_workflow(
             RECONCILE_WORKFLOW_TYPE,
-            ReconcileInput(offline_after_seconds=offline_after, batch_size=5),
+            # The same horizon for the pending-rollout start: the shared database's pending
+            # rollouts belong to other tests (tests/api/test_rollout_start.py starts them).
+            ReconcileInput(
+                offline_after_seconds=offline_after,
+                batch_size=5,
+                start_grace_seconds=offline_after,
+            ),
             id=workflow_id,
             task_queue=task_queue,
             result_type=ReconcileResult,
@@ -67,7 +73,7 @@ async def test_reconcile_workflow_marks_offline_and_records_a_run(
     if os.environ.get("MOTORCADE_RECORD_HISTORIES"):
         handle = time_skipping_env.client.get_workflow_handle(workflow_id)
         history = await handle.fetch_history()
-        (HISTORIES / "reconcile_with_blocked_recheck.json").write_text(history.to_json())
+        (HISTORIES / "reconcile_with_pending_start.json").write_text(history.to_json())
     async with sessions() as session:
         conn = await session.connection()
         got = await statuses(conn, prefix)
