@@ -351,7 +351,7 @@ async def _control(
                 log.info("rollout.aborted_before_start", rollout_id=rollout_id)
                 answer = ControlResult(action="abort", status=RolloutStatus.ABORTED, paused=False)
             else:  # its workflow started meanwhile (the row is no longer pending): ask it
-                await session.rollback()
+                await session.commit()  # nothing written: ends the row lock, keeps `rollout`
                 answer = await temporal.control_rollout(
                     lambda: get_temporal(request),
                     rollout_id=rollout_id,

@@ -23,6 +23,7 @@ from services import idempotency as service
 from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
+from tests.api.test_rollout_control import create_rollout
 from tests.factories import Sessions, insert_signed_release, insert_vehicles
 
 URL = "/api/v1/desired-states"
@@ -299,20 +300,28 @@ async def test_a_5xx_is_not_stored(
     http: httpx.AsyncClient,
     operator: dict,
     database_url: str,
-    fleet: tuple[str, list[str]],
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    rollout_worker: None,
 ) -> None:
-    """A rollout whose workflow cannot start answers 503: the key is released, so the
-    client's retry runs again instead of replaying the failure."""
-    release, ids = fleet
+    """A control whose workflow cannot be reached (Temporal unreachable from that replica)
+    answers 503: the key is released, so the client's retry runs again instead of replaying
+    the failure. (`POST /rollouts` no longer answers 503 for Temporal: the rollout stays
+    pending and starts later, tests/api/test_rollout_start.py.)"""
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
     key = str(uuid.uuid4())
-    body = rollout_body(release, targets={"vehicleIds": ids})
+    pause = {"reason": "investigating"}
     down = api_settings.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
     async with serve_app(down) as url, httpx.AsyncClient(base_url=url, timeout=30) as other:
-        response = await other.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
+        response = await other.post(
+            f"/api/v1/rollouts/{rid}/pause", headers=keyed(operator, key), json=pause
+        )
     assert_error(response, 503, "UNAVAILABLE")
     assert key_row(database_url, "dev-operator", key) is None
-    retry = await http.post("/api/v1/rollouts", headers=keyed(operator, key), json=body)
-    assert retry.status_code == 201, retry.text
+    retry = await http.post(
+        f"/api/v1/rollouts/{rid}/pause", headers=keyed(operator, key), json=pause
+    )
+    assert retry.status_code == 202, retry.text
     assert "idempotent-replayed" not in retry.headers
 
 

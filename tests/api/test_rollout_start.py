@@ -281,6 +281,29 @@ async def test_abort_of_a_pending_rollout_without_workflow(
         await terminate(own_stack.client, rid)
 
 
+async def test_abort_of_a_running_rollout_whose_workflow_is_gone_is_a_409(
+    own_stack: OwnStack, operator: dict, signing_key: Ed25519PrivateKey
+) -> None:
+    """The row says `running` but no workflow exists (terminated by hand, or it closed a
+    moment before): the API does not write the abort itself (only a `pending` row), asks the
+    workflow once more and answers 409, audited; never a 500."""
+    body = fleet(own_stack.database_url, signing_key)
+    async with app_at(own_stack.settings, temporal_address=f"127.0.0.1:{free_port()}") as http:
+        created = await http.post("/api/v1/rollouts", headers=operator, json=body)
+        assert created.status_code == 201, created.text
+        rid = created.json()["data"]["id"]
+    with psycopg.connect(own_stack.database_url) as conn:
+        conn.execute("UPDATE rollouts SET status = 'running' WHERE id = %s", (rid,))
+    async with app_at(own_stack.settings) as http:
+        aborted = await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "gone"}
+        )
+    assert aborted.status_code == 409, aborted.text
+    assert aborted.json()["error"]["code"] == "INVALID_STATE_TRANSITION"
+    assert own_stack.row(rid)["status"] == "running"
+    assert len(audit_rows(own_stack.database_url, rid, "rollout.abort_rejected")) == 1
+
+
 async def test_a_control_retried_with_the_same_idempotency_key_is_applied_once(
     http: httpx.AsyncClient,
     operator: dict,
