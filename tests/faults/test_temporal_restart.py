@@ -3,9 +3,9 @@ started again on the same database file.
 
 While it is down: the API's `/readyz` says 503, telemetry still answers `202` (ingest needs
 only PostgreSQL), and a second rollout is created (`POST /rollouts` with an Idempotency-Key).
-The contract for that create is "never stuck, never doubled": it answers 503 (then the
-client's retry with the same key, once Temporal is back, creates it) or 201 `pending` (and
-it starts later, by itself). Afterwards:
+The contract for that create is "never stuck, never doubled": it answers 201 with the rollout
+`pending` (`metadata.workflowStart: "pending"`), and the reconcile starts its workflow once
+Temporal is back (after MOTORCADE_ROLLOUT_START_GRACE_SECONDS). Afterwards:
 - the baking rollout resumes (its durable bake timer fires), issues its wave and completes,
   every target notified once;
 - no rollout is left `pending`; each rollout row has exactly one workflow, except a `failed`
@@ -20,7 +20,6 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-import httpx
 import pytest
 from temporalio.client import Client
 
@@ -108,26 +107,22 @@ def test_temporal_stopped_mid_bake_resumes_and_starts_nothing_twice(cluster: Clu
         body_b = rollout_body(REGION_B, release=release, canary=5, name="created during outage")
         with timed() as took:
             during = create_rollout(api, cluster, body_b, **{"Idempotency-Key": key})
-        assert during.status_code in (201, 503), during.text
-        if during.status_code == 201:
-            assert during.json()["data"]["status"] == "pending", during.text
-        else:
-            assert during.json()["error"]["code"] == "UNAVAILABLE", during.text
+        assert during.status_code == 201, during.text
+        assert during.json()["data"]["status"] == "pending", during.text
+        assert during.json()["metadata"]["workflowStart"] == "pending", during.text
+        rid_b = int(during.json()["data"]["id"])
+        # The same request again under its key is the same rollout, not a second one.
+        again = create_rollout(api, cluster, body_b, **{"Idempotency-Key": key})
+        assert again.status_code == 201 and int(again.json()["data"]["id"]) == rid_b, again.text
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
         cluster.start_temporal()
         back = time.monotonic()
-
-        # A 503 is retried with the same key once Temporal is back; a 201 is left alone.
-        if during.status_code == 503:
-            retried = wait_until(
-                lambda: _created(create_rollout(api, cluster, body_b, **{"Idempotency-Key": key})),
-                within=60,
-                every=1,
-                what="the create retried after the outage",
-            )
-            rid_b = int(retried["id"])
-        else:
-            rid_b = int(during.json()["data"]["id"])
+        wait_until(
+            lambda: rollout(api, cluster, rid_b)["status"] != "pending",
+            within=120,
+            what="the rollout created during the outage started by the reconcile",
+        )
+        started_b = time.monotonic() - back
         wait_until(
             lambda: cluster.one(
                 "SELECT count(*) FROM rollout_targets WHERE rollout_id = %s AND stage = 1"
@@ -144,8 +139,9 @@ def test_temporal_stopped_mid_bake_resumes_and_starts_nothing_twice(cluster: Clu
         assert api.get("/readyz").status_code == 200
     print(
         f"outage: readyz {ready.status_code}, telemetry {beat.status_code}, create "
-        f"{during.status_code} in {took[0]:.1f} s; the bake resumed and the wave issued "
-        f"{resumed:.1f} s after Temporal was back; rollouts {rollouts}"
+        f"{during.status_code} pending in {took[0]:.1f} s, started {started_b:.1f} s after "
+        f"Temporal was back; the bake resumed and the wave issued {resumed:.1f} s after "
+        f"Temporal was back; rollouts {rollouts}"
     )
     assert ready.status_code == 503, ready.text
     assert read["status"] == "running", read
@@ -181,13 +177,6 @@ def test_temporal_stopped_mid_bake_resumes_and_starts_nothing_twice(cluster: Clu
         )
         == 50
     )
-
-
-def _created(response: httpx.Response) -> dict[str, object] | None:
-    if response.status_code == 201:
-        return dict(response.json()["data"])
-    assert response.status_code == 503, response.text
-    return None
 
 
 def _now() -> str:
