@@ -54,27 +54,18 @@ def reconcile_schedule(
     """The reconcile schedule. Temporal appends each slot's time to `workflow_id`, so every run
     has a distinct workflow id (the run's idempotency key). The interval defaults to
     MOTORCADE_RECONCILE_INTERVAL_SECONDS."""
-    interval = interval or timedelta(seconds=settings.reconcile_interval_seconds)
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            RECONCILE_WORKFLOW_TYPE,
-            ReconcileInput(
-                offline_after_seconds=settings.offline_after_seconds,
-                start_grace_seconds=settings.rollout_start_grace_seconds,
-            ),
-            id=workflow_id,
-            task_queue=task_queue,
-            execution_timeout=RECONCILE_RUN_TIMEOUT,
+    return _schedule(
+        RECONCILE_WORKFLOW_TYPE,
+        ReconcileInput(
+            offline_after_seconds=settings.offline_after_seconds,
+            start_grace_seconds=settings.rollout_start_grace_seconds,
         ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
-        policy=SchedulePolicy(
-            overlap=ScheduleOverlapPolicy.SKIP,
-            catchup_window=max(interval, timedelta(seconds=10)),
-        ),
-        state=ScheduleState(
-            note="Marks vehicles offline, starts pending rollouts whose workflow did not start,"
-            " and records desired-vs-actual drift (Motorcade)."
-        ),
+        workflow_id=workflow_id,
+        task_queue=task_queue,
+        execution_timeout=RECONCILE_RUN_TIMEOUT,
+        interval=interval or timedelta(seconds=settings.reconcile_interval_seconds),
+        note="Marks vehicles offline, starts pending rollouts whose workflow did not start,"
+        " and records desired-vs-actual drift (Motorcade).",
     )
 
 
@@ -87,11 +78,10 @@ async def ensure_reconcile_schedule(
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> None:
     """Create the reconcile schedule, or bring an existing one up to date (idempotent)."""
-    interval = interval or timedelta(seconds=settings.reconcile_interval_seconds)
     desired = reconcile_schedule(
         settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
     )
-    await _ensure(client, schedule_id, desired, interval)
+    await _ensure(client, schedule_id, desired)
 
 
 def retention_schedule(
@@ -103,28 +93,19 @@ def retention_schedule(
 ) -> Schedule:
     """The retention schedule: every MOTORCADE_RETENTION_INTERVAL_SECONDS, the retention
     settings as its workflow's input."""
-    interval = interval or timedelta(seconds=settings.retention_interval_seconds)
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            RETENTION_WORKFLOW_TYPE,
-            RetentionInput(
-                change_feed_hours=settings.change_feed_retention_hours,
-                timeline_days=settings.timeline_retention_days,
-                audit_days=settings.audit_retention_days,
-            ),
-            id=workflow_id,
-            task_queue=task_queue,
-            execution_timeout=RETENTION_RUN_TIMEOUT,
+    return _schedule(
+        RETENTION_WORKFLOW_TYPE,
+        RetentionInput(
+            change_feed_hours=settings.change_feed_retention_hours,
+            timeline_days=settings.timeline_retention_days,
+            audit_days=settings.audit_retention_days,
         ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
-        policy=SchedulePolicy(
-            overlap=ScheduleOverlapPolicy.SKIP,
-            catchup_window=max(interval, timedelta(seconds=10)),
-        ),
-        state=ScheduleState(
-            note="Deletes change-feed rows, timeline events and audit entries past their "
-            "retention (Motorcade)."
-        ),
+        workflow_id=workflow_id,
+        task_queue=task_queue,
+        execution_timeout=RETENTION_RUN_TIMEOUT,
+        interval=interval or timedelta(seconds=settings.retention_interval_seconds),
+        note="Deletes change-feed rows, timeline events and audit entries past their "
+        "retention (Motorcade).",
     )
 
 
@@ -137,14 +118,42 @@ async def ensure_retention_schedule(
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> None:
     """Create the retention schedule, or bring an existing one up to date (idempotent)."""
-    interval = interval or timedelta(seconds=settings.retention_interval_seconds)
     desired = retention_schedule(
         settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
     )
-    await _ensure(client, schedule_id, desired, interval)
+    await _ensure(client, schedule_id, desired)
 
 
-async def _ensure(client: Client, schedule_id: str, desired: Schedule, interval: timedelta) -> None:
+def _schedule(
+    workflow_type: str,
+    arg: object,
+    *,
+    workflow_id: str,
+    task_queue: str,
+    execution_timeout: timedelta,
+    interval: timedelta,
+    note: str,
+) -> Schedule:
+    """One workflow every `interval`, overlap SKIP, catch-up of one interval (10 s at least)."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            workflow_type,
+            arg,
+            id=workflow_id,
+            task_queue=task_queue,
+            execution_timeout=execution_timeout,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=max(interval, timedelta(seconds=10)),
+        ),
+        state=ScheduleState(note=note),
+    )
+
+
+async def _ensure(client: Client, schedule_id: str, desired: Schedule) -> None:
+    interval = desired.spec.intervals[0].every
     try:
         await client.create_schedule(schedule_id, desired)
         log.info("schedule.created", schedule_id=schedule_id, every=interval.total_seconds())
