@@ -9,7 +9,8 @@ is past the cutoff now."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -22,6 +23,13 @@ from models.workflows import PurgeInput, PurgeProgress, PurgeResult
 from services import audit, retention
 
 log = structlog.get_logger(__name__)
+
+
+class PurgeBatch(Protocol):
+    """`services.retention.purge_change_feed_batch`, `services.audit.purge_batch`: deletes up
+    to `batch` rows older than `cutoff`, returns how many it deleted."""
+
+    async def __call__(self, session: AsyncSession, *, cutoff: datetime, batch: int) -> int: ...
 
 
 class RetentionActivities:
@@ -37,19 +45,7 @@ class RetentionActivities:
     @activity.defn(name="purge_change_feed")
     @domain_failures
     async def purge_change_feed(self, input: PurgeInput) -> PurgeResult:
-        progress = resumed_progress(PurgeProgress)
-        while progress.batches < input.max_batches:
-            async with session_scope(self._sessions) as session:
-                deleted = await retention.purge_change_feed_batch(
-                    session, cutoff=input.cutoff, batch=input.batch_size
-                )
-            progress = PurgeProgress(
-                deleted=progress.deleted + deleted, batches=progress.batches + 1
-            )
-            activity.heartbeat(progress)
-            if deleted < input.batch_size:
-                return self._done("change_feed", input, progress, done=True)
-        return self._done("change_feed", input, progress, done=False)
+        return await self._purge("change_feed", input, retention.purge_change_feed_batch)
 
     @activity.defn(name="purge_timeline")
     @domain_failures
@@ -78,19 +74,21 @@ class RetentionActivities:
     @activity.defn(name="purge_audit_log")
     @domain_failures
     async def purge_audit_log(self, input: PurgeInput) -> PurgeResult:
+        return await self._purge("audit_log", input, audit.purge_batch)
+
+    async def _purge(self, what: str, input: PurgeInput, purge_batch: PurgeBatch) -> PurgeResult:
+        """Purge one table batch by batch until a short batch (done) or `max_batches`."""
         progress = resumed_progress(PurgeProgress)
         while progress.batches < input.max_batches:
             async with session_scope(self._sessions) as session:
-                deleted = await audit.purge_batch(
-                    session, cutoff=input.cutoff, batch=input.batch_size
-                )
+                deleted = await purge_batch(session, cutoff=input.cutoff, batch=input.batch_size)
             progress = PurgeProgress(
                 deleted=progress.deleted + deleted, batches=progress.batches + 1
             )
             activity.heartbeat(progress)
             if deleted < input.batch_size:
-                return self._done("audit_log", input, progress, done=True)
-        return self._done("audit_log", input, progress, done=False)
+                return self._done(what, input, progress, done=True)
+        return self._done(what, input, progress, done=False)
 
     @staticmethod
     def _done(what: str, input: PurgeInput, progress: PurgeProgress, *, done: bool) -> PurgeResult:
