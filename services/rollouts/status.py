@@ -176,12 +176,7 @@ async def mark_start_refused(session: AsyncSession, *, rollout_id: int, why: str
     workflow: id reuse policy REJECT_DUPLICATE): `failed` (`WORKFLOW_START_FAILED`), audited as
     `rollout.start_failed` by the reconcile. Only from `pending` (the row is locked and checked
     again): returns whether it wrote."""
-    current = await rollout_columns(
-        session, rollout_id=rollout_id, columns="status", for_update=True
-    )
-    if current.status != RolloutStatus.PENDING:
-        return False
-    return await set_rollout_status(
+    return await _leave_pending(
         session,
         rollout_id=rollout_id,
         status=RolloutStatus.FAILED,
@@ -202,6 +197,30 @@ async def abort_unstarted(
     meanwhile has written `running` first (then this returns False and the caller asks the
     workflow instead), or it will find the row `aborted` and end at once. Returns whether it
     aborted."""
+    return await _leave_pending(
+        session,
+        rollout_id=rollout_id,
+        status=RolloutStatus.ABORTED,
+        action="rollout.aborted",
+        status_reason=StatusReason.OPERATOR,
+        actor=actor,
+        reason=reason,
+    )
+
+
+async def _leave_pending(
+    session: AsyncSession,
+    *,
+    rollout_id: int,
+    status: RolloutStatus,
+    action: str,
+    status_reason: StatusReason,
+    actor: Actor,
+    reason: str,
+    result: str = "ok",
+) -> bool:
+    """`set_rollout_status` on a rollout still `pending` (its row locked and checked first);
+    False, nothing written, when it has left `pending` meanwhile."""
     current = await rollout_columns(
         session, rollout_id=rollout_id, columns="status", for_update=True
     )
@@ -210,10 +229,11 @@ async def abort_unstarted(
     return await set_rollout_status(
         session,
         rollout_id=rollout_id,
-        status=RolloutStatus.ABORTED,
-        action="rollout.aborted",
-        status_reason=StatusReason.OPERATOR,
+        status=status,
+        action=action,
+        status_reason=status_reason,
         waiting_for=None,
         actor=actor,
         reason=reason,
+        result=result,
     )
