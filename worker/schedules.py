@@ -44,31 +44,6 @@ RETENTION_SCHEDULE_ID = "motorcade-retention"
 RETENTION_RUN_TIMEOUT = timedelta(hours=2)
 
 
-def reconcile_schedule(
-    settings: Settings,
-    *,
-    interval: timedelta | None = None,
-    task_queue: str = ROLLOUT_TASK_QUEUE,
-    workflow_id: str = RECONCILE_SCHEDULE_ID,
-) -> Schedule:
-    """The reconcile schedule. Temporal appends each slot's time to `workflow_id`, so every run
-    has a distinct workflow id (the run's idempotency key). The interval defaults to
-    MOTORCADE_RECONCILE_INTERVAL_SECONDS."""
-    return _schedule(
-        RECONCILE_WORKFLOW_TYPE,
-        ReconcileInput(
-            offline_after_seconds=settings.offline_after_seconds,
-            start_grace_seconds=settings.rollout_start_grace_seconds,
-        ),
-        workflow_id=workflow_id,
-        task_queue=task_queue,
-        execution_timeout=RECONCILE_RUN_TIMEOUT,
-        interval=interval or timedelta(seconds=settings.reconcile_interval_seconds),
-        note="Marks vehicles offline, starts pending rollouts whose workflow did not start,"
-        " and records desired-vs-actual drift (Motorcade).",
-    )
-
-
 async def ensure_reconcile_schedule(
     client: Client,
     settings: Settings,
@@ -77,35 +52,26 @@ async def ensure_reconcile_schedule(
     interval: timedelta | None = None,
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> None:
-    """Create the reconcile schedule, or bring an existing one up to date (idempotent)."""
-    desired = reconcile_schedule(
-        settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
-    )
-    await _ensure(client, schedule_id, desired)
-
-
-def retention_schedule(
-    settings: Settings,
-    *,
-    interval: timedelta | None = None,
-    task_queue: str = ROLLOUT_TASK_QUEUE,
-    workflow_id: str = RETENTION_SCHEDULE_ID,
-) -> Schedule:
-    """The retention schedule: every MOTORCADE_RETENTION_INTERVAL_SECONDS, the retention
-    settings as its workflow's input."""
-    return _schedule(
-        RETENTION_WORKFLOW_TYPE,
-        RetentionInput(
-            change_feed_hours=settings.change_feed_retention_hours,
-            timeline_days=settings.timeline_retention_days,
-            audit_days=settings.audit_retention_days,
+    """Create the reconcile schedule, or bring an existing one up to date (idempotent).
+    Temporal appends each slot's time to `schedule_id` for the run's workflow id, so every run
+    has a distinct workflow id (the run's idempotency key). The interval defaults to
+    MOTORCADE_RECONCILE_INTERVAL_SECONDS."""
+    await _ensure(
+        client,
+        schedule_id,
+        _schedule(
+            RECONCILE_WORKFLOW_TYPE,
+            ReconcileInput(
+                offline_after_seconds=settings.offline_after_seconds,
+                start_grace_seconds=settings.rollout_start_grace_seconds,
+            ),
+            workflow_id=schedule_id,
+            task_queue=task_queue,
+            execution_timeout=RECONCILE_RUN_TIMEOUT,
+            interval=interval or timedelta(seconds=settings.reconcile_interval_seconds),
+            note="Marks vehicles offline, starts pending rollouts whose workflow did not start,"
+            " and records desired-vs-actual drift (Motorcade).",
         ),
-        workflow_id=workflow_id,
-        task_queue=task_queue,
-        execution_timeout=RETENTION_RUN_TIMEOUT,
-        interval=interval or timedelta(seconds=settings.retention_interval_seconds),
-        note="Deletes change-feed rows, timeline events and audit entries past their "
-        "retention (Motorcade).",
     )
 
 
@@ -117,11 +83,26 @@ async def ensure_retention_schedule(
     interval: timedelta | None = None,
     task_queue: str = ROLLOUT_TASK_QUEUE,
 ) -> None:
-    """Create the retention schedule, or bring an existing one up to date (idempotent)."""
-    desired = retention_schedule(
-        settings, interval=interval, task_queue=task_queue, workflow_id=schedule_id
+    """Create the retention schedule, or bring an existing one up to date (idempotent): every
+    MOTORCADE_RETENTION_INTERVAL_SECONDS, the retention settings as its workflow's input."""
+    await _ensure(
+        client,
+        schedule_id,
+        _schedule(
+            RETENTION_WORKFLOW_TYPE,
+            RetentionInput(
+                change_feed_hours=settings.change_feed_retention_hours,
+                timeline_days=settings.timeline_retention_days,
+                audit_days=settings.audit_retention_days,
+            ),
+            workflow_id=schedule_id,
+            task_queue=task_queue,
+            execution_timeout=RETENTION_RUN_TIMEOUT,
+            interval=interval or timedelta(seconds=settings.retention_interval_seconds),
+            note="Deletes change-feed rows, timeline events and audit entries past their "
+            "retention (Motorcade).",
+        ),
     )
-    await _ensure(client, schedule_id, desired)
 
 
 def _schedule(
