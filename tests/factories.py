@@ -338,3 +338,40 @@ def insert_release(database_url: str, version: str) -> None:
     """An unsigned release (see `_INSERT_RELEASE`)."""
     with psycopg.connect(database_url) as conn:
         conn.execute(_INSERT_RELEASE, _release_row(version))
+
+
+def desired_states_issued(database_url: str, release: str, ids: list[str]) -> tuple[int, int]:
+    """(desired states for vehicles `ids`, audit entries `desired_states.created` of
+    `release`): what a POST /desired-states did."""
+    with psycopg.connect(database_url) as conn:
+        states = conn.execute(
+            "SELECT count(*) FROM desired_states WHERE vehicle_id = ANY(%s)", (ids,)
+        ).fetchone()
+        audited = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'desired_states.created'"
+            " AND target_id = %s",
+            (release,),
+        ).fetchone()
+    assert states is not None and audited is not None
+    return int(states[0]), int(audited[0])
+
+
+def assert_stored_exactly_once(
+    database_url: str, prefix: str, acked: list[tuple[str, str]]
+) -> None:
+    """Every acknowledged event (vehicle id, event id) is stored once, and nothing else of the
+    test's vehicles (ids starting with `prefix`) is."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(DISTINCT (te.vehicle_id, te.event_id))"
+            " FROM unnest(%s::text[], %s::uuid[]) AS acked(vehicle_id, event_id)"
+            " JOIN timeline_events te"
+            "   ON te.vehicle_id = acked.vehicle_id AND te.event_id = acked.event_id",
+            ([vehicle_id for vehicle_id, _ in acked], [event_id for _, event_id in acked]),
+        ).fetchone()
+        total = conn.execute(
+            "SELECT count(*) FROM timeline_events WHERE vehicle_id LIKE %s", (prefix + "%",)
+        ).fetchone()
+    assert len(set(acked)) == len(acked)  # no event acknowledged twice
+    assert rows == (len(acked), len(acked))  # every acknowledged event, exactly once
+    assert total == (len(acked),)  # and nothing else

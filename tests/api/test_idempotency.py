@@ -24,7 +24,12 @@ from tests.api.conftest import bearer, serve_app
 from tests.api.test_envelopes import assert_error
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import create_rollout
-from tests.factories import Sessions, insert_signed_release, insert_vehicles
+from tests.factories import (
+    Sessions,
+    desired_states_issued,
+    insert_signed_release,
+    insert_vehicles,
+)
 
 URL = "/api/v1/desired-states"
 
@@ -35,21 +40,6 @@ def ds_body(release: str, ids: list[str], reason: str = "hotfix") -> dict[str, A
 
 def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
     return {**headers, "Idempotency-Key": key}
-
-
-def counts(database_url: str, release: str, ids: list[str]) -> tuple[int, int]:
-    """(desired states for these vehicles, audit entries `desired_states.created`) of a test."""
-    with psycopg.connect(database_url) as conn:
-        states = conn.execute(
-            "SELECT count(*) FROM desired_states WHERE vehicle_id = ANY(%s)", (ids,)
-        ).fetchone()
-        audit = conn.execute(
-            "SELECT count(*) FROM audit_log WHERE action = 'desired_states.created'"
-            " AND target_id = %s",
-            (release,),
-        ).fetchone()
-    assert states is not None and audit is not None
-    return int(states[0]), int(audit[0])
 
 
 def key_row(database_url: str, caller: str, key: str) -> tuple | None:
@@ -78,7 +68,7 @@ async def test_replay_returns_the_first_response_and_writes_once(
     first = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
     assert first.status_code == 201, first.text
     assert "idempotent-replayed" not in first.headers
-    assert counts(database_url, release, ids) == (3, 1)
+    assert desired_states_issued(database_url, release, ids) == (3, 1)
 
     # The same request (keys in another order: the same JSON) under the same key.
     reordered = dict(reversed(list(ds_body(release, ids).items())))
@@ -88,7 +78,8 @@ async def test_replay_returns_the_first_response_and_writes_once(
     assert again.json() == first.json()  # the original body, its request id included
     assert again.headers["content-type"] == first.headers["content-type"]
     assert again.headers["x-request-id"] != first.headers["x-request-id"]
-    assert counts(database_url, release, ids) == (3, 1)  # no second write, no second audit
+    # no second write, no second audit
+    assert desired_states_issued(database_url, release, ids) == (3, 1)
 
     row = key_row(database_url, "dev-operator", key)
     assert row is not None
@@ -99,7 +90,7 @@ async def test_replay_returns_the_first_response_and_writes_once(
     # Without a key, the same request is simply done again.
     plain = await http.post(URL, headers=operator, json=ds_body(release, ids))
     assert plain.status_code == 201 and "idempotent-replayed" not in plain.headers
-    assert counts(database_url, release, ids) == (6, 2)
+    assert desired_states_issued(database_url, release, ids) == (6, 2)
 
 
 async def test_a_validation_failure_is_not_stored(
@@ -164,7 +155,7 @@ async def test_same_key_with_another_body_is_a_mismatch(
         "/api/v1/rollouts?dryRun=true", headers=keyed(operator, key), json=ds_body(release, ids)
     )
     assert_error(dry, 422, "IDEMPOTENCY_KEY_MISMATCH")
-    assert counts(database_url, release, ids) == (3, 1)
+    assert desired_states_issued(database_url, release, ids) == (3, 1)
 
 
 async def test_a_concurrent_duplicate_is_in_use(
@@ -199,7 +190,7 @@ async def test_a_concurrent_duplicate_is_in_use(
     assert response.status_code == 201, response.text
     replay = await http.post(URL, headers=keyed(operator, key), json=ds_body(release, ids))
     assert replay.status_code == 201 and replay.json() == response.json()
-    assert counts(database_url, release, ids) == (3, 1)
+    assert desired_states_issued(database_url, release, ids) == (3, 1)
 
 
 async def test_keys_are_scoped_to_the_caller(
@@ -221,7 +212,7 @@ async def test_keys_are_scoped_to_the_caller(
     assert theirs.status_code == 201, theirs.text
     assert "idempotent-replayed" not in theirs.headers
     assert theirs.json()["data"]["count"] == 1
-    assert counts(database_url, release, ids) == (4, 2)
+    assert desired_states_issued(database_url, release, ids) == (4, 2)
     assert key_row(database_url, f"alice-{key}", key) is not None
 
 

@@ -21,7 +21,7 @@ import pytest
 from devtools.localservers import free_port, start_ingest_process, stop_process, wait_http_ready
 from tests.api.conftest import bearer
 from tests.api.telemetry import now_iso
-from tests.factories import insert_vehicles
+from tests.factories import assert_stored_exactly_once, insert_vehicles
 
 pytestmark = pytest.mark.slow
 
@@ -104,26 +104,6 @@ async def test_every_acknowledged_event_survives_a_kill(
     finally:
         stop_process(proc, timeout=10)
     assert_stored_exactly_once(database_url, prefix, acked)
-
-
-def assert_stored_exactly_once(
-    database_url: str, prefix: str, acked: list[tuple[str, str]]
-) -> None:
-    """Every acknowledged event (vehicle id, event id) is stored once, and nothing else of the
-    test's vehicles is."""
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT (te.vehicle_id, te.event_id))"
-            " FROM unnest(%s::text[], %s::uuid[]) AS acked(vehicle_id, event_id)"
-            " JOIN timeline_events te"
-            "   ON te.vehicle_id = acked.vehicle_id AND te.event_id = acked.event_id",
-            ([vehicle_id for vehicle_id, _ in acked], [event_id for _, event_id in acked]),
-        ).fetchone()
-        total = conn.execute(
-            "SELECT count(*) FROM timeline_events WHERE vehicle_id LIKE %s", (prefix + "%",)
-        ).fetchone()
-    assert rows == (len(acked), len(acked))  # every acknowledged event, exactly once
-    assert total == (len(acked),)  # and nothing else
 
 
 async def test_processes_share_the_port_and_stop_with_their_parent(

@@ -31,7 +31,7 @@ from core.auth import mint_dev_token
 from devtools.localservers import free_port, start_role_process, stop_process, wait_http_ready
 from models.enums import Role
 from services.signing import generate_signing_key, write_trusted_keys_file
-from tests.factories import insert_signed_release, insert_vehicles
+from tests.factories import desired_states_issued, insert_signed_release, insert_vehicles
 
 pytestmark = pytest.mark.slow
 
@@ -78,20 +78,6 @@ async def test_a_retry_after_a_crash_between_commit_and_record_does_not_run_twic
     }
     body = {"releaseVersion": release, "targets": {"models": [model]}, "reason": "hotfix"}
 
-    def work_done() -> tuple[int, int]:
-        """(desired states issued to the vehicles, audit entries of the request's work)."""
-        with psycopg.connect(db) as conn:
-            issued = conn.execute(
-                "SELECT count(*) FROM desired_states WHERE vehicle_id = ANY(%s)", (vids,)
-            ).fetchone()
-            audited = conn.execute(
-                "SELECT count(*) FROM audit_log"
-                " WHERE action = 'desired_states.created' AND target_id = %s",
-                (release,),
-            ).fetchone()
-        assert issued is not None and audited is not None
-        return int(issued[0]), int(audited[0])
-
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc: subprocess.Popen[bytes] = start_role_process("api", db, dev_key, port, quiet=True)
@@ -126,7 +112,8 @@ async def test_a_retry_after_a_crash_between_commit_and_record_does_not_run_twic
             ),
             "a write of the key to wait on its row",
         )
-        committed = work_done()  # (5, 1): the work is committed, only the record is missing
+        # (5, 1): the work is committed, only the record is missing
+        committed = desired_states_issued(db, release, vids)
         assert committed in ((0, 0), (len(vids), 1)), committed
         assert not first.done()  # the client has no answer yet
         # 3. The API dies between its commit and the record of its response.
@@ -156,7 +143,9 @@ async def test_a_retry_after_a_crash_between_commit_and_record_does_not_run_twic
         stop_process(proc, timeout=10)
     print(f"\nidempotency crash: work at the kill {committed}, retry answers {answers}")
     # The work ran once: one desired state per vehicle, one audit entry.
-    assert work_done() == (len(vids), 1), f"the retry ran the work again; answers {answers}"
+    assert desired_states_issued(db, release, vids) == (len(vids), 1), (
+        f"the retry ran the work again; answers {answers}"
+    )
     # The retry answered the original outcome (replayed when the work had been committed at
     # the kill; the work itself when it had not) or a 409 about the key.
     status, code = answers[-1]

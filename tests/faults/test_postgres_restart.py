@@ -28,7 +28,7 @@ from devtools.localservers import free_port, start_ingest_process, stop_process,
 from models.enums import Role
 from services.signing import write_trusted_keys_file
 from tests.conftest import migrated_database
-from tests.factories import insert_vehicles
+from tests.factories import assert_stored_exactly_once, insert_vehicles
 from tests.faults.cluster import Cluster, wait_until
 from tests.faults.conftest import (
     SIGNING_KEY,
@@ -204,28 +204,7 @@ async def test_postgres_restarted_during_ingest_loses_nothing(
     assert gateway.bad == []  # only 202 and 503 UNAVAILABLE/OVERLOADED with Retry-After
     assert gateway.transport_errors == []  # the ingest process kept answering throughout
     assert not any(status >= 500 and status != 503 for status, _ in gateway.answers)
-    _assert_stored_exactly_once(restartable_db, prefix, gateway.acked)
-
-
-def _assert_stored_exactly_once(
-    database_url: str, prefix: str, acked: list[tuple[str, str]]
-) -> None:
-    """Every acknowledged event (vehicle id, event id) is stored once, and nothing else of the
-    test's vehicles is."""
-    with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT (te.vehicle_id, te.event_id))"
-            " FROM unnest(%s::text[], %s::uuid[]) AS acked(vehicle_id, event_id)"
-            " JOIN timeline_events te"
-            "   ON te.vehicle_id = acked.vehicle_id AND te.event_id = acked.event_id",
-            ([vehicle_id for vehicle_id, _ in acked], [event_id for _, event_id in acked]),
-        ).fetchone()
-        total = conn.execute(
-            "SELECT count(*) FROM timeline_events WHERE vehicle_id LIKE %s", (prefix + "%",)
-        ).fetchone()
-    assert len(set(acked)) == len(acked)
-    assert rows == (len(acked), len(acked))  # every acknowledged event, exactly once
-    assert total == (len(acked),)  # and nothing else
+    assert_stored_exactly_once(restartable_db, prefix, gateway.acked)
 
 
 # --- mid-rollout ------------------------------------------------------------------------------
