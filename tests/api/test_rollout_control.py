@@ -32,12 +32,7 @@ async def create_rollout(
     release = f"{prefix}2027.1.0"
     insert_signed_release(database_url, key, release)
     ids = [f"{prefix}{i:03d}" for i in range(n)]
-    insert_vehicles(database_url, ids)
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "UPDATE vehicles SET battery_percent = 90, stationary = true WHERE id = ANY(%s)",
-            (ids,),
-        )
+    insert_vehicles(database_url, ids, battery_percent=90)
     overrides.setdefault(
         "strategy",
         {"canary": {"size": 1, "bakeSeconds": 3600}, "waves": [{"percent": 100, "bakeSeconds": 0}]},

@@ -98,12 +98,7 @@ def fleet(database_url: str, key: Ed25519PrivateKey, n: int = 3) -> dict[str, An
     release = f"{prefix}2027.2.0"
     insert_signed_release(database_url, key, release)
     ids = [f"{prefix}{i:03d}" for i in range(n)]
-    insert_vehicles(database_url, ids)
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "UPDATE vehicles SET battery_percent = 90, stationary = true WHERE id = ANY(%s)",
-            (ids,),
-        )
+    insert_vehicles(database_url, ids, battery_percent=90)
     return rollout_body(release, targets={"vehicleIds": ids}, strategy=ONE_HOUR_CANARY)
 
 

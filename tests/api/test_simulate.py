@@ -98,12 +98,7 @@ async def test_a_rollout_progresses_with_the_simulated_fleet(
     reports ready through POST /telemetry, the gate passes, the wave goes out, completed."""
     n = 6
     ids = [f"{prefix}{i:03d}" for i in range(n)]
-    insert_vehicles(database_url, ids, release="1.0")
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "UPDATE vehicles SET battery_percent = 90, stationary = true WHERE id = ANY(%s)",
-            (ids,),
-        )
+    insert_vehicles(database_url, ids, release="1.0", battery_percent=90)
     release = f"{prefix}2027.2.0"
     insert_signed_release(database_url, signing_key, release)
     body = rollout_body(
