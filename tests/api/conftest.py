@@ -103,6 +103,18 @@ async def serve_app(app: Settings | FastAPI) -> AsyncIterator[str]:
         await task
 
 
+@asynccontextmanager
+async def served(
+    settings: Settings, *, http_timeout: float = 30, **update: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app for `settings` changed by `update` (`serve_app`), and a client on it."""
+    async with (
+        serve_app(settings.model_copy(update=update)) as url,
+        httpx.AsyncClient(base_url=url, timeout=http_timeout) as client,
+    ):
+        yield client
+
+
 @pytest.fixture
 async def rollout_worker(
     dev_server_env: WorkflowEnvironment, sessions: Sessions

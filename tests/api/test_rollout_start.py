@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,7 +28,7 @@ from core.db import create_engine, session_factory
 from core.settings import Settings
 from devtools.localservers import free_port
 from models.workflows import RolloutState, StartPendingInput, StartPendingResult
-from tests.api.conftest import serve_app
+from tests.api.conftest import served
 from tests.api.test_releases_and_rollouts import rollout_body
 from tests.api.test_rollout_control import audit_rows, create_rollout, wait_for_status
 from tests.factories import Sessions, insert_signed_release, insert_vehicles
@@ -102,13 +102,8 @@ def fleet(database_url: str, key: Ed25519PrivateKey, n: int = 3) -> dict[str, An
     return rollout_body(release, targets={"vehicleIds": ids}, strategy=ONE_HOUR_CANARY)
 
 
-@asynccontextmanager
-async def app_at(settings: Settings, **update: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serve_app(settings.model_copy(update=update)) as url,
-        httpx.AsyncClient(base_url=url, timeout=60) as http,
-    ):
-        yield http
+def app_at(settings: Settings, **update: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return served(settings, http_timeout=60, **update)
 
 
 async def workflow_runs(client: Client, rid: int, expected: int) -> int:

@@ -6,26 +6,14 @@ uvicorn, over real PostgreSQL."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-
-import httpx
+from collections.abc import Callable
 
 from api.app import create_app
 from core.settings import Settings
-from tests.api.conftest import bearer, serve_app
+from tests.api.conftest import bearer, served
 from tests.api.telemetry import URL, event, event_count, heartbeat
 from tests.api.test_envelopes import assert_error
 from tests.factories import insert_vehicles
-
-
-@asynccontextmanager
-async def served(settings: Settings, **update: object) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serve_app(settings.model_copy(update=update)) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as client,
-    ):
-        yield client
 
 
 def events(vid: str, first_seq: int, n: int) -> list[dict]:
