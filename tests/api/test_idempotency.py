@@ -347,14 +347,7 @@ async def test_purge_removes_expired_keys_only(
 
 async def test_an_expired_key_is_taken_over(sessions: Sessions, prefix: str) -> None:
     """Until the purge runs, an expired key counts as absent (even with another request)."""
-    args: dict[str, Any] = {
-        "caller": f"{prefix}c",
-        "key": "k",
-        "method": "POST",
-        "path": "/api/v1/x",
-        "retention": timedelta(hours=24),
-        "stale_after": timedelta(seconds=120),
-    }
+    args = claim_args(prefix)
     async with sessions() as session:
         assert (await service.claim(session, request_hash="a", **args)).outcome == "new"
         assert (await service.claim(session, request_hash="a", **args)).outcome == "in_flight"
