@@ -98,6 +98,23 @@ def feed_vehicles(database_url: str, deltas: list[dict[str, Any]]) -> int:
         return int(row[0])
 
 
+def feed_burst(database_url: str, prefix: str, count: int, *, pad: int = 0) -> None:
+    """`count` `vehicle.updated` rows (vehicles `{prefix}1`...) in one statement, so one
+    wake-up of the hub fans them all out at once; with `pad`, that many bytes of padding in
+    each payload."""
+    padding = ", 'pad', repeat('x', %(pad)s)" if pad else ""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO change_feed (topic, event, payload)"
+            " SELECT 'vehicles', 'vehicle.updated',"
+            " jsonb_build_object('vehicles', jsonb_build_array(jsonb_build_object("
+            " 'id', %(prefix)s || n, 'region', 'eu-west', 'model', 'atlas', 'org', NULL,"
+            f" 'status', 'updating'{padding})))"
+            " FROM generate_series(1, %(count)s) n",
+            {"prefix": prefix, "count": count, "pad": pad},
+        )
+
+
 def aged_feed_rows(database_url: str, ages: list[timedelta]) -> list[int]:
     """`vehicle.updated` rows created `age` ago each, in id order; their ids."""
     with psycopg.connect(database_url) as conn:

@@ -15,7 +15,7 @@ from api.app import create_app
 from core.settings import Settings
 from services.fleet import refresh_fleet_counts
 from tests.api.conftest import bearer, serve_app
-from tests.api.stream import delta, feed_vehicles, open_stream
+from tests.api.stream import delta, feed_burst, feed_vehicles, open_stream
 from tests.api.telemetry import URL as TELEMETRY
 from tests.api.telemetry import event as telemetry_event
 from tests.api.telemetry import set_desired
@@ -99,15 +99,7 @@ async def test_slow_subscriber_is_dropped_with_resync(
     async with serve_app(small) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         async with open_stream(client, bearer(token("viewer")), topics="vehicles") as sse:
             # One statement of 50 rows: one wake-up fans out more than the bound at once.
-            with psycopg.connect(database_url) as conn:
-                conn.execute(
-                    "INSERT INTO change_feed (topic, event, payload)"
-                    " SELECT 'vehicles', 'vehicle.updated',"
-                    " jsonb_build_object('vehicles', jsonb_build_array(jsonb_build_object("
-                    " 'id', %s || n, 'region', 'eu-west', 'model', 'atlas', 'org', NULL,"
-                    " 'status', 'updating'))) FROM generate_series(1, 50) n",
-                    (prefix,),
-                )
+            feed_burst(database_url, prefix, 50)
             received = []
             while True:
                 item = await sse.event()

@@ -14,7 +14,7 @@ import psycopg
 from core.settings import Settings
 from services.stream import APPLICATION_NAMES
 from tests.api.conftest import bearer, serve_app
-from tests.api.stream import SSE, aged_feed_rows, open_stream
+from tests.api.stream import SSE, aged_feed_rows, feed_burst, open_stream
 
 
 async def test_a_subscriber_past_its_bytes_is_dropped_with_resync(
@@ -27,16 +27,7 @@ async def test_a_subscriber_past_its_bytes_is_dropped_with_resync(
     async with serve_app(small) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         async with open_stream(client, bearer(token("viewer")), topics="vehicles") as sse:
             # One statement of 40 rows of about 4 KB (160 KB): one wake-up fans them out.
-            with psycopg.connect(database_url) as conn:
-                conn.execute(
-                    "INSERT INTO change_feed (topic, event, payload)"
-                    " SELECT 'vehicles', 'vehicle.updated',"
-                    " jsonb_build_object('vehicles', jsonb_build_array(jsonb_build_object("
-                    " 'id', %s || n, 'region', 'eu-west', 'model', 'atlas', 'org', NULL,"
-                    " 'status', 'updating', 'pad', repeat('x', 4000))))"
-                    " FROM generate_series(1, 40) n",
-                    (prefix,),
-                )
+            feed_burst(database_url, prefix, 40, pad=4000)
             received = 0
             while True:
                 item = await sse.event()
