@@ -59,6 +59,11 @@ def _route_template(scope: Scope) -> str:
     return str(path) if path else "unmatched"
 
 
+# The status counted and logged for a request whose client hung up before its answer
+# (nginx's "client closed request"): neither the client's error nor the server's.
+CLIENT_GONE = 499
+
+
 class RequestContextMiddleware(HttpMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"").decode("latin-1")
@@ -69,11 +74,21 @@ class RequestContextMiddleware(HttpMiddleware):
             request_id=request_id, method=scope["method"], path=scope["path"]
         )
         started = time.perf_counter()
-        status_holder: dict[str, Any] = {"status": 500, "started": False}
+        status_holder: dict[str, Any] = {"status": 500, "started": False, "gone": False}
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status_holder["started"]:
+                # The client hung up before its answer (mid-body): whatever the app makes of
+                # the cut body (a 422, an exception) is no answer to anyone. Counted 499.
+                status_holder["gone"] = True
+            return message
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status_holder["status"] = (
+                    CLIENT_GONE if status_holder["gone"] else message["status"]
+                )
                 status_holder["started"] = True
                 headers = list(message.get("headers") or [])
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
@@ -81,11 +96,15 @@ class RequestContextMiddleware(HttpMiddleware):
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except Exception:
-            log.exception("unhandled error")
-            if not status_holder["started"]:
-                await send_error(scope, send_wrapper, MotorcadeError())
+            if status_holder["gone"]:
+                status_holder["status"] = CLIENT_GONE
+                log.info("client disconnected before its answer")
+            else:
+                log.exception("unhandled error")
+                if not status_holder["started"]:
+                    await send_error(scope, send_wrapper, MotorcadeError())
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)

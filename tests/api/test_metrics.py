@@ -5,7 +5,7 @@ HTTP from real processes' servers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -114,3 +114,51 @@ async def test_the_worker_serves_sdk_metrics_and_gate_evaluations(
     assert any('stage="canary"' in k and 'action="wait"' in k for k in gates), text[-2000:]
     assert "temporal_activity_execution_latency" in text or "temporal_request" in text
     assert "temporal_workflow_task_execution_latency" in text or "temporal_worker_" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "role"),
+    [("/api/v1/rollouts", "/rollouts", "operator"), ("/api/v1/telemetry", "/telemetry", "gateway")],
+)
+async def test_a_client_gone_mid_body_is_counted_499_never_a_500(
+    api_settings: Settings,
+    token: Callable[..., str],
+    metrics_auth: dict,
+    path: str,
+    route: str,
+    role: str,
+) -> None:
+    """A client that hangs up before its body arrived (a device losing its network, a
+    balancer's timeout) is no server error: it is counted and logged as 499 (nginx's "client
+    closed request"), so a 5xx alert never fires for it and nothing is sent to nobody."""
+    async with serve_app(api_settings) as base, httpx.AsyncClient(base_url=base) as http:
+
+        async def counts() -> dict[str, float]:
+            text = (await http.get("/metrics", headers=metrics_auth)).text
+            return {
+                k: v
+                for k, v in samples(text, "motorcade_http_requests_total").items()
+                if 'method="POST"' in k and f'route="{route}"' in k
+            }
+
+        before = await counts()
+        host, port = base.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: motorcade\r\n"
+            f"Authorization: Bearer {token(role)}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"events": [')
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the route is reading the body
+        writer.close()
+        await writer.wait_closed()
+        moved: dict[str, float] = {}
+        for _ in range(100):
+            after = await counts()
+            moved = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            if moved:
+                break
+            await asyncio.sleep(0.1)
+    assert moved == {f'{{method="POST",route="{route}",status="499"}}': 1.0}, moved
