@@ -8,7 +8,8 @@ so a slow original that lost its key to a retry changes nothing.
 `idempotency_guard`): a key whose work committed is never taken over by a retry, even if its
 process died before it stored the response; the retry answers from `resource` (what the
 request created, re-read) or 409 IDEMPOTENCY_KEY_IN_USE. Existing rows get a random token
-and no execution mark (a catalog-only change plus one UPDATE of a small table).
+and no execution mark: the volatile default (`gen_random_uuid()`) rewrites the table under an
+exclusive lock, which is brief because the table holds only the last 24 h of keys.
 
 Revision ID: 0015
 Revises: 0013

@@ -16,8 +16,13 @@ past retention oldest first, in batches, without reading the partition. A B-tree
 a BRIN: deleted space is reused by new rows, which widens a BRIN's ranges until every range
 matches an old time and each purge reads the whole partition.
 
+The index is built per partition with `CREATE INDEX CONCURRENTLY` outside the migration's
+transaction (docs/migrations.md: a plain build would block telemetry inserts for as long as
+it runs, and ingest would answer 503 at its lock timeout), then created on the parent, which
+attaches the partitions' indexes without building anything.
+
 Revision ID: 0016
-Revises: 0013 (the lead re-links it after 0015 when merging)
+Revises: 0015
 """
 
 from collections.abc import Sequence
@@ -31,6 +36,8 @@ depends_on: str | Sequence[str] | None = None
 
 # services/stream.py FEED_LOCK: (classid, objid) of the two-key advisory lock.
 FEED_LOCK = (28003, 26211)
+# migration 0001: timeline_events is hash-partitioned in 16, timeline_events_p00 ... p15.
+TIMELINE_PARTITIONS = 16
 
 
 def upgrade() -> None:
@@ -44,7 +51,14 @@ def upgrade() -> None:
         END $$
         """
     )
-    op.create_index("ix_timeline_received", "timeline_events", ["received_at"])
+    with op.get_context().autocommit_block():
+        for remainder in range(TIMELINE_PARTITIONS):
+            op.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_timeline_received_p{remainder:02d}"
+                f" ON timeline_events_p{remainder:02d} (received_at)"
+            )
+    # On the parent: attaches the partitions' indexes (same definition), builds nothing.
+    op.execute("CREATE INDEX IF NOT EXISTS ix_timeline_received ON timeline_events (received_at)")
 
 
 def downgrade() -> None:
