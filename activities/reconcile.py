@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.common import domain_failures, resumed_progress
 from core import temporal
@@ -45,6 +46,20 @@ from services.safety import SafetyGate
 from workflows.policy import window_open
 
 log = structlog.get_logger(__name__)
+
+
+# RPC statuses that mean Temporal is away or busy (retry the attempt), not that it refuses.
+_TEMPORAL_AWAY = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNKNOWN,
+        RPCStatusCode.INTERNAL,
+        RPCStatusCode.ABORTED,
+    }
+)
 
 
 class ReconcileActivities:
@@ -95,29 +110,14 @@ class ReconcileActivities:
                 )
             for rollout in batch:
                 pending += 1
-                exists = await temporal.rollout_workflow_exists(self._client, rollout_id=rollout.id)
-                runs = exists is None and await temporal.start_rollout_workflow(
-                    self._client,
-                    rollout_id=rollout.id,
-                    release_version=rollout.release_version,
-                    correlation_id=rollout.correlation_id,
-                    created_by=rollout.created_by or "unknown",
-                    task_queue=self._task_queue,
-                )
-                if runs:
-                    progress.started += 1
-                    log.warning("reconcile.rollout_started", rollout_id=rollout.id)
-                elif exists:
-                    progress.running += 1
-                else:  # closed: the id is never reused (REJECT_DUPLICATE)
-                    async with session_scope(self._sessions) as session:
-                        refused = await rollout_status.mark_start_refused(
-                            session,
-                            rollout_id=rollout.id,
-                            why="its workflow id is held by a closed workflow",
-                        )
-                    progress.refused += int(refused)
-                    log.warning("reconcile.rollout_start_refused", rollout_id=rollout.id)
+                try:
+                    await self._start_one(rollout, progress)
+                except RPCError as exc:
+                    if exc.status in _TEMPORAL_AWAY:
+                        raise  # the attempt fails and is retried: nothing is lost
+                    # One rollout Temporal refuses for good (an invalid argument, say) must
+                    # not keep every later pending rollout from starting: logged, skipped.
+                    log.exception("reconcile.rollout_start_error", rollout_id=rollout.id)
                 progress.after_id = rollout.id
                 activity.heartbeat(progress)
             if len(batch) < input.batch_size:
@@ -128,6 +128,33 @@ class ReconcileActivities:
             running=progress.running,
             refused=progress.refused,
         )
+
+    async def _start_one(self, rollout: Any, progress: StartPendingProgress) -> None:
+        """Start one pending rollout's workflow, or say why not (`start_pending_rollouts`)."""
+        assert self._client is not None
+        exists = await temporal.rollout_workflow_exists(self._client, rollout_id=rollout.id)
+        runs = exists is None and await temporal.start_rollout_workflow(
+            self._client,
+            rollout_id=rollout.id,
+            release_version=rollout.release_version,
+            correlation_id=rollout.correlation_id,
+            created_by=rollout.created_by or "unknown",
+            task_queue=self._task_queue,
+        )
+        if runs:
+            progress.started += 1
+            log.warning("reconcile.rollout_started", rollout_id=rollout.id)
+        elif exists:
+            progress.running += 1
+        else:  # closed: the id is never reused (REJECT_DUPLICATE)
+            async with session_scope(self._sessions) as session:
+                refused = await rollout_status.mark_start_refused(
+                    session,
+                    rollout_id=rollout.id,
+                    why="its workflow id is held by a closed workflow",
+                )
+            progress.refused += int(refused)
+            log.warning("reconcile.rollout_start_refused", rollout_id=rollout.id)
 
     @activity.defn(name="mark_offline_vehicles")
     @domain_failures
