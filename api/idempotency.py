@@ -281,7 +281,8 @@ class IdempotencyMiddleware:
                 await asyncio.shield(_release(sessions, caller, key, token))
             raise
         if passthrough or start is None:
-            await asyncio.shield(_release(sessions, caller, key, token))
+            if not guard.executed:
+                await asyncio.shield(_release(sessions, caller, key, token))
             return
         status = int(start["status"])
         content = b"".join(chunks)
@@ -306,8 +307,10 @@ class IdempotencyMiddleware:
                 # The write happened: answer it. The key stays marked executed (a retry
                 # answers from what it created, or 409).
                 log.warning("idempotency: storing the response failed", exc_info=True)
-        else:
+        elif not guard.executed:
             await asyncio.shield(_release(sessions, caller, key, token))
+        # else: an error after the work committed (the answer could not be built): the key
+        # keeps its executed mark, so a retry answers from what was created, never runs again.
         await send(start)
         await send({"type": "http.response.body", "body": content})
 

@@ -99,8 +99,9 @@ class RequestContextMiddleware(HttpMiddleware):
             await self.app(scope, receive_wrapper, send_wrapper)
         except Exception:
             if status_holder["gone"]:
+                # No answer to send; a real bug meeting the hang-up still shows its traceback.
                 status_holder["status"] = CLIENT_GONE
-                log.info("client disconnected before its answer")
+                log.info("client disconnected before its answer", exc_info=True)
             else:
                 log.exception("unhandled error")
                 if not status_holder["started"]:

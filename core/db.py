@@ -291,6 +291,18 @@ def idempotency_guard(guard: IdempotencyGuard) -> Iterator[IdempotencyGuard]:
         _GUARD.reset(reset)
 
 
+@contextmanager
+def unmarked() -> Iterator[None]:
+    """Commits inside do not mark the request's key executed: bookkeeping that is no part of
+    the request's work (a control's `requested` audit entry, committed before the Update is
+    sent: the Update's id, not the key's mark, makes its retry safe)."""
+    reset = _GUARD.set(None)
+    try:
+        yield
+    finally:
+        _GUARD.reset(reset)
+
+
 def note_created(resource: str, *, status: int = 201) -> None:
     """A route names what its request creates (the path a GET re-reads, and the status it
     answers), before it commits: a retry whose first response was lost (the process died

@@ -351,8 +351,8 @@ class Settings(BaseSettings):
     idempotency_purge_interval_seconds: int = Field(
         3600,
         ge=10,
-        description="How often each API process deletes expired idempotency keys (and audit "
-        "entries past MOTORCADE_AUDIT_RETENTION_DAYS).",
+        description="How often each API process deletes expired idempotency keys (audit "
+        "entries are purged by the worker's retention Schedule, not here).",
     )
     audit_retention_days: int = Field(
         0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 
@@ -200,18 +201,17 @@ async def rollout_workflow_exists(client: Client, *, rollout_id: int) -> bool | 
 
 
 def control_update_id(
-    *, action: str, rollout_id: int, caller: str, idempotency_key: str | None, request_id: str
+    *, action: str, rollout_id: int, caller: str, idempotency_key: str | None
 ) -> str:
     """The id of the `control` Update an API request sends: Temporal answers a second Update
     with the same id (while the workflow runs) with the first one's outcome, applied once.
     From the request's Idempotency-Key when it has one, scoped to the caller, the action and
-    the rollout (so one key never answers another rollout or action), hashed; else from its
-    X-Request-ID (or the id the API gave it), so a client retrying with the same request id
-    is de-duplicated too."""
-    if idempotency_key:
-        material = f"key|{caller}|{action}|{rollout_id}|{idempotency_key}"
-    else:
-        material = f"request|{caller}|{action}|{rollout_id}|{request_id}"
+    the rollout (so one key never answers another rollout or action), hashed. Without a key
+    every request is a new Update (a fresh id): an X-Request-ID is not trusted to be unique,
+    and a reused one must not turn a second pause into the first one's answer."""
+    if not idempotency_key:
+        return f"{action}-{uuid.uuid4().hex}"
+    material = f"key|{caller}|{action}|{rollout_id}|{idempotency_key}"
     return f"{action}-{hashlib.sha256(material.encode()).hexdigest()[:40]}"
 
 

@@ -102,7 +102,8 @@ _CLAIM = text(
 )
 
 _EXISTING = text(
-    "SELECT request_hash, state, response_status, response_body, executed_at, resource"
+    "SELECT request_hash, state, response_status, response_body, executed_at, resource,"
+    " created_at < now() - :stale_after AS stale"
     " FROM idempotency_keys WHERE caller = :caller AND key = :key"
 )
 
@@ -120,7 +121,9 @@ async def claim(
 ) -> Claim:
     """Take the key for this request, or say why not. An expired key is taken over (as if
     absent); so is one left `in_flight` for longer than `stale_after` with the same request
-    and no committed work (its process died before its transaction committed). The new
+    and no committed work (its process died before its transaction committed). One with
+    committed work is `executed` once past `stale_after` (never run again), `in_flight`
+    before (its first request may still answer). The new
     claim's `token` is what `complete`, `release` and `mark_executed` must present."""
     params = {
         "caller": caller,
@@ -136,15 +139,21 @@ async def claim(
         taken = (await conn.execute(_CLAIM, params)).first()
         if taken is not None:
             return Claim("new", token=taken[0])
-        row = (await conn.execute(_EXISTING, {"caller": caller, "key": key})).first()
+        row = (
+            await conn.execute(
+                _EXISTING, {"caller": caller, "key": key, "stale_after": stale_after}
+            )
+        ).first()
         if row is None:
             continue
-        stored_hash, state, status, body, executed_at, resource = row
+        stored_hash, state, status, body, executed_at, resource, stale = row
         if stored_hash != request_hash:
             return Claim("mismatch")
         if state == COMPLETED and status is not None:
             return Claim("replay", StoredResponse.from_row(int(status), body or {}))
-        if executed_at is not None:
+        # Committed work whose answer never came: once the first request is past
+        # `stale_after` (its process died); before that it may still be answering.
+        if executed_at is not None and stale:
             return Claim("executed", resource=resource, status=status)
         return Claim("in_flight")
     return Claim("in_flight")

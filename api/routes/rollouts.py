@@ -26,7 +26,7 @@ from api.envelope import ok, page
 from api.errors import ErrorResponses
 from core import temporal
 from core.auth import Principal
-from core.db import note_created
+from core.db import note_created, unmarked
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from core.settings import Settings
 from models.api import (
@@ -149,13 +149,17 @@ async def create_rollout(
     assert rollout.id is not None
     started = "started"
     try:
-        await temporal.start_rollout_workflow(
+        if not await temporal.start_rollout_workflow(
             await get_temporal(request),
             rollout_id=rollout.id,
             release_version=rollout.release_version,
             correlation_id=actor.correlation_id,
             created_by=actor.subject,
-        )
+        ):
+            # Its workflow id is held by a closed workflow (a Temporal namespace older than
+            # this database): never started; the reconcile marks it WORKFLOW_START_FAILED.
+            started = "pending"
+            log.warning("rollout.workflow_id_taken", rollout_id=rollout.id)
     except Exception as exc:  # ambiguous: the reconcile finishes the start
         started = "pending"
         log.warning(
@@ -282,10 +286,11 @@ async def _control(
     which carries the marker of that entry (so the workflow does not audit it again); a
     refusal by its validator is 409 INVALID_STATE_TRANSITION, and is audited too.
 
-    The Update's id comes from the request (`temporal.control_update_id`: its
-    Idempotency-Key, scoped to caller, action and rollout, else its X-Request-ID): a retry
-    of a request whose answer was lost (503, a dropped connection) gets the first Update's
-    outcome from Temporal, applied once, and writes no second `requested` entry.
+    The Update's id comes from the request's Idempotency-Key (`temporal.control_update_id`,
+    scoped to caller, action and rollout; without a key, a fresh id): a retry of a request
+    whose answer was lost (503, a dropped connection) gets the first Update's outcome from
+    Temporal, applied once, and writes no second `requested` entry. The commits of that
+    bookkeeping do not mark the key executed (`core.db.unmarked`), so such a retry runs.
 
     An abort of a `pending` rollout whose workflow does not exist (its start is still to
     come) is written here (`status.abort_unstarted`: the row locked, still `pending`); a
@@ -296,7 +301,6 @@ async def _control(
         rollout_id=rollout_id,
         caller=principal.subject,
         idempotency_key=request.headers.get("idempotency-key"),
-        request_id=actor.correlation_id or "",
     )
     rollout, refusal, marker = await control.request_control(
         session,
@@ -308,7 +312,8 @@ async def _control(
         force=body.force,
         update_id=update_id,
     )
-    await session.commit()  # the request is on record whatever happens next
+    with unmarked():  # bookkeeping: a retry under the key must still send the Update
+        await session.commit()  # the request is on record whatever happens next
 
     async def outcome(kind: str, result: str, message: str) -> None:
         await control.record_control(
@@ -321,7 +326,8 @@ async def _control(
             result=result,
             detail={"message": message},
         )
-        await session.commit()
+        with unmarked():
+            await session.commit()
 
     if refusal is not None:
         raise InvalidStateTransition(refusal)
@@ -351,7 +357,8 @@ async def _control(
                 log.info("rollout.aborted_before_start", rollout_id=rollout_id)
                 answer = ControlResult(action="abort", status=RolloutStatus.ABORTED, paused=False)
             else:  # its workflow started meanwhile (the row is no longer pending): ask it
-                await session.commit()  # nothing written: ends the row lock, keeps `rollout`
+                with unmarked():  # nothing written: ends the row lock, keeps `rollout`
+                    await session.commit()
                 answer = await temporal.control_rollout(
                     lambda: get_temporal(request),
                     rollout_id=rollout_id,
@@ -395,7 +402,7 @@ def _control_route(action: str, summary: str) -> None:
         "workflow's answer once the workflow accepted it; 409 `INVALID_STATE_TRANSITION` at "
         "once when the rollout is finished or the workflow refuses the transition (audited "
         f"as `rollout.{action}_rejected`); 503 when Temporal does not answer. The Update's id "
-        "comes from the request's Idempotency-Key (else its X-Request-ID): a retry with the "
+        "comes from the request's Idempotency-Key: a retry with the "
         "same key gets the first Update's outcome, applied once. "
         + (
             "A `pending` rollout whose workflow has not started is aborted at once (the "

@@ -510,7 +510,13 @@ async def test_a_stale_owner_cannot_release_complete_or_commit_after_a_takeover(
         ring = conn.execute("SELECT ring FROM vehicles WHERE id = %s", (vehicle,)).fetchone()
     assert ring == ("current",)  # the stale owner's write never committed
 
-    # The key's work committed: it is never taken over, however old (the retry answers
+    # The key's work committed, but its request may still be answering: a retry waits
+    # (in flight), it is not told the work ran and its server stopped.
+    async with sessions() as session:
+        running = await service.claim(session, request_hash="a", **args)
+        await session.rollback()
+    assert running.outcome == "in_flight"
+    # Past the in-flight timeout it is never taken over, however old (the retry answers
     # from what it created instead).
     backdate_claim(database_url, caller)
     async with sessions() as session:
