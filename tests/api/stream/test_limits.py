@@ -76,7 +76,6 @@ async def test_a_burst_of_resumes_uses_at_most_the_pool(
             "stream_max_per_caller": 0,
         }
     )
-    database = own_database.rsplit("/", 1)[1]
     peak = {"all": 0, "backfill": 0}
     done = asyncio.Event()
 
@@ -86,8 +85,9 @@ async def test_a_burst_of_resumes_uses_at_most_the_pool(
                 row = await (
                     await conn.execute(
                         "SELECT count(*), count(*) FILTER (WHERE application_name = %s)"
-                        " FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                        (APPLICATION_NAMES["backfill"], database),
+                        " FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid()",
+                        (APPLICATION_NAMES["backfill"],),
                     )
                 ).fetchone()
                 assert row is not None
@@ -117,8 +117,19 @@ async def test_a_burst_of_resumes_uses_at_most_the_pool(
         finally:
             done.set()
             await sampler
+        # The pool keeps its connections a while after the burst: the pool was used (a
+        # sample during a burst this short may fall between two checkouts).
+        async with await psycopg.AsyncConnection.connect(own_database, autocommit=True) as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = %s",
+                    (APPLICATION_NAMES["backfill"],),
+                )
+            ).fetchone()
+        kept = int(row[0]) if row else 0
     assert got == [[str(i) for i in ids[1:]]] * 200  # every resume was served, exactly
-    assert 1 <= peak["backfill"] <= 2
+    assert peak["backfill"] <= 2 and 1 <= max(peak["backfill"], kept) <= 2, (peak, kept)
     # The hub's listening and reading connections, the pool, and the one connection the
     # app's request pool keeps after its start-up housekeeping (idempotency-key purge).
     assert peak["all"] <= 2 + 2 + 1
