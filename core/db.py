@@ -282,13 +282,19 @@ _GUARD: ContextVar[IdempotencyGuard | None] = ContextVar("motorcade_idempotency"
 
 
 @contextmanager
-def idempotency_guard(guard: IdempotencyGuard) -> Iterator[IdempotencyGuard]:
-    """While the request runs under its key: every commit marks the key executed."""
+def _guarded_by(guard: IdempotencyGuard | None) -> Iterator[None]:
     reset = _GUARD.set(guard)
     try:
-        yield guard
+        yield
     finally:
         _GUARD.reset(reset)
+
+
+@contextmanager
+def idempotency_guard(guard: IdempotencyGuard) -> Iterator[IdempotencyGuard]:
+    """While the request runs under its key: every commit marks the key executed."""
+    with _guarded_by(guard):
+        yield guard
 
 
 @contextmanager
@@ -296,11 +302,8 @@ def unmarked() -> Iterator[None]:
     """Commits inside do not mark the request's key executed: bookkeeping that is no part of
     the request's work (a control's `requested` audit entry, committed before the Update is
     sent: the Update's id, not the key's mark, makes its retry safe)."""
-    reset = _GUARD.set(None)
-    try:
+    with _guarded_by(None):
         yield
-    finally:
-        _GUARD.reset(reset)
 
 
 def note_created(resource: str, *, status: int = 201) -> None:

@@ -45,9 +45,9 @@ async def readyz(request: Request) -> JSONResponse:
     # PostgreSQL on a short connection of its own (never one of the request pool, so an
     # exhausted pool or a stalled database cannot hold the probe), and Temporal, checked
     # together, each bounded by READY_TIMEOUT_SECONDS connection included; and whether the
-    # request pool has a connection to lend (`pool`: `ok` or `exhausted`). 503 when either
-    # dependency does not answer in time or the pool is exhausted. (A comment, not a
-    # docstring: the OpenAPI document keeps its description.)
+    # request pool has a connection to lend (`pool`: `ok` or `exhausted`, reported only).
+    # 503 when either dependency does not answer in time. (A comment, not a docstring: the
+    # OpenAPI document keeps its description.)
     settings: Settings = request.app.state.settings
     checks: dict[str, str] = {}
 
