@@ -31,6 +31,8 @@ from core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
 from devtools import localservers
 from tests.factories import Sessions
 
+pytest_plugins = ["tests.watchdog"]  # a stalled test fails the run with its stacks
+
 
 @pytest.fixture(scope="session")
 def database_server_url() -> Iterator[str]:
