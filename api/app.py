@@ -34,6 +34,7 @@ from api.routes import (
 from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
 from core import tracing
+from core.aio import stop_within
 from core.auth import TokenVerifier
 from core.db import autocommit_engine, connection_options, create_engine, session_factory
 from core.logging import configure_logging
@@ -140,7 +141,8 @@ def _lifespan(
     connection, the token verifier; for the API the stream hub and the idempotency-key purge
     loop (the other retention runs in the worker's `motorcade-retention` Schedule); for a
     process serving ingest the telemetry ingestor and its rollouts' `outcomes` signals.
-    Stopped in reverse order."""
+    Stopped in reverse order, each step bounded (`core.aio.stop_within`): a step that hangs is
+    logged by name and left behind, and the process still exits."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -154,8 +156,8 @@ def _lifespan(
         app.state.ingestor = None
         app.state.stream = None
         async with contextlib.AsyncExitStack() as running:
-            running.push_async_callback(engine.dispose)
-            running.push_async_callback(app.state.verifier.aclose)
+            running.push_async_callback(stop_within, "database pool", engine.dispose)
+            running.push_async_callback(stop_within, "token verifier", app.state.verifier.aclose)
             if role == "api":
                 app.state.stream = StreamHub(
                     settings.libpq_database_url,
@@ -167,24 +169,28 @@ def _lifespan(
                     backfill_pool_size=settings.stream_backfill_pool_size,
                 )
                 await app.state.stream.start()
-                running.push_async_callback(app.state.stream.stop)
+                running.push_async_callback(stop_within, "stream hub", app.state.stream.stop)
             if _serves_ingest(settings, role):
                 signals = OutcomeSignals(
                     app.state.temporal.get,
                     interval_seconds=settings.outcome_signal_interval_seconds,
                 )
                 await signals.start()
-                running.push_async_callback(signals.stop)
+                running.push_async_callback(stop_within, "outcome signals", signals.stop)
                 app.state.ingestor = TelemetryIngestor(
                     app.state.sessions, ingest_config(settings), on_outcomes=signals.notify
                 )
                 await app.state.ingestor.start()
-                running.push_async_callback(app.state.ingestor.stop)
+                running.push_async_callback(
+                    stop_within, "telemetry ingestor", app.state.ingestor.stop
+                )
             if role == "api":
                 purge = asyncio.create_task(
                     purge_loop(app.state.sessions, settings.idempotency_purge_interval_seconds)
                 )
-                running.push_async_callback(_cancel, purge)
+                running.push_async_callback(
+                    stop_within, "idempotency purge", lambda: _cancel(purge)
+                )
             yield
 
     return lifespan

@@ -45,12 +45,10 @@ class TemporalConnection:
         async with self._lock:
             if self._client is None:
                 try:
-                    self._client = await asyncio.wait_for(
-                        temporal.connect(
+                    async with asyncio.timeout(5):
+                        self._client = await temporal.connect(
                             self._settings.temporal_address, self._settings.temporal_namespace
-                        ),
-                        timeout=5,
-                    )
+                        )
                 except Exception as exc:
                     raise DependencyUnavailable("Temporal is not reachable") from exc
         return self._client

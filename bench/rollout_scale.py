@@ -327,7 +327,8 @@ async def measure(
                 ),
             )
             try:
-                await asyncio.wait_for(handle.result(), timeout=limit_seconds)
+                async with asyncio.timeout(limit_seconds):
+                    await handle.result()
             except TimeoutError:
                 print(f"  the workflow did not finish within {limit_seconds:.0f} s", flush=True)
         wall = time.perf_counter() - started

@@ -99,7 +99,8 @@ async def measure(
         tasks.append(asyncio.create_task(sub.run()))
         if i % 100 == 99:
             await asyncio.sleep(0.05)  # do not flood the accept queue
-    await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in subs)), 120)
+    async with asyncio.timeout(120):
+        await asyncio.gather(*(s.ready.wait() for s in subs))
     payload = json.dumps({"vehicles": [{"id": "bench", "status": "updating", "region": "x"}]})
     conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
     async with conn:
@@ -134,7 +135,8 @@ async def cycles(port: int, token: str, count: int, concurrency: int) -> None:
             done += 1
             sub = Subscriber(port, token, {})
             task = asyncio.create_task(sub.run())
-            await asyncio.wait_for(sub.ready.wait(), 30)
+            async with asyncio.timeout(30):
+                await sub.ready.wait()
             sub.close()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -164,7 +166,8 @@ async def main(args: argparse.Namespace) -> None:
             committed: dict[int, float] = {}
             holders = [Subscriber(port, token, committed) for _ in range(args.subscribers)]
             held = [asyncio.create_task(s.run()) for s in holders]
-            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in holders)), 120)
+            async with asyncio.timeout(120):
+                await asyncio.gather(*(s.ready.wait() for s in holders))
             with_subs = rss_kib(proc.pid)
             for s in holders:
                 s.close()

@@ -162,7 +162,8 @@ async def probe(conninfo: str, *, within_seconds: float) -> None:
         finally:
             await conn.close()
 
-    await asyncio.wait_for(check(), within_seconds)
+    async with asyncio.timeout(within_seconds):
+        await check()
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine:

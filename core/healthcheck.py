@@ -68,7 +68,8 @@ async def check_worker(
     queue = task_queue or ROLLOUT_TASK_QUEUE
     host = hostname or socket.gethostname()
     try:
-        client = await asyncio.wait_for(Client.connect(address, namespace=namespace), 5)
+        async with asyncio.timeout(5):
+            client = await Client.connect(address, namespace=namespace)
         response = await client.workflow_service.describe_task_queue(
             DescribeTaskQueueRequest(
                 namespace=namespace,

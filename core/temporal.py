@@ -36,6 +36,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
 from core import tracing
+from core.aio import wait_event
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from models.enums import RolloutStatus
 from models.workflows import ControlRequest, ControlResult, OutcomesSignal, RolloutInput
@@ -159,8 +160,8 @@ async def start_rollout_workflow(
     an ambiguous outcome (the workflow may exist), so the caller leaves the rollout
     `pending` and the reconcile tries again."""
     try:
-        await asyncio.wait_for(
-            client.start_workflow(
+        async with asyncio.timeout(START_WORKFLOW_WITHIN.total_seconds() + 1):
+            await client.start_workflow(
                 ROLLOUT_WORKFLOW_TYPE,
                 RolloutInput(
                     rollout_id=rollout_id,
@@ -178,9 +179,7 @@ async def start_rollout_workflow(
                 ),
                 memo={"correlationId": correlation_id, "createdBy": created_by},
                 rpc_timeout=START_WORKFLOW_WITHIN,
-            ),
-            timeout=START_WORKFLOW_WITHIN.total_seconds() + 1,
-        )
+            )
     except WorkflowAlreadyStartedError:
         return False  # closed already (a running one is USE_EXISTING's: no error)
     return True
@@ -253,16 +252,14 @@ async def control_rollout(
     Temporal did not answer, or no answer came in time."""
     try:
         client = await connect()
-        return await asyncio.wait_for(
-            client.get_workflow_handle(rollout_workflow_id(rollout_id)).execute_update(
+        async with asyncio.timeout(CONTROL_ANSWER_WITHIN.total_seconds() + 5):
+            return await client.get_workflow_handle(rollout_workflow_id(rollout_id)).execute_update(
                 CONTROL_UPDATE,
                 request,
                 id=update_id,
                 result_type=ControlResult,
                 rpc_timeout=CONTROL_ANSWER_WITHIN,
-            ),
-            timeout=CONTROL_ANSWER_WITHIN.total_seconds() + 5,
-        )
+            )
     except WorkflowUpdateFailedError as exc:
         cause = exc.cause
         message = str(getattr(cause, "message", "") or cause or exc)[:500]
@@ -355,8 +352,7 @@ class OutcomeSignals:
                 continue
             self._wake.clear()
             timeout = None if later is None else max(0.0, later - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
 
     async def _send(self, rollout_id: int, events: int) -> None:
         try:

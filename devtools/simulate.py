@@ -35,7 +35,6 @@ On a terminal, a progress line shows the vehicles by state and the traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import sys
@@ -49,6 +48,7 @@ from typing import Any
 
 import httpx
 
+from core.aio import wait_event
 from core.auth import mint_dev_token
 from models.enums import Role
 from models.workflows import MaintenanceWindowSpec
@@ -166,8 +166,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and not self._events and not self._beats):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.2)
+            await wait_event(self._wake, 0.2)
             self._wake.clear()
             while self._events or self._beats:
                 events, self._events = self._events[:MAX_BATCH], self._events[MAX_BATCH:]

@@ -68,6 +68,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sse_starlette import ServerSentEvent
 
+from core.aio import wait_event
 from core.auth import Principal, TokenError
 from models.enums import Role
 from models.scope import Scope
@@ -569,8 +570,7 @@ class StreamHub:
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+            await wait_event(self._wake, self.poll_seconds)
             self._wake.clear()
             if await self.advance():
                 self._wake.set()

@@ -4,6 +4,7 @@ that breaks it, so a contract that cannot fail would be caught here."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -118,3 +119,33 @@ def test_no_module_imports_itself_through_others(options: Any) -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     imports = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert cycles(imports) == [["a", "b", "c"]]
+
+
+# Python 3.11's asyncio.wait_for can swallow a caller's cancellation (core/aio.py): never here.
+WAIT_FOR = re.compile(r"\bwait_for\(")
+PROJECT_CODE = (
+    "activities api bench core devtools migrations models services tests worker workflows"
+)
+
+
+def uses_of_wait_for(root: Path) -> list[str]:
+    """`file:line` of every `wait_for` call in the project's Python code under `root`."""
+    found = []
+    for folder in PROJECT_CODE.split():
+        for path in sorted((root / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                code = line.split("#", 1)[0]
+                if WAIT_FOR.search(code):
+                    found.append(f"{path.relative_to(root)}:{number}")
+    return found
+
+
+def test_no_asyncio_wait_for() -> None:
+    assert uses_of_wait_for(ROOT) == [], "use asyncio.timeout or core.aio.wait_event"
+
+
+def test_the_wait_for_check_finds_one(tmp_path: Path) -> None:
+    (tmp_path / "core").mkdir()
+    call = "wait_for"  # not spelled as a call here: this file is checked too
+    (tmp_path / "core" / "x.py").write_text(f"async def f(e):\n    await asyncio.{call}(e, 1)\n")
+    assert uses_of_wait_for(tmp_path) == ["core/x.py:2"]

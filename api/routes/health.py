@@ -64,7 +64,8 @@ async def readyz(request: Request) -> JSONResponse:
             await client.service_client.check_health()
 
         try:
-            await asyncio.wait_for(check(), timeout=READY_TIMEOUT_SECONDS)
+            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                await check()
             checks["temporal"] = "ok"
         except Exception:
             checks["temporal"] = "unavailable"
@@ -117,7 +118,8 @@ async def metrics(request: Request) -> Response:
     if getattr(request.app.state, "role", "api") != "ingest":
         try:
             async with request.app.state.engine.connect() as conn:
-                counts = await asyncio.wait_for(queries.count_by_status(conn), timeout=3)
+                async with asyncio.timeout(3):
+                    counts = await queries.count_by_status(conn)
             for status in RolloutStatus:
                 ROLLOUTS.labels(status.value).set(counts.get(status, 0))
         except (SQLAlchemyError, OSError, TimeoutError):  # the database is away: the other

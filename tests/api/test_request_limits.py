@@ -207,7 +207,8 @@ async def head_of_answer(url: str, request: bytes) -> bytes:
     try:
         writer.write(request)
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD)
+        async with asyncio.timeout(GUARD):
+            head = await reader.readuntil(b"\r\n\r\n")
         length = int(
             next(
                 line.split(b":", 1)[1]
@@ -215,7 +216,8 @@ async def head_of_answer(url: str, request: bytes) -> bytes:
                 if line.lower().startswith(b"content-length:")
             )
         )
-        return head + await asyncio.wait_for(reader.readexactly(length), GUARD)
+        async with asyncio.timeout(GUARD):
+            return head + await reader.readexactly(length)
     finally:
         writer.close()
 

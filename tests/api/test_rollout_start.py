@@ -257,7 +257,8 @@ async def test_abort_of_a_pending_rollout_without_workflow(
                 task_queue=task_queue,
             )
             handle = own_stack.client.get_workflow_handle(temporal.rollout_workflow_id(rid))
-            result = await asyncio.wait_for(handle.result(), 30)
+            async with asyncio.timeout(30):
+                result = await handle.result()
         assert result["status"] == "aborted" and result["stages_issued"] == 0
         assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
         with psycopg.connect(own_stack.database_url) as conn:

@@ -58,7 +58,8 @@ async def serve(app: Any, port: int) -> AsyncIterator[uvicorn.Server]:
         yield server
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, GUARD)
+        async with asyncio.timeout(GUARD):
+            await task
 
 
 class ReportingPage:
@@ -83,7 +84,8 @@ class ReportingPage:
 
     async def next(self, kind: str) -> dict[str, Any]:
         while True:
-            item = await asyncio.wait_for(self.reports.get(), GUARD)
+            async with asyncio.timeout(GUARD):
+                item = await self.reports.get()
             self.seen.append(item)
             if item["kind"] == kind:
                 return item

@@ -156,7 +156,8 @@ async def test_streams_miss_nothing_when_the_hub_connections_are_cut(
     try:
         await wait_http_ready(base, path="/healthz", within=60)
         reading = asyncio.create_task(subscriber.run())
-        await asyncio.wait_for(subscriber.subscribed.wait(), 60)
+        async with asyncio.timeout(60):
+            await subscriber.subscribed.wait()
         first = feed_vehicles(db, [delta(f"{prefix}first")])
         deadline = time.monotonic() + 30
         while f"{prefix}first" not in subscriber.seen:

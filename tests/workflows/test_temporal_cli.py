@@ -33,7 +33,8 @@ async def temporal_cli(env: WorkflowEnvironment, *args: str, succeeds: bool = Tr
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
     assert (proc.returncode == 0) is succeeds, out.decode()
     return out.decode()
 

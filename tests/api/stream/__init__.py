@@ -31,7 +31,8 @@ class SSE:
         event: dict[str, Any] = {}
         while True:
             try:
-                line = await asyncio.wait_for(anext(self.lines), READ_GUARD)
+                async with asyncio.timeout(READ_GUARD):
+                    line = await anext(self.lines)
             except StopAsyncIteration:
                 return event or None
             if line == "":

@@ -70,7 +70,8 @@ async def test_a_client_that_reads_nothing_is_let_go(
             )
             head = b""
             while b"subscribed" not in head:
-                head += await asyncio.wait_for(loop.sock_recv(sock, 4096), READ_GUARD)
+                async with asyncio.timeout(READ_GUARD):
+                    head += await loop.sock_recv(sock, 4096)
             assert head.startswith(b"HTTP/1.1 200"), head[:200]
 
             async def subscribers() -> tuple[float, float]:
@@ -98,8 +99,10 @@ async def test_a_client_that_reads_nothing_is_let_go(
                 await asyncio.sleep(0.05)
             assert await subscribers() == (0, 1)
             # What the server had written before it stopped is still readable; then the end.
-            while await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), READ_GUARD):
-                pass
+            while True:
+                async with asyncio.timeout(READ_GUARD):
+                    if not await loop.sock_recv(sock, 1 << 20):
+                        break
         finally:
             sock.close()
 
@@ -124,7 +127,8 @@ async def test_shutdown_with_an_open_stream_is_prompt(
             server.should_exit = True
             # No graceful-shutdown timeout is configured: uvicorn returns only once the open
             # stream has ended. The guard turns a hang into a failure.
-            await asyncio.wait_for(task, READ_GUARD)
+            async with asyncio.timeout(READ_GUARD):
+                await task
             while (item := await sse.next()) is not None:
                 assert "comment" in item
     assert not hub.subscribers
