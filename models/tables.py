@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Computed,
@@ -252,6 +253,11 @@ class RolloutTarget(SQLModel, table=True):
     previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     previous_release_version: str | None = Field(default=None, sa_column=Column(Text))
     notified_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
+    # Notified again by the blocked re-check (migration 0017): while still `notified`, the
+    # stage's settle does not wait for it (workflows/policy.py, `unsettled`).
+    rechecked: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
     updated_at: datetime | None = _now_column()
 
 

@@ -237,6 +237,8 @@ class GateCounts(BaseModel):
     blocked: int = 0
     # failed with a retryable reason and attempts left (work for retry_failed_targets)
     retryable: int = 0
+    # of `notified`: notified again by the blocked re-check (a histories' counts lack it: 0)
+    rechecked: int = 0
 
     @property
     def issued(self) -> int:

@@ -221,14 +221,20 @@ def unsettled(stage: GateCounts) -> int:
     """The vehicles issued in a stage that have no outcome yet: still notified or applying, or
     failed with a retry to come (a retryable reason, attempts left). `ready`, `failed` for good
     (retries used up, a reason never retried, APPLY_TIMEOUT on the last attempt) and `blocked`
-    are outcomes. A stage is settled when this is 0."""
-    return stage.notified + stage.updating + stage.retryable
+    are outcomes. A stage is settled when this is 0.
+
+    A vehicle notified again by the blocked re-check (`rechecked`) is not waited for until it
+    begins to apply (`updating`): it had its outcome (`blocked`), and in a fleet that moves
+    some always are between a re-check and their next block, so waiting for them kept stages
+    from ever settling. It still counts among the issued, and its outcome when it comes."""
+    return stage.notified - stage.rechecked + stage.updating + stage.retryable
 
 
 def settle_detail(stage: GateCounts) -> str:
     """What a settling stage waits for, as `waitingFor` says it: "43 of 500 vehicles still
     applying"."""
-    detail = f"{stage.notified + stage.updating} of {stage.issued} vehicles still applying"
+    applying = stage.notified - stage.rechecked + stage.updating
+    detail = f"{applying} of {stage.issued} vehicles still applying"
     if stage.retryable:
         detail += f", {stage.retryable} to be retried"
     return detail
@@ -249,12 +255,14 @@ def decide(
     table-tested).
 
     Order: the failure threshold first (at any time, over every vehicle notified so far);
-    then, while the bake is not over, or the stage has vehicles without an outcome (a retry
-    or a re-notified blocked vehicle un-settles it), wait; then the canary check (canary
-    stage only, once settled and baked); then proceed. A stage is never judged on the clock
-    alone: `bake_done` is only true once the stage settled and then baked `bakeSeconds`.
-    The last stage (`is_last`) waits for the whole rollout to settle (a blocked vehicle of
-    an earlier stage notified again since): `completed` means every vehicle has an outcome.
+    then, while the bake is not over, or the stage has vehicles without an outcome (a retry,
+    or a re-notified blocked vehicle that began to apply, un-settles it), wait; then the canary
+    check (canary stage only, once settled and baked); then proceed. A stage is never judged
+    on the clock alone: `bake_done` is only true once the stage settled and then baked
+    `bakeSeconds`.
+    The last stage (`is_last`) waits for the whole rollout to settle (a vehicle of an earlier
+    stage retried, or re-notified and applying, since): `completed` means every vehicle has an
+    outcome.
 
     `acknowledged_failed`: failures an operator accepted by resuming after a FAILURE_THRESHOLD
     pause; they stay in the denominator but no longer count as failures. `canary_forced`: an

@@ -109,12 +109,14 @@ async def gate_counts(
 ) -> GateCounts:
     """Targets per state of one stage (or the whole rollout, `stage_index` None). `retryable`:
     failed and issued again by the retry sweep once its backoff is over (a retryable reason,
-    fewer than `max_attempts` issues: `sweeps.RETRYABLE_TARGET`)."""
+    fewer than `max_attempts` issues: `sweeps.RETRYABLE_TARGET`). `rechecked`: notified again by
+    the blocked re-check, not yet applying."""
     conn = await session.connection()
     rows = await conn.execute(
         text(
             f"""
-            SELECT t.state, count(*) AS n, count(*) FILTER (WHERE {RETRYABLE_TARGET}) AS retryable
+            SELECT t.state, count(*) AS n, count(*) FILTER (WHERE {RETRYABLE_TARGET}) AS retryable,
+                   count(*) FILTER (WHERE t.rechecked) AS rechecked
             FROM rollout_targets t
             WHERE t.rollout_id = :rid AND (CAST(:stage AS integer) IS NULL OR t.stage = :stage)
             GROUP BY t.state
@@ -133,6 +135,8 @@ async def gate_counts(
             setattr(counts, row.state, int(row.n))
         if row.state == "failed":
             counts.retryable = int(row.retryable)
+        if row.state == "notified":
+            counts.rechecked = int(row.rechecked)
     return counts
 
 

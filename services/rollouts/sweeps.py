@@ -106,7 +106,7 @@ _RETRY_FAILED_TARGETS = text(
     ),
     """
     + move_targets(
-        """state = 'notified', attempt = todo.attempt, reason_code = NULL,
+        """state = 'notified', attempt = todo.attempt, reason_code = NULL, rechecked = false,
                desired_state_id = todo.desired_state_id, notified_at = :now, updated_at = :now""",
         sweep=True,
     )
@@ -226,6 +226,7 @@ _RECHECK_BLOCKED = text(
                reason_code = CASE WHEN todo.superseded THEN 'SUPERSEDED' ELSE todo.reason END,
                attempt = CASE WHEN NOT todo.superseded AND todo.reason IS NULL
                               THEN greatest(t.attempt, 1) ELSE t.attempt END,
+               rechecked = t.rechecked OR (NOT todo.superseded AND todo.reason IS NULL),
                notified_at = CASE WHEN NOT todo.superseded AND todo.reason IS NULL
                                   THEN :now ELSE t.notified_at END,
                updated_at = CASE WHEN NOT todo.superseded AND todo.reason IS NULL

@@ -344,6 +344,18 @@ def test_nothing_is_retried_or_rechecked_while_the_window_is_closed() -> None:
             1,
             "0 of 10 vehicles still applying, 1 to be retried",
         ),
+        # Notified again after a block (the soak's moving vehicles): not waited for...
+        (
+            GateCounts(notified=31, rechecked=31, succeeded=3900, blocked=69),
+            0,
+            "0 of 4000 vehicles still applying",
+        ),
+        # ... until they begin to apply; a first notification is waited for as ever.
+        (
+            GateCounts(notified=12, rechecked=10, updating=3, succeeded=85),
+            5,
+            "5 of 100 vehicles still applying",
+        ),
     ],
 )
 def test_a_stage_settles_once_every_vehicle_has_an_outcome(
@@ -364,9 +376,18 @@ def test_the_counters_give_the_whole_rollouts_gate_counts() -> None:
     assert failure_threshold_breached(total, max_failure_rate=0.1)
 
 
-def test_the_last_stage_waits_for_the_whole_rollout_to_settle() -> None:
-    # wave-2 settled and baked, but a blocked canary vehicle was notified again since
-    total, stage = c(succeeded=59, notified=1), c(succeeded=30)
+@pytest.mark.parametrize(
+    ("total", "waits"),
+    [
+        (c(succeeded=59, notified=1), True),  # a vehicle of an earlier stage retried since
+        (c(succeeded=59, updating=1), True),  # a re-notified blocked one, now applying
+        (c(succeeded=59, notified=1, rechecked=1), False),  # re-notified, not applying yet
+    ],
+)
+def test_the_last_stage_waits_for_the_whole_rollout_to_settle(
+    total: GateCounts, waits: bool
+) -> None:
+    stage = c(succeeded=30)  # wave-2 settled and baked
 
     def judge(is_last: bool) -> GateDecision:
         return decide(
@@ -380,4 +401,10 @@ def test_the_last_stage_waits_for_the_whole_rollout_to_settle() -> None:
 
     assert judge(False).action == "proceed"  # not the last stage
     last = judge(True)
-    assert (last.action, last.detail) == ("wait", "the rollout: 1 of 60 vehicles still applying")
+    if waits:
+        assert (last.action, last.detail) == (
+            "wait",
+            "the rollout: 1 of 60 vehicles still applying",
+        )
+    else:
+        assert last.action == "proceed"

@@ -12,10 +12,11 @@ from sqlalchemy import text
 
 from core.db import session_scope
 from models.workflows import MaintenanceWindowSpec
-from services.rollouts import issue, plan, queries, sweeps
+from services.rollouts import issue, outcomes, plan, queries, sweeps
 from services.safety import SafetyGate
 from tests.factories import OLD_RELEASE, Sessions, fetch_one, stage_vehicles
 from tests.services.rollouts.conftest import RELEASE
+from workflows.policy import unsettled
 
 
 async def test_batches_walk_the_stage_by_cursor(sessions: Sessions, rollout_id: int) -> None:
@@ -71,7 +72,7 @@ async def _issue(sessions: Sessions, rollout_id: int, safety: SafetyGate) -> iss
 async def _target(sessions: Sessions, rollout_id: int, vehicle_id: str) -> dict[str, Any]:
     return await fetch_one(
         sessions,
-        "SELECT t.state, t.reason_code, t.attempt, t.desired_state_id, t.notified_at,"
+        "SELECT t.state, t.reason_code, t.attempt, t.desired_state_id, t.notified_at, t.rechecked,"
         " v.status, v.reason_codes, v.desired_release_version, v.desired_state_id AS vehicle_ds,"
         " v.rollout_id FROM rollout_targets t JOIN vehicles v ON v.id = t.vehicle_id"
         " WHERE t.rollout_id = :r AND t.vehicle_id = :v",
@@ -219,6 +220,7 @@ async def test_a_held_back_vehicle_is_notified_once_a_heartbeat_passes(
     await _sql(sessions, "UPDATE vehicles SET battery_percent = 10 WHERE id = :v", v=low)
     await _sql(sessions, "UPDATE vehicles SET last_seen_at = NULL WHERE id = :v", v=stale)
     await _issue(sessions, rollout_id, CHECKS)
+    assert not (await _target(sessions, rollout_id, stage[2]))["rechecked"]  # issued: waited for
     assert await _recheck(sessions, rollout_id, CHECKS) == 0  # nothing new: nothing moves
     # The low one charges but drives off: still held back, for the other reason now.
     await _sql(
@@ -253,8 +255,16 @@ async def test_a_held_back_vehicle_is_notified_once_a_heartbeat_passes(
             rollout_id,
         )
         assert (sent["status"], sent["reason_codes"]) == ("pending", [])
+        assert sent["rechecked"]
     # Notified once: the stage had reached them already.
     assert await _counts(sessions, rollout_id) == (30, 27, 3, 0)
+    # The settle waits for the 25 issued at once, not for the 2 re-notified after a block.
+    async with session_scope(sessions) as session:
+        counts = await outcomes.gate_counts(
+            session, rollout_id=rollout_id, stage_index=1, max_attempts=3
+        )
+    assert (counts.notified, counts.rechecked, counts.blocked) == (27, 2, 0)
+    assert unsettled(counts) == 25
 
 
 async def test_a_held_back_vehicle_taken_by_a_later_assignment_is_skipped(

@@ -1,0 +1,37 @@
+"""rollout targets: `rechecked`, notified again by the blocked re-check
+
+A target held back or reported `blocked` is judged again while its rollout runs
+(services/rollouts/sweeps.py, `recheck_blocked`); when its vehicle passes, the target is
+`notified` again. Until now the stage's settle counted it as in flight: in a fleet whose
+vehicles move, some always were (blocked, re-notified, blocked again before applying), and a
+stage never settled. `rechecked` marks such a target so the settle does not wait for it while
+its vehicle has not begun to apply (workflows/policy.py, `unsettled`); the retry sweep and the
+first issue leave it false.
+
+A boolean with a constant default: PostgreSQL adds it without rewriting the table, and an
+update that sets it stays HOT (no index includes it).
+
+Revision ID: 0017
+Revises: 0016
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0017"
+down_revision: str | None = "0016"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "rollout_targets",
+        sa.Column("rechecked", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_column("rollout_targets", "rechecked")
