@@ -286,7 +286,8 @@ class RolloutActivities:
         (`rollback_gate_counts`), gated by the same failure threshold. `quick` (a look at new
         outcomes, many a minute while a large stage reports): the whole rollout from its
         counters' row (`policy.counted_total`, as issuing checks it between batches), the
-        stage's GROUP BY only once nothing is applying any more (it may have settled)."""
+        stage's GROUP BY only once nothing is applying any more (it may have settled; vehicles
+        notified again by the blocked re-check do not count as applying, as in the settle)."""
         rid = input.rollout_id
         stage_counted = True
         async with session_scope(self._sessions) as session:
@@ -301,8 +302,9 @@ class RolloutActivities:
                 )
             else:
                 if input.quick:  # the counters' row, and the stage once nothing applies
-                    total = counted_total(counts)
-                    stage_counted = total.notified + total.updating == 0
+                    rechecked = await queries.rechecked_notified(session, rollout_id=rid)
+                    total = counted_total(counts, rechecked=rechecked)
+                    stage_counted = unsettled(total) == 0
                 else:
                     total = await outcomes.gate_counts(
                         session, rollout_id=rid, stage_index=None, max_attempts=policy.max_attempts

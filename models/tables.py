@@ -217,6 +217,9 @@ class Rollout(SQLModel, table=True):
     failed: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     blocked: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     pending: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    # Targets `notified` again by the blocked re-check (rollout_targets.rechecked, migration
+    # 0017): the gates' quick look leaves them out of what is still applying.
+    rechecked: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     safety_acknowledgement: dict[str, Any] | None = _json_column("null", nullable=True)
     correlation_id: str | None = Field(default=None, sa_column=Column(Text))
     created_by: str = Field(sa_column=Column(Text, nullable=False))

@@ -186,18 +186,20 @@ def gate_policy(gates: Mapping[str, Any] | None) -> GatePolicy:
     )
 
 
-def counted_total(counts: RolloutCounts) -> GateCounts:
+def counted_total(counts: RolloutCounts, *, rechecked: int = 0) -> GateCounts:
     """The whole rollout's gate counts from its counters (one row, never a scan): every target
     whose desired state went out is counted once in `notified`, the ones without a current
     outcome are what is left after the current-state counters. What issuing checks between
-    batches."""
+    batches. `rechecked`: of those, notified again by the blocked re-check (its counter)."""
     outcomes = counts.updating + counts.succeeded + counts.failed + counts.blocked
+    notified = max(0, counts.notified - outcomes)
     return GateCounts(
-        notified=max(0, counts.notified - outcomes),
+        notified=notified,
         updating=counts.updating,
         succeeded=counts.succeeded,
         failed=counts.failed,
         blocked=counts.blocked,
+        rechecked=min(max(0, rechecked), notified),
     )
 
 

@@ -8,7 +8,8 @@ rollback.py), and the current-state counters here.
 succeeded, failed, blocked) by the difference, answering how many targets moved
 (`COUNTER_DELTAS`); for a keyset sweep over `todo` (ordered by vehicle id, `LIMIT :n`) it also
 answers how many the batch selected and the last vehicle id, where the next batch starts
-(`SWEEP_DELTAS`, run by `run_sweep_batch`).
+(`SWEEP_DELTAS`, run by `run_sweep_batch`). `rollouts.rechecked` moves the same way: the
+targets `notified` again by the blocked re-check, which the settle does not wait for.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pend
 
 
 # How the counters of the current states move: per state, the targets that entered it
-# minus those that left it.
+# minus those that left it. `rechecked` (targets `notified` with rollout_targets.rechecked):
+# the flag's new value stands for its old one too, because it changes only as a target comes
+# from a state other than `notified` (the re-check: blocked -> notified; the retry: failed ->
+# notified); no statement that moves a notified target changes it.
 _DELTAS = """
     deltas AS (
         SELECT count(*) AS moved,
@@ -34,7 +38,9 @@ _DELTAS = """
                count(*) FILTER (WHERE new_state = 'failed')
                  - count(*) FILTER (WHERE old_state = 'failed') AS failed,
                count(*) FILTER (WHERE new_state = 'blocked')
-                 - count(*) FILTER (WHERE old_state = 'blocked') AS blocked
+                 - count(*) FILTER (WHERE old_state = 'blocked') AS blocked,
+               count(*) FILTER (WHERE new_state = 'notified' AND rechecked)
+                 - count(*) FILTER (WHERE old_state = 'notified' AND rechecked) AS rechecked
         FROM moved
     ),
     counted AS (
@@ -43,6 +49,7 @@ _DELTAS = """
             succeeded = greatest(r.succeeded + deltas.succeeded, 0),
             failed = greatest(r.failed + deltas.failed, 0),
             blocked = greatest(r.blocked + deltas.blocked, 0),
+            rechecked = greatest(r.rechecked + deltas.rechecked, 0),
             updated_at = now()
         FROM deltas WHERE r.id = :rid AND deltas.moved > 0
         RETURNING 1
@@ -102,6 +109,6 @@ def move_targets(assignments: str, *, sweep: bool) -> str:
         UPDATE rollout_targets t
         SET {assignments}
         FROM todo WHERE t.rollout_id = :rid AND t.vehicle_id = todo.vehicle_id
-        RETURNING todo.old_state, t.state AS new_state
+        RETURNING todo.old_state, t.state AS new_state, t.rechecked
     ),"""
     return moved + (SWEEP_DELTAS if sweep else COUNTER_DELTAS)

@@ -213,3 +213,10 @@ async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
     """The rollout's counters, read from its row (never a scan of its targets)."""
     row = await rollout_columns(session, rollout_id=rollout_id, columns=COUNTS_COLUMNS)
     return RolloutCounts.model_validate(row._asdict())
+
+
+async def rechecked_notified(session: AsyncSession, *, rollout_id: int) -> int:
+    """How many of the rollout's targets are `notified` again by the blocked re-check and not
+    yet applying (its `rechecked` counter, services/rollouts/counters.py)."""
+    row = await rollout_columns(session, rollout_id=rollout_id, columns="rechecked")
+    return int(row.rechecked)

@@ -314,6 +314,67 @@ async def test_blocked_vehicle_is_reissued_when_it_passes_the_checks(
     assert targets[v[1]] == ("blocked", "NOT_STATIONARY", 1)
 
 
+async def test_a_vehicle_notified_again_after_a_block_does_not_hold_the_settle(
+    sessions: Sessions, issued: tuple[int, list[str]]
+) -> None:
+    """The soak's moving fleet: a blocked vehicle that passes the re-check is `notified`
+    again, and the stage stays settled (the full count and the quick look alike) until the
+    vehicle begins to apply; a retry clears the mark."""
+    rollout_id, v = issued
+    acts = RolloutActivities(sessions)
+    env = ActivityEnvironment()
+    gate = EvaluateGatesInput(rollout_id=rollout_id, stage_index=0, is_canary=True, bake_done=True)
+    quick = gate.model_copy(update={"quick": True})
+
+    async def rechecked() -> tuple[int, bool]:
+        row = await fetch_one(
+            sessions,
+            "SELECT r.rechecked AS counter, t.rechecked AS mark FROM rollouts r"
+            " JOIN rollout_targets t ON t.rollout_id = r.id AND t.vehicle_id = :v"
+            " WHERE r.id = :r",
+            r=rollout_id,
+            v=v[0],
+        )
+        return row["counter"], row["mark"]
+
+    await _record(sessions, rollout_id, [(x, "succeeded", None) for x in v[1:]])
+    await _record(sessions, rollout_id, [(v[0], "blocked", "BATTERY_LOW")])
+    assert (await env.run(acts.evaluate_gates, gate)).settled is True
+    async with session_scope(sessions) as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                "UPDATE vehicles SET battery_percent = 80, stationary = true,"
+                " last_seen_at = now() + interval '1 second' WHERE id = :v"
+            ),
+            {"v": v[0]},
+        )
+    now = datetime.now(UTC) + timedelta(minutes=1)
+    swept = await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
+    assert swept.changed == 1 and (await _targets(sessions, rollout_id))[v[0]][0] == "notified"
+    assert await rechecked() == (1, True)
+    full = await env.run(acts.evaluate_gates, gate)
+    assert (full.stage.notified, full.stage.rechecked) == (1, 1)
+    assert (full.settled, full.unsettled, full.decision.action) == (True, 0, "proceed")
+    looked = await env.run(acts.evaluate_gates, quick)
+    assert (looked.stage_counted, looked.settled) == (True, True)
+    assert (looked.total.notified, looked.total.rechecked) == (1, 1)
+    # It begins to apply: waited for again, by both.
+    await _record(sessions, rollout_id, [(v[0], "updating", None)])
+    assert await rechecked() == (0, True)
+    full = await env.run(acts.evaluate_gates, gate)
+    assert (full.settled, full.unsettled, full.decision.action) == (False, 1, "wait")
+    assert (await env.run(acts.evaluate_gates, quick)).stage_counted is False
+    # It fails (retryable) and is retried: a retry is waited for, the mark is gone.
+    await _record(sessions, rollout_id, [(v[0], "failed", "APPLY_FAILED")])
+    later = TargetSweepInput(rollout_id=rollout_id, now=datetime.now(UTC) + timedelta(hours=2))
+    assert (await env.run(acts.retry_failed_targets, later)).changed == 1
+    assert await rechecked() == (0, False)
+    full = await env.run(acts.evaluate_gates, gate)
+    assert (full.stage.notified, full.stage.rechecked, full.unsettled) == (1, 0, 1)
+    assert (await env.run(acts.evaluate_gates, quick)).stage_counted is False
+
+
 async def test_staged_rollback_moves_counters(
     sessions: Sessions, issued: tuple[int, list[str]]
 ) -> None:
