@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-log = structlog.stdlib.get_logger("motorcade.shutdown")
-
 # How long one step of a process's shutdown may take (stop the stream hub, drain the ingest
 # queue, dispose of the database pool, ...) before it is left behind.
 SHUTDOWN_STEP_SECONDS = 10.0
@@ -42,6 +40,8 @@ async def stop_within(
     is cancelled, not awaited, and logged by name (`shutdown step did not finish`): the
     process still stops, and says which part hung. One that fails is logged and passed over,
     so the steps after it still run."""
+    # A logger per call, not one cached at import: the configuration of the moment applies.
+    log = structlog.stdlib.get_logger("motorcade.shutdown")
     task = asyncio.ensure_future(stop())
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:

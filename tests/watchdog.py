@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import faulthandler
 import io
+import linecache
 import os
 import signal
 import sys
@@ -49,9 +50,11 @@ class Watchdog:
             time.sleep(1)
             current = self._current
             if current is not None and time.monotonic() - current[2] >= self.limit:
-                self._report(current)
-                _stop_children()
-                os._exit(EXIT_STALLED)
+                try:
+                    self._report(current)
+                finally:  # whatever the report met, the run ends
+                    _stop_descendants()
+                    os._exit(EXIT_STALLED)
 
     def _report(self, current: tuple[str, str, float]) -> None:
         nodeid, phase, started = current
@@ -83,10 +86,11 @@ class Watchdog:
         except RuntimeError as exc:  # the set changed under us too often: say so
             print(f"(tasks not listed: {exc})", file=out)
             return
-        print(f"---- {len(tasks)} asyncio tasks ----", file=out)
+        print(f"---- {len(tasks)} asyncio tasks, each down to what it awaits ----", file=out)
         for task in tasks:
             print(f"-- {task!r}", file=out)
-            task.print_stack(limit=30, file=out)
+            for line in _await_chain(task.get_coro()):
+                print(line, file=out)
 
 
 class _uncaptured:
@@ -148,14 +152,39 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     yield from _phase(item, "teardown")
 
 
-def _stop_children() -> None:
-    """SIGTERM to this process's children (read from /proc; nothing to do elsewhere)."""
-    me = str(os.getpid())
+def _await_chain(coro: Any) -> list[str]:
+    """The frames from a task's coroutine down to the innermost thing it awaits (Python 3.11's
+    `Task.print_stack` shows only the outermost coroutine frame)."""
+    lines = []
+    for _ in range(50):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        code, line = frame.f_code, frame.f_lineno
+        lines.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}')
+        lines.append("    " + linecache.getline(code.co_filename, line).strip())
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    if coro is not None:  # a future, or what a generator-based awaitable holds
+        lines.append(f"  awaiting {coro!r}"[:300])
+    return lines
+
+
+def _stop_descendants() -> None:
+    """SIGTERM to this process's descendants, children first (read from /proc: nothing to do
+    where there is none)."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
+        except (OSError, IndexError):
             continue
-        if fields[1] == me:  # fields: state, ppid, ...
-            with contextlib.suppress(OSError):
-                os.kill(int(stat.parent.name), signal.SIGTERM)
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [os.getpid()]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        todo += children
+    for pid in found:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)

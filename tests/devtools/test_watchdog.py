@@ -22,10 +22,14 @@ async def test_fine():
     await asyncio.sleep(0)
 
 
+async def held(event):
+    await event.wait()  # the awaited line the dump must show, below the test's own
+
+
 async def test_stalls_awaiting_forever():
-    child = subprocess.Popen(["sleep", "300"])
-    Path("child.pid").write_text(str(child.pid))
-    await asyncio.Event().wait()  # the awaited line the dump must show
+    # A child, and a grandchild of its own (as a server started through a script).
+    subprocess.Popen(["sh", "-c", "sleep 300 & echo $! > grandchild.pid; exec sleep 300"])
+    await held(asyncio.Event())
 """
 
 
@@ -35,11 +39,12 @@ def test_a_stalled_test_ends_the_run_with_its_tasks(tmp_path: Path) -> None:
     assert done.returncode == 70, done.stdout + done.stderr
     report = done.stdout + done.stderr
     assert "test_stall.py::test_stalls_awaiting_forever (call) stalled" in report
-    assert "await asyncio.Event().wait()  # the awaited line the dump must show" in report
+    assert "await held(asyncio.Event())" in report
+    assert "await event.wait()  # the awaited line the dump must show" in report
     logged = (tmp_path / ".motorcade" / "test-stall.log").read_text()
     assert "test_stalls_awaiting_forever" in logged and "asyncio tasks" in logged
-    # The child got SIGTERM: gone (reaped by init) or a zombie, never still sleeping.
-    pid = int((tmp_path / "child.pid").read_text())
+    # The grandchild got SIGTERM: gone (reaped by init) or a zombie, never still sleeping.
+    pid = int((tmp_path / "grandchild.pid").read_text())
     for _ in range(50):
         if _gone(pid):
             break
