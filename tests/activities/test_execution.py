@@ -90,6 +90,20 @@ async def _targets(sessions: Sessions, rollout_id: int) -> dict[str, tuple[str, 
     return {r["vehicle_id"]: (r["state"], r["reason_code"], r["attempt"]) for r in rows}
 
 
+async def _heartbeat(sessions: Sessions, beats: list[dict[str, Any]]) -> None:
+    """Each vehicle `v` reports battery `b` and stationary `s`, a second from now (newer than
+    any report before it)."""
+    async with session_scope(sessions) as session:
+        conn = await session.connection()
+        await conn.execute(
+            text(
+                "UPDATE vehicles SET battery_percent = :b, stationary = :s,"
+                " last_seen_at = now() + interval '1 second' WHERE id = :v"
+            ),
+            beats,
+        )
+
+
 def _sweep_at(rollout_id: int, seconds: int) -> TargetSweepInput:
     """A sweep of the rollout's targets `seconds` after its canary was issued (T0)."""
     return TargetSweepInput(rollout_id=rollout_id, now=T0 + timedelta(seconds=seconds))
@@ -298,15 +312,7 @@ async def test_blocked_vehicle_is_reissued_when_it_passes_the_checks(
     assert (
         await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
     ).changed == 0
-    async with session_scope(sessions) as session:
-        conn = await session.connection()
-        await conn.execute(
-            text(
-                "UPDATE vehicles SET battery_percent = :b, stationary = :s,"
-                " last_seen_at = now() + interval '1 second' WHERE id = :v"
-            ),
-            [{"v": v[0], "b": 80, "s": True}, {"v": v[1], "b": 80, "s": False}],
-        )
+    await _heartbeat(sessions, [{"v": v[0], "b": 80, "s": True}, {"v": v[1], "b": 80, "s": False}])
     result = await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
     assert result.changed == 1 and result.counts.blocked == 1
     targets = await _targets(sessions, rollout_id)
@@ -340,15 +346,7 @@ async def test_a_vehicle_notified_again_after_a_block_does_not_hold_the_settle(
     await _record(sessions, rollout_id, [(x, "succeeded", None) for x in v[1:]])
     await _record(sessions, rollout_id, [(v[0], "blocked", "BATTERY_LOW")])
     assert (await env.run(acts.evaluate_gates, gate)).settled is True
-    async with session_scope(sessions) as session:
-        conn = await session.connection()
-        await conn.execute(
-            text(
-                "UPDATE vehicles SET battery_percent = 80, stationary = true,"
-                " last_seen_at = now() + interval '1 second' WHERE id = :v"
-            ),
-            {"v": v[0]},
-        )
+    await _heartbeat(sessions, [{"v": v[0], "b": 80, "s": True}])
     now = datetime.now(UTC) + timedelta(minutes=1)
     swept = await env.run(acts.recheck_blocked, TargetSweepInput(rollout_id=rollout_id, now=now))
     assert swept.changed == 1 and (await _targets(sessions, rollout_id))[v[0]][0] == "notified"
