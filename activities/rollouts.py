@@ -287,7 +287,7 @@ class RolloutActivities:
         outcomes, many a minute while a large stage reports): the whole rollout from its
         counters' row (`policy.counted_total`, as issuing checks it between batches), the
         stage's GROUP BY only once nothing is applying any more (it may have settled; vehicles
-        notified again by the blocked re-check do not count as applying, as in the settle)."""
+        notified again by the blocked re-check are not waited for, as in the settle)."""
         rid = input.rollout_id
         stage_counted = True
         async with session_scope(self._sessions) as session:

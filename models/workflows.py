@@ -237,7 +237,8 @@ class GateCounts(BaseModel):
     blocked: int = 0
     # failed with a retryable reason and attempts left (work for retry_failed_targets)
     retryable: int = 0
-    # of `notified`: notified again by the blocked re-check (a histories' counts lack it: 0)
+    # of `notified` and `updating`: notified again by the blocked re-check, not waited for by
+    # the settle (an old history's counts lack it: 0)
     rechecked: int = 0
 
     @property

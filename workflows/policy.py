@@ -190,7 +190,8 @@ def counted_total(counts: RolloutCounts, *, rechecked: int = 0) -> GateCounts:
     """The whole rollout's gate counts from its counters (one row, never a scan): every target
     whose desired state went out is counted once in `notified`, the ones without a current
     outcome are what is left after the current-state counters. What issuing checks between
-    batches. `rechecked`: of those, notified again by the blocked re-check (its counter)."""
+    batches. `rechecked`: of those without an outcome, notified again by the blocked re-check
+    (its counter)."""
     outcomes = counts.updating + counts.succeeded + counts.failed + counts.blocked
     notified = max(0, counts.notified - outcomes)
     return GateCounts(
@@ -199,7 +200,7 @@ def counted_total(counts: RolloutCounts, *, rechecked: int = 0) -> GateCounts:
         succeeded=counts.succeeded,
         failed=counts.failed,
         blocked=counts.blocked,
-        rechecked=min(max(0, rechecked), notified),
+        rechecked=min(max(0, rechecked), notified + counts.updating),
     )
 
 
@@ -225,17 +226,18 @@ def unsettled(stage: GateCounts) -> int:
     (retries used up, a reason never retried, APPLY_TIMEOUT on the last attempt) and `blocked`
     are outcomes. A stage is settled when this is 0.
 
-    A vehicle notified again by the blocked re-check (`rechecked`) is not waited for until it
-    begins to apply (`updating`): it had its outcome (`blocked`), and in a fleet that moves
-    some always are between a re-check and their next block, so waiting for them kept stages
-    from ever settling. It still counts among the issued, and its outcome when it comes."""
-    return stage.notified - stage.rechecked + stage.updating + stage.retryable
+    A vehicle notified again by the blocked re-check (`rechecked`, `notified` or `updating`)
+    is not waited for: it had its outcome (`blocked`), and in a fleet that moves some always
+    are between a re-check and their next outcome, so waiting for them kept stages from ever
+    settling. It still counts among the issued, and its next outcome counts when it comes (a
+    failure against the threshold at once; a retryable one is waited for, as any retry)."""
+    return max(0, stage.notified + stage.updating - stage.rechecked) + stage.retryable
 
 
 def settle_detail(stage: GateCounts) -> str:
     """What a settling stage waits for, as `waitingFor` says it: "43 of 500 vehicles still
     applying"."""
-    applying = stage.notified - stage.rechecked + stage.updating
+    applying = max(0, stage.notified + stage.updating - stage.rechecked)
     detail = f"{applying} of {stage.issued} vehicles still applying"
     if stage.retryable:
         detail += f", {stage.retryable} to be retried"
@@ -258,13 +260,13 @@ def decide(
 
     Order: the failure threshold first (at any time, over every vehicle notified so far);
     then, while the bake is not over, or the stage has vehicles without an outcome (a retry,
-    or a re-notified blocked vehicle that began to apply, un-settles it), wait; then the canary
+    un-settles it), wait; then the canary
     check (canary stage only, once settled and baked); then proceed. A stage is never judged
     on the clock alone: `bake_done` is only true once the stage settled and then baked
     `bakeSeconds`.
     The last stage (`is_last`) waits for the whole rollout to settle (a vehicle of an earlier
-    stage retried, or re-notified and applying, since): `completed` means every vehicle has an
-    outcome.
+    stage retried since): `completed` means every vehicle has an outcome (a blocked one notified
+    again may be on its way to its next).
 
     `acknowledged_failed`: failures an operator accepted by resuming after a FAILURE_THRESHOLD
     pause; they stay in the denominator but no longer count as failures. `canary_forced`: an

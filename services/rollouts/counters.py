@@ -9,7 +9,8 @@ succeeded, failed, blocked) by the difference, answering how many targets moved
 (`COUNTER_DELTAS`); for a keyset sweep over `todo` (ordered by vehicle id, `LIMIT :n`) it also
 answers how many the batch selected and the last vehicle id, where the next batch starts
 (`SWEEP_DELTAS`, run by `run_sweep_batch`). `rollouts.rechecked` moves the same way: the
-targets `notified` again by the blocked re-check, which the settle does not wait for.
+targets notified again by the blocked re-check and not yet done (`notified` or `updating`),
+which the settle does not wait for.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ COUNTS_COLUMNS = "targeted, notified, updating, succeeded, failed, blocked, pend
 
 
 # How the counters of the current states move: per state, the targets that entered it
-# minus those that left it. `rechecked` (targets `notified` with rollout_targets.rechecked):
-# the flag's new value stands for its old one too, because it changes only as a target comes
-# from a state other than `notified` (the re-check: blocked -> notified; the retry: failed ->
-# notified); no statement that moves a notified target changes it.
+# minus those that left it. `rechecked` (targets `notified` or `updating` with
+# rollout_targets.rechecked): the flag's new value stands for its old one too, because it
+# changes only as a target comes from another state (the re-check: blocked -> notified; the
+# retry: failed -> notified); no statement that moves a notified or updating target changes it.
 _DELTAS = """
     deltas AS (
         SELECT count(*) AS moved,
@@ -39,8 +40,9 @@ _DELTAS = """
                  - count(*) FILTER (WHERE old_state = 'failed') AS failed,
                count(*) FILTER (WHERE new_state = 'blocked')
                  - count(*) FILTER (WHERE old_state = 'blocked') AS blocked,
-               count(*) FILTER (WHERE new_state = 'notified' AND rechecked)
-                 - count(*) FILTER (WHERE old_state = 'notified' AND rechecked) AS rechecked
+               count(*) FILTER (WHERE new_state IN ('notified', 'updating') AND rechecked)
+                 - count(*) FILTER (WHERE old_state IN ('notified', 'updating') AND rechecked)
+                 AS rechecked
         FROM moved
     ),
     counted AS (

@@ -110,7 +110,7 @@ async def gate_counts(
     """Targets per state of one stage (or the whole rollout, `stage_index` None). `retryable`:
     failed and issued again by the retry sweep once its backoff is over (a retryable reason,
     fewer than `max_attempts` issues: `sweeps.RETRYABLE_TARGET`). `rechecked`: notified again by
-    the blocked re-check, not yet applying."""
+    the blocked re-check and not done yet (`notified` or `updating`)."""
     conn = await session.connection()
     rows = await conn.execute(
         text(
@@ -135,8 +135,8 @@ async def gate_counts(
             setattr(counts, row.state, int(row.n))
         if row.state == "failed":
             counts.retryable = int(row.retryable)
-        if row.state == "notified":
-            counts.rechecked = int(row.rechecked)
+        if row.state in ("notified", "updating"):
+            counts.rechecked += int(row.rechecked)
     return counts
 
 

@@ -216,7 +216,7 @@ async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
 
 
 async def rechecked_notified(session: AsyncSession, *, rollout_id: int) -> int:
-    """How many of the rollout's targets are `notified` again by the blocked re-check and not
-    yet applying (its `rechecked` counter, services/rollouts/counters.py)."""
+    """How many of the rollout's targets are notified again by the blocked re-check and not
+    done yet (its `rechecked` counter, services/rollouts/counters.py)."""
     row = await rollout_columns(session, rollout_id=rollout_id, columns="rechecked")
     return int(row.rechecked)

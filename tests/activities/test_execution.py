@@ -324,8 +324,8 @@ async def test_a_vehicle_notified_again_after_a_block_does_not_hold_the_settle(
     sessions: Sessions, issued: tuple[int, list[str]]
 ) -> None:
     """The soak's moving fleet: a blocked vehicle that passes the re-check is `notified`
-    again, and the stage stays settled (the full count and the quick look alike) until the
-    vehicle begins to apply; a retry clears the mark."""
+    again, and the stage stays settled (the full count and the quick look alike) while it
+    applies; a failure counts at once, and a retry is waited for (it clears the mark)."""
     rollout_id, v = issued
     acts = RolloutActivities(sessions)
     env = ActivityEnvironment()
@@ -357,14 +357,18 @@ async def test_a_vehicle_notified_again_after_a_block_does_not_hold_the_settle(
     looked = await env.run(acts.evaluate_gates, quick)
     assert (looked.stage_counted, looked.settled) == (True, True)
     assert (looked.total.notified, looked.total.rechecked) == (1, 1)
-    # It begins to apply: waited for again, by both.
+    # It begins to apply: still not waited for, by either.
     await _record(sessions, rollout_id, [(v[0], "updating", None)])
+    assert await rechecked() == (1, True)
+    full = await env.run(acts.evaluate_gates, gate)
+    assert (full.stage.updating, full.stage.rechecked) == (1, 1)
+    assert (full.settled, full.unsettled, full.decision.action) == (True, 0, "proceed")
+    assert (await env.run(acts.evaluate_gates, quick)).stage_counted is True
+    # It fails (retryable): the failure counts, and its retry is waited for.
+    await _record(sessions, rollout_id, [(v[0], "failed", "APPLY_FAILED")])
     assert await rechecked() == (0, True)
     full = await env.run(acts.evaluate_gates, gate)
-    assert (full.settled, full.unsettled, full.decision.action) == (False, 1, "wait")
-    assert (await env.run(acts.evaluate_gates, quick)).stage_counted is False
-    # It fails (retryable) and is retried: a retry is waited for, the mark is gone.
-    await _record(sessions, rollout_id, [(v[0], "failed", "APPLY_FAILED")])
+    assert (full.stage.failed, full.stage.retryable, full.unsettled) == (1, 1, 1)
     later = TargetSweepInput(rollout_id=rollout_id, now=datetime.now(UTC) + timedelta(hours=2))
     assert (await env.run(acts.retry_failed_targets, later)).changed == 1
     assert await rechecked() == (0, False)
