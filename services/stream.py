@@ -425,6 +425,9 @@ class StreamHub:
                 min_size=0,
                 max_size=backfill_pool_size,
                 timeout=backfill_wait_seconds,
+                # A connection that died while idle (a PostgreSQL restart, a terminated
+                # backend) is replaced at checkout, not handed to a resume that then fails.
+                check=AsyncConnectionPool.check_connection,
                 open=False,
                 kwargs={
                     "autocommit": True,

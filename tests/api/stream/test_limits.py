@@ -12,7 +12,8 @@ import httpx
 import psycopg
 
 from core.settings import Settings
-from services.stream import APPLICATION_NAMES
+from models.scope import UNRESTRICTED
+from services.stream import APPLICATION_NAMES, StreamHub, Subscriber
 from tests.api.conftest import bearer, serve_app
 from tests.api.stream import SSE, aged_feed_rows, feed_burst, open_stream
 
@@ -156,3 +157,29 @@ async def test_a_resume_after_the_pooled_connection_died_is_served(
                     (APPLICATION_NAMES["backfill"],),
                 ).fetchone()
             assert killed is not None and killed[0] >= 1
+
+
+async def test_the_backfill_pool_replaces_a_connection_that_died_idle(
+    settings: Settings, own_database: str
+) -> None:
+    """The same, at the hub, without a client's timing: a resume read to its end returns its
+    connection to the pool; that connection is terminated while idle; the next resume is
+    served on a fresh one (it failed with AdminShutdown when the pool did not check)."""
+    ids = aged_feed_rows(own_database, [timedelta(0)] * 3)
+    own = settings.model_copy(update={"database_url": own_database})
+    hub = StreamHub(own.libpq_database_url, backfill_pool_size=1)
+    await hub.start()
+    try:
+        for _ in range(2):
+            sub = Subscriber(topics=frozenset({"vehicles"}), scope=UNRESTRICTED, bound=100)
+            pages = [page async for page in hub.backfill(after=ids[0], upto=ids[-1], sub=sub)]
+            assert [event.id for page in pages for event in page] == ids[1:]
+            with psycopg.connect(own_database, autocommit=True) as conn:
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND datname = current_database()",
+                    (APPLICATION_NAMES["backfill"],),
+                ).fetchone()
+            assert killed == (1,)  # the one pooled connection, idle
+    finally:
+        await hub.stop()
