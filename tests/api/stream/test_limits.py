@@ -136,6 +136,19 @@ async def test_a_burst_of_resumes_uses_at_most_the_pool(
     assert peak["all"] <= 2 + 2 + 1
 
 
+def terminate_backfill_connections(database_url: str) -> int:
+    """Terminate the stream backfill pool's connections (as a PostgreSQL restart would); how
+    many there were."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (APPLICATION_NAMES["backfill"],),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 async def test_a_resume_after_the_pooled_connection_died_is_served(
     settings: Settings, token: Callable[..., str], own_database: str
 ) -> None:
@@ -150,13 +163,7 @@ async def test_a_resume_after_the_pooled_connection_died_is_served(
                 assert [(await sse.event() or {}).get("id") for _ in ids[1:]] == [
                     str(i) for i in ids[1:]
                 ]
-            with psycopg.connect(own_database, autocommit=True) as conn:
-                killed = conn.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = %s AND datname = current_database()",
-                    (APPLICATION_NAMES["backfill"],),
-                ).fetchone()
-            assert killed is not None and killed[0] >= 1
+            assert terminate_backfill_connections(own_database) >= 1
 
 
 async def test_the_backfill_pool_replaces_a_connection_that_died_idle(
@@ -174,12 +181,6 @@ async def test_the_backfill_pool_replaces_a_connection_that_died_idle(
             sub = Subscriber(topics=frozenset({"vehicles"}), scope=UNRESTRICTED, bound=100)
             pages = [page async for page in hub.backfill(after=ids[0], upto=ids[-1], sub=sub)]
             assert [event.id for page in pages for event in page] == ids[1:]
-            with psycopg.connect(own_database, autocommit=True) as conn:
-                killed = conn.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = %s AND datname = current_database()",
-                    (APPLICATION_NAMES["backfill"],),
-                ).fetchone()
-            assert killed == (1,)  # the one pooled connection, idle
+            assert terminate_backfill_connections(own_database) == 1  # the one, idle
     finally:
         await hub.stop()
