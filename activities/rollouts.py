@@ -292,7 +292,7 @@ class RolloutActivities:
         stage_counted = True
         async with session_scope(self._sessions) as session:
             policy = await queries.load_policy(session, rollout_id=rid)
-            counts = await queries.progress(session, rollout_id=rid)
+            counts, rechecked = await queries.gate_counters(session, rollout_id=rid)
             if input.rollback:
                 total = await outcomes.rollback_gate_counts(
                     session, rollout_id=rid, stage_index=None
@@ -302,7 +302,6 @@ class RolloutActivities:
                 )
             else:
                 if input.quick:  # the counters' row, and the stage once nothing applies
-                    rechecked = await queries.rechecked_notified(session, rollout_id=rid)
                     total = counted_total(counts, rechecked=rechecked)
                     stage_counted = unsettled(total) == 0
                 else:

@@ -217,8 +217,9 @@ class Rollout(SQLModel, table=True):
     failed: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     blocked: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     pending: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
-    # Targets `notified` again by the blocked re-check (rollout_targets.rechecked, migration
-    # 0017): the gates' quick look leaves them out of what is still applying.
+    # Targets notified again by the blocked re-check and not done yet (`notified` or
+    # `updating` with rollout_targets.rechecked, migration 0017): the gates' quick look leaves
+    # them out of what is still applying.
     rechecked: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     safety_acknowledgement: dict[str, Any] | None = _json_column("null", nullable=True)
     correlation_id: str | None = Field(default=None, sa_column=Column(Text))
@@ -256,8 +257,8 @@ class RolloutTarget(SQLModel, table=True):
     previous_desired_state_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID))
     previous_release_version: str | None = Field(default=None, sa_column=Column(Text))
     notified_at: datetime | None = Field(default=None, sa_column=Column(TIMEZONE))
-    # Notified again by the blocked re-check (migration 0017): while still `notified`, the
-    # stage's settle does not wait for it (workflows/policy.py, `unsettled`).
+    # Notified again by the blocked re-check (migration 0017): while `notified` or `updating`,
+    # the stage's settle does not wait for it (workflows/policy.py, `unsettled`).
     rechecked: bool = Field(
         default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
     )

@@ -4,9 +4,9 @@ A target held back or reported `blocked` is judged again while its rollout runs
 (services/rollouts/sweeps.py, `recheck_blocked`); when its vehicle passes, the target is
 `notified` again. Until now the stage's settle counted it as in flight: in a fleet whose
 vehicles move, some always were (blocked, re-notified, blocked again before applying), and a
-stage never settled. `rechecked` marks such a target so the settle does not wait for it while
-its vehicle has not begun to apply (workflows/policy.py, `unsettled`); the retry sweep and the
-first issue leave it false. `rollouts.rechecked` counts the targets `notified` with it, moved
+stage never settled. `rechecked` marks such a target so the settle does not wait for it,
+applying or not (workflows/policy.py, `unsettled`); the retry sweep and the first issue leave
+it false. `rollouts.rechecked` counts the targets `notified` or `updating` with it, moved
 by the statements that move targets (services/rollouts/counters.py), so the gates' quick look
 (from the counters, never a scan) leaves them out too.
 

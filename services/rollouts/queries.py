@@ -215,8 +215,12 @@ async def progress(session: AsyncSession, *, rollout_id: int) -> RolloutCounts:
     return RolloutCounts.model_validate(row._asdict())
 
 
-async def rechecked_notified(session: AsyncSession, *, rollout_id: int) -> int:
-    """How many of the rollout's targets are notified again by the blocked re-check and not
-    done yet (its `rechecked` counter, services/rollouts/counters.py)."""
-    row = await rollout_columns(session, rollout_id=rollout_id, columns="rechecked")
-    return int(row.rechecked)
+async def gate_counters(session: AsyncSession, *, rollout_id: int) -> tuple[RolloutCounts, int]:
+    """The rollout's counters and its `rechecked` counter (targets notified again by the
+    blocked re-check and not done yet, services/rollouts/counters.py), in one read of its
+    row; `rechecked` stays out of RolloutCounts, the API's `progress`."""
+    row = await rollout_columns(
+        session, rollout_id=rollout_id, columns=COUNTS_COLUMNS + ", rechecked"
+    )
+    data = row._asdict()
+    return RolloutCounts.model_validate(data), int(data["rechecked"])
