@@ -132,8 +132,16 @@ async def session(sessions: Sessions) -> AsyncIterator[AsyncSession]:
         await s.rollback()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping test server of this test's own (it starts in about 0.15 s).
+
+    One server per test, not per session: the server stops skipping time for good once its
+    count of time-skipping locks is off by one, and some races leave it so (a workflow that
+    closes with an activity still open, temporalio/sdk-java#1138; an unlock while the count is
+    already zero, temporalio/sdk-java#3092). On a shared server every later test would then
+    wait its hours of bake in real time. A fresh server keeps such a leak inside the test that
+    caused it."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=localservers.venv_binary("temporal-test-server"),
         data_converter=pydantic_data_converter,
