@@ -250,8 +250,10 @@ async def reporting_fleet(
     or a rollback) reports `state` at once, and the workflow is signalled, as the ingest path
     does. A fleet that always reports, for tests about sequencing and operators."""
 
+    stop = asyncio.Event()
+
     async def answer() -> None:
-        while True:
+        while not stop.is_set():
             notified = await fetch_all(
                 sessions,
                 "SELECT vehicle_id FROM rollout_targets WHERE rollout_id = :r"
@@ -270,9 +272,13 @@ async def reporting_fleet(
     try:
         yield
     finally:
+        # The flag ends the loop even if a library swallows the cancel (as Python 3.11's
+        # wait_for could); the bound turns a stuck answer into an error, not a stalled suite.
+        stop.set()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with asyncio.timeout(30):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def through_healthy_canary(
