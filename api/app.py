@@ -6,20 +6,23 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from api.authgate import AuthGateMiddleware
 from api.bodylimit import BodyLimitMiddleware, document_body_limits
 from api.deprecation import DeprecationMiddleware, document_deprecations
-from api.deps import TemporalConnection, ViewerDep, storable_parameters
+from api.deps import TemporalConnection, storable_parameters
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware, TracingMiddleware
+from api.naming import operation_id, rename_schemas
 from api.ratelimit import RateLimitMiddleware, TelemetryLimits, document_rate_limits
 from api.routes import (
     audit,
@@ -47,7 +50,7 @@ from services.stream import StreamHub, ticket_secret
 from services.telemetry import WideWritePolicy
 
 API_PREFIX = "/api/v1"
-API_VERSION = "1.5.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
+API_VERSION = "1.6.0"  # SemVer of docs/openapi.yaml: additions bump the minor version
 
 DESCRIPTION = """\
 Motorcade rolls software out to vehicle fleets safely. Every success body is
@@ -110,6 +113,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        generate_unique_id_function=operation_id,
         # FastAPI's own OpenTelemetry bridge would record each request's query string (where
         # a stream ticket travels) as soon as a tracer provider exists: our TracingMiddleware
         # makes the server span instead (core/tracing.py).
@@ -251,14 +255,28 @@ def _include_routers(app: FastAPI, role: str, *, serves_ingest: bool) -> None:
         app.include_router(router, prefix=API_PREFIX)
 
 
+SWAGGER_UI = Path(__file__).parent / "static" / "swagger-ui"  # vendored: /docs works offline
+
+
 def _add_docs(app: FastAPI) -> None:
+    """The API's description is public (SPEC.md): `/openapi.json` and `/docs` need no token,
+    and `/docs` loads Swagger UI from the app itself, never from a CDN."""
+
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi_json(_: ViewerDep) -> JSONResponse:
+    async def openapi_json() -> JSONResponse:
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False)
-    async def docs(_: ViewerDep, request: Request) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="Motorcade API")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Motorcade API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
+
+    app.mount("/docs/assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -297,5 +315,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             operation["security"] = []
     for operation in schema["paths"].get("/metrics", {}).values():
         operation["security"] = [{"metricsToken": []}]
+    rename_schemas(schema)  # plain names (`Rollout`, `RolloutPage`, `Error`): api/naming.py
     app.openapi_schema = schema
     return schema

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import yaml
 
+from api.naming import CAMEL_OPERATION_ID, PLAIN_SCHEMA_NAME, rename_schemas
 from devtools.openapi import openapi_document
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -22,13 +27,55 @@ def test_spec_is_semver_and_documents_the_envelopes() -> None:
     major, minor, patch = doc["info"]["version"].split(".")
     assert major == "1" and minor.isdigit() and patch.isdigit()
     schemas = doc["components"]["schemas"]
-    assert "ErrorEnvelope" in schemas
-    assert any(name.startswith("ListEnvelope") for name in schemas)
+    assert {"Error", "Vehicle", "VehiclePage", "Rollout", "RolloutResponse"} <= set(schemas)
+    error = doc["paths"]["/api/v1/vehicles"]["get"]["responses"]["401"]
+    assert error["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     get_vehicles = doc["paths"]["/api/v1/vehicles"]["get"]
     assert {"401", "403", "422"} <= set(get_vehicles["responses"])
     assert doc["paths"]["/healthz"]["get"]["security"] == []
 
 
-async def test_served_spec_is_the_same(http: httpx.AsyncClient, viewer: dict) -> None:
-    served = (await http.get("/openapi.json", headers=viewer)).json()
-    assert served == openapi_document()
+def test_every_operation_id_is_short_camel_case_and_every_schema_name_plain() -> None:
+    doc = openapi_document()
+    operations = [
+        operation
+        for path in doc["paths"].values()
+        for method, operation in path.items()
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+    ids = [operation["operationId"] for operation in operations]
+    assert len(ids) == len(set(ids)), "operationIds must be unique"
+    for operation_id in ids:
+        assert CAMEL_OPERATION_ID.match(operation_id), operation_id
+        assert len(operation_id) <= 24, operation_id
+    for name, schema in doc["components"]["schemas"].items():
+        assert PLAIN_SCHEMA_NAME.match(name), name
+        assert not name.endswith(("Out", "In")), name
+        assert schema.get("title", name) == name
+    refs = re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc))
+    assert set(refs) <= set(doc["components"]["schemas"]), "every $ref resolves"
+
+
+def test_a_schema_name_clash_fails_loudly() -> None:
+    document: dict[str, Any] = {"components": {"schemas": {"RolloutOut": {}, "Rollout": {}}}}
+    with pytest.raises(ValueError, match="would both be named 'Rollout'"):
+        rename_schemas(document)
+
+
+async def test_served_spec_is_the_same_and_public(http: httpx.AsyncClient) -> None:
+    served = await http.get("/openapi.json")  # no token: the description is public
+    assert served.status_code == 200
+    assert served.json() == openapi_document()
+
+
+async def test_docs_are_public_and_load_nothing_from_elsewhere(http: httpx.AsyncClient) -> None:
+    page = await http.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assets += re.findall(r"url: '([^']+)'", page.text)
+    assert assets, page.text
+    for asset in assets:
+        assert asset.startswith("/"), f"/docs loads {asset} from another origin"
+        loaded = await http.get(asset)
+        assert loaded.status_code == 200, asset
+        assert loaded.content, asset

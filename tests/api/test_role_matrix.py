@@ -41,8 +41,9 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/readyz"): PROBE,
     # its own credential (MOTORCADE_METRICS_TOKEN): no user token reads it
     ("GET", "/metrics"): (401, 401, 401, 401, 401, 401),
-    ("GET", "/openapi.json"): READ,
-    ("GET", "/docs"): READ,
+    # the API's description is public
+    ("GET", "/openapi.json"): PROBE,
+    ("GET", "/docs"): PROBE,
     ("GET", "/api/v1/vehicles"): READ,
     ("GET", "/api/v1/vehicles/{vehicle_id}"): READ_ONE,
     ("GET", "/api/v1/vehicles/{vehicle_id}/timeline"): READ_ONE,
