@@ -40,6 +40,7 @@ from core import tracing
 from core.aio import stop_within
 from core.auth import TokenVerifier
 from core.db import autocommit_engine, connection_options, create_engine, session_factory
+from core.errors import error_codes
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import OutcomeSignals
@@ -315,6 +316,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             operation["security"] = []
     for operation in schema["paths"].get("/metrics", {}).values():
         operation["security"] = [{"metricsToken": []}]
+    error_code = schemas["ErrorBody"]["properties"]["code"]
+    error_code["enum"] = error_codes()
+    error_code["description"] = "What went wrong, for a program: one of these, never another."
     rename_schemas(schema)  # plain names (`Rollout`, `RolloutPage`, `Error`): api/naming.py
     app.openapi_schema = schema
     return schema

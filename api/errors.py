@@ -19,6 +19,7 @@ from starlette.routing import Match
 from api.envelope import error_body
 from core.db import database_unavailable
 from core.errors import (
+    HTTP_ERROR,
     Conflict,
     DependencyUnavailable,
     Forbidden,
@@ -124,7 +125,7 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
     else:
         mapped = MotorcadeError(str(exc.detail))
         mapped.status = exc.status_code
-        mapped.code = "HTTP_ERROR" if exc.status_code < 500 else "INTERNAL"
+        mapped.code = HTTP_ERROR if exc.status_code < 500 else "INTERNAL"
     if exc.headers:
         mapped.headers.update(exc.headers)
     if exc.status_code == 405:

@@ -43,6 +43,23 @@ class MotorcadeError(Exception):
         return self.message if self.expose else type(self).message
 
 
+# A 4xx the framework raised that no class names (api/errors.py maps the ones it knows to
+# their classes); none is known to be reachable, the mapping is a safety net.
+HTTP_ERROR = "HTTP_ERROR"
+
+
+def error_codes() -> list[str]:
+    """Every `code` an error answer can carry: the codes of this tree and HTTP_ERROR, sorted
+    (the enum of `ErrorBody.code` in the API's description)."""
+    codes: set[str] = {HTTP_ERROR}
+    pending: list[type[MotorcadeError]] = [MotorcadeError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return sorted(codes)
+
+
 class _RetryAfter(MotorcadeError):
     """An error whose answer carries `Retry-After` (seconds)."""
 

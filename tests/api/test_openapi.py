@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from api.naming import CAMEL_OPERATION_ID, PLAIN_SCHEMA_NAME, rename_schemas
+from core.errors import error_codes
 from devtools.openapi import openapi_document
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -54,6 +55,27 @@ def test_every_operation_id_is_short_camel_case_and_every_schema_name_plain() ->
         assert schema.get("title", name) == name
     refs = re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc))
     assert set(refs) <= set(doc["components"]["schemas"]), "every $ref resolves"
+
+
+SPEC_ERROR_CODES = {  # ../shared/SPEC.md, "HTTP conventions"
+    "VALIDATION_ERROR", "UNAUTHENTICATED", "FORBIDDEN", "NOT_FOUND", "CONFLICT",
+    "INVALID_STATE_TRANSITION", "IDEMPOTENCY_KEY_IN_USE", "IDEMPOTENCY_KEY_MISMATCH",
+    "SAFETY_POLICY_WEAKENED", "RELEASE_SIGNATURE_INVALID", "RATE_LIMITED", "OVERLOADED",
+    "INTERNAL",
+}  # fmt: skip
+
+
+def test_the_error_codes_are_an_enum_of_every_code_the_api_sends() -> None:
+    code = openapi_document()["components"]["schemas"]["ErrorBody"]["properties"]["code"]
+    assert code["enum"] == error_codes()
+    assert SPEC_ERROR_CODES <= set(code["enum"])
+    assert "HTTP_ERROR" in code["enum"]  # a framework 4xx no class names
+
+
+async def test_a_missing_docs_asset_is_the_error_envelope(http: httpx.AsyncClient) -> None:
+    response = await http.get("/docs/assets/no-such-file.js")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "NOT_FOUND"
 
 
 def test_a_schema_name_clash_fails_loudly() -> None:
