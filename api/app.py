@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from api.authgate import AuthGateMiddleware
 from api.bodylimit import BodyLimitMiddleware, document_body_limits
@@ -259,6 +260,17 @@ def _include_routers(app: FastAPI, role: str, *, serves_ingest: bool) -> None:
 SWAGGER_UI = Path(__file__).parent / "static" / "swagger-ui"  # vendored: /docs works offline
 
 
+class _WholeFiles(StaticFiles):
+    """Static files served whole: a `Range` header is ignored, so a malformed or unsatisfiable
+    one cannot answer Starlette's plain-text 400 or 416 outside the error envelope."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k not in (b"range", b"if-range")]
+            scope = {**scope, "headers": headers}
+        await super().__call__(scope, receive, send)
+
+
 def _add_docs(app: FastAPI) -> None:
     """The API's description is public (SPEC.md): `/openapi.json` and `/docs` need no token,
     and `/docs` loads Swagger UI from the app itself, never from a CDN."""
@@ -277,7 +289,7 @@ def _add_docs(app: FastAPI) -> None:
             swagger_favicon_url="/docs/assets/favicon-32x32.png",
         )
 
-    app.mount("/docs/assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
+    app.mount("/docs/assets", _WholeFiles(directory=SWAGGER_UI), name="docs-assets")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

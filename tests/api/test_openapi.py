@@ -101,3 +101,7 @@ async def test_docs_are_public_and_load_nothing_from_elsewhere(http: httpx.Async
         loaded = await http.get(asset)
         assert loaded.status_code == 200, asset
         assert loaded.content, asset
+    # A bad or unsatisfiable Range is ignored (the whole file), never a plain-text 400 or 416.
+    for bad in ("bytes=x", "bytes=999999999-"):
+        whole = await http.get("/docs/assets/swagger-ui.css", headers={"Range": bad})
+        assert whole.status_code == 200, (bad, whole.text[:100])
