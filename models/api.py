@@ -320,11 +320,12 @@ class RolloutOut(CamelModel):
     stage_index: int = 0
     stage_count: int = 0
     waiting_for: str | None = None
-    targets: dict[str, Any]
-    strategy: dict[str, Any]
-    gates: dict[str, Any]
-    timeouts: dict[str, Any]
-    retry: dict[str, Any]
+    # As created (the same types as RolloutCreate's, defaults filled in).
+    targets: RolloutTargets
+    strategy: Strategy
+    gates: Gates
+    timeouts: Timeouts
+    retry: RetryPolicy
     progress: RolloutCounts
     workflow_id: str | None = None
     temporal_ui_url: str | None = None

@@ -3,11 +3,12 @@ operator's controls (pause, resume, rollback, abort) through the workflow's `con
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
 from api.deps import (
     CursorQuery,
@@ -33,12 +34,17 @@ from models.api import (
     ControlBody,
     ControlOutcome,
     Envelope,
+    Gates,
     ListEnvelope,
+    RetryPolicy,
     RolloutControlOut,
     RolloutCreate,
     RolloutOut,
     RolloutPlanOut,
+    RolloutTargets,
     RolloutVehicleOut,
+    Strategy,
+    Timeouts,
 )
 from models.enums import RolloutStatus
 from models.tables import Rollout
@@ -49,6 +55,22 @@ router = APIRouter(prefix="/rollouts", tags=["rollouts"])
 log = structlog.stdlib.get_logger("motorcade.api.rollouts")
 
 RolloutId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _stored(model: type[M], value: dict[str, Any] | None, rollout_id: int) -> M:
+    """A rollout's stored JSON (its RolloutCreate part, dumped by alias) as its model. A row
+    that no longer validates (a rule made stricter since) is still shown as stored, and
+    logged, never a 500."""
+    try:
+        return model.model_validate(value or {})
+    except ValidationError:
+        log.warning(
+            "stored rollout field does not validate", rollout_id=rollout_id, model=model.__name__
+        )
+        return model.model_construct(**(value or {}))
 
 
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
@@ -63,11 +85,11 @@ def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
         stage_index=r.stage_index,
         stage_count=r.stage_count,
         waiting_for=r.waiting_for,
-        targets=r.targets or {},
-        strategy=r.strategy or {},
-        gates=r.gates or {},
-        timeouts=r.timeouts or {},
-        retry=r.retry or {},
+        targets=_stored(RolloutTargets, r.targets, r.id),
+        strategy=_stored(Strategy, r.strategy, r.id),
+        gates=_stored(Gates, r.gates, r.id),
+        timeouts=_stored(Timeouts, r.timeouts, r.id),
+        retry=_stored(RetryPolicy, r.retry, r.id),
         progress=RolloutCounts(
             targeted=r.targeted,
             notified=r.notified,

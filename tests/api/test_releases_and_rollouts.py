@@ -11,12 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from api.routes.rollouts import _stored
 from core.temporal import (
     ROLLOUT_TASK_QUEUE,
     SA_RELEASE_VERSION,
     SA_ROLLOUT_ID,
     rollout_workflow_id,
 )
+from models.api import RolloutCreate, Timeouts
 from services.signing import generate_signing_key
 from tests.api.conftest import bearer
 from tests.api.test_envelopes import assert_error
@@ -95,6 +97,11 @@ async def test_create_rollout_starts_its_workflow(
 
     fetched = await http.get(f"/api/v1/rollouts/{rid}", headers=viewer)
     assert fetched.status_code == 200 and fetched.json()["data"]["id"] == rid
+    # What was sent comes back typed as it was sent, defaults filled in (RolloutCreate's types).
+    sent = RolloutCreate.model_validate(rollout_body(release, targets=own_targets(prefix, 4)))
+    shown = fetched.json()["data"]
+    for part in ("targets", "strategy", "timeouts", "retry"):
+        assert shown[part] == getattr(sent, part).model_dump(by_alias=True, mode="json"), part
     listed = (await http.get("/api/v1/rollouts?limit=500", headers=viewer)).json()["data"]
     assert rid in [r["id"] for r in listed]
 
@@ -357,3 +364,10 @@ async def test_overlap_with_an_active_rollout_is_refused(
         conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (first_id,))
     again = rollout_body(release, targets={"vehicleIds": ids[:2]})
     assert (await http.post("/api/v1/rollouts", headers=operator, json=again)).status_code == 201
+
+
+def test_a_stored_rollout_part_that_no_longer_validates_is_shown_as_stored() -> None:
+    """A rule made stricter after a rollout was created: its GET still answers, with the part
+    as stored (and a warning in the log), never a 500."""
+    shown = _stored(Timeouts, {"applySeconds": 5}, rollout_id=1)  # below today's minimum
+    assert shown.model_dump(by_alias=True) == {"applySeconds": 5}
