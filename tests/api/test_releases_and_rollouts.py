@@ -366,8 +366,30 @@ async def test_overlap_with_an_active_rollout_is_refused(
     assert (await http.post("/api/v1/rollouts", headers=operator, json=again)).status_code == 201
 
 
-def test_a_stored_rollout_part_that_no_longer_validates_is_shown_as_stored() -> None:
-    """A rule made stricter after a rollout was created: its GET still answers, with the part
-    as stored (and a warning in the log), never a 500."""
-    shown = _stored(Timeouts, {"applySeconds": 5}, rollout_id=1)  # below today's minimum
-    assert shown.model_dump(by_alias=True) == {"applySeconds": 5}
+async def test_a_stored_rollout_part_that_no_longer_validates_is_shown_as_stored(
+    http: httpx.AsyncClient, viewer: dict, database_url: str, prefix: str
+) -> None:
+    """A rule made stricter after a rollout was created (here: an apply timeout below today's
+    minimum, and an empty strategy): its GET and the list still answer, with the parts as
+    stored (and a warning in the log), never a 500. Completed: an active rollout with empty
+    targets would hold every vehicle of the run's database."""
+    release = f"{prefix}r"
+    insert_release(database_url, release)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO rollouts (release_version, targets, strategy, timeouts, status,"
+            " created_by) VALUES (%s, '{}', '{}', '{\"applySeconds\": 5}', 'completed', 'test')"
+            " RETURNING id",
+            (release,),
+        ).fetchone()
+    assert row is not None
+    shown = await http.get(f"/api/v1/rollouts/{row[0]}", headers=viewer)
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["data"]["timeouts"] == {"applySeconds": 5}
+    assert shown.json()["data"]["strategy"] == {}
+    listed = await http.get(f"/api/v1/rollouts?releaseVersion={release}", headers=viewer)
+    assert listed.status_code == 200, listed.text
+    assert [r["id"] for r in listed.json()["data"]] == [row[0]]
+    assert _stored(Timeouts, {"applySeconds": 5}, rollout_id=1).model_dump(by_alias=True) == {
+        "applySeconds": 5
+    }
