@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 openapi: $(STAMP)
-	$(BIN)/motorcade openapi --write docs/openapi.yaml
+	$(BIN)/motorcade openapi --write docs/openapi.yaml --asyncapi docs/asyncapi.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/seed.py

@@ -332,7 +332,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    from devtools.openapi import render_openapi_yaml
+    from devtools.openapi import render_asyncapi_yaml, render_openapi_yaml
 
     text = render_openapi_yaml()
     if args.write:
@@ -340,6 +340,9 @@ def cmd_openapi(args: argparse.Namespace) -> int:
         print(f"wrote {args.write}")
     else:
         sys.stdout.write(text)
+    if args.asyncapi:
+        Path(args.asyncapi).write_text(render_asyncapi_yaml())
+        print(f"wrote {args.asyncapi}")
     return 0
 
 
@@ -442,6 +445,7 @@ def _add_dev_commands(sub: Subcommands) -> None:
 
     p = sub.add_parser("openapi", help="print or write the OpenAPI spec (YAML)")
     p.add_argument("--write", help="file to write, e.g. docs/openapi.yaml")
+    p.add_argument("--asyncapi", help="also write the stream's AsyncAPI document there")
     p.set_defaults(func=cmd_openapi)
 
 

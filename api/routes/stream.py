@@ -315,9 +315,19 @@ EVENT_PAYLOADS: dict[str, dict[str, Any]] = {
     },
     "RolloutUpdatedEvent": {
         "type": "object",
-        "description": "`rollout.updated`: the rollout's status now (the fields of RolloutOut "
-        "that move; `counts` is RolloutOut's `progress`). At creation only id, status, stage.",
-        "required": ["id", "status"],
+        "description": "`rollout.updated`: the fields of the rollout that move, as GET "
+        "/api/v1/rollouts/{id} shows them now (every event, the first at creation included, "
+        "carries all of them); `counts` is the same as `progress`, its name before 1.6.0.",
+        "required": [
+            "id",
+            "status",
+            "statusReason",
+            "stage",
+            "stageIndex",
+            "stageCount",
+            "waitingFor",
+            "progress",
+        ],
         "properties": {
             "id": {"type": "integer"},
             "status": {"$ref": _REF + "RolloutStatus"},
@@ -326,7 +336,8 @@ EVENT_PAYLOADS: dict[str, dict[str, Any]] = {
             "stageIndex": _NULLABLE_INT,
             "stageCount": _NULLABLE_INT,
             "waitingFor": _NULLABLE_STRING,
-            "counts": {"$ref": _REF + "RolloutCounts"},
+            "progress": {"$ref": _REF + "RolloutCounts"},
+            "counts": {"$ref": _REF + "RolloutCounts", "deprecated": True},
         },
     },
     "AuditCreatedEvent": {

@@ -14,7 +14,6 @@ from models.api import PlannedStage, RolloutCreate, RolloutPlanOut, SafetyNow
 from models.enums import RolloutStatus
 from models.tables import Rollout
 from models.workflows import StagePlan
-from services import change_feed
 from services.assignment import (
     AssignmentRequest,
     CheckedAssignment,
@@ -24,7 +23,7 @@ from services.assignment import (
     overlap_conflict,
 )
 from services.audit import record_write
-from services.rollouts.status import WAITING_FOR_START
+from services.rollouts.status import WAITING_FOR_START, publish_rollout
 from services.safety import EffectiveSafety
 from services.targets import REQUEST_MATCH, match_params
 from workflows.policy import plan_from_strategy
@@ -179,11 +178,5 @@ async def create_rollout(
         acknowledgement=v.checked.acknowledgement,
         targets=targets,
     )
-    await change_feed.publish(
-        session,
-        topic="rollouts",
-        event="rollout.updated",
-        entity_id=str(rollout.id),
-        payload={"id": rollout.id, "status": rollout.status, "stage": None},
-    )
+    await publish_rollout(session, rollout_id=rollout.id)  # the same fields as every update
     return rollout

@@ -52,7 +52,9 @@ _WRITE = text(
 
 async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[str, Any]:
     """The change-feed payload of a rollout: `{id, status, statusReason, stage, stageIndex,
-    stageCount, waitingFor, counts}` (camelCase, as the API renders it)."""
+    stageCount, waitingFor, progress}`, the fields of GET /rollouts/{id} that move, named and
+    shaped as it renders them; plus `counts`, the same as `progress` (its name before 1.6.0,
+    kept for clients that read it)."""
     row = await rollout_columns(
         session,
         rollout_id=rollout_id,
@@ -68,7 +70,8 @@ async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[st
         "stageIndex": data["stage_index"],
         "stageCount": data["stage_count"],
         "waitingFor": data["waiting_for"],
-        "counts": RolloutCounts.model_validate(data).model_dump(),
+        "progress": (progress := RolloutCounts.model_validate(data).model_dump()),
+        "counts": progress,
     }
 
 

@@ -13,14 +13,35 @@ import yaml
 
 from api.naming import CAMEL_OPERATION_ID, PLAIN_SCHEMA_NAME, rename_schemas
 from core.errors import error_codes
-from devtools.openapi import openapi_document
+from devtools.openapi import asyncapi_document, openapi_document
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
+ASYNCAPI = SPEC.parent / "asyncapi.yaml"
 
 
 def test_committed_spec_matches_the_app() -> None:
     committed = yaml.safe_load(SPEC.read_text())
     assert committed == openapi_document(), "run `make openapi` and commit docs/openapi.yaml"
+
+
+def test_committed_asyncapi_matches_the_app() -> None:
+    committed = yaml.safe_load(ASYNCAPI.read_text())
+    assert committed == asyncapi_document(), "run `make openapi` and commit docs/asyncapi.yaml"
+    assert committed["asyncapi"].startswith("3.")
+    messages = committed["channels"]["stream"]["messages"].values()
+    assert {m["name"] for m in messages} == {
+        "vehicle.updated",
+        "rollout.updated",
+        "audit.created",
+        "fleet.summary",
+        "resync",
+    }
+    # Shared with REST: the rollout's event names its fields as GET /rollouts/{id} does.
+    doc = openapi_document()["components"]["schemas"]
+    event = doc["RolloutUpdatedEvent"]["properties"]
+    assert event["progress"] == doc["Rollout"]["properties"]["progress"]
+    for name in ("status", "stage", "stageIndex", "stageCount", "waitingFor", "statusReason"):
+        assert name in doc["Rollout"]["properties"], name
 
 
 def test_spec_is_semver_and_documents_the_envelopes() -> None:

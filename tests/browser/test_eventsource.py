@@ -127,7 +127,7 @@ def feed(database_url: str, vehicle_id: str) -> int:
                                 "status": "updating",
                                 "region": "eu-west",
                                 "model": "atlas",
-                                "org": None,
+                                "org": "default",
                                 "reasonCodes": [],
                             }
                         ]

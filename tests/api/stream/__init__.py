@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import psycopg
 
+from tests.streamschema import check_event
+
 # Reading the stream never waits longer than this for the next line: a guard against a hang
 # (a failure), not a measured time.
 READ_GUARD = 30
@@ -39,6 +41,7 @@ class SSE:
                 if event:
                     if "data" in event:
                         event["data"] = json.loads(event["data"])
+                    check_event(event)  # as docs/asyncapi.yaml describes it, every one
                     return event
                 continue
             if line.startswith(":"):
@@ -109,7 +112,7 @@ def feed_burst(database_url: str, prefix: str, count: int, *, pad: int = 0) -> N
             "INSERT INTO change_feed (topic, event, payload)"
             " SELECT 'vehicles', 'vehicle.updated',"
             " jsonb_build_object('vehicles', jsonb_build_array(jsonb_build_object("
-            " 'id', %(prefix)s || n, 'region', 'eu-west', 'model', 'atlas', 'org', NULL,"
+            " 'id', %(prefix)s || n, 'region', 'eu-west', 'model', 'atlas', 'org', 'default',"
             f" 'status', 'updating'{padding})))"
             " FROM generate_series(1, %(count)s) n",
             {"prefix": prefix, "count": count, "pad": pad},
@@ -138,5 +141,5 @@ def delta(vid: str, region: str = "eu-west", status: str = "updating") -> dict[s
         "reasonCodes": [],
         "region": region,
         "model": "atlas",
-        "org": None,
+        "org": "default",
     }

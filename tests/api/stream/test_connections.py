@@ -88,8 +88,9 @@ async def test_a_client_that_reads_nothing_is_let_go(
                     "INSERT INTO change_feed (topic, event, payload)"
                     " SELECT 'vehicles', 'vehicle.updated', jsonb_build_object('vehicles',"
                     " (SELECT jsonb_agg(jsonb_build_object('id', %s || n || '-' || m,"
-                    " 'region', 'eu-west', 'model', 'atlas', 'org', NULL, 'status', 'updating',"
-                    " 'reasonCodes', '[]'::jsonb)) FROM generate_series(1, 500) m))"
+                    " 'region', 'eu-west', 'model', 'atlas', 'org', 'default',"
+                    " 'status', 'updating', 'reasonCodes', '[]'::jsonb))"
+                    " FROM generate_series(1, 500) m))"
                     " FROM generate_series(1, 400) n",
                     (prefix,),
                 )

@@ -11,6 +11,7 @@ import pytest
 
 from core.auth import Principal
 from models.enums import AuditSource, Role
+from models.workflows import RolloutCounts
 from services import audit, stream
 from tests.api.conftest import bearer
 from tests.api.stream import delta, feed_vehicles, open_stream
@@ -41,11 +42,23 @@ async def test_scoped_viewer_sees_only_its_vehicles_rollouts_and_audit(
             ids[name] = str(row[0])
 
     def rollout_row(rollout_id: str) -> None:
+        # As services/rollouts/status.py's snapshot, plus this test's marker.
+        payload = {
+            "id": int(rollout_id),
+            "status": "running",
+            "statusReason": None,
+            "stage": None,
+            "stageIndex": 0,
+            "stageCount": 0,
+            "waitingFor": None,
+            "progress": RolloutCounts().model_dump(),
+            "marker": prefix,
+        }
         with psycopg.connect(database_url) as conn:
             conn.execute(
                 "INSERT INTO change_feed (topic, event, entity_id, payload)"
                 " VALUES ('rollouts', 'rollout.updated', %s, %s)",
-                (rollout_id, json.dumps({"id": int(rollout_id), "marker": prefix})),
+                (rollout_id, json.dumps(payload)),
             )
 
     async with open_stream(client, scoped) as sse:
