@@ -107,6 +107,34 @@ class ErrorBody(CamelModel):
     details: list[ErrorDetail] = Field(default_factory=list)
 
 
+class HealthOut(CamelModel):
+    status: Literal["ok"] = Field(description="The process answers.")
+
+
+class ReadinessChecks(CamelModel):
+    database: Literal["ok", "unavailable"] = Field(
+        description="PostgreSQL answered within 3 s, on a connection of the probe's own."
+    )
+    temporal: Literal["ok", "unavailable"] | None = Field(
+        None, description="Temporal answered within 3 s (absent on an ingest process)."
+    )
+    pool: Literal["ok", "exhausted"] = Field(
+        description="Whether the request pool has a connection to lend; reported, not judged."
+    )
+
+
+class ReadinessOut(CamelModel):
+    status: Literal["ok", "unavailable"] = Field(
+        description="`ok` (200) when every dependency answered, else `unavailable` (503)."
+    )
+    checks: ReadinessChecks
+
+
+class StreamTicketOut(CamelModel):
+    ticket: str = Field(description="Pass as `GET /api/v1/stream?ticket=...`.")
+    expires_at: datetime = Field(description="When it stops opening streams (and ends them).")
+
+
 class ErrorEnvelope(CamelModel):
     error: ErrorBody
     metadata: ItemMetadata

@@ -15,6 +15,7 @@ from api.envelope import ok
 from core.db import probe
 from core.errors import NotFound, Unauthenticated
 from core.settings import Settings
+from models.api import Envelope, HealthOut, ReadinessOut
 from models.enums import RolloutStatus
 from services.rollouts import queries
 
@@ -27,7 +28,7 @@ ROLLOUTS = Gauge(
 )
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers", response_model=Envelope[HealthOut])
 async def healthz(request: Request) -> dict[str, object]:
     return ok(request, {"status": "ok"})
 
@@ -39,7 +40,10 @@ READY_TIMEOUT_SECONDS = 3.0
 @router.get(
     "/readyz",
     summary="Readiness: PostgreSQL and Temporal are reachable",
-    responses={503: {"description": "a dependency is not reachable"}},
+    response_model=Envelope[ReadinessOut],
+    responses={
+        503: {"description": "a dependency is not reachable", "model": Envelope[ReadinessOut]}
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     # PostgreSQL on a short connection of its own (never one of the request pool, so an

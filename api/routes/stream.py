@@ -24,6 +24,7 @@ from api.envelope import ok
 from api.errors import ErrorResponses, error_responses
 from core.auth import Principal
 from core.errors import DependencyUnavailable, Forbidden, InvalidInput, RateLimited, Unauthenticated
+from models.api import Envelope, StreamTicketOut
 from services import stream as service
 
 router = APIRouter(tags=["stream"])
@@ -44,6 +45,7 @@ TOPICS_DESCRIPTION = (
 @router.post(
     "/stream/tickets",
     status_code=201,
+    response_model=Envelope[StreamTicketOut],
     summary="A short-lived ticket for a browser EventSource",
     description="A ticket valid for `MOTORCADE_STREAM_TICKET_SECONDS` (default 60 s; never "
     "past the caller's token's expiry), bound to the caller (subject, role, scopes): "
