@@ -31,6 +31,7 @@ from core.db import note_created, unmarked
 from core.errors import DependencyUnavailable, InvalidStateTransition
 from core.settings import Settings
 from models.api import (
+    STORED,
     ControlBody,
     ControlOutcome,
     Envelope,
@@ -65,12 +66,12 @@ def _stored(model: type[M], value: dict[str, Any] | None, rollout_id: int) -> M:
     that no longer validates (a rule made stricter since) is still shown as stored, and
     logged, never a 500."""
     try:
-        return model.model_validate(value or {})
+        return model.model_validate(value or {}, context={STORED: True})
     except ValidationError:
         log.warning(
             "stored rollout field does not validate", rollout_id=rollout_id, model=model.__name__
         )
-        return model.model_construct(**(value or {}))
+        return model.model_construct(**(value if isinstance(value, dict) else {}))
 
 
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
