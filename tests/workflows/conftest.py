@@ -273,12 +273,15 @@ async def reporting_fleet(
         yield
     finally:
         # The flag ends the loop even if a library swallows the cancel (as Python 3.11's
-        # wait_for could); the bound turns a stuck answer into an error, not a stalled suite.
+        # wait_for could); the bound turns a stuck answer into an error, not a stalled suite
+        # (asyncio.wait, not a timeout around `await task`: that would pass its cancel on to
+        # the task and wait again).
         stop.set()
         task.cancel()
-        async with asyncio.timeout(30):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        done, _ = await asyncio.wait({task}, timeout=30)
+        assert task in done, "reporting_fleet's answer loop did not stop within 30 s"
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
 
 async def through_healthy_canary(
