@@ -72,6 +72,7 @@ from core.aio import wait_event
 from core.auth import Principal, TokenError
 from models.enums import Role
 from models.scope import Scope
+from models.workflows import RolloutCounts
 from services.scope import allows_vehicle, names_inside
 
 log = structlog.stdlib.get_logger("motorcade.stream")
@@ -255,9 +256,29 @@ class Event:
 RESYNC = "resync"
 
 
+# What every `rollout.updated` carries since 1.6.0, for rows written before it (the feed
+# keeps 24 h): a creation row had only id, status and stage; every row had `counts`, not
+# `progress`.
+_ROLLOUT_FIELDS = {
+    "statusReason": None,
+    "stage": None,
+    "stageIndex": 0,
+    "stageCount": 0,
+    "waitingFor": None,
+}
+
+
+def _payload(row: dict[str, Any]) -> dict[str, Any]:
+    payload: dict[str, Any] = row["payload"] or {}
+    if row["event"] == "rollout.updated" and "progress" not in payload:
+        progress = payload.get("counts") or RolloutCounts().model_dump()
+        payload = {**_ROLLOUT_FIELDS, **payload, "progress": progress}
+    return payload
+
+
 def scoped_event(row: dict[str, Any], scope: Scope, rollout_scopes: dict[str, Any]) -> Any:
     """The event of a feed row as a subscriber with this scope sees it, or None."""
-    payload = row["payload"] or {}
+    payload = _payload(row)
     if scope.unrestricted:
         shared = row.get("_event")
         if shared is None:  # one Event (and one encoding) per row for every such subscriber
