@@ -32,14 +32,12 @@ _OPERATION_IDS = {
 # Schemas whose plain name is not their Python name less `Out` / `In`.
 _SCHEMA_NAMES = {
     "ErrorEnvelope": "Error",
-    "models__api__DesiredStateOut": "DesiredState",
-    "models__telemetry__DesiredStateOut": "VehicleDesiredState",
     "EventIn": "TelemetryEvent",
     "HeartbeatIn": "Heartbeat",
     "VehicleIn": "VehicleCreate",
     "VehicleBatchIn": "VehicleBatchCreate",
     "ReleaseComponentIn": "ReleaseComponentCreate",
-    "Envelope_list_VehicleOut__": "VehicleList",
+    "Envelope_list_VehicleOut__": "VehicleListResponse",
 }
 
 _ENVELOPE = re.compile(r"^Envelope_(?P<inner>[A-Za-z]+)_$")

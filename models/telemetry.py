@@ -107,7 +107,7 @@ class TelemetryAccepted(CamelModel):
     heartbeats: int = Field(0, description="Heartbeats taken in (coalesced per vehicle).")
 
 
-class DesiredStateOut(CamelModel):
+class VehicleDesiredStateOut(CamelModel):
     vehicle_id: str
     desired_state_id: str | None = None
     release_version: str | None = None

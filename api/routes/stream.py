@@ -293,7 +293,7 @@ _NULLABLE_INT = {"anyOf": [{"type": "integer"}, {"type": "null"}]}
 EVENT_PAYLOADS: dict[str, dict[str, Any]] = {
     "VehicleDelta": {
         "type": "object",
-        "description": "What changed on one vehicle (a partial VehicleOut), with its scope.",
+        "description": "What changed on one vehicle (a partial Vehicle), with its scope.",
         "required": ["id", "region", "model", "org"],
         "properties": {
             "id": {"type": "string"},

@@ -36,7 +36,7 @@ from models.api import (
     VehicleOut,
 )
 from models.enums import Role
-from models.telemetry import DesiredStateOut, TimelineEventOut
+from models.telemetry import TimelineEventOut, VehicleDesiredStateOut
 from services import vehicles as service
 
 router = APIRouter(prefix="/vehicles", tags=["vehicles"])
@@ -168,7 +168,7 @@ async def get_vehicle(
 
 @device_router.get(
     "/{vehicle_id}/desired-state",
-    response_model=Envelope[DesiredStateOut],
+    response_model=Envelope[VehicleDesiredStateOut],
     summary="What this vehicle should run (device token of that vehicle); ETag and 304",
     responses={**ErrorResponses.read_one, 304: {"description": "Not modified (If-None-Match)"}},
 )
@@ -194,7 +194,7 @@ async def get_desired_state(
         return Response(status_code=304, headers=headers)
     body = ok(
         request,
-        DesiredStateOut(
+        VehicleDesiredStateOut(
             vehicle_id=view.vehicle_id,
             desired_state_id=view.desired_state_id,
             release_version=view.release_version,
