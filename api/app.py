@@ -12,7 +12,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -275,9 +275,13 @@ def _add_docs(app: FastAPI) -> None:
     """The API's description is public (SPEC.md): `/openapi.json` and `/docs` need no token,
     and `/docs` loads Swagger UI from the app itself, never from a CDN."""
 
+    encoded: list[bytes] = []  # the document never changes while the process runs
+
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi_json() -> JSONResponse:
-        return JSONResponse(app.openapi())
+    async def openapi_json() -> Response:
+        if not encoded:  # public and about 100 KB: encoded once, not per request
+            encoded.append(bytes(JSONResponse(app.openapi()).body))
+        return Response(encoded[0], media_type="application/json")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

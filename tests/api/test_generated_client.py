@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -115,3 +116,41 @@ async def test_a_generated_client_dry_runs_a_rollout_and_reads_an_error_code(
     async with client_for(generated, api_base_url, token("viewer")) as viewer:
         forbidden = await create_rollout.asyncio(client=viewer, body=rollout_create.from_dict(body))
         assert isinstance(forbidden, error) and forbidden.error.code.value == "FORBIDDEN"
+
+
+async def test_a_generated_client_reads_a_rollout_typed(
+    generated: Callable[[str], ModuleType],
+    api_base_url: str,
+    token: Callable[..., str],
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+) -> None:
+    """A created rollout read back through the client: its strategy, targets and gates are
+    the generated types, not dicts, and the list finds it by release."""
+    release = f"{prefix}2026.12.2"
+    insert_signed_release(database_url, signing_key, release)
+    vehicles = [f"{prefix}r{i}" for i in range(4)]
+    insert_vehicles(database_url, vehicles)
+    create_rollout = generated("api.rollouts.create_rollout")
+    get_rollout = generated("api.rollouts.get_rollout")
+    list_rollouts = generated("api.rollouts.list_rollouts")
+    rollout_create = generated("models.rollout_create").RolloutCreate
+    strategy_type = generated("models.strategy").Strategy
+    body = rollout_body(release, targets={"vehicleIds": vehicles})
+    async with client_for(generated, api_base_url, token("operator")) as client:
+        created = await create_rollout.asyncio(client=client, body=rollout_create.from_dict(body))
+        rid = created.data.id
+        try:
+            shown = (await get_rollout.asyncio(client=client, rollout_id=rid)).data
+            assert isinstance(shown.strategy, strategy_type)
+            assert shown.strategy.canary.size == 1
+            assert [wave.percent for wave in shown.strategy.waves] == [50, 100]
+            assert shown.targets.vehicle_ids == vehicles
+            assert shown.gates.safety_checks.min_battery_percent == 30
+            assert shown.progress.targeted in (0, 4)  # 4 once its workflow has expanded it
+            listed = await list_rollouts.asyncio(client=client, release_version=[release])
+            assert [r.id for r in listed.data] == [rid]
+        finally:
+            with psycopg.connect(database_url) as conn:  # hold no vehicle for later tests
+                conn.execute("UPDATE rollouts SET status = 'aborted' WHERE id = %s", (rid,))
