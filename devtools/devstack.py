@@ -267,6 +267,7 @@ def _banner(base: str, env: dict[str, str], dev_key: str) -> str:
             "",
             "Motorcade is running.",
             f"  API          {base}/api/v1   (ready: {base}/readyz)",
+            f"  API docs     {base}/docs   (Swagger UI, no token needed; {base}/openapi.json)",
             f"  Temporal UI  {ui or 'your Temporal server'}",
             f"  Temporal     {env['MOTORCADE_TEMPORAL_ADDRESS']}",
             "",

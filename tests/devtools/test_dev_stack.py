@@ -147,6 +147,8 @@ def test_motorcade_dev_runs_the_whole_system(dev_database: str, tmp_path: Path) 
 
         base = f"http://127.0.0.1:{api_port}"
         assert httpx.get(f"{base}/readyz").status_code == 200
+        assert f"{base}/docs" in output  # the printed description answers without a token
+        assert httpx.get(f"{base}/docs").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{ui_port}/").status_code == 200
 
         auth = {"Authorization": f"Bearer {viewer}"}
