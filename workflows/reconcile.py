@@ -36,15 +36,20 @@ with workflow.unsafe.imports_passed_through():
         StartPendingInput,
     )
 
+# An attempt whose answer is lost (Temporal restarted while it ran) is retried only after its
+# heartbeat or start-to-close timeout, and the schedule's overlap policy (SKIP) starts no
+# other run meanwhile: short ones keep the reconcile (and the pending rollouts it starts)
+# within a minute of Temporal's return, as docs/operations.md says. The batch activities
+# heartbeat once per batch, far more often than 30 s.
 MARK_OFFLINE_TIMEOUT = timedelta(minutes=10)
-MARK_OFFLINE_HEARTBEAT = timedelta(minutes=1)
-RECORD_DRIFT_TIMEOUT = timedelta(minutes=5)
+MARK_OFFLINE_HEARTBEAT = timedelta(seconds=30)
+RECORD_DRIFT_TIMEOUT = timedelta(seconds=60)
 RECHECK_BLOCKED_TIMEOUT = timedelta(minutes=10)
-RECHECK_BLOCKED_HEARTBEAT = timedelta(minutes=1)
+RECHECK_BLOCKED_HEARTBEAT = timedelta(seconds=30)
 BLOCKED_RECHECK_PATCH = "reconcile-recheck-blocked-of-completed-rollouts"
 START_PENDING_PATCH = "reconcile-start-pending-rollouts"
 START_PENDING_TIMEOUT = timedelta(minutes=5)
-START_PENDING_HEARTBEAT = timedelta(minutes=1)
+START_PENDING_HEARTBEAT = timedelta(seconds=30)
 # Its activities are retried less long than a rollout's (workflows/steps.py): the next
 # scheduled run comes within minutes anyway.
 RECONCILE_RETRY = RetryPolicy(
