@@ -23,7 +23,7 @@ from services.assignment import (
     overlap_conflict,
 )
 from services.audit import record_write
-from services.rollouts.status import WAITING_FOR_START, publish_rollout
+from services.rollouts.status import WAITING_FOR_START, publish_rollout, snapshot_of
 from services.safety import EffectiveSafety
 from services.targets import REQUEST_MATCH, match_params
 from workflows.policy import plan_from_strategy
@@ -178,5 +178,8 @@ async def create_rollout(
         acknowledgement=v.checked.acknowledgement,
         targets=targets,
     )
-    await publish_rollout(session, rollout_id=rollout.id)  # the same fields as every update
+    # The same fields as every later update, from the row just written (no read back).
+    await publish_rollout(
+        session, rollout_id=rollout.id, snapshot=snapshot_of(rollout.model_dump())
+    )
     return rollout

@@ -16,6 +16,7 @@ activity (`UpdateRolloutStatusResult.status`), ends at once without issuing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -51,17 +52,21 @@ _WRITE = text(
 
 
 async def rollout_snapshot(session: AsyncSession, *, rollout_id: int) -> dict[str, Any]:
-    """The change-feed payload of a rollout: `{id, status, statusReason, stage, stageIndex,
-    stageCount, waitingFor, progress}`, the fields of GET /rollouts/{id} that move, named and
-    shaped as it renders them; plus `counts`, the same as `progress` (its name before 1.6.0,
-    kept for clients that read it)."""
+    """The rollout's change-feed payload (`snapshot_of`), read from its row."""
     row = await rollout_columns(
         session,
         rollout_id=rollout_id,
         columns="id, status, status_reason, stage, stage_index, stage_count, waiting_for, "
         + COUNTS_COLUMNS,
     )
-    data = row._asdict()
+    return snapshot_of(row._asdict())
+
+
+def snapshot_of(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The change-feed payload of a rollout (its columns by name): `{id, status,
+    statusReason, stage, stageIndex, stageCount, waitingFor, progress}`, the fields of GET
+    /rollouts/{id} that move, named and shaped as it renders them; plus `counts`, the same as
+    `progress` (its name before 1.6.0, kept for clients that read it)."""
     return {
         "id": data["id"],
         "status": data["status"],
