@@ -268,17 +268,20 @@ _ROLLOUT_FIELDS = {
 }
 
 
-def _payload(row: dict[str, Any]) -> dict[str, Any]:
-    payload: dict[str, Any] = row["payload"] or {}
-    if row["event"] == "rollout.updated" and "progress" not in payload:
-        progress = payload.get("counts") or RolloutCounts().model_dump()
-        payload = {**_ROLLOUT_FIELDS, **payload, "progress": progress}
-    return payload
+def current_shape(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The feed rows as read, each payload in the shape events have now: once per row where
+    it is read (live or resumed), not once per subscriber."""
+    for row in rows:
+        payload = row["payload"]
+        if row["event"] == "rollout.updated" and payload is not None and "progress" not in payload:
+            progress = payload.get("counts") or RolloutCounts().model_dump()
+            row["payload"] = {**_ROLLOUT_FIELDS, **payload, "progress": progress}
+    return rows
 
 
 def scoped_event(row: dict[str, Any], scope: Scope, rollout_scopes: dict[str, Any]) -> Any:
     """The event of a feed row as a subscriber with this scope sees it, or None."""
-    payload = _payload(row)
+    payload = row["payload"] or {}
     if scope.unrestricted:
         shared = row.get("_event")
         if shared is None:  # one Event (and one encoding) per row for every such subscriber
@@ -610,9 +613,13 @@ class StreamHub:
             # the snapshot below sees the rows of those that committed.
             hole.resolved = not (hole.writers & await self._feed_writers(conn))
         async with _snapshot(conn):
-            rows = await (
-                await conn.execute(_READ, {"after": self.cursor, "upto": 2**62, "limit": PAGE_ROWS})
-            ).fetchall()
+            rows = current_shape(
+                await (
+                    await conn.execute(
+                        _READ, {"after": self.cursor, "upto": 2**62, "limit": PAGE_ROWS}
+                    )
+                ).fetchall()
+            )
             deliver: list[dict[str, Any]] = []
             expected = self.cursor + 1
             waiting = False
@@ -666,7 +673,7 @@ class StreamHub:
                 oldest = rows[0]["oldest"] if rows else None
                 if oldest is None or after < int(oldest) - 1:
                     raise HistoryExpired
-                rows = [r for r in rows if r["id"] is not None]
+                rows = current_shape([r for r in rows if r["id"] is not None])
                 if not rows:
                     return
                 after = rows[-1]["id"]
