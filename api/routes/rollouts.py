@@ -74,17 +74,29 @@ def _stored(model: type[M], value: dict[str, Any] | None, rollout_id: int) -> M:
         return model.model_construct(**(value if isinstance(value, dict) else {}))
 
 
+# The parts of RolloutCreate a rollout row stores as JSON (dumped by alias), typed on reading.
+_STORED_PARTS: dict[str, type[BaseModel]] = {
+    "targets": RolloutTargets,
+    "strategy": Strategy,
+    "gates": Gates,
+    "timeouts": Timeouts,
+    "retry": RetryPolicy,
+}
+
+
 def rollout_out(r: Rollout, settings: Settings) -> RolloutOut:
     assert r.id is not None
     fields = _rollout_fields(r, settings)
-    try:
-        return RolloutOut(**fields)
-    except ValidationError:  # a stored part shown as stored (`_stored`): built, not checked
+    try:  # one validation pass, the stored parts included
+        return RolloutOut.model_validate(fields, context={STORED: True})
+    except ValidationError:  # a stored part no longer validates: shown as stored, not checked
+        for name, model in _STORED_PARTS.items():
+            fields[name] = _stored(model, fields[name], r.id)
         return RolloutOut.model_construct(**fields)
 
 
 def _rollout_fields(r: Rollout, settings: Settings) -> dict[str, Any]:
-    assert r.id is not None
+    """The answer's fields, the stored parts as their JSON."""
     return dict(
         id=r.id,
         name=r.name,
@@ -95,11 +107,7 @@ def _rollout_fields(r: Rollout, settings: Settings) -> dict[str, Any]:
         stage_index=r.stage_index,
         stage_count=r.stage_count,
         waiting_for=r.waiting_for,
-        targets=_stored(RolloutTargets, r.targets, r.id),
-        strategy=_stored(Strategy, r.strategy, r.id),
-        gates=_stored(Gates, r.gates, r.id),
-        timeouts=_stored(Timeouts, r.timeouts, r.id),
-        retry=_stored(RetryPolicy, r.retry, r.id),
+        **{name: getattr(r, name) or {} for name in _STORED_PARTS},
         progress=RolloutCounts(
             targeted=r.targeted,
             notified=r.notified,
