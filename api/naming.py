@@ -46,13 +46,15 @@ PLAIN_SCHEMA_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 CAMEL_OPERATION_ID = re.compile(r"^[a-z]+(?:[A-Z][a-z0-9]*)*$")
 
 
+def camel(name: str) -> str:
+    """`pause_rollout` -> `pauseRollout` (and `rollout.updated` -> `rolloutUpdated`)."""
+    first, *rest = name.replace(".", "_").split("_")
+    return first + "".join(part.capitalize() for part in rest)
+
+
 def operation_id(route: APIRoute) -> str:
     """FastAPI's `generate_unique_id_function`: the route function's name in camelCase."""
-    name = route.name
-    if name in _OPERATION_IDS:
-        return _OPERATION_IDS[name]
-    first, *rest = name.split("_")
-    return first + "".join(part.capitalize() for part in rest)
+    return _OPERATION_IDS.get(route.name) or camel(route.name)
 
 
 def _bare(name: str) -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from core.settings import Settings
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(role: Literal["api", "ingest"] = "api") -> dict[str, Any]:
+    """The document the app of this role serves (docs/openapi.yaml is the API's)."""
     from api.app import create_app
 
     # The document does not depend on configuration; fixed settings keep it reproducible.
@@ -18,7 +19,7 @@ def openapi_document() -> dict[str, Any]:
         database_url="postgresql://postgres@127.0.0.1:5432/motorcade",
         _env_file=None,  # type: ignore[call-arg]
     )
-    return create_app(settings).openapi()
+    return create_app(settings, role=role).openapi()
 
 
 def render_openapi_yaml() -> str:
@@ -43,16 +44,12 @@ STREAM_DESCRIPTION = " ".join(
 )
 
 
-def _message_key(event: str) -> str:
-    """`rollout.updated` -> `rolloutUpdated`."""
-    first, *rest = event.replace(".", "_").split("_")
-    return first + "".join(part.capitalize() for part in rest)
-
-
 def asyncapi_document() -> dict[str, Any]:
     """The stream as AsyncAPI 3.0, derived from the OpenAPI document's description of
     `GET /api/v1/stream` (one `oneOf` variant per event), so the two never disagree. Each
     message's payload is a `$ref` into docs/openapi.yaml."""
+    from api.naming import camel
+
     openapi = openapi_document()
     described = openapi["paths"][STREAM_PATH]["get"]["responses"]["200"]["content"]
     messages: dict[str, Any] = {}
@@ -74,7 +71,7 @@ def asyncapi_document() -> dict[str, Any]:
                 "properties": {"id": variant["properties"]["id"]},
                 "required": ["id"],
             }
-        messages[_message_key(event)] = message
+        messages[camel(event)] = message
     return {
         "asyncapi": "3.0.0",
         "info": {
