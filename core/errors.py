@@ -48,16 +48,21 @@ class MotorcadeError(Exception):
 HTTP_ERROR = "HTTP_ERROR"
 
 
-def error_codes() -> list[str]:
-    """Every `code` an error answer can carry: the codes of this tree and HTTP_ERROR, sorted
-    (the enum of `ErrorBody.code` in the API's description)."""
-    codes: set[str] = {HTTP_ERROR}
+def error_classes() -> list[type[MotorcadeError]]:
+    """MotorcadeError and every class below it: the tree that holds the codes."""
+    found: list[type[MotorcadeError]] = []
     pending: list[type[MotorcadeError]] = [MotorcadeError]
     while pending:
         cls = pending.pop()
-        codes.add(cls.code)
+        found.append(cls)
         pending.extend(cls.__subclasses__())
-    return sorted(codes)
+    return found
+
+
+def error_codes() -> list[str]:
+    """Every `code` an error answer can carry: the codes of this tree and HTTP_ERROR, sorted
+    (the enum of `ErrorBody.code` in the API's description)."""
+    return sorted({HTTP_ERROR, *(cls.code for cls in error_classes())})
 
 
 class _RetryAfter(MotorcadeError):

@@ -16,6 +16,13 @@ import yaml
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+def schema_validator(components: dict[str, Any], schema: dict[str, Any]) -> Any:
+    """A validator of `schema`, whose `$ref`s point into these OpenAPI components."""
+    return jsonschema_rs.Draft202012Validator(
+        {"components": components, **schema}, validate_formats=True
+    )
+
+
 @functools.cache
 def _messages() -> dict[str, tuple[Any, re.Pattern[str] | None]]:
     """Event name -> (payload validator, pattern its `id` must match, None: no id)."""
@@ -26,8 +33,7 @@ def _messages() -> dict[str, tuple[Any, re.Pattern[str] | None]]:
         file, _, pointer = message["payload"]["$ref"].partition("#")
         assert file == "./openapi.yaml", message["payload"]
         name = pointer.rsplit("/", 1)[1]
-        root = {"components": openapi["components"], **openapi["components"]["schemas"][name]}
-        validator = jsonschema_rs.Draft202012Validator(root, validate_formats=True)
+        validator = schema_validator(openapi["components"], openapi["components"]["schemas"][name])
         headers = message.get("headers", {})
         id_pattern = None
         if "id" in headers.get("required", []):

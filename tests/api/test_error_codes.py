@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
 from api.app import create_app
-from core.errors import MotorcadeError
+from core.errors import error_classes
 from core.settings import Settings
 from devtools.localservers import free_port
 from tests.api.conftest import HOLD_INGEST_WRITER, bearer, serve_app
@@ -72,13 +72,7 @@ LEAKS = (
 
 def app_codes() -> dict[str, int]:
     """Every (code, status) the error module defines: MotorcadeError and its subclasses."""
-    out: dict[str, int] = {}
-    todo: list[type[MotorcadeError]] = [MotorcadeError]
-    while todo:
-        cls = todo.pop()
-        out[cls.code] = cls.status
-        todo.extend(cls.__subclasses__())
-    return out
+    return {cls.code: cls.status for cls in error_classes()}
 
 
 def test_the_cases_cover_exactly_the_codes_of_the_app() -> None:
