@@ -252,6 +252,10 @@ async def stream(
                 except service.HistoryExpired:
                     # What it asked for was purged: re-read the state; live events follow.
                     yield _resync("EVENTS_EXPIRED")
+            if last is None or last < cursor:
+                # The stream's position, as an `id:` alone (no event is dispatched): a client
+                # that has received no event yet still resumes from here after a drop.
+                yield ServerSentEvent(id=str(cursor))
             while True:
                 # What has queued up goes out in one write (one wake-up per burst).
                 batch = [await sub.get()]

@@ -23,11 +23,13 @@ READ_GUARD = 30
 
 class SSE:
     """An event-stream reader: `next()` returns the next event (a dict with `event`, `id`,
-    `data`) or comment (`{"comment": text}`); None at the end of the stream."""
+    `data`) or comment (`{"comment": text}`; the stream's position, an `id:` alone, as
+    `{"comment": "position", "id": ...}`); None at the end of the stream."""
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self.lines = response.aiter_lines()
+        self.position: int | None = None  # the stream's position when it opened
 
     async def next(self) -> dict[str, Any] | None:
         event: dict[str, Any] = {}
@@ -38,6 +40,8 @@ class SSE:
             except StopAsyncIteration:
                 return event or None
             if line == "":
+                if event.keys() == {"id"}:  # the stream's position alone: no event
+                    return {"comment": "position", "id": event["id"]}
                 if event:
                     if "data" in event:
                         event["data"] = json.loads(event["data"])
@@ -87,6 +91,10 @@ async def open_stream(
         sse = SSE(r)
         first = await sse.next()  # the stream is registered once this comment arrives
         assert first == {"comment": "subscribed"}, first
+        if "lastEventId" not in params and "Last-Event-ID" not in (headers or {}):
+            position = await sse.next()  # then where it stands: a client resumes from there
+            assert position is not None and position["comment"] == "position", position
+            sse.position = int(position["id"])
         yield sse
 
 
