@@ -13,14 +13,13 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
 
 from api.authgate import AuthGateMiddleware
 from api.bodylimit import BodyLimitMiddleware, document_body_limits
 from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, storable_parameters
 from api.errors import install_error_handlers
+from api.examples import add_examples
 from api.idempotency import IdempotencyMiddleware, document_idempotency, purge_loop
 from api.middleware import RequestContextMiddleware, TracingMiddleware
 from api.naming import operation_id, rename_schemas
@@ -29,6 +28,7 @@ from api.routes import (
     audit,
     desired_states,
     health,
+    me,
     releases,
     rollouts,
     stream,
@@ -37,6 +37,8 @@ from api.routes import (
 )
 from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
+from api.schemadocs import describe_fields
+from api.staticfiles import WholeFiles
 from core import tracing
 from core.aio import stop_within
 from core.auth import TokenVerifier
@@ -250,6 +252,7 @@ def _include_routers(app: FastAPI, role: str, *, serves_ingest: bool) -> None:
         desired_states.router,
         audit.router,
         stream.router,
+        me.router,
     ]
     if serves_ingest:
         routers[1:1] = [vehicles.device_router, telemetry.router]
@@ -258,17 +261,6 @@ def _include_routers(app: FastAPI, role: str, *, serves_ingest: bool) -> None:
 
 
 SWAGGER_UI = Path(__file__).parent / "static" / "swagger-ui"  # vendored: /docs works offline
-
-
-class _WholeFiles(StaticFiles):
-    """Static files served whole: a `Range` header is ignored, so a malformed or unsatisfiable
-    one cannot answer Starlette's plain-text 400 or 416 outside the error envelope."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = [(k, v) for k, v in scope["headers"] if k not in (b"range", b"if-range")]
-            scope = {**scope, "headers": headers}
-        await super().__call__(scope, receive, send)
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -293,7 +285,7 @@ def _add_docs(app: FastAPI) -> None:
             swagger_favicon_url="/docs/assets/favicon-32x32.png",
         )
 
-    app.mount("/docs/assets", _WholeFiles(directory=SWAGGER_UI), name="docs-assets")
+    app.mount("/docs/assets", WholeFiles(directory=SWAGGER_UI), name="docs-assets")
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -336,5 +328,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     error_code["enum"] = error_codes()
     error_code["description"] = "What went wrong, for a program: one of these, never another."
     rename_schemas(schema)  # plain names (`Rollout`, `RolloutPage`, `Error`): api/naming.py
+    describe_fields(schema)  # a description on every field: api/schemadocs.py
+    add_examples(schema)  # an example on every request and response body: api/examples.py
     app.openapi_schema = schema
     return schema

@@ -105,3 +105,8 @@ def rename_schemas(document: dict[str, Any]) -> None:
     for schema_name, schema in document["components"]["schemas"].items():
         if isinstance(schema, dict) and "title" in schema:
             schema["title"] = schema_name
+        # A property's title is pydantic's `Bymodel` for `byModel`: generated clients name a
+        # property's inline type after it (`FleetSummaryBymodel`). Without it they use the
+        # property's own name (`FleetSummaryByModel`), and the description says the rest.
+        for spec in (schema.get("properties") or {}).values() if isinstance(schema, dict) else ():
+            spec.pop("title", None)

@@ -26,7 +26,7 @@ from models.defaults import (
     DEFAULT_MIN_SUCCESS_RATE,
     FailureAction,
 )
-from models.enums import WEEKDAYS, RolloutStatus, VehicleStatus, Weekday
+from models.enums import WEEKDAYS, Role, RolloutStatus, VehicleStatus, Weekday
 from models.storable import check_storable_json
 from models.workflows import RolloutCounts
 
@@ -149,6 +149,30 @@ class ReadinessOut(CamelModel):
 class StreamTicketOut(CamelModel):
     ticket: str = Field(description="Pass as `GET /api/v1/stream?ticket=...`.")
     expires_at: datetime = Field(description="When it stops opening streams (and ends them).")
+
+
+class CallerOut(CamelModel):
+    """`GET /me`: the caller as the API sees its token."""
+
+    subject: str = Field(description="The token's `sub` claim.", examples=["alice@example.com"])
+    role: Role = Field(description="The token's role: what the API lets it do.")
+    can_write: bool = Field(
+        description="True for a role that may write (create and control rollouts, register "
+        "releases and vehicles): the dashboard's operator controls."
+    )
+    regions: list[str] | None = Field(
+        None, description="The regions the caller may see; null: every region."
+    )
+    models: list[str] | None = Field(
+        None, description="The vehicle models the caller may see; null: every model."
+    )
+    orgs: list[str] | None = Field(
+        None, description="The organisations the caller may see; null: every organisation."
+    )
+    vehicle_id: str | None = Field(None, description="A device token's vehicle; else null.")
+    expires_at: datetime | None = Field(
+        None, description="When the token expires (its `exp`); sign in again before then."
+    )
 
 
 class ErrorEnvelope(CamelModel):
@@ -371,6 +395,14 @@ class RolloutOut(CamelModel):
     timeouts: Timeouts
     retry: RetryPolicy
     progress: RolloutCounts
+    stages: list[PlannedStage] = Field(
+        default_factory=list,
+        description="The stages in order, each with its share of the targeted vehicles "
+        "(cumulative in rank order: a stage's vehicles follow the previous stages'). Planned "
+        "from `progress.targeted` and `strategy`, so empty until the targets are expanded. "
+        "Not carried by `rollout.updated`: read the rollout again when `stageCount` or "
+        "`progress.targeted` changes.",
+    )
     workflow_id: str | None = None
     temporal_ui_url: str | None = None
     created_by: str
@@ -419,7 +451,7 @@ class RolloutPlanOut(CamelModel):
     stages: list[PlannedStage]
     safety: SafetyNow
     weakened_safety: list[str] = Field(default_factory=list)
-    maintenance_window: dict[str, Any] | None = None
+    maintenance_window: MaintenanceWindow | None = None
     overlap: Overlap
     can_start: bool = Field(description="False when creating it now would be refused.")
     problems: list[str] = Field(default_factory=list)

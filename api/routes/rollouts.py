@@ -37,6 +37,7 @@ from models.api import (
     Envelope,
     Gates,
     ListEnvelope,
+    PlannedStage,
     RetryPolicy,
     RolloutControlOut,
     RolloutCreate,
@@ -117,6 +118,7 @@ def _rollout_fields(r: Rollout, settings: Settings) -> dict[str, Any]:
             blocked=r.blocked,
             pending=r.pending,
         ),
+        stages=_stages(r),
         workflow_id=r.workflow_id,
         temporal_ui_url=(
             temporal.temporal_ui_link(
@@ -131,6 +133,12 @@ def _rollout_fields(r: Rollout, settings: Settings) -> dict[str, Any]:
         started_at=r.started_at,
         finished_at=r.finished_at,
     )
+
+
+def _stages(r: Rollout) -> list[PlannedStage]:
+    """The plan of an expanded rollout (none before its targets are counted, or when its
+    stored strategy no longer plans)."""
+    return create.rollout_stages(r.targeted, r.strategy) if r.stage_count else []
 
 
 @router.post(

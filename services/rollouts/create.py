@@ -124,10 +124,7 @@ async def plan_rollout_request(
     return RolloutPlanOut(
         release_version=checked.release.version,
         targeted=targeted,
-        stages=[
-            PlannedStage(index=s.index, name=s.name, vehicles=s.size, bake_seconds=s.bake_seconds)
-            for s in stages
-        ],
+        stages=planned_stages(stages),
         safety=blocked,
         weakened_safety=list(checked.safety.weakened),
         maintenance_window=v.gates["safetyChecks"].get("maintenanceWindow"),
@@ -135,6 +132,23 @@ async def plan_rollout_request(
         can_start=not (overlap.vehicles or unacknowledged),
         problems=problems,
     )
+
+
+def planned_stages(stages: list[StagePlan]) -> list[PlannedStage]:
+    """The stages as the API shows them (a dry run's plan, a rollout's `stages`)."""
+    return [
+        PlannedStage(index=s.index, name=s.name, vehicles=s.size, bake_seconds=s.bake_seconds)
+        for s in stages
+    ]
+
+
+def rollout_stages(targeted: int, strategy: dict[str, Any] | None) -> list[PlannedStage]:
+    """A rollout's stages as planned from its targeted count and stored strategy; none when
+    the stored strategy no longer plans (shown as stored, not checked)."""
+    try:
+        return planned_stages(plan_from_strategy(targeted, strategy or {}))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return []
 
 
 async def create_rollout(

@@ -44,6 +44,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     # the API's description is public
     ("GET", "/openapi.json"): PROBE,
     ("GET", "/docs"): PROBE,
+    ("GET", "/api/v1/me"): (401, 200, 200, 200, 200, 200),
     ("GET", "/api/v1/vehicles"): READ,
     ("GET", "/api/v1/vehicles/{vehicle_id}"): READ_ONE,
     ("GET", "/api/v1/vehicles/{vehicle_id}/timeline"): READ_ONE,

@@ -75,7 +75,12 @@ async def test_control_a_running_rollout(
     rollout_worker: None,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
-    await wait_for_status(http, viewer, rid, "running")
+    running = await wait_for_status(http, viewer, rid, "running")
+    # Its stages as planned from its 4 targets: a canary of 1, then the rest.
+    assert [(s["name"], s["vehicles"], s["bakeSeconds"]) for s in running["stages"]] == [
+        ("canary", 1, 3600),
+        ("wave-1", 3, 0),
+    ]
 
     # Resume of a rollout that is not paused: refused by the Update's validator.
     refused = await http.post(
