@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api.authgate import AuthGateMiddleware
 from api.bodylimit import BodyLimitMiddleware, document_body_limits
+from api.dashboard import add_dashboard
 from api.deprecation import DeprecationMiddleware, document_deprecations
 from api.deps import TemporalConnection, storable_parameters
 from api.errors import install_error_handlers
@@ -135,6 +136,8 @@ def create_app(
     _add_middleware(app, settings, role)
     _include_routers(app, role, serves_ingest=_serves_ingest(settings, role))
     _add_docs(app)
+    if role == "api":
+        add_dashboard(app, settings, app.state.stream_secret)
     return app
 
 

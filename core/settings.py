@@ -194,6 +194,23 @@ class Settings(BaseSettings):
         default_factory=lambda: ["RS256", "ES256", "EdDSA"],
         description="Asymmetric algorithms accepted from the identity provider.",
     )
+    oidc_client_id: str | None = Field(
+        None,
+        description="The dashboard's client id at the issuer: set, the dashboard at `/` signs "
+        "in through the issuer (authorization code with PKCE; redirect URI "
+        "`<public URL>/auth/callback`); unset, it asks for a token (`#token=...`).",
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="The dashboard's client secret, for an issuer that wants one."
+    )
+    oidc_scopes: str = Field(
+        "openid profile", description="Scopes the dashboard asks the issuer for."
+    )
+    public_url: str | None = Field(
+        None,
+        description="The API's address as browsers reach it (behind a proxy), for the "
+        "dashboard's OIDC redirect URI; unset: the address of the request.",
+    )
     jwks_cache_seconds: int = Field(300, ge=0, description="How long fetched JWKS are cached.")
     jwks_timeout_seconds: float = Field(
         5,

@@ -266,6 +266,10 @@ def _banner(base: str, env: dict[str, str], dev_key: str) -> str:
         [
             "",
             "Motorcade is running.",
+            f"  Dashboard    {base}/#token={operator}",
+            "               (signed in as dev-operator; the token stays in the URL fragment,",
+            "               which no server sees; sign out, then paste $VIEWER_TOKEN to look",
+            "               as a viewer)",
             f"  API          {base}/api/v1   (ready: {base}/readyz)",
             f"  API docs     {base}/docs   (Swagger UI, no token needed; {base}/openapi.json)",
             f"  Temporal UI  {ui or 'your Temporal server'}",

@@ -31,3 +31,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("=", LEFT_OUT, yellow=True, bold=True)
         for nodeid in _left_out:
             terminalreporter.write_line(f"{LEFT_OUT}: {nodeid}")
+
+
+# The dashboard's tests drive the real app with a real rollout worker: the API suite's fixtures.
+from tests.api.conftest import (  # noqa: E402, F401
+    api_base_url,
+    api_settings,
+    http,
+    metrics_auth,
+    operator,
+    prefix,
+    rollout_worker,
+    signing_key,
+    token,
+    viewer,
+)

@@ -1,0 +1,106 @@
+// The live stream (SPEC.md, Server-Sent Events): an EventSource opened with a short-lived
+// ticket. It resumes after the last event it received, both when the browser reconnects by
+// itself (Last-Event-ID) and when a new ticket is needed; a fresh ticket is minted before the
+// current one expires, the new source opened before the old one is closed, and an event seen
+// twice in that overlap is dropped by its id.
+
+import {api, BASE, query} from './api.js';
+
+const EVENTS = ['vehicle.updated', 'rollout.updated', 'audit.created', 'fleet.summary'];
+const RENEW_BEFORE_MS = 15000;
+
+export class LiveStream {
+  constructor({topics, onEvent, onState}) {
+    this.topics = topics;
+    this.onEvent = onEvent;
+    this.onState = onState;
+    this.lastEventId = null;
+    this.source = null;
+    this.renewal = null;
+    this.retry = null;
+    this.backoff = 1000;
+    this.stopped = false;
+    this.opened = false;
+  }
+
+  start() { this.connect(); }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.renewal);
+    clearTimeout(this.retry);
+    if (this.source) this.source.close();
+  }
+
+  state(name) { if (this.onState) this.onState(name); }
+
+  async connect() {
+    clearTimeout(this.retry);
+    if (this.stopped) return;
+    let ticket;
+    try {
+      ticket = (await api('/stream/tickets', {method: 'POST'})).data;
+    } catch (e) {
+      this.state('reconnecting');
+      if (e.status === 401 || e.status === 403) return;  // signed out: the page says so
+      this.retry = setTimeout(() => this.connect(), this.backoff);
+      this.backoff = Math.min(this.backoff * 2, 15000);
+      return;
+    }
+    if (this.stopped) return;
+    const source = new EventSource(`${BASE}/stream${query({
+      topics: this.topics.join(','), ticket: ticket.ticket, lastEventId: this.lastEventId,
+    })}`);
+    // A new source that cannot resume (no event received yet to resume after): the page
+    // re-reads what it shows once it is open, so nothing that happened meanwhile is missed.
+    const blind = this.opened && this.lastEventId === null
+      && !(this.source && this.source.readyState === EventSource.OPEN);
+    source.onopen = () => {
+      this.backoff = 1000;
+      if (blind) this.onEvent('resync', {});
+      this.opened = true;
+      if (this.source && this.source !== source) this.source.close();  // the renewal's overlap ends
+      this.source = source;
+      this.state('live');
+    };
+    source.onerror = () => {
+      if (source !== this.source && this.source) {
+        source.close();  // a renewal that failed: the current source goes on
+        return;
+      }
+      this.source = source;
+      this.state('reconnecting');
+      // CONNECTING: the browser retries by itself with Last-Event-ID. CLOSED: it gave up
+      // (an expired ticket is refused): a new ticket, resuming after the last event.
+      if (source.readyState === EventSource.CLOSED) {
+        this.retry = setTimeout(() => this.connect(), this.backoff);
+        this.backoff = Math.min(this.backoff * 2, 15000);
+      }
+    };
+    for (const type of EVENTS) {
+      source.addEventListener(type, (e) => this.receive(type, e));
+    }
+    source.addEventListener('resync', () => {
+      // Too far behind (or the feed was pruned): start over from the current state.
+      source.close();
+      this.lastEventId = null;
+      this.onEvent('resync', {});
+      this.connect();
+    });
+    if (!this.source) this.source = source;
+    clearTimeout(this.renewal);
+    const left = new Date(ticket.expiresAt).getTime() - Date.now();
+    this.renewal = setTimeout(() => this.connect(), Math.max(left - RENEW_BEFORE_MS, 5000));
+  }
+
+  receive(type, e) {
+    const id = Number(e.lastEventId);
+    if (Number.isFinite(id) && this.lastEventId !== null && id <= Number(this.lastEventId)) {
+      return;  // already seen through the other source during a renewal
+    }
+    if (e.lastEventId) this.lastEventId = e.lastEventId;
+    let data;
+    try { data = JSON.parse(e.data); } catch (err) { return; }
+    this.onEvent(type, data, e.lastEventId);
+  }
+}

@@ -1,0 +1,376 @@
+"""The reference dashboard at `/` in a real browser: Playwright driving Debian's chromium
+against the real app, a real rollout worker on the Temporal dev server and PostgreSQL.
+
+Each test saves screenshots under build/screenshots/ (at 1280 and 390 pixels wide)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
+
+from core.auth import mint_dev_token
+from core.settings import Settings
+from devtools.localservers import free_port
+from models.enums import Role
+from services.fleet import refresh_fleet_counts_now
+from tests.api.test_rollout_control import create_rollout, wait_for_status
+from tests.browser.test_eventsource import serve
+from tests.factories import insert_signed_release, insert_vehicles
+
+SHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
+WAIT_MS = 30_000  # longest wait for the page to show something (a guard, not a measured time)
+WIDE: ViewportSize = {"width": 1280, "height": 900}
+NARROW: ViewportSize = {"width": 390, "height": 844}
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        launched = await p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def open_page(
+    browser: Browser, base: str, token: str, path: str, size: ViewportSize = WIDE
+) -> Page:
+    """The dashboard signed in as `make dev` does it: the token in the URL fragment."""
+    page = await browser.new_page(viewport=size)
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(f"{base}/#token={token}")
+    await expect(page.locator("#who")).not_to_be_empty()
+    # The token left the address bar for this tab's storage.
+    assert "token=" not in page.url
+    if path != "/overview":
+        await page.goto(f"{base}/#{path}")
+    await expect(page.locator("main h1")).to_be_visible()  # the view has read its data
+    return page
+
+
+async def shoot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    assert not page.errors, page.errors  # type: ignore[attr-defined]
+
+
+def refresh_counts(database_url: str) -> None:
+    """What each reconcile run does: the fleet's counts recomputed (a `fleet.summary` event)."""
+    with psycopg.connect(database_url) as conn:
+        refresh_fleet_counts_now(conn)
+
+
+async def overview_matches(page: Page, summary: dict[str, Any]) -> None:
+    await expect(page.locator(".chart figcaption")).to_have_text(f"{summary['total']:,} vehicles")
+    bars = page.locator(".chart li[data-status]")
+    for status in ("in_sync", "pending", "updating", "blocked", "failed", "offline"):
+        count = summary["byStatus"].get(status, 0)
+        await expect(bars.and_(page.locator(f"[data-status='{status}']"))).to_have_attribute(
+            "data-count", str(count)
+        )
+    for name, counts in summary["byModel"].items():
+        row = page.locator(f"tr[data-place='{name}']").first
+        await expect(row.locator("td").first).to_have_text(f"{counts['total']:,}")
+    await expect(page.locator("ol.reasons li")).to_have_count(len(summary["topReasonCodes"]))
+
+
+async def test_overview_matches_the_fleet_summary(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    viewer: dict,
+    dev_key: str,
+    database_url: str,
+    prefix: str,
+) -> None:
+    insert_vehicles(database_url, [f"{prefix}a{n}" for n in range(3)], model=f"{prefix}m1")
+    refresh_counts(database_url)
+    summary = (await http.get("/api/v1/fleet/summary", headers=viewer)).json()["data"]
+    assert summary["byModel"][f"{prefix}m1"]["total"] == 3
+    page = await open_page(
+        browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), "/overview"
+    )
+    await overview_matches(page, summary)
+    await shoot(page, "overview-1280")
+    # The counts change: the page follows the stream's `fleet.summary`, without a reload.
+    insert_vehicles(database_url, [f"{prefix}b{n}" for n in range(2)], model=f"{prefix}m2")
+    refresh_counts(database_url)
+    summary = (await http.get("/api/v1/fleet/summary", headers=viewer)).json()["data"]
+    assert summary["byModel"][f"{prefix}m2"]["total"] == 2
+    await overview_matches(page, summary)
+    await page.set_viewport_size(NARROW)
+    await shoot(page, "overview-390")
+
+
+async def test_a_new_rollout_appears_live_and_an_operator_pauses_it(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    operator: dict,
+    viewer: dict,
+    dev_key: str,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    rollout_worker: None,
+) -> None:
+    page = await open_page(
+        browser, api_base_url, mint_dev_token(dev_key, role=Role.OPERATOR), "/rollouts"
+    )
+    await expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    # Created through the API, not the page: it appears without a reload.
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix, n=6)
+    try:
+        row = page.locator(f"tr[data-rollout='{rid}']")
+        await expect(row).to_be_visible()
+        await expect(row.locator(".status")).to_have_text("running")
+        await shoot(page, "rollouts-1280")
+        await row.get_by_role("link", name=f"#{rid}").click()
+        await expect(page.locator("#rollout-status")).to_have_text("running")
+        await expect(page.locator("li.stage")).to_have_count(2)
+        link = page.get_by_role("link", name="in the Temporal UI")
+        assert (await link.get_attribute("href") or "").endswith(f"/workflows/rollout-{rid}")
+        await shoot(page, "rollout-running-1280")
+
+        # Paused from the keyboard: the button, a reason, Enter.
+        await page.get_by_role("button", name="Pause").focus()
+        await page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog")
+        await expect(dialog).to_be_visible()
+        await expect(page.locator("#confirm-reason")).to_be_focused()
+        await page.keyboard.type("browser test: checking telemetry")
+        await page.keyboard.press("Tab")
+        await page.keyboard.press("Tab")
+        await page.keyboard.press("Tab")
+        await expect(page.locator("#confirm-ok")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(dialog).to_be_hidden()
+        await expect(page.locator("#rollout-status")).to_have_text("paused")
+        await expect(page.get_by_role("button", name="Resume")).to_be_visible()
+        await shoot(page, "rollout-paused-1280")
+        await page.set_viewport_size(NARROW)
+        await shoot(page, "rollout-paused-390")
+        with psycopg.connect(database_url) as conn:
+            reasons = conn.execute(
+                "SELECT reason FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
+                " AND action = 'rollout.pause_requested'",
+                (str(rid),),
+            ).fetchall()
+        assert reasons == [("browser test: checking telemetry",)]
+        await wait_for_status(http, viewer, rid, "paused")
+    finally:
+        await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
+        )
+
+
+async def test_a_viewer_sees_no_write_controls(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    operator: dict,
+    dev_key: str,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    rollout_worker: None,
+) -> None:
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
+    try:
+        page = await open_page(
+            browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), f"/rollouts/{rid}"
+        )
+        await expect(page.locator("#rollout-status")).not_to_be_empty()
+        await expect(page.locator(".stages, .card p.muted").first).to_be_visible()
+        assert await page.get_by_role("group", name="Operator controls").count() == 0
+        for name in ("Pause", "Resume", "Rollback", "Abort"):
+            assert await page.get_by_role("button", name=name).count() == 0
+        await page.goto(f"{api_base_url}/#/rollouts")
+        await expect(page.locator(f"tr[data-rollout='{rid}']")).to_be_visible()
+        assert await page.get_by_role("link", name="New rollout").count() == 0
+        await shoot(page, "rollouts-viewer-1280")
+    finally:
+        await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
+        )
+
+
+def feed_vehicle(database_url: str, vehicle_id: str, status: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "INSERT INTO change_feed (topic, event, payload) VALUES"
+            " ('vehicles', 'vehicle.updated', %s) RETURNING id",
+            (
+                json.dumps(
+                    {
+                        "vehicles": [
+                            {
+                                "id": vehicle_id,
+                                "status": status,
+                                "region": "eu-west",
+                                "model": "atlas",
+                                "org": "default",
+                                "reasonCodes": ["INSTALL_FAILED"] if status == "failed" else [],
+                            }
+                        ]
+                    }
+                ),
+            ),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_a_dropped_stream_reconnects_and_misses_nothing(
+    browser: Browser, api_settings: Settings, dev_key: str, database_url: str, prefix: str
+) -> None:
+    ids = [f"{prefix}{n}" for n in range(3)]
+    insert_vehicles(database_url, ids)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    token = mint_dev_token(dev_key, role=Role.VIEWER)
+    from api.app import create_app
+
+    async with serve(create_app(api_settings), port):
+        page = await open_page(browser, base, token, f"/vehicles?q={prefix}")
+        live = page.locator("#live")
+        await expect(live).to_have_attribute("data-state", "live")
+        for vid in ids:
+            await expect(page.get_by_role("link", name=vid, exact=True)).to_be_visible()
+    # The API is gone: the page says so ...
+    await expect(live).to_have_attribute("data-state", "reconnecting")
+    # ... changes happen meanwhile ...
+    feed_vehicle(database_url, ids[0], "failed")
+    feed_vehicle(database_url, ids[1], "updating")
+    await asyncio.sleep(1)
+    async with serve(create_app(api_settings), port):
+        # ... and when it is back, the page resumes after the last event it saw.
+        await expect(live).to_have_attribute("data-state", "live")
+        rows = {
+            vid: page.get_by_role("row").filter(has=page.get_by_role("link", name=vid, exact=True))
+            for vid in ids
+        }
+        await expect(rows[ids[0]].locator(".badge")).to_have_text("failed")
+        await expect(rows[ids[1]].locator(".badge")).to_have_text("updating")
+        feed_vehicle(database_url, ids[2], "offline")
+        await expect(rows[ids[2]].locator(".badge")).to_have_text("offline")
+        await shoot(page, "vehicles-after-reconnect-1280")
+
+
+async def test_an_operator_creates_a_rollout_after_seeing_its_plan(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    operator: dict,
+    dev_key: str,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    rollout_worker: None,
+) -> None:
+    release = f"{prefix}2027.2.0"
+    insert_signed_release(database_url, signing_key, release)
+    ids = [f"{prefix}{n:03d}" for n in range(4)]
+    insert_vehicles(database_url, ids, battery_percent=90)
+    page = await open_page(
+        browser, api_base_url, mint_dev_token(dev_key, role=Role.OPERATOR), "/rollouts/new"
+    )
+    await page.get_by_label("Release").select_option(release)
+    await page.get_by_label("Vehicle ids").fill(", ".join(ids))
+    await page.get_by_label("Canary (% of targets)").fill("25")
+    await page.get_by_label("Waves (cumulative %, last 100)").fill("100")
+    create = page.get_by_role("button", name="Create rollout")
+    await expect(create).to_be_disabled()  # not before its plan has been shown
+    await page.get_by_role("button", name="Plan (dry run)").click()
+    await expect(page.get_by_text("4 vehicles on")).to_be_visible()
+    await expect(page.locator("table").last.locator("tbody tr")).to_have_count(2)
+    await expect(create).to_be_enabled()
+    await shoot(page, "rollout-plan-1280")
+    # A reason is required; a change of the inputs asks for the plan again.
+    await create.click()
+    await expect(page.get_by_text("A reason is required.")).to_be_visible()
+    await page.get_by_label("Reason (required, audited)").fill(
+        "browser test: created from its plan"
+    )
+    await expect(create).to_be_disabled()
+    await page.get_by_role("button", name="Plan (dry run)").click()
+    await expect(create).to_be_enabled()
+    await create.click()
+    await expect(page.locator("#rollout-status")).to_have_text("running")
+    rid = int(page.url.rsplit("/", 1)[1])
+    try:
+        got = (await http.get(f"/api/v1/rollouts/{rid}", headers=operator)).json()["data"]
+        assert got["targets"]["vehicleIds"] == ids and got["releaseVersion"] == release
+        assert [s["vehicles"] for s in got["stages"]] == [1, 3]
+        with psycopg.connect(database_url) as conn:
+            reasons = conn.execute(
+                "SELECT reason FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
+                " AND action = 'rollout.created'",
+                (str(rid),),
+            ).fetchall()
+        assert reasons == [("browser test: created from its plan",)]
+        # Its vehicles are listed once the targets are expanded (the page follows).
+        await expect(
+            page.locator("section", has_text="Vehicles").locator("tbody tr")
+        ).to_have_count(4)
+    finally:
+        await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
+        )
+
+
+async def test_the_audit_log_filters_and_exports(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    operator: dict,
+    dev_key: str,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    tmp_path: Path,
+    rollout_worker: None,
+) -> None:
+    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
+    try:
+        page = await open_page(
+            browser,
+            api_base_url,
+            mint_dev_token(dev_key, role=Role.VIEWER),
+            f"/audit?targetType=rollout&targetId={rid}",
+        )
+        rows = page.locator("tbody tr")
+        await expect(rows.filter(has_text="rollout.created")).to_have_count(1)
+        shown = await rows.count()
+        for text in await rows.all_inner_texts():  # the filter holds: this rollout's only
+            assert f"rollout {rid}\t" in text, text
+        await shoot(page, "audit-1280")
+        async with page.expect_download() as waiting:
+            await page.get_by_role("button", name="Export NDJSON").click()
+        download = await waiting.value
+        saved = tmp_path / "audit.ndjson"
+        await download.save_as(saved)
+        entries = [json.loads(line) for line in saved.read_text().splitlines()]
+        assert len(entries) >= shown  # its workflow may have added some since
+        assert {(e["targetType"], e["targetId"]) for e in entries} == {("rollout", str(rid))}
+        assert "rollout.created" in {e["action"] for e in entries}
+    finally:
+        await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
+        )
