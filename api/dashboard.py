@@ -5,11 +5,12 @@ the public API only, and its sign-in.
 - `GET /ui/config.json` tells the page how to sign in: through the issuer when
   `MOTORCADE_OIDC_CLIENT_ID` is set, else with a token in the URL fragment (`#token=...`,
   which `make dev` prints: a fragment never reaches a server or its logs).
-- `GET /auth/login` and `GET /auth/callback`: the OIDC authorization code flow with PKCE
-  (authlib's PKCE helpers; the exchange is one form POST). The verifier and state wait in
-  a short-lived, HMAC-signed, HttpOnly cookie scoped to `/auth`, so any API replica can
-  finish a sign-in another started; the access token reaches the page in the fragment of
-  the final redirect (`/#token=...`).
+- `GET /auth/login`, `GET /auth/callback`, `POST /auth/session`: the OIDC authorization
+  code flow with PKCE (authlib's PKCE helpers; the exchange is one form POST). The
+  verifier and state wait in a short-lived, HMAC-signed, HttpOnly cookie scoped to `/auth`,
+  so any API replica can finish a sign-in another started. The access token never travels
+  in a URL: the callback leaves it for a minute in a SameSite=Strict, HttpOnly cookie on
+  `/auth`, and the page collects it once with `POST /auth/session`.
 
 Nothing here is under /api/, so the auth gate lets it through: the page and its sign-in are
 public, everything they show comes from the API with the caller's token.
@@ -25,7 +26,6 @@ import secrets
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import structlog
@@ -34,6 +34,7 @@ from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.types import Scope
 
 from api.staticfiles import WholeFiles
 from core.errors import DependencyUnavailable, InvalidInput, Unauthenticated
@@ -43,6 +44,8 @@ log = structlog.stdlib.get_logger("motorcade.dashboard")
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard"
 COOKIE = "motorcade_signin"
+TOKEN_COOKIE = "motorcade_token"  # the access token, from the callback to the page, once
+HANDOVER_SECONDS = 60
 SIGN_IN_SECONDS = 600  # a sign-in started longer ago than this is refused at the callback
 ISSUER_TIMEOUT_SECONDS = 10.0
 
@@ -150,13 +153,44 @@ def add_dashboard(app: FastAPI, settings: Settings, secret: bytes) -> None:
         access = token.get("access_token")
         if not isinstance(access, str) or not access:
             raise Unauthenticated("the issuer returned no access token")
-        response = RedirectResponse("/#token=" + quote(access, safe=""), status_code=302)
+        # The token never travels in a URL: it waits a minute in a cookie that only this
+        # origin's own `POST /auth/session` receives (SameSite=Strict, HttpOnly, /auth).
+        response = RedirectResponse("/", status_code=302)
         response.delete_cookie(COOKIE, path="/auth")
+        response.set_cookie(
+            TOKEN_COOKIE,
+            access,
+            max_age=HANDOVER_SECONDS,
+            path="/auth",
+            httponly=True,
+            secure=_base_url(settings, request).startswith("https://"),
+            samesite="strict",
+        )
         response.headers["Cache-Control"] = "no-store"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    app.mount("/ui", WholeFiles(directory=DASHBOARD), name="dashboard")
+    @app.post("/auth/session", include_in_schema=False)
+    async def session(request: Request) -> Response:
+        """The page takes the token the callback left, once."""
+        token = request.cookies.get(TOKEN_COOKIE)
+        if not token:
+            raise Unauthenticated("no sign-in to collect: sign in again")
+        response = JSONResponse({"token": token}, headers={"Cache-Control": "no-store"})
+        response.delete_cookie(TOKEN_COOKIE, path="/auth")
+        return response
+
+    app.mount("/ui", DashboardFiles(directory=DASHBOARD), name="dashboard")
+
+
+class DashboardFiles(WholeFiles):
+    """The page's modules and stylesheet, with the page's headers: revalidated on each load
+    (an upgraded API never serves a mix of old and new modules) and never framed."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
 
 def _oidc(settings: Settings) -> bool:
@@ -171,9 +205,17 @@ def _redirect_uri(settings: Settings, request: Request) -> str:
     return _base_url(settings, request) + "/auth/callback"
 
 
+METADATA_SECONDS = 300.0  # the issuer's discovery document is read at most this often
+_metadata_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
 async def _metadata(settings: Settings) -> dict[str, Any]:
-    """The issuer's endpoints, from its discovery document."""
+    """The issuer's endpoints, from its discovery document (cached: a public endpoint never
+    makes the API fetch it on every call)."""
     issuer = (settings.oidc_issuer or "").rstrip("/")
+    cached = _metadata_cache.get(issuer)
+    if cached is not None and time.monotonic() - cached[0] < METADATA_SECONDS:
+        return cached[1]
     try:
         async with httpx.AsyncClient(timeout=ISSUER_TIMEOUT_SECONDS) as http:
             response = await http.get(f"{issuer}/.well-known/openid-configuration")
@@ -186,6 +228,7 @@ async def _metadata(settings: Settings) -> dict[str, Any]:
     except (httpx.HTTPError, ValueError) as exc:
         log.warning("oidc discovery failed", error=type(exc).__name__)
         raise DependencyUnavailable("the identity provider did not answer") from exc
+    _metadata_cache[issuer] = (time.monotonic(), dict(metadata))
     return dict(metadata)
 
 

@@ -48,7 +48,7 @@ GATES = {
 }
 PROGRESS = {
     "targeted": 1200,
-    "notified": 20,
+    "notified": 300,
     "updating": 160,
     "succeeded": 118,
     "failed": 2,
@@ -132,7 +132,7 @@ CONSTRAINTS = {
         "start": "22:00",
         "end": "05:00",
         "timezone": "Europe/Berlin",
-        "days": [],
+        "days": ["mon", "tue", "wed", "thu", "fri"],
     },
 }
 DESIRED_STATE = {
@@ -242,7 +242,11 @@ RESOURCES: dict[str, Any] = {
         "status": "ok",
         "checks": {"database": "ok", "temporal": "ok", "pool": "ok"},
     },
-    "StreamTicket": {"ticket": "st1.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl", "expiresAt": AT},
+    "StreamTicket": {
+        "ticket": "eyJleHAiOjE3OTUxNjgyNjAsInN1YiI6ImFsaWNlIn0"
+        ".3q2-7wXk0cJb1aQyVZ8rT5uN2mE4sH6gL9pD0fA1bC8",
+        "expiresAt": AT,
+    },
     "TelemetryAccepted": {"accepted": 2, "duplicates": 0, "heartbeats": 1},
     "Caller": {
         "subject": "alice@example.com",

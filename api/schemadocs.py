@@ -26,7 +26,7 @@ BY_NAME: dict[str, str] = {
     "hasMore": "True when another page follows.",
     "releaseVersion": "A release's version, as registered (`POST /releases`).",
     "vehicleId": "The vehicle's id.",
-    "desiredStateId": "The desired state's id (`ds-...`): what the vehicle reports back against.",
+    "desiredStateId": "The desired state's id (a UUID): what the vehicle reports back against.",
     "rolloutId": "The rollout it belongs to; null for a desired state written directly.",
     "createdAt": "When it was created (UTC).",
     "createdBy": "Who created it: the token's subject.",
@@ -90,7 +90,9 @@ BY_NAME: dict[str, str] = {
     "details": "More about it, as the sender gave it (a JSON object).",
     "correlationId": "Ties the entries of one request or workflow action together (the "
     "request's `X-Request-ID`).",
-    "actor": "Who did it: a token's subject, `temporal-cli` or `system`.",
+    "actor": "Who did it: a token's subject (through the API), the `actor` a Temporal signal "
+    "named (default `temporal`), `workflow` (the rollout's own decisions) or the name of "
+    "another system job.",
     "role": "The actor's role when it acted.",
     "targetType": "What kind of thing it acted on: `rollout`, `release`, `desired_state`, "
     "`vehicle`, ...",
@@ -127,15 +129,17 @@ BY_NAME: dict[str, str] = {
     "minSuccessRate": "The share of the canary's settled vehicles that must have succeeded "
     "(0 to 1).",
     "minSamples": "How many of the canary's vehicles must have settled before it is judged.",
-    "maxFailureRate": "The share of settled vehicles that may fail (0 to 1) before `action`.",
+    "maxFailureRate": "The share of the vehicles sent the update so far (still installing "
+    "ones included) that may have failed (0 to 1) before `action`.",
     "applySeconds": "How long a notified vehicle may take to report success or failure "
-    "before it counts as failed (`TIMEOUT`).",
+    "before it counts as failed (`APPLY_TIMEOUT`).",
     "maxAttempts": "Attempts per vehicle, the first included.",
     "backoffSeconds": "The wait before the first retry; it doubles with each retry.",
     "start": "The window's start, `HH:MM` in `timezone`.",
     "end": "The window's end, `HH:MM` in `timezone` (before `start`: it spans midnight).",
     "timezone": "An IANA time zone (e.g. `Europe/Berlin`).",
-    "days": "The weekdays it is open (`mon` ... `sun`); empty: every day.",
+    "days": "The weekdays it opens (`mon` ... `sun`; default every day; an empty list never "
+    "opens).",
     "attempt": "Which attempt at this vehicle it is, from 1 (0: not yet sent).",
     "notifiedAt": "When the vehicle was last sent the desired state (UTC).",
     "vehicleStatus": "The vehicle's own status in the fleet.",
@@ -215,6 +219,7 @@ BY_SCHEMA: dict[tuple[str, str], str] = {
     ("PlannedStage", "name"): "The stage's name: `canary`, `wave-1`, ...",
     ("PlannedStage", "vehicles"): "How many vehicles the stage holds.",
     ("ReasonCodeCount", "vehicles"): "How many vehicles report it.",
+    ("ReasonCodeCount", "reasonCode"): "The reason code (UPPER_SNAKE).",
     ("VehicleBatchCreate", "vehicles"): "The vehicles to register (1 to 500).",
     ("VehicleUpdatedEvent", "vehicles"): "What changed, up to 500 vehicles per event.",
     ("ReleaseComponent", "name"): "The component's name (e.g. `infotainment`).",

@@ -173,7 +173,10 @@ def _resync(reason: str) -> ServerSentEvent:
     "event (`EVENTS_EXPIRED`: re-read the state), then live ones. A `resync` event (no id) "
     "with `SLOW_SUBSCRIBER` ends the stream: re-read the state, then open a new stream without "
     "a last event id. A caller holds at most `MOTORCADE_STREAM_MAX_PER_CALLER` streams per "
-    "server (one more: 429 RATE_LIMITED). Keep-alive comments every 15 s. Authorization "
+    "server (one more: 429 RATE_LIMITED). The stream opens with the comment `: subscribed`, "
+    "then (without a last event id, or after a resume's backfill) a message with an `id:` "
+    "line alone: the stream's position, which sets a browser's last event id without "
+    "dispatching an event. Keep-alive comments every 15 s. Authorization "
     "header, or `ticket=` from POST /api/v1/stream/tickets; the stream "
     "ends when that token or ticket expires (resume with a fresh one and `lastEventId=`).",
     responses={

@@ -11,14 +11,16 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
+from api.dashboard import SIGN_IN_SECONDS, _seal
 from core.settings import Settings
+from services.stream import ticket_secret
 from tests.api.conftest import served
 from tests.api.test_envelopes import assert_error
 from tests.httpserver import QuietHandler, serve
@@ -37,6 +39,12 @@ async def test_the_page_and_its_files_are_public(http: httpx.AsyncClient) -> Non
         module = await http.get(path)
         assert module.status_code == 200, path
         assert "javascript" in module.headers["content-type"]
+        assert module.headers["cache-control"] == "no-cache"  # an upgrade is seen at once
+    # The page's own file under /ui has the page's headers too.
+    assert (
+        "frame-ancestors 'none'"
+        in (await http.get("/ui/index.html")).headers["content-security-policy"]
+    )
     config = (await http.get("/ui/config.json")).json()
     assert config == {"signIn": "token", "loginUrl": None, "apiBase": "/api/v1"}
     assert_error(await http.get("/ui/nothing-here.js"), 404, "NOT_FOUND")
@@ -156,20 +164,47 @@ async def test_sign_in_through_the_issuer_with_pkce(api_settings: Settings, issu
 
         done = await client.get(callback)
         assert done.status_code == 302, done.text
-        location = done.headers["location"]
-        assert location.startswith("/#token=")
+        # The token never travels in a URL: it waits in a cookie only /auth/session reads.
+        assert done.headers["location"] == "/"
         assert done.headers["cache-control"] == "no-store"
+        handover = [
+            c for c in done.headers.get_list("set-cookie") if c.startswith("motorcade_token=")
+        ]
+        assert len(handover) == 1
+        for flag in ("HttpOnly", "Path=/auth", "SameSite=strict", "Max-Age=60"):
+            assert flag in handover[0], handover[0]
         # The code was exchanged with the verifier the challenge was made from.
         assert issuer.token_forms[-1]["code_verifier"]
-        token = unquote(location.removeprefix("/#token="))
+        taken = await client.post("/auth/session")
+        assert taken.status_code == 200, taken.text
+        token = taken.json()["token"]
         me = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
         assert me.status_code == 200, me.text
         assert me.json()["data"]["subject"] == "alice@example.com"
         assert me.json()["data"]["canWrite"] is True
+        # Collected once: the cookie is gone.
+        assert_error(await client.post("/auth/session"), 401, "UNAUTHENTICATED")
 
         # A sign-in finishes once: the cookie is gone, a replayed callback is refused.
         replay = await client.get(callback)
         assert_error(replay, 401, "UNAUTHENTICATED")
+
+        # The sign-in cookie is checked: a tampered one, one too old, and the issuer's refusal.
+        await client.get("/auth/login")
+        sealed = client.cookies.get("motorcade_signin", path="/auth")
+        assert sealed
+        body, mac = sealed.split(".")
+        client.cookies.set("motorcade_signin", f"{body}.{'0' * len(mac)}", path="/auth")
+        assert_error(await client.get(callback), 401, "UNAUTHENTICATED")
+        secret = ticket_secret(None, api_settings.dev_key.get_secret_value())  # type: ignore[union-attr]
+        old = {"state": "s", "verifier": "v", "at": int(time.time()) - SIGN_IN_SECONDS - 1}
+        client.cookies.set("motorcade_signin", _seal(secret, old), path="/auth")
+        assert_error(await client.get("/auth/callback?code=c&state=s"), 401, "UNAUTHENTICATED")
+        fresh = {**old, "at": int(time.time())}
+        client.cookies.set("motorcade_signin", _seal(secret, fresh), path="/auth")
+        refused = await client.get("/auth/callback?error=access_denied&state=s")
+        assert_error(refused, 401, "UNAUTHENTICATED")
+        assert "access_denied" in refused.json()["error"]["message"]
 
 
 async def test_an_issuer_that_does_not_answer_is_a_503(api_settings: Settings) -> None:

@@ -50,6 +50,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/ui/config.json"): PROBE,
     ("GET", "/auth/login"): (422,) * 6,
     ("GET", "/auth/callback"): (422,) * 6,
+    ("POST", "/auth/session"): (401,) * 6,  # no sign-in left a token to collect
     ("GET", "/api/v1/me"): (401, 200, 200, 200, 200, 200),
     ("GET", "/api/v1/vehicles"): READ,
     ("GET", "/api/v1/vehicles/{vehicle_id}"): READ_ONE,

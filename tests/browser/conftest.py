@@ -46,3 +46,4 @@ from tests.api.conftest import (  # noqa: E402, F401
     token,
     viewer,
 )
+from tests.api.test_dashboard import issuer  # noqa: E402, F401

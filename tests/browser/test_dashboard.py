@@ -17,11 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
+from api.app import create_app
 from core.auth import mint_dev_token
 from core.settings import Settings
 from devtools.localservers import free_port
 from models.enums import Role
 from services.fleet import refresh_fleet_counts_now
+from tests.api.conftest import served
+from tests.api.test_dashboard import CLIENT_ID, Issuer
 from tests.api.test_rollout_control import create_rollout, wait_for_status
 from tests.browser.test_eventsource import serve
 from tests.factories import insert_signed_release, insert_vehicles
@@ -45,22 +48,29 @@ async def browser(chromium: str) -> AsyncIterator[Browser]:
             await launched.close()
 
 
-async def open_page(
-    browser: Browser, base: str, token: str, path: str, size: ViewportSize = WIDE
-) -> Page:
-    """The dashboard signed in as `make dev` does it: the token in the URL fragment."""
+async def watched_page(browser: Browser, size: ViewportSize = WIDE) -> Page:
+    """A page whose script errors are kept (`shoot` fails on any)."""
     page = await browser.new_page(viewport=size)
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+async def open_page(
+    browser: Browser, base: str, token: str, path: str, size: ViewportSize = WIDE
+) -> Page:
+    """The dashboard signed in as `make dev` does it: the token in the URL fragment."""
+    page = await watched_page(browser, size)
     await page.goto(f"{base}/#token={token}")
     await expect(page.locator("#who")).not_to_be_empty()
     # The token left the address bar for this tab's storage.
     assert "token=" not in page.url
     if path != "/overview":
         await page.goto(f"{base}/#{path}")
-    await expect(page.locator("main h1")).to_be_visible()  # the view has read its data
+    # The view has read its data (the page marks it once loaded).
+    await expect(page.locator("main")).to_have_attribute("data-route", path.split("?")[0])
     return page
 
 
@@ -155,9 +165,8 @@ async def test_a_new_rollout_appears_live_and_an_operator_pauses_it(
         await expect(dialog).to_be_visible()
         await expect(page.locator("#confirm-reason")).to_be_focused()
         await page.keyboard.type("browser test: checking telemetry")
-        await page.keyboard.press("Tab")
-        await page.keyboard.press("Tab")
-        await page.keyboard.press("Tab")
+        await page.keyboard.press("Tab")  # Cancel
+        await page.keyboard.press("Tab")  # Pause (no `force` for a pause)
         await expect(page.locator("#confirm-ok")).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(dialog).to_be_hidden()
@@ -211,6 +220,12 @@ async def test_a_viewer_sees_no_write_controls(
         )
 
 
+async def hub_ready(app: Any) -> None:
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while not (app.state.stream and app.state.stream.ready):  # noqa: ASYNC110 - a flag
+            await asyncio.sleep(0.02)
+
+
 def feed_vehicle(database_url: str, vehicle_id: str, status: str) -> int:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
@@ -245,9 +260,8 @@ async def test_a_dropped_stream_reconnects_and_misses_nothing(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     token = mint_dev_token(dev_key, role=Role.VIEWER)
-    from api.app import create_app
-
-    async with serve(create_app(api_settings), port):
+    async with serve(first := create_app(api_settings), port):
+        await hub_ready(first)
         page = await open_page(browser, base, token, f"/vehicles?q={prefix}")
         live = page.locator("#live")
         await expect(live).to_have_attribute("data-state", "live")
@@ -259,7 +273,8 @@ async def test_a_dropped_stream_reconnects_and_misses_nothing(
     feed_vehicle(database_url, ids[0], "failed")
     feed_vehicle(database_url, ids[1], "updating")
     await asyncio.sleep(1)
-    async with serve(create_app(api_settings), port):
+    async with serve(again := create_app(api_settings), port):
+        await hub_ready(again)  # until then the stream answers 503 (a browser retry is refused)
         # ... and when it is back, the page resumes after the last event it saw.
         await expect(live).to_have_attribute("data-state", "live")
         rows = {
@@ -308,7 +323,9 @@ async def test_an_operator_creates_a_rollout_after_seeing_its_plan(
     await page.get_by_label("Reason (required, audited)").fill(
         "browser test: created from its plan"
     )
-    await expect(create).to_be_disabled()
+    await expect(create).to_be_enabled()  # the reason is not part of the plan
+    await page.get_by_label("Canary bake (s)").fill("900")
+    await expect(create).to_be_disabled()  # the strategy is
     await page.get_by_role("button", name="Plan (dry run)").click()
     await expect(create).to_be_enabled()
     await create.click()
@@ -374,3 +391,27 @@ async def test_the_audit_log_filters_and_exports(
         await http.post(
             f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
         )
+
+
+async def test_sign_in_through_the_issuer_and_out_again(
+    browser: Browser, api_settings: Settings, issuer: Issuer
+) -> None:
+    async with served(api_settings, oidc_issuer=issuer.base, oidc_client_id=CLIENT_ID) as client:
+        base = str(client.base_url).rstrip("/")
+        page = await watched_page(browser)
+        await page.goto(f"{base}/")
+        await page.get_by_role("link", name="Sign in with your identity provider").click()
+        # To the issuer (which signs alice in at once), back to the callback, then the page.
+        await expect(page.locator("#who")).to_have_text("alice@example.com (operator)")
+        assert "token" not in page.url
+        await shoot(page, "signed-in-oidc-1280")
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        assert await page.get_by_text("Something went wrong").count() == 0
+        # With an issuer, a link carrying a token signs nobody in.
+        forged = mint_dev_token(api_settings.dev_key.get_secret_value(), role=Role.OPERATOR)  # type: ignore[union-attr]
+        await page.goto(f"{base}/#token={forged}")
+        await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        await expect(page.locator("#session")).to_be_hidden()
+        assert await page.locator("#who").text_content() in ("", None)
+        await page.close()

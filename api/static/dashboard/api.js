@@ -26,6 +26,8 @@ export class ApiError extends Error {
   }
 }
 
+export function newKey() { return uuid(); }
+
 function uuid() {
   if (crypto.randomUUID) return crypto.randomUUID();
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -43,12 +45,13 @@ export function query(params) {
 }
 
 // `api('/vehicles', {query: {...}})` → the response's JSON envelope; an error answer throws an
-// ApiError with the envelope's code. A write carries a fresh Idempotency-Key, so a retry of
-// the same click (a lost answer) is applied once.
-export async function api(path, {method = 'GET', body, params, raw = false} = {}) {
+// ApiError with the envelope's code. A write carries an Idempotency-Key: the caller passes
+// one per user action (`newKey()`) and the same again when the person retries it, so an
+// action whose answer was lost is applied once.
+export async function api(path, {method = 'GET', body, params, raw = false, key} = {}) {
   const headers = {Authorization: `Bearer ${session.token}`};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  if (method === 'POST') headers['Idempotency-Key'] = uuid();
+  if (method === 'POST') headers['Idempotency-Key'] = key || uuid();
   let response;
   try {
     response = await fetch(BASE + path + query(params), {

@@ -21,6 +21,8 @@ export class LiveStream {
     this.backoff = 1000;
     this.stopped = false;
     this.opened = false;
+    this.resynced = false;  // the view was just told to read again: the next stream is not blind
+    this.sources = new Set();  // every EventSource not yet closed (a renewal overlaps)
   }
 
   start() { this.connect(); }
@@ -29,8 +31,11 @@ export class LiveStream {
     this.stopped = true;
     clearTimeout(this.renewal);
     clearTimeout(this.retry);
-    if (this.source) this.source.close();
+    for (const source of this.sources) source.close();
+    this.sources.clear();
   }
+
+  live() { return this.source !== null && this.source.readyState === EventSource.OPEN; }
 
   state(name) { if (this.onState) this.onState(name); }
 
@@ -41,7 +46,7 @@ export class LiveStream {
     try {
       ticket = (await api('/stream/tickets', {method: 'POST'})).data;
     } catch (e) {
-      this.state('reconnecting');
+      if (!this.live()) this.state('reconnecting');  // a failed renewal: the stream goes on
       if (e.status === 401 || e.status === 403) return;  // signed out: the page says so
       this.retry = setTimeout(() => this.connect(), this.backoff);
       this.backoff = Math.min(this.backoff * 2, 15000);
@@ -51,28 +56,32 @@ export class LiveStream {
     const source = new EventSource(`${BASE}/stream${query({
       topics: this.topics.join(','), ticket: ticket.ticket, lastEventId: this.lastEventId,
     })}`);
+    this.sources.add(source);
+    const close = (s) => { s.close(); this.sources.delete(s); };
     // A new source that cannot resume (no event received yet to resume after): the page
     // re-reads what it shows once it is open, so nothing that happened meanwhile is missed.
-    const blind = this.opened && this.lastEventId === null
-      && !(this.source && this.source.readyState === EventSource.OPEN);
+    const blind = this.opened && this.lastEventId === null && !this.resynced && !this.live();
+    this.resynced = false;
     source.onopen = () => {
+      if (this.stopped) { close(source); return; }
       this.backoff = 1000;
       if (blind) this.onEvent('resync', {});
       this.opened = true;
-      if (this.source && this.source !== source) this.source.close();  // the renewal's overlap ends
+      if (this.source && this.source !== source) close(this.source);  // the renewal's overlap ends
       this.source = source;
       this.state('live');
     };
     source.onerror = () => {
-      if (source !== this.source && this.source) {
-        source.close();  // a renewal that failed: the current source goes on
-        return;
+      if (source !== this.source && this.live()) {
+        close(source);  // a renewal that failed: the current source goes on (renewed again
+        return;  // before it ends, or replaced once it has closed)
       }
       this.source = source;
       this.state('reconnecting');
       // CONNECTING: the browser retries by itself with Last-Event-ID. CLOSED: it gave up
       // (an expired ticket is refused): a new ticket, resuming after the last event.
       if (source.readyState === EventSource.CLOSED) {
+        this.sources.delete(source);
         this.retry = setTimeout(() => this.connect(), this.backoff);
         this.backoff = Math.min(this.backoff * 2, 15000);
       }
@@ -81,9 +90,12 @@ export class LiveStream {
       source.addEventListener(type, (e) => this.receive(type, e));
     }
     source.addEventListener('resync', () => {
-      // Too far behind (or the feed was pruned): start over from the current state.
-      source.close();
+      // Too far behind (or the feed was pruned): start over from the current state. The new
+      // stream is not `blind` (its view has just been told to read again).
+      close(source);
+      this.source = null;
       this.lastEventId = null;
+      this.resynced = true;
       this.onEvent('resync', {});
       this.connect();
     });

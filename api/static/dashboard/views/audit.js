@@ -8,17 +8,24 @@ import {pager} from './vehicles.js';
 const FILTERS = [['actor', 'Actor'], ['action', 'Action'], ['targetType', 'Target type'],
   ['targetId', 'Target id'], ['from', 'From'], ['to', 'To']];
 
+// An ISO time as a datetime-local input's value (the browser's local time), and back.
+function toLocal(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return '';
+  return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+}
+
 function entry(a) {
-  return h('tr', {},
+  return h('tr', {'data-entry': a.id},
     h('td', {}, when(a.at)), h('td', {}, a.actor, a.role ? h('span', {class: 'muted'}, ` ${a.role}`) : null),
-    h('td', {}, h('code', {}, a.action)), h('td', {}, `${a.targetType} ${a.targetId}`),
+    h('td', {}, h('code', {}, a.action)), h('td', {}, [a.targetType, a.targetId].filter((x) => x != null).join(' ')),
     h('td', {}, a.reason || ''), h('td', {}, a.result || ''), h('td', {class: 'muted'}, a.source));
 }
 
 export async function auditLog(main, {bus, params, navigate}) {
   const inputs = Object.fromEntries(FILTERS.map(([name]) => [name, h('input', {
     type: name === 'from' || name === 'to' ? 'datetime-local' : 'text',
-    value: params.get(name) ? (name === 'from' || name === 'to' ? params.get(name).slice(0, 16) : params.get(name)) : '',
+    value: params.get(name) ? (name === 'from' || name === 'to' ? toLocal(params.get(name)) : params.get(name)) : '',
   })]));
   const filters = Object.fromEntries(FILTERS.map(([n]) => n).filter((n) => params.get(n)).map((n) => [n, params.get(n)]));
   const body = h('tbody');
@@ -60,6 +67,6 @@ export async function auditLog(main, {bus, params, navigate}) {
   await pages.first();
   return bus.on('audit.created', (a) => {
     if (!firstPage || Object.keys(filters).length) return;
-    if (a && a.action) body.prepend(entry(a));
+    if (a && a.action && !body.querySelector(`tr[data-entry="${Number(a.id)}"]`)) body.prepend(entry(a));
   });
 }

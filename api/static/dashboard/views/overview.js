@@ -57,7 +57,8 @@ export async function overview(main, {bus}) {
   let pending = null;
   const off = bus.on('fleet.summary', () => {
     clearTimeout(pending);
-    pending = setTimeout(() => render().catch(() => {}), 500);
+    pending = setTimeout(() => render().catch((e) => main.prepend(h('p', {class: 'error', role: 'alert'},
+      `Could not refresh the counts: ${e.describe ? e.describe() : e}`))), 500);
   });
   return () => { off(); clearTimeout(pending); };
 }

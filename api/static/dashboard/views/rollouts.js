@@ -2,7 +2,7 @@
 // the Temporal UI link), live through the stream; for operators create (the dry-run plan
 // shown before confirming) and the controls, each asking for a reason.
 
-import {api, ApiError} from '../api.js';
+import {api, ApiError, newKey} from '../api.js';
 import {badge, field, h, num, replace, table, when} from '../dom.js';
 import {pager} from './vehicles.js';
 
@@ -92,6 +92,7 @@ export async function rolloutList(main, {bus, params, me, navigate}) {
   const filters = {status: params.get('status') || undefined, releaseVersion: params.get('releaseVersion') || undefined};
   const body = h('tbody');
   const shown = new Map();
+  const skipped = new Set();  // rollouts the filters leave out (not asked for again)
   let firstPage = true;
   const pages = pager(async (cursor) => {
     firstPage = !cursor;
@@ -120,16 +121,20 @@ export async function rolloutList(main, {bus, params, me, navigate}) {
       shown.set(delta.id, {r: merged, tr});
       return;
     }
-    // A rollout new to this page: shown at the top of the first page (newest first).
-    if (!firstPage || (filters.status && delta.status !== filters.status)) return;
+    // A rollout new to this page: shown at the top of the first page (newest first) when it
+    // is newer than every one shown (an older one moving is not news here).
+    const newest = Math.max(0, ...shown.keys());
+    if (!firstPage || delta.id <= newest || skipped.has(delta.id)
+      || (filters.status && delta.status !== filters.status)) return;
     try {
       const r = (await api(`/rollouts/${delta.id}`)).data;
-      if (shown.has(r.id) || (filters.releaseVersion && r.releaseVersion !== filters.releaseVersion)) return;
+      if (filters.releaseVersion && r.releaseVersion !== filters.releaseVersion) skipped.add(r.id);
+      if (shown.has(r.id) || skipped.has(r.id)) return;
       body.querySelector('tr.empty')?.remove();
       const tr = row(r);
       body.prepend(tr);
       shown.set(r.id, {r, tr});
-    } catch (e) { /* not visible to this caller */ }
+    } catch (e) { skipped.add(delta.id); /* not visible to this caller */ }
   });
   try { await pages.first(); } catch (e) { off(); throw e; }
   return off;
@@ -138,6 +143,7 @@ export async function rolloutList(main, {bus, params, me, navigate}) {
 export async function rolloutDetail(main, {bus, args, me, confirmAction}) {
   const id = Number(args[0]);
   let r = (await api(`/rollouts/${id}`)).data;
+  let updates = 0;  // rollout.updated events applied: a slower answer never overwrites them
   const head = h('div');
   const stages = h('section', {class: 'card wide'});
   const vehicles = h('tbody');
@@ -152,19 +158,24 @@ export async function rolloutDetail(main, {bus, args, me, confirmAction}) {
       : h('tr', {}, h('td', {colspan: 7, class: 'muted'}, 'No vehicle yet.')));
     return res.metadata;
   });
-  stateFilter.addEventListener('change', () => pages.first());
+  stateFilter.addEventListener('change', () => pages.first());  // the pager shows a failure
 
   function act(action) {
     return confirmAction({
       title: action[0].toUpperCase() + action.slice(1),
       text: `${action} rollout #${id} (${r.releaseVersion}), now ${r.status.replace('_', ' ')}.`,
       force: action === 'resume',
-      action: async (reason, force) => {
+      action: async (reason, force, key) => {
         const body = {reason};
         if (action === 'resume' && force) body.force = true;
-        const res = await api(`/rollouts/${id}/${action}`, {method: 'POST', body});
-        r = {...r, ...res.data.rollout};
-        render();
+        const before = updates;
+        const res = await api(`/rollouts/${id}/${action}`, {method: 'POST', body, key});
+        // The answer's rollout was read when the workflow accepted the action; an event that
+        // arrived meanwhile is newer (the pause already persisted, say): it is kept.
+        if (updates === before) {
+          r = {...r, ...res.data.rollout};
+          render();
+        }
         return res;
       },
     });
@@ -202,12 +213,18 @@ export async function rolloutDetail(main, {bus, args, me, confirmAction}) {
   let refresh = null;
   const off = bus.on('rollout.updated', async (delta) => {
     if (delta.id !== id) return;
+    updates += 1;
+    const seen = updates;
     const replan = delta.stageCount !== r.stageCount || (delta.progress && delta.progress.targeted !== r.progress.targeted);
     r = {...r, ...delta};
-    if (replan) {
-      try { r = (await api(`/rollouts/${id}`)).data; } catch (e) { /* keep the delta */ }
-    }
     render();
+    if (replan) {  // the stages are planned from the targets: read the rollout again
+      try {
+        const fresh = (await api(`/rollouts/${id}`)).data;
+        r = updates === seen ? fresh : {...r, stages: fresh.stages};
+        render();
+      } catch (e) { /* keep the delta */ }
+    }
     if (!refresh) {
       refresh = setTimeout(() => { refresh = null; pages.reload().catch(() => {}); }, 2000);
     }
@@ -242,6 +259,7 @@ export async function rolloutCreate(main, {me, navigate}) {
   const plan = h('section', {class: 'card', 'aria-live': 'polite'});
   const error = h('p', {class: 'error', role: 'alert'});
   const createButton = h('button', {type: 'button', class: 'primary', disabled: true, onclick: create}, 'Create rollout');
+  let key = null;  // one per plan shown: a retried Create is applied once
 
   function body() {
     const targets = {};
@@ -273,6 +291,7 @@ export async function rolloutCreate(main, {me, navigate}) {
         p.overlap.vehicles ? h('p', {class: 'error'}, `${num(p.overlap.vehicles)} vehicles are in rollouts ${p.overlap.rolloutIds.join(', ')}`) : null,
         p.problems.length ? h('ul', {class: 'error'}, p.problems.map((x) => h('li', {}, x))) : h('p', {}, 'No problem found.'));
       createButton.disabled = !p.canStart || !p.targeted;
+      key = newKey();
     } catch (err) {
       error.textContent = err instanceof ApiError ? err.describe() : String(err);
     }
@@ -283,7 +302,7 @@ export async function rolloutCreate(main, {me, navigate}) {
     if (!f.reason.value.trim()) { error.textContent = 'A reason is required.'; f.reason.focus(); return; }
     createButton.disabled = true;
     try {
-      const r = (await api('/rollouts', {method: 'POST', body: body()})).data;
+      const r = (await api('/rollouts', {method: 'POST', body: body(), key})).data;
       navigate(`/rollouts/${r.id}`);
     } catch (err) {
       error.textContent = err instanceof ApiError ? err.describe() : String(err);
@@ -291,7 +310,10 @@ export async function rolloutCreate(main, {me, navigate}) {
     }
   }
 
-  const form = h('form', {class: 'card create', onsubmit: dryRun, oninput: () => { createButton.disabled = true; }},
+  // Any input the plan depends on asks for the plan again (the reason does not).
+  const form = h('form', {class: 'card create', onsubmit: dryRun, oninput: (e) => {
+    if (e.target !== f.reason) createButton.disabled = true;
+  }},
     field('Name', f.name), field('Release', f.release),
     h('fieldset', {}, h('legend', {}, 'Targets (at least one; each list narrows)'),
       field('Models', f.models), field('Regions', f.regions), field('Rings', f.rings), field('Vehicle ids', f.vehicleIds)),

@@ -7,27 +7,39 @@ import {badge, field, h, num, replace, table, when} from '../dom.js';
 const FILTERS = ['q', 'status', 'model', 'region', 'ring', 'reasonCode', 'releaseVersion', 'rolloutId'];
 const STATUSES = ['', 'in_sync', 'pending', 'updating', 'blocked', 'failed', 'offline'];
 
-// Keyset paging: the cursors of the pages before this one, so "Previous" goes back.
+// Keyset paging: the cursors of the pages before this one, so "Previous" goes back. A page
+// that fails to load says why and leaves the pager where it was.
 export function pager(load) {
   const stack = [];
   let current = null;
   let next = null;
-  const prevButton = h('button', {type: 'button', onclick: () => go(stack.pop(), false)}, '← Previous');
-  const nextButton = h('button', {type: 'button', onclick: () => go(next, true)}, 'Next →');
+  const prevButton = h('button', {type: 'button', onclick: () => go(stack[stack.length - 1], 'prev')}, '← Previous');
+  const nextButton = h('button', {type: 'button', onclick: () => go(next, 'next')}, 'Next →');
   const status = h('span', {class: 'muted'});
-  async function go(cursor, forward) {
-    if (forward) stack.push(current);
+  const error = h('span', {class: 'error', role: 'alert'});
+  async function go(cursor, how) {
+    error.textContent = '';
+    let meta;
+    try {
+      meta = await load(cursor);
+    } catch (e) {
+      if (how === 'first') throw e;  // the view's first read: the page says it failed
+      error.textContent = e.describe ? e.describe() : String(e);
+      return;
+    }
+    if (how === 'next') stack.push(current);
+    if (how === 'prev') stack.pop();
+    if (how === 'first') stack.length = 0;
     current = cursor;
-    const meta = await load(cursor);
     next = meta.hasMore ? meta.nextCursor : null;
     prevButton.disabled = stack.length === 0;
     nextButton.disabled = !next;
     status.textContent = `page ${stack.length + 1}`;
   }
   return {
-    element: h('nav', {class: 'pager', 'aria-label': 'Pages'}, prevButton, status, nextButton),
-    first: () => { stack.length = 0; return go(null, false); },
-    reload: () => go(current, false),
+    element: h('nav', {class: 'pager', 'aria-label': 'Pages'}, prevButton, status, nextButton, error),
+    first: () => go(null, 'first'),
+    reload: () => go(current, 'reload'),
   };
 }
 
@@ -76,9 +88,9 @@ export async function vehicleList(main, {bus, params, navigate}) {
   return bus.on('vehicle.updated', (data) => {
     for (const v of data.vehicles || []) {
       const row = rows.get(v.id);
-      if (!row) continue;
-      replace(row.status, badge(v.status));
-      replace(row.reasons, (v.reasonCodes || []).join(', '));
+      if (!row) continue;  // a delta carries only what changed: the rest stays as shown
+      if (v.status) replace(row.status, badge(v.status));
+      if (v.reasonCodes) replace(row.reasons, v.reasonCodes.join(', '));
     }
   });
 }
@@ -87,7 +99,10 @@ export async function vehicleDetail(main, {bus, args}) {
   const [id] = args;
   const timeline = h('tbody');
   let older = null;
-  const more = h('button', {type: 'button', onclick: () => loadTimeline(older)}, 'Older events');
+  const olderError = h('span', {class: 'error', role: 'alert'});
+  const more = h('button', {type: 'button', onclick: () => loadTimeline(older).then(
+    () => { olderError.textContent = ''; },
+    (e) => { olderError.textContent = e.describe ? e.describe() : String(e); })}, 'Older events');
   async function loadTimeline(cursor) {
     const res = await api(`/vehicles/${encodeURIComponent(id)}/timeline`, {params: {cursor, limit: 50}});
     if (!cursor) timeline.replaceChildren();
@@ -121,11 +136,14 @@ export async function vehicleDetail(main, {bus, args}) {
             h('dt', {}, 'Stationary'), h('dd', {}, v.stationary == null ? '—' : (v.stationary ? 'yes' : 'no')),
             h('dt', {}, 'Last seen'), h('dd', {}, when(v.lastSeenAt))))),
       h('section', {class: 'card'}, h('h2', {}, 'Timeline'),
-        table(['occurred', 'event', 'release', 'reason', 'details'], timeline), more));
+        table(['occurred', 'event', 'release', 'reason', 'details'], timeline), more, olderError));
     await loadTimeline(null);
   }
   await render();
   return bus.on('vehicle.updated', (data) => {
-    if ((data.vehicles || []).some((v) => v.id === id)) render().catch(() => {});
+    if ((data.vehicles || []).some((v) => v.id === id)) {
+      render().catch((e) => main.prepend(h('p', {class: 'error', role: 'alert'},
+        `Could not refresh: ${e.describe ? e.describe() : e}`)));
+    }
   });
 }
