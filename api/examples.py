@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from core.errors import error_classes
+from services.rollouts.status import snapshot_of
 
 REQUEST_ID = "5f0c8a7e-3b1d-4c52-9a0e-7d2f6b1c9e44"
 AT = "2026-11-20T09:30:00.000Z"
@@ -326,18 +327,8 @@ RESOURCES: dict[str, Any] = {
                 "actualReleaseVersion": "2026.10.2",
             }
         ],
-        "events": [
-            {
-                "eventId": "9a7c1e3f-2b4d-4c6e-8f0a-1b3d5e7f9a20",
-                "vehicleId": "VIN-00042",
-                "seq": 57,
-                "epoch": 1,
-                "type": "apply_start",
-                "occurredAt": "2026-11-20T09:21:03.000Z",
-                "desiredStateId": DESIRED_STATE_ID,
-                "releaseVersion": "2026.11.0",
-            }
-        ],
+        # The event as the vehicle sends it: the timeline's, without what the server adds.
+        "events": [{k: v for k, v in TIMELINE_EVENT.items() if k not in ("receivedAt", "details")}],
     },
 }
 RESOURCES["VehicleList"] = [VEHICLE]
@@ -405,27 +396,24 @@ def example_for(schema_name: str, status: int | None) -> Any:
     return RESOURCES.get(schema_name)
 
 
-NDJSON = "\n".join(json.dumps(AUDIT_ENTRY) for _ in range(1)) + "\n"
+NDJSON = json.dumps(AUDIT_ENTRY) + "\n"  # one entry per line
+# The stream's `rollout.updated` for ROLLOUT, built as the worker builds it (its row's
+# columns through `snapshot_of`).
+ROLLOUT_UPDATED = snapshot_of(
+    {
+        "id": ROLLOUT["id"],
+        "status": ROLLOUT["status"],
+        "status_reason": ROLLOUT["statusReason"],
+        "stage": ROLLOUT["stage"],
+        "stage_index": ROLLOUT["stageIndex"],
+        "stage_count": ROLLOUT["stageCount"],
+        "waiting_for": ROLLOUT["waitingFor"],
+        **PROGRESS,
+    }
+)
 STREAM = (
     ": subscribed\n\nid: 90412\n\n"
-    "event: rollout.updated\nid: 90413\ndata: "
-    + json.dumps(
-        {
-            key: ROLLOUT[key]
-            for key in (
-                "id",
-                "status",
-                "statusReason",
-                "stage",
-                "stageIndex",
-                "stageCount",
-                "waitingFor",
-                "progress",
-            )
-        }
-        | {"counts": PROGRESS}
-    )
-    + "\n\n"
+    f"event: rollout.updated\nid: 90413\ndata: {json.dumps(ROLLOUT_UPDATED)}\n\n"
 )
 TEXT_EXAMPLES = {"application/x-ndjson": NDJSON, "text/event-stream": STREAM}
 

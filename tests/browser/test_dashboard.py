@@ -24,8 +24,9 @@ from devtools.localservers import free_port
 from models.enums import Role
 from services.fleet import refresh_fleet_counts_now
 from tests.api.conftest import served
+from tests.api.stream import delta, feed_vehicles
 from tests.api.test_dashboard import CLIENT_ID, Issuer
-from tests.api.test_rollout_control import create_rollout, wait_for_status
+from tests.api.test_rollout_control import audit_rows, create_rollout, wait_for_status
 from tests.browser.test_eventsource import serve
 from tests.factories import insert_signed_release, insert_vehicles
 
@@ -46,6 +47,39 @@ async def browser(chromium: str) -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@pytest.fixture
+async def rollouts(
+    http: httpx.AsyncClient,
+    operator: dict,
+    database_url: str,
+    prefix: str,
+    signing_key: Ed25519PrivateKey,
+    rollout_worker: None,
+) -> AsyncIterator[Any]:
+    """`await rollouts.create()`: a running rollout of this test's own vehicles (its worker
+    runs it); `rollouts.ids` may take others. Every one is aborted when the test ends."""
+
+    class Rollouts:
+        ids: list[int] = []
+
+        async def create(self, **kw: Any) -> int:
+            rid = await create_rollout(http, operator, database_url, signing_key, prefix, **kw)
+            self.ids.append(rid)
+            return rid
+
+    made = Rollouts()
+    made.ids = []
+    yield made
+    for rid in made.ids:
+        await http.post(
+            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
+        )
+
+
+def audit_reasons(database_url: str, rid: int, action: str) -> list[str]:
+    return [row[3] for row in audit_rows(database_url, rid, action)]
 
 
 async def watched_page(browser: Browser, size: ViewportSize = WIDE) -> Page:
@@ -136,88 +170,63 @@ async def test_a_new_rollout_appears_live_and_an_operator_pauses_it(
     viewer: dict,
     dev_key: str,
     database_url: str,
-    prefix: str,
-    signing_key: Ed25519PrivateKey,
-    rollout_worker: None,
+    rollouts: Any,
 ) -> None:
     page = await open_page(
         browser, api_base_url, mint_dev_token(dev_key, role=Role.OPERATOR), "/rollouts"
     )
     await expect(page.locator("#live")).to_have_attribute("data-state", "live")
     # Created through the API, not the page: it appears without a reload.
-    rid = await create_rollout(http, operator, database_url, signing_key, prefix, n=6)
-    try:
-        row = page.locator(f"tr[data-rollout='{rid}']")
-        await expect(row).to_be_visible()
-        await expect(row.locator(".status")).to_have_text("running")
-        await shoot(page, "rollouts-1280")
-        await row.get_by_role("link", name=f"#{rid}").click()
-        await expect(page.locator("#rollout-status")).to_have_text("running")
-        await expect(page.locator("li.stage")).to_have_count(2)
-        link = page.get_by_role("link", name="in the Temporal UI")
-        assert (await link.get_attribute("href") or "").endswith(f"/workflows/rollout-{rid}")
-        await shoot(page, "rollout-running-1280")
+    rid = await rollouts.create(n=6)
+    row = page.locator(f"tr[data-rollout='{rid}']")
+    await expect(row).to_be_visible()
+    await expect(row.locator(".status")).to_have_text("running")
+    await shoot(page, "rollouts-1280")
+    await row.get_by_role("link", name=f"#{rid}").click()
+    await expect(page.locator("#rollout-status")).to_have_text("running")
+    await expect(page.locator("li.stage")).to_have_count(2)
+    link = page.get_by_role("link", name="in the Temporal UI")
+    assert (await link.get_attribute("href") or "").endswith(f"/workflows/rollout-{rid}")
+    await shoot(page, "rollout-running-1280")
 
-        # Paused from the keyboard: the button, a reason, Enter.
-        await page.get_by_role("button", name="Pause").focus()
-        await page.keyboard.press("Enter")
-        dialog = page.get_by_role("dialog")
-        await expect(dialog).to_be_visible()
-        await expect(page.locator("#confirm-reason")).to_be_focused()
-        await page.keyboard.type("browser test: checking telemetry")
-        await page.keyboard.press("Tab")  # Cancel
-        await page.keyboard.press("Tab")  # Pause (no `force` for a pause)
-        await expect(page.locator("#confirm-ok")).to_be_focused()
-        await page.keyboard.press("Enter")
-        await expect(dialog).to_be_hidden()
-        await expect(page.locator("#rollout-status")).to_have_text("paused")
-        await expect(page.get_by_role("button", name="Resume")).to_be_visible()
-        await shoot(page, "rollout-paused-1280")
-        await page.set_viewport_size(NARROW)
-        await shoot(page, "rollout-paused-390")
-        with psycopg.connect(database_url) as conn:
-            reasons = conn.execute(
-                "SELECT reason FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
-                " AND action = 'rollout.pause_requested'",
-                (str(rid),),
-            ).fetchall()
-        assert reasons == [("browser test: checking telemetry",)]
-        await wait_for_status(http, viewer, rid, "paused")
-    finally:
-        await http.post(
-            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
-        )
+    # Paused from the keyboard: the button, a reason, Enter.
+    await page.get_by_role("button", name="Pause").focus()
+    await page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog")
+    await expect(dialog).to_be_visible()
+    await expect(page.locator("#confirm-reason")).to_be_focused()
+    await page.keyboard.type("browser test: checking telemetry")
+    await page.keyboard.press("Tab")  # Cancel
+    await page.keyboard.press("Tab")  # Pause (no `force` for a pause)
+    await expect(page.locator("#confirm-ok")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#rollout-status")).to_have_text("paused")
+    await expect(page.get_by_role("button", name="Resume")).to_be_visible()
+    await shoot(page, "rollout-paused-1280")
+    await page.set_viewport_size(NARROW)
+    await shoot(page, "rollout-paused-390")
+    reasons = audit_reasons(database_url, rid, "rollout.pause_requested")
+    assert reasons == ["browser test: checking telemetry"]
+    await wait_for_status(http, viewer, rid, "paused")
 
 
 async def test_a_viewer_sees_no_write_controls(
-    browser: Browser,
-    api_base_url: str,
-    http: httpx.AsyncClient,
-    operator: dict,
-    dev_key: str,
-    database_url: str,
-    prefix: str,
-    signing_key: Ed25519PrivateKey,
-    rollout_worker: None,
+    browser: Browser, api_base_url: str, dev_key: str, rollouts: Any
 ) -> None:
-    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
-    try:
-        page = await open_page(
-            browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), f"/rollouts/{rid}"
-        )
-        await expect(page.locator("#rollout-status")).not_to_be_empty()
-        await expect(page.locator(".stages, .card p.muted").first).to_be_visible()
-        assert await page.get_by_role("group", name="Operator controls").count() == 0
-        for name in ("Pause", "Resume", "Rollback", "Abort"):
-            assert await page.get_by_role("button", name=name).count() == 0
-        await page.goto(f"{api_base_url}/#/rollouts")
-        await expect(page.locator(f"tr[data-rollout='{rid}']")).to_be_visible()
-        assert await page.get_by_role("link", name="New rollout").count() == 0
-        await shoot(page, "rollouts-viewer-1280")
-    finally:
-        await http.post(
-            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
-        )
+    rid = await rollouts.create()
+    page = await open_page(
+        browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), f"/rollouts/{rid}"
+    )
+    await expect(page.locator("#rollout-status")).not_to_be_empty()
+    await expect(page.locator(".stages, .card p.muted").first).to_be_visible()
+    assert await page.get_by_role("group", name="Operator controls").count() == 0
+    for name in ("Pause", "Resume", "Rollback", "Abort"):
+        assert await page.get_by_role("button", name=name).count() == 0
+    await page.goto(f"{api_base_url}/#/rollouts")
+    await expect(page.locator(f"tr[data-rollout='{rid}']")).to_be_visible()
+    assert await page.get_by_role("link", name="New rollout").count() == 0
+    await shoot(page, "rollouts-viewer-1280")
 
 
 async def hub_ready(app: Any) -> None:
@@ -227,29 +236,11 @@ async def hub_ready(app: Any) -> None:
 
 
 def feed_vehicle(database_url: str, vehicle_id: str, status: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "INSERT INTO change_feed (topic, event, payload) VALUES"
-            " ('vehicles', 'vehicle.updated', %s) RETURNING id",
-            (
-                json.dumps(
-                    {
-                        "vehicles": [
-                            {
-                                "id": vehicle_id,
-                                "status": status,
-                                "region": "eu-west",
-                                "model": "atlas",
-                                "org": "default",
-                                "reasonCodes": ["INSTALL_FAILED"] if status == "failed" else [],
-                            }
-                        ]
-                    }
-                ),
-            ),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+    """A `vehicle.updated` row as the telemetry path writes them."""
+    reasons = ["INSTALL_FAILED"] if status == "failed" else []
+    return feed_vehicles(
+        database_url, [{**delta(vehicle_id), "status": status, "reasonCodes": reasons}]
+    )
 
 
 async def test_a_dropped_stream_reconnects_and_misses_nothing(
@@ -297,7 +288,7 @@ async def test_an_operator_creates_a_rollout_after_seeing_its_plan(
     database_url: str,
     prefix: str,
     signing_key: Ed25519PrivateKey,
-    rollout_worker: None,
+    rollouts: Any,
 ) -> None:
     release = f"{prefix}2027.2.0"
     insert_signed_release(database_url, signing_key, release)
@@ -331,66 +322,45 @@ async def test_an_operator_creates_a_rollout_after_seeing_its_plan(
     await create.click()
     await expect(page.locator("#rollout-status")).to_have_text("running")
     rid = int(page.url.rsplit("/", 1)[1])
-    try:
-        got = (await http.get(f"/api/v1/rollouts/{rid}", headers=operator)).json()["data"]
-        assert got["targets"]["vehicleIds"] == ids and got["releaseVersion"] == release
-        assert [s["vehicles"] for s in got["stages"]] == [1, 3]
-        with psycopg.connect(database_url) as conn:
-            reasons = conn.execute(
-                "SELECT reason FROM audit_log WHERE target_type = 'rollout' AND target_id = %s"
-                " AND action = 'rollout.created'",
-                (str(rid),),
-            ).fetchall()
-        assert reasons == [("browser test: created from its plan",)]
-        # Its vehicles are listed once the targets are expanded (the page follows).
-        await expect(
-            page.locator("section", has_text="Vehicles").locator("tbody tr")
-        ).to_have_count(4)
-    finally:
-        await http.post(
-            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
-        )
+    rollouts.ids.append(rid)
+    got = (await http.get(f"/api/v1/rollouts/{rid}", headers=operator)).json()["data"]
+    assert got["targets"]["vehicleIds"] == ids and got["releaseVersion"] == release
+    assert [s["vehicles"] for s in got["stages"]] == [1, 3]
+    reasons = audit_reasons(database_url, rid, "rollout.created")
+    assert reasons == ["browser test: created from its plan"]
+    # Its vehicles are listed once the targets are expanded (the page follows).
+    await expect(page.locator("section", has_text="Vehicles").locator("tbody tr")).to_have_count(4)
 
 
 async def test_the_audit_log_filters_and_exports(
     browser: Browser,
     api_base_url: str,
-    http: httpx.AsyncClient,
-    operator: dict,
     dev_key: str,
-    database_url: str,
-    prefix: str,
-    signing_key: Ed25519PrivateKey,
     tmp_path: Path,
-    rollout_worker: None,
+    rollouts: Any,
 ) -> None:
-    rid = await create_rollout(http, operator, database_url, signing_key, prefix)
-    try:
-        page = await open_page(
-            browser,
-            api_base_url,
-            mint_dev_token(dev_key, role=Role.VIEWER),
-            f"/audit?targetType=rollout&targetId={rid}",
-        )
-        rows = page.locator("tbody tr")
-        await expect(rows.filter(has_text="rollout.created")).to_have_count(1)
-        shown = await rows.count()
-        for text in await rows.all_inner_texts():  # the filter holds: this rollout's only
-            assert f"rollout {rid}\t" in text, text
-        await shoot(page, "audit-1280")
-        async with page.expect_download() as waiting:
-            await page.get_by_role("button", name="Export NDJSON").click()
-        download = await waiting.value
-        saved = tmp_path / "audit.ndjson"
-        await download.save_as(saved)
-        entries = [json.loads(line) for line in saved.read_text().splitlines()]
-        assert len(entries) >= shown  # its workflow may have added some since
-        assert {(e["targetType"], e["targetId"]) for e in entries} == {("rollout", str(rid))}
-        assert "rollout.created" in {e["action"] for e in entries}
-    finally:
-        await http.post(
-            f"/api/v1/rollouts/{rid}/abort", headers=operator, json={"reason": "test over"}
-        )
+    rid = await rollouts.create()
+    page = await open_page(
+        browser,
+        api_base_url,
+        mint_dev_token(dev_key, role=Role.VIEWER),
+        f"/audit?targetType=rollout&targetId={rid}",
+    )
+    rows = page.locator("tbody tr")
+    await expect(rows.filter(has_text="rollout.created")).to_have_count(1)
+    shown = await rows.count()
+    for text in await rows.all_inner_texts():  # the filter holds: this rollout's only
+        assert f"rollout {rid}\t" in text, text
+    await shoot(page, "audit-1280")
+    async with page.expect_download() as waiting:
+        await page.get_by_role("button", name="Export NDJSON").click()
+    download = await waiting.value
+    saved = tmp_path / "audit.ndjson"
+    await download.save_as(saved)
+    entries = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(entries) >= shown  # its workflow may have added some since
+    assert {(e["targetType"], e["targetId"]) for e in entries} == {("rollout", str(rid))}
+    assert "rollout.created" in {e["action"] for e in entries}
 
 
 async def test_sign_in_through_the_issuer_and_out_again(

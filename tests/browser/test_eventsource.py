@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import psycopg
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +27,7 @@ from core.settings import Settings
 from devtools.localservers import free_port
 from models.enums import Role
 from tests.api.conftest import bearer
-from tests.api.stream import open_stream
+from tests.api.stream import delta, feed_vehicles, open_stream
 
 GUARD = 60  # waiting longer than this for a report is a failure (not a measured time)
 
@@ -114,29 +113,7 @@ def stop(pid: int) -> None:
 
 
 def feed(database_url: str, vehicle_id: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "INSERT INTO change_feed (topic, event, payload) VALUES"
-            " ('vehicles', 'vehicle.updated', %s) RETURNING id",
-            (
-                json.dumps(
-                    {
-                        "vehicles": [
-                            {
-                                "id": vehicle_id,
-                                "status": "updating",
-                                "region": "eu-west",
-                                "model": "atlas",
-                                "org": "default",
-                                "reasonCodes": [],
-                            }
-                        ]
-                    }
-                ),
-            ),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+    return feed_vehicles(database_url, [delta(vehicle_id)])
 
 
 async def test_eventsource_receives_live_events_and_resumes_after_a_drop(
