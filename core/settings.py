@@ -581,6 +581,13 @@ class Settings(BaseSettings):
                 raise ValueError("MOTORCADE_DEV_KEY is refused when MOTORCADE_ENV=production")
             if not self.oidc_issuer:
                 raise ValueError("MOTORCADE_OIDC_ISSUER is required when MOTORCADE_ENV=production")
+            if self.oidc_client_id and not (self.public_url or "").startswith("https://"):
+                # Else the sign-in's redirect URI (and its cookies' Secure flag) would come from
+                # each request's Host header and scheme.
+                raise ValueError(
+                    "MOTORCADE_PUBLIC_URL (https://...) is required with MOTORCADE_OIDC_CLIENT_ID "
+                    "when MOTORCADE_ENV=production"
+                )
             for name, secret in (
                 ("MOTORCADE_STREAM_TICKET_SECRET", self.stream_ticket_secret),
                 ("MOTORCADE_METRICS_TOKEN", self.metrics_token),

@@ -45,6 +45,15 @@ def test_production_requires_an_issuer() -> None:
     assert make(env="production", oidc_issuer="https://id.example").env == "production"
 
 
+def test_production_dashboard_sign_in_needs_its_public_url() -> None:
+    base = {"env": "production", "oidc_issuer": "https://id.example", "oidc_client_id": "dash"}
+    with pytest.raises(ValidationError, match="MOTORCADE_PUBLIC_URL"):
+        make(**base)
+    with pytest.raises(ValidationError, match="MOTORCADE_PUBLIC_URL"):
+        make(**base, public_url="http://motorcade.example")
+    assert make(**base, public_url="https://motorcade.example").public_url
+
+
 def test_short_dev_key_refused() -> None:
     with pytest.raises(ValidationError, match="at least 32"):
         make(dev_key="short")
