@@ -385,3 +385,35 @@ async def test_sign_in_through_the_issuer_and_out_again(
         await expect(page.locator("#session")).to_be_hidden()
         assert await page.locator("#who").text_content() in ("", None)
         await page.close()
+
+
+async def test_the_page_renews_its_ticket_before_it_expires(
+    browser: Browser, api_settings: Settings, dev_key: str, database_url: str, prefix: str
+) -> None:
+    """Tickets of 6 s: the page mints a fresh one before each expires and opens the next
+    stream before closing the last, so it stays live and keeps receiving events."""
+    vid = f"{prefix}0"
+    insert_vehicles(database_url, [vid])
+    port = free_port()
+    app = create_app(api_settings.model_copy(update={"stream_ticket_seconds": 6}))
+    async with serve(app, port):
+        await hub_ready(app)
+        streams: list[str] = []
+        page = await watched_page(browser)
+        page.on("request", lambda r: streams.append(r.url) if "/api/v1/stream?" in r.url else None)
+        token = mint_dev_token(dev_key, role=Role.VIEWER)
+        await page.goto(f"http://127.0.0.1:{port}/#token={token}")
+        await page.goto(f"http://127.0.0.1:{port}/#/vehicles?q={prefix}")
+        await expect(page.locator("main")).to_have_attribute("data-route", "/vehicles")
+        live = page.locator("#live")
+        await expect(live).to_have_attribute("data-state", "live")
+        # Three tickets' lifetimes later ...
+        await page.wait_for_timeout(16_000)
+        assert len(streams) >= 3, streams  # a new stream (a new ticket) for each
+        assert all("ticket=" in url for url in streams)
+        await expect(live).to_have_attribute("data-state", "live")
+        # ... events still arrive.
+        feed_vehicle(database_url, vid, "failed")
+        row = page.get_by_role("row").filter(has=page.get_by_role("link", name=vid, exact=True))
+        await expect(row.locator(".badge")).to_have_text("failed")
+        await shoot(page, "vehicles-after-renewals-1280")
