@@ -24,7 +24,13 @@ Route = tuple[str, str]  # (method, path template)
 # Telemetry is not audited per event (docs/audit_log.md): a vehicle's reports are its
 # timeline, not an operator's action.
 # A stream ticket changes nothing either (nothing is stored).
-NOT_AUDITED: set[Route] = {("POST", "/api/v1/telemetry"), ("POST", "/api/v1/stream/tickets")}
+# The dashboard's sign-in handover writes nothing: it hands the page the token the issuer's
+# callback left (api/dashboard.py).
+NOT_AUDITED: set[Route] = {
+    ("POST", "/api/v1/telemetry"),
+    ("POST", "/api/v1/stream/tickets"),
+    ("POST", "/auth/session"),
+}
 SPEC_FIELDS = {
     "id",
     "at",

@@ -76,7 +76,13 @@ async def test_control_a_running_rollout(
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
     running = await wait_for_status(http, viewer, rid, "running")
-    # Its stages as planned from its 4 targets: a canary of 1, then the rest.
+    # Its stages as planned from its 4 targets once they are counted (it is `running` from
+    # just before): a canary of 1, then the rest.
+    deadline = asyncio.get_running_loop().time() + 20
+    while not running["stages"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+        running = (await http.get(f"/api/v1/rollouts/{rid}", headers=viewer)).json()["data"]
+    assert running["stageCount"] == 2
     assert [(s["name"], s["vehicles"], s["bakeSeconds"]) for s in running["stages"]] == [
         ("canary", 1, 3600),
         ("wave-1", 3, 0),
