@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from core.settings import Settings
 from devtools.localservers import free_port
 from models.enums import Role
 from services.fleet import refresh_fleet_counts_now
-from tests.api.conftest import served
+from tests.api.conftest import bearer, served
 from tests.api.stream import delta, feed_vehicles
 from tests.api.test_dashboard import CLIENT_ID, Issuer
 from tests.api.test_rollout_control import audit_rows, create_rollout, wait_for_status
@@ -417,3 +419,46 @@ async def test_the_page_renews_its_ticket_before_it_expires(
         row = page.get_by_role("row").filter(has=page.get_by_role("link", name=vid, exact=True))
         await expect(row.locator(".badge")).to_have_text("failed")
         await shoot(page, "vehicles-after-renewals-1280")
+
+
+async def test_one_vehicle_shows_desired_against_actual_and_its_timeline(
+    browser: Browser,
+    api_base_url: str,
+    http: httpx.AsyncClient,
+    viewer: dict,
+    token: Any,
+    dev_key: str,
+    prefix: str,
+    rollouts: Any,
+) -> None:
+    rid = await rollouts.create(n=2)
+    vid = f"{prefix}000"  # the canary's one vehicle
+    desired: dict[str, Any] = {}
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while not desired.get("desiredStateId"):
+            await asyncio.sleep(0.2)
+            got = await http.get(f"/api/v1/vehicles/{vid}", headers=viewer)
+            desired = got.json()["data"]["desired"]
+    page = await open_page(
+        browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), f"/vehicles/{vid}"
+    )
+    release = desired["releaseVersion"]
+    await expect(page.locator("dd.differs")).to_contain_text(release)  # not running it yet
+    await expect(page.get_by_role("link", name=f"rollout {rid}")).to_be_visible()
+    # The vehicle starts installing: its timeline and status follow without a reload.
+    event = {
+        "eventId": str(uuid.uuid4()),
+        "vehicleId": vid,
+        "seq": 1,
+        "type": "apply_start",
+        "occurredAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "desiredStateId": desired["desiredStateId"],
+        "releaseVersion": release,
+    }
+    sent = await http.post(
+        "/api/v1/telemetry", headers=bearer(token("gateway")), json={"events": [event]}
+    )
+    assert sent.status_code == 202, sent.text
+    await expect(page.locator("h1 .badge")).to_have_text("updating")
+    await expect(page.get_by_role("cell", name="apply_start")).to_be_visible()
+    await shoot(page, "vehicle-1280")
