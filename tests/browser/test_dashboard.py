@@ -400,18 +400,15 @@ async def test_the_page_renews_its_ticket_before_it_expires(
     app = create_app(api_settings.model_copy(update={"stream_ticket_seconds": 6}))
     async with serve(app, port):
         await hub_ready(app)
-        streams: list[str] = []
-        page = await watched_page(browser)
-        page.on("request", lambda r: streams.append(r.url) if "/api/v1/stream?" in r.url else None)
         token = mint_dev_token(dev_key, role=Role.VIEWER)
-        await page.goto(f"http://127.0.0.1:{port}/#token={token}")
-        await page.goto(f"http://127.0.0.1:{port}/#/vehicles?q={prefix}")
-        await expect(page.locator("main")).to_have_attribute("data-route", "/vehicles")
+        page = await open_page(browser, f"http://127.0.0.1:{port}", token, f"/vehicles?q={prefix}")
         live = page.locator("#live")
         await expect(live).to_have_attribute("data-state", "live")
+        streams: list[str] = []
+        page.on("request", lambda r: streams.append(r.url) if "/api/v1/stream?" in r.url else None)
         # Three tickets' lifetimes later ...
         await page.wait_for_timeout(16_000)
-        assert len(streams) >= 3, streams  # a new stream (a new ticket) for each
+        assert len(streams) >= 2, streams  # a new stream (a new ticket) every 5 s or so
         assert all("ticket=" in url for url in streams)
         await expect(live).to_have_attribute("data-state", "live")
         # ... events still arrive.
