@@ -38,7 +38,7 @@ from api.routes import (
 )
 from api.routes.reports import fleet_router
 from api.routes.reports import router as reports_router
-from api.schemadocs import describe_fields
+from api.schemadocs import describe_fields, describe_parameters
 from api.staticfiles import WholeFiles
 from core import tracing
 from core.aio import stop_within
@@ -332,6 +332,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     error_code["description"] = "What went wrong, for a program: one of these, never another."
     rename_schemas(schema)  # plain names (`Rollout`, `RolloutPage`, `Error`): api/naming.py
     describe_fields(schema)  # a description on every field: api/schemadocs.py
+    describe_parameters(schema)  # and on every parameter
     add_examples(schema)  # an example on every request and response body: api/examples.py
     app.openapi_schema = schema
     return schema

@@ -249,6 +249,46 @@ BY_SCHEMA: dict[tuple[str, str], str] = {
 }
 
 
+# Query, path and header parameters, by name. A filter given several values (repeated, or
+# comma-separated) matches any of them.
+PARAMETERS: dict[str, str] = {
+    "model": "Only vehicles of these models.",
+    "region": "Only vehicles in these regions.",
+    "ring": "Only vehicles in these rings.",
+    "status": "Only these statuses.",
+    "reasonCode": "Only vehicles reporting one of these reason codes.",
+    "releaseVersion": "Only those of these releases.",
+    "rolloutId": "Only those of these rollouts.",
+    "vehicleId": "Only those of these vehicles.",
+    "targetType": "Only entries about this kind of thing (`rollout`, `release`, ...).",
+    "targetId": "Only entries about these ids.",
+    "vehicle_id": "The vehicle's id.",
+    "version": "The release's version.",
+    "rollout_id": "The rollout's id.",
+    "if-none-match": "The `ETag` of the desired state the device already has: `304` with "
+    "no body while it is unchanged.",
+    "Last-Event-ID": "The id of the last event received (an `EventSource` sends it when it "
+    "reconnects): the stream resumes after it.",
+}
+
+
+def describe_parameters(document: dict[str, Any]) -> list[str]:
+    """Give every operation's parameters a description (a route's own is kept). Returns
+    `operationId.parameter` for those that found none."""
+    missing = []
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("description") or parameter.get("schema", {}).get("description"):
+                    continue
+                text = PARAMETERS.get(parameter["name"])
+                if text is None:
+                    missing.append(f"{operation.get('operationId')}.{parameter['name']}")
+                    continue
+                parameter["description"] = text
+    return missing
+
+
 def describe_fields(document: dict[str, Any]) -> list[str]:
     """Give every property of every schema its description (a model's own is kept). Returns
     the `Schema.field` names that found none (a test keeps the list empty)."""

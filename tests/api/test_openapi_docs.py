@@ -12,7 +12,7 @@ import yaml
 
 from api.app import create_app
 from api.examples import ERROR_FOR_STATUS, add_examples, error_statuses
-from api.schemadocs import describe_fields
+from api.schemadocs import describe_fields, describe_parameters
 from core.settings import Settings
 from tests.streamschema import DOCS, schema_validator
 
@@ -33,6 +33,19 @@ def test_every_field_has_a_description(document: dict[str, Any]) -> None:
     # ... and none is owed to luck: the app's own document left to itself finds them all.
     app = create_app(Settings(env="test", _env_file=None))  # type: ignore[call-arg]
     assert describe_fields(copy.deepcopy(app.openapi())) == []
+
+
+def test_every_parameter_has_a_description(document: dict[str, Any]) -> None:
+    bare = [
+        f"{operation['operationId']}.{parameter['name']}"
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+        if not (parameter.get("description") or parameter["schema"].get("description"))
+    ]
+    assert bare == []
+    app = create_app(Settings(env="test", _env_file=None))  # type: ignore[call-arg]
+    assert describe_parameters(copy.deepcopy(app.openapi())) == []
 
 
 def bodies(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
