@@ -56,6 +56,21 @@ async def wait_for_status(
         await asyncio.sleep(0.2)
 
 
+async def wait_for_stages(
+    http: httpx.AsyncClient, viewer: dict, rid: int, within: float = 60
+) -> dict:
+    """The rollout once its targets are counted (`stages` planned); it is `running` from just
+    before that. `within` is a guard for a loaded machine, not a measured time."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        data = (await http.get(f"/api/v1/rollouts/{rid}", headers=viewer)).json()["data"]
+        if data["stages"]:
+            return data
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"rollout {rid} has no stages yet: {data}")
+        await asyncio.sleep(0.2)
+
+
 def audit_rows(database_url: str, rid: int, action: str) -> list[tuple]:
     with psycopg.connect(database_url) as conn:
         return conn.execute(
@@ -75,13 +90,10 @@ async def test_control_a_running_rollout(
     rollout_worker: None,
 ) -> None:
     rid = await create_rollout(http, operator, database_url, signing_key, prefix)
-    running = await wait_for_status(http, viewer, rid, "running")
-    # Its stages as planned from its 4 targets once they are counted (it is `running` from
-    # just before): a canary of 1, then the rest.
-    deadline = asyncio.get_running_loop().time() + 20
-    while not running["stages"] and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.2)
-        running = (await http.get(f"/api/v1/rollouts/{rid}", headers=viewer)).json()["data"]
+    await wait_for_status(http, viewer, rid, "running")
+    # Its stages as planned from its 4 targets once they are counted: a canary of 1, then
+    # the rest.
+    running = await wait_for_stages(http, viewer, rid)
     assert running["stageCount"] == 2
     assert [(s["name"], s["vehicles"], s["bakeSeconds"]) for s in running["stages"]] == [
         ("canary", 1, 3600),

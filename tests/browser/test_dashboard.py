@@ -28,12 +28,18 @@ from services.fleet import refresh_fleet_counts_now
 from tests.api.conftest import bearer, served
 from tests.api.stream import delta, feed_vehicles
 from tests.api.test_dashboard import CLIENT_ID, Issuer
-from tests.api.test_rollout_control import audit_rows, create_rollout, wait_for_status
+from tests.api.test_rollout_control import (
+    audit_rows,
+    create_rollout,
+    wait_for_stages,
+    wait_for_status,
+)
 from tests.browser.test_eventsource import serve
 from tests.factories import insert_signed_release, insert_vehicles
 
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
-WAIT_MS = 30_000  # longest wait for the page to show something (a guard, not a measured time)
+WAIT_MS = 60_000  # longest wait for the page to show something (a guard, not a measured time)
+API_GUARD = 90  # seconds: longest wait for the worker to move a rollout (two suites at once)
 WIDE: ViewportSize = {"width": 1280, "height": 900}
 NARROW: ViewportSize = {"width": 390, "height": 844}
 expect.set_options(timeout=WAIT_MS)
@@ -325,7 +331,7 @@ async def test_an_operator_creates_a_rollout_after_seeing_its_plan(
     await expect(page.locator("#rollout-status")).to_have_text("running")
     rid = int(page.url.rsplit("/", 1)[1])
     rollouts.ids.append(rid)
-    got = (await http.get(f"/api/v1/rollouts/{rid}", headers=operator)).json()["data"]
+    got = await wait_for_stages(http, operator, rid)
     assert got["targets"]["vehicleIds"] == ids and got["releaseVersion"] == release
     assert [s["vehicles"] for s in got["stages"]] == [1, 3]
     reasons = audit_reasons(database_url, rid, "rollout.created")
@@ -431,7 +437,7 @@ async def test_one_vehicle_shows_desired_against_actual_and_its_timeline(
     rid = await rollouts.create(n=2)
     vid = f"{prefix}000"  # the canary's one vehicle
     desired: dict[str, Any] = {}
-    async with asyncio.timeout(WAIT_MS / 1000):
+    async with asyncio.timeout(API_GUARD):  # its worker notifies the canary's vehicle
         while not desired.get("desiredStateId"):
             await asyncio.sleep(0.2)
             got = await http.get(f"/api/v1/vehicles/{vid}", headers=viewer)
