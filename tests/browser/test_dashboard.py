@@ -431,17 +431,22 @@ async def test_one_vehicle_shows_desired_against_actual_and_its_timeline(
     viewer: dict,
     token: Any,
     dev_key: str,
-    prefix: str,
     rollouts: Any,
 ) -> None:
     rid = await rollouts.create(n=2)
-    vid = f"{prefix}000"  # the canary's one vehicle
-    desired: dict[str, Any] = {}
-    async with asyncio.timeout(API_GUARD):  # its worker notifies the canary's vehicle
+    # The canary's one vehicle (whichever ranks first), once its worker has notified it.
+    vid, desired = "", dict[str, Any]()
+    async with asyncio.timeout(API_GUARD):
         while not desired.get("desiredStateId"):
             await asyncio.sleep(0.2)
-            got = await http.get(f"/api/v1/vehicles/{vid}", headers=viewer)
-            desired = got.json()["data"]["desired"]
+            canary = await http.get(
+                f"/api/v1/rollouts/{rid}/vehicles", headers=viewer, params={"stage": "canary"}
+            )
+            notified = [v for v in canary.json()["data"] if v["desiredStateId"]]
+            if notified:
+                vid = notified[0]["vehicleId"]
+                got = await http.get(f"/api/v1/vehicles/{vid}", headers=viewer)
+                desired = got.json()["data"]["desired"]
     page = await open_page(
         browser, api_base_url, mint_dev_token(dev_key, role=Role.VIEWER), f"/vehicles/{vid}"
     )
