@@ -81,7 +81,7 @@ def add_dashboard(app: FastAPI, settings: Settings, secret: bytes) -> None:
     async def login(request: Request) -> Response:
         if not _oidc(settings):
             raise InvalidInput("sign-in through an issuer is not configured on this server")
-        metadata = await _metadata(settings)
+        metadata = await _metadata(request)
         verifier, state = generate_token(64), generate_token(32)
         url = add_params_to_uri(
             metadata["authorization_endpoint"],
@@ -122,7 +122,7 @@ def add_dashboard(app: FastAPI, settings: Settings, secret: bytes) -> None:
         code = query.get("code")
         if not code:
             raise InvalidInput("the issuer sent no authorization code")
-        metadata = await _metadata(settings)
+        metadata = await _metadata(request)
         client_secret = settings.oidc_client_secret
         form = {
             "grant_type": "authorization_code",
@@ -205,22 +205,11 @@ def _redirect_uri(settings: Settings, request: Request) -> str:
     return _base_url(settings, request) + "/auth/callback"
 
 
-METADATA_SECONDS = 300.0  # the issuer's discovery document is read at most this often
-_metadata_cache: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
-async def _metadata(settings: Settings) -> dict[str, Any]:
-    """The issuer's endpoints, from its discovery document (cached: a public endpoint never
-    makes the API fetch it on every call)."""
-    issuer = (settings.oidc_issuer or "").rstrip("/")
-    cached = _metadata_cache.get(issuer)
-    if cached is not None and time.monotonic() - cached[0] < METADATA_SECONDS:
-        return cached[1]
+async def _metadata(request: Request) -> dict[str, Any]:
+    """The issuer's endpoints, from the discovery document the token verifier reads and
+    caches for its JWKS (one fetch and one cache for both)."""
     try:
-        async with httpx.AsyncClient(timeout=ISSUER_TIMEOUT_SECONDS) as http:
-            response = await http.get(f"{issuer}/.well-known/openid-configuration")
-            response.raise_for_status()
-            metadata = response.json()
+        metadata = await request.app.state.verifier.issuer_metadata()
         if not all(
             isinstance(metadata.get(k), str) for k in ("authorization_endpoint", "token_endpoint")
         ):
@@ -228,7 +217,6 @@ async def _metadata(settings: Settings) -> dict[str, Any]:
     except (httpx.HTTPError, ValueError) as exc:
         log.warning("oidc discovery failed", error=type(exc).__name__)
         raise DependencyUnavailable("the identity provider did not answer") from exc
-    _metadata_cache[issuer] = (time.monotonic(), dict(metadata))
     return dict(metadata)
 
 

@@ -131,6 +131,7 @@ class JwksCache:
         self._fetched_at = 0.0  # when the keys were fetched (clock)
         self._attempted_at: float | None = None  # when the last refresh started (clock)
         self._jwks_url: tuple[str, float] | None = None  # discovered, and when
+        self._metadata: tuple[dict[str, Any], float] | None = None  # the same
         self._refresh: asyncio.Task[None] | None = None
         self.fetches = 0  # refreshes started (for operators and tests)
 
@@ -145,14 +146,27 @@ class JwksCache:
         now = self._clock()
         if self._jwks_url is not None and now - self._jwks_url[1] < self._cache_seconds:
             return self._jwks_url[0]
-        issuer = (self._settings.oidc_issuer or "").rstrip("/")
-        response = await (await self._http()).get(f"{issuer}/.well-known/openid-configuration")
-        response.raise_for_status()
-        url = response.json()["jwks_uri"]
+        url = (await self.issuer_metadata()).get("jwks_uri")
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise ValueError("the issuer's metadata has no jwks_uri")
         self._jwks_url = (url, now)
         return url
+
+    async def issuer_metadata(self) -> dict[str, Any]:
+        """The issuer's discovery document (its JWKS and, for the dashboard's sign-in, its
+        endpoints), read at most once per MOTORCADE_JWKS_CACHE_SECONDS. Raises what httpx
+        raises, or ValueError for an answer that is not a JSON object."""
+        now = self._clock()
+        if self._metadata is not None and now - self._metadata[1] < self._cache_seconds:
+            return self._metadata[0]
+        issuer = (self._settings.oidc_issuer or "").rstrip("/")
+        response = await (await self._http()).get(f"{issuer}/.well-known/openid-configuration")
+        response.raise_for_status()
+        metadata = response.json()
+        if not isinstance(metadata, dict):
+            raise ValueError("the issuer's metadata is not a JSON object")
+        self._metadata = (metadata, now)
+        return metadata
 
     @property
     def _cache_seconds(self) -> float:
@@ -253,6 +267,13 @@ class TokenVerifier:
             OctKey.import_key(settings.dev_key.get_secret_value()) if settings.dev_key else None
         )
         self._jwks = jwks or (JwksCache(settings) if settings.oidc_issuer else None)
+
+    async def issuer_metadata(self) -> dict[str, Any]:
+        """The issuer's discovery document, as its JWKS cache reads it (ValueError when no
+        issuer is configured)."""
+        if self._jwks is None:
+            raise ValueError("no OIDC issuer is configured")
+        return await self._jwks.issuer_metadata()
 
     async def verify(self, token: str) -> Principal:
         """The caller of a bearer token; a token verified in the last minute is not verified
